@@ -1,0 +1,12 @@
+"""faim_kernels: fused, exact kernels for Finsler (Randers) metric heads.
+
+    import faim_kernels as fk
+    fk.randers_distance(x, mu, L, beta, lam, eps=1e-6)          -> [B, C]
+    fk.randers_logits(x, mu, L, beta, lam, gamma, eps=1e-6)     -> [B, C]  (= −γ·d)
+    fk.reference.*                                               the einsum oracle
+"""
+from . import reference
+from .functional import randers_distance, randers_logits
+
+__all__ = ["reference", "randers_distance", "randers_logits"]
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""Input checks shared by every public function (SPEC §4): one place, clear messages that name
+the argument and what was expected."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "cpp", "triton", "reference")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_tensor(name: str, t, ndim: int | tuple[int, ...], shape_hint: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_hint}, got {type(t).__name__}")
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in ndims:
+        raise ValueError(f"{name} must have shape {shape_hint}, got a {t.dim()}-d tensor of shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {t.dtype}")
+
+
+def _check_scalar(name: str, v, device: torch.device, nonnegative: bool) -> None:
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 0:
+            raise ValueError(f"{name} must be a Python float or a 0-dim tensor, got shape {tuple(v.shape)}")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+        if v.device != device:
+            raise ValueError(f"{name} is on {v.device} but x is on {device}: all inputs must be on one device")
+        # Reading a CUDA value would synchronise the stream on every call; the check is done where it is free.
+        if nonnegative and v.device.type == "cpu" and not _compiling() and bool(v.detach() < 0):
+            raise ValueError(f"{name} must be >= 0, got {float(v)}")
+    elif isinstance(v, numbers.Real) and not isinstance(v, bool):
+        if nonnegative and v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    else:
+        raise TypeError(f"{name} must be a Python float or a 0-dim tensor, got {type(v).__name__}")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_inputs(x, mu, L, beta, lam, gamma=None, eps: float = 1e-6) -> None:
+    """Validates the head's inputs: shapes [B, D], [C, D], [D, D] or [D], [D]; one floating dtype;
+    one device; lam >= 0 and eps >= 0."""
+    _check_tensor("x", x, 2, "[B, D]")
+    _check_tensor("mu", mu, 2, "[C, D]")
+    _check_tensor("L", L, (1, 2), "[D, D] (full) or [D] (diagonal)")
+    _check_tensor("beta", beta, 1, "[D]")
+    D = x.shape[1]
+    if mu.shape[1] != D:
+        raise ValueError(f"mu must have shape [C, D] with D = {D} (from x), got {tuple(mu.shape)}")
+    if tuple(L.shape) not in ((D, D), (D,)):
+        raise ValueError(f"L must have shape [D, D] or [D] with D = {D} (from x), got {tuple(L.shape)}")
+    if tuple(beta.shape) != (D,):
+        raise ValueError(f"beta must have shape [D] with D = {D} (from x), got {tuple(beta.shape)}")
+    for name, t in (("mu", mu), ("L", L), ("beta", beta)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must be on one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all inputs must share one dtype")
+    _check_scalar("lam", lam, x.device, nonnegative=True)
+    if gamma is not None:
+        _check_scalar("gamma", gamma, x.device, nonnegative=False)
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
+        raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+
+def check_target(target, B: int, C: int, ignore_index: int, device: torch.device) -> None:
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor of shape [B], got {type(target).__name__}")
+    if target.dim() != 1 or target.shape[0] != B:
+        raise ValueError(f"target must have shape [B] = [{B}], got {tuple(target.shape)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must be an int64 (or int32) tensor of class indices, got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but x is on {device}: all inputs must be on one device")
+    if target.device.type == "cpu" and B > 0 and not _compiling():
+        valid = target[target != ignore_index]
+        if valid.numel() and (bool((valid < 0).any()) or bool((valid >= C).any())):
+            bad = valid[(valid < 0) | (valid >= C)][0].item()
+            raise ValueError(f"target holds class index {bad}, out of range [0, {C}) "
+                             f"(and not ignore_index={ignore_index})")

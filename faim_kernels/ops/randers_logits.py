@@ -1,0 +1,77 @@
+"""The fused logits op K(x', mu', sx, smu, λ, γ, eps) -> logits [B, C] (SPEC §2), for every
+backend: the autograd formula and fake kernels shared by all backends, and the C++ ops.
+
+Each backend provides two custom ops with the same signature:
+
+    fwd(xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, tau) -> logits
+    bwd(grad, xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, tau) -> (dxp, dmup, dsx, dsmu, dlam, dgamma)
+
+x, mu and lc are accuracy hints for the pairs at risk of cancellation (see transform.py): the
+output is a function of (x', mu', sx, smu, λ, γ) alone in exact arithmetic, so they get no
+gradient; autograd reaches x, mu, L and beta through the preparation instead.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..transform import Transformed
+
+_registered: set[str] = set()
+
+
+def register_logits_op_pair(fwd, bwd) -> None:
+    """Registers fake kernels and the closed-form backward for one backend's (fwd, bwd) ops."""
+    name = fwd._qualname if hasattr(fwd, "_qualname") else str(fwd)
+    if name in _registered:
+        return
+    _registered.add(name)
+
+    @torch.library.register_fake(fwd)
+    def _fwd_fake(xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, tau):
+        return xp.new_empty((xp.shape[0], mup.shape[0]))
+
+    @torch.library.register_fake(bwd)
+    def _bwd_fake(grad, xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, tau):
+        return (torch.empty_like(xp), torch.empty_like(mup), torch.empty_like(sx), torch.empty_like(smu),
+                lam.new_empty(()), gamma.new_empty(()))
+
+    def setup_context(ctx, inputs, output):
+        xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, tau = inputs
+        ctx.save_for_backward(xp, mup, sx, smu, x, mu, lc, lam, gamma)
+        ctx.eps, ctx.tau = eps, tau
+
+    def backward(ctx, grad):
+        xp, mup, sx, smu, x, mu, lc, lam, gamma = ctx.saved_tensors
+        dxp, dmup, dsx, dsmu, dlam, dgamma = bwd(grad, xp, mup, sx, smu, x, mu, lc, lam, gamma, ctx.eps, ctx.tau)
+        return dxp, dmup, dsx, dsmu, None, None, None, dlam, dgamma, None, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+def cpp_available() -> bool:
+    try:
+        from .. import _C  # noqa: F401  (registers torch.ops.faim_kernels.*)
+    except ImportError:
+        return False
+    return True
+
+
+def _cpp_ops():
+    if not cpp_available():
+        raise RuntimeError("backend='cpp' needs the C++ extension faim_kernels._C, which is not built: "
+                           "run `python setup.py build_ext --inplace` (or `make setup`)")
+    ops = torch.ops.faim_kernels
+    register_logits_op_pair(ops.randers_logits_fwd.default, ops.randers_logits_bwd.default)
+    return ops.randers_logits_fwd.default
+
+
+def fused_logits(t: Transformed, eps: float, backend: str) -> torch.Tensor:
+    """Runs backend's fused op on prepared inputs; returns logits in the compute dtype."""
+    if backend == "cpp":
+        op = _cpp_ops()
+    elif backend == "triton":
+        from .randers_logits_triton import triton_logits_op
+        op = triton_logits_op()
+    else:
+        raise ValueError(f"no fused logits op for backend {backend!r}")
+    return op(t.xp, t.mup, t.sx, t.smu, t.x, t.mu, t.lc, t.lam, t.gamma, float(eps), float(t.tau))

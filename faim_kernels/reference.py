@@ -1,0 +1,49 @@
+"""The einsum reference (SPEC §1): the oracle for the tests and the baseline of the benchmarks.
+
+It materialises diff = x_b - mu_c as a [B, C, D] tensor and evaluates the seed formula
+einsum('bcd,df,bcf->bc', diff, Sigma, diff): memory B·C·D, work B·C·D². Never the production
+path; plain autograd gives its gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["sigma", "randers_distance", "randers_logits", "randers_cross_entropy"]
+
+
+def sigma(L: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Sigma = L Lᵀ + eps·I for a full factor [D, D], diag(L²) + eps·I for a diagonal one [D]."""
+    D = L.shape[-1]
+    eye = torch.eye(D, dtype=L.dtype, device=L.device)
+    if L.dim() == 2:
+        return L @ L.T + eps * eye
+    return torch.diag(L * L) + eps * eye
+
+
+def randers_distance(x, mu, L, beta, lam, eps: float = 1e-6) -> torch.Tensor:
+    """d_bc = sqrt(diffᵀ Sigma diff + eps) + lam·sqrt((betaᵀ diff)² + eps)   (SPEC Eq. 2)."""
+    S = sigma(L, eps)
+    diff = x.unsqueeze(1) - mu.unsqueeze(0)  # [B, C, D]
+    quad = torch.einsum("bcd,df,bcf->bc", diff, S, diff)
+    beta_dot = torch.einsum("d,bcd->bc", beta, diff)
+    return torch.sqrt(quad + eps) + lam * torch.sqrt(beta_dot * beta_dot + eps)
+
+
+def randers_logits(x, mu, L, beta, lam, gamma, eps: float = 1e-6) -> torch.Tensor:
+    """logits_bc = -gamma · d_bc   (SPEC Eq. 3)."""
+    return -gamma * randers_distance(x, mu, L, beta, lam, eps)
+
+
+def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6, margin: float = 0.0,
+                          label_smoothing: float = 0.0, ignore_index: int = -100,
+                          reduction: str = "mean") -> torch.Tensor:
+    """F.cross_entropy over the reference logits, the target logit moved by an additive distance
+    margin: logit_bt' = -gamma·(d_bt + margin)   (SPEC §2.2)."""
+    d = randers_distance(x, mu, L, beta, lam, eps)
+    if margin != 0.0:
+        valid = target != ignore_index
+        onehot = F.one_hot(torch.where(valid, target, 0), d.shape[1]).to(d.dtype)
+        d = d + margin * onehot * valid.unsqueeze(1).to(d.dtype)
+    return F.cross_entropy(-gamma * d, target, label_smoothing=label_smoothing,
+                           ignore_index=ignore_index, reduction=reduction)

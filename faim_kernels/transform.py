@@ -1,0 +1,112 @@
+"""The shared preparation of SPEC §2, in plain PyTorch (autograd handles it):
+
+    Lc  = cholesky(Sigma) (full L) or sqrt(L² + eps) (diagonal L)
+    x'  = (x − m)·Lc,  mu' = (mu − m)·Lc           q_bc = |x'_b − mu'_c|²
+    sx  = x·beta,      smu = mu·beta                s_bc = sx_b − smu_c
+
+Every fused kernel (C++, Triton, distance, logits, cross-entropy) consumes a `Transformed`.
+
+Exactness choices (SPEC §2.1), each cheap next to the GEMM:
+- m is the mean of the finite prototypes, detached: q is invariant to a common shift, so the
+  gradient is unchanged, and centering shrinks |x'|² + |mu'|², the scale of the expansion's error.
+  Non-finite rows are left out of m so a NaN in one prototype cannot poison every pair.
+- sx and smu are kept in float64: s = sx − smu then cancels harmlessly, for every pair.
+- The kernels recompute each pair at risk (q small against |x'|² + |mu'|²) from the raw
+  difference x_b − mu_c, which is nearly exact in the input precision, times Lc. Recomputing
+  it from x' − mu' is not enough: x' carries the rounding of x·Lc, about u·|x'| per entry,
+  and with a full L that alone put near pairs 5e-4 off (relative) in float32.
+  So x, mu (raw) and Lc travel with x', mu' to the kernels, as accuracy hints with no gradient.
+- Sigma and its Cholesky factor are formed in float64 (a float32 factorisation of a
+  near-singular Sigma loses the small directions), then cast to the compute dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Transformed:
+    xp: torch.Tensor      # [B, D] x' (compute dtype), carries autograd to x, L
+    mup: torch.Tensor     # [C, D] mu'
+    sx: torch.Tensor      # [B] float64, x·beta
+    smu: torch.Tensor     # [C] float64, mu·beta
+    x: torch.Tensor       # [B, D] raw x in the compute dtype, detached (near-pair hint)
+    mu: torch.Tensor      # [C, D] raw mu, detached
+    lc: torch.Tensor      # [D] or [D, D] metric factor, detached (near-pair hint)
+    lam: torch.Tensor     # 0-dim float64
+    gamma: torch.Tensor   # 0-dim float64
+    tau: float            # pairs with q < tau·(|x'_b|² + |mu'_c|²) are recomputed directly
+    out_dtype: torch.dtype
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; float32, float16 and bfloat16 are computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def risk_threshold(D: int, dtype: torch.dtype) -> float:
+    """tau such that pairs with q >= tau·(|x'|² + |mu'|²) meet ~1e-5 relative accuracy.
+
+    The expansion |x'|² + |mu'|² − 2x'·mu' errs by about u·sqrt(D)·(|x'|² + |mu'|²) (u the unit
+    round-off of the accumulation, errors adding as a random walk over D), so the relative error
+    of sqrt(q) is about u·sqrt(D)·N/(2q). Asking for 1e-5 (ten times under the 1e-4 goal) gives
+    tau = u·sqrt(D)/2e-5, capped at 1 (then every close pair is recomputed).
+    """
+    u = torch.finfo(dtype).eps / 2
+    return min(1.0, u * math.sqrt(max(D, 1)) / 2e-5)
+
+
+def _as_scalar_tensor(v, device) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.to(torch.float64)
+    return torch.tensor(float(v), dtype=torch.float64, device=device)
+
+
+def metric_factor(L: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Lc with Lc·Lcᵀ = Sigma: cholesky(L Lᵀ + eps·I) computed in float64, or sqrt(L² + eps)."""
+    if L.dim() == 1:
+        L64 = L.to(torch.float64)
+        return torch.sqrt(L64 * L64 + eps).to(dtype)
+    L64 = L.to(torch.float64)
+    eye = torch.eye(L.shape[0], dtype=torch.float64, device=L.device)
+    sigma = L64 @ L64.T + eps * eye
+    factor, info = torch.linalg.cholesky_ex(sigma)
+    # On the CPU the check is free; on CUDA it would synchronise every call, so it is skipped there.
+    if L.device.type == "cpu" and not torch.compiler.is_compiling() and bool(info != 0):
+        raise ValueError("Sigma = L Lᵀ + eps·I is not positive definite in float64 "
+                         "(eps = 0 with a singular L?): use eps > 0")
+    return factor.to(dtype)
+
+
+def _apply_factor(v: torch.Tensor, lc: torch.Tensor) -> torch.Tensor:
+    return v * lc if lc.dim() == 1 else v @ lc
+
+
+def _finite_mean(mu: torch.Tensor) -> torch.Tensor:
+    if mu.shape[0] == 0:
+        return mu.new_zeros(mu.shape[1])
+    finite = torch.isfinite(mu).all(dim=1, keepdim=True)
+    total = torch.where(finite, mu, 0).sum(dim=0)
+    return total / finite.sum().clamp_min(1).to(mu.dtype)
+
+
+def transform(x, mu, L, beta, lam, gamma, eps: float) -> Transformed:
+    """Runs the O((B + C)·D² + D³) preparation; see the module docstring."""
+    dtype = compute_dtype(x.dtype)
+    xc, muc = x.to(dtype), mu.to(dtype)
+    lc = metric_factor(L, eps, dtype)
+    center = _finite_mean(muc.detach())
+    xp = _apply_factor(xc - center, lc).contiguous()
+    mup = _apply_factor(muc - center, lc).contiguous()
+    beta64 = beta.to(torch.float64)
+    sx = x.to(torch.float64) @ beta64
+    smu = mu.to(torch.float64) @ beta64
+    return Transformed(
+        xp=xp, mup=mup, sx=sx, smu=smu,
+        x=xc.detach().contiguous(), mu=muc.detach().contiguous(), lc=lc.detach().contiguous(),
+        lam=_as_scalar_tensor(lam, x.device), gamma=_as_scalar_tensor(gamma, x.device),
+        tau=risk_threshold(x.shape[1], dtype), out_dtype=x.dtype,
+    )

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything the two README commands need, on a machine where nothing was installed by
+# hand: a virtual environment in .venv, torch (the CPU wheel 2.13.0 where pip can find it),
+# triton (its interpreter runs the GPU kernels on CPU tensors in the tests), the test and demo
+# dependencies, and the C++ extension. Safe to re-run: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[bootstrap] creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+VPY="$VENV/bin/python"
+pipq() { "$VPY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location' || true; }
+
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+    echo "[bootstrap] installing torch"
+    # The exact pin lives here only (the CPU wheel of this machine kind); the package metadata
+    # accepts any recent torch so it also builds against a CUDA build elsewhere.
+    pipq "torch==${FAIM_TORCH_VERSION:-2.13.0}"
+fi
+if ! "$VPY" -c "import triton, numpy, pytest, pytest_benchmark, tqdm, ninja, sklearn, matplotlib" >/dev/null 2>&1; then
+    echo "[bootstrap] installing triton and the test/demo dependencies"
+    pipq triton numpy pytest pytest-benchmark tqdm ninja scikit-learn matplotlib setuptools wheel
+fi
+"$VPY" -c "import torch" || { echo "[bootstrap] torch did not install" >&2; exit 1; }
+
+echo "[bootstrap] building the C++ extension"
+export PATH="$PWD/$VENV/bin:$PATH"
+mkdir -p build
+if ! MAX_JOBS=${MAX_JOBS:-2} "$VPY" setup.py build_ext --inplace >build/build.log 2>&1; then
+    tail -n 40 build/build.log >&2
+    echo "[bootstrap] the C++ extension did not build (full log: build/build.log)" >&2
+    exit 1
+fi
+"$VPY" -c "import torch, faim_kernels._C" || { echo "[bootstrap] the C++ extension does not import" >&2; exit 1; }

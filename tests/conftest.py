@@ -1,0 +1,89 @@
+"""Shared test helpers: input generators (random and the hard cases of SPEC §2.1), the float64
+oracle, and comparisons whose failures explain themselves."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import faim_kernels as fk
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+# Relative tolerances per input dtype (SPEC §2.1 goals; fp32 accumulation for the half types).
+FWD_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
+
+
+def make_inputs(B, C, D, *, full=False, dtype=torch.float32, device="cpu", seed=0, near=False,
+                lam=0.3, gamma=2.0, requires_grad=False):
+    """Returns [x, mu, L, beta, lam, gamma] (lam and gamma as 0-dim tensors).
+
+    near=True builds SPEC §2.1's hard case: prototypes with a common offset 5 and scale 10, each
+    sample 1e-3 from a prototype (its target), sample 0 exactly on prototype 0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if near:
+        mu = 5 + 10 * torch.randn(C, D, generator=g, dtype=torch.float64)
+        target = torch.randint(0, C, (B,), generator=g)
+        x = mu[target] + 1e-3 * torch.randn(B, D, generator=g, dtype=torch.float64)
+        if B > 0 and C > 0:
+            x[0] = mu[0]
+    else:
+        x = torch.randn(B, D, generator=g, dtype=torch.float64)
+        mu = torch.randn(C, D, generator=g, dtype=torch.float64)
+    if full:
+        L = torch.eye(D, dtype=torch.float64) + 0.3 * torch.randn(D, D, generator=g, dtype=torch.float64) / D ** 0.5
+    else:
+        L = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
+    beta = torch.randn(D, generator=g, dtype=torch.float64) / D ** 0.5
+    out = [t.to(dtype=dtype, device=device) for t in (x, mu, L, beta)]
+    out += [torch.tensor(lam, dtype=dtype, device=device), torch.tensor(gamma, dtype=dtype, device=device)]
+    if requires_grad:
+        for t in out:
+            t.requires_grad_()
+    return out
+
+
+def reference64(fn, inputs, **kw):
+    """fn of the float64 copies of `inputs` (fn is a fk.reference function)."""
+    return fn(*[t.detach().to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                for t in inputs], **kw)
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    return ((out - ref).abs() / ref.abs().clamp_min(1e-30)).max().item() if ref.numel() else 0.0
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:
+    """Every element within tol relative; on failure names the worst entry and NaN mismatches."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    o, r = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    nan_mismatch = torch.isnan(o) != torch.isnan(r)
+    assert not nan_mismatch.any(), f"{what}: NaN mismatch at {nan_mismatch.nonzero()[:5].tolist()}"
+    if o.numel() == 0:
+        return
+    rel = ((o - r).abs() / r.abs().clamp_min(1e-30)).nan_to_num(0.0)
+    worst = int(rel.argmax())
+    idx = list(torch.unravel_index(torch.tensor(worst), o.shape)) if o.dim() else []
+    assert rel.max() <= tol, (f"{what}: max relative error {rel.max().item():.3e} > {tol:.1e} at "
+                              f"{[int(i) for i in idx]}: got {o.flatten()[worst].item():.10g}, "
+                              f"want {r.flatten()[worst].item():.10g}")
+
+
+def assert_norm_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "gradient") -> None:
+    """‖out − ref‖ / ‖ref‖ <= tol (for gradients, whose small entries are not meaningful one by one)."""
+    assert out is not None, f"{what}: no gradient"
+    o, r = out.detach().to(torch.float64).cpu(), ref.detach().to(torch.float64).cpu()
+    assert o.shape == r.shape, f"{what}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+    assert torch.isfinite(o).all(), f"{what}: non-finite entries at {(~torch.isfinite(o)).nonzero()[:5].tolist()}"
+    err = ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
+    assert err <= tol, f"{what}: relative norm error {err:.3e} > {tol:.1e}"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
