@@ -6,7 +6,7 @@
     fk.reference.*                                               the einsum oracle
 """
 from . import reference
-from .functional import randers_distance, randers_logits
+from .functional import randers_cross_entropy, randers_distance, randers_logits
 
-__all__ = ["reference", "randers_distance", "randers_logits"]
+__all__ = ["reference", "randers_distance", "randers_logits", "randers_cross_entropy"]
 __version__ = "0.1.0"

@@ -10,13 +10,14 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
-from ._validation import check_backend, check_inputs
+from ._validation import REDUCTIONS, check_backend, check_inputs, check_target
 from .ops import randers_logits as _logits_ops
 from .transform import transform
 
-__all__ = ["randers_distance", "randers_logits", "resolve_backend"]
+__all__ = ["randers_distance", "randers_logits", "randers_cross_entropy", "resolve_backend"]
 
 _warned_fallback = False
 
@@ -81,3 +82,31 @@ def randers_logits(x, mu, L, beta, lam, gamma, eps: float = 1e-6, *, backend: st
     if backend == "reference":
         return reference.randers_logits(x, mu, L, beta, lam, gamma, eps)
     return _fused(x, mu, L, beta, lam, gamma, eps, backend)
+
+
+def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6, margin: float = 0.0,
+                          label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+                          *, backend: str = "auto") -> torch.Tensor:
+    """F.cross_entropy(logits', target, ...) with logits' the Randers logits whose target entry is
+    −γ·(d_bt + margin) (SPEC §2.2); label_smoothing, ignore_index and reduction as in F.cross_entropy.
+
+    For now this forms the [B, C] logits with the fused logits kernel and calls F.cross_entropy;
+    the fused cross-entropy kernel that never forms them replaces this path.
+    """
+    check_inputs(x, mu, L, beta, lam, gamma, eps)
+    check_target(target, x.shape[0], mu.shape[0], ignore_index, x.device)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    backend = resolve_backend(backend, x.device)
+    if backend == "reference":
+        return reference.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps, margin,
+                                               label_smoothing, ignore_index, reduction)
+    logits = _fused(x, mu, L, beta, lam, gamma, eps, backend)
+    if margin != 0.0:
+        valid = target != ignore_index
+        onehot = F.one_hot(torch.where(valid, target, 0).long(), logits.shape[1]).to(logits.dtype)
+        logits = logits - (gamma * margin) * onehot * valid.unsqueeze(1).to(logits.dtype)
+    return F.cross_entropy(logits, target.long(), label_smoothing=label_smoothing,
+                           ignore_index=ignore_index, reduction=reduction)
