@@ -2,8 +2,9 @@
 CUDA tensors, and for CPU tensors through Triton's interpreter (TRITON_INTERPRET=1 set before
 triton is imported). Kernels first, then the launchers, then the torch.library ops.
 
-Forward, three launches:
-  _row_sq_norms_kernel   |x'_b|², |mu'_c|², from the GEMM operands exactly as the GEMM sees them.
+Forward, four launches:
+  _side_prep_kernel      per side: |x'_b|² (|mu'_c|²) from the GEMM operands as the GEMM sees
+                         them, and sx (smu) split into fp32 hi + lo parts.
   _logits_fwd_kernel     tiles of x'·mu'ᵀ (tl.dot over D, grouped launch order) with the epilogue
                          fused: q = |x'|² + |mu'|² − 2x'·mu', the at-risk test of SPEC §2.1, s, d,
                          −γ·d, written once. Pairs at risk go to a short list (atomic counter).
@@ -190,16 +191,23 @@ def _load_eps(eps_hi, eps_lo, dtype: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _row_sq_norms_kernel(v_ptr, out_ptr, n, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[i] = Σ_k v[i, k]² in out's dtype, from v's values as stored (the GEMM's operands)."""
+def _side_prep_kernel(v_ptr, s_ptr, norm_ptr, hi_ptr, lo_ptr, n, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For one side (x' with sx, or mu' with smu), in one launch: norm[i] = Σ_k v[i, k]² from v's
+    values as stored (the GEMM's operands), and the float64 s[i] split into hi + lo in norm's
+    dtype (see _pair_s; for float64, hi = s and lo = 0)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_R,), dtype=out_ptr.dtype.element_ty)
+    rm = r < n
+    acc = tl.zeros((BLOCK_R,), dtype=norm_ptr.dtype.element_ty)
     rd = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         v = tl.load(v_ptr + r[:, None] * D + (d0 + rd)[None, :],
-                    mask=(r[:, None] < n) & (rd[None, :] < D - d0), other=0.0).to(acc.dtype)
+                    mask=rm[:, None] & (rd[None, :] < D - d0), other=0.0).to(acc.dtype)
         acc += tl.sum(v * v, axis=1)
-    tl.store(out_ptr + r, acc, mask=r < n)
+    tl.store(norm_ptr + r, acc, mask=rm)
+    s = tl.load(s_ptr + r, mask=rm, other=0.0)
+    hi = s.to(acc.dtype)
+    tl.store(hi_ptr + r, hi, mask=rm)
+    tl.store(lo_ptr + r, (s - hi.to(tl.float64)).to(acc.dtype), mask=rm)
 
 
 @triton.jit
@@ -485,15 +493,6 @@ def _round_to_tf32(v: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(v), rounded, v)
 
 
-def _split_hi_lo(v: torch.Tensor, acc: torch.dtype):
-    """float64 v as (hi, lo) in the compute dtype with hi + lo = v to about u² (see _pair_s)."""
-    v = v.detach().to(torch.float64).contiguous()
-    if acc == torch.float64:
-        return v, torch.zeros_like(v)
-    hi = v.to(torch.float32)
-    return hi, (v - hi.to(torch.float64)).to(torch.float32)
-
-
 class _Prepared:
     """What the forward and backward launchers share: operands, norms, tau, the launch family."""
 
@@ -524,24 +523,26 @@ class _Prepared:
         self.lc = lc.detach().to(acc).contiguous()
         self.full = lc.dim() == 2
         self.bf16_by_hand = _INTERPRET and xp.dtype == torch.bfloat16
-        self.sx = _split_hi_lo(sx, acc)
-        self.smu = _split_hi_lo(smu, acc)
+
         self.lam = lam.detach().to(torch.float64).reshape(())
         self.gamma = gamma.detach().to(torch.float64).reshape(())
         # A kernel that rounds its operands below the compute precision must recompute more pairs.
         self.tau = max(float(tau), _transform.risk_threshold(self.D, acc, operand_eps)) if operand_eps else float(tau)
         self.eps_hi = float(torch.tensor(eps, dtype=torch.float32))
         self.eps_lo = float(eps) - self.eps_hi
-        self.xn = self._sq_norms(self.xp)
-        self.mn = self._sq_norms(self.mup)
+        self.xn, self.sx = self._prep_side(self.xp, sx)
+        self.mn, self.smu = self._prep_side(self.mup, smu)
 
-    def _sq_norms(self, v):
-        out = _empty((v.shape[0],), self.acc, self.device)
-        if v.shape[0]:
+    def _prep_side(self, v, s):
+        """(|v_i|², (s_hi, s_lo)) in the compute dtype; see _side_prep_kernel."""
+        n = v.shape[0]
+        norm, hi, lo = (_empty((n,), self.acc, self.device) for _ in range(3))
+        if n:
             BLOCK_R = 32
-            _row_sq_norms_kernel[(triton.cdiv(v.shape[0], BLOCK_R),)](
-                v, out, v.shape[0], self.D, BLOCK_R=BLOCK_R, BLOCK_D=min(128, max(16, triton.next_power_of_2(self.D))))
-        return out
+            _side_prep_kernel[(triton.cdiv(n, BLOCK_R),)](
+                v, s.detach().to(torch.float64).contiguous(), norm, hi, lo, n, self.D,
+                BLOCK_R=BLOCK_R, BLOCK_D=min(128, max(16, triton.next_power_of_2(self.D))))
+        return norm, (hi, lo)
 
     def near_tiles(self):
         """Block sizes for the exact recomputation: (BLOCK_P, BLOCK_K, BLOCK_J, tl.dot usable)."""
@@ -623,8 +624,9 @@ def _backward_side(p, own, oth, own_n, oth_n, s_own, s_oth, own_raw, oth_raw, g,
         BLOCK_D=block_d, SINGLE_PASS=single, FULL=p.full, SCALARS=scalars, IMPL=p.impl, PREC=p.prec,
         NEAR_K=near_k, BF16_BY_HAND=p.bf16_by_hand)
     d_own = dp.view(n_own, D) if splits == 1 else dp.sum(0)
+    ds_own = ds.view(n_own) if splits == 1 else ds.sum(0)
     scalar_sums = (scal[..., 0].sum(), scal[..., 1].sum()) if scalars else None
-    return d_own, ds.sum(0), scalar_sums
+    return d_own, ds_own, scalar_sums
 
 
 def logits_backward(grad, xp, mup, sx, smu, x, mu, lc, lam, gamma, eps: float, tau: float):
