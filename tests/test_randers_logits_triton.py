@@ -134,19 +134,32 @@ def test_backward_chunks_and_splits(monkeypatch, full):
 
 
 def test_near_list_overflow(monkeypatch):
-    """More pairs at risk than the list holds: the fix-up recomputes every pair exactly."""
+    """More pairs at risk than the lists hold: the forward's fix-up recomputes every pair exactly,
+    and the backward runs its second launch, which handles them inside the loop one at a time."""
     monkeypatch.setattr(tri, "_NEAR_CAPACITY", 3)
+    monkeypatch.setattr(tri, "_BWD_NEAR_CAP", 2)
     for full in (False, True):
-        inputs = _inputs(32, 40, 24, full=full, near=True, lam=0.1, gamma=10.0, seed=9)
-        out = fk.randers_logits(*inputs, backend="triton")
-        assert_rel_close(out, reference64(fk.reference.randers_logits, inputs), 1e-4, "forward after overflow")
+        _check(_inputs(20, 28, 24, full=full, near=True, lam=0.1, gamma=10.0, seed=9), fwd_tol=1e-4, grad_tol=1e-3)
 
 
+def test_near_pairs_per_tile_overflow(monkeypatch):
+    """A forward tile with more pairs at risk than it notes one by one marks the list overflowed."""
+    monkeypatch.setattr(tri, "_NEAR_PER_TILE", 1)
+    inputs = _inputs(12, 20, 16, near=True, lam=0.1, gamma=10.0, seed=17)
+    with torch.no_grad():
+        inputs[0][:4] = inputs[1][3] + 1e-3 * torch.randn(4, 16, device=DEVICE)  # four in one tile
+    out = fk.randers_logits(*inputs, backend="triton")
+    assert_rel_close(out, reference64(fk.reference.randers_logits, inputs), 1e-4)
+
+
+@pytest.mark.parametrize("bwd_cap", [None, 4], ids=["noted", "inline"])
 @pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
-def test_every_close_pair_recomputed(monkeypatch, full):
-    """tau = 1: about half of all pairs take the exact path, in the forward list and in the
-    backward's one-at-a-time loop, mixed with GEMM pairs in the same tiles."""
+def test_every_close_pair_recomputed(monkeypatch, full, bwd_cap):
+    """tau = 1: about half of all pairs take the exact path, mixed with GEMM pairs in the same
+    tiles: in the forward list, and in the backward's noted pairs or (small cap) inline path."""
     monkeypatch.setattr(fk.transform, "risk_threshold", lambda D, dtype, operand_eps=None: 1.0)
+    if bwd_cap:
+        monkeypatch.setattr(tri, "_BWD_NEAR_CAP", bwd_cap)
     _check(_inputs(9, 14, 12, full=full, seed=10))
 
 
@@ -299,6 +312,18 @@ def test_cpu_without_interpreter_is_a_clear_error():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0 and "clear error" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_kernels_build_for_sm90():
+    """The interpreter never runs Triton's compiler: build each code path for sm_90 (H100/H200)
+    with the ptxas that ships with triton, no GPU needed (bench/compile_check.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "bench.compile_check", "--quick"], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
 
 
 @gpu_only

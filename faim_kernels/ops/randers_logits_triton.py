@@ -18,10 +18,10 @@ H = −γ·G, from x', mu', sx, smu: nothing of size [B, C] is stored besides th
     ∂own'_i = rowsum(P)_i·own'_i − (P·oth')_i      (far pairs: one tl.dot per tile)
             + Σ_j P_ij·((own_i − oth_j)·Lc)         (pairs at risk: from the raw difference)
     ∂s_own  = rowsum(R);   ∂λ = Σ H·r,  ∂γ = −Σ G·d  (x side only)
-Pairs at risk are handled inside the program, one at a time in a fixed order, so every sum runs
-in the same order on every call: the results are deterministic (no float atomics). Where the
-other side is long and the own side short, it is split across programs whose partial sums are
-added in a fixed order afterwards.
+A program notes its pairs at risk during its loop and adds their terms after it, in the order
+met, so every sum runs in the same order on every call: the results are deterministic (no float
+atomics). Where the other side is long and the own side short, it is split across programs whose
+partial sums are added in a fixed order afterwards.
 
 GEMM operand precision (see `_gemm_mode`): float32 runs tl.dot in IEEE fp32 unless
 torch.backends.cuda.matmul.allow_tf32 is True (the switch PyTorch's own matmuls obey, set by
@@ -52,8 +52,13 @@ _DOT = 0         # tl.dot on the operands as stored: fp32 (IEEE or TF32), fp16, 
 _DOT_UPCAST = 1  # tl.dot on fp32 copies: bf16 under the interpreter, whose bf16 dot is wrong
 _FMA = 2         # broadcast-multiply-sum: float64
 
-# Capacity of the forward's list of pairs at risk; None: max(1024, 2·(B + C)).
+# Capacity of the forward's list of pairs at risk; None: max(1024, 2·(B + C)). A tile with more
+# than _NEAR_PER_TILE of them counts as an overflow (the fix-up then recomputes every pair).
 _NEAR_CAPACITY = None
+_NEAR_PER_TILE = 64
+# Pairs at risk a backward program notes for after its loop; more send the whole backward
+# through the slow path that handles them inside the loop.
+_BWD_NEAR_CAP = 128
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +116,8 @@ def _pair_distance(q, s, lam, eps):
     """(a, r, d, 1/a, 1/r) with a = sqrt(q + eps), r = sqrt(s² + eps), d = a + λ·r (SPEC Eq. 2).
     q < 0 (rounding) counts as 0; NaN stays NaN; a = 0 (or r = 0) where eps = 0 at a hit.
     Two reciprocal square roots serve both the forward and the backward (P = H/a, R = H·λ·s/r):
-    the special-function unit is the epilogue's bottleneck next to a tensor-core GEMM."""
+    half the special-function operations of two square roots and two divisions, and those run
+    at a small fraction of the tensor cores' rate."""
     qe = tl.where(q < 0, 0.0, q) + eps
     se = s * s + eps
     ia = tl.rsqrt(qe)
@@ -217,7 +223,8 @@ def _logits_fwd_kernel(
         B, C, D, eps_hi, eps_lo, tau, capacity,
         KEY_B, KEY_C,  # power-of-two buckets of B and C: the autotuning key only
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_B: tl.constexpr,
-        IMPL: tl.constexpr, PREC: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+        IMPL: tl.constexpr, PREC: tl.constexpr, BF16_BY_HAND: tl.constexpr, NEAR_PER_TILE: tl.constexpr,
+        LOCAL64: tl.constexpr):
     """One [BLOCK_B, BLOCK_C] tile of logits = −γ·d from one GEMM tile and the fused epilogue."""
     # Grouped launch order (Triton's matmul tutorial): GROUP_B row tiles sweep the column tiles
     # together, so each mu' tile is read from L2 rather than DRAM by the whole group.
@@ -230,31 +237,50 @@ def _logits_fwd_kernel(
     pid_b = first_b + (pid % in_group) % size_b
     pid_c = (pid % in_group) // size_b
 
+    # 64-bit offsets only where they can pass 2³¹: the tile's corner; inside the tile int32 (or
+    # int64 where BLOCK_B·C may pass 2³¹, LOCAL64), which keeps the epilogue's registers free.
     acc_t = xn_ptr.dtype.element_ty
-    rb = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rc = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    bm = rb < B
-    cm = rc < C
-    dot = _tile_dot(xp_ptr, mup_ptr, rb, rc, bm, cm, D, tl.zeros((BLOCK_B, BLOCK_C), dtype=acc_t),
-                    BLOCK_K, IMPL, PREC)
+    b0 = pid_b * BLOCK_B
+    c0 = pid_c * BLOCK_C
+    lb = tl.arange(0, BLOCK_B)
+    lc = tl.arange(0, BLOCK_C)
+    bm = lb < B - b0
+    cm = lc < C - c0
+    dot = _tile_dot(xp_ptr + b0.to(tl.int64) * D, mup_ptr + c0.to(tl.int64) * D, lb, lc, bm, cm, D,
+                    tl.zeros((BLOCK_B, BLOCK_C), dtype=acc_t), BLOCK_K, IMPL, PREC)
 
-    q, near = _gemm_q(dot, tl.load(xn_ptr + rb, mask=bm, other=0.0), tl.load(mn_ptr + rc, mask=cm, other=0.0), tau)
-    s = _pair_s(tl.load(sx_hi_ptr + rb, mask=bm, other=0.0), tl.load(sx_lo_ptr + rb, mask=bm, other=0.0),
-                tl.load(smu_hi_ptr + rc, mask=cm, other=0.0), tl.load(smu_lo_ptr + rc, mask=cm, other=0.0))
+    q, near = _gemm_q(dot, tl.load(xn_ptr + b0 + lb, mask=bm, other=0.0), tl.load(mn_ptr + c0 + lc, mask=cm, other=0.0),
+                      tau)
+    s = _pair_s(tl.load(sx_hi_ptr + b0 + lb, mask=bm, other=0.0), tl.load(sx_lo_ptr + b0 + lb, mask=bm, other=0.0),
+                tl.load(smu_hi_ptr + c0 + lc, mask=cm, other=0.0), tl.load(smu_lo_ptr + c0 + lc, mask=cm, other=0.0))
     lam = tl.load(lam_ptr).to(acc_t)
     gamma = tl.load(gamma_ptr).to(acc_t)
-    a, r, d, _, _ = _pair_distance(q, s, lam, _load_eps(eps_hi, eps_lo, acc_t))
+    a, r, d, ia, ir = _pair_distance(q, s, lam, _load_eps(eps_hi, eps_lo, acc_t))
     mask = bm[:, None] & cm[None, :]
-    tl.store(out_ptr + rb[:, None] * C + rc[None, :], _cast(-gamma * d, out_ptr.dtype.element_ty, BF16_BY_HAND),
+    if LOCAL64:
+        offs = lb.to(tl.int64)[:, None] * C + lc[None, :]
+    else:
+        offs = lb[:, None] * C + lc[None, :]
+    tl.store(out_ptr + (b0.to(tl.int64) * C + c0) + offs, _cast(-gamma * d, out_ptr.dtype.element_ty, BF16_BY_HAND),
              mask=mask)
 
-    # Pairs at risk: append (b, c) to the list; typically about one per row (a sample's target).
+    # Pairs at risk: append (b, c) to the list, one at a time (typically about one per row, a
+    # sample's target, so zero to two per tile). Scalar atomics keep the epilogue's registers for
+    # the tile; a tile with more than NEAR_PER_TILE pairs at risk marks the list as overflowed
+    # instead, and the fix-up then recomputes every pair.
     near = near & mask
-    if tl.sum(near.to(tl.int32)) > 0:
-        slot = tl.atomic_add(count_ptr + tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int32), 1, mask=near, sem="relaxed")
-        keep = near & (slot < capacity)
-        tl.store(near_b_ptr + slot, tl.broadcast_to(rb[:, None], (BLOCK_B, BLOCK_C)).to(tl.int32), mask=keep)
-        tl.store(near_c_ptr + slot, tl.broadcast_to(rc[None, :], (BLOCK_B, BLOCK_C)).to(tl.int32), mask=keep)
+    n_near = tl.sum(near.to(tl.int32))
+    if n_near > NEAR_PER_TILE:
+        tl.atomic_max(count_ptr, capacity + 1, sem="relaxed")
+    else:
+        flat = tl.arange(0, BLOCK_B)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+        for _it in range(0, n_near):
+            f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
+            near = near & (flat != f)
+            slot = tl.atomic_add(count_ptr, 1, sem="relaxed")
+            if slot < capacity:
+                tl.store(near_b_ptr + slot, b0 + f // BLOCK_C)
+                tl.store(near_c_ptr + slot, c0 + f % BLOCK_C)
 
 
 @triton.jit
@@ -293,20 +319,27 @@ def _logits_fixup_kernel(
 def _logits_bwd_kernel(
         own_ptr, oth_ptr, own_n_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr,
         own_raw_ptr, oth_raw_ptr, lc_ptr, g_ptr, stride_g_own, stride_g_oth,
-        lam_ptr, gamma_ptr, dp_ptr, ds_ptr, scal_ptr,
-        n_own, n_oth, D, eps_hi, eps_lo, tau, oth_per_split,
+        lam_ptr, gamma_ptr, dp_ptr, ds_ptr, scal_ptr, near_ptr, overflow_ptr,
+        n_own, n_oth, D, eps_hi, eps_lo, tau, oth_per_split, near_cap,
         KEY_O, KEY_T,  # power-of-two buckets of n_own and n_oth: the autotuning key only
         BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-        SINGLE_PASS: tl.constexpr, FULL: tl.constexpr, SCALARS: tl.constexpr,
-        IMPL: tl.constexpr, PREC: tl.constexpr, NEAR_K: tl.constexpr,
-        BF16_BY_HAND: tl.constexpr):
+        FULL: tl.constexpr, SCALARS: tl.constexpr, INLINE: tl.constexpr,
+        IMPL: tl.constexpr, PREC: tl.constexpr, NEAR_P: tl.constexpr, NEAR_K: tl.constexpr,
+        NEAR_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr, LOCAL64: tl.constexpr):
     """Partial ∂own'[rows, chunk of D] over one split of the other side (module docstring).
 
     grid = (row blocks of own, splits of oth, chunks of D). Writes dp[split, row, d] (acc dtype),
     ds[split, row] = Σ R (float64, chunk 0 only) and, with SCALARS, scal[split, row block] =
     (Σ H·r, −Σ G·d) (float64, chunk 0 only).
-    SINGLE_PASS (all of D in one chunk): the own block is loaded once, and each oth tile once
-    for both products (S = own·othᵀ and P·oth), as in flash attention's backward.
+
+    Pairs at risk are left out of the GEMM terms and added from the raw difference. INLINE = 0:
+    the loop only notes them (in near_ptr, near_cap per program, in tile order) and they are
+    handled after it, NEAR_P at a time; the loop keeps its registers for the GEMM epilogue. If a
+    program meets more than near_cap of them it sets *overflow_ptr, and the launcher's second
+    launch, INLINE = 1, recomputes everything with them handled inside the loop one at a time
+    (slow, any number); with *overflow_ptr unset that launch does nothing.
+    Operands of both GEMMs come through the pipelined loads; holding the own block in registers
+    across the loop, as flash attention holds Q, spilled 0.2-1.8 KB per thread in sm_90 builds.
     """
     pid_o = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -314,19 +347,24 @@ def _logits_bwd_kernel(
     acc_t = own_n_ptr.dtype.element_ty
     op_t = own_ptr.dtype.element_ty
 
-    ro = pid_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    om = ro < n_own
+    # 64-bit offsets at block corners, int32 inside a block (int64 with LOCAL64, where the
+    # gradient's strides could carry them past 2³¹), as in the forward.
+    o0 = pid_o * BLOCK_O
+    lo = tl.arange(0, BLOCK_O)
+    om = lo < n_own - o0
     rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = rd < D
-    own_n = tl.load(own_n_ptr + ro, mask=om, other=0.0)
-    s_own_hi = tl.load(s_own_hi_ptr + ro, mask=om, other=0.0)
-    s_own_lo = tl.load(s_own_lo_ptr + ro, mask=om, other=0.0)
+    own_n = tl.load(own_n_ptr + o0 + lo, mask=om, other=0.0)
+    s_own_hi = tl.load(s_own_hi_ptr + o0 + lo, mask=om, other=0.0)
+    s_own_lo = tl.load(s_own_lo_ptr + o0 + lo, mask=om, other=0.0)
+    own_block = own_ptr + o0.to(tl.int64) * D
+    if LOCAL64:
+        g_rows = lo.to(tl.int64)[:, None] * stride_g_own
+    else:
+        g_rows = lo[:, None] * stride_g_own
     lam = tl.load(lam_ptr).to(acc_t)
     gamma = tl.load(gamma_ptr).to(acc_t)
     eps = _load_eps(eps_hi, eps_lo, acc_t)
-    if SINGLE_PASS:
-        own = tl.load(own_ptr + ro[:, None] * D + rd[None, :], mask=om[:, None] & dm[None, :], other=0.0)
-
     rowsum = tl.zeros((BLOCK_O,), dtype=acc_t)              # Σ_j P_ij over far pairs
     pm_acc = tl.zeros((BLOCK_O, BLOCK_D), dtype=acc_t)      # Σ_j P_ij·oth'_j − near terms
     rsum = tl.zeros((BLOCK_O,), dtype=tl.float64)           # Σ_j R_ij
@@ -334,26 +372,31 @@ def _logits_bwd_kernel(
     gd = tl.zeros((BLOCK_O,), dtype=tl.float64)             # Σ_j G_ij·d_ij
     flat = tl.arange(0, BLOCK_O)[:, None] * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]
     rloc = tl.arange(0, BLOCK_O)
+    n_noted = tl.full([], 0, dtype=tl.int32)
+    note_base = ((pid_o.to(tl.int64) * tl.num_programs(1) + pid_s) * tl.num_programs(2) + pid_d) * near_cap
 
     t_begin = pid_s * oth_per_split
     t_end = tl.minimum(t_begin + oth_per_split, n_oth)
+    active = pid_o >= 0
+    if INLINE:
+        active = tl.load(overflow_ptr) != 0
+        t_end = tl.where(active, t_end, t_begin)
     for t0 in range(t_begin, t_end, BLOCK_T):
-        rt = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
-        tm = rt < t_end
-        if SINGLE_PASS:
-            oth = tl.load(oth_ptr + rt[:, None] * D + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-            S = _mm(own, tl.trans(oth), tl.zeros((BLOCK_O, BLOCK_T), dtype=acc_t), IMPL, PREC)
-        else:
-            S = _tile_dot(own_ptr, oth_ptr, ro, rt, om, tm, D, tl.zeros((BLOCK_O, BLOCK_T), dtype=acc_t),
-                          BLOCK_K, IMPL, PREC)
-            oth = tl.load(oth_ptr + rt[:, None] * D + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        lt = tl.arange(0, BLOCK_T)
+        tm = lt < t_end - t0
+        oth_block = oth_ptr + tl.cast(t0, tl.int64) * D
+        S = _tile_dot(own_block, oth_block, lo, lt, om, tm, D, tl.zeros((BLOCK_O, BLOCK_T), dtype=acc_t),
+                      BLOCK_K, IMPL, PREC)
+        # The chunk of oth' this program's output needs (read again: it is in L2 after the GEMM).
+        oth = tl.load(oth_block + lt[:, None] * D + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
         valid = om[:, None] & tm[None, :]
-        q, near = _gemm_q(S, own_n, tl.load(oth_n_ptr + rt, mask=tm, other=0.0), tau)
+        q, near = _gemm_q(S, own_n, tl.load(oth_n_ptr + t0 + lt, mask=tm, other=0.0), tau)
         near = near & valid
-        s = _pair_s(s_own_hi, s_own_lo, tl.load(s_oth_hi_ptr + rt, mask=tm, other=0.0),
-                    tl.load(s_oth_lo_ptr + rt, mask=tm, other=0.0))
+        s = _pair_s(s_own_hi, s_own_lo, tl.load(s_oth_hi_ptr + t0 + lt, mask=tm, other=0.0),
+                    tl.load(s_oth_lo_ptr + t0 + lt, mask=tm, other=0.0))
         a, r, d, ia, ir = _pair_distance(q, s, lam, eps)
-        G = tl.load(g_ptr + ro[:, None] * stride_g_own + rt[None, :] * stride_g_oth, mask=valid, other=0.0).to(acc_t)
+        g_block = g_ptr + (o0.to(tl.int64) * stride_g_own + tl.cast(t0, tl.int64) * stride_g_oth)
+        G = tl.load(g_block + g_rows + lt[None, :] * stride_g_oth, mask=valid, other=0.0).to(acc_t)
         H = -gamma * G
         # a = 0 only at an exact hit with eps = 0: subgradient 0 there (as the C++ kernel).
         P = tl.where(valid & (a != 0), H * ia, 0.0)
@@ -366,38 +409,76 @@ def _logits_bwd_kernel(
             hr += tl.sum(tl.where(valid, H * r, 0.0), axis=1).to(tl.float64)
             gd += tl.sum(tl.where(valid & (near == 0), G * d, 0.0), axis=1).to(tl.float64)
 
-        # Pairs at risk, one at a time in increasing tile position: P from the exact q, and the
-        # term P·diff' from the raw difference instead of rowsum(P)·own' − P·oth', which cancels.
-        for _ in range(0, tl.sum(near.to(tl.int32))):
-            f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
-            near = near & (flat != f)
-            hit = flat == f
-            i = f // BLOCK_T
-            bi = tl.zeros((1,), dtype=tl.int64) + pid_o.to(tl.int64) * BLOCK_O + i
-            cj = tl.zeros((1,), dtype=tl.int64) + t0 + f % BLOCK_T
-            one = tl.full((1,), 1, dtype=tl.int1)
-            g_f = tl.sum(tl.where(hit, G, 0.0))
-            lamr_f = tl.sum(tl.where(hit, lam * r, 0.0))
-            q_e, diff = _direct_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, bi, cj, one, pid_d * BLOCK_D, D,
-                                      FULL, 1, NEAR_K, BLOCK_D, False)
-            qe = q_e + eps
-            p_e = tl.where(qe == 0, 0.0, -gamma * g_f * tl.rsqrt(qe))
-            a_e = tl.where(qe == 0, 0.0, tl.sqrt(qe))
-            pm_acc -= tl.where(rloc[:, None] == i, p_e[:, None] * diff.to(acc_t), 0.0)
-            if SCALARS:
-                gd += tl.where(rloc == i, tl.sum(g_f * (a_e + lamr_f)), 0.0).to(tl.float64)
+        n_near = tl.sum(near.to(tl.int32))
+        if INLINE:
+            # One at a time in increasing tile position: P from the exact q, and P·diff' from the
+            # raw difference instead of rowsum(P)·own' − P·oth', which cancels there.
+            for _k in range(0, n_near):
+                f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
+                near = near & (flat != f)
+                hit = flat == f
+                i = f // BLOCK_T
+                bi = tl.zeros((1,), dtype=tl.int64) + pid_o.to(tl.int64) * BLOCK_O + i
+                cj = tl.zeros((1,), dtype=tl.int64) + t0 + f % BLOCK_T
+                g_f = tl.sum(tl.where(hit, G, 0.0))
+                lamr_f = tl.sum(tl.where(hit, lam * r, 0.0))
+                q_e, diff = _direct_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, bi, cj, bi >= 0, pid_d * BLOCK_D, D,
+                                          FULL, 1, NEAR_K, BLOCK_D, False)
+                qe = q_e + eps
+                p_e = tl.where(qe == 0, 0.0, -gamma * g_f * tl.rsqrt(qe))
+                a_e = tl.where(qe == 0, 0.0, tl.sqrt(qe))
+                pm_acc -= tl.where(rloc[:, None] == i, p_e[:, None] * diff.to(acc_t), 0.0)
+                if SCALARS:
+                    gd += tl.where(rloc == i, tl.sum(g_f * (a_e + lamr_f)), 0.0).to(tl.float64)
+        else:
+            # Note them (code j·BLOCK_O + i) for after the loop; typically zero to two per tile.
+            if n_noted + n_near > near_cap:
+                tl.atomic_max(overflow_ptr, 1, sem="relaxed")
+            else:
+                for _k in range(0, n_near):
+                    f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
+                    near = near & (flat != f)
+                    tl.store(near_ptr + note_base + n_noted + _k, (t0 + f % BLOCK_T).to(tl.int64) * BLOCK_O + f // BLOCK_T)
+                n_noted += n_near
 
-    if not SINGLE_PASS:
-        own = tl.load(own_ptr + ro[:, None] * D + rd[None, :], mask=om[:, None] & dm[None, :], other=0.0)
-    d_own = rowsum[:, None] * own.to(acc_t) - pm_acc
-    out_rows = pid_s.to(tl.int64) * n_own + ro
-    tl.store(dp_ptr + out_rows[:, None] * D + rd[None, :], d_own, mask=om[:, None] & dm[None, :])
-    if pid_d == 0:
-        tl.store(ds_ptr + out_rows, rsum, mask=om)
-        if SCALARS:
-            slot = (pid_s.to(tl.int64) * tl.num_programs(0) + pid_o) * 2
-            tl.store(scal_ptr + slot, tl.sum(hr))
-            tl.store(scal_ptr + slot + 1, -tl.sum(gd))
+    if not INLINE:
+        # The noted pairs, NEAR_P at a time: exact q and diff' chunk from the raw rows, P from the
+        # exact q, and P·diff' added to the rows through a one-hot product. (After an overflow the
+        # second launch overwrites this program's results.)
+        for e0 in range(0, n_noted, NEAR_P):
+            e = e0 + tl.arange(0, NEAR_P)
+            em = e < n_noted
+            code = tl.load(near_ptr + note_base + e, mask=em, other=0)
+            i_v = (code % BLOCK_O).to(tl.int32)
+            j_v = code // BLOCK_O
+            b_v = pid_o.to(tl.int64) * BLOCK_O + i_v
+            q_e, diff = _direct_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, pid_d * BLOCK_D, D,
+                                      FULL, NEAR_P, NEAR_K, BLOCK_D, NEAR_DOT)
+            g_e = tl.load(g_ptr + b_v * stride_g_own + j_v * stride_g_oth, mask=em, other=0.0).to(acc_t)
+            qe = q_e + eps
+            p_e = tl.where(em & (qe != 0), -gamma * g_e * tl.rsqrt(qe), 0.0)
+            onehot = ((rloc[:, None] == i_v[None, :]) & em[None, :]).to(acc_t)
+            pm_acc = _mm(onehot, -(p_e[:, None] * diff.to(acc_t)), pm_acc, 2 if IMPL == 2 else 0, "ieee")
+            if SCALARS:
+                s_e = ((tl.load(s_own_hi_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_hi_ptr + j_v, mask=em, other=0.0))
+                       + (tl.load(s_own_lo_ptr + b_v, mask=em, other=0.0)
+                          - tl.load(s_oth_lo_ptr + j_v, mask=em, other=0.0)))
+                a_e = tl.where(qe == 0, 0.0, tl.sqrt(qe))
+                d_e = a_e + lam * tl.sqrt(s_e * s_e + eps)
+                gd += tl.sum(tl.where((rloc[:, None] == i_v[None, :]) & em[None, :], (g_e * d_e)[None, :], 0.0),
+                             axis=1).to(tl.float64)
+
+    if active:
+        own = tl.load(own_block + lo[:, None] * D + rd[None, :], mask=om[:, None] & dm[None, :], other=0.0)
+        d_own = rowsum[:, None] * own.to(acc_t) - pm_acc
+        out_row0 = pid_s.to(tl.int64) * n_own + o0
+        tl.store(dp_ptr + out_row0 * D + lo[:, None] * D + rd[None, :], d_own, mask=om[:, None] & dm[None, :])
+        if pid_d == 0:
+            tl.store(ds_ptr + out_row0 + lo, rsum, mask=om)
+            if SCALARS:
+                slot = (pid_s.to(tl.int64) * tl.num_programs(0) + pid_o) * 2
+                tl.store(scal_ptr + slot, tl.sum(hr))
+                tl.store(scal_ptr + slot + 1, -tl.sum(gd))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,30 +494,31 @@ def _bwd_cfg(bo, bt, bk, warps, stages):
     return triton.Config({"BLOCK_O": bo, "BLOCK_T": bt, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# First entry = the pinned default (FAIM_TRITON_AUTOTUNE=0). Hopper-sized GEMM tiles for the
-# tensor-core dtypes (128x256x64 with 8 warps and 3 stages is the matmul tutorial's best fp16
-# config on H100); IEEE fp32 runs on the FMA units, which favour smaller tiles.
+# First entry = the pinned default (FAIM_TRITON_AUTOTUNE=0). Chosen from sm_90 builds made with
+# Triton's own ptxas (registers and spills read with cuobjdump --dump-resource-usage): the fused
+# epilogue holds the GEMM tile plus several per-pair tiles, so 128x256 tiles (the matmul
+# tutorial's best fp16 config on H100) spilled 0.4-3 KB per thread; at most 64 accumulators per
+# thread (128x128 with 8 warps, 64x256 with 8 warps) spill little or nothing. Not yet timed on a GPU.
 _FWD_CONFIGS = {
-    "half": [_fwd_cfg(128, 256, 64, 8, 3), _fwd_cfg(128, 128, 64, 8, 4), _fwd_cfg(128, 128, 64, 4, 4),
-             _fwd_cfg(64, 256, 64, 4, 4), _fwd_cfg(256, 128, 64, 8, 3)],
-    "tf32": [_fwd_cfg(128, 128, 32, 8, 3), _fwd_cfg(128, 256, 32, 8, 3), _fwd_cfg(128, 128, 32, 4, 4),
-             _fwd_cfg(64, 128, 32, 4, 4)],
-    "ieee": [_fwd_cfg(128, 128, 32, 8, 3), _fwd_cfg(128, 64, 32, 4, 3), _fwd_cfg(64, 128, 32, 4, 3),
+    "half": [_fwd_cfg(128, 128, 64, 8, 4), _fwd_cfg(128, 128, 64, 8, 3), _fwd_cfg(64, 256, 64, 8, 3),
+             _fwd_cfg(256, 64, 64, 8, 3), _fwd_cfg(128, 64, 64, 4, 4)],
+    "tf32": [_fwd_cfg(128, 128, 32, 8, 3), _fwd_cfg(64, 256, 32, 8, 3), _fwd_cfg(128, 64, 32, 4, 4)],
+    "ieee": [_fwd_cfg(128, 128, 32, 8, 3), _fwd_cfg(64, 128, 32, 8, 3), _fwd_cfg(128, 64, 32, 4, 3),
              _fwd_cfg(64, 64, 32, 4, 4)],
-    "fp64": [_fwd_cfg(32, 32, 8, 4, 1), _fwd_cfg(64, 32, 8, 4, 1)],
+    "fp64": [_fwd_cfg(32, 32, 8, 4, 1)],
     "interpret": [_fwd_cfg(32, 32, 16, 4, 1, group=2)],
 }
 _BWD_CONFIGS = {
-    "half": [_bwd_cfg(64, 64, 64, 8, 2), _bwd_cfg(64, 32, 64, 4, 2), _bwd_cfg(128, 64, 64, 8, 2),
-             _bwd_cfg(64, 128, 64, 8, 2)],
-    "tf32": [_bwd_cfg(64, 64, 32, 8, 2), _bwd_cfg(64, 32, 32, 4, 2), _bwd_cfg(128, 64, 32, 8, 2)],
-    "ieee": [_bwd_cfg(64, 64, 32, 8, 2), _bwd_cfg(64, 32, 32, 4, 2), _bwd_cfg(32, 64, 32, 4, 2)],
+    "half": [_bwd_cfg(64, 64, 64, 8, 2), _bwd_cfg(64, 64, 64, 8, 3), _bwd_cfg(32, 64, 64, 4, 2)],
+    "tf32": [_bwd_cfg(64, 64, 32, 8, 2), _bwd_cfg(64, 32, 32, 4, 2)],
+    "ieee": [_bwd_cfg(32, 32, 32, 4, 2), _bwd_cfg(32, 32, 32, 4, 3)],
     "fp64": [_bwd_cfg(16, 16, 16, 4, 1)],
     "interpret": [_bwd_cfg(16, 32, 32, 4, 1)],
 }
-# Widest chunk of D a backward program accumulates (its [BLOCK_O, BLOCK_D] accumulator lives in
-# registers); wider D is split across programs, each recomputing the GEMM tile.
-_BWD_BLOCK_D = {"half": 256, "tf32": 256, "ieee": 256, "fp64": 32, "interpret": 256}
+# Widest chunk of D a backward program accumulates ([BLOCK_O, BLOCK_D] in registers); wider D is
+# split across programs, each recomputing the GEMM tiles. Chosen with the configs above so that
+# sm_90 builds spill at most ~100 bytes per thread (wider chunks spilled 0.5-3 KB).
+_BWD_BLOCK_D = {"half": 128, "tf32": 64, "ieee": 128, "fp64": 32, "interpret": 256}
 
 
 def _tuned(kernel, configs, key, reset=None):
@@ -446,7 +528,8 @@ def _tuned(kernel, configs, key, reset=None):
 
 _FWD = {name: _tuned(_logits_fwd_kernel, cfgs, ["KEY_B", "KEY_C", "D"], reset=["count_ptr"])
         for name, cfgs in _FWD_CONFIGS.items()}
-_BWD = {name: _tuned(_logits_bwd_kernel, cfgs, ["KEY_O", "KEY_T", "D"]) for name, cfgs in _BWD_CONFIGS.items()}
+_BWD = {name: _tuned(_logits_bwd_kernel, cfgs, ["KEY_O", "KEY_T", "D"], reset=["scal_ptr"])
+        for name, cfgs in _BWD_CONFIGS.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,7 +665,7 @@ def logits_forward(xp, mup, sx, smu, x, mu, lc, lam, gamma, eps: float, tau: flo
             p.xp, p.mup, p.xn, p.mn, *p.sx, *p.smu, p.lam, p.gamma, out, count, near_b, near_c,
             B, C, p.D, p.eps_hi, p.eps_lo, p.tau, capacity,
             triton.next_power_of_2(B), triton.next_power_of_2(C), IMPL=p.impl, PREC=p.prec,
-            BF16_BY_HAND=p.bf16_by_hand)
+            BF16_BY_HAND=p.bf16_by_hand, NEAR_PER_TILE=_NEAR_PER_TILE, LOCAL64=256 * C >= 2 ** 31)
         BLOCK_P, BLOCK_K, BLOCK_J, use_dot = p.near_tiles()
         n_prog = max(1, min(triton.cdiv(B * C, BLOCK_P), 2 * _parallel_width(p.device)))
         _logits_fixup_kernel[(n_prog,)](
@@ -594,17 +677,13 @@ def logits_forward(xp, mup, sx, smu, x, mu, lc, lam, gamma, eps: float, tau: flo
 
 
 def _backward_side(p, own, oth, own_n, oth_n, s_own, s_oth, own_raw, oth_raw, g, g_strides, scalars):
-    """(∂own' [n_own, D] in acc dtype, ∂s_own [n_own] float64, scalar partials or None)."""
+    """(∂own' [n_own, D] in acc dtype, ∂s_own [n_own] float64, scalar sums or None)."""
     n_own, n_oth, D = own.shape[0], oth.shape[0], p.D
-    block_d = _BWD_BLOCK_D[p.family]
-    if D <= block_d:
-        block_d, single = max(16, triton.next_power_of_2(D)), True
-    else:
-        single = False
+    block_d = min(_BWD_BLOCK_D[p.family], max(16, triton.next_power_of_2(D)))
     n_chunks = triton.cdiv(D, block_d)
     # Split the other side when the own side alone would leave the device idle; each split's
     # partial sums are added afterwards in a fixed order.
-    min_rows = 16
+    min_rows = min(c.kwargs["BLOCK_O"] for c in _BWD_CONFIGS[p.family])
     programs = triton.cdiv(n_own, 64) * n_chunks
     splits = max(1, min(triton.cdiv(_parallel_width(p.device), programs), triton.cdiv(n_oth, 256)))
     if p.family == "interpret":
@@ -614,15 +693,22 @@ def _backward_side(p, own, oth, own_n, oth_n, s_own, s_oth, own_raw, oth_raw, g,
     dp = _empty((splits, n_own, D), p.acc, p.device)
     ds = _empty((splits, n_own), torch.float64, p.device)
     scal = torch.zeros((splits, triton.cdiv(n_own, min_rows), 2), dtype=torch.float64, device=p.device)
-    _, near_k, _, _ = p.near_tiles()
+    near_cap = _BWD_NEAR_CAP
+    notes = torch.empty(triton.cdiv(n_own, min_rows) * splits * n_chunks * near_cap, dtype=torch.int64,
+                        device=p.device)
+    overflow = torch.zeros(1, dtype=torch.int32, device=p.device)
+    near_p, near_k, _, near_dot = p.near_tiles()
     grid = lambda meta: (triton.cdiv(n_own, meta["BLOCK_O"]), splits, n_chunks)  # noqa: E731
-    _BWD[p.family][grid](
-        own, oth, own_n, oth_n, *s_own, *s_oth, own_raw, oth_raw, p.lc, g, g_strides[0], g_strides[1],
-        p.lam, p.gamma, dp, ds, scal,
-        n_own, n_oth, D, p.eps_hi, p.eps_lo, p.tau, per_split,
-        triton.next_power_of_2(n_own), triton.next_power_of_2(n_oth),
-        BLOCK_D=block_d, SINGLE_PASS=single, FULL=p.full, SCALARS=scalars, IMPL=p.impl, PREC=p.prec,
-        NEAR_K=near_k, BF16_BY_HAND=p.bf16_by_hand)
+    args = (own, oth, own_n, oth_n, *s_own, *s_oth, own_raw, oth_raw, p.lc, g, g_strides[0], g_strides[1],
+            p.lam, p.gamma, dp, ds, scal, notes, overflow,
+            n_own, n_oth, D, p.eps_hi, p.eps_lo, p.tau, per_split, near_cap,
+            triton.next_power_of_2(n_own), triton.next_power_of_2(n_oth))
+    meta = dict(BLOCK_D=block_d, FULL=p.full, SCALARS=scalars, IMPL=p.impl, PREC=p.prec, NEAR_P=near_p,
+                NEAR_K=near_k, NEAR_DOT=near_dot, BF16_BY_HAND=p.bf16_by_hand,
+                LOCAL64=256 * (abs(g_strides[0]) + abs(g_strides[1])) >= 2 ** 31)
+    _BWD[p.family][grid](*args, INLINE=False, **meta)
+    # Does nothing unless some program met more pairs at risk than it could note.
+    _BWD[p.family][grid](*args, INLINE=True, **meta)
     d_own = dp.view(n_own, D) if splits == 1 else dp.sum(0)
     ds_own = ds.view(n_own) if splits == 1 else ds.sum(0)
     scalar_sums = (scal[..., 0].sum(), scal[..., 1].sum()) if scalars else None

@@ -1,0 +1,152 @@
+"""Builds the Triton logits kernels for a GPU target without a GPU (Triton's own ptxas), and reports
+each variant's registers, spills (local-memory stack) and matrix instructions; exits 1 if any
+variant fails to compile. The interpreter runs the kernels' logic on CPU tensors but never the
+compiler, so this is where layout, type and resource problems show up before a GPU does.
+
+    python -m bench.compile_check            # every config of every kernel variant for sm_90
+    python -m bench.compile_check --quick    # the pinned config of each code path (CI runs this)
+
+Run it without TRITON_INTERPRET (the interpreter stands in for the compiler when that is set).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("bench.compile_check compiles the kernels: run it without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from faim_kernels.ops import randers_logits_triton as tri  # noqa: E402
+
+FLOAT_ARGS = ("eps_hi", "eps_lo", "tau")
+ALIGNED_INTS = ("D",)  # Triton specializes a multiple of 16 at launch; D usually is one
+
+
+def _tool(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def build(fn, ptr_types, constexprs, num_warps, num_stages, arch, int64_args=()):
+    """Compiles fn for the target; returns (seconds, resource-usage line, instruction counts)."""
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in ptr_types:
+            signature[name] = "*" + ptr_types[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in FLOAT_ARGS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i64" if name in int64_args else "i32"
+            if name in ALIGNED_INTS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    t0 = time.time()
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    seconds = time.time() - t0
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True).stdout
+    line = next((ln.strip() for ln in usage.splitlines() if "REG:" in ln), "?")
+    fields = dict(kv.split(":") for kv in line.split() if ":" in kv)
+    counts = {op: sass.count(op) for op in ("HGMMA", "HMMA", "LDL", "STL")}
+    return seconds, f"regs {fields.get('REG', '?')}, stack {fields.get('STACK', '?')} B", counts
+
+
+# family -> (GEMM operand dtypes, compute dtype, IMPL, PREC)
+FAMILIES = {
+    "half": (("bf16", "fp16"), "fp32", tri._DOT, "ieee"),
+    "ieee": (("fp32",), "fp32", tri._DOT, "ieee"),
+    "tf32": (("fp32",), "fp32", tri._DOT, "tf32"),
+    "fp64": (("fp64",), "fp64", tri._FMA, "ieee"),
+}
+
+
+def fwd_ptrs(op, acc):
+    return dict(xp_ptr=op, mup_ptr=op, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
+                smu_lo_ptr=acc, lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32",
+                near_c_ptr="i32")
+
+
+def bwd_ptrs(op, acc):
+    return dict(own_ptr=op, oth_ptr=op, own_n_ptr=acc, oth_n_ptr=acc, s_own_hi_ptr=acc, s_own_lo_ptr=acc,
+                s_oth_hi_ptr=acc, s_oth_lo_ptr=acc, own_raw_ptr=acc, oth_raw_ptr=acc, lc_ptr=acc, g_ptr=op,
+                lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64", near_ptr="i64",
+                overflow_ptr="i32")
+
+
+def fixup_ptrs(op, acc):
+    return dict(x_ptr=acc, mu_ptr=acc, lc_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc, smu_lo_ptr=acc,
+                lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32", near_c_ptr="i32")
+
+
+def variants(quick):
+    """(name, fn, ptr types, constexprs, warps, stages, int64 args) for every variant to build."""
+    out = []
+    for fam, (ops, acc, impl, prec) in FAMILIES.items():
+        if quick and fam == "tf32":
+            continue
+        near_p, near_k = (16, 16) if acc == "fp64" else (16, 32)
+        for op in (ops[:1] if quick else ops):
+            fwd_cfgs = tri._FWD_CONFIGS[fam][:1] if quick else tri._FWD_CONFIGS[fam]
+            for cfg in fwd_cfgs:
+                consts = dict(cfg.kwargs, IMPL=impl, PREC=prec, BF16_BY_HAND=False,
+                              NEAR_PER_TILE=tri._NEAR_PER_TILE, LOCAL64=False)
+                out.append((f"fwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages}", tri._logits_fwd_kernel,
+                            fwd_ptrs(op, acc), consts, cfg.num_warps, cfg.num_stages, ()))
+            bwd_cfgs = tri._BWD_CONFIGS[fam][:1] if quick else tri._BWD_CONFIGS[fam]
+            for cfg in bwd_cfgs:
+                for full in (False, True):
+                    for inline in (False, True):
+                        for scalars in ((True,) if quick else (True, False)):
+                            if quick and fam != "half" and (inline or full != (fam == "fp64")):
+                                continue
+                            consts = dict(cfg.kwargs, BLOCK_D=tri._BWD_BLOCK_D[fam], FULL=full, SCALARS=scalars,
+                                          INLINE=inline, IMPL=impl, PREC=prec, NEAR_P=near_p, NEAR_K=near_k,
+                                          NEAR_DOT=acc == "fp32", BF16_BY_HAND=False, LOCAL64=False)
+                            out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} full={full} "
+                                        f"inline={inline} scalars={scalars}", tri._logits_bwd_kernel,
+                                        bwd_ptrs(op, acc), consts, cfg.num_warps, cfg.num_stages, ()))
+            if fam in ("half", "ieee", "fp64"):
+                for full in ((True,) if quick else (False, True)):
+                    consts = dict(FULL=full, BLOCK_P=16, BLOCK_K=near_k, BLOCK_J=32 if acc == "fp64" else 64,
+                                  USE_DOT=acc == "fp32", BF16_BY_HAND=False)
+                    out.append((f"fixup {op} full={full}", tri._logits_fixup_kernel, fixup_ptrs(op, acc), consts, 4, 2,
+                                ("n_pairs",)))
+                consts = dict(BLOCK_R=32, BLOCK_D=128)
+                out.append((f"side_prep {op}", tri._side_prep_kernel,
+                            dict(v_ptr=op, s_ptr="fp64", norm_ptr=acc, hi_ptr=acc, lo_ptr=acc), consts, 4, 2, ()))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    ap.add_argument("--quick", action="store_true", help="the pinned config of each code path only")
+    args = ap.parse_args(argv)
+    failures = 0
+    for name, fn, ptrs, consts, warps, stages, int64_args in variants(args.quick):
+        try:
+            seconds, usage, counts = build(fn, ptrs, consts, warps, stages, args.arch, int64_args)
+            print(f"ok    {name}: {usage}, {counts} ({seconds:.1f} s)", flush=True)
+        except Exception as e:  # report every failing variant, not just the first
+            failures += 1
+            print(f"FAIL  {name}: {type(e).__name__}: {str(e).strip()[-1500:]}", flush=True)
+    print(f"{failures} of {len(variants(args.quick))} variants failed to build for sm_{args.arch}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
