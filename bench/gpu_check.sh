@@ -4,7 +4,8 @@
 # GPU section and prints a short table last. Logs go to $LOG_DIR (default build/gpu_check).
 #
 #   bash bench/gpu_check.sh                 # tests, then benchmark
-#   bash bench/gpu_check.sh --tests-only    # or --bench-only (each fits one 10-minute slot)
+#   bash bench/gpu_check.sh --tests-only    # or --bench-only, where one command may run 10 minutes
+#                                           # at most (first calls compile and autotune; see TUNING.md)
 #   bash bench/gpu_check.sh --smoke         # anywhere: a few tests and tiny benchmark sizes, the
 #                                           # kernels through Triton's interpreter on CPU tensors
 # Environment: PYTHON (interpreter to use), BENCH_ARGS (extra arguments for bench/gpu_bench.py).

@@ -187,19 +187,20 @@ def test_gradcheck_float64_exact_path(monkeypatch):
 
 
 def test_tf32_is_opt_in():
-    """float32 GEMMs are IEEE by default; with allow_tf32 the operands are rounded to TF32 (the
-    result changes, within about 1e-3) and the pairs at risk are still exact."""
+    """float32 GEMMs are IEEE by default; where PyTorch's matmuls may use TF32 the operands are
+    rounded to TF32 (the result changes, within about 1e-3) and the pairs at risk stay exact."""
     inputs = _inputs(23, 31, 40, seed=13)
     ieee = fk.randers_logits(*inputs, backend="triton")
     ref = reference64(fk.reference.randers_logits, inputs)
     assert_rel_close(ieee, ref, 1e-5)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what lets PyTorch's own float32 matmuls use TF32
     try:
         tf32 = fk.randers_logits(*inputs, backend="triton")
         near = _inputs(16, 24, 64, near=True, lam=0.1, gamma=10.0, seed=14)
         near_out = fk.randers_logits(*near, backend="triton")
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision(before)
     assert not torch.equal(tf32, ieee)
     assert_rel_close(tf32, ref, 2e-3, "tf32 forward")
     out = near_out
@@ -315,7 +316,7 @@ def test_cpu_without_interpreter_is_a_clear_error():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@needs_interpreter  # on a GPU the tests above build every kernel they run
 def test_kernels_build_for_sm90():
     """The interpreter never runs Triton's compiler: build each code path for sm_90 (H100/H200)
     with the ptxas that ships with triton, no GPU needed (bench/compile_check.py)."""

@@ -23,16 +23,16 @@ met, so every sum runs in the same order on every call: the results are determin
 atomics). Where the other side is long and the own side short, it is split across programs whose
 partial sums are added in a fixed order afterwards.
 
-GEMM operand precision (see `_gemm_mode`): float32 runs tl.dot in IEEE fp32 unless
-torch.backends.cuda.matmul.allow_tf32 is True (the switch PyTorch's own matmuls obey, set by
+GEMM operand precision (see `_gemm_mode`): float32 runs tl.dot in IEEE fp32 unless PyTorch's own
+matmuls may use TF32 (torch.backends.cuda.matmul.fp32_precision = "tf32", or
 torch.set_float32_matmul_precision("high")); then x', mu' are rounded to TF32 first, so that the
 norms see the same values as the tensor cores, and tau is raised for that rounding (about 1e-3
 relative instead of 1e-4, like any TF32 matmul). float16/bfloat16 operands (the dispatch layer
 passes x', mu' in the input's half type) run tl.dot in that type with fp32 accumulation, tau
 raised likewise. float64 runs as broadcast-multiply-sum: correct everywhere, not fast.
 """
+import contextlib
 import functools
-import math
 import os
 
 import torch
@@ -563,9 +563,22 @@ def _gemm_mode(xp: torch.Tensor):
         return "half", impl, "ieee", torch.finfo(xp.dtype).eps / 2
     if xp.dtype != torch.float32:
         raise TypeError(f"the Triton logits kernels take float16, bfloat16, float32 or float64 x', got {xp.dtype}")
-    if torch.backends.cuda.matmul.allow_tf32:
+    if _tf32_allowed():
         return "tf32", _DOT, "tf32", 2.0 ** -11
     return "ieee", _DOT, "ieee", None
+
+
+def _tf32_allowed() -> bool:
+    """PyTorch's own switch for TF32 in float32 matmuls: torch.backends.cuda.matmul.fp32_precision
+    (torch >= 2.9; it also reflects torch.set_float32_matmul_precision("high") and the legacy
+    allow_tf32 flag), else the legacy flag itself. Off by default."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
 
 
 def _round_to_tf32(v: torch.Tensor) -> torch.Tensor:
@@ -637,15 +650,7 @@ class _Prepared:
 
 
 def _device_ctx(device):
-    return torch.cuda.device(device) if device.type == "cuda" else _nullcontext()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def logits_forward(xp, mup, sx, smu, x, mu, lc, lam, gamma, eps: float, tau: float) -> torch.Tensor:
