@@ -619,7 +619,6 @@ class _Prepared:
         self.lc = lc.detach().to(acc).contiguous()
         self.full = lc.dim() == 2
         self.bf16_by_hand = _INTERPRET and xp.dtype == torch.bfloat16
-
         self.lam = lam.detach().to(torch.float64).reshape(())
         self.gamma = gamma.detach().to(torch.float64).reshape(())
         # A kernel that rounds its operands below the compute precision must recompute more pairs.
@@ -685,7 +684,7 @@ def _backward_side(p, own, oth, own_n, oth_n, s_own, s_oth, own_raw, oth_raw, g,
     """(∂own' [n_own, D] in acc dtype, ∂s_own [n_own] float64, scalar sums or None)."""
     n_own, n_oth, D = own.shape[0], oth.shape[0], p.D
     block_d = min(_BWD_BLOCK_D[p.family], max(16, triton.next_power_of_2(D)))
-    n_chunks = triton.cdiv(D, block_d)
+    n_chunks = max(1, triton.cdiv(D, block_d))  # D = 0 still needs ds and the scalars
     # Split the other side when the own side alone would leave the device idle; each split's
     # partial sums are added afterwards in a fixed order.
     min_rows = min(c.kwargs["BLOCK_O"] for c in _BWD_CONFIGS[p.family])
