@@ -1,0 +1,471 @@
+// Fused Randers cross-entropy on the CPU (SPEC §2.2). The forward returns per-row statistics of
+// the logits logit'_bc = −γ·(d_bc + margin·[c = t_b]):
+//     lse_b = logsumexp_c logit'_bc,   tl_b = logit'_b,t_b,   sl_b = Σ_c logit'_bc
+// from an online logsumexp over class tiles, and the backward takes per-row upstream weights
+// (∂loss/∂lse, ∂loss/∂tl, ∂loss/∂sl) and recomputes each tile. No [B, C] array exists at any point.
+// The loss itself (reduction, ignore_index, label smoothing) is O(B) work done in Python
+// (faim_kernels/ops/randers_cross_entropy.py), which also holds the autograd formula.
+//
+// Unlike the logits op, this op takes the RAW inputs (x, mu, Lc, beta, the centre m): the rows of
+// mu' = (mu − m)·Lc are formed one class tile at a time and ∂mu is written directly, so nothing of
+// size [C, D] exists besides ∂mu itself (the shared transform's mu' and ∂mu' would each be as big
+// as mu, more than the [B, C] logits at D = 128, B = 256).
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "randers_common.h"
+
+namespace faim_kernels {
+namespace {
+
+// Rows per GEMM: each worker holds one [kRowBlock, kTileC] tile of dots (1 MiB in float32).
+constexpr int64_t kRowBlock = 1024;
+// Class chunks (runs of class tiles) are the unit of parallel work; their number depends on the
+// shapes only, never on the thread count, so results are bitwise the same on any machine. The
+// backward keeps one ∂x' partial [B, D] per chunk, reduced in chunk order: capped in bytes.
+constexpr int64_t kMaxChunks = 32;
+constexpr int64_t kPartialBytes = int64_t(64) << 20;
+
+int64_t num_chunks(int64_t B, int64_t C, int64_t D, int64_t elem_size) {
+    const int64_t by_memory = std::max<int64_t>(1, kPartialBytes / std::max<int64_t>(1, B * D * elem_size));
+    return std::max<int64_t>(1, std::min({ceil_div(C, kTileC), kMaxChunks, by_memory}));
+}
+
+// Class tiles [first, last) of chunk cc.
+std::pair<int64_t, int64_t> chunk_tiles(int64_t cc, int64_t n_cc, int64_t n_ct) {
+    return {cc * n_ct / n_cc, (cc + 1) * n_ct / n_cc};
+}
+
+template <typename T>
+struct CEProblem {
+    // raw x, mu, lc; x' = (x − m)·Lc, |x'|², sx. mu' is formed per tile (in.mup stays empty); the
+    // tile that forms a class also fills its |mu'_c|² (in.munorm) and smu_c (in.smu), O(C) in all.
+    RandersInputs<T> in;
+    at::Tensor lc;        // [D] or [D, D], detached
+    at::Tensor xc;        // [B, D] x − m
+    at::Tensor sx, smu;   // [B], [C] float64 x·beta, mu·beta (own in.sx, in.smu)
+    const T* center;      // [D] m, the detached centre of the prototypes (accuracy only: q is shift-invariant)
+    const T* beta;        // [D]
+    const int64_t* target;  // [B] class index in [0, C); anything else: no target class in this op's classes
+    double gamma, margin;
+};
+
+template <typename T>
+CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
+                   const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma,
+                   const at::Tensor& target, double eps, double tau, double margin) {
+    CEProblem<T> pb;
+    RandersInputs<T>& in = pb.in;
+    in.B = x.size(0);
+    in.C = mu.size(0);
+    in.D = x.size(1);
+    in.full = lc.dim() == 2;
+    // Detached: GEMMs into caller buffers (mm_out) run in worker threads, where the no-grad guard
+    // of the entry point does not reach.
+    pb.lc = lc.detach();
+    pb.xc = x.detach() - center;
+    in.xp = (in.full ? at::mm(pb.xc, lc) : pb.xc * lc).contiguous();
+    in.xnorm = row_sq_norms<T>(in.xp);
+    pb.sx = at::mv(x.to(at::kDouble), beta.to(at::kDouble)).contiguous();
+    in.sx = pb.sx.template data_ptr<double>();
+    in.munorm.assign(in.C, T(0));
+    pb.smu = at::zeros({in.C}, x.options().dtype(at::kDouble));
+    in.smu = pb.smu.template data_ptr<double>();
+    in.x = x.data_ptr<T>();
+    in.mu = mu.data_ptr<T>();
+    in.lc = lc.data_ptr<T>();
+    in.lam = lam.item<double>();
+    in.eps = eps;
+    in.tau = tau;
+    pb.center = center.data_ptr<T>();
+    pb.beta = beta.data_ptr<T>();
+    pb.target = target.data_ptr<int64_t>();
+    pb.gamma = gamma.item<double>();
+    pb.margin = margin;
+    return pb;
+}
+
+// One class tile of mu' = (mu − m)·Lc, formed on the fly, with its norms |mu'_c|² and the
+// projections smu_c = mu_c·beta (float64, as in the transform) written to the problem's [C]
+// arrays (each class belongs to one tile, so workers never write the same entry).
+// cent = mu − m is kept for the chain rule to Lc.
+template <typename T>
+struct ClassTile {
+    int64_t c0 = 0, nc = 0, D;
+    std::vector<T> cent, mup;
+
+    explicit ClassTile(int64_t D_) : D(D_), cent(kTileC * D_), mup(kTileC * D_) {}
+
+    void build(const CEProblem<T>& pb, int64_t first, int64_t count) {
+        c0 = first;
+        nc = count;
+        const RandersInputs<T>& in = pb.in;
+        T* norm = const_cast<T*>(in.munorm.data()) + c0;
+        double* smu = const_cast<double*>(in.smu) + c0;
+        for (int64_t j = 0; j < nc; ++j) {
+            const T* row = in.mu + (c0 + j) * D;
+            double s = 0;
+            for (int64_t k = 0; k < D; ++k) {
+                cent[j * D + k] = row[k] - pb.center[k];
+                s += double(row[k]) * double(pb.beta[k]);
+            }
+            smu[j] = s;
+        }
+        if (in.full) {
+            at::Tensor out = at::from_blob(mup.data(), {nc, D}, pb.lc.options());
+            at::mm_out(out, at::from_blob(cent.data(), {nc, D}, pb.lc.options()), pb.lc);
+        } else {
+            for (int64_t j = 0; j < nc; ++j)
+                for (int64_t k = 0; k < D; ++k) mup[j * D + k] = cent[j * D + k] * in.lc[k];
+        }
+        for (int64_t j = 0; j < nc; ++j) {
+            double n = 0;
+            for (int64_t k = 0; k < D; ++k) n += double(mup[j * D + k]) * double(mup[j * D + k]);
+            norm[j] = T(n);
+        }
+    }
+
+    at::Tensor mup_tensor(const at::TensorOptions& opts) { return at::from_blob(mup.data(), {nc, D}, opts); }
+};
+
+// dots[0:nr, 0:nc] = x'[r0:r0+nr] · mu'_tileᵀ (BLAS).
+template <typename T>
+void row_dots(const CEProblem<T>& pb, ClassTile<T>& tile, int64_t r0, int64_t nr, T* dots) {
+    const auto opts = pb.in.xp.options();
+    at::Tensor out = at::from_blob(dots, {nr, tile.nc}, opts);
+    at::mm_out(out, pb.in.xp.narrow(0, r0, nr), tile.mup_tensor(opts).t());
+}
+
+// The pair (b, c) of a tile (SPEC Eq. 2). The target pair always takes the raw-difference path
+// whatever the GEMM says, so the target logit and the margin, which dominate the loss and its
+// gradient, are exact (SPEC §2.1).
+template <typename T>
+inline Pair<T> ce_pair(const CEProblem<T>& pb, int64_t b, int64_t c, T dot, double* acc, T* diffp) {
+    const RandersInputs<T>& in = pb.in;
+    if (pb.target[b] != c) return pair_from_dot(in, b, c, dot, acc, diffp);
+    Pair<T> p;
+    p.near = true;
+    p.a = std::sqrt(T(direct_q(in, b, c, acc, diffp)) + T(in.eps));
+    p.s = T(in.sx[b] - in.smu[c]);
+    p.r = std::sqrt(p.s * p.s + T(in.eps));
+    p.d = p.a + T(in.lam) * p.r;
+    return p;
+}
+
+// Forward: each chunk keeps, per row, an online logsumexp (running max and Σ exp(l − max), as in
+// flash attention) and Σ logits over its classes; chunks are merged in order at the end.
+template <typename T>
+void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
+    const RandersInputs<T>& in = pb.in;
+    const int64_t B = in.B, C = in.C, D = in.D;
+    const double inf = std::numeric_limits<double>::infinity();
+    std::fill(tl, tl + B, 0.0);
+    if (C == 0) {
+        std::fill(lse, lse + B, -inf);
+        std::fill(sl, sl + B, 0.0);
+        return;
+    }
+    const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
+    std::vector<double> run_max(n_cc * B, -inf), run_sum(n_cc * B, 0.0), run_sl(n_cc * B, 0.0);
+    const T g = T(pb.gamma), margin = T(pb.margin);
+
+    at::parallel_for(0, n_cc, 1, [&](int64_t begin, int64_t end) {
+        ClassTile<T> tile(D);
+        std::vector<T> dots(std::min(B, kRowBlock) * kTileC), l(kTileC);
+        std::vector<double> acc(D);
+        for (int64_t cc = begin; cc < end; ++cc) {
+            const auto [t0, t1] = chunk_tiles(cc, n_cc, n_ct);
+            for (int64_t ct = t0; ct < t1; ++ct) {
+                tile.build(pb, ct * kTileC, std::min(kTileC, C - ct * kTileC));
+                const int64_t nc = tile.nc;
+                for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
+                    const int64_t nr = std::min(kRowBlock, B - r0);
+                    row_dots(pb, tile, r0, nr, dots.data());
+                    for (int64_t i = 0; i < nr; ++i) {
+                        const int64_t b = r0 + i;
+                        T mx = -std::numeric_limits<T>::infinity();
+                        double lsum = 0;
+                        for (int64_t j = 0; j < nc; ++j) {
+                            const Pair<T> p = ce_pair(pb, b, tile.c0 + j, dots[i * nc + j], acc.data(), (T*)nullptr);
+                            const bool is_t = pb.target[b] == tile.c0 + j;
+                            l[j] = -g * (p.d + (is_t ? margin : T(0)));  // Eq. 3 with the margin
+                            if (is_t) tl[b] = double(l[j]);
+                            if (l[j] > mx) mx = l[j];  // NaN never wins; it reaches lse through sl below
+                            lsum += double(l[j]);
+                        }
+                        run_sl[cc * B + b] += lsum;
+                        if (mx == -std::numeric_limits<T>::infinity()) continue;  // nothing to add
+                        double& m = run_max[cc * B + b];
+                        double& s = run_sum[cc * B + b];
+                        if (double(mx) > m) {
+                            s *= std::exp(m - double(mx));
+                            m = double(mx);
+                        }
+                        const T mt = T(m);  // m is a logit: exact in T
+                        double add = 0;
+                        for (int64_t j = 0; j < nc; ++j) add += double(std::exp(l[j] - mt));
+                        s += add;
+                    }
+                }
+            }
+        }
+    });
+
+    for (int64_t b = 0; b < B; ++b) {
+        double M = -inf, total = 0, lsum = 0;
+        for (int64_t cc = 0; cc < n_cc; ++cc) {
+            M = std::max(M, run_max[cc * B + b]);
+            lsum += run_sl[cc * B + b];
+        }
+        for (int64_t cc = 0; cc < n_cc; ++cc)
+            if (run_max[cc * B + b] > -inf) total += run_sum[cc * B + b] * std::exp(run_max[cc * B + b] - M);
+        sl[b] = lsum;
+        lse[b] = std::isnan(lsum) ? lsum : (M == -inf ? -inf : M + std::log(total));
+    }
+}
+
+// Backward. With G_bc = ∂loss/∂logit'_bc = w_lse,b·exp(logit'_bc − lse_b) + w_sl,b + w_tl,b·[c = t_b],
+// H = −γ·G, P = H/a and R = H·λ·s/r (SPEC §2):
+//   ∂x'_b  = rowsum(P)_b·x'_b − (P·mu')_b,  ∂mu'_c = colsum(P)_c·mu'_c − (Pᵀ·x')_c   (far pairs, GEMMs)
+//   ± P·diff' for pairs recomputed from the raw difference (near pairs and every target pair),
+//   ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·(d + margin·[c = t]),
+// then chained to the raw inputs: x' = (x − m)·Lc, mu' = (mu − m)·Lc, sx = x·beta, smu = mu·beta.
+// Each chunk owns its classes' ∂mu rows (finished tile by tile) and a ∂x' partial; the partials
+// are summed in chunk order. A tile whose P is exactly zero (every exp underflowed) skips its GEMMs.
+template <typename T>
+std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse, const double* w_tl,
+                                    const double* w_sl, const double* lse) {
+    const RandersInputs<T>& in = pb.in;
+    const int64_t B = in.B, C = in.C, D = in.D;
+    const auto opts = in.xp.options();
+    const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
+    at::Tensor dmu = at::empty({C, D}, opts);  // every row is written by its chunk
+    at::Tensor dxp_part = at::zeros({n_cc, B, D}, opts);
+    std::vector<int64_t> lc_shape{n_cc};
+    for (int64_t s : pb.lc.sizes()) lc_shape.push_back(s);
+    at::Tensor dlc_part = at::zeros(lc_shape, opts);
+    std::vector<double> rowsum_part(n_cc * B, 0.0), dsx_part(n_cc * B, 0.0), dbeta_part(n_cc * D, 0.0);
+    std::vector<double> dlam_part(n_cc, 0.0), dgam_part(n_cc, 0.0);
+    const T g = T(pb.gamma), lam = T(in.lam), margin = T(pb.margin);
+
+    at::parallel_for(0, C > 0 ? n_cc : 0, 1, [&](int64_t begin, int64_t end) {
+        ClassTile<T> tile(D);
+        std::vector<T> P(std::min(B, kRowBlock) * kTileC), diffp(D), dmup(kTileC * D);
+        std::vector<double> acc(D), colsum(kTileC), dsmu(kTileC);
+        for (int64_t cc = begin; cc < end; ++cc) {
+            at::Tensor part = dxp_part.select(0, cc);
+            T* partp = part.data_ptr<T>();
+            double dlam = 0, dgam = 0;
+            const auto [t0, t1] = chunk_tiles(cc, n_cc, n_ct);
+            for (int64_t ct = t0; ct < t1; ++ct) {
+                tile.build(pb, ct * kTileC, std::min(kTileC, C - ct * kTileC));
+                const int64_t c0 = tile.c0, nc = tile.nc;
+                std::fill(dmup.begin(), dmup.end(), T(0));
+                std::fill(colsum.begin(), colsum.end(), 0.0);
+                std::fill(dsmu.begin(), dsmu.end(), 0.0);
+                at::Tensor mup_t = tile.mup_tensor(opts);
+                at::Tensor dmup_t = at::from_blob(dmup.data(), {nc, D}, opts);
+                for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
+                    const int64_t nr = std::min(kRowBlock, B - r0);
+                    row_dots(pb, tile, r0, nr, P.data());  // dots, overwritten by P in place
+                    bool any = false;
+                    for (int64_t i = 0; i < nr; ++i) {
+                        const int64_t b = r0 + i;
+                        T* Prow = P.data() + i * nc;
+                        if (w_lse[b] == 0 && w_tl[b] == 0 && w_sl[b] == 0) {  // e.g. an ignored target
+                            std::fill(Prow, Prow + nc, T(0));
+                            continue;
+                        }
+                        const T wl = T(w_lse[b]), wt = T(w_tl[b]), ws = T(w_sl[b]);
+                        const double lse_b = lse[b];
+                        double rsum = 0, rr = 0;
+                        for (int64_t j = 0; j < nc; ++j) {
+                            const Pair<T> pr = ce_pair(pb, b, c0 + j, Prow[j], acc.data(), diffp.data());
+                            const bool is_t = pb.target[b] == c0 + j;
+                            const T dist = pr.d + (is_t ? margin : T(0));
+                            const T logit = -g * dist;
+                            const T p = std::exp(T(double(logit) - lse_b));
+                            const T G = wl * p + ws + (is_t ? wt : T(0));
+                            const T H = -g * G;
+                            // a = 0 only at an exact hit with eps = 0: subgradient 0 (NaN stays NaN)
+                            const T Pv = pr.a == T(0) ? T(0) : H / pr.a;
+                            const T R = pr.r == T(0) ? T(0) : H * lam * pr.s / pr.r;
+                            dlam += double(H) * double(pr.r);
+                            dgam -= double(G) * double(dist);
+                            rr += double(R);
+                            dsmu[j] -= double(R);
+                            if (pr.near) {  // exact terms from diff' (SPEC §2.1)
+                                Prow[j] = T(0);
+                                T* dxrow = partp + b * D;
+                                T* dmrow = dmup.data() + j * D;
+                                for (int64_t k = 0; k < D; ++k) {
+                                    dxrow[k] += Pv * diffp[k];
+                                    dmrow[k] -= Pv * diffp[k];
+                                }
+                            } else {
+                                Prow[j] = Pv;
+                                rsum += double(Pv);
+                                colsum[j] += double(Pv);
+                                any = any || Pv != T(0);
+                            }
+                        }
+                        rowsum_part[cc * B + b] += rsum;
+                        dsx_part[cc * B + b] += rr;
+                    }
+                    if (any) {
+                        at::Tensor Pt = at::from_blob(P.data(), {nr, nc}, opts);
+                        part.narrow(0, r0, nr).addmm_(Pt, mup_t, 1, -1);
+                        dmup_t.addmm_(Pt.t(), in.xp.narrow(0, r0, nr), 1, -1);
+                    }
+                }
+                for (int64_t j = 0; j < nc; ++j)
+                    for (int64_t k = 0; k < D; ++k) dmup[j * D + k] += T(colsum[j]) * tile.mup[j * D + k];
+                // Chain rule for this tile: ∂mu = ∂mu'·Lcᵀ + ∂smu·betaᵀ, ∂Lc += (mu − m)ᵀ·∂mu',
+                // ∂beta += muᵀ·∂smu.
+                at::Tensor dmu_rows = dmu.narrow(0, c0, nc);
+                at::Tensor lcp = dlc_part.select(0, cc);
+                if (in.full) {
+                    at::mm_out(dmu_rows, dmup_t, pb.lc.t());
+                    lcp.addmm_(at::from_blob(tile.cent.data(), {nc, D}, opts).t(), dmup_t);
+                } else {
+                    T* lcpp = lcp.data_ptr<T>();
+                    T* out = dmu_rows.data_ptr<T>();
+                    for (int64_t j = 0; j < nc; ++j)
+                        for (int64_t k = 0; k < D; ++k) {
+                            out[j * D + k] = dmup[j * D + k] * in.lc[k];
+                            lcpp[k] += tile.cent[j * D + k] * dmup[j * D + k];
+                        }
+                }
+                T* out = dmu_rows.data_ptr<T>();
+                for (int64_t j = 0; j < nc; ++j) {
+                    const T* murow = in.mu + (c0 + j) * D;
+                    for (int64_t k = 0; k < D; ++k) {
+                        out[j * D + k] += T(dsmu[j]) * pb.beta[k];
+                        dbeta_part[cc * D + k] += dsmu[j] * double(murow[k]);
+                    }
+                }
+            }
+            dlam_part[cc] = dlam;
+            dgam_part[cc] = dgam;
+        }
+    });
+
+    // Partials summed in chunk order: the result does not depend on thread timing.
+    at::Tensor dxp = dxp_part.select(0, 0).clone();
+    at::Tensor dlc = dlc_part.select(0, 0).clone();
+    for (int64_t cc = 1; cc < n_cc; ++cc) {
+        dxp.add_(dxp_part.select(0, cc));
+        dlc.add_(dlc_part.select(0, cc));
+    }
+    at::Tensor rowsum = at::empty({B}, opts), dsx = at::empty({B}, opts.dtype(at::kDouble));
+    T* rs = rowsum.data_ptr<T>();
+    double* dsxp = dsx.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b) {
+        double r = 0, s = 0;
+        for (int64_t cc = 0; cc < n_cc; ++cc) {
+            r += rowsum_part[cc * B + b];
+            s += dsx_part[cc * B + b];
+        }
+        rs[b] = T(r);
+        dsxp[b] = s;
+    }
+    dxp.addcmul_(rowsum.unsqueeze(1), in.xp);
+    // Chain rule for the rows: ∂x = ∂x'·Lcᵀ + ∂sx·betaᵀ, ∂Lc += (x − m)ᵀ·∂x', ∂beta += xᵀ·∂sx.
+    at::Tensor beta_t = at::from_blob(const_cast<T*>(pb.beta), {D}, opts);
+    at::Tensor dx = in.full ? at::mm(dxp, pb.lc.t()) : dxp * pb.lc;
+    dx.addcmul_(dsx.to(opts.dtype()).unsqueeze(1), beta_t.unsqueeze(0));
+    if (in.full)
+        dlc.addmm_(pb.xc.t(), dxp);
+    else
+        dlc.add_((pb.xc * dxp).sum(0));
+    at::Tensor x64 = at::from_blob(const_cast<T*>(in.x), {B, D}, opts).to(at::kDouble);
+    at::Tensor dbeta = at::mv(x64.t(), dsx);
+    double* dbp = dbeta.data_ptr<double>();
+    for (int64_t cc = 0; cc < n_cc; ++cc)
+        for (int64_t k = 0; k < D; ++k) dbp[k] += dbeta_part[cc * D + k];
+    double dlam = 0, dgam = 0;
+    for (int64_t cc = 0; cc < n_cc; ++cc) {
+        dlam += dlam_part[cc];
+        dgam += dgam_part[cc];
+    }
+    const auto f64 = opts.dtype(at::kDouble);
+    return {dx, dmu, dlc, dbeta.to(opts.dtype()), at::scalar_tensor(dlam, f64), at::scalar_tensor(dgam, f64)};
+}
+
+void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
+                   const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma,
+                   const at::Tensor& target) {
+    TORCH_CHECK(x.dim() == 2 && mu.dim() == 2 && x.size(1) == mu.size(1), "x [B, D] and mu [C, D] must share D");
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                "the CPU kernel computes in float32 or float64, got ", x.scalar_type());
+    const int64_t D = x.size(1);
+    for (const at::Tensor* t : {&mu, &lc, &beta, &center})
+        TORCH_CHECK(t->scalar_type() == x.scalar_type(), "x, mu, lc, beta and center must share one dtype");
+    TORCH_CHECK((lc.dim() == 1 && lc.size(0) == D) || (lc.dim() == 2 && lc.size(0) == D && lc.size(1) == D),
+                "lc must be [D] or [D, D]");
+    TORCH_CHECK(beta.dim() == 1 && beta.size(0) == D && center.dim() == 1 && center.size(0) == D,
+                "beta and center must be [D]");
+    TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == x.size(0),
+                "target must be int64 [B]");
+    TORCH_CHECK(lam.numel() == 1 && gamma.numel() == 1, "lam and gamma must be 0-dim tensors");
+    for (const at::Tensor* t : {&x, &mu, &lc, &beta, &center, &target}) {
+        TORCH_CHECK(t->device().is_cpu(), "the C++ kernel takes CPU tensors");
+        TORCH_CHECK(t->is_contiguous(), "x, mu, lc, beta, center and target must be contiguous");
+    }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
+    const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target,
+    double eps, double tau, double margin) {
+    check_ce_args(x, mu, lc, beta, center, lam, gamma, target);
+    at::NoGradGuard no_grad;  // the ATen calls below are part of this op, not of the autograd graph
+    const auto f64 = x.options().dtype(at::kDouble);
+    at::Tensor lse = at::empty({x.size(0)}, f64), tl = at::empty({x.size(0)}, f64), sl = at::empty({x.size(0)}, f64);
+    if (x.size(0) == 0) return {lse, tl, sl};
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_fwd", [&] {
+        const auto pb = setup<scalar_t>(x, mu, lc, beta, center, lam, gamma, target, eps, tau, margin);
+        ce_forward<scalar_t>(pb, lse.data_ptr<double>(), tl.data_ptr<double>(), sl.data_ptr<double>());
+    });
+    return {lse, tl, sl};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_bwd_cpu(
+    const at::Tensor& w_lse, const at::Tensor& w_tl, const at::Tensor& w_sl, const at::Tensor& lse,
+    const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
+    const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target,
+    double eps, double tau, double margin) {
+    check_ce_args(x, mu, lc, beta, center, lam, gamma, target);
+    at::NoGradGuard no_grad;
+    for (const at::Tensor* t : {&w_lse, &w_tl, &w_sl, &lse})
+        TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0), "the row weights and lse must be [B]");
+    const at::Tensor wl = w_lse.to(at::kDouble).contiguous(), wt = w_tl.to(at::kDouble).contiguous(),
+                     ws = w_sl.to(at::kDouble).contiguous(), l = lse.to(at::kDouble).contiguous();
+    std::vector<at::Tensor> res;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_bwd", [&] {
+        const auto pb = setup<scalar_t>(x, mu, lc, beta, center, lam, gamma, target, eps, tau, margin);
+        res = ce_backward<scalar_t>(pb, wl.data_ptr<double>(), wt.data_ptr<double>(), ws.data_ptr<double>(),
+                                    l.data_ptr<double>());
+    });
+    return {res[0], res[1], res[2], res[3], res[4].to(lam.scalar_type()), res[5].to(gamma.scalar_type())};
+}
+
+}  // namespace
+
+// The schema lives beside the kernel; the library block itself is in randers_logits.cpp.
+TORCH_LIBRARY_FRAGMENT(faim_kernels, m) {
+    m.def("randers_cross_entropy_fwd(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor center, Tensor lam, "
+          "Tensor gamma, Tensor target, float eps, float tau, float margin) -> (Tensor, Tensor, Tensor)");
+    m.def("randers_cross_entropy_bwd(Tensor w_lse, Tensor w_tl, Tensor w_sl, Tensor lse, Tensor x, Tensor mu, "
+          "Tensor lc, Tensor beta, Tensor center, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
+          "float margin) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(faim_kernels, CPU, m) {
+    m.impl("randers_cross_entropy_fwd", &randers_ce_fwd_cpu);
+    m.impl("randers_cross_entropy_bwd", &randers_ce_bwd_cpu);
+}
+
+}  // namespace faim_kernels
