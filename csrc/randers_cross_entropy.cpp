@@ -50,6 +50,7 @@ struct CEProblem {
     const T* beta;        // [D]
     const int64_t* target;  // [B] class index in [0, C); anything else: no target class in this op's classes
     double gamma, margin;
+    std::vector<at::Tensor> owned;  // keeps the (contiguous) tensors behind the raw pointers alive
 };
 
 template <typename T>
@@ -84,6 +85,7 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     pb.target = target.data_ptr<int64_t>();
     pb.gamma = gamma.item<double>();
     pb.margin = margin;
+    pb.owned = {x, mu, beta, center, target};
     return pb;
 }
 
@@ -410,10 +412,8 @@ void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == x.size(0),
                 "target must be int64 [B]");
     TORCH_CHECK(lam.numel() == 1 && gamma.numel() == 1, "lam and gamma must be 0-dim tensors");
-    for (const at::Tensor* t : {&x, &mu, &lc, &beta, &center, &target}) {
+    for (const at::Tensor* t : {&x, &mu, &lc, &beta, &center, &target})
         TORCH_CHECK(t->device().is_cpu(), "the C++ kernel takes CPU tensors");
-        TORCH_CHECK(t->is_contiguous(), "x, mu, lc, beta, center and target must be contiguous");
-    }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
@@ -426,7 +426,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
     at::Tensor lse = at::empty({x.size(0)}, f64), tl = at::empty({x.size(0)}, f64), sl = at::empty({x.size(0)}, f64);
     if (x.size(0) == 0) return {lse, tl, sl};
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_fwd", [&] {
-        const auto pb = setup<scalar_t>(x, mu, lc, beta, center, lam, gamma, target, eps, tau, margin);
+        const auto pb = setup<scalar_t>(x.contiguous(), mu.contiguous(), lc.contiguous(), beta.contiguous(),
+                                        center.contiguous(), lam, gamma, target.contiguous(), eps, tau, margin);
         ce_forward<scalar_t>(pb, lse.data_ptr<double>(), tl.data_ptr<double>(), sl.data_ptr<double>());
     });
     return {lse, tl, sl};
@@ -445,7 +446,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      ws = w_sl.to(at::kDouble).contiguous(), l = lse.to(at::kDouble).contiguous();
     std::vector<at::Tensor> res;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_bwd", [&] {
-        const auto pb = setup<scalar_t>(x, mu, lc, beta, center, lam, gamma, target, eps, tau, margin);
+        const auto pb = setup<scalar_t>(x.contiguous(), mu.contiguous(), lc.contiguous(), beta.contiguous(),
+                                        center.contiguous(), lam, gamma, target.contiguous(), eps, tau, margin);
         res = ce_backward<scalar_t>(pb, wl.data_ptr<double>(), wt.data_ptr<double>(), ws.data_ptr<double>(),
                                     l.data_ptr<double>());
     });
