@@ -7,9 +7,9 @@
 Every fused kernel (C++, Triton, distance, logits, cross-entropy) consumes a `Transformed`.
 
 Exactness choices (SPEC §2.1), each cheap next to the GEMM:
-- m is the mean of the finite prototypes, detached: q is invariant to a common shift, so the
-  gradient is unchanged, and centering shrinks |x'|² + |mu'|², the scale of the expansion's error.
-  Non-finite rows are left out of m so a NaN in one prototype cannot poison every pair.
+- m is the mean prototype, detached: q is invariant to a common shift, so the gradient is
+  unchanged, and centering shrinks |x'|² + |mu'|², the scale of the expansion's error.
+  Non-finite coordinates of m are zeroed so a NaN in one prototype cannot poison every pair.
 - sx and smu are kept in float64: s = sx − smu then cancels harmlessly, for every pair.
 - The kernels recompute each pair at risk (q small against |x'|² + |mu'|²) from the raw
   difference x_b − mu_c, which is nearly exact in the input precision, times Lc. Recomputing
@@ -118,12 +118,13 @@ def _apply_factor(v: torch.Tensor, lc: torch.Tensor) -> torch.Tensor:
     return v * lc if lc.dim() == 1 else v @ lc
 
 
-def _finite_mean(mu: torch.Tensor) -> torch.Tensor:
+def _center(mu: torch.Tensor) -> torch.Tensor:
+    """The mean prototype, with non-finite coordinates replaced by 0 so that a NaN or Inf in one
+    prototype cannot spread to every pair (that coordinate is then just not centred)."""
     if mu.shape[0] == 0:
         return mu.new_zeros(mu.shape[1])
-    finite = torch.isfinite(mu).all(dim=1, keepdim=True)
-    total = torch.where(finite, mu, 0).sum(dim=0)
-    return total / finite.sum().clamp_min(1).to(mu.dtype)
+    m = mu.mean(dim=0)
+    return torch.where(torch.isfinite(m), m, 0)
 
 
 def transform(x, mu, L, beta, lam, gamma, eps: float) -> Transformed:
@@ -131,7 +132,7 @@ def transform(x, mu, L, beta, lam, gamma, eps: float) -> Transformed:
     dtype = compute_dtype(x.dtype)
     xc, muc = x.to(dtype), mu.to(dtype)
     lc = metric_factor(L, eps, dtype)
-    center = _finite_mean(muc.detach())
+    center = _center(muc.detach())
     xp = _apply_factor(xc - center, lc).contiguous()
     mup = _apply_factor(muc - center, lc).contiguous()
     sx = _RowDot64.apply(x, beta)
