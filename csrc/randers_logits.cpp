@@ -150,9 +150,10 @@ std::vector<at::Tensor> logits_backward(const RandersInputs<T>& in, const at::Te
         }
     });
 
-    at::Tensor col_p = P.sum(0);
-    at::Tensor dxp = at::addmm(row_p.unsqueeze(1) * in.xp, P, in.mup, 1, -1);
-    at::Tensor dmup = at::addmm(col_p.unsqueeze(1) * in.mup, P.t(), in.xp, 1, -1);
+    // In place after each GEMM: no [C, D] temporary besides the result.
+    at::Tensor dxp = at::mm(P, in.mup).neg_().addcmul_(row_p.unsqueeze(1), in.xp);
+    at::Tensor dmup = at::mm(P.t(), in.xp).neg_().addcmul_(P.sum(0).unsqueeze(1), in.mup);
+    P.reset();
     T* dx = dxp.data_ptr<T>();
     T* dm = dmup.data_ptr<T>();
     for (int64_t bt = 0; bt < n_bt; ++bt) {
