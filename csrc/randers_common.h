@@ -58,8 +58,10 @@ RandersInputs<T> unpack(const at::Tensor& xp, const at::Tensor& mup, const at::T
     in.B = xp.size(0);
     in.C = mup.size(0);
     in.D = xp.size(1);
-    in.xp = xp.contiguous();
-    in.mup = mup.contiguous();
+    // Detached: the tiles' GEMMs run on worker threads, which do not inherit the dispatcher's
+    // below-autograd state, and an input that requires grad would make at::mm_out refuse.
+    in.xp = xp.detach().contiguous();
+    in.mup = mup.detach().contiguous();
     in.sx = sx.data_ptr<double>();
     in.smu = smu.data_ptr<double>();
     in.x = x.data_ptr<T>();
