@@ -34,21 +34,23 @@ class FAIMBlock(nn.Module):
         metric:     optional RandersMetric or FAIMHead (shared, not copied) for `norm` and `distance`.
                     It is held outside the module tree: its parameters are the owner's, and an
                     unused metric does not leave parameters without gradients in this block.
+        device, dtype: for the shared p and the default module.
     """
 
     def __init__(self, dim: int, module: nn.Module | None = None, base_point: str | nn.Module = "shared",
-                 metric: nn.Module | None = None):
+                 metric: nn.Module | None = None, *, device=None, dtype=None):
         super().__init__()
+        factory = {"device": device, "dtype": dtype}
         if not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         self.dim = dim
-        self.module = module if module is not None else nn.Linear(dim, dim)
+        self.module = module if module is not None else nn.Linear(dim, dim, **factory)
         if isinstance(base_point, nn.Module):
             self.base = base_point
             self.p = None
         elif base_point == "shared":
             self.base = None
-            self.p = nn.Parameter(torch.zeros(dim))
+            self.p = nn.Parameter(torch.zeros(dim, **factory))
         else:
             raise ValueError(f"base_point must be 'shared' or an nn.Module computing p = g(x), got {base_point!r}")
         if metric is not None and getattr(metric, "in_features", dim) != dim:

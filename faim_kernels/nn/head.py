@@ -337,7 +337,7 @@ class FAIMHead(_MetricParams):
         if not bool(present.all()):
             missing = (~present).nonzero().flatten().tolist()
             warnings.warn(f"init_from_features: classes {missing[:10]}{'...' if len(missing) > 10 else ''} have no "
-                          f"samples; their prototypes are left as they are", stacklevel=2)
+                          f"samples; their prototypes are left as they are", stacklevel=3)  # past torch.no_grad's wrapper
         means = torch.zeros(C, D, dtype=torch.float64, device=X.device).index_add_(0, y, X)
         means = means / counts.clamp_min(1).unsqueeze(1)
         R = X - means[y]  # within-class residuals
