@@ -36,6 +36,7 @@ import torch
 
 from .. import reference
 from ..transform import _as_scalar_tensor, compute_dtype, metric_factor, risk_threshold
+from .randers_logits import cpp_available
 
 _registered: set[str] = set()
 
@@ -73,13 +74,17 @@ def register_ce_op_pair(fwd, bwd) -> None:
 
 
 def _cpp_op():
-    from .randers_logits import cpp_available
     if not cpp_available():
         raise RuntimeError("backend='cpp' needs the C++ extension faim_kernels._C, which is not built: "
                            "run `python setup.py build_ext --inplace` (or `make setup`)")
-    ops = torch.ops.faim_kernels
-    register_ce_op_pair(ops.randers_cross_entropy_fwd.default, ops.randers_cross_entropy_bwd.default)
-    return ops.randers_cross_entropy_fwd.default
+    return torch.ops.faim_kernels.randers_cross_entropy_fwd.default
+
+
+# Registered at import, not at the first call: torch.compile must find the fake kernels and the
+# autograd formula even when a compiled function is the first to call the op.
+if cpp_available():
+    register_ce_op_pair(torch.ops.faim_kernels.randers_cross_entropy_fwd.default,
+                        torch.ops.faim_kernels.randers_cross_entropy_bwd.default)
 
 
 def _fused_op(backend: str):
