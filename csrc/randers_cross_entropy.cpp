@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 
 #include "randers_common.h"
@@ -140,20 +141,93 @@ void row_dots(const CEProblem<T>& pb, ClassTile<T>& tile, int64_t r0, int64_t nr
     at::mm_out(out, pb.in.xp.narrow(0, r0, nr), tile.mup_tensor(opts).t());
 }
 
-// The pair (b, c) of a tile (SPEC Eq. 2). The target pair always takes the raw-difference path
-// whatever the GEMM says, so the target logit and the margin, which dominate the loss and its
-// gradient, are exact (SPEC §2.1).
+// exp(v) for v <= 0 (every exponent here is a logit minus a running max or minus lse) as
+// plain arithmetic the compiler vectorises, unlike std::exp: 2^n·e^r with r = v − n·ln2,
+// |r| <= ln2/2, and e^r from its Taylor series to r^7 (truncation below 1e-8 relative, under
+// float's half-ulp). v < −80 gives 0; NaN stays NaN. float64 uses std::exp.
+inline float exp_nonpositive(float v) {
+    const float t = v < -80.0f ? -80.0f : v;
+    const float n = float(int(t * 1.44269504f - 0.5f));  // round(t/ln2) for t <= 0, in [−116, 0]
+    const float r = (t - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 = 0.693359375 − 2.1219444e-4
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &p, 4);
+    bits += int32_t(n) << 23;  // p·2^n, a normal number for n >= −116
+    float out;
+    std::memcpy(&out, &bits, 4);
+    out = v < -80.0f ? 0.0f : out;  // e^−80 = 2e-35: nothing next to the row's total of at least 1
+    return v == v ? out : v;
+}
+inline double exp_nonpositive(double v) { return std::exp(v); }
+
+// Σ v[j] and max v[j] with four independent accumulators (a fixed order: deterministic), which
+// breaks the dependency chain of one running sum; the sum accumulates in float64.
 template <typename T>
-inline Pair<T> ce_pair(const CEProblem<T>& pb, int64_t b, int64_t c, T dot, double* acc, T* diffp) {
-    const RandersInputs<T>& in = pb.in;
-    if (pb.target[b] != c) return pair_from_dot(in, b, c, dot, acc, diffp);
-    Pair<T> p;
-    p.near = true;
-    p.a = std::sqrt(T(direct_q(in, b, c, acc, diffp)) + T(in.eps));
-    p.s = T(in.sx[b] - in.smu[c]);
-    p.r = std::sqrt(p.s * p.s + T(in.eps));
-    p.d = p.a + T(in.lam) * p.r;
-    return p;
+double sum_to_double(const T* v, int64_t n) {
+    double s[4] = {0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; ++k) s[k] += double(v[j + k]);
+    for (; j < n; ++j) s[0] += double(v[j]);
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <typename T>
+double dot_to_double(const T* a, const T* b, int64_t n) {
+    double s[4] = {0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; ++k) s[k] += double(a[j + k]) * double(b[j + k]);
+    for (; j < n; ++j) s[0] += double(a[j]) * double(b[j]);
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <typename T>
+T max_ignoring_nan(const T* v, int64_t n) {  // NaN never wins: it reaches lse through Σ logits
+    T m[4] = {-std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity(),
+              -std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity()};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; ++k) m[k] = v[j + k] > m[k] ? v[j + k] : m[k];
+    for (; j < n; ++j) m[0] = v[j] > m[0] ? v[j] : m[0];
+    return std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+}
+
+// Per-row scratch of one worker: the shared epilogue terms (a, r, s, d, at-risk flags) and the
+// backward's G, H, R.
+template <typename T>
+struct RowWork : RowTerms<T> {
+    std::vector<T> logit, e, G, H, R;
+    explicit RowWork(int64_t n) : RowTerms<T>(n), logit(n), e(n), G(n), H(n), R(n) {}
+};
+
+// The backward's per-pair terms of one row (SPEC §2): G = w_lse·softmax + w_sl (the target's
+// w_tl is added by the caller), H = −γ·G, P = H/a, R = H·λ·s/r. a = 0 only at an exact hit with
+// eps = 0: subgradient 0 there (NaN stays NaN). Divide first, select after: the loop vectorises.
+template <typename T>
+void backward_terms(int64_t n, T wl, T ws, T g, T lam, const T* __restrict__ softmax, const T* __restrict__ a,
+                    const T* __restrict__ r, const T* __restrict__ s, T* __restrict__ G, T* __restrict__ H,
+                    T* __restrict__ P, T* __restrict__ R) {
+    for (int64_t j = 0; j < n; ++j) {
+        G[j] = wl * softmax[j] + ws;
+        H[j] = -g * G[j];
+        const T p = H[j] / a[j], rr = H[j] * lam * s[j] / r[j];
+        P[j] = a[j] == T(0) ? T(0) : p;
+        R[j] = r[j] == T(0) ? T(0) : rr;
+    }
+}
+
+// The target's column in the tile [c0, c0 + nc), or −1.
+inline int64_t target_column(const int64_t* target, int64_t b, int64_t c0, int64_t nc) {
+    const int64_t j = target[b] - c0;
+    return (j >= 0 && j < nc) ? j : -1;
 }
 
 // Forward: each chunk keeps, per row, an online logsumexp (running max and Σ exp(l − max), as in
@@ -175,7 +249,8 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
 
     at::parallel_for(0, n_cc, 1, [&](int64_t begin, int64_t end) {
         ClassTile<T> tile(D);
-        std::vector<T> dots(std::min(B, kRowBlock) * kTileC), l(kTileC);
+        RowWork<T> w(kTileC);
+        std::vector<T> dots(std::min(B, kRowBlock) * kTileC);
         std::vector<double> acc(D);
         for (int64_t cc = begin; cc < end; ++cc) {
             const auto [t0, t1] = chunk_tiles(cc, n_cc, n_ct);
@@ -187,28 +262,30 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
                     row_dots(pb, tile, r0, nr, dots.data());
                     for (int64_t i = 0; i < nr; ++i) {
                         const int64_t b = r0 + i;
-                        T mx = -std::numeric_limits<T>::infinity();
-                        double lsum = 0;
-                        for (int64_t j = 0; j < nc; ++j) {
-                            const Pair<T> p = ce_pair(pb, b, tile.c0 + j, dots[i * nc + j], acc.data(), (T*)nullptr);
-                            const bool is_t = pb.target[b] == tile.c0 + j;
-                            l[j] = -g * (p.d + (is_t ? margin : T(0)));  // Eq. 3 with the margin
-                            if (is_t) tl[b] = double(l[j]);
-                            if (l[j] > mx) mx = l[j];  // NaN never wins; it reaches lse through sl below
-                            lsum += double(l[j]);
-                        }
-                        run_sl[cc * B + b] += lsum;
+                        row_terms(in, b, tile.c0, nc, dots.data() + i * nc, w);
+                        T* l = w.logit.data();
+                        for (int64_t j = 0; j < nc; ++j) l[j] = -g * w.d[j];  // Eq. 3
+                        // Pairs at risk, and the target pair always, from the raw difference (SPEC §2.1):
+                        // the target logit and the margin, which dominate the loss, are exact.
+                        const int64_t jt = target_column(pb.target, b, tile.c0, nc);
+                        for (int64_t j = 0; j < nc; ++j)
+                            if (w.near[j] != T(0) || j == jt)
+                                l[j] = -g * (pair_direct(in, b, tile.c0 + j, acc.data(), (T*)nullptr).d +
+                                             (j == jt ? margin : T(0)));
+                        if (jt >= 0) tl[b] = double(l[jt]);
+                        const T mx = max_ignoring_nan(l, nc);
+                        run_sl[cc * B + b] += sum_to_double(l, nc);
                         if (mx == -std::numeric_limits<T>::infinity()) continue;  // nothing to add
                         double& m = run_max[cc * B + b];
-                        double& s = run_sum[cc * B + b];
+                        double& sum = run_sum[cc * B + b];
                         if (double(mx) > m) {
-                            s *= std::exp(m - double(mx));
+                            sum *= std::exp(m - double(mx));
                             m = double(mx);
                         }
                         const T mt = T(m);  // m is a logit: exact in T
-                        double add = 0;
-                        for (int64_t j = 0; j < nc; ++j) add += double(std::exp(l[j] - mt));
-                        s += add;
+                        T* e = w.e.data();
+                        for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(T(l[j] - mt));
+                        sum += sum_to_double(e, nc);
                     }
                 }
             }
@@ -254,6 +331,7 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
 
     at::parallel_for(0, C > 0 ? n_cc : 0, 1, [&](int64_t begin, int64_t end) {
         ClassTile<T> tile(D);
+        RowWork<T> w(kTileC);
         std::vector<T> P(std::min(B, kRowBlock) * kTileC), diffp(D), dmup(kTileC * D);
         std::vector<double> acc(D), colsum(kTileC), dsmu(kTileC);
         for (int64_t cc = begin; cc < end; ++cc) {
@@ -282,39 +360,44 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                         }
                         const T wl = T(w_lse[b]), wt = T(w_tl[b]), ws = T(w_sl[b]);
                         const double lse_b = lse[b];
-                        double rsum = 0, rr = 0;
+                        row_terms(in, b, c0, nc, Prow, w);  // Prow holds the dots until P overwrites it
+                        T *l = w.logit.data(), *e = w.e.data(), *G = w.G.data(), *H = w.H.data(), *R = w.R.data();
+                        T* d = w.d.data();  // becomes d + margin·[target] below
+                        const T *a = w.a.data(), *r = w.r.data(), *sv = w.s.data();
+                        for (int64_t j = 0; j < nc; ++j) l[j] = T(double(-g * d[j]) - lse_b);
+                        for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(l[j]);  // softmax_bc
+                        backward_terms(nc, wl, ws, g, lam, e, a, r, sv, G, H, Prow, R);
+                        // Pairs at risk and the target pair: exact terms from diff' (SPEC §2.1), and
+                        // out of the GEMMs (P = 0 there).
+                        const int64_t jt = target_column(pb.target, b, c0, nc);
                         for (int64_t j = 0; j < nc; ++j) {
-                            const Pair<T> pr = ce_pair(pb, b, c0 + j, Prow[j], acc.data(), diffp.data());
-                            const bool is_t = pb.target[b] == c0 + j;
-                            const T dist = pr.d + (is_t ? margin : T(0));
-                            const T logit = -g * dist;
-                            const T p = std::exp(T(double(logit) - lse_b));
-                            const T G = wl * p + ws + (is_t ? wt : T(0));
-                            const T H = -g * G;
-                            // a = 0 only at an exact hit with eps = 0: subgradient 0 (NaN stays NaN)
-                            const T Pv = pr.a == T(0) ? T(0) : H / pr.a;
-                            const T R = pr.r == T(0) ? T(0) : H * lam * pr.s / pr.r;
-                            dlam += double(H) * double(pr.r);
-                            dgam -= double(G) * double(dist);
-                            rr += double(R);
-                            dsmu[j] -= double(R);
-                            if (pr.near) {  // exact terms from diff' (SPEC §2.1)
-                                Prow[j] = T(0);
-                                T* dxrow = partp + b * D;
-                                T* dmrow = dmup.data() + j * D;
-                                for (int64_t k = 0; k < D; ++k) {
-                                    dxrow[k] += Pv * diffp[k];
-                                    dmrow[k] -= Pv * diffp[k];
-                                }
-                            } else {
-                                Prow[j] = Pv;
-                                rsum += double(Pv);
-                                colsum[j] += double(Pv);
-                                any = any || Pv != T(0);
+                            if (w.near[j] == T(0) && j != jt) continue;
+                            const Pair<T> pr = pair_direct(in, b, c0 + j, acc.data(), diffp.data());
+                            const T dist = pr.d + (j == jt ? margin : T(0));
+                            d[j] = dist;
+                            G[j] = wl * exp_nonpositive(T(double(-g * dist) - lse_b)) + ws + (j == jt ? wt : T(0));
+                            H[j] = -g * G[j];
+                            R[j] = pr.r == T(0) ? T(0) : H[j] * lam * pr.s / pr.r;
+                            const T Pj = pr.a == T(0) ? T(0) : H[j] / pr.a;
+                            T* dxrow = partp + b * D;
+                            T* dmrow = dmup.data() + j * D;
+                            for (int64_t k = 0; k < D; ++k) {
+                                dxrow[k] += Pj * diffp[k];
+                                dmrow[k] -= Pj * diffp[k];
                             }
+                            Prow[j] = T(0);
                         }
+                        for (int64_t j = 0; j < nc; ++j) {
+                            dsmu[j] -= double(R[j]);
+                            colsum[j] += double(Prow[j]);
+                        }
+                        dlam += dot_to_double(H, r, nc);
+                        dgam -= dot_to_double(G, d, nc);
+                        const double rsum = sum_to_double(Prow, nc);
                         rowsum_part[cc * B + b] += rsum;
-                        dsx_part[cc * B + b] += rr;
+                        dsx_part[cc * B + b] += sum_to_double(R, nc);
+                        if (!any)
+                            for (int64_t j = 0; j < nc; ++j) any = any || Prow[j] != T(0);  // NaN counts
                     }
                     if (any) {
                         at::Tensor Pt = at::from_blob(P.data(), {nr, nc}, opts);

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..transform import _as_scalar_tensor, compute_dtype, metric_factor, risk_threshold
+from ..transform import _as_scalar_tensor, _center, compute_dtype, metric_factor, risk_threshold
 from .randers_logits import cpp_available
 
 _registered: set[str] = set()
@@ -111,21 +111,6 @@ def _reference_stats(x, mu, L, beta, lam, gamma, target, eps, margin):
     return lse, tl, logits.sum(dim=1)
 
 
-def prototype_center(mu: torch.Tensor) -> torch.Tensor:
-    """The mean of the finite rows of mu (detached; see transform.py), a block of rows at a time so
-    that its masks and copies stay a small fraction of mu (they were half the extra memory)."""
-    mu = mu.detach()
-    total = mu.new_zeros(mu.shape[1])
-    count = 0
-    step = max(4096, -(-mu.shape[0] // 16))
-    for i in range(0, mu.shape[0], step):
-        block = mu[i:i + step]
-        finite = torch.isfinite(block).all(dim=1, keepdim=True)
-        total += torch.where(finite, block, 0).sum(dim=0)
-        count = count + finite.sum()
-    return total / torch.as_tensor(count, device=mu.device).clamp_min(1).to(mu.dtype)
-
-
 def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, backend: str):
     """(lse, tl, sl), float64 [B] each, differentiable in x, mu, L, beta, lam, gamma.
 
@@ -136,7 +121,7 @@ def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, bac
     op = _fused_op(backend)
     dtype = compute_dtype(x.dtype)
     muc = mu.to(dtype).contiguous()
-    center = prototype_center(muc).contiguous()
+    center = _center(muc.detach()).contiguous()
     return op(x.to(dtype).contiguous(), muc, metric_factor(L, eps, dtype).contiguous(),
               beta.to(dtype).contiguous(), center, _as_scalar_tensor(lam, x.device),
               _as_scalar_tensor(gamma, x.device), target.to(torch.int64).contiguous(), float(eps),
