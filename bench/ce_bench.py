@@ -15,6 +15,7 @@ CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats().
     python -m bench.ce_bench                          # CPU at (256, 1000, 128), (256, 100000, 128)
     python -m bench.ce_bench --device cuda            # CUDA at SPEC §5's sizes
     python -m bench.ce_bench --sizes 512,4096,256 --out ce.md
+    TRITON_INTERPRET=1 python -m bench.ce_bench --backend triton --sizes 8,50,16 --min-time 0.1   # smoke
 
 From another script (e.g. the GPU check): `from bench.ce_bench import run, format_table, check_targets`.
 """
@@ -38,8 +39,13 @@ IMPLS = ["fused", "logits+ce", "composite+ce", "linear+ce"]
 EPS = 1e-6
 
 
-def _problem(impl: str, B: int, C: int, D: int, device: str, full: bool):
-    """(fn, inputs): fn() runs forward+backward once and returns the gradients."""
+def _default_backend(device: str) -> str:
+    return "cpp" if device == "cpu" else "triton"
+
+
+def _problem(impl: str, B: int, C: int, D: int, device: str, full: bool, backend: str | None = None):
+    """(fn, inputs): fn() runs forward+backward once and returns the gradients. backend: the
+    fused kernels' backend (default: C++ on CPU, Triton on CUDA)."""
     target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(1)).to(device)
     if impl == "linear+ce":
         x = torch.randn(B, D, device=device, requires_grad=True)
@@ -48,7 +54,7 @@ def _problem(impl: str, B: int, C: int, D: int, device: str, full: bool):
         loss_fn = lambda: F.cross_entropy(linear(x), target)
     else:
         inputs = make_inputs(B, C, D, full=full, device=device)
-        backend = "cpp" if device == "cpu" else "triton"
+        backend = backend or _default_backend(device)
         if impl == "fused":
             loss_fn = lambda: fk.randers_cross_entropy(*inputs, target, EPS, backend=backend)
         elif impl == "logits+ce":
@@ -60,9 +66,9 @@ def _problem(impl: str, B: int, C: int, D: int, device: str, full: bool):
     return (lambda: torch.autograd.grad(loss_fn(), inputs)), inputs
 
 
-def time_ms(impl, B, C, D, device, full=False, min_run_time=1.0) -> float:
+def time_ms(impl, B, C, D, device, full=False, min_run_time=1.0, backend=None) -> float:
     """Median forward+backward time in milliseconds."""
-    fn, _ = _problem(impl, B, C, D, device, full)
+    fn, _ = _problem(impl, B, C, D, device, full, backend)
     fn()  # first call: registration, autotuning, compilation
     if device == "cpu":
         from torch.utils.benchmark import Timer
@@ -71,16 +77,17 @@ def time_ms(impl, B, C, D, device, full=False, min_run_time=1.0) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def peak_bytes(impl, B, C, D, device, full=False) -> int:
+def peak_bytes(impl, B, C, D, device, full=False, backend=None) -> int:
     """Peak memory beyond the inputs of one forward+backward (gradients included); -1 if failed."""
     if device == "cpu":  # fresh process: one implementation's freed pages must not hide another's
-        cmd = [sys.executable, "-m", "bench.ce_bench", "--probe", impl, str(B), str(C), str(D)] + (["--full"] if full else [])
+        cmd = ([sys.executable, "-m", "bench.ce_bench", "--probe", impl, str(B), str(C), str(D),
+                "--backend", backend or _default_backend(device)] + (["--full"] if full else []))
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             sys.stderr.write(res.stderr[-2000:])
             return -1
         return json.loads(res.stdout.strip().splitlines()[-1])["bytes"]
-    fn, _ = _problem(impl, B, C, D, device, full)
+    fn, _ = _problem(impl, B, C, D, device, full, backend)
     fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -90,25 +97,28 @@ def peak_bytes(impl, B, C, D, device, full=False) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def _probe(impl, B, C, D, full):
+def _probe(impl, B, C, D, full, backend):
     from bench.peak_memory import measure_here
-    small, _ = _problem(impl, 4, 8, D, "cpu", full)
+    small, _ = _problem(impl, 4, 8, D, "cpu", full, backend)
     small()  # import-time and first-call allocations on a tiny problem first
-    fn, _ = _problem(impl, B, C, D, "cpu", full)
+    fn, _ = _problem(impl, B, C, D, "cpu", full, backend)
     print(json.dumps({"bytes": measure_here(fn)}))
 
 
 def run(device: str = "cpu", sizes=None, impls=IMPLS, full: bool = False, min_run_time: float = 1.0,
-        log=print) -> list[dict]:
-    """One row per (size, implementation): time (ms) and peak memory (bytes)."""
+        backend: str | None = None, log=print) -> list[dict]:
+    """One row per (size, implementation): time (ms) and peak memory (bytes). backend: the fused
+    kernels' backend (default: C++ on CPU, Triton on CUDA; "triton" on CPU needs TRITON_INTERPRET=1
+    and is only a smoke test of the code path)."""
     sizes = sizes or (CPU_SIZES if device == "cpu" else GPU_SIZES)
     rows = []
     for B, C, D in sizes:
         for impl in impls:
-            row = dict(B=B, C=C, D=D, impl=impl, device=device, full=full)
+            row = dict(B=B, C=C, D=D, impl=impl, device=device, full=full,
+                       backend=backend or _default_backend(device))
             try:
-                row["ms"] = time_ms(impl, B, C, D, device, full, min_run_time)
-                row["peak_bytes"] = peak_bytes(impl, B, C, D, device, full)
+                row["ms"] = time_ms(impl, B, C, D, device, full, min_run_time, backend)
+                row["peak_bytes"] = peak_bytes(impl, B, C, D, device, full, backend)
             except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. out of memory for an unfused path
                 row["error"] = str(e).splitlines()[0][:120]
                 if device == "cuda":
@@ -132,10 +142,9 @@ def format_table(rows: list[dict]) -> str:
             if "error" in r:
                 out.append(f"| {size} | {impl} | failed: {r['error']} | | | |")
                 continue
-            t_ratio = r["ms"] / lin["ms"] if lin.get("ms") else float("nan")
-            m_ratio = r["peak_bytes"] / fused["peak_bytes"] if fused.get("peak_bytes", 0) > 0 else float("nan")
-            out.append(f"| {size} | {impl} | {r['ms']:.2f} | {t_ratio:.2f}x | {r['peak_bytes'] / 1e6:.1f} | "
-                       f"{m_ratio:.1f}x |")
+            t_ratio = f"{r['ms'] / lin['ms']:.2f}x" if lin.get("ms") else "n/a"
+            m_ratio = f"{r['peak_bytes'] / fused['peak_bytes']:.1f}x" if fused.get("peak_bytes", 0) > 0 else "n/a"
+            out.append(f"| {size} | {impl} | {r['ms']:.2f} | {t_ratio} | {r['peak_bytes'] / 1e6:.1f} | {m_ratio} |")
     return "\n".join(out)
 
 
@@ -161,8 +170,19 @@ def check_targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> str:
-    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     return (f"device: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
             f"python {platform.python_version()}")
 
@@ -173,15 +193,17 @@ def main(argv=None):
     p.add_argument("--sizes", nargs="*", default=None, help="B,C,D triples (default: the device's SPEC sizes)")
     p.add_argument("--impls", nargs="*", default=IMPLS, choices=IMPLS)
     p.add_argument("--full", action="store_true", help="full [D, D] L (default: diagonal)")
+    p.add_argument("--backend", default=None, choices=["cpp", "triton"],
+                   help="the fused kernels' backend (default: cpp on CPU, triton on CUDA)")
     p.add_argument("--min-time", type=float, default=1.0, help="CPU: seconds of timing per measurement")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--probe", nargs=4, metavar=("IMPL", "B", "C", "D"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
         impl, B, C, D = args.probe
-        return _probe(impl, int(B), int(C), int(D), args.full)
+        return _probe(impl, int(B), int(C), int(D), args.full, args.backend)
     sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else None
-    rows = run(args.device, sizes, args.impls, args.full, args.min_time)
+    rows = run(args.device, sizes, args.impls, args.full, args.min_time, args.backend)
     text = "\n".join([environment(args.device), "", format_table(rows), ""] + check_targets(rows))
     print(text)
     if args.out:
