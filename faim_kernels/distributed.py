@@ -23,6 +23,23 @@ of those parameters is needed.
 
 Communication per step: B·8 bytes (MAX) + 3·B·8 bytes (SUM) forward, and the size of the
 replicated gradients backward (about B·D + D² + D numbers); nothing of size C.
+
+Example (every rank runs it, e.g. under torchrun; "gloo" for CPU tensors, "nccl" for CUDA):
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_range(num_classes)                       # this rank's classes
+    mu = torch.nn.Parameter(0.1 * torch.randn(stop - start, D, device=dev))
+    # x must be the same on every rank: gather the local batches; putting the local tensor back
+    # in its own slot routes the (full) gradient of those rows to it, and nothing else.
+    parts = [torch.empty_like(feats) for _ in range(world)]
+    dist.all_gather(parts, feats.detach())
+    parts[rank] = feats
+    labels = [torch.empty_like(y) for _ in range(world)]
+    dist.all_gather(labels, y)
+    loss = sharded_randers_cross_entropy(torch.cat(parts), mu, L, beta, lam, gamma, torch.cat(labels),
+                                         margin=0.1, label_smoothing=0.1)
+    loss.backward()   # mu.grad: this slice's; L, beta, lam, gamma: the full gradients, on every rank
 """
 from __future__ import annotations
 
