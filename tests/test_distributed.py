@@ -67,6 +67,29 @@ def _run_case(case, rank, world, seed, group=None):
         assert_norm_close(mu_shard.grad, grads1[1][start:stop], 10 * tol, f"dmu[{start}:{stop}] ({where})")
 
 
+def _gathered_batch(rank, world):
+    """The module docstring's pattern: each rank holds its own rows of x, gathers the batch, and
+    its rows get their single-process gradient."""
+    B, C, D = 4 * world, 10, 5
+    inputs = make_inputs(B, C, D, dtype=torch.float64, seed=5, requires_grad=True)
+    target = _targets(B, C, 5)
+    loss1 = fk.randers_cross_entropy(*inputs, target, backend="cpp", label_smoothing=0.1)
+    dx1 = torch.autograd.grad(loss1, inputs[0])[0]
+
+    feats = inputs[0].detach()[4 * rank:4 * rank + 4].clone().requires_grad_()
+    parts = [torch.empty_like(feats) for _ in range(world)]
+    dist.all_gather(parts, feats.detach())
+    parts[rank] = feats
+    start, stop = shard_range(C, rank, world)
+    mu = inputs[1].detach()[start:stop].clone().requires_grad_()
+    L, beta, lam, gamma = [t.detach() for t in inputs[2:]]
+    loss = sharded_randers_cross_entropy(torch.cat(parts), mu, L, beta, lam, gamma, target, backend="cpp",
+                                         label_smoothing=0.1)
+    loss.backward()
+    assert_rel_close(loss, loss1, 1e-12, "loss (gathered batch)")
+    assert_norm_close(feats.grad, dx1[4 * rank:4 * rank + 4], 1e-11, f"own rows of dx (rank {rank})")
+
+
 def _worker(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -80,6 +103,7 @@ def _worker(rank, world, port):
         dist.barrier()
         for i, case in enumerate(CASES):
             _run_case(case, rank, world, seed=20 + i)
+        _gathered_batch(rank, world)
     finally:
         dist.destroy_process_group()
 
