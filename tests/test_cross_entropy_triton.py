@@ -124,7 +124,7 @@ def test_gradcheck_float64():
     target = torch.tensor([0, 4, -100, 3], device=DEVICE)
     f = lambda *a: fk.randers_cross_entropy(*a, target, margin=0.4, label_smoothing=0.2, reduction="sum",
                                             backend="triton")
-    assert torch.autograd.gradcheck(f, (x, mu, L, beta, lam, gamma))
+    assert torch.autograd.gradcheck(f, (x, mu, L, beta, lam, gamma), fast_mode=True)  # the interpreter is slow
 
 
 def test_opcheck_triton():

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import faim_kernels as fk
-from conftest import assert_norm_close, assert_rel_close, make_inputs
+from conftest import INTERPRET, assert_norm_close, assert_rel_close, make_inputs
 from faim_kernels.distributed import shard_range, sharded_randers_cross_entropy
 
 NAMES = ["x", "L", "beta", "lam", "gamma"]
@@ -130,6 +130,8 @@ def single_process_group():
 
 def test_one_rank_and_validation(single_process_group):
     _run_case(CASES[0], 0, 1, seed=3)
+    if INTERPRET:  # the Triton kernels through the same layer (small: the interpreter is slow)
+        _run_case(dict(CASES[0], B=5, C=7, D=3, backend="triton"), 0, 1, seed=4)
     x, mu, L, beta, lam, gamma = make_inputs(4, 5, 3)
     with pytest.raises(ValueError, match="out of range"):
         sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, torch.tensor([0, 1, 2, 5]))
