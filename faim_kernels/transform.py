@@ -47,7 +47,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def risk_threshold(D: int, dtype: torch.dtype) -> float:
+def risk_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None) -> float:
     """tau such that pairs with q >= tau·(|x'|² + |mu'|²) are accurate to about 128 units of
     round-off of `dtype` (8e-6 relative in float32, 1e-14 in float64) from the GEMM expansion.
 
@@ -55,9 +55,19 @@ def risk_threshold(D: int, dtype: torch.dtype) -> float:
     unit round-off of the accumulation, errors adding as a random walk over D), so sqrt(q) is off
     by u·sqrt(D)·N/(2q) relative. Asking for 128·u gives tau = sqrt(D)/256, the same for every
     dtype (0.0625 at D = 256), capped at 1 (every close pair recomputed).
+
+    operand_eps: the unit round-off of the GEMM's operands where a kernel rounds x', mu' below the
+    compute precision (bfloat16/float16 copies, TF32), with the norms taken from the same rounded
+    values. Rounding every coordinate moves sqrt(q) by about u_op·sqrt(N/(3D)) (a random walk over
+    D, projected on x' − mu'); asking for 1e-3 (ten times under the 1e-2 goal of half inputs) adds
+    tau >= u_op²/(3D·1e-6): 0.02 for bfloat16 at D = 256, under the first term there.
     """
     del dtype  # the ratio of the error to u is what is fixed
-    return min(1.0, math.sqrt(max(D, 1)) / 256.0)
+    D = max(D, 1)
+    tau = math.sqrt(D) / 256.0
+    if operand_eps is not None:
+        tau = max(tau, operand_eps ** 2 / (3e-6 * D))
+    return min(1.0, tau)
 
 
 _ROW_CHUNK = 1024  # rows handled at a time where a float64 or centred copy is needed

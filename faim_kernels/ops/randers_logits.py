@@ -71,12 +71,18 @@ if cpp_available():
 
 
 def fused_logits(t: Transformed, eps: float, backend: str) -> torch.Tensor:
-    """Runs backend's fused op on prepared inputs; returns logits in the compute dtype."""
+    """Runs backend's fused op on prepared inputs; returns logits in the compute dtype (in the
+    input's half type for half inputs on the Triton backend)."""
+    xp, mup = t.xp, t.mup
     if backend == "cpp":
         op = _cpp_ops()
     elif backend == "triton":
         from .randers_logits_triton import triton_logits_op
         op = triton_logits_op()
+        if t.out_dtype in (torch.float16, torch.bfloat16):
+            # The Triton GEMM takes x', mu' in the input's half type (fp32 accumulation); the op
+            # raises tau for that rounding and returns logits in that type.
+            xp, mup = xp.to(t.out_dtype), mup.to(t.out_dtype)
     else:
         raise ValueError(f"no fused logits op for backend {backend!r}")
-    return op(t.xp, t.mup, t.sx, t.smu, t.x, t.mu, t.lc, t.lam, t.gamma, float(eps), float(t.tau))
+    return op(xp, mup, t.sx, t.smu, t.x, t.mu, t.lc, t.lam, t.gamma, float(eps), float(t.tau))

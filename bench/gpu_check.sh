@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU check in one command, on a machine with a CUDA GPU: install the package (C++ extension
+# included), run the test suite on the GPU, then the GPU benchmark, which writes bench/RESULTS.md's
+# GPU section and prints a short table last. Logs go to $LOG_DIR (default build/gpu_check).
+#
+#   bash bench/gpu_check.sh                 # tests, then benchmark
+#   bash bench/gpu_check.sh --tests-only    # or --bench-only (each fits one 10-minute slot)
+#   bash bench/gpu_check.sh --smoke         # anywhere: a few tests and tiny benchmark sizes, the
+#                                           # kernels through Triton's interpreter on CPU tensors
+# Environment: PYTHON (interpreter to use), BENCH_ARGS (extra arguments for bench/gpu_bench.py).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+mode=all
+for arg in "$@"; do
+    case "$arg" in
+        --smoke) mode=smoke ;;
+        --tests-only) mode=tests ;;
+        --bench-only) mode=bench ;;
+        *) echo "unknown argument $arg" >&2; exit 2 ;;
+    esac
+done
+
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
+elif [ "$mode" = smoke ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python
+else PY=python3
+fi
+LOG_DIR=${LOG_DIR:-build/gpu_check}
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
+
+if [ "$mode" = smoke ]; then
+    export TRITON_INTERPRET=1
+    echo "[gpu_check] smoke: interpreter tests"
+    "$PY" -m pytest tests/test_randers_logits_triton.py -q -p no:cacheprovider \
+        -k "random_float32 and 37x45x33 or near_prototype_float32 or deterministic" 2>&1 | tee "$LOG_DIR/tests.log"
+    tests_rc=${PIPESTATUS[0]}
+    echo "[gpu_check] smoke: benchmark"
+    "$PY" -m bench.gpu_bench --smoke --results "$LOG_DIR/RESULTS.smoke.md" --log "$LOG_DIR/bench.jsonl" \
+        --tests-status "$( [ "$tests_rc" = 0 ] && echo passed || echo FAILED )" ${BENCH_ARGS:-}
+    bench_rc=$?
+    [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+    exit $?
+fi
+
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+    echo "[gpu_check] no CUDA device visible to $PY (use --smoke on a CPU-only machine)" >&2; exit 2; }
+"$PY" -c "import torch, triton; print('[gpu_check]', torch.cuda.get_device_name(0), 'torch', torch.__version__, 'triton', triton.__version__)"
+
+if ! "$PY" -c "import faim_kernels._C" >/dev/null 2>&1; then
+    echo "[gpu_check] installing (pip install --no-build-isolation --no-deps -e .)"
+    MAX_JOBS=${MAX_JOBS:-8} "$PY" -m pip install -q --no-build-isolation --no-deps -e . >"$LOG_DIR/install.log" 2>&1 || {
+        tail -n 30 "$LOG_DIR/install.log" >&2; echo "[gpu_check] install failed" >&2; exit 1; }
+fi
+
+tests_status="not run"
+tests_rc=0
+if [ "$mode" != bench ]; then
+    echo "[gpu_check] test suite on the GPU (pinned kernel configs: FAIM_TRITON_AUTOTUNE=0)"
+    FAIM_TRITON_AUTOTUNE=0 "$PY" -m pytest tests -q -p no:cacheprovider -o addopts="-ra --benchmark-disable" \
+        2>&1 | tee "$LOG_DIR/tests.log" | tail -n 25
+    tests_rc=${PIPESTATUS[0]}
+    tests_status=$( [ "$tests_rc" = 0 ] && echo "passed ($(tail -n 1 "$LOG_DIR/tests.log"))" || echo "FAILED (see $LOG_DIR/tests.log)" )
+    tests_status=${tests_status//=/}
+fi
+
+bench_rc=0
+if [ "$mode" != tests ]; then
+    echo "[gpu_check] benchmark"
+    "$PY" -m bench.gpu_bench --log "$LOG_DIR/bench.jsonl" --tests-status "$tests_status" ${BENCH_ARGS:-}
+    bench_rc=$?
+fi
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
