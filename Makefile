@@ -1,7 +1,7 @@
 # The two commands of the README. Each sets up what it needs first (scripts/bootstrap.sh).
 PY := .venv/bin/python
 
-.PHONY: bench test setup gpu-check clean
+.PHONY: bench test setup gpu-check clean demo test-timm
 
 bench: setup
 	$(PY) -m bench.cpu_bench
@@ -9,6 +9,14 @@ bench: setup
 # TRITON_INTERPRET=1 makes the Triton kernels run on CPU tensors (set before anything imports triton).
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q
+
+# The digits demo: three heads trained on scikit-learn's bundled digits, a table and demo_curves.png.
+demo: setup
+	$(PY) -m faim_kernels.demo
+
+# The timm integration tests, in their own environment (.venv-timm: torch 2.14.1, torchvision, timm).
+test-timm:
+	bash scripts/test_timm.sh
 
 setup:
 	@bash scripts/bootstrap.sh

@@ -14,7 +14,8 @@ cmdclass = {}
 if os.environ.get("FAIM_KERNELS_NO_EXT", "0") != "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    extra = ["-O3", "-fopenmp"]
+    # No errno from sqrt, no trapping comparisons: lets the epilogue loops (sqrt, selects) vectorise.
+    extra = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     ext_modules = [
         CppExtension(
             "faim_kernels._C",

@@ -131,7 +131,7 @@ double direct_q(const RandersInputs<T>& in, int64_t b, int64_t c, double* acc, T
     return q;
 }
 
-// The per-pair quantities of SPEC §1 from one GEMM entry dot = x'_b·mu'_c.
+// The per-pair quantities of SPEC §1.
 template <typename T>
 struct Pair {
     T a;       // sqrt(q + eps)
@@ -141,19 +141,69 @@ struct Pair {
     bool near; // recomputed from the raw difference
 };
 
+// A pair through the direct path (SPEC §2.1): q from the raw difference, never the expansion.
 template <typename T>
-inline Pair<T> pair_from_dot(const RandersInputs<T>& in, int64_t b, int64_t c, T dot, double* acc, T* diffp) {
+inline Pair<T> pair_direct(const RandersInputs<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     Pair<T> p;
-    const T norms = in.xnorm[b] + in.munorm[c];
-    T q = norms - T(2) * dot;
-    p.near = q < T(in.tau) * norms;  // false for NaN: NaN stays NaN below
-    if (p.near) q = T(direct_q(in, b, c, acc, diffp));
-    if (q < T(0)) q = T(0);
+    p.near = true;
+    const T q = T(direct_q(in, b, c, acc, diffp));
     p.a = std::sqrt(q + T(in.eps));
     p.s = T(in.sx[b] - in.smu[c]);  // float64 difference: no cancellation
     p.r = std::sqrt(p.s * p.s + T(in.eps));
     p.d = p.a + T(in.lam) * p.r;
     return p;
+}
+
+// One pair from its GEMM entry dot = x'_b·mu'_c, through the direct path when it is at risk.
+template <typename T>
+inline Pair<T> pair_from_dot(const RandersInputs<T>& in, int64_t b, int64_t c, T dot, double* acc, T* diffp) {
+    const T norms = in.xnorm[b] + in.munorm[c];
+    T q = norms - T(2) * dot;
+    if (q < T(in.tau) * norms) return pair_direct(in, b, c, acc, diffp);  // false for NaN: NaN flows on
+    Pair<T> p;
+    p.near = false;
+    if (q < T(0)) q = T(0);
+    p.a = std::sqrt(q + T(in.eps));
+    p.s = T(in.sx[b] - in.smu[c]);
+    p.r = std::sqrt(p.s * p.s + T(in.eps));
+    p.d = p.a + T(in.lam) * p.r;
+    return p;
+}
+
+// The same quantities for one row of a tile (row b, classes c0 .. c0+nc), as plain loops that
+// the compiler vectorises (-O3 -fno-math-errno): about 3x faster than pair by pair. Pairs at
+// risk are only flagged in `near`; their a and d here come from the expansion and the caller
+// replaces them through pair_direct.
+template <typename T>
+struct RowTerms {
+    std::vector<T> a, r, s, d;
+    std::vector<T> near;  // 1 where the pair is at risk, else 0 (T, not bool: one type per loop vectorises)
+    explicit RowTerms(int64_t n) : a(n), r(n), s(n), d(n), near(n) {}
+};
+
+template <typename T>
+void row_terms(const RandersInputs<T>& in, int64_t b, int64_t c0, int64_t nc, const T* dots, RowTerms<T>& w) {
+    const T xn = in.xnorm[b], eps = T(in.eps), tau = T(in.tau), lam = T(in.lam);
+    const double sxb = in.sx[b];
+    const T* mn = in.munorm.data() + c0;
+    const double* smu = in.smu + c0;
+    T* __restrict__ a = w.a.data();
+    T* __restrict__ r = w.r.data();
+    T* __restrict__ s = w.s.data();
+    T* __restrict__ d = w.d.data();
+    T* __restrict__ near = w.near.data();
+    for (int64_t j = 0; j < nc; ++j) {
+        const T norms = xn + mn[j];
+        T q = norms - T(2) * dots[j];
+        near[j] = q < tau * norms ? T(1) : T(0);
+        q = q < T(0) ? T(0) : q;
+        a[j] = std::sqrt(q + eps);
+    }
+    for (int64_t j = 0; j < nc; ++j) s[j] = T(sxb - smu[j]);  // float64 difference: no cancellation
+    for (int64_t j = 0; j < nc; ++j) {
+        r[j] = std::sqrt(s[j] * s[j] + eps);
+        d[j] = a[j] + lam * r[j];
+    }
 }
 
 // dots[0:nb, 0:nc] = x'[b0:b0+nb] · mu'[c0:c0+nc]ᵀ through ATen's BLAS, into a caller's buffer.

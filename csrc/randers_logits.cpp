@@ -12,19 +12,22 @@ template <typename T>
 void logits_forward(const RandersInputs<T>& in, double gamma, T* out) {
     const int64_t B = in.B, C = in.C, D = in.D;
     const int64_t n_ct = ceil_div(C, kTileC);
+    const T neg_gamma = T(-gamma);
     at::parallel_for(0, ceil_div(B, kTileB) * n_ct, 1, [&](int64_t begin, int64_t end) {
         std::vector<T> dots(kTileB * kTileC);
         std::vector<double> acc(D);
+        RowTerms<T> w(kTileC);
         for (int64_t t = begin; t < end; ++t) {
             const int64_t b0 = (t / n_ct) * kTileB, c0 = (t % n_ct) * kTileC;
             const int64_t nb = std::min(kTileB, B - b0), nc = std::min(kTileC, C - c0);
             tile_dots(in, b0, nb, c0, nc, dots.data());
             for (int64_t i = 0; i < nb; ++i) {
-                T* row = out + (b0 + i) * C + c0;
-                for (int64_t j = 0; j < nc; ++j) {
-                    const Pair<T> p = pair_from_dot(in, b0 + i, c0 + j, dots[i * nc + j], acc.data(), (T*)nullptr);
-                    row[j] = T(-gamma) * p.d;  // Eq. 3
-                }
+                const int64_t b = b0 + i;
+                row_terms(in, b, c0, nc, dots.data() + i * nc, w);
+                T* row = out + b * C + c0;
+                for (int64_t j = 0; j < nc; ++j) row[j] = neg_gamma * w.d[j];  // Eq. 3
+                for (int64_t j = 0; j < nc; ++j)
+                    if (w.near[j] != T(0)) row[j] = neg_gamma * pair_direct(in, b, c0 + j, acc.data(), (T*)nullptr).d;
             }
         }
     });
@@ -54,9 +57,9 @@ struct NearTerm {
 // Backward (SPEC §2): with H = −γ·G, P = H/a, R = H·λ·s/r,
 //   ∂x' = rowsum(P)·x' − P·mu',  ∂mu' = colsum(P)·mu' − Pᵀ·x'  (far pairs, two BLAS GEMMs)
 //   plus ±P·diff' for near pairs; ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·d.
-// Pass 1 (parallel over row tiles) recomputes each tile's GEMM and writes P (far pairs; 0 at near
-// pairs) into the one [B, C] temporary; the rest is GEMMs and a column pass for colsum(R).
-// Reductions go through fixed tiles in a fixed order, so results do not depend on thread timing.
+// One pass, parallel over row tiles, recomputes each tile's GEMM and writes P (far pairs; 0 at
+// near pairs) into the backward's one [B, C] temporary; colsum(R) is kept per row tile
+// ([B/64, C] doubles) and summed in tile order, so results do not depend on thread timing.
 template <typename T>
 std::vector<at::Tensor> logits_backward(const RandersInputs<T>& in, const at::Tensor& grad, double gamma) {
     const int64_t B = in.B, C = in.C, D = in.D;
@@ -70,44 +73,62 @@ std::vector<at::Tensor> logits_backward(const RandersInputs<T>& in, const at::Te
     T* row_pp = row_p.data_ptr<T>();
     double* dsxp = dsx.data_ptr<double>();
 
-    const int64_t n_bt = ceil_div(B, kTileB), n_ct = ceil_div(C, kTileC);
+    const int64_t n_bt = ceil_div(B, kTileB);
     std::vector<double> dlam_part(n_bt, 0.0), dgam_part(n_bt, 0.0);
+    std::vector<double> col_r(n_bt * C, 0.0);
     std::vector<std::vector<NearTerm>> near(n_bt);
     std::vector<std::vector<T>> near_diff(n_bt);
     const T g = T(gamma), lam = T(in.lam);
 
     at::parallel_for(0, n_bt, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> dots(kTileB * kTileC), diffp(D);
-        std::vector<double> acc(D), rp(kTileB), rr(kTileB);
+        std::vector<T> dots(kTileB * kTileC), diffp(D), grow(kTileC);
+        std::vector<double> acc(D);
+        RowTerms<T> w(kTileC);
         for (int64_t bt = begin; bt < end; ++bt) {
             const int64_t b0 = bt * kTileB, nb = std::min(kTileB, B - b0);
-            std::fill(rp.begin(), rp.end(), 0.0);
-            std::fill(rr.begin(), rr.end(), 0.0);
             double dlam = 0, dgam = 0;
+            std::vector<double> rp(nb, 0.0), rr(nb, 0.0);
             for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
                 const int64_t nc = std::min(kTileC, C - c0);
                 tile_dots(in, b0, nb, c0, nc, dots.data());
                 for (int64_t i = 0; i < nb; ++i) {
                     const int64_t b = b0 + i;
+                    row_terms(in, b, c0, nc, dots.data() + i * nc, w);
+                    const T* a = w.a.data();
+                    const T* r = w.r.data();
+                    const T* s = w.s.data();
+                    const T* d = w.d.data();
+                    const T* nr = w.near.data();
+                    T* gr = grow.data();
+                    T* prow = Pp + b * C + c0;
+                    double* crow = col_r.data() + bt * C + c0;
+                    for (int64_t j = 0; j < nc; ++j) gr[j] = G[b * gs0 + (c0 + j) * gs1];
+                    double sum_p = 0, sum_r = 0, sum_hr = 0, sum_gd = 0;
+#pragma omp simd reduction(+ : sum_p, sum_r, sum_hr, sum_gd)
                     for (int64_t j = 0; j < nc; ++j) {
-                        const int64_t c = c0 + j;
-                        const Pair<T> pr = pair_from_dot(in, b, c, dots[i * nc + j], acc.data(), diffp.data());
-                        const T Gbc = G[b * gs0 + c * gs1];
-                        const T H = -g * Gbc;
-                        const T p = pr.a > T(0) ? H / pr.a : T(0);       // eps = 0 at an exact hit: subgradient 0
-                        const T R = pr.r > T(0) ? H * lam * pr.s / pr.r : T(0);
-                        dlam += double(H) * double(pr.r);
-                        dgam -= double(Gbc) * double(pr.d);
-                        rr[i] += R;
-                        if (pr.near) {
-                            Pp[b * C + c] = T(0);
-                            near[bt].push_back({b, c, double(p)});
-                            near_diff[bt].insert(near_diff[bt].end(), diffp.begin(), diffp.end());
-                        } else {
-                            Pp[b * C + c] = p;
-                            rp[i] += p;
-                        }
+                        const T H = -g * gr[j];
+                        const T p = a[j] > T(0) ? H / a[j] : T(0);  // eps = 0 at an exact hit: subgradient 0
+                        const T R = r[j] > T(0) ? H * lam * s[j] / r[j] : T(0);
+                        const bool far = nr[j] == T(0);
+                        prow[j] = far ? p : T(0);
+                        crow[j] += R;
+                        sum_p += far ? p : T(0);
+                        sum_r += R;
+                        sum_hr += H * r[j];
+                        sum_gd += far ? gr[j] * d[j] : T(0);
                     }
+                    for (int64_t j = 0; j < nc; ++j) {
+                        if (nr[j] == T(0)) continue;
+                        const Pair<T> pr = pair_direct(in, b, c0 + j, acc.data(), diffp.data());
+                        const T p = pr.a > T(0) ? -g * gr[j] / pr.a : T(0);
+                        sum_gd += double(gr[j]) * double(pr.d);
+                        near[bt].push_back({b, c0 + j, double(p)});
+                        near_diff[bt].insert(near_diff[bt].end(), diffp.begin(), diffp.end());
+                    }
+                    rp[i] += sum_p;
+                    rr[i] += sum_r;
+                    dlam += sum_hr;
+                    dgam -= sum_gd;
                 }
             }
             for (int64_t i = 0; i < nb; ++i) {
@@ -119,29 +140,20 @@ std::vector<at::Tensor> logits_backward(const RandersInputs<T>& in, const at::Te
         }
     });
 
-    // ∂smu = −colsum(R): R is cheap to recompute (no GEMM), so it is not stored.
-    at::Tensor dsmu = at::zeros({C}, opts.dtype(at::kDouble));
-    if (in.lam != 0) {
-        double* dsmup = dsmu.data_ptr<double>();
-        at::parallel_for(0, n_ct, 1, [&](int64_t begin, int64_t end) {
-            for (int64_t ct = begin; ct < end; ++ct) {
-                const int64_t c0 = ct * kTileC, nc = std::min(kTileC, C - c0);
-                for (int64_t b = 0; b < B; ++b) {
-                    for (int64_t j = 0; j < nc; ++j) {
-                        const int64_t c = c0 + j;
-                        const T s = T(in.sx[b] - in.smu[c]);
-                        const T r = std::sqrt(s * s + T(in.eps));
-                        const T H = -g * G[b * gs0 + c * gs1];
-                        dsmup[c] -= r > T(0) ? double(H * lam * s / r) : 0.0;
-                    }
-                }
-            }
-        });
-    }
+    at::Tensor dsmu = at::empty({C}, opts.dtype(at::kDouble));
+    double* dsmup = dsmu.data_ptr<double>();
+    at::parallel_for(0, C, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+            double total = 0;
+            for (int64_t bt = 0; bt < n_bt; ++bt) total += col_r[bt * C + c];
+            dsmup[c] = -total;
+        }
+    });
 
-    at::Tensor col_p = P.sum(0);
-    at::Tensor dxp = at::addmm(row_p.unsqueeze(1) * in.xp, P, in.mup, 1, -1);
-    at::Tensor dmup = at::addmm(col_p.unsqueeze(1) * in.mup, P.t(), in.xp, 1, -1);
+    // In place after each GEMM: no [C, D] temporary besides the result.
+    at::Tensor dxp = at::mm(P, in.mup).neg_().addcmul_(row_p.unsqueeze(1), in.xp);
+    at::Tensor dmup = at::mm(P.t(), in.xp).neg_().addcmul_(P.sum(0).unsqueeze(1), in.mup);
+    P.reset();
     T* dx = dxp.data_ptr<T>();
     T* dm = dmup.data_ptr<T>();
     for (int64_t bt = 0; bt < n_bt; ++bt) {

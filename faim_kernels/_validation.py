@@ -92,3 +92,18 @@ def check_target(target, B: int, C: int, ignore_index: int, device: torch.device
             bad = valid[(valid < 0) | (valid >= C)][0].item()
             raise ValueError(f"target holds class index {bad}, out of range [0, {C}) "
                              f"(and not ignore_index={ignore_index})")
+
+
+def check_loss_options(margin, label_smoothing, ignore_index, reduction) -> None:
+    """The cross-entropy's options: margin (a distance, any real), label_smoothing in [0, 1],
+    ignore_index an int, reduction 'mean' | 'sum' | 'none'."""
+    if not isinstance(margin, numbers.Real) or isinstance(margin, bool):
+        raise TypeError(f"margin must be a Python float, got {type(margin).__name__}")
+    if not isinstance(label_smoothing, numbers.Real) or isinstance(label_smoothing, bool):
+        raise TypeError(f"label_smoothing must be a Python float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

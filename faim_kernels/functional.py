@@ -10,10 +10,10 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from . import reference
-from ._validation import REDUCTIONS, check_backend, check_inputs, check_target
+from ._validation import check_backend, check_inputs, check_loss_options, check_target
+from .ops import randers_cross_entropy as _ce_ops
 from .ops import randers_logits as _logits_ops
 from .transform import transform
 
@@ -90,23 +90,16 @@ def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6,
     """F.cross_entropy(logits', target, ...) with logits' the Randers logits whose target entry is
     −γ·(d_bt + margin) (SPEC §2.2); label_smoothing, ignore_index and reduction as in F.cross_entropy.
 
-    For now this forms the [B, C] logits with the fused logits kernel and calls F.cross_entropy;
-    the fused cross-entropy kernel that never forms them replaces this path.
+    The fused kernels never form the [B, C] logits: an online logsumexp over class tiles keeps
+    per-row statistics only, and the backward recomputes each tile (extra memory O(B + C)).
+    backend="reference" is F.cross_entropy over the einsum logits.
     """
     check_inputs(x, mu, L, beta, lam, gamma, eps)
     check_target(target, x.shape[0], mu.shape[0], ignore_index, x.device)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    check_loss_options(margin, label_smoothing, ignore_index, reduction)
     backend = resolve_backend(backend, x.device)
     if backend == "reference":
         return reference.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps, margin,
                                                label_smoothing, ignore_index, reduction)
-    logits = _fused(x, mu, L, beta, lam, gamma, eps, backend)
-    if margin != 0.0:
-        valid = target != ignore_index
-        onehot = F.one_hot(torch.where(valid, target, 0).long(), logits.shape[1]).to(logits.dtype)
-        logits = logits - (gamma * margin) * onehot * valid.unsqueeze(1).to(logits.dtype)
-    return F.cross_entropy(logits, target.long(), label_smoothing=label_smoothing,
-                           ignore_index=ignore_index, reduction=reduction)
+    return _ce_ops.fused_cross_entropy(x, mu, L, beta, lam, gamma, target, eps, margin, label_smoothing,
+                                       ignore_index, reduction, backend)

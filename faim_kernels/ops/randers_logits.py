@@ -60,9 +60,14 @@ def _cpp_ops():
     if not cpp_available():
         raise RuntimeError("backend='cpp' needs the C++ extension faim_kernels._C, which is not built: "
                            "run `python setup.py build_ext --inplace` (or `make setup`)")
-    ops = torch.ops.faim_kernels
-    register_logits_op_pair(ops.randers_logits_fwd.default, ops.randers_logits_bwd.default)
-    return ops.randers_logits_fwd.default
+    return torch.ops.faim_kernels.randers_logits_fwd.default
+
+
+# Registered at import, not at the first call: torch.compile must find the fake kernels and the
+# autograd formula even when a compiled function is the first to call the op.
+if cpp_available():
+    register_logits_op_pair(torch.ops.faim_kernels.randers_logits_fwd.default,
+                            torch.ops.faim_kernels.randers_logits_bwd.default)
 
 
 def fused_logits(t: Transformed, eps: float, backend: str) -> torch.Tensor:

@@ -1,0 +1,215 @@
+"""Forward+backward time and peak memory of the fused Randers cross-entropy (SPEC §2.2) against
+the unfused paths and the cost floor of a classification head:
+
+    fused          fk.randers_cross_entropy (C++ kernel on CPU, Triton on CUDA): no [B, C] logits
+    logits+ce      F.cross_entropy(fk.randers_logits(...)): our fused logits kernel, then torch's CE
+    composite+ce   F.cross_entropy over the plain-PyTorch GEMM composite (bench/impls.py)
+    linear+ce      nn.Linear(D, C) + F.cross_entropy: the floor of any head of this size
+
+Gradients are taken with respect to every input (x, mu, L, beta, lam, gamma; x, weight, bias).
+Time: torch.utils.benchmark on CPU, triton.testing.do_bench on CUDA (median).
+Peak memory: the peak beyond the inputs during one forward+backward, gradients included (they
+are allocated by the call). CPU: resident memory in a fresh process (bench/peak_memory.py);
+CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats().
+
+    python -m bench.ce_bench                          # CPU at (256, 1000, 128), (256, 100000, 128)
+    python -m bench.ce_bench --device cuda            # CUDA at SPEC §5's sizes
+    python -m bench.ce_bench --sizes 512,4096,256 --out ce.md
+    TRITON_INTERPRET=1 python -m bench.ce_bench --backend triton --sizes 8,50,16 --min-time 0.1   # smoke
+
+From another script (e.g. the GPU check): `from bench.ce_bench import run, format_table, check_targets`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import faim_kernels as fk
+from bench.impls import composite_logits, make_inputs
+
+CPU_SIZES = [(256, 1000, 128), (256, 100_000, 128)]
+GPU_SIZES = [(256, 1000, 512), (1024, 10_000, 512), (4096, 100_000, 256)]
+IMPLS = ["fused", "logits+ce", "composite+ce", "linear+ce"]
+EPS = 1e-6
+
+
+def _default_backend(device: str) -> str:
+    return "cpp" if device == "cpu" else "triton"
+
+
+def _problem(impl: str, B: int, C: int, D: int, device: str, full: bool, backend: str | None = None):
+    """(fn, inputs): fn() runs forward+backward once and returns the gradients. backend: the
+    fused kernels' backend (default: C++ on CPU, Triton on CUDA)."""
+    target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(1)).to(device)
+    if impl == "linear+ce":
+        x = torch.randn(B, D, device=device, requires_grad=True)
+        linear = torch.nn.Linear(D, C, device=device)
+        inputs = [x, linear.weight, linear.bias]
+        loss_fn = lambda: F.cross_entropy(linear(x), target)
+    else:
+        inputs = make_inputs(B, C, D, full=full, device=device)
+        backend = backend or _default_backend(device)
+        if impl == "fused":
+            loss_fn = lambda: fk.randers_cross_entropy(*inputs, target, EPS, backend=backend)
+        elif impl == "logits+ce":
+            loss_fn = lambda: F.cross_entropy(fk.randers_logits(*inputs, EPS, backend=backend), target)
+        elif impl == "composite+ce":
+            loss_fn = lambda: F.cross_entropy(composite_logits(*inputs, EPS), target)
+        else:
+            raise ValueError(f"unknown implementation {impl!r}")
+    return (lambda: torch.autograd.grad(loss_fn(), inputs)), inputs
+
+
+def time_ms(impl, B, C, D, device, full=False, min_run_time=1.0, backend=None) -> float:
+    """Median forward+backward time in milliseconds."""
+    fn, _ = _problem(impl, B, C, D, device, full, backend)
+    fn()  # first call: registration, autotuning, compilation
+    if device == "cpu":
+        from torch.utils.benchmark import Timer
+        return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak_bytes(impl, B, C, D, device, full=False, backend=None) -> int:
+    """Peak memory beyond the inputs of one forward+backward (gradients included); -1 if failed."""
+    if device == "cpu":  # fresh process: one implementation's freed pages must not hide another's
+        cmd = ([sys.executable, "-m", "bench.ce_bench", "--probe", impl, str(B), str(C), str(D),
+                "--backend", backend or _default_backend(device)] + (["--full"] if full else []))
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            sys.stderr.write(res.stderr[-2000:])
+            return -1
+        return json.loads(res.stdout.strip().splitlines()[-1])["bytes"]
+    fn, _ = _problem(impl, B, C, D, device, full, backend)
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _probe(impl, B, C, D, full, backend):
+    from bench.peak_memory import measure_here
+    small, _ = _problem(impl, 4, 8, D, "cpu", full, backend)
+    small()  # import-time and first-call allocations on a tiny problem first
+    fn, _ = _problem(impl, B, C, D, "cpu", full, backend)
+    print(json.dumps({"bytes": measure_here(fn)}))
+
+
+def run(device: str = "cpu", sizes=None, impls=IMPLS, full: bool = False, min_run_time: float = 1.0,
+        backend: str | None = None, log=print) -> list[dict]:
+    """One row per (size, implementation): time (ms) and peak memory (bytes). backend: the fused
+    kernels' backend (default: C++ on CPU, Triton on CUDA; "triton" on CPU needs TRITON_INTERPRET=1
+    and is only a smoke test of the code path)."""
+    sizes = sizes or (CPU_SIZES if device == "cpu" else GPU_SIZES)
+    rows = []
+    for B, C, D in sizes:
+        for impl in impls:
+            row = dict(B=B, C=C, D=D, impl=impl, device=device, full=full,
+                       backend=backend or _default_backend(device))
+            try:
+                row["ms"] = time_ms(impl, B, C, D, device, full, min_run_time, backend)
+                row["peak_bytes"] = peak_bytes(impl, B, C, D, device, full, backend)
+            except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. out of memory for an unfused path
+                row["error"] = str(e).splitlines()[0][:120]
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            if log:
+                log(json.dumps(row))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: time and peak memory per implementation, with ratios to linear+ce and to fused."""
+    out = ["| B, C, D | implementation | fwd+bwd ms | / linear+ce | peak MB | / fused |",
+           "|---|---|---:|---:|---:|---:|"]
+    by_size: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        by_size.setdefault((r["B"], r["C"], r["D"]), {})[r["impl"]] = r
+    for size, impls in by_size.items():
+        lin, fused = impls.get("linear+ce", {}), impls.get("fused", {})
+        for impl, r in impls.items():
+            if "error" in r:
+                out.append(f"| {size} | {impl} | failed: {r['error']} | | | |")
+                continue
+            t_ratio = f"{r['ms'] / lin['ms']:.2f}x" if lin.get("ms") else "n/a"
+            m_ratio = f"{r['peak_bytes'] / fused['peak_bytes']:.1f}x" if fused.get("peak_bytes", 0) > 0 else "n/a"
+            out.append(f"| {size} | {impl} | {r['ms']:.2f} | {t_ratio} | {r['peak_bytes'] / 1e6:.1f} | {m_ratio} |")
+    return "\n".join(out)
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, where the rows have the sizes: CPU, peak memory at C = 100,000 at
+    least 5x below the unfused path (logits+ce); CUDA at (4096, 100000, 256), forward+backward
+    at most 1.3x linear+ce's time and peak memory below it."""
+    get = {(r["device"], r["B"], r["C"], r["D"], r["impl"]): r for r in rows if "error" not in r}
+    lines = []
+    for (dev, B, C, D, impl), r in get.items():
+        if impl != "fused":
+            continue
+        if dev == "cpu" and C == 100_000 and (dev, B, C, D, "logits+ce") in get:
+            ratio = get[(dev, B, C, D, "logits+ce")]["peak_bytes"] / r["peak_bytes"]
+            lines.append(f"CPU ({B}, {C}, {D}): unfused/fused peak memory {ratio:.1f}x (target >= 5x): "
+                         f"{'met' if ratio >= 5 else 'NOT met'}")
+        if dev == "cuda" and (B, C, D) == (4096, 100_000, 256) and (dev, B, C, D, "linear+ce") in get:
+            lin = get[(dev, B, C, D, "linear+ce")]
+            t, m = r["ms"] / lin["ms"], r["peak_bytes"] / lin["peak_bytes"]
+            lines.append(f"CUDA ({B}, {C}, {D}): fused/linear+ce time {t:.2f}x (target <= 1.3x): "
+                         f"{'met' if t <= 1.3 else 'NOT met'}; peak memory {m:.2f}x (target < 1): "
+                         f"{'met' if m < 1 else 'NOT met'}")
+    return lines
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> str:
+    name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    return (f"device: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+            f"python {platform.python_version()}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--sizes", nargs="*", default=None, help="B,C,D triples (default: the device's SPEC sizes)")
+    p.add_argument("--impls", nargs="*", default=IMPLS, choices=IMPLS)
+    p.add_argument("--full", action="store_true", help="full [D, D] L (default: diagonal)")
+    p.add_argument("--backend", default=None, choices=["cpp", "triton"],
+                   help="the fused kernels' backend (default: cpp on CPU, triton on CUDA)")
+    p.add_argument("--min-time", type=float, default=1.0, help="CPU: seconds of timing per measurement")
+    p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument("--probe", nargs=4, metavar=("IMPL", "B", "C", "D"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.probe:
+        impl, B, C, D = args.probe
+        return _probe(impl, int(B), int(C), int(D), args.full, args.backend)
+    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else None
+    rows = run(args.device, sizes, args.impls, args.full, args.min_time, args.backend)
+    text = "\n".join([environment(args.device), "", format_table(rows), ""] + check_targets(rows))
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""Rewrites one marked section of bench/RESULTS.md, leaving the others as they are."""
+from __future__ import annotations
+
+import pathlib
+import re
+
+RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
+
+
+def write_section(key: str, body: str) -> None:
+    begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)

@@ -1,0 +1,556 @@
+// Fused Randers cross-entropy on the CPU (SPEC §2.2). The forward returns per-row statistics of
+// the logits logit'_bc = −γ·(d_bc + margin·[c = t_b]):
+//     lse_b = logsumexp_c logit'_bc,   tl_b = logit'_b,t_b,   sl_b = Σ_c logit'_bc
+// from an online logsumexp over class tiles, and the backward takes per-row upstream weights
+// (∂loss/∂lse, ∂loss/∂tl, ∂loss/∂sl) and recomputes each tile. No [B, C] array exists at any point.
+// The loss itself (reduction, ignore_index, label smoothing) is O(B) work done in Python
+// (faim_kernels/ops/randers_cross_entropy.py), which also holds the autograd formula.
+//
+// Unlike the logits op, this op takes the RAW inputs (x, mu, Lc, beta, the centre m): the rows of
+// mu' = (mu − m)·Lc are formed one class tile at a time and ∂mu is written directly, so nothing of
+// size [C, D] exists besides ∂mu itself (the shared transform's mu' and ∂mu' would each be as big
+// as mu, more than the [B, C] logits at D = 128, B = 256).
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+#include "randers_common.h"
+
+namespace faim_kernels {
+namespace {
+
+// Rows per GEMM: each worker holds one [kRowBlock, kTileC] tile of dots (1 MiB in float32).
+constexpr int64_t kRowBlock = 1024;
+// Class chunks (runs of class tiles) are the unit of parallel work; their number depends on the
+// shapes only, never on the thread count, so results are bitwise the same on any machine. The
+// backward keeps one ∂x' partial [B, D] per chunk, reduced in chunk order: capped in bytes.
+constexpr int64_t kMaxChunks = 32;
+constexpr int64_t kPartialBytes = int64_t(64) << 20;
+
+int64_t num_chunks(int64_t B, int64_t C, int64_t D, int64_t elem_size) {
+    const int64_t by_memory = std::max<int64_t>(1, kPartialBytes / std::max<int64_t>(1, B * D * elem_size));
+    return std::max<int64_t>(1, std::min({ceil_div(C, kTileC), kMaxChunks, by_memory}));
+}
+
+// Class tiles [first, last) of chunk cc.
+std::pair<int64_t, int64_t> chunk_tiles(int64_t cc, int64_t n_cc, int64_t n_ct) {
+    return {cc * n_ct / n_cc, (cc + 1) * n_ct / n_cc};
+}
+
+template <typename T>
+struct CEProblem {
+    // raw x, mu, lc; x' = (x − m)·Lc, |x'|², sx. mu' is formed per tile (in.mup stays empty); the
+    // tile that forms a class also fills its |mu'_c|² (in.munorm) and smu_c (in.smu), O(C) in all.
+    RandersInputs<T> in;
+    at::Tensor lc;        // [D] or [D, D], detached
+    at::Tensor xc;        // [B, D] x − m
+    at::Tensor sx, smu;   // [B], [C] float64 x·beta, mu·beta (own in.sx, in.smu)
+    const T* center;      // [D] m, the detached centre of the prototypes (accuracy only: q is shift-invariant)
+    const T* beta;        // [D]
+    const int64_t* target;  // [B] class index in [0, C); anything else: no target class in this op's classes
+    double gamma, margin;
+    std::vector<at::Tensor> owned;  // keeps the (contiguous) tensors behind the raw pointers alive
+};
+
+template <typename T>
+CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
+                   const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma,
+                   const at::Tensor& target, double eps, double tau, double margin) {
+    CEProblem<T> pb;
+    RandersInputs<T>& in = pb.in;
+    in.B = x.size(0);
+    in.C = mu.size(0);
+    in.D = x.size(1);
+    in.full = lc.dim() == 2;
+    // Detached: GEMMs into caller buffers (mm_out) run in worker threads, where the no-grad guard
+    // of the entry point does not reach.
+    pb.lc = lc.detach();
+    pb.xc = x.detach() - center;
+    in.xp = (in.full ? at::mm(pb.xc, lc) : pb.xc * lc).contiguous();
+    in.xnorm = row_sq_norms<T>(in.xp);
+    pb.sx = at::mv(x.to(at::kDouble), beta.to(at::kDouble)).contiguous();
+    in.sx = pb.sx.template data_ptr<double>();
+    in.munorm.assign(in.C, T(0));
+    pb.smu = at::zeros({in.C}, x.options().dtype(at::kDouble));
+    in.smu = pb.smu.template data_ptr<double>();
+    in.x = x.data_ptr<T>();
+    in.mu = mu.data_ptr<T>();
+    in.lc = lc.data_ptr<T>();
+    in.lam = lam.item<double>();
+    in.eps = eps;
+    in.tau = tau;
+    pb.center = center.data_ptr<T>();
+    pb.beta = beta.data_ptr<T>();
+    pb.target = target.data_ptr<int64_t>();
+    pb.gamma = gamma.item<double>();
+    pb.margin = margin;
+    pb.owned = {x, mu, beta, center, target};
+    return pb;
+}
+
+// One class tile of mu' = (mu − m)·Lc, formed on the fly, with its norms |mu'_c|² and the
+// projections smu_c = mu_c·beta (float64, as in the transform) written to the problem's [C]
+// arrays (each class belongs to one tile, so workers never write the same entry).
+// cent = mu − m is kept for the chain rule to Lc.
+template <typename T>
+struct ClassTile {
+    int64_t c0 = 0, nc = 0, D;
+    std::vector<T> cent, mup;
+
+    explicit ClassTile(int64_t D_) : D(D_), cent(kTileC * D_), mup(kTileC * D_) {}
+
+    void build(const CEProblem<T>& pb, int64_t first, int64_t count) {
+        c0 = first;
+        nc = count;
+        const RandersInputs<T>& in = pb.in;
+        T* norm = const_cast<T*>(in.munorm.data()) + c0;
+        double* smu = const_cast<double*>(in.smu) + c0;
+        for (int64_t j = 0; j < nc; ++j) {
+            const T* row = in.mu + (c0 + j) * D;
+            double s = 0;
+            for (int64_t k = 0; k < D; ++k) {
+                cent[j * D + k] = row[k] - pb.center[k];
+                s += double(row[k]) * double(pb.beta[k]);
+            }
+            smu[j] = s;
+        }
+        if (in.full) {
+            at::Tensor out = at::from_blob(mup.data(), {nc, D}, pb.lc.options());
+            at::mm_out(out, at::from_blob(cent.data(), {nc, D}, pb.lc.options()), pb.lc);
+        } else {
+            for (int64_t j = 0; j < nc; ++j)
+                for (int64_t k = 0; k < D; ++k) mup[j * D + k] = cent[j * D + k] * in.lc[k];
+        }
+        for (int64_t j = 0; j < nc; ++j) {
+            double n = 0;
+            for (int64_t k = 0; k < D; ++k) n += double(mup[j * D + k]) * double(mup[j * D + k]);
+            norm[j] = T(n);
+        }
+    }
+
+    at::Tensor mup_tensor(const at::TensorOptions& opts) { return at::from_blob(mup.data(), {nc, D}, opts); }
+};
+
+// dots[0:nr, 0:nc] = x'[r0:r0+nr] · mu'_tileᵀ (BLAS).
+template <typename T>
+void row_dots(const CEProblem<T>& pb, ClassTile<T>& tile, int64_t r0, int64_t nr, T* dots) {
+    const auto opts = pb.in.xp.options();
+    at::Tensor out = at::from_blob(dots, {nr, tile.nc}, opts);
+    at::mm_out(out, pb.in.xp.narrow(0, r0, nr), tile.mup_tensor(opts).t());
+}
+
+// exp(v) for v <= 0 (every exponent here is a logit minus a running max or minus lse) as
+// plain arithmetic the compiler vectorises, unlike std::exp: 2^n·e^r with r = v − n·ln2,
+// |r| <= ln2/2, and e^r from its Taylor series to r^7 (truncation below 1e-8 relative, under
+// float's half-ulp). v < −80 gives 0; NaN stays NaN. float64 uses std::exp.
+inline float exp_nonpositive(float v) {
+    const float t = v < -80.0f ? -80.0f : v;
+    const float n = float(int(t * 1.44269504f - 0.5f));  // round(t/ln2) for t <= 0, in [−116, 0]
+    const float r = (t - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 = 0.693359375 − 2.1219444e-4
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &p, 4);
+    bits += int32_t(n) << 23;  // p·2^n, a normal number for n >= −116
+    float out;
+    std::memcpy(&out, &bits, 4);
+    out = v < -80.0f ? 0.0f : out;  // e^−80 = 2e-35: nothing next to the row's total of at least 1
+    return v == v ? out : v;
+}
+inline double exp_nonpositive(double v) { return std::exp(v); }
+
+// Σ v[j] and max v[j] with four independent accumulators (a fixed order: deterministic), which
+// breaks the dependency chain of one running sum; the sum accumulates in float64.
+template <typename T>
+double sum_to_double(const T* v, int64_t n) {
+    double s[4] = {0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; ++k) s[k] += double(v[j + k]);
+    for (; j < n; ++j) s[0] += double(v[j]);
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <typename T>
+double dot_to_double(const T* a, const T* b, int64_t n) {
+    double s[4] = {0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; ++k) s[k] += double(a[j + k]) * double(b[j + k]);
+    for (; j < n; ++j) s[0] += double(a[j]) * double(b[j]);
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <typename T>
+T max_ignoring_nan(const T* v, int64_t n) {  // NaN never wins: it reaches lse through Σ logits
+    T m[4] = {-std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity(),
+              -std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity()};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; ++k) m[k] = v[j + k] > m[k] ? v[j + k] : m[k];
+    for (; j < n; ++j) m[0] = v[j] > m[0] ? v[j] : m[0];
+    return std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+}
+
+// Per-row scratch of one worker: the shared epilogue terms (a, r, s, d, at-risk flags) and the
+// backward's G, H, R.
+template <typename T>
+struct RowWork : RowTerms<T> {
+    std::vector<T> logit, e, G, H, R;
+    explicit RowWork(int64_t n) : RowTerms<T>(n), logit(n), e(n), G(n), H(n), R(n) {}
+};
+
+// The backward's per-pair terms of one row (SPEC §2): G = w_lse·softmax + w_sl (the target's
+// w_tl is added by the caller), H = −γ·G, P = H/a, R = H·λ·s/r. a = 0 only at an exact hit with
+// eps = 0: subgradient 0 there (NaN stays NaN). Divide first, select after: the loop vectorises.
+template <typename T>
+void backward_terms(int64_t n, T wl, T ws, T g, T lam, const T* __restrict__ softmax, const T* __restrict__ a,
+                    const T* __restrict__ r, const T* __restrict__ s, T* __restrict__ G, T* __restrict__ H,
+                    T* __restrict__ P, T* __restrict__ R) {
+    for (int64_t j = 0; j < n; ++j) {
+        G[j] = wl * softmax[j] + ws;
+        H[j] = -g * G[j];
+        const T p = H[j] / a[j], rr = H[j] * lam * s[j] / r[j];
+        P[j] = a[j] == T(0) ? T(0) : p;
+        R[j] = r[j] == T(0) ? T(0) : rr;
+    }
+}
+
+// The target's column in the tile [c0, c0 + nc), or −1.
+inline int64_t target_column(const int64_t* target, int64_t b, int64_t c0, int64_t nc) {
+    const int64_t j = target[b] - c0;
+    return (j >= 0 && j < nc) ? j : -1;
+}
+
+// Forward: each chunk keeps, per row, an online logsumexp (running max and Σ exp(l − max), as in
+// flash attention) and Σ logits over its classes; chunks are merged in order at the end.
+template <typename T>
+void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
+    const RandersInputs<T>& in = pb.in;
+    const int64_t B = in.B, C = in.C, D = in.D;
+    const double inf = std::numeric_limits<double>::infinity();
+    std::fill(tl, tl + B, 0.0);
+    if (C == 0) {
+        std::fill(lse, lse + B, -inf);
+        std::fill(sl, sl + B, 0.0);
+        return;
+    }
+    const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
+    std::vector<double> run_max(n_cc * B, -inf), run_sum(n_cc * B, 0.0), run_sl(n_cc * B, 0.0);
+    const T g = T(pb.gamma), margin = T(pb.margin);
+
+    at::parallel_for(0, n_cc, 1, [&](int64_t begin, int64_t end) {
+        ClassTile<T> tile(D);
+        RowWork<T> w(kTileC);
+        std::vector<T> dots(std::min(B, kRowBlock) * kTileC);
+        std::vector<double> acc(D);
+        for (int64_t cc = begin; cc < end; ++cc) {
+            const auto [t0, t1] = chunk_tiles(cc, n_cc, n_ct);
+            for (int64_t ct = t0; ct < t1; ++ct) {
+                tile.build(pb, ct * kTileC, std::min(kTileC, C - ct * kTileC));
+                const int64_t nc = tile.nc;
+                for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
+                    const int64_t nr = std::min(kRowBlock, B - r0);
+                    row_dots(pb, tile, r0, nr, dots.data());
+                    for (int64_t i = 0; i < nr; ++i) {
+                        const int64_t b = r0 + i;
+                        row_terms(in, b, tile.c0, nc, dots.data() + i * nc, w);
+                        T* l = w.logit.data();
+                        for (int64_t j = 0; j < nc; ++j) l[j] = -g * w.d[j];  // Eq. 3
+                        // Pairs at risk, and the target pair always, from the raw difference (SPEC §2.1):
+                        // the target logit and the margin, which dominate the loss, are exact.
+                        const int64_t jt = target_column(pb.target, b, tile.c0, nc);
+                        for (int64_t j = 0; j < nc; ++j)
+                            if (w.near[j] != T(0) || j == jt)
+                                l[j] = -g * (pair_direct(in, b, tile.c0 + j, acc.data(), (T*)nullptr).d +
+                                             (j == jt ? margin : T(0)));
+                        if (jt >= 0) tl[b] = double(l[jt]);
+                        const T mx = max_ignoring_nan(l, nc);
+                        run_sl[cc * B + b] += sum_to_double(l, nc);
+                        if (mx == -std::numeric_limits<T>::infinity()) continue;  // nothing to add
+                        double& m = run_max[cc * B + b];
+                        double& sum = run_sum[cc * B + b];
+                        if (double(mx) > m) {
+                            sum *= std::exp(m - double(mx));
+                            m = double(mx);
+                        }
+                        const T mt = T(m);  // m is a logit: exact in T
+                        T* e = w.e.data();
+                        for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(T(l[j] - mt));
+                        sum += sum_to_double(e, nc);
+                    }
+                }
+            }
+        }
+    });
+
+    for (int64_t b = 0; b < B; ++b) {
+        double M = -inf, total = 0, lsum = 0;
+        for (int64_t cc = 0; cc < n_cc; ++cc) {
+            M = std::max(M, run_max[cc * B + b]);
+            lsum += run_sl[cc * B + b];
+        }
+        for (int64_t cc = 0; cc < n_cc; ++cc)
+            if (run_max[cc * B + b] > -inf) total += run_sum[cc * B + b] * std::exp(run_max[cc * B + b] - M);
+        sl[b] = lsum;
+        lse[b] = std::isnan(lsum) ? lsum : (M == -inf ? -inf : M + std::log(total));
+    }
+}
+
+// Backward. With G_bc = ∂loss/∂logit'_bc = w_lse,b·exp(logit'_bc − lse_b) + w_sl,b + w_tl,b·[c = t_b],
+// H = −γ·G, P = H/a and R = H·λ·s/r (SPEC §2):
+//   ∂x'_b  = rowsum(P)_b·x'_b − (P·mu')_b,  ∂mu'_c = colsum(P)_c·mu'_c − (Pᵀ·x')_c   (far pairs, GEMMs)
+//   ± P·diff' for pairs recomputed from the raw difference (near pairs and every target pair),
+//   ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·(d + margin·[c = t]),
+// then chained to the raw inputs: x' = (x − m)·Lc, mu' = (mu − m)·Lc, sx = x·beta, smu = mu·beta.
+// Each chunk owns its classes' ∂mu rows (finished tile by tile) and a ∂x' partial; the partials
+// are summed in chunk order. A tile whose P is exactly zero (every exp underflowed) skips its GEMMs.
+template <typename T>
+std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse, const double* w_tl,
+                                    const double* w_sl, const double* lse) {
+    const RandersInputs<T>& in = pb.in;
+    const int64_t B = in.B, C = in.C, D = in.D;
+    const auto opts = in.xp.options();
+    const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
+    at::Tensor dmu = at::empty({C, D}, opts);  // every row is written by its chunk
+    at::Tensor dxp_part = at::zeros({n_cc, B, D}, opts);
+    std::vector<int64_t> lc_shape{n_cc};
+    for (int64_t s : pb.lc.sizes()) lc_shape.push_back(s);
+    at::Tensor dlc_part = at::zeros(lc_shape, opts);
+    std::vector<double> rowsum_part(n_cc * B, 0.0), dsx_part(n_cc * B, 0.0), dbeta_part(n_cc * D, 0.0);
+    std::vector<double> dlam_part(n_cc, 0.0), dgam_part(n_cc, 0.0);
+    const T g = T(pb.gamma), lam = T(in.lam), margin = T(pb.margin);
+
+    at::parallel_for(0, C > 0 ? n_cc : 0, 1, [&](int64_t begin, int64_t end) {
+        ClassTile<T> tile(D);
+        RowWork<T> w(kTileC);
+        std::vector<T> P(std::min(B, kRowBlock) * kTileC), diffp(D), dmup(kTileC * D);
+        std::vector<double> acc(D), colsum(kTileC), dsmu(kTileC);
+        for (int64_t cc = begin; cc < end; ++cc) {
+            at::Tensor part = dxp_part.select(0, cc);
+            T* partp = part.data_ptr<T>();
+            double dlam = 0, dgam = 0;
+            const auto [t0, t1] = chunk_tiles(cc, n_cc, n_ct);
+            for (int64_t ct = t0; ct < t1; ++ct) {
+                tile.build(pb, ct * kTileC, std::min(kTileC, C - ct * kTileC));
+                const int64_t c0 = tile.c0, nc = tile.nc;
+                std::fill(dmup.begin(), dmup.end(), T(0));
+                std::fill(colsum.begin(), colsum.end(), 0.0);
+                std::fill(dsmu.begin(), dsmu.end(), 0.0);
+                at::Tensor mup_t = tile.mup_tensor(opts);
+                at::Tensor dmup_t = at::from_blob(dmup.data(), {nc, D}, opts);
+                for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
+                    const int64_t nr = std::min(kRowBlock, B - r0);
+                    row_dots(pb, tile, r0, nr, P.data());  // dots, overwritten by P in place
+                    bool any = false;
+                    for (int64_t i = 0; i < nr; ++i) {
+                        const int64_t b = r0 + i;
+                        T* Prow = P.data() + i * nc;
+                        if (w_lse[b] == 0 && w_tl[b] == 0 && w_sl[b] == 0) {  // e.g. an ignored target
+                            std::fill(Prow, Prow + nc, T(0));
+                            continue;
+                        }
+                        const T wl = T(w_lse[b]), wt = T(w_tl[b]), ws = T(w_sl[b]);
+                        const double lse_b = lse[b];
+                        row_terms(in, b, c0, nc, Prow, w);  // Prow holds the dots until P overwrites it
+                        T *l = w.logit.data(), *e = w.e.data(), *G = w.G.data(), *H = w.H.data(), *R = w.R.data();
+                        T* d = w.d.data();  // becomes d + margin·[target] below
+                        const T *a = w.a.data(), *r = w.r.data(), *sv = w.s.data();
+                        for (int64_t j = 0; j < nc; ++j) l[j] = T(double(-g * d[j]) - lse_b);
+                        for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(l[j]);  // softmax_bc
+                        backward_terms(nc, wl, ws, g, lam, e, a, r, sv, G, H, Prow, R);
+                        // Pairs at risk and the target pair: exact terms from diff' (SPEC §2.1), and
+                        // out of the GEMMs (P = 0 there).
+                        const int64_t jt = target_column(pb.target, b, c0, nc);
+                        for (int64_t j = 0; j < nc; ++j) {
+                            if (w.near[j] == T(0) && j != jt) continue;
+                            const Pair<T> pr = pair_direct(in, b, c0 + j, acc.data(), diffp.data());
+                            const T dist = pr.d + (j == jt ? margin : T(0));
+                            d[j] = dist;
+                            G[j] = wl * exp_nonpositive(T(double(-g * dist) - lse_b)) + ws + (j == jt ? wt : T(0));
+                            H[j] = -g * G[j];
+                            R[j] = pr.r == T(0) ? T(0) : H[j] * lam * pr.s / pr.r;
+                            const T Pj = pr.a == T(0) ? T(0) : H[j] / pr.a;
+                            T* dxrow = partp + b * D;
+                            T* dmrow = dmup.data() + j * D;
+                            for (int64_t k = 0; k < D; ++k) {
+                                dxrow[k] += Pj * diffp[k];
+                                dmrow[k] -= Pj * diffp[k];
+                            }
+                            Prow[j] = T(0);
+                        }
+                        for (int64_t j = 0; j < nc; ++j) {
+                            dsmu[j] -= double(R[j]);
+                            colsum[j] += double(Prow[j]);
+                        }
+                        dlam += dot_to_double(H, r, nc);
+                        dgam -= dot_to_double(G, d, nc);
+                        const double rsum = sum_to_double(Prow, nc);
+                        rowsum_part[cc * B + b] += rsum;
+                        dsx_part[cc * B + b] += sum_to_double(R, nc);
+                        if (!any)
+                            for (int64_t j = 0; j < nc; ++j) any = any || Prow[j] != T(0);  // NaN counts
+                    }
+                    if (any) {
+                        at::Tensor Pt = at::from_blob(P.data(), {nr, nc}, opts);
+                        part.narrow(0, r0, nr).addmm_(Pt, mup_t, 1, -1);
+                        dmup_t.addmm_(Pt.t(), in.xp.narrow(0, r0, nr), 1, -1);
+                    }
+                }
+                for (int64_t j = 0; j < nc; ++j)
+                    for (int64_t k = 0; k < D; ++k) dmup[j * D + k] += T(colsum[j]) * tile.mup[j * D + k];
+                // Chain rule for this tile: ∂mu = ∂mu'·Lcᵀ + ∂smu·betaᵀ, ∂Lc += (mu − m)ᵀ·∂mu',
+                // ∂beta += muᵀ·∂smu.
+                at::Tensor dmu_rows = dmu.narrow(0, c0, nc);
+                at::Tensor lcp = dlc_part.select(0, cc);
+                if (in.full) {
+                    at::mm_out(dmu_rows, dmup_t, pb.lc.t());
+                    lcp.addmm_(at::from_blob(tile.cent.data(), {nc, D}, opts).t(), dmup_t);
+                } else {
+                    T* lcpp = lcp.data_ptr<T>();
+                    T* out = dmu_rows.data_ptr<T>();
+                    for (int64_t j = 0; j < nc; ++j)
+                        for (int64_t k = 0; k < D; ++k) {
+                            out[j * D + k] = dmup[j * D + k] * in.lc[k];
+                            lcpp[k] += tile.cent[j * D + k] * dmup[j * D + k];
+                        }
+                }
+                T* out = dmu_rows.data_ptr<T>();
+                for (int64_t j = 0; j < nc; ++j) {
+                    const T* murow = in.mu + (c0 + j) * D;
+                    for (int64_t k = 0; k < D; ++k) {
+                        out[j * D + k] += T(dsmu[j]) * pb.beta[k];
+                        dbeta_part[cc * D + k] += dsmu[j] * double(murow[k]);
+                    }
+                }
+            }
+            dlam_part[cc] = dlam;
+            dgam_part[cc] = dgam;
+        }
+    });
+
+    // Partials summed in chunk order: the result does not depend on thread timing.
+    at::Tensor dxp = dxp_part.select(0, 0).clone();
+    at::Tensor dlc = dlc_part.select(0, 0).clone();
+    for (int64_t cc = 1; cc < n_cc; ++cc) {
+        dxp.add_(dxp_part.select(0, cc));
+        dlc.add_(dlc_part.select(0, cc));
+    }
+    at::Tensor rowsum = at::empty({B}, opts), dsx = at::empty({B}, opts.dtype(at::kDouble));
+    T* rs = rowsum.data_ptr<T>();
+    double* dsxp = dsx.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b) {
+        double r = 0, s = 0;
+        for (int64_t cc = 0; cc < n_cc; ++cc) {
+            r += rowsum_part[cc * B + b];
+            s += dsx_part[cc * B + b];
+        }
+        rs[b] = T(r);
+        dsxp[b] = s;
+    }
+    dxp.addcmul_(rowsum.unsqueeze(1), in.xp);
+    // Chain rule for the rows: ∂x = ∂x'·Lcᵀ + ∂sx·betaᵀ, ∂Lc += (x − m)ᵀ·∂x', ∂beta += xᵀ·∂sx.
+    at::Tensor beta_t = at::from_blob(const_cast<T*>(pb.beta), {D}, opts);
+    at::Tensor dx = in.full ? at::mm(dxp, pb.lc.t()) : dxp * pb.lc;
+    dx.addcmul_(dsx.to(opts.dtype()).unsqueeze(1), beta_t.unsqueeze(0));
+    if (in.full)
+        dlc.addmm_(pb.xc.t(), dxp);
+    else
+        dlc.add_((pb.xc * dxp).sum(0));
+    at::Tensor x64 = at::from_blob(const_cast<T*>(in.x), {B, D}, opts).to(at::kDouble);
+    at::Tensor dbeta = at::mv(x64.t(), dsx);
+    double* dbp = dbeta.data_ptr<double>();
+    for (int64_t cc = 0; cc < n_cc; ++cc)
+        for (int64_t k = 0; k < D; ++k) dbp[k] += dbeta_part[cc * D + k];
+    double dlam = 0, dgam = 0;
+    for (int64_t cc = 0; cc < n_cc; ++cc) {
+        dlam += dlam_part[cc];
+        dgam += dgam_part[cc];
+    }
+    const auto f64 = opts.dtype(at::kDouble);
+    return {dx, dmu, dlc, dbeta.to(opts.dtype()), at::scalar_tensor(dlam, f64), at::scalar_tensor(dgam, f64)};
+}
+
+void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
+                   const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma,
+                   const at::Tensor& target) {
+    TORCH_CHECK(x.dim() == 2 && mu.dim() == 2 && x.size(1) == mu.size(1), "x [B, D] and mu [C, D] must share D");
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                "the CPU kernel computes in float32 or float64, got ", x.scalar_type());
+    const int64_t D = x.size(1);
+    for (const at::Tensor* t : {&mu, &lc, &beta, &center})
+        TORCH_CHECK(t->scalar_type() == x.scalar_type(), "x, mu, lc, beta and center must share one dtype");
+    TORCH_CHECK((lc.dim() == 1 && lc.size(0) == D) || (lc.dim() == 2 && lc.size(0) == D && lc.size(1) == D),
+                "lc must be [D] or [D, D]");
+    TORCH_CHECK(beta.dim() == 1 && beta.size(0) == D && center.dim() == 1 && center.size(0) == D,
+                "beta and center must be [D]");
+    TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == x.size(0),
+                "target must be int64 [B]");
+    TORCH_CHECK(lam.numel() == 1 && gamma.numel() == 1, "lam and gamma must be 0-dim tensors");
+    for (const at::Tensor* t : {&x, &mu, &lc, &beta, &center, &target})
+        TORCH_CHECK(t->device().is_cpu(), "the C++ kernel takes CPU tensors");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
+    const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target,
+    double eps, double tau, double margin) {
+    check_ce_args(x, mu, lc, beta, center, lam, gamma, target);
+    at::NoGradGuard no_grad;  // the ATen calls below are part of this op, not of the autograd graph
+    const auto f64 = x.options().dtype(at::kDouble);
+    at::Tensor lse = at::empty({x.size(0)}, f64), tl = at::empty({x.size(0)}, f64), sl = at::empty({x.size(0)}, f64);
+    if (x.size(0) == 0) return {lse, tl, sl};
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_fwd", [&] {
+        const auto pb = setup<scalar_t>(x.contiguous(), mu.contiguous(), lc.contiguous(), beta.contiguous(),
+                                        center.contiguous(), lam, gamma, target.contiguous(), eps, tau, margin);
+        ce_forward<scalar_t>(pb, lse.data_ptr<double>(), tl.data_ptr<double>(), sl.data_ptr<double>());
+    });
+    return {lse, tl, sl};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_bwd_cpu(
+    const at::Tensor& w_lse, const at::Tensor& w_tl, const at::Tensor& w_sl, const at::Tensor& lse,
+    const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
+    const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target,
+    double eps, double tau, double margin) {
+    check_ce_args(x, mu, lc, beta, center, lam, gamma, target);
+    at::NoGradGuard no_grad;
+    for (const at::Tensor* t : {&w_lse, &w_tl, &w_sl, &lse})
+        TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0), "the row weights and lse must be [B]");
+    const at::Tensor wl = w_lse.to(at::kDouble).contiguous(), wt = w_tl.to(at::kDouble).contiguous(),
+                     ws = w_sl.to(at::kDouble).contiguous(), l = lse.to(at::kDouble).contiguous();
+    std::vector<at::Tensor> res;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_bwd", [&] {
+        const auto pb = setup<scalar_t>(x.contiguous(), mu.contiguous(), lc.contiguous(), beta.contiguous(),
+                                        center.contiguous(), lam, gamma, target.contiguous(), eps, tau, margin);
+        res = ce_backward<scalar_t>(pb, wl.data_ptr<double>(), wt.data_ptr<double>(), ws.data_ptr<double>(),
+                                    l.data_ptr<double>());
+    });
+    return {res[0], res[1], res[2], res[3], res[4].to(lam.scalar_type()), res[5].to(gamma.scalar_type())};
+}
+
+}  // namespace
+
+// The schema lives beside the kernel; the library block itself is in randers_logits.cpp.
+TORCH_LIBRARY_FRAGMENT(faim_kernels, m) {
+    m.def("randers_cross_entropy_fwd(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor center, Tensor lam, "
+          "Tensor gamma, Tensor target, float eps, float tau, float margin) -> (Tensor, Tensor, Tensor)");
+    m.def("randers_cross_entropy_bwd(Tensor w_lse, Tensor w_tl, Tensor w_sl, Tensor lse, Tensor x, Tensor mu, "
+          "Tensor lc, Tensor beta, Tensor center, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
+          "float margin) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(faim_kernels, CPU, m) {
+    m.impl("randers_cross_entropy_fwd", &randers_ce_fwd_cpu);
+    m.impl("randers_cross_entropy_bwd", &randers_ce_bwd_cpu);
+}
+
+}  // namespace faim_kernels

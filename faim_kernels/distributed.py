@@ -1,0 +1,153 @@
+"""Class-sharded ("model-parallel") Randers cross-entropy over torch.distributed, for heads with
+millions of classes.
+
+Each rank of a process group holds a contiguous slice of the prototypes mu (rank r: classes
+[offset_r, offset_r + C_r), slices in rank order; `shard_range` gives an even split) and the same
+x, target, L, beta, lam, gamma as every other rank (x is typically the all-gathered batch). Each
+rank runs the fused kernel on its slice only, which yields per-row statistics of its logits
+(faim_kernels/ops/randers_cross_entropy.py): lse^r, the target logit tl^r (0 unless the target is
+one of its classes) and Σ logits sl^r. Two all-reduces combine them into the statistics of the
+full softmax,
+
+    M_b = max_r lse^r_b                                            (all_reduce MAX, no gradient)
+    lse_b = M_b + log Σ_r exp(lse^r_b − M_b),  tl_b = Σ_r tl^r_b,  sl_b = Σ_r sl^r_b   (all_reduce SUM)
+
+so every rank computes the same loss, equal to the single-process loss. Backward: the sum's
+gradient is passed through unchanged (the loss above it is the same function on every rank), so
+rank r's kernel receives ∂loss/∂lse^r_b = ∂loss/∂lse_b · exp(lse^r_b − lse_b), i.e. its part of
+the global softmax, and produces the exact gradient of its own slice of mu. The replicated inputs
+(x, L, beta, lam, gamma) collect only the part of their gradient that flows through the rank's
+classes, so their gradients are summed over ranks (one all-reduce per dtype): every rank ends
+with the single-process gradient, as data-parallel replicas would, and no extra synchronisation
+of those parameters is needed.
+
+Communication per step: B·8 bytes (MAX) + 3·B·8 bytes (SUM) forward, and the size of the
+replicated gradients backward (about B·D + D² + D numbers); nothing of size C.
+
+Example (every rank runs it, e.g. under torchrun; "gloo" for CPU tensors, "nccl" for CUDA):
+
+    dist.init_process_group("nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    start, stop = shard_range(num_classes)                       # this rank's classes
+    mu = torch.nn.Parameter(0.1 * torch.randn(stop - start, D, device=dev))
+    # x must be the same on every rank: gather the local batches; putting the local tensor back
+    # in its own slot routes the (full) gradient of those rows to it, and nothing else.
+    parts = [torch.empty_like(feats) for _ in range(world)]
+    dist.all_gather(parts, feats.detach())
+    parts[rank] = feats
+    labels = [torch.empty_like(y) for _ in range(world)]
+    dist.all_gather(labels, y)
+    loss = sharded_randers_cross_entropy(torch.cat(parts), mu, L, beta, lam, gamma, torch.cat(labels),
+                                         margin=0.1, label_smoothing=0.1)
+    loss.backward()   # mu.grad: this slice's; L, beta, lam, gamma: the full gradients, on every rank
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._validation import check_inputs, check_loss_options, check_target
+from .functional import resolve_backend
+from .ops.randers_cross_entropy import local_targets, loss_from_stats, row_stats
+
+__all__ = ["sharded_randers_cross_entropy", "shard_range"]
+
+
+def shard_range(num_classes: int, rank: int | None = None, world_size: int | None = None,
+                group=None) -> tuple[int, int]:
+    """The classes [start, stop) of `rank` when num_classes are split evenly into contiguous slices
+    in rank order (the first num_classes % world_size ranks get one more). rank and world_size
+    default to the caller's in `group`."""
+    if rank is None:
+        rank = dist.get_rank(group)
+    if world_size is None:
+        world_size = dist.get_world_size(group)
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Forward: the sum over ranks of per-rank partials. Backward: identity, because what is
+    computed from the sum is the same on every rank, so ∂loss/∂(rank r's partial) = ∂loss/∂sum."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _Replicated(torch.autograd.Function):
+    """Forward: identity on inputs that every rank holds. Backward: their gradients summed over
+    ranks, each rank's graph having only the part that goes through its own classes."""
+
+    @staticmethod
+    def forward(ctx, group, *tensors):
+        ctx.group = group
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, g in enumerate(grads):
+            by_dtype.setdefault(g.dtype, []).append(i)
+        out = list(grads)
+        for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+            idx = by_dtype[dtype]
+            flat = torch.cat([grads[i].reshape(-1) for i in idx])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group)
+            for i, part in zip(idx, flat.split([grads[i].numel() for i in idx])):
+                out[i] = part.view_as(grads[i])
+        return (None, *out)
+
+
+def _shard_layout(num_local: int, device: torch.device, group) -> tuple[int, int]:
+    """(offset of this rank's first class, total number of classes) from every rank's slice size."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor([num_local], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(sizes, mine, group=group)
+    sizes = [int(s.item()) for s in sizes]
+    rank = dist.get_rank(group)
+    return sum(sizes[:rank]), sum(sizes)
+
+
+def sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6, margin: float = 0.0,
+                                  label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+                                  *, group=None, backend: str = "auto") -> torch.Tensor:
+    """fk.randers_cross_entropy over all ranks' classes, with mu [C_r, D] this rank's contiguous
+    slice of the prototypes (slices in rank order, see `shard_range`) and every other argument
+    the same on every rank (target holds global class indices). Returns the same loss on every
+    rank; backward gives this rank's slice of mu its exact gradient and x, L, beta, lam, gamma
+    their full (all-reduced) gradients. group: a torch.distributed process group (default: the
+    world); gloo for CPU tensors, NCCL for CUDA tensors. Collective: every rank must call it.
+    """
+    check_inputs(x, mu, L, beta, lam, gamma, eps)
+    check_loss_options(margin, label_smoothing, ignore_index, reduction)
+    offset, num_classes = _shard_layout(mu.shape[0], x.device, group)
+    check_target(target, x.shape[0], num_classes, ignore_index, x.device)
+    backend = resolve_backend(backend, x.device)
+
+    replicated = [(i, t) for i, t in enumerate((x, L, beta, lam, gamma))
+                  if isinstance(t, torch.Tensor) and t.requires_grad]
+    args = [x, L, beta, lam, gamma]
+    if replicated and torch.is_grad_enabled():
+        for (i, _), t in zip(replicated, _Replicated.apply(group, *[t for _, t in replicated])):
+            args[i] = t
+    x, L, beta, lam, gamma = args
+
+    valid, local = local_targets(target, ignore_index, offset, mu.shape[0])
+    lse_r, tl_r, sl_r = row_stats(x, mu, L, beta, lam, gamma, local, eps, margin, backend)
+    M = lse_r.detach().clone()
+    dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+    M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # a row with no class anywhere: −inf
+    sums = _AllReduceSum.apply(torch.stack([torch.exp(lse_r - M), tl_r, sl_r]), group)
+    # sums[0] >= 1 on any row with a class (the maximising rank adds exp(0)); the clamp only keeps
+    # log finite on rows with none (all ignored, C = 0), whose loss is masked anyway.
+    lse = M + torch.log(sums[0].clamp_min(torch.finfo(torch.float64).tiny))
+    return loss_from_stats(lse, sums[1], sums[2], valid, num_classes, label_smoothing, reduction, x.dtype)

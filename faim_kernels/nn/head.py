@@ -1,0 +1,438 @@
+"""FAIMHead, the Randers (FAIM) metric classifier, and the metric on its own (RandersMetric).
+
+    head = fk.FAIMHead(512, 1000)                  # instead of nn.Linear(512, 1000)
+    logits = head(features)                        # −γ·d_F(x, mu_c), through the fused kernels
+    loss = head.loss(features, target)             # the fused cross-entropy, no [B, C] logits
+
+Parameters (the names of the reference design, so its checkpoints load unchanged):
+
+    mu              [C, D]  class prototypes
+    beta            [D]     the 1-form
+    lmbda           []      λ, the weight of the 1-form: the kernels use λ = |lmbda|
+    scale           []      γ, the logit scale (inverse temperature): the kernels use γ = |scale|
+    L               [D, D]  full_sigma=True:  Sigma = tril(L)·tril(L)ᵀ + eps·I
+    log_sigma_diag  [D]     full_sigma=False: Sigma = diag(exp(log_sigma_diag)) + eps·I
+
+λ ≥ 0 and γ > 0 are kept by reading the raw parameters through an absolute value: whatever value
+an optimiser reaches is a valid metric, and where the raw values are already non-negative (every
+checkpoint of the reference design trained sensibly) the logits are exactly the reference's. The
+derivative of |v| is taken as +1 at v = 0, so a head started at λ = 0 can still learn λ.
+
+The diagonal mode maps onto the functional API's diagonal factor as L = exp(log_sigma_diag / 2)
+(Sigma = diag(L²) + eps·I), the full mode passes tril(L) (SPEC §1).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .. import functional as _F
+from .._validation import check_backend
+from .losses import randers_paired_distance
+
+__all__ = ["RandersMetric", "FAIMHead", "swap_classifier", "ledoit_wolf_shrinkage"]
+
+METRIC_GROUPS = ("sigma", "one_form", "scale")
+
+
+def _nonneg(v: torch.Tensor) -> torch.Tensor:
+    """|v| whose derivative is +1 at v = 0 (torch.abs has 0 there, which would pin λ = 0 for good)."""
+    return torch.where(v >= 0, v, -v)
+
+
+class _MetricParams(nn.Module):
+    """The metric's parameters (Sigma's factor, beta, lmbda) and what can be computed from them alone.
+
+    F(v) = sqrt(vᵀ·Sigma·v + eps) + λ·sqrt((βᵀv)² + eps) and d_F(x, y) = F(x − y) (SPEC Eq. 2).
+    """
+
+    def _init_metric(self, dim: int, full_sigma: bool, lambda_init: float, eps: float, backend: str,
+                     factory: dict) -> None:
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"in_features must be a positive int, got {dim!r}")
+        if not (isinstance(lambda_init, (int, float)) and lambda_init >= 0):
+            raise ValueError(f"lambda_init must be a float >= 0, got {lambda_init!r}")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+        check_backend(backend)
+        self.in_features = dim
+        self.full_sigma = bool(full_sigma)
+        self.eps = float(eps)
+        self.backend = backend
+        self._lambda_init = float(lambda_init)
+        self.beta = nn.Parameter(torch.empty(dim, **factory))
+        self.lmbda = nn.Parameter(torch.empty((), **factory))
+
+    def _init_sigma(self, factory: dict) -> None:
+        if self.full_sigma:
+            self.L = nn.Parameter(torch.empty(self.in_features, self.in_features, **factory))
+        else:
+            self.log_sigma_diag = nn.Parameter(torch.empty(self.in_features, **factory))
+
+    def _reset_metric(self) -> None:
+        with torch.no_grad():
+            self.beta.normal_()
+            self.lmbda.fill_(self._lambda_init)
+            if self.full_sigma:
+                self.L.copy_(torch.eye(self.in_features))
+            else:
+                self.log_sigma_diag.zero_()
+
+    # -- the metric as the functional API takes it -------------------------------------------------
+    @property
+    def lam(self) -> torch.Tensor:
+        """λ = |lmbda| (0-dim tensor, differentiable)."""
+        return _nonneg(self.lmbda)
+
+    def sigma_parameter(self) -> nn.Parameter:
+        return self.L if self.full_sigma else self.log_sigma_diag
+
+    def metric_factor(self) -> torch.Tensor:
+        """The functional API's L: tril(L) [D, D], or exp(log_sigma_diag / 2) [D] (Sigma = diag(L²) + eps·I)."""
+        if self.full_sigma:
+            return torch.tril(self.L)
+        return torch.exp(0.5 * self.log_sigma_diag)
+
+    def metric_args(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(L, beta, lam) for fk.randers_distance & co., cast to `dtype` when given."""
+        L, beta, lam = self.metric_factor(), self.beta, self.lam
+        if dtype is not None:
+            L, beta, lam = L.to(dtype), beta.to(dtype), lam.to(dtype)
+        return L, beta, lam
+
+    def sigma(self) -> torch.Tensor:
+        """Sigma [D, D] (as the reference design's _sigma())."""
+        from ..reference import sigma
+        return sigma(self.metric_factor(), self.eps)
+
+    # -- distances ---------------------------------------------------------------------------------
+    def _check_features(self, name: str, t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape [..., {self.in_features}], got {type(t).__name__}")
+        if t.dim() == 0 or t.shape[-1] != self.in_features:
+            raise ValueError(f"{name} must have shape [..., {self.in_features}] (in_features = {self.in_features}), "
+                             f"got {tuple(t.shape)}")
+
+    def _common_dtype(self, *tensors: torch.Tensor) -> torch.dtype:
+        dtype = self.beta.dtype
+        for t in tensors:
+            dtype = torch.promote_types(dtype, t.dtype)
+        return dtype
+
+    def cdist(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """d_F(x_i, y_j) for every pair -> [N, M] (x [N, D], y [M, D]), through the fused kernels."""
+        self._check_features("x", x)
+        self._check_features("y", y)
+        dtype = self._common_dtype(x, y)
+        return _F.randers_distance(x.to(dtype), y.to(dtype), *self.metric_args(dtype), eps=self.eps,
+                                   backend=self.backend)
+
+    def paired_distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """d_F(a_i, b_i) for matching rows -> [...] (plain PyTorch, O(N·D²) full, O(N·D) diagonal)."""
+        self._check_features("a", a)
+        self._check_features("b", b)
+        dtype = self._common_dtype(a, b)
+        return randers_paired_distance(a.to(dtype), b.to(dtype), *self.metric_args(dtype), eps=self.eps)
+
+    def norm(self, v: torch.Tensor) -> torch.Tensor:
+        """F(v) = d_F(v, 0) -> [...]: the Randers length of tangent vectors v [..., D]."""
+        return self.paired_distance(v, torch.zeros_like(v))
+
+    def _metric_repr(self) -> str:
+        return (f"sigma={'full' if self.full_sigma else 'diagonal'}, lambda={self.lam.item():.4g}, "
+                f"eps={self.eps:g}, backend={self.backend!r}")
+
+
+class RandersMetric(_MetricParams):
+    """The learnable Randers metric alone (Sigma, beta, λ; no prototypes, no scale), for the metric
+    losses and FAIMBlock. `metric(x, y)` is `metric.cdist(x, y)`: all pairwise distances [N, M].
+
+    A FAIMHead has the same methods and attributes, so a loss can share a head's metric instead.
+    """
+
+    def __init__(self, dim: int, full_sigma: bool = False, lambda_init: float = 0.1, eps: float = 1e-6,
+                 *, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self._init_metric(dim, full_sigma, lambda_init, eps, backend, factory)
+        self._init_sigma(factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self._reset_metric()
+        with torch.no_grad():  # a small 1-form: the metric starts close to the Mahalanobis one
+            self.beta.mul_(0.1 / math.sqrt(self.in_features))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.cdist(x, y)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.in_features}, " + self._metric_repr()
+
+
+class FAIMHead(_MetricParams):
+    """Randers (FAIM) metric classification head: logits_c = −γ·d_F(x, mu_c) (SPEC Eq. 2, 3).
+
+    A drop-in for `nn.Linear(in_features, num_classes)` as a classifier: input [..., in_features],
+    output [..., num_classes]. Args:
+        in_features:  feature dimension D.
+        num_classes:  number of classes C.
+        lambda_init:  initial λ (weight of the 1-form), >= 0.
+        scale_init:   initial γ (logit scale), > 0.
+        full_sigma:   learn a full Sigma = tril(L)·tril(L)ᵀ + eps·I (D² parameters) instead of a diagonal one.
+        eps:          Sigma's ridge and the smoothing of both square roots.
+        backend:      "auto" (the Triton kernels on CUDA, the C++ kernels on CPU), "cpp", "triton" or
+                      "reference" (the einsum oracle); an attribute, so `head.backend = ...` works too.
+
+    The initialisation is the reference design's (mu, beta ~ N(0, 1), Sigma = I); a better start is
+    `head.init_from_features(features, labels)`. Warm-up schedules: `freeze_metric()` /
+    `unfreeze_metric()` and `param_groups()`.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, lambda_init: float = 0.1, scale_init: float = 10.0,
+                 full_sigma: bool = False, eps: float = 1e-6, *, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
+        if not (isinstance(scale_init, (int, float)) and scale_init > 0):
+            raise ValueError(f"scale_init must be a float > 0, got {scale_init!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_classes = num_classes
+        self._scale_init = float(scale_init)
+        self.mu = nn.Parameter(torch.empty(num_classes, in_features, **factory))
+        self._init_metric(in_features, full_sigma, lambda_init, eps, backend, factory)
+        self.scale = nn.Parameter(torch.empty((), **factory))
+        self._init_sigma(factory)  # parameter order as in the reference design: mu, beta, lmbda, scale, Sigma's
+        self.reset_parameters()
+
+    @property
+    def out_features(self) -> int:  # nn.Linear's name, for code that reads it off a classifier
+        return self.num_classes
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """γ = |scale| (0-dim tensor, differentiable)."""
+        return _nonneg(self.scale)
+
+    def reset_parameters(self) -> None:
+        self._reset_metric()
+        with torch.no_grad():
+            self.mu.normal_()
+            self.scale.fill_(self._scale_init)
+
+    # -- forward and loss --------------------------------------------------------------------------
+    def _prepare(self, x: torch.Tensor):
+        self._check_features("x", x)
+        dtype = self._common_dtype(x)
+        L, beta, lam = self.metric_args(dtype)
+        return x.reshape(-1, self.in_features).to(dtype), self.mu.to(dtype), L, beta, lam, self.gamma.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """logits [..., C] = −γ·d_F(x, mu_c) for x [..., D] (computed in x's dtype promoted with the
+        parameters' dtype)."""
+        lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
+        xf, mu, L, beta, lam, gamma = self._prepare(x)
+        logits = _F.randers_logits(xf, mu, L, beta, lam, gamma, eps=self.eps, backend=self.backend)
+        return logits.reshape(*lead, self.num_classes)
+
+    def distance(self, x: torch.Tensor) -> torch.Tensor:
+        """d_F(x, mu_c) [..., C]: the distances behind the logits."""
+        lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
+        xf, mu, L, beta, lam, _ = self._prepare(x)
+        return _F.randers_distance(xf, mu, L, beta, lam, eps=self.eps, backend=self.backend).reshape(
+            *lead, self.num_classes)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, **ce_options) -> torch.Tensor:
+        """F.cross_entropy(self(x), target) without forming the logits (fk.randers_cross_entropy).
+
+        ce_options: margin (an additive distance margin on the target class, CosFace-style:
+        logit_t = −γ·(d_t + margin)), label_smoothing, ignore_index, reduction, as in
+        fk.randers_cross_entropy. x [..., D] with target [...].
+        """
+        if isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor) and target.shape != x.shape[:-1]:
+            raise ValueError(f"target must have shape {tuple(x.shape[:-1])} (x's leading dims), got {tuple(target.shape)}")
+        reduction = ce_options.get("reduction", "mean")
+        xf, mu, L, beta, lam, gamma = self._prepare(x)
+        out = _F.randers_cross_entropy(xf, mu, L, beta, lam, gamma, target.reshape(-1), eps=self.eps,
+                                       backend=self.backend, **ce_options)
+        return out.reshape(target.shape) if reduction == "none" else out
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The nearest prototype in d_F: argmin_c d_F(x, mu_c) [...] (= argmax of the logits)."""
+        return self.distance(x).argmin(dim=-1)
+
+    # -- training schedules ------------------------------------------------------------------------
+    def _groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"prototypes": [self.mu], "sigma": [self.sigma_parameter()], "one_form": [self.beta, self.lmbda],
+                "scale": [self.scale]}
+
+    def param_groups(self, **options: dict) -> list[dict]:
+        """Optimizer parameter groups named "prototypes" (mu), "sigma" (L or log_sigma_diag),
+        "one_form" (beta, lmbda) and "scale"; per-group options by name, e.g.
+
+            torch.optim.AdamW(head.param_groups(sigma={"lr": 1e-4}, scale={"weight_decay": 0.0}), lr=1e-3)
+        """
+        groups = self._groups()
+        unknown = set(options) - set(groups)
+        if unknown:
+            raise ValueError(f"unknown parameter groups {sorted(unknown)}; the groups are {list(groups)}")
+        return [{"name": name, "params": params, **options.get(name, {})} for name, params in groups.items()]
+
+    def _set_trainable(self, groups: Iterable[str], flag: bool) -> "FAIMHead":
+        groups = (groups,) if isinstance(groups, str) else tuple(groups)
+        all_groups = self._groups()
+        for g in groups:
+            if g not in all_groups:
+                raise ValueError(f"unknown parameter group {g!r}; the groups are {list(all_groups)}")
+            for p in all_groups[g]:
+                p.requires_grad_(flag)
+        return self
+
+    def freeze_metric(self, groups: Iterable[str] = METRIC_GROUPS) -> "FAIMHead":
+        """Stops training the metric (Sigma, the 1-form and γ by default; any of "sigma", "one_form",
+        "scale", "prototypes"): the warm-up phase of the reference design, where only the prototypes
+        and the backbone learn. Optimizers skip parameters without gradients."""
+        return self._set_trainable(groups, False)
+
+    def unfreeze_metric(self, groups: Iterable[str] = METRIC_GROUPS) -> "FAIMHead":
+        """Trains the named groups again (all of the metric by default)."""
+        return self._set_trainable(groups, True)
+
+    # -- closed-form initialisation ----------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_features(self, features: torch.Tensor, labels: torch.Tensor, shrinkage: float | str = "auto",
+                           beta_scale: float = 1e-2, generator: torch.Generator | None = None) -> "FAIMHead":
+        """Sets the head to the Mahalanobis nearest-class-mean classifier of (features, labels).
+
+        - mu_c = the mean of class c's features (classes absent from `labels` keep their prototype);
+        - Sigma = S⁻¹, S the within-class covariance shrunk towards (tr S / D)·I:
+          S = (1 − a)·S_w + a·(tr S_w / D)·I, with a from Ledoit–Wolf (shrinkage="auto") or given in
+          [0, 1]. This is the Fisher/LDA metric; a diagonal head takes Sigma = diag(S)⁻¹ (LDA with a
+          diagonal covariance);
+        - beta is a random direction with βᵀ·Sigma⁻¹·β = beta_scale², so |βᵀv| <= beta_scale·sqrt(vᵀSigma v):
+          the 1-form starts as a small perturbation (not 0: at β = 0 its gradient vanishes);
+        - λ and γ are left as they are.
+        Returns the head. Computed in float64.
+        """
+        D, C = self.in_features, self.num_classes
+        if not isinstance(features, torch.Tensor) or features.dim() < 1 or features.shape[-1] != D:
+            raise ValueError(f"features must have shape [N, {D}], got "
+                             f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__}")
+        X = features.detach().reshape(-1, D).to(device=self.mu.device, dtype=torch.float64)
+        if not isinstance(labels, torch.Tensor) or labels.numel() != X.shape[0] or labels.is_floating_point():
+            raise ValueError(f"labels must be an integer tensor of {X.shape[0]} class indices")
+        y = labels.detach().reshape(-1).to(device=X.device, dtype=torch.long)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+            raise ValueError(f"labels must lie in [0, {C}), got values in [{int(y.min())}, {int(y.max())}]")
+        if not torch.isfinite(X).all():
+            raise ValueError("features hold NaN or Inf")
+        counts = torch.bincount(y, minlength=C)
+        present = counts > 0
+        if int(present.sum()) == 0:
+            raise ValueError("init_from_features needs at least one sample")
+        if not bool(present.all()):
+            missing = (~present).nonzero().flatten().tolist()
+            warnings.warn(f"init_from_features: classes {missing[:10]}{'...' if len(missing) > 10 else ''} have no "
+                          f"samples; their prototypes are left as they are", stacklevel=3)  # past torch.no_grad's wrapper
+        means = torch.zeros(C, D, dtype=torch.float64, device=X.device).index_add_(0, y, X)
+        means = means / counts.clamp_min(1).unsqueeze(1)
+        R = X - means[y]  # within-class residuals
+        n = R.shape[0]
+        S_w = R.T @ R / n
+        mean_var = torch.trace(S_w) / D
+        if not float(mean_var) > 0:
+            raise ValueError("the within-class scatter is zero (one sample per class?): cannot estimate a metric")
+        a = ledoit_wolf_shrinkage(R) if shrinkage == "auto" else float(shrinkage)
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {shrinkage!r}")
+        eye = torch.eye(D, dtype=torch.float64, device=X.device)
+        S = (1 - a) * S_w + a * mean_var * eye
+        eps = self.eps
+        if self.full_sigma:
+            # Sigma = S⁻¹ = tril(L)·tril(L)ᵀ + eps·I: L = chol(S⁻¹ − eps·I), eigenvalues kept > 0.
+            evals, evecs = torch.linalg.eigh(S)
+            inv = 1.0 / evals
+            target = (inv - eps).clamp_min(1e-6 * float(inv.max()))
+            sigma = (evecs * inv) @ evecs.T
+            L = torch.linalg.cholesky((evecs * target) @ evecs.T)
+            self.L.copy_(L)
+            lc = torch.linalg.cholesky(sigma)
+        else:
+            inv = 1.0 / torch.diagonal(S)
+            target = (inv - eps).clamp_min(1e-6 * float(inv.max()))
+            self.log_sigma_diag.copy_(torch.log(target))
+            lc = torch.diag(torch.sqrt(inv))
+        self.mu.copy_(torch.where(present.unsqueeze(1), means, self.mu.to(torch.float64)))
+        u = torch.randn(D, dtype=torch.float64, generator=generator).to(X.device)
+        self.beta.copy_(beta_scale * (lc @ u) / u.norm().clamp_min(1e-30))
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, " + self._metric_repr()
+                + f", scale={self.gamma.item():.4g}")
+
+
+def ledoit_wolf_shrinkage(R: torch.Tensor) -> float:
+    """The Ledoit–Wolf (2004) shrinkage a in [0, 1] of the covariance S = RᵀR/n of the centred rows
+    of R [n, D] towards (tr S / D)·I: a = min(b², d²)/d², with d² = ‖S − m·I‖²_F and
+    b² = (1/n²)·Σ_k ‖r_k r_kᵀ − S‖²_F = (Σ_k |r_k|⁴ − n‖S‖²_F)/n² (expanded so nothing is [n, D, D])."""
+    R = R.to(torch.float64)
+    n, D = R.shape
+    if n == 0:
+        return 1.0
+    S = R.T @ R / n
+    m = torch.trace(S) / D
+    d2 = float(((S - m * torch.eye(D, dtype=S.dtype, device=S.device)) ** 2).sum())
+    if d2 <= 0:
+        return 1.0
+    b2 = float(((R * R).sum(1) ** 2).sum() - n * (S * S).sum()) / n ** 2
+    return min(max(b2, 0.0), d2) / d2
+
+
+def _classifier_name(model: nn.Module) -> str:
+    for attr in ("pretrained_cfg", "default_cfg"):  # timm records its classifier's module name here
+        cfg = getattr(model, attr, None)
+        name = cfg.get("classifier") if isinstance(cfg, dict) else None
+        if isinstance(name, str) and name:
+            return name
+        if isinstance(name, (tuple, list)) and name:
+            raise ValueError(f"the model has several classifiers {tuple(name)}: pass name= to pick one")
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linear:
+        raise ValueError("no classifier found (no nn.Linear in the model): pass name= with its module name")
+    return linear[-1]  # torchvision style: the last Linear (resnet 'fc', vgg 'classifier.6', vit 'heads.head')
+
+
+def swap_classifier(model: nn.Module, num_classes: int | None = None, *, name: str | None = None,
+                    head: nn.Module | None = None, **head_kwargs) -> nn.Module:
+    """Replaces the classifier of a timm or torchvision-style model by a FAIMHead; returns the head.
+
+    The classifier is `name` (a dotted module name, e.g. "fc", "head.fc", "classifier.6"), or timm's
+    `pretrained_cfg["classifier"]`, or the model's last nn.Linear. The new head takes in_features
+    from the old classifier (or the model's `num_features`, e.g. after timm's reset_classifier(0)),
+    num_classes from the argument or the old classifier, and the old one's device and dtype;
+    head_kwargs go to FAIMHead. Pass `head=` to put in a module you built instead.
+    """
+    name = name or _classifier_name(model)
+    old = model.get_submodule(name)
+    if head is None:
+        in_features = getattr(old, "in_features", None) or getattr(model, "num_features", None)
+        if num_classes is None:
+            num_classes = getattr(old, "out_features", None)
+        if not in_features or num_classes is None:
+            raise ValueError(f"cannot tell the feature size or the number of classes from {name!r} "
+                             f"({type(old).__name__}): pass num_classes= (and a model with num_features) or head=")
+        ref = next(iter(old.parameters()), None)
+        if ref is None:
+            ref = next(iter(model.parameters()), None)
+        factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        head = FAIMHead(int(in_features), int(num_classes), **head_kwargs, **factory)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, head)
+    if isinstance(getattr(model, "num_classes", None), int) and hasattr(head, "num_classes"):
+        model.num_classes = head.num_classes  # timm keeps the count beside the classifier
+    return head

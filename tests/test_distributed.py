@@ -1,0 +1,149 @@
+"""The class-sharded cross-entropy (faim_kernels.distributed) on 2 and 3 CPU processes with the
+gloo backend over loopback: on every rank, the loss and the gradients of x, L, beta, lam, gamma
+equal the single-process ones, and each rank's slice of mu gets its slice of the gradient."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import faim_kernels as fk
+from conftest import INTERPRET, assert_norm_close, assert_rel_close, make_inputs
+from faim_kernels.distributed import shard_range, sharded_randers_cross_entropy
+
+NAMES = ["x", "L", "beta", "lam", "gamma"]
+
+# Each case: the problem, the options, and the class boundaries per world size (None: shard_range).
+CASES = [
+    dict(B=9, C=11, D=5, full=False, dtype=torch.float64, backend="cpp", bounds=None,
+         opts=dict(margin=0.3, label_smoothing=0.1, reduction="mean")),
+    dict(B=7, C=600, D=6, full=True, dtype=torch.float64, backend="cpp", bounds=None,
+         opts=dict(reduction="sum", label_smoothing=0.2)),
+    dict(B=6, C=10, D=4, full=True, dtype=torch.float64, backend="reference", bounds=None,
+         opts=dict(margin=0.5, reduction="none")),
+    # uneven slices, one of them empty
+    dict(B=8, C=12, D=3, full=False, dtype=torch.float64, backend="cpp", bounds={2: [0, 0, 12], 3: [0, 9, 9, 12]},
+         opts=dict(margin=0.2, label_smoothing=0.3, reduction="mean")),
+    dict(B=16, C=300, D=8, full=False, dtype=torch.float32, backend="cpp", bounds=None,
+         opts=dict(margin=0.1, label_smoothing=0.05, reduction="mean")),
+]
+
+
+def _targets(B, C, seed):
+    target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(seed))
+    target[1::4] = -100
+    return target
+
+
+def _run_case(case, rank, world, seed, group=None):
+    B, C, D, dtype = case["B"], case["C"], case["D"], case["dtype"]
+    full_inputs = make_inputs(B, C, D, full=case["full"], dtype=dtype, seed=seed, requires_grad=True)
+    target = _targets(B, C, seed)
+    weight = torch.randn(B if case["opts"]["reduction"] == "none" else (), dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(seed + 1))
+    loss1 = fk.randers_cross_entropy(*full_inputs, target, backend=case["backend"], **case["opts"])
+    grads1 = torch.autograd.grad((loss1.double() * weight).sum(), full_inputs)
+
+    bounds = case["bounds"][world] if case["bounds"] else None
+    start, stop = (bounds[rank], bounds[rank + 1]) if bounds else shard_range(C, rank, world)
+    x, mu, L, beta, lam, gamma = [t.detach().clone().requires_grad_() for t in full_inputs]
+    mu_shard = mu[start:stop].detach().clone().requires_grad_()
+    loss = sharded_randers_cross_entropy(x, mu_shard, L, beta, lam, gamma, target, backend=case["backend"],
+                                         group=group, **case["opts"])
+    (loss.double() * weight).sum().backward()
+
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    where = f"rank {rank}/{world}, case {case}"
+    assert loss.dtype == dtype, where
+    assert_rel_close(loss, loss1, tol, f"loss ({where})")
+    for name, t, g1 in zip(NAMES, (x, L, beta, lam, gamma), (grads1[0],) + grads1[2:]):
+        assert_norm_close(t.grad, g1, 10 * tol, f"d{name} ({where})")
+    assert mu_shard.grad.shape == (stop - start, D)
+    if stop > start:
+        assert_norm_close(mu_shard.grad, grads1[1][start:stop], 10 * tol, f"dmu[{start}:{stop}] ({where})")
+
+
+def _gathered_batch(rank, world):
+    """The module docstring's pattern: each rank holds its own rows of x, gathers the batch, and
+    its rows get their single-process gradient."""
+    B, C, D = 4 * world, 10, 5
+    inputs = make_inputs(B, C, D, dtype=torch.float64, seed=5, requires_grad=True)
+    target = _targets(B, C, 5)
+    loss1 = fk.randers_cross_entropy(*inputs, target, backend="cpp", label_smoothing=0.1)
+    dx1 = torch.autograd.grad(loss1, inputs[0])[0]
+
+    feats = inputs[0].detach()[4 * rank:4 * rank + 4].clone().requires_grad_()
+    parts = [torch.empty_like(feats) for _ in range(world)]
+    dist.all_gather(parts, feats.detach())
+    parts[rank] = feats
+    start, stop = shard_range(C, rank, world)
+    mu = inputs[1].detach()[start:stop].clone().requires_grad_()
+    L, beta, lam, gamma = [t.detach() for t in inputs[2:]]
+    loss = sharded_randers_cross_entropy(torch.cat(parts), mu, L, beta, lam, gamma, target, backend="cpp",
+                                         label_smoothing=0.1)
+    loss.backward()
+    assert_rel_close(loss, loss1, 1e-12, "loss (gathered batch)")
+    assert_norm_close(feats.grad, dx1[4 * rank:4 * rank + 4], 1e-11, f"own rows of dx (rank {rank})")
+
+
+def _worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # Two processes: a group of ranks 0 and 1 (rank 2 sits it out); three: the whole world.
+        pair = dist.new_group([0, 1])
+        if rank < 2:
+            for i, case in enumerate(CASES):
+                _run_case(case, rank, 2, seed=10 + i, group=pair)
+        dist.barrier()
+        for i, case in enumerate(CASES):
+            _run_case(case, rank, world, seed=20 + i)
+        _gathered_batch(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sharded_equals_single_process_on_2_and_3_processes():
+    """One spawn of three processes (starting each costs seconds): the cases run on a group of
+    two of them, then on all three."""
+    mp.spawn(_worker, args=(3, _free_port()), nprocs=3, join=True)
+
+
+@pytest.fixture
+def single_process_group():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_and_validation(single_process_group):
+    _run_case(CASES[0], 0, 1, seed=3)
+    if INTERPRET:  # the Triton kernels through the same layer (small: the interpreter is slow)
+        _run_case(dict(CASES[0], B=5, C=7, D=3, backend="triton"), 0, 1, seed=4)
+    x, mu, L, beta, lam, gamma = make_inputs(4, 5, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, torch.tensor([0, 1, 2, 5]))
+    with pytest.raises(ValueError, match="reduction"):
+        sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, torch.tensor([0, 1, 2, 3]), reduction="avg")
+
+
+def test_shard_range_covers_every_class_once():
+    for C in (0, 1, 7, 12):
+        for world in (1, 2, 3, 5):
+            ranges = [shard_range(C, r, world) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == C
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [b - a for a, b in ranges]
+            assert max(sizes) - min(sizes) <= 1
