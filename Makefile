@@ -18,6 +18,11 @@ demo: setup
 test-timm:
 	bash scripts/test_timm.sh
 
+# On a machine with a CUDA GPU: install, the test suite on the GPU, then the GPU benchmark, which
+# writes bench/RESULTS.md's GPU section (bench/gpu_check.sh; --smoke runs it on CPU).
+gpu-check:
+	bash bench/gpu_check.sh
+
 setup:
 	@bash scripts/bootstrap.sh
 
