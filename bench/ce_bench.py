@@ -26,6 +26,7 @@ import json
 import platform
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +198,8 @@ def main(argv=None):
                    help="the fused kernels' backend (default: cpp on CPU, triton on CUDA)")
     p.add_argument("--min-time", type=float, default=1.0, help="CPU: seconds of timing per measurement")
     p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument("--write-results", action="store_true", help="rewrite this device's cross-entropy "
+                   "section of bench/RESULTS.md")
     p.add_argument("--probe", nargs=4, metavar=("IMPL", "B", "C", "D"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.probe:
@@ -209,6 +212,11 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
+    if args.write_results:
+        from bench.results import write_section
+        write_section(f"ce-{args.device}-{'full' if args.full else 'diag'}",
+                      f"### Fused cross-entropy, {args.device}, {'full' if args.full else 'diagonal'} L "
+                      f"({time.strftime('%Y-%m-%d')})\n\n{text}\n")
 
 
 if __name__ == "__main__":
