@@ -12,9 +12,10 @@
 
 namespace faim_kernels {
 
-// Output tiles of kTileB x kTileC: a 64 x 256 float tile (64 KiB) stays in L2 while the
-// epilogue runs over it right after its GEMM.
-constexpr int64_t kTileB = 64;
+// Output tiles of kTileB x kTileC: a 256 x 256 float tile (256 KiB) stays in L2 while the
+// epilogue runs over it right after its GEMM. 256 rows rather than 64 cut the repacking of each
+// mu' tile by the BLAS: forward 26 -> 20 ms, backward 69 -> 59 ms at (512, 4096, 256), one thread.
+constexpr int64_t kTileB = 256;
 constexpr int64_t kTileC = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

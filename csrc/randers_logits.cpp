@@ -59,7 +59,7 @@ struct NearTerm {
 //   plus ±P·diff' for near pairs; ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·d.
 // One pass, parallel over row tiles, recomputes each tile's GEMM and writes P (far pairs; 0 at
 // near pairs) into the backward's one [B, C] temporary; colsum(R) is kept per row tile
-// ([B/64, C] doubles) and summed in tile order, so results do not depend on thread timing.
+// ([B/256, C] doubles) and summed in tile order, so results do not depend on thread timing.
 template <typename T>
 std::vector<at::Tensor> logits_backward(const RandersInputs<T>& in, const at::Tensor& grad, double gamma) {
     const int64_t B = in.B, C = in.C, D = in.D;

@@ -7,7 +7,8 @@ import torch
 import faim_kernels as fk
 from conftest import FWD_TOL, GRAD_TOL, assert_norm_close, assert_rel_close, make_inputs, reference64
 
-SHAPES = [(1, 1, 1), (3, 17, 5), (17, 3, 64), (64, 129, 17), (129, 64, 3), (65, 300, 33)]
+# 520 rows: three row tiles of the C++ kernels (256 rows each), so the cross-tile sums run.
+SHAPES = [(1, 1, 1), (3, 17, 5), (17, 3, 64), (64, 129, 17), (129, 64, 3), (65, 300, 33), (520, 37, 9)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -151,7 +152,7 @@ def test_nan_inf_stay_in_their_rows_and_columns():
 
 
 def test_deterministic():
-    inputs = make_inputs(70, 300, 20, full=True, requires_grad=True)
+    inputs = make_inputs(530, 300, 20, full=True, requires_grad=True)
     runs = []
     for _ in range(2):
         out = fk.randers_logits(*inputs, backend="cpp")
