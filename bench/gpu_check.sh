@@ -40,6 +40,8 @@ if [ "$mode" = smoke ]; then
     "$PY" -m bench.gpu_bench --smoke --results "$LOG_DIR/RESULTS.smoke.md" --log "$LOG_DIR/bench.jsonl" \
         --tests-status "$( [ "$tests_rc" = 0 ] && echo passed || echo FAILED )" ${BENCH_ARGS:-}
     bench_rc=$?
+    echo "[gpu_check] smoke: fused cross-entropy benchmark"
+    "$PY" -m bench.ce_bench --backend triton --sizes 8,50,16 --min-time 0.1 || bench_rc=1
     [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
     exit $?
 fi
@@ -68,7 +70,11 @@ fi
 bench_rc=0
 if [ "$mode" != tests ]; then
     echo "[gpu_check] benchmark"
+    echo "[gpu_check] fused cross-entropy benchmark"
+    "$PY" -m bench.ce_bench --device cuda --write-results --out "$LOG_DIR/ce_bench.md"
+    ce_rc=$?
     "$PY" -m bench.gpu_bench --log "$LOG_DIR/bench.jsonl" --tests-status "$tests_status" ${BENCH_ARGS:-}
     bench_rc=$?
+    [ "$ce_rc" = 0 ] || bench_rc=$ce_rc
 fi
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

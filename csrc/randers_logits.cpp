@@ -73,7 +73,7 @@ std::vector<at::Tensor> logits_backward(const RandersInputs<T>& in, const at::Te
     T* row_pp = row_p.data_ptr<T>();
     double* dsxp = dsx.data_ptr<double>();
 
-    const int64_t n_bt = ceil_div(B, kTileB);
+    const int64_t n_bt = ceil_div(B, kTileBBackward);
     std::vector<double> dlam_part(n_bt, 0.0), dgam_part(n_bt, 0.0);
     std::vector<double> col_r(n_bt * C, 0.0);
     std::vector<std::vector<NearTerm>> near(n_bt);
@@ -81,11 +81,11 @@ std::vector<at::Tensor> logits_backward(const RandersInputs<T>& in, const at::Te
     const T g = T(gamma), lam = T(in.lam);
 
     at::parallel_for(0, n_bt, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> dots(kTileB * kTileC), diffp(D), grow(kTileC);
+        std::vector<T> dots(kTileBBackward * kTileC), diffp(D), grow(kTileC);
         std::vector<double> acc(D);
         RowTerms<T> w(kTileC);
         for (int64_t bt = begin; bt < end; ++bt) {
-            const int64_t b0 = bt * kTileB, nb = std::min(kTileB, B - b0);
+            const int64_t b0 = bt * kTileBBackward, nb = std::min(kTileBBackward, B - b0);
             double dlam = 0, dgam = 0;
             std::vector<double> rp(nb, 0.0), rr(nb, 0.0);
             for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
