@@ -30,8 +30,6 @@ SIZES = [(256, 1000, 512), (1024, 10000, 512), (4096, 100000, 256)]
 SMOKE_SIZES = [(8, 24, 16), (13, 40, 33)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ["triton", "mm", "composite", "composite_compiled", "linear_ce", "einsum"]
-MARK_BEGIN = "<!-- gpu-results:begin (written by bench/gpu_bench.py) -->"
-MARK_END = "<!-- gpu-results:end -->"
 TARGETS = "forward ≥ 0.8x torch.mm throughput; ≥ 3x the composite at (4096, 100000, 256); fwd+bwd ≥ 100x einsum at (256, 1000, 512)"
 
 
@@ -193,19 +191,12 @@ def header(device):
 
 
 def write_results(path, device, rows, tests_status):
-    section = [MARK_BEGIN, "## GPU (bench/gpu_check.sh)", "", header(device), "",
+    from bench.results import write_section
+    section = ["## GPU (bench/gpu_check.sh)", "", header(device), "",
                f"Test suite on this device: {tests_status}.", "", table(rows), "", f"Targets: {TARGETS}.", ""]
-    for what, v, goal, met in (targets(rows) if device == "cuda" else []):
+    for what, v, goal, met in targets(rows):
         section.append(f"- {what}: {v:.2f}x (goal {goal:g}x) {'met' if met else 'NOT met'}")
-    section += ["", MARK_END]
-    text = "\n".join(section)
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if MARK_BEGIN in old and MARK_END in old:
-        new = old[:old.index(MARK_BEGIN)] + text + old[old.index(MARK_END) + len(MARK_END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path, "w") as f:
-        f.write(new)
+    write_section("gpu-logits", "\n".join(section), path)
 
 
 def main(argv=None):

@@ -7,12 +7,14 @@ import re
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 
 
-def write_section(key: str, body: str) -> None:
+def write_section(key: str, body: str, path=None) -> None:
+    """Replaces the section marked `key` in `path` (default bench/RESULTS.md), or appends it."""
+    path = pathlib.Path(path) if path else RESULTS
     begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text:
         text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    path.write_text(text)
