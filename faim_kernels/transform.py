@@ -73,7 +73,7 @@ def risk_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None)
 _ROW_CHUNK = 1024  # rows handled at a time where a float64 or centred copy is needed
 
 
-class _Project(torch.autograd.Function):
+class Project(torch.autograd.Function):
     """(v − m)·Lc and v·beta (in float64) for the rows of v [N, D] (x or mu), with a hand-written
     backward that keeps no [N, D] copy alive: it saves v itself (an input, already in memory),
     not v − m, and never holds v in float64 whole (200 MB for C = 100,000, D = 256). Peak memory
@@ -112,7 +112,7 @@ class _Project(torch.autograd.Function):
         return dv, None, dlc, dbeta
 
 
-def _as_scalar_tensor(v, device) -> torch.Tensor:
+def as_scalar_tensor(v, device) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v.to(torch.float64)
     return torch.tensor(float(v), dtype=torch.float64, device=device)
@@ -134,7 +134,7 @@ def metric_factor(L: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tens
     return factor.to(dtype)
 
 
-def _center(mu: torch.Tensor) -> torch.Tensor:
+def center_of(mu: torch.Tensor) -> torch.Tensor:
     """The mean prototype, with non-finite coordinates replaced by 0 so that a NaN or Inf in one
     prototype cannot spread to every pair (that coordinate is then just not centred)."""
     if mu.shape[0] == 0:
@@ -148,12 +148,12 @@ def transform(x, mu, L, beta, lam, gamma, eps: float) -> Transformed:
     dtype = compute_dtype(x.dtype)
     xc, muc = x.to(dtype), mu.to(dtype)
     lc = metric_factor(L, eps, dtype)
-    center = _center(muc.detach())
-    xp, sx = _Project.apply(xc, center, lc, beta)
-    mup, smu = _Project.apply(muc, center, lc, beta)
+    center = center_of(muc.detach())
+    xp, sx = Project.apply(xc, center, lc, beta)
+    mup, smu = Project.apply(muc, center, lc, beta)
     return Transformed(
         xp=xp, mup=mup, sx=sx, smu=smu,
         x=xc.detach().contiguous(), mu=muc.detach().contiguous(), lc=lc.detach().contiguous(),
-        lam=_as_scalar_tensor(lam, x.device), gamma=_as_scalar_tensor(gamma, x.device),
+        lam=as_scalar_tensor(lam, x.device), gamma=as_scalar_tensor(gamma, x.device),
         tau=risk_threshold(x.shape[1], dtype), out_dtype=x.dtype,
     )

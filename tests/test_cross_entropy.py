@@ -200,7 +200,7 @@ def _op_args(full, B=7, C=11, D=5):
     lc = fk.transform.metric_factor(L, 1e-6, torch.float64)
     target = torch.tensor([0, 3, -1, 10, 10, 2, 5])[:B]
     req = lambda t: t.detach().clone().requires_grad_()
-    return (req(x), req(mu), req(lc), req(beta), fk.transform._center(mu), req(lam.double()),
+    return (req(x), req(mu), req(lc), req(beta), fk.transform.center_of(mu), req(lam.double()),
             req(gamma.double()), target, 1e-6, 0.1, 0.3)
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..transform import _as_scalar_tensor, _center, compute_dtype, metric_factor, risk_threshold
+from ..transform import as_scalar_tensor, center_of, compute_dtype, metric_factor, risk_threshold
 from .randers_logits import cpp_available
 
 _registered: set[str] = set()
@@ -121,10 +121,10 @@ def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, bac
     op = _fused_op(backend)
     dtype = compute_dtype(x.dtype)
     muc = mu.to(dtype).contiguous()
-    center = _center(muc.detach()).contiguous()
+    center = center_of(muc.detach()).contiguous()
     return op(x.to(dtype).contiguous(), muc, metric_factor(L, eps, dtype).contiguous(),
-              beta.to(dtype).contiguous(), center, _as_scalar_tensor(lam, x.device),
-              _as_scalar_tensor(gamma, x.device), target.to(torch.int64).contiguous(), float(eps),
+              beta.to(dtype).contiguous(), center, as_scalar_tensor(lam, x.device),
+              as_scalar_tensor(gamma, x.device), target.to(torch.int64).contiguous(), float(eps),
               float(risk_threshold(x.shape[1], dtype)), float(margin))
 
 

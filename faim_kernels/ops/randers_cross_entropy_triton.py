@@ -4,7 +4,7 @@ contract, the loss and the autograd formula are in randers_cross_entropy.py. Ker
 the launchers, then the torch.library ops.
 
 The launchers prepare x' = (x − m)·Lc, mu' = (mu − m)·Lc, sx, smu as the logits kernels do
-(transform._Project, then randers_logits_triton._Prepared: norms, s as hi + lo, the GEMM
+(transform.Project, then randers_logits_triton._Prepared: norms, s as hi + lo, the GEMM
 precision mode); on the GPU the [C, D] mu' is small next to the [B, C] logits it replaces. They
 chain the kernels' ∂x', ∂mu', ∂sx, ∂smu back to the op's raw inputs.
 
@@ -288,8 +288,8 @@ class _Operands(_Prepared):
         if x.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"the Triton cross-entropy kernels compute in float32 or float64, got {x.dtype}")
         with torch.no_grad():  # the shared preparation: (v − m)·Lc and v·beta in float64
-            xp, sx = _transform._Project.apply(x.detach(), center.detach(), lc.detach(), beta.detach())
-            mup, smu = _transform._Project.apply(mu.detach(), center.detach(), lc.detach(), beta.detach())
+            xp, sx = _transform.Project.apply(x.detach(), center.detach(), lc.detach(), beta.detach())
+            mup, smu = _transform.Project.apply(mu.detach(), center.detach(), lc.detach(), beta.detach())
         super().__init__(xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, tau)
         self.center = center.detach().to(self.acc)
         self.beta = beta.detach().to(self.acc)
