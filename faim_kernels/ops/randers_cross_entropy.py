@@ -36,17 +36,13 @@ import torch
 
 from .. import reference
 from ..transform import as_scalar_tensor, center_of, compute_dtype, metric_factor, risk_threshold
-from .randers_logits import cpp_available
-
-_registered: set[str] = set()
+from .randers_logits import cpp_available, first_registration
 
 
 def register_ce_op_pair(fwd, bwd) -> None:
     """Registers fake kernels and the autograd formula for one backend's (fwd, bwd) ops."""
-    name = fwd._qualname if hasattr(fwd, "_qualname") else str(fwd)
-    if name in _registered:
+    if not first_registration(fwd):
         return
-    _registered.add(name)
 
     @torch.library.register_fake(fwd)
     def _fwd_fake(x, mu, lc, beta, center, lam, gamma, target, eps, tau, margin):

@@ -19,12 +19,20 @@ from ..transform import Transformed
 _registered: set[str] = set()
 
 
+def first_registration(op) -> bool:
+    """True the first time `op` is seen: each backend's op pair gets its fake kernels and autograd
+    registered once, whichever module asks first."""
+    name = getattr(op, "_qualname", str(op))
+    if name in _registered:
+        return False
+    _registered.add(name)
+    return True
+
+
 def register_logits_op_pair(fwd, bwd) -> None:
     """Registers fake kernels and the closed-form backward for one backend's (fwd, bwd) ops."""
-    name = fwd._qualname if hasattr(fwd, "_qualname") else str(fwd)
-    if name in _registered:
+    if not first_registration(fwd):
         return
-    _registered.add(name)
 
     @torch.library.register_fake(fwd)
     def _fwd_fake(xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, tau):
