@@ -23,7 +23,7 @@ def _status_kb(key: str) -> int:
         return int(re.search(key + r":\s+(\d+)", f.read()).group(1))
 
 
-def measure_here(fn, setup_done=None) -> int:
+def measure_here(fn) -> int:
     """Bytes of peak extra resident memory while fn() runs."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

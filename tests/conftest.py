@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-import faim_kernels as fk
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()

@@ -6,7 +6,6 @@ import torch
 
 import faim_kernels as fk
 from conftest import assert_rel_close, make_inputs
-from faim_kernels.ops import randers_logits as logits_ops
 from faim_kernels.transform import transform
 
 
