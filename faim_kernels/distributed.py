@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from ._validation import check_inputs, check_loss_options, check_target
 from .functional import resolve_backend
-from .ops.randers_cross_entropy import local_targets, loss_from_stats, row_stats
+from .ops.row_stats import local_targets, loss_from_stats, row_stats
 
 __all__ = ["sharded_randers_cross_entropy", "shard_range"]
 
@@ -131,7 +131,7 @@ def sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float
     check_loss_options(margin, label_smoothing, ignore_index, reduction)
     offset, num_classes = _shard_layout(mu.shape[0], x.device, group)
     check_target(target, x.shape[0], num_classes, ignore_index, x.device)
-    backend = resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device, (x.shape[0], mu.shape[0], x.shape[1]), x.dtype)
 
     replicated = [(i, t) for i, t in enumerate((x, L, beta, lam, gamma))
                   if isinstance(t, torch.Tensor) and t.requires_grad]

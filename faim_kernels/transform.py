@@ -1,10 +1,11 @@
-"""The shared preparation of SPEC §2, in plain PyTorch (autograd handles it):
+"""The pieces of SPEC §2's preparation that every backend shares (the bottom of the package):
 
-    Lc  = cholesky(Sigma) (full L) or sqrt(L² + eps) (diagonal L)
-    x'  = (x − m)·Lc,  mu' = (mu − m)·Lc           q_bc = |x'_b − mu'_c|²
-    sx  = x·beta,      smu = mu·beta                s_bc = sx_b − smu_c
+    Lc  = cholesky(Sigma) (full L) or sqrt(L² + eps) (diagonal L)      metric_factor, ATen
+    x'  = (x − m)·Lc,  mu' = (mu − m)·Lc           q_bc = |x'_b − mu'_c|²     inside the kernels
+    sx  = x·beta,      smu = mu·beta                s_bc = sx_b − smu_c       inside the kernels
 
-Every fused kernel (C++, Triton, distance, logits, cross-entropy) consumes a `Transformed`.
+the near-pair threshold tau (risk_threshold), the centre m (center_of: the kernels implement the
+same rule), and the dtype the kernels compute in.
 
 Exactness choices (SPEC §2.1), each cheap next to the GEMM:
 - m is the mean prototype, detached: q is invariant to a common shift, so the gradient is
@@ -15,31 +16,15 @@ Exactness choices (SPEC §2.1), each cheap next to the GEMM:
   difference x_b − mu_c, which is nearly exact in the input precision, times Lc. Recomputing
   it from x' − mu' is not enough: x' carries the rounding of x·Lc, about u·|x'| per entry,
   and with a full L that alone put near pairs 5e-4 off (relative) in float32.
-  So x, mu (raw) and Lc travel with x', mu' to the kernels, as accuracy hints with no gradient.
+  So the kernels take the raw x, mu and Lc and form x', mu' themselves.
 - Sigma and its Cholesky factor are formed in float64 (a float32 factorisation of a
   near-singular Sigma loses the small directions), then cast to the compute dtype.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-
-
-@dataclass
-class Transformed:
-    xp: torch.Tensor      # [B, D] x' (compute dtype), carries autograd to x, L
-    mup: torch.Tensor     # [C, D] mu'
-    sx: torch.Tensor      # [B] float64, x·beta
-    smu: torch.Tensor     # [C] float64, mu·beta
-    x: torch.Tensor       # [B, D] raw x in the compute dtype, detached (near-pair hint)
-    mu: torch.Tensor      # [C, D] raw mu, detached
-    lc: torch.Tensor      # [D] or [D, D] metric factor, detached (near-pair hint)
-    lam: torch.Tensor     # 0-dim float64
-    gamma: torch.Tensor   # 0-dim float64
-    tau: float            # pairs with q < tau·(|x'_b|² + |mu'_c|²) are recomputed directly
-    out_dtype: torch.dtype
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,48 +55,6 @@ def risk_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None)
     return min(1.0, tau)
 
 
-_ROW_CHUNK = 1024  # rows handled at a time where a float64 or centred copy is needed
-
-
-class Project(torch.autograd.Function):
-    """(v − m)·Lc and v·beta (in float64) for the rows of v [N, D] (x or mu), with a hand-written
-    backward that keeps no [N, D] copy alive: it saves v itself (an input, already in memory),
-    not v − m, and never holds v in float64 whole (200 MB for C = 100,000, D = 256). Peak memory
-    of the CPU forward+backward at (512, 4096, 256) fell from 42 MB to 30 MB with it.
-    m is the detached centre; lc is [D] (diagonal factor) or [D, D]."""
-
-    @staticmethod
-    def forward(ctx, v, m, lc, beta):
-        ctx.save_for_backward(v, m, lc, beta)
-        vp = (v - m) * lc if lc.dim() == 1 else (v - m) @ lc
-        beta64 = beta.to(torch.float64)
-        sv = torch.empty(v.shape[0], dtype=torch.float64, device=v.device)
-        for i in range(0, v.shape[0], _ROW_CHUNK):
-            sv[i:i + _ROW_CHUNK] = v[i:i + _ROW_CHUNK].to(torch.float64) @ beta64
-        return vp, sv
-
-    @staticmethod
-    def backward(ctx, dvp, dsv):
-        v, m, lc, beta = ctx.saved_tensors
-        dv = dlc = dbeta = None
-        if ctx.needs_input_grad[0]:
-            dv = dvp * lc if lc.dim() == 1 else dvp @ lc.T
-            dv.addcmul_(dsv.to(v.dtype).unsqueeze(1), beta.to(v.dtype))
-        if ctx.needs_input_grad[2]:
-            dlc = torch.zeros_like(lc)
-            for i in range(0, v.shape[0], _ROW_CHUNK):
-                centred = v[i:i + _ROW_CHUNK] - m
-                g = dvp[i:i + _ROW_CHUNK]
-                dlc += (centred * g).sum(0) if lc.dim() == 1 else centred.T @ g
-        if ctx.needs_input_grad[3]:
-            # Σ_n dsv_n·v_n in float64: for the hard case the x and mu halves nearly cancel.
-            dbeta = torch.zeros(v.shape[1], dtype=torch.float64, device=v.device)
-            for i in range(0, v.shape[0], _ROW_CHUNK):
-                dbeta += v[i:i + _ROW_CHUNK].to(torch.float64).T @ dsv[i:i + _ROW_CHUNK]
-            dbeta = dbeta.to(beta.dtype)
-        return dv, None, dlc, dbeta
-
-
 def as_scalar_tensor(v, device) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v.to(torch.float64)
@@ -119,10 +62,10 @@ def as_scalar_tensor(v, device) -> torch.Tensor:
 
 
 def metric_factor(L: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """Lc with Lc·Lcᵀ = Sigma: cholesky(L Lᵀ + eps·I) computed in float64, or sqrt(L² + eps)."""
+    """Lc with Lc·Lcᵀ = Sigma: cholesky(L Lᵀ + eps·I) computed in float64, or sqrt(L² + eps)
+    (in `dtype` directly: two roundings, and the fewest steps on the hot path)."""
     if L.dim() == 1:
-        L64 = L.to(torch.float64)
-        return torch.sqrt(L64 * L64 + eps).to(dtype)
+        return torch.sqrt(torch.square(L.to(dtype)) + eps)
     L64 = L.to(torch.float64)
     eye = torch.eye(L.shape[0], dtype=torch.float64, device=L.device)
     sigma = L64 @ L64.T + eps * eye
@@ -141,19 +84,3 @@ def center_of(mu: torch.Tensor) -> torch.Tensor:
         return mu.new_zeros(mu.shape[1])
     m = mu.mean(dim=0)
     return torch.where(torch.isfinite(m), m, 0)
-
-
-def transform(x, mu, L, beta, lam, gamma, eps: float) -> Transformed:
-    """Runs the O((B + C)·D² + D³) preparation; see the module docstring."""
-    dtype = compute_dtype(x.dtype)
-    xc, muc = x.to(dtype), mu.to(dtype)
-    lc = metric_factor(L, eps, dtype)
-    center = center_of(muc.detach())
-    xp, sx = Project.apply(xc, center, lc, beta)
-    mup, smu = Project.apply(muc, center, lc, beta)
-    return Transformed(
-        xp=xp, mup=mup, sx=sx, smu=smu,
-        x=xc.detach().contiguous(), mu=muc.detach().contiguous(), lc=lc.detach().contiguous(),
-        lam=as_scalar_tensor(lam, x.device), gamma=as_scalar_tensor(gamma, x.device),
-        tau=risk_threshold(x.shape[1], dtype), out_dtype=x.dtype,
-    )

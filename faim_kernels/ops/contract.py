@@ -1,0 +1,166 @@
+"""The op contract: one `torch.library` schema per op and direction, their fake kernels and their
+autograd formulas, registered once when this module is imported. Kernels are registered per device
+by the backends: the C++ extension for CPU tensors (`TORCH_LIBRARY_IMPL(faim_kernels, CPU, m)` in
+csrc/), the Triton launchers for CUDA tensors (faim_kernels/ops/triton/). Nothing here imports a
+backend.
+
+Logits (SPEC §2): one call forward, one backward, each doing its own preparation (centring, x·Lc,
+mu·Lc, the float64 s terms, the near-pair recomputation) inside the kernels. Only the metric factor
+Lc (cholesky(L Lᵀ + eps·I), or sqrt(L² + eps) for a diagonal L) is formed outside, by ATen, so that
+autograd chains ∂Lc to L.
+
+    randers_logits(x, mu, lc, beta, lam, gamma, eps, tau) -> (logits, xp, mup, sx, smu)
+        logits [B, C] = −γ·d in x's dtype; xp = (x − m)·Lc [B, D] and mup = (mu − m)·Lc [C, D] as the
+        GEMM used them (x's dtype; m the centre of the prototypes, SPEC §2.1); sx = x·beta [B] and
+        smu = mu·beta [C] in float64. The last four are what the backward needs besides the logits.
+    randers_logits_backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau)
+        -> (dx, dmu, dlc, dbeta, dlam, dgamma)
+        No GEMM is recomputed: a = sqrt(q + eps) comes back from the logits (a = −logits/γ − λ·r,
+        r = sqrt(s² + eps) from the rank-one s), so the backward costs the two gradient GEMMs of
+        SPEC §2 like nn.Linear's. Pairs at risk (SPEC §2.1) are recomputed from the raw difference.
+
+Cross-entropy (SPEC §2.2): the kernels never form [B, C]; the forward returns per-row statistics of
+the margin logits logit'_bc = −γ·(d_bc + margin·[c = t_b]) and the loss is an O(B) function of them
+(faim_kernels/ops/row_stats.py).
+
+    randers_cross_entropy(x, mu, lc, beta, lam, gamma, target, eps, tau, margin) -> (lse, tl, sl)
+        float64 [B] each: logsumexp_c logit'_bc, logit'_b,t_b (0 where the row has no target among
+        these classes: target −1) and Σ_c logit'_bc.
+    randers_cross_entropy_backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps,
+                                   tau, margin) -> (dx, dmu, dlc, dbeta, dlam, dgamma)
+        for the per-row weights w = ∂loss/∂(lse, tl, sl); recomputes each tile (no [B, C] exists).
+
+Common conventions: x and mu share one floating dtype: float32 or float64 for the C++ kernels and
+the Triton cross-entropy (the dispatch layer computes half inputs in float32 there), any of the
+four for the Triton logits kernels; lc and beta come in the compute dtype (float64 for float64
+x, else float32: the near-pair recomputation needs Lc at full precision); lam, gamma are 0-dim float64 tensors; target int64 [B]; eps, tau, margin
+Python floats; tau is the near-pair threshold of transform.risk_threshold. Gradients come back in
+their input's dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "faim_kernels"
+
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+_LIB.define("randers_logits(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, float eps, "
+            "float tau) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("randers_logits_backward(Tensor grad, Tensor logits, Tensor x, Tensor mu, Tensor lc, Tensor beta, "
+            "Tensor lam, Tensor gamma, Tensor xp, Tensor mup, Tensor sx, Tensor smu, float eps, float tau) "
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("randers_cross_entropy(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, "
+            "Tensor target, float eps, float tau, float margin) -> (Tensor, Tensor, Tensor)")
+_LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_tl, Tensor w_sl, Tensor lse, Tensor x, "
+            "Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
+            "float margin) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+ops = torch.ops.faim_kernels
+logits_op = ops.randers_logits.default
+logits_backward_op = ops.randers_logits_backward.default
+cross_entropy_op = ops.randers_cross_entropy.default
+cross_entropy_backward_op = ops.randers_cross_entropy_backward.default
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake kernels (shapes and dtypes only: torch.compile, FakeTensor, opcheck)
+# ----------------------------------------------------------------------------------------------
+
+def _like(*tensors):
+    """Contiguous empties shaped like `tensors`, as the kernels return their gradients."""
+    return tuple(t.new_empty(t.shape) for t in tensors)
+
+
+@torch.library.register_fake(logits_op)
+def _logits_fake(x, mu, lc, beta, lam, gamma, eps, tau):
+    B, C = x.shape[0], mu.shape[0]
+    f64 = dict(dtype=torch.float64)
+    return (x.new_empty((B, C)), x.new_empty(x.shape), mu.new_empty(mu.shape), x.new_empty((B,), **f64),
+            x.new_empty((C,), **f64))
+
+
+@torch.library.register_fake(logits_backward_op)
+def _logits_backward_fake(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau):
+    return _like(x, mu, lc, beta, lam, gamma)
+
+
+@torch.library.register_fake(cross_entropy_op)
+def _cross_entropy_fake(x, mu, lc, beta, lam, gamma, target, eps, tau, margin):
+    return tuple(x.new_empty((x.shape[0],), dtype=torch.float64) for _ in range(3))
+
+
+@torch.library.register_fake(cross_entropy_backward_op)
+def _cross_entropy_backward_fake(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps, tau, margin):
+    return _like(x, mu, lc, beta, lam, gamma)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd formulas. Each is written once, against a backward callable, so that the Triton
+# interpreter path (CPU tensors, whose dispatch key belongs to the C++ kernels) runs the very same
+# formula around the Triton launchers (see `autograd_function`).
+# ----------------------------------------------------------------------------------------------
+
+def _logits_setup_context(ctx, inputs, output):
+    x, mu, lc, beta, lam, gamma, eps, tau = inputs
+    logits, xp, mup, sx, smu = output
+    ctx.save_for_backward(logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu)
+    ctx.eps, ctx.tau = eps, tau
+
+
+def _logits_backward_with(backward):
+    def _backward(ctx, grad, *_unused_output_grads):  # xp, mup, sx, smu are not differentiable outputs
+        if grad is None:
+            return (None,) * 8
+        dx, dmu, dlc, dbeta, dlam, dgamma = backward(grad, *ctx.saved_tensors, ctx.eps, ctx.tau)
+        return dx, dmu, dlc, dbeta, dlam, dgamma, None, None
+    return _backward
+
+
+def _ce_setup_context(ctx, inputs, output):
+    x, mu, lc, beta, lam, gamma, target, eps, tau, margin = inputs
+    ctx.save_for_backward(output[0], x, mu, lc, beta, lam, gamma, target)
+    ctx.eps, ctx.tau, ctx.margin = eps, tau, margin
+
+
+def _ce_backward_with(backward):
+    def _backward(ctx, w_lse, w_tl, w_sl):
+        lse, x, mu, lc, beta, lam, gamma, target = ctx.saved_tensors
+        w = [torch.zeros_like(lse) if g is None else g for g in (w_lse, w_tl, w_sl)]
+        dx, dmu, dlc, dbeta, dlam, dgamma = backward(*w, lse, x, mu, lc, beta, lam, gamma, target, ctx.eps, ctx.tau,
+                                                     ctx.margin)
+        return dx, dmu, dlc, dbeta, dlam, dgamma, None, None, None, None
+    return _backward
+
+
+torch.library.register_autograd(logits_op, _logits_backward_with(logits_backward_op),
+                                setup_context=_logits_setup_context)
+torch.library.register_autograd(cross_entropy_op, _ce_backward_with(cross_entropy_backward_op),
+                                setup_context=_ce_setup_context)
+
+_FORMULAS = {
+    "logits": (_logits_setup_context, _logits_backward_with),
+    "cross_entropy": (_ce_setup_context, _ce_backward_with),
+}
+
+
+def autograd_function(family: str, forward, backward):
+    """The op `family` ("logits" or "cross_entropy") as a callable with the contract's autograd
+    formula, running the given forward and backward kernels directly instead of through the
+    dispatcher. Used for the Triton kernels on CPU tensors under Triton's interpreter (tests)."""
+    setup_context, backward_with = _FORMULAS[family]
+
+    class _Op(torch.autograd.Function):
+        @staticmethod
+        def forward(*inputs):
+            return tuple(forward(*inputs))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+            if family == "logits":
+                ctx.mark_non_differentiable(*output[1:])
+
+        backward = staticmethod(backward_with(backward))
+
+    _Op.__name__ = f"{family}_{getattr(forward, '__name__', 'kernel')}"
+    return _Op.apply

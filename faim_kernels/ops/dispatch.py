@@ -1,0 +1,126 @@
+"""The dispatch layer: which backend runs a call, and the one step of preparation that stays
+outside the kernels (the metric factor Lc, formed by ATen so that autograd chains it to L).
+
+Backends: "cpp" (the C++ kernels, CPU tensors, built or compiled on first use by
+faim_kernels/_cpp_loader.py), "triton" (CUDA tensors; CPU tensors through Triton's interpreter
+when TRITON_INTERPRET=1 was set before import: the tests), "reference" (the einsum oracle).
+Triton is imported only when a call needs it.
+
+backend="auto": Triton for CUDA tensors, the C++ kernels for CPU tensors. Where the chosen kernels
+cannot run (no triton, the C++ kernels could not be built), "auto" falls back to the einsum
+reference only for problems whose [B, C, D] temporaries stay small (REFERENCE_FALLBACK_BYTES), with
+a warning that carries the cause; larger problems raise that cause instead of silently running a
+path that is hundreds of times slower and can exhaust memory.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .. import _cpp_loader, transform
+from .._validation import check_backend
+from ..transform import as_scalar_tensor, compute_dtype, metric_factor
+from . import contract
+
+# The einsum reference holds about four [B, C, D] tensors in a forward+backward.
+REFERENCE_FALLBACK_BYTES = 256 * 2 ** 20
+
+_warned: set[str] = set()
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fallback(why: str, shape: tuple[int, int, int], dtype: torch.dtype) -> str:
+    B, C, D = shape
+    need = 4 * B * C * D * torch.finfo(dtype).bits // 8
+    if need > REFERENCE_FALLBACK_BYTES:
+        raise RuntimeError(f"faim_kernels: {why}\nbackend='auto' will not fall back to the einsum reference for "
+                           f"B, C, D = {B}, {C}, {D}: its [B, C, D] temporaries need about {need / 2 ** 30:.1f} GiB "
+                           f"and hundreds of times the time. Fix the cause above, or pass backend='reference' to "
+                           f"run it anyway.")
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"faim_kernels: {why}\nbackend='auto' falls back to the einsum reference (slow; B·C·D memory) "
+                      f"for small problems only.", stacklevel=4)
+    return "reference"
+
+
+def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, int] = (0, 0, 0),
+                    dtype: torch.dtype = torch.float32) -> str:
+    """Turns "auto" into a concrete backend for tensors on `device`; checks a forced one.
+    shape = (B, C, D) and dtype decide whether "auto" may fall back to the reference."""
+    check_backend(backend)
+    if backend == "auto":
+        if device.type == "cuda":
+            if _triton_importable():
+                return "triton"
+            return _fallback("the CUDA kernels need triton, which does not import (pip install triton)", shape, dtype)
+        if device.type == "cpu":
+            try:
+                _cpp_loader.load()
+                return "cpp"
+            except _cpp_loader.CppKernelsUnavailable as e:
+                return _fallback(str(e), shape, dtype)
+        return _fallback(f"no fused kernels for {device.type} tensors", shape, dtype)
+    if backend == "cpp":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
+        _cpp_loader.load()  # raises CppKernelsUnavailable with the cause and the remedy
+    if backend == "triton" and not ((device.type == "cuda" or (device.type == "cpu" and _interpreting()))
+                                    and _triton_importable()):
+        raise ValueError(f"backend='triton' runs on CUDA tensors, or on CPU tensors through Triton's "
+                         f"interpreter when TRITON_INTERPRET=1 is set before faim_kernels is imported; "
+                         f"got tensors on {device} (or triton is not installed)")
+    return backend
+
+
+def _ops(backend: str, device: torch.device):
+    """(logits op, cross-entropy op) for a fused backend: the registered custom ops, or for Triton
+    on CPU tensors the interpreter's stand-ins with the same autograd formula."""
+    if backend == "triton":
+        from . import triton as triton_backend  # Triton stays optional: imported on first use
+        if device.type != "cuda":
+            return triton_backend.interpreted_logits, triton_backend.interpreted_cross_entropy
+        triton_backend.register()
+    return contract.logits_op, contract.cross_entropy_op
+
+
+def _kernel_dtype(backend: str, dtype: torch.dtype, family: str) -> torch.dtype:
+    """The C++ kernels and the Triton cross-entropy compute half inputs in float32; the Triton
+    logits kernels take them as they are (half GEMM operands, fp32 accumulation)."""
+    if backend == "triton" and family == "logits":
+        return dtype
+    return compute_dtype(dtype)
+
+
+def fused_logits(x, mu, L, beta, lam, gamma, eps: float, backend: str) -> torch.Tensor:
+    """logits [B, C] in x's dtype through `backend`'s fused op (inputs already validated)."""
+    dtype, acc = _kernel_dtype(backend, x.dtype, "logits"), compute_dtype(x.dtype)
+    logits_op, _ = _ops(backend, x.device)
+    out = logits_op(x.to(dtype), mu.to(dtype), metric_factor(L, eps, acc), beta.to(acc),
+                    as_scalar_tensor(lam, x.device), as_scalar_tensor(gamma, x.device), float(eps),
+                    transform.risk_threshold(x.shape[1], acc))
+    return out[0].to(x.dtype)
+
+
+def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, backend: str):
+    """(lse, tl, sl) float64 [B] through `backend`'s fused cross-entropy op; target holds class
+    indices local to mu's rows, −1 where the row has none of them."""
+    dtype = _kernel_dtype(backend, x.dtype, "cross_entropy")
+    _, ce_op = _ops(backend, x.device)
+    lc = metric_factor(L, eps, dtype)
+    return ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(dtype), as_scalar_tensor(lam, x.device),
+                 as_scalar_tensor(gamma, x.device), target.to(torch.int64), float(eps),
+                 transform.risk_threshold(x.shape[1], dtype), float(margin))
