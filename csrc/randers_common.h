@@ -1,6 +1,8 @@
-// Pieces shared by the fused CPU kernels (randers_logits.cpp, randers_cross_entropy.cpp):
-// tiling, the row norms, the per-pair epilogue, and the exact recomputation of near pairs.
-// The math is SPEC §1-2; the exactness rule is SPEC §2.1.
+// Pieces shared by the fused CPU kernels (randers_logits.cpp, randers_cross_entropy.cpp): the
+// preparation of the operands (centring, x·Lc, mu·Lc, the float64 s terms, the row norms), the
+// argument checks, the per-pair epilogue, and the exact recomputation of near pairs.
+// The math is SPEC §1-2; the exactness rule is SPEC §2.1. The op schemas are defined in Python
+// (faim_kernels/ops/contract.py); these files only register CPU kernels for them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,13 +25,15 @@ constexpr int64_t kTileBBackward = 64;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Everything a kernel needs about the transformed inputs (see faim_kernels/transform.py).
+// The prepared operands of one call (one name for the idea, as on the Triton side):
+// x' = (x − m)·Lc and mu' = (mu − m)·Lc (m the centre of the prototypes), their squared norms,
+// sx = x·beta and smu = mu·beta in float64, and the raw rows and factor for the near pairs.
 template <typename T>
-struct RandersInputs {
+struct Operands {
     at::Tensor xp, mup;         // [B, D], [C, D] x', mu' (contiguous, T)
     const double* sx;           // [B] x·beta (float64)
     const double* smu;          // [C] mu·beta
-    const T* x;                 // [B, D] raw x: near-pair hint
+    const T* x;                 // [B, D] raw x: near-pair recomputation
     const T* mu;                // [C, D] raw mu
     const T* lc;                // [D] or [D, D] metric factor
     bool full;                  // lc is [D, D]
@@ -53,54 +57,83 @@ std::vector<T> row_sq_norms(const at::Tensor& v) {
     return out;
 }
 
-// Checks and unpacks the op's arguments (the schema is in randers_logits.cpp).
-template <typename T>
-RandersInputs<T> unpack(const at::Tensor& xp, const at::Tensor& mup, const at::Tensor& sx,
-                        const at::Tensor& smu, const at::Tensor& x, const at::Tensor& mu,
-                        const at::Tensor& lc, const at::Tensor& lam, double eps, double tau) {
-    RandersInputs<T> in;
-    in.B = xp.size(0);
-    in.C = mup.size(0);
-    in.D = xp.size(1);
-    // Detached: the tiles' GEMMs run on worker threads, which do not inherit the dispatcher's
-    // below-autograd state, and an input that requires grad would make at::mm_out refuse.
-    in.xp = xp.detach().contiguous();
-    in.mup = mup.detach().contiguous();
-    in.sx = sx.data_ptr<double>();
-    in.smu = smu.data_ptr<double>();
-    in.x = x.data_ptr<T>();
-    in.mu = mu.data_ptr<T>();
-    in.lc = lc.data_ptr<T>();
-    in.full = lc.dim() == 2;
-    in.xnorm = row_sq_norms<T>(in.xp);
-    in.munorm = row_sq_norms<T>(in.mup);
-    in.lam = lam.item<double>();
-    in.eps = eps;
-    in.tau = tau;
-    return in;
+// The centre m: the mean prototype with non-finite coordinates replaced by 0, so a NaN or Inf in
+// one prototype cannot reach every pair (faim_kernels/transform.py center_of, the same ATen steps).
+inline at::Tensor center_of(const at::Tensor& mu) {
+    if (mu.size(0) == 0) return at::zeros({mu.size(1)}, mu.options());
+    const at::Tensor m = mu.mean(0);
+    return at::where(at::isfinite(m), m, at::zeros_like(m));
 }
 
-inline void check_args(const at::Tensor& xp, const at::Tensor& mup, const at::Tensor& sx,
-                       const at::Tensor& smu, const at::Tensor& x, const at::Tensor& mu,
-                       const at::Tensor& lc, const at::Tensor& lam, const at::Tensor& gamma) {
-    TORCH_CHECK(xp.dim() == 2 && mup.dim() == 2 && xp.size(1) == mup.size(1),
-                "xp [B, D] and mup [C, D] must share D");
-    TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kDouble,
-                "the CPU kernel computes in float32 or float64, got ", xp.scalar_type());
-    for (const at::Tensor* t : {&mup, &x, &mu, &lc})
-        TORCH_CHECK(t->scalar_type() == xp.scalar_type(), "all tensors must share xp's dtype");
-    TORCH_CHECK(x.sizes() == xp.sizes() && mu.sizes() == mup.sizes(), "x, mu must match xp, mup");
-    TORCH_CHECK(x.is_contiguous() && mu.is_contiguous() && lc.is_contiguous(), "x, mu, lc must be contiguous");
-    TORCH_CHECK((lc.dim() == 1 && lc.size(0) == xp.size(1)) ||
-                    (lc.dim() == 2 && lc.size(0) == xp.size(1) && lc.size(1) == xp.size(1)),
+// s[i] = v_i·beta in float64 (s = sx − smu then cancels harmlessly, SPEC §2.1), row by row: no
+// float64 copy of v.
+template <typename T>
+void row_dots64(const at::Tensor& v, const T* beta, double* s) {
+    const int64_t n = v.size(0), D = v.size(1);
+    const T* p = v.data_ptr<T>();
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            double acc = 0;
+            for (int64_t k = 0; k < D; ++k) acc += double(p[i * D + k]) * double(beta[k]);
+            s[i] = acc;
+        }
+    });
+}
+
+// (v − m)·Lc for the rows of v: one fused pass for a diagonal factor, a GEMM for a full one.
+template <typename T>
+at::Tensor project(const at::Tensor& v, const at::Tensor& m, const at::Tensor& lc) {
+    if (lc.dim() == 2) return at::mm(v - m, lc);
+    at::Tensor out = at::empty_like(v);
+    const int64_t n = v.size(0), D = v.size(1);
+    const T *p = v.data_ptr<T>(), *mp = m.data_ptr<T>(), *lp = lc.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i)
+            for (int64_t k = 0; k < D; ++k) o[i * D + k] = (p[i * D + k] - mp[k]) * lp[k];
+    });
+    return out;
+}
+
+// Σ_i w_i·(v_i − m) [D] in float64 (the centred chain rule to beta: in exact arithmetic the x and
+// mu halves' Σ w add to zero, so centring keeps them from cancelling when the prototypes lie far
+// from the origin). Fixed row chunks summed in order: the result does not depend on threads.
+template <typename T>
+std::vector<double> centred_weighted_sum(const at::Tensor& v, const T* m, const double* w) {
+    const int64_t n = v.size(0), D = v.size(1);
+    const T* p = v.data_ptr<T>();
+    constexpr int64_t kChunk = 512;
+    const int64_t n_chunks = ceil_div(n, kChunk);
+    std::vector<double> part(n_chunks * D, 0.0);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t ch = begin; ch < end; ++ch) {
+            double* acc = part.data() + ch * D;
+            for (int64_t i = ch * kChunk; i < std::min(n, (ch + 1) * kChunk); ++i)
+                for (int64_t k = 0; k < D; ++k) acc[k] += w[i] * (double(p[i * D + k]) - double(m[k]));
+        }
+    });
+    std::vector<double> out(D, 0.0);
+    for (int64_t ch = 0; ch < n_chunks; ++ch)
+        for (int64_t k = 0; k < D; ++k) out[k] += part[ch * D + k];
+    return out;
+}
+
+// The common argument checks of the ops (the Python layer validates user input; these guard the
+// contract itself: dtypes, shapes, device).
+inline void check_operands(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
+                           const at::Tensor& lam, const at::Tensor& gamma) {
+    TORCH_CHECK(x.dim() == 2 && mu.dim() == 2 && x.size(1) == mu.size(1), "x [B, D] and mu [C, D] must share D");
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                "the CPU kernels compute in float32 or float64, got ", x.scalar_type());
+    const int64_t D = x.size(1);
+    for (const at::Tensor* t : {&mu, &lc, &beta})
+        TORCH_CHECK(t->scalar_type() == x.scalar_type(), "x, mu, lc and beta must share one dtype");
+    TORCH_CHECK((lc.dim() == 1 && lc.size(0) == D) || (lc.dim() == 2 && lc.size(0) == D && lc.size(1) == D),
                 "lc must be [D] or [D, D]");
-    TORCH_CHECK(sx.scalar_type() == at::kDouble && smu.scalar_type() == at::kDouble &&
-                    sx.is_contiguous() && smu.is_contiguous(),
-                "sx, smu must be contiguous float64");
-    TORCH_CHECK(sx.numel() == xp.size(0) && smu.numel() == mup.size(0), "sx [B], smu [C]");
+    TORCH_CHECK(beta.dim() == 1 && beta.size(0) == D, "beta must be [D]");
     TORCH_CHECK(lam.numel() == 1 && gamma.numel() == 1, "lam and gamma must be 0-dim tensors");
-    for (const at::Tensor* t : {&xp, &mup, &sx, &smu, &x, &mu, &lc})
-        TORCH_CHECK(t->device().is_cpu(), "the C++ kernel takes CPU tensors");
+    for (const at::Tensor* t : {&x, &mu, &lc, &beta, &lam, &gamma})
+        TORCH_CHECK(t->device().is_cpu(), "the C++ kernels take CPU tensors");
 }
 
 // q = |diff'|² with diff' = (x_b − mu_c)·Lc formed from the raw inputs: x_b − mu_c is nearly
@@ -108,7 +141,7 @@ inline void check_args(const at::Tensor& xp, const at::Tensor& mup, const at::Te
 // O(D) for a diagonal factor, O(D²) for a full one; run only for the pairs at risk.
 // diffp (optional) receives diff'; acc is scratch of D doubles.
 template <typename T>
-double direct_q(const RandersInputs<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
+double direct_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     const int64_t D = in.D;
     const T* xb = in.x + b * D;
     const T* mc = in.mu + c * D;
@@ -147,7 +180,7 @@ struct Pair {
 
 // A pair through the direct path (SPEC §2.1): q from the raw difference, never the expansion.
 template <typename T>
-inline Pair<T> pair_direct(const RandersInputs<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
+inline Pair<T> pair_direct(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     Pair<T> p;
     p.near = true;
     const T q = T(direct_q(in, b, c, acc, diffp));
@@ -160,7 +193,7 @@ inline Pair<T> pair_direct(const RandersInputs<T>& in, int64_t b, int64_t c, dou
 
 // One pair from its GEMM entry dot = x'_b·mu'_c, through the direct path when it is at risk.
 template <typename T>
-inline Pair<T> pair_from_dot(const RandersInputs<T>& in, int64_t b, int64_t c, T dot, double* acc, T* diffp) {
+inline Pair<T> pair_from_dot(const Operands<T>& in, int64_t b, int64_t c, T dot, double* acc, T* diffp) {
     const T norms = in.xnorm[b] + in.munorm[c];
     T q = norms - T(2) * dot;
     if (q < T(in.tau) * norms) return pair_direct(in, b, c, acc, diffp);  // false for NaN: NaN flows on
@@ -186,7 +219,7 @@ struct RowTerms {
 };
 
 template <typename T>
-void row_terms(const RandersInputs<T>& in, int64_t b, int64_t c0, int64_t nc, const T* dots, RowTerms<T>& w) {
+void row_terms(const Operands<T>& in, int64_t b, int64_t c0, int64_t nc, const T* dots, RowTerms<T>& w) {
     const T xn = in.xnorm[b], eps = T(in.eps), tau = T(in.tau), lam = T(in.lam);
     const double sxb = in.sx[b];
     const T* mn = in.munorm.data() + c0;
@@ -212,7 +245,7 @@ void row_terms(const RandersInputs<T>& in, int64_t b, int64_t c0, int64_t nc, co
 
 // dots[0:nb, 0:nc] = x'[b0:b0+nb] · mu'[c0:c0+nc]ᵀ through ATen's BLAS, into a caller's buffer.
 template <typename T>
-void tile_dots(const RandersInputs<T>& in, int64_t b0, int64_t nb, int64_t c0, int64_t nc, T* buffer) {
+void tile_dots(const Operands<T>& in, int64_t b0, int64_t nb, int64_t c0, int64_t nc, T* buffer) {
     at::Tensor out = at::from_blob(buffer, {nb, nc}, in.xp.options());
     at::mm_out(out, in.xp.narrow(0, b0, nb), in.mup.narrow(0, c0, nc).t());
 }

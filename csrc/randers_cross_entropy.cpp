@@ -4,9 +4,10 @@
 // from an online logsumexp over class tiles, and the backward takes per-row upstream weights
 // (∂loss/∂lse, ∂loss/∂tl, ∂loss/∂sl) and recomputes each tile. No [B, C] array exists at any point.
 // The loss itself (reduction, ignore_index, label smoothing) is O(B) work done in Python
-// (faim_kernels/ops/randers_cross_entropy.py), which also holds the autograd formula.
+// (faim_kernels/ops/row_stats.py); the schemas and the autograd formula are in
+// faim_kernels/ops/contract.py.
 //
-// Unlike the logits op, this op takes the RAW inputs (x, mu, Lc, beta, the centre m): the rows of
+// The op takes the raw inputs (x, mu, Lc, beta) and forms the centre m itself: the rows of
 // mu' = (mu − m)·Lc are formed one class tile at a time and ∂mu is written directly, so nothing of
 // size [C, D] exists besides ∂mu itself (the shared transform's mu' and ∂mu' would each be as big
 // as mu, more than the [B, C] logits at D = 128, B = 256).
@@ -43,11 +44,12 @@ template <typename T>
 struct CEProblem {
     // raw x, mu, lc; x' = (x − m)·Lc, |x'|², sx. mu' is formed per tile (in.mup stays empty); the
     // tile that forms a class also fills its |mu'_c|² (in.munorm) and smu_c (in.smu), O(C) in all.
-    RandersInputs<T> in;
+    Operands<T> in;
     at::Tensor lc;        // [D] or [D, D], detached
     at::Tensor xc;        // [B, D] x − m
+    at::Tensor m;         // [D] the centre of the prototypes (accuracy only: q is shift-invariant)
     at::Tensor sx, smu;   // [B], [C] float64 x·beta, mu·beta (own in.sx, in.smu)
-    const T* center;      // [D] m, the detached centre of the prototypes (accuracy only: q is shift-invariant)
+    const T* center;      // m's data
     const T* beta;        // [D]
     const int64_t* target;  // [B] class index in [0, C); anything else: no target class in this op's classes
     double gamma, margin;
@@ -56,10 +58,10 @@ struct CEProblem {
 
 template <typename T>
 CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
-                   const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma,
-                   const at::Tensor& target, double eps, double tau, double margin) {
+                   const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau,
+                   double margin) {
     CEProblem<T> pb;
-    RandersInputs<T>& in = pb.in;
+    Operands<T>& in = pb.in;
     in.B = x.size(0);
     in.C = mu.size(0);
     in.D = x.size(1);
@@ -67,10 +69,12 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     // Detached: GEMMs into caller buffers (mm_out) run in worker threads, where the no-grad guard
     // of the entry point does not reach.
     pb.lc = lc.detach();
-    pb.xc = x.detach() - center;
+    pb.m = center_of(mu.detach());
+    pb.xc = x.detach() - pb.m;
     in.xp = (in.full ? at::mm(pb.xc, lc) : pb.xc * lc).contiguous();
     in.xnorm = row_sq_norms<T>(in.xp);
-    pb.sx = at::mv(x.to(at::kDouble), beta.to(at::kDouble)).contiguous();
+    pb.sx = at::empty({in.B}, x.options().dtype(at::kDouble));
+    row_dots64<T>(x, beta.template data_ptr<T>(), pb.sx.template data_ptr<double>());
     in.sx = pb.sx.template data_ptr<double>();
     in.munorm.assign(in.C, T(0));
     pb.smu = at::zeros({in.C}, x.options().dtype(at::kDouble));
@@ -81,12 +85,12 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     in.lam = lam.item<double>();
     in.eps = eps;
     in.tau = tau;
-    pb.center = center.data_ptr<T>();
+    pb.center = pb.m.template data_ptr<T>();
     pb.beta = beta.data_ptr<T>();
     pb.target = target.data_ptr<int64_t>();
     pb.gamma = gamma.item<double>();
     pb.margin = margin;
-    pb.owned = {x, mu, beta, center, target};
+    pb.owned = {x, mu, beta, target};
     return pb;
 }
 
@@ -104,7 +108,7 @@ struct ClassTile {
     void build(const CEProblem<T>& pb, int64_t first, int64_t count) {
         c0 = first;
         nc = count;
-        const RandersInputs<T>& in = pb.in;
+        const Operands<T>& in = pb.in;
         T* norm = const_cast<T*>(in.munorm.data()) + c0;
         double* smu = const_cast<double*>(in.smu) + c0;
         for (int64_t j = 0; j < nc; ++j) {
@@ -234,7 +238,7 @@ inline int64_t target_column(const int64_t* target, int64_t b, int64_t c0, int64
 // flash attention) and Σ logits over its classes; chunks are merged in order at the end.
 template <typename T>
 void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
-    const RandersInputs<T>& in = pb.in;
+    const Operands<T>& in = pb.in;
     const int64_t B = in.B, C = in.C, D = in.D;
     const double inf = std::numeric_limits<double>::infinity();
     std::fill(tl, tl + B, 0.0);
@@ -316,7 +320,7 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
 template <typename T>
 std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse, const double* w_tl,
                                     const double* w_sl, const double* lse) {
-    const RandersInputs<T>& in = pb.in;
+    const Operands<T>& in = pb.in;
     const int64_t B = in.B, C = in.C, D = in.D;
     const auto opts = in.xp.options();
     const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
@@ -423,12 +427,13 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                             lcpp[k] += tile.cent[j * D + k] * dmup[j * D + k];
                         }
                 }
+                // ∂beta += Σ_c ∂smu_c·(mu_c − m), centred (the x half below likewise).
                 T* out = dmu_rows.data_ptr<T>();
                 for (int64_t j = 0; j < nc; ++j) {
                     const T* murow = in.mu + (c0 + j) * D;
                     for (int64_t k = 0; k < D; ++k) {
                         out[j * D + k] += T(dsmu[j]) * pb.beta[k];
-                        dbeta_part[cc * D + k] += dsmu[j] * double(murow[k]);
+                        dbeta_part[cc * D + k] += dsmu[j] * (double(murow[k]) - double(pb.center[k]));
                     }
                 }
             }
@@ -465,52 +470,40 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
         dlc.addmm_(pb.xc.t(), dxp);
     else
         dlc.add_((pb.xc * dxp).sum(0));
-    at::Tensor x64 = at::from_blob(const_cast<T*>(in.x), {B, D}, opts).to(at::kDouble);
-    at::Tensor dbeta = at::mv(x64.t(), dsx);
-    double* dbp = dbeta.data_ptr<double>();
+    std::vector<double> db = centred_weighted_sum<T>(at::from_blob(const_cast<T*>(in.x), {B, D}, opts), pb.center,
+                                                     dsxp);
     for (int64_t cc = 0; cc < n_cc; ++cc)
-        for (int64_t k = 0; k < D; ++k) dbp[k] += dbeta_part[cc * D + k];
+        for (int64_t k = 0; k < D; ++k) db[k] += dbeta_part[cc * D + k];
+    at::Tensor dbeta = at::empty({D}, opts);
+    for (int64_t k = 0; k < D; ++k) dbeta.data_ptr<T>()[k] = T(db[k]);
     double dlam = 0, dgam = 0;
     for (int64_t cc = 0; cc < n_cc; ++cc) {
         dlam += dlam_part[cc];
         dgam += dgam_part[cc];
     }
     const auto f64 = opts.dtype(at::kDouble);
-    return {dx, dmu, dlc, dbeta.to(opts.dtype()), at::scalar_tensor(dlam, f64), at::scalar_tensor(dgam, f64)};
+    return {dx, dmu, dlc, dbeta, at::scalar_tensor(dlam, f64), at::scalar_tensor(dgam, f64)};
 }
 
 void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
-                   const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma,
-                   const at::Tensor& target) {
-    TORCH_CHECK(x.dim() == 2 && mu.dim() == 2 && x.size(1) == mu.size(1), "x [B, D] and mu [C, D] must share D");
-    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                "the CPU kernel computes in float32 or float64, got ", x.scalar_type());
-    const int64_t D = x.size(1);
-    for (const at::Tensor* t : {&mu, &lc, &beta, &center})
-        TORCH_CHECK(t->scalar_type() == x.scalar_type(), "x, mu, lc, beta and center must share one dtype");
-    TORCH_CHECK((lc.dim() == 1 && lc.size(0) == D) || (lc.dim() == 2 && lc.size(0) == D && lc.size(1) == D),
-                "lc must be [D] or [D, D]");
-    TORCH_CHECK(beta.dim() == 1 && beta.size(0) == D && center.dim() == 1 && center.size(0) == D,
-                "beta and center must be [D]");
+                   const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target) {
+    check_operands(x, mu, lc, beta, lam, gamma);
     TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == x.size(0),
                 "target must be int64 [B]");
-    TORCH_CHECK(lam.numel() == 1 && gamma.numel() == 1, "lam and gamma must be 0-dim tensors");
-    for (const at::Tensor* t : {&x, &mu, &lc, &beta, &center, &target})
-        TORCH_CHECK(t->device().is_cpu(), "the C++ kernel takes CPU tensors");
+    TORCH_CHECK(target.device().is_cpu(), "the C++ kernels take CPU tensors");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
-    const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target,
-    double eps, double tau, double margin) {
-    check_ce_args(x, mu, lc, beta, center, lam, gamma, target);
+    const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau, double margin) {
+    check_ce_args(x, mu, lc, beta, lam, gamma, target);
     at::NoGradGuard no_grad;  // the ATen calls below are part of this op, not of the autograd graph
     const auto f64 = x.options().dtype(at::kDouble);
     at::Tensor lse = at::empty({x.size(0)}, f64), tl = at::empty({x.size(0)}, f64), sl = at::empty({x.size(0)}, f64);
     if (x.size(0) == 0) return {lse, tl, sl};
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_fwd", [&] {
-        const auto pb = setup<scalar_t>(x.contiguous(), mu.contiguous(), lc.contiguous(), beta.contiguous(),
-                                        center.contiguous(), lam, gamma, target.contiguous(), eps, tau, margin);
+        const auto pb = setup<scalar_t>(x.detach().contiguous(), mu.detach().contiguous(), lc.detach().contiguous(),
+                                        beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin);
         ce_forward<scalar_t>(pb, lse.data_ptr<double>(), tl.data_ptr<double>(), sl.data_ptr<double>());
     });
     return {lse, tl, sl};
@@ -519,9 +512,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_bwd_cpu(
     const at::Tensor& w_lse, const at::Tensor& w_tl, const at::Tensor& w_sl, const at::Tensor& lse,
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
-    const at::Tensor& center, const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target,
-    double eps, double tau, double margin) {
-    check_ce_args(x, mu, lc, beta, center, lam, gamma, target);
+    const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau, double margin) {
+    check_ce_args(x, mu, lc, beta, lam, gamma, target);
     at::NoGradGuard no_grad;
     for (const at::Tensor* t : {&w_lse, &w_tl, &w_sl, &lse})
         TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0), "the row weights and lse must be [B]");
@@ -529,8 +521,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                      ws = w_sl.to(at::kDouble).contiguous(), l = lse.to(at::kDouble).contiguous();
     std::vector<at::Tensor> res;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_bwd", [&] {
-        const auto pb = setup<scalar_t>(x.contiguous(), mu.contiguous(), lc.contiguous(), beta.contiguous(),
-                                        center.contiguous(), lam, gamma, target.contiguous(), eps, tau, margin);
+        const auto pb = setup<scalar_t>(x.detach().contiguous(), mu.detach().contiguous(), lc.detach().contiguous(),
+                                        beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin);
         res = ce_backward<scalar_t>(pb, wl.data_ptr<double>(), wt.data_ptr<double>(), ws.data_ptr<double>(),
                                     l.data_ptr<double>());
     });
@@ -539,18 +531,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 }  // namespace
 
-// The schema lives beside the kernel; the library block itself is in randers_logits.cpp.
-TORCH_LIBRARY_FRAGMENT(faim_kernels, m) {
-    m.def("randers_cross_entropy_fwd(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor center, Tensor lam, "
-          "Tensor gamma, Tensor target, float eps, float tau, float margin) -> (Tensor, Tensor, Tensor)");
-    m.def("randers_cross_entropy_bwd(Tensor w_lse, Tensor w_tl, Tensor w_sl, Tensor lse, Tensor x, Tensor mu, "
-          "Tensor lc, Tensor beta, Tensor center, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
-          "float margin) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(faim_kernels, CPU, m) {
-    m.impl("randers_cross_entropy_fwd", &randers_ce_fwd_cpu);
-    m.impl("randers_cross_entropy_bwd", &randers_ce_bwd_cpu);
+    m.impl("randers_cross_entropy", &randers_ce_fwd_cpu);
+    m.impl("randers_cross_entropy_backward", &randers_ce_bwd_cpu);
 }
 
 }  // namespace faim_kernels

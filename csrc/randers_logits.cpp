@@ -1,71 +1,136 @@
-// Fused Randers logits on the CPU (SPEC §2): logits = −γ·d from one tiled GEMM of x' against mu'
-// with the epilogue applied while each tile is in cache, and the closed-form backward.
-// Nothing of size [B, C, D] is formed; the forward allocates only its [B, C] output.
+// Fused Randers logits on the CPU (SPEC §2): the CPU kernels of the ops
+//   faim_kernels::randers_logits(x, mu, lc, beta, lam, gamma, eps, tau) -> (logits, xp, mup, sx, smu)
+//   faim_kernels::randers_logits_backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau)
+//       -> (dx, dmu, dlc, dbeta, dlam, dgamma)
+// whose schemas, fake kernels and autograd formula are in faim_kernels/ops/contract.py.
+// Forward: the preparation (centre, x', mu', norms, float64 s), ONE GEMM x'·mu'ᵀ into the output,
+// the epilogue in place row by row, and the pairs at risk recomputed from the raw difference.
+// Backward: a = sqrt(q + eps) comes back from the logits, so the two gradient GEMMs are the only
+// B×C×D products (as in nn.Linear's backward); no [B, C, D] is ever formed.
 #include <torch/library.h>
+
+#include <cmath>
 
 #include "randers_common.h"
 
 namespace faim_kernels {
 namespace {
 
+// Raw inputs, made contiguous and detached (GEMMs on worker threads do not inherit the
+// dispatcher's below-autograd state, and at::mm_out refuses inputs that require grad).
+struct RawInputs {
+    at::Tensor x, mu, lc, beta;
+    RawInputs(const at::Tensor& x_, const at::Tensor& mu_, const at::Tensor& lc_, const at::Tensor& beta_)
+        : x(x_.detach().contiguous()), mu(mu_.detach().contiguous()), lc(lc_.detach().contiguous()),
+          beta(beta_.detach().contiguous()) {}
+};
+
 template <typename T>
-void logits_forward(const RandersInputs<T>& in, double gamma, T* out) {
+Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const at::Tensor& sx,
+                     const at::Tensor& smu, double lam, double eps, double tau) {
+    Operands<T> in;
+    in.B = raw.x.size(0);
+    in.C = raw.mu.size(0);
+    in.D = raw.x.size(1);
+    in.xp = std::move(xp);
+    in.mup = std::move(mup);
+    in.sx = sx.data_ptr<double>();
+    in.smu = smu.data_ptr<double>();
+    in.x = raw.x.data_ptr<T>();
+    in.mu = raw.mu.data_ptr<T>();
+    in.lc = raw.lc.data_ptr<T>();
+    in.full = raw.lc.dim() == 2;
+    in.xnorm = row_sq_norms<T>(in.xp);
+    in.munorm = row_sq_norms<T>(in.mup);
+    in.lam = lam;
+    in.eps = eps;
+    in.tau = tau;
+    return in;
+}
+
+// out holds the GEMM x'·mu'ᵀ on entry and the logits −γ·d (Eq. 3) on return.
+template <typename T>
+void logits_epilogue(const Operands<T>& in, double gamma, T* out) {
     const int64_t B = in.B, C = in.C, D = in.D;
-    const int64_t n_ct = ceil_div(C, kTileC);
     const T neg_gamma = T(-gamma);
-    at::parallel_for(0, ceil_div(B, kTileB) * n_ct, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> dots(kTileB * kTileC);
+    const int64_t n_ct = ceil_div(C, kTileC);
+    at::parallel_for(0, B * n_ct, 16, [&](int64_t begin, int64_t end) {
         std::vector<double> acc(D);
         RowTerms<T> w(kTileC);
         for (int64_t t = begin; t < end; ++t) {
-            const int64_t b0 = (t / n_ct) * kTileB, c0 = (t % n_ct) * kTileC;
-            const int64_t nb = std::min(kTileB, B - b0), nc = std::min(kTileC, C - c0);
-            tile_dots(in, b0, nb, c0, nc, dots.data());
-            for (int64_t i = 0; i < nb; ++i) {
-                const int64_t b = b0 + i;
-                row_terms(in, b, c0, nc, dots.data() + i * nc, w);
-                T* row = out + b * C + c0;
-                for (int64_t j = 0; j < nc; ++j) row[j] = neg_gamma * w.d[j];  // Eq. 3
-                for (int64_t j = 0; j < nc; ++j)
-                    if (w.near[j] != T(0)) row[j] = neg_gamma * pair_direct(in, b, c0 + j, acc.data(), (T*)nullptr).d;
-            }
+            const int64_t b = t / n_ct, c0 = (t % n_ct) * kTileC, nc = std::min(kTileC, C - c0);
+            T* row = out + b * C + c0;
+            row_terms(in, b, c0, nc, row, w);
+            for (int64_t j = 0; j < nc; ++j) row[j] = neg_gamma * w.d[j];
+            for (int64_t j = 0; j < nc; ++j)
+                if (w.near[j] != T(0)) row[j] = neg_gamma * pair_direct(in, b, c0 + j, acc.data(), (T*)nullptr).d;
         }
     });
 }
 
-at::Tensor randers_logits_fwd_cpu(const at::Tensor& xp, const at::Tensor& mup, const at::Tensor& sx,
-                                  const at::Tensor& smu, const at::Tensor& x, const at::Tensor& mu,
-                                  const at::Tensor& lc, const at::Tensor& lam, const at::Tensor& gamma,
-                                  double eps, double tau) {
-    check_args(xp, mup, sx, smu, x, mu, lc, lam, gamma);
-    at::Tensor out = at::empty({xp.size(0), mup.size(0)}, xp.options());
+// The logits (gamma) or distances (gamma = −1) of prepared operands, [B, C].
+template <typename T>
+at::Tensor logits_of(const Operands<T>& in, double gamma) {
+    at::Tensor out = at::empty({in.B, in.C}, in.xp.options());
     if (out.numel() == 0) return out;
-    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "randers_logits_fwd", [&] {
-        const auto in = unpack<scalar_t>(xp, mup, sx, smu, x, mu, lc, lam, eps, tau);
-        logits_forward<scalar_t>(in, gamma.item<double>(), out.data_ptr<scalar_t>());
-    });
+    at::mm_out(out, in.xp, in.mup.t());
+    logits_epilogue(in, gamma, out.data_ptr<T>());
     return out;
 }
 
-// A pair recomputed from the raw difference: its ∂x', ∂mu' terms are added from diff' directly
-// instead of through rowsum(P)·x' − P·mu', which cancels there (SPEC §2.1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_logits_cpu(
+    const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta, const at::Tensor& lam,
+    const at::Tensor& gamma, double eps, double tau) {
+    check_operands(x, mu, lc, beta, lam, gamma);
+    const RawInputs raw(x, mu, lc, beta);
+    const auto f64 = raw.x.options().dtype(at::kDouble);
+    at::Tensor sx = at::empty({raw.x.size(0)}, f64), smu = at::empty({raw.mu.size(0)}, f64);
+    at::Tensor logits, xp, mup;
+    AT_DISPATCH_FLOATING_TYPES(raw.x.scalar_type(), "randers_logits", [&] {
+        const at::Tensor m = center_of(raw.mu);
+        xp = project<scalar_t>(raw.x, m, raw.lc);
+        mup = project<scalar_t>(raw.mu, m, raw.lc);
+        row_dots64<scalar_t>(raw.x, raw.beta.data_ptr<scalar_t>(), sx.data_ptr<double>());
+        row_dots64<scalar_t>(raw.mu, raw.beta.data_ptr<scalar_t>(), smu.data_ptr<double>());
+        const auto in = operands<scalar_t>(raw, xp, mup, sx, smu, lam.item<double>(), eps, tau);
+        logits = logits_of(in, gamma.item<double>());
+    });
+    return {logits, xp, mup, sx, smu};
+}
+
+// A pair at risk: its ∂x', ∂mu' terms are added from diff' directly instead of through
+// rowsum(P)·x' − P·mu', which cancels there (SPEC §2.1).
 struct NearTerm {
     int64_t b, c;
     double p;
 };
 
-// Backward (SPEC §2): with H = −γ·G, P = H/a, R = H·λ·s/r,
-//   ∂x' = rowsum(P)·x' − P·mu',  ∂mu' = colsum(P)·mu' − Pᵀ·x'  (far pairs, two BLAS GEMMs)
-//   plus ±P·diff' for near pairs; ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·d.
-// One pass, parallel over row tiles, recomputes each tile's GEMM and writes P (far pairs; 0 at
-// near pairs) into the backward's one [B, C] temporary; colsum(R) is kept per row tile
-// ([B/256, C] doubles) and summed in tile order, so results do not depend on thread timing.
+// Backward (SPEC §2), with H = −γ·G, P = H/a, R = H·λ·s/r:
+//   ∂x' = rowsum(P)·x' − P·mu',  ∂mu' = colsum(P)·mu' − Pᵀ·x'   (far pairs: two BLAS GEMMs)
+//   ± P·diff' for the pairs at risk; ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·d,
+// then the chain to the raw inputs: ∂x = ∂x'·Lcᵀ + ∂sx·betaᵀ, ∂mu likewise,
+// ∂Lc = (x − m)ᵀ∂x' + (mu − m)ᵀ∂mu', ∂beta = Σ ∂sx_b·(x_b − m) + Σ ∂smu_c·(mu_c − m).
+// d comes from the logits (d = −logits/γ: one rounding, so a = d − λ·r is within a few units of
+// round-off of the forward's a wherever λ·r is not much larger than a, i.e. wherever the metric is
+// a Randers metric, λ·|beta|_{Sigma⁻¹} < 1), and the pair at-risk test q = a² − eps < tau·(|x'|² +
+// |mu'|²) picks the pairs recomputed from the raw difference. With γ = 0 the logits carry no d:
+// the distances are recomputed (one forward) for ∂γ, the only term that needs them then.
+// One pass, parallel over row tiles, writes P (far pairs; 0 at pairs at risk) into the backward's
+// one [B, C] temporary; colsum(R) is kept per row tile and summed in tile order, so the results do
+// not depend on thread timing.
 template <typename T>
-std::vector<at::Tensor> logits_backward(const RandersInputs<T>& in, const at::Tensor& grad, double gamma) {
+std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& raw, const at::Tensor& grad,
+                                        const at::Tensor& logits, double gamma) {
     const int64_t B = in.B, C = in.C, D = in.D;
+    const auto opts = in.xp.options();
     const T* G = grad.data_ptr<T>();
     const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);  // expanded grads (stride 0) are fine
-    const auto opts = in.xp.options();
+    // d_bc = dscale·src_bc
+    at::Tensor src = gamma == 0 ? logits_of(in, -1.0) : logits;
+    const T* L = src.data_ptr<T>();
+    const int64_t ls0 = src.stride(0), ls1 = src.stride(1);
+    const T dscale = gamma == 0 ? T(1) : T(-1.0 / gamma);
+
     at::Tensor P = at::empty({B, C}, opts);
     T* Pp = P.data_ptr<T>();
     at::Tensor row_p = at::empty({B}, opts);
@@ -78,62 +143,61 @@ std::vector<at::Tensor> logits_backward(const RandersInputs<T>& in, const at::Te
     std::vector<double> col_r(n_bt * C, 0.0);
     std::vector<std::vector<NearTerm>> near(n_bt);
     std::vector<std::vector<T>> near_diff(n_bt);
-    const T g = T(gamma), lam = T(in.lam);
+    const T g = T(gamma), lam = T(in.lam), eps = T(in.eps), tau = T(in.tau);
 
     at::parallel_for(0, n_bt, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> dots(kTileBBackward * kTileC), diffp(D), grow(kTileC);
+        std::vector<T> diffp(D), gr(kTileC), lr(kTileC), s(kTileC), isnear(kTileC);
         std::vector<double> acc(D);
-        RowTerms<T> w(kTileC);
         for (int64_t bt = begin; bt < end; ++bt) {
             const int64_t b0 = bt * kTileBBackward, nb = std::min(kTileBBackward, B - b0);
             double dlam = 0, dgam = 0;
-            std::vector<double> rp(nb, 0.0), rr(nb, 0.0);
-            for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
-                const int64_t nc = std::min(kTileC, C - c0);
-                tile_dots(in, b0, nb, c0, nc, dots.data());
-                for (int64_t i = 0; i < nb; ++i) {
-                    const int64_t b = b0 + i;
-                    row_terms(in, b, c0, nc, dots.data() + i * nc, w);
-                    const T* a = w.a.data();
-                    const T* r = w.r.data();
-                    const T* s = w.s.data();
-                    const T* d = w.d.data();
-                    const T* nr = w.near.data();
-                    T* gr = grow.data();
+            for (int64_t i = 0; i < nb; ++i) {
+                const int64_t b = b0 + i;
+                const double sxb = in.sx[b];
+                const T xn = in.xnorm[b];
+                double sum_p = 0, sum_r = 0;
+                for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
+                    const int64_t nc = std::min(kTileC, C - c0);
+                    for (int64_t j = 0; j < nc; ++j) {
+                        gr[j] = G[b * gs0 + (c0 + j) * gs1];
+                        lr[j] = L[b * ls0 + (c0 + j) * ls1];
+                    }
+                    for (int64_t j = 0; j < nc; ++j) s[j] = T(sxb - in.smu[c0 + j]);  // float64 difference
+                    const T* mn = in.munorm.data() + c0;
                     T* prow = Pp + b * C + c0;
                     double* crow = col_r.data() + bt * C + c0;
-                    for (int64_t j = 0; j < nc; ++j) gr[j] = G[b * gs0 + (c0 + j) * gs1];
-                    double sum_p = 0, sum_r = 0, sum_hr = 0, sum_gd = 0;
-#pragma omp simd reduction(+ : sum_p, sum_r, sum_hr, sum_gd)
+                    double sp = 0, sr = 0, shr = 0, sgd = 0;
+#pragma omp simd reduction(+ : sp, sr, shr, sgd)
                     for (int64_t j = 0; j < nc; ++j) {
+                        const T r = std::sqrt(s[j] * s[j] + eps);
+                        const T d = dscale * lr[j];
+                        const T a = d - lam * r;
+                        const bool at_risk = a * a - eps < tau * (xn + mn[j]);
                         const T H = -g * gr[j];
-                        const T p = a[j] > T(0) ? H / a[j] : T(0);  // eps = 0 at an exact hit: subgradient 0
-                        const T R = r[j] > T(0) ? H * lam * s[j] / r[j] : T(0);
-                        const bool far = nr[j] == T(0);
-                        prow[j] = far ? p : T(0);
+                        const T p = a > T(0) ? H / a : T(0);  // eps = 0 at an exact hit: subgradient 0
+                        const T R = r > T(0) ? H * lam * s[j] / r : T(0);
+                        prow[j] = at_risk ? T(0) : p;
+                        isnear[j] = at_risk ? T(1) : T(0);
                         crow[j] += R;
-                        sum_p += far ? p : T(0);
-                        sum_r += R;
-                        sum_hr += H * r[j];
-                        sum_gd += far ? gr[j] * d[j] : T(0);
+                        sp += at_risk ? T(0) : p;
+                        sr += R;
+                        shr += H * r;
+                        sgd += gr[j] * d;
                     }
                     for (int64_t j = 0; j < nc; ++j) {
-                        if (nr[j] == T(0)) continue;
+                        if (isnear[j] == T(0)) continue;
                         const Pair<T> pr = pair_direct(in, b, c0 + j, acc.data(), diffp.data());
                         const T p = pr.a > T(0) ? -g * gr[j] / pr.a : T(0);
-                        sum_gd += double(gr[j]) * double(pr.d);
                         near[bt].push_back({b, c0 + j, double(p)});
                         near_diff[bt].insert(near_diff[bt].end(), diffp.begin(), diffp.end());
                     }
-                    rp[i] += sum_p;
-                    rr[i] += sum_r;
-                    dlam += sum_hr;
-                    dgam -= sum_gd;
+                    sum_p += sp;
+                    sum_r += sr;
+                    dlam += shr;
+                    dgam -= sgd;
                 }
-            }
-            for (int64_t i = 0; i < nb; ++i) {
-                row_pp[b0 + i] = T(rp[i]);
-                dsxp[b0 + i] = rr[i];
+                row_pp[b] = T(sum_p);
+                dsxp[b] = sum_r;
             }
             dlam_part[bt] = dlam;
             dgam_part[bt] = dgam;
@@ -154,55 +218,84 @@ std::vector<at::Tensor> logits_backward(const RandersInputs<T>& in, const at::Te
     at::Tensor dxp = at::mm(P, in.mup).neg_().addcmul_(row_p.unsqueeze(1), in.xp);
     at::Tensor dmup = at::mm(P.t(), in.xp).neg_().addcmul_(P.sum(0).unsqueeze(1), in.mup);
     P.reset();
-    T* dx = dxp.data_ptr<T>();
-    T* dm = dmup.data_ptr<T>();
+    T* dx_ = dxp.data_ptr<T>();
+    T* dm_ = dmup.data_ptr<T>();
     for (int64_t bt = 0; bt < n_bt; ++bt) {
         for (size_t n = 0; n < near[bt].size(); ++n) {
             const NearTerm& t = near[bt][n];
             const T* df = near_diff[bt].data() + n * D;
             for (int64_t k = 0; k < D; ++k) {
-                dx[t.b * D + k] += T(t.p) * df[k];
-                dm[t.c * D + k] -= T(t.p) * df[k];
+                dx_[t.b * D + k] += T(t.p) * df[k];
+                dm_[t.c * D + k] -= T(t.p) * df[k];
             }
         }
     }
+
+    // The chain to the raw inputs (x' = (x − m)·Lc, sx = x·beta, and the same for mu).
+    const at::Tensor m = center_of(raw.mu);
+    const T* mp = m.data_ptr<T>();
+    at::Tensor dx, dmu, dlc;
+    if (in.full) {
+        dx = at::mm(dxp, raw.lc.t());
+        dmu = at::mm(dmup, raw.lc.t());
+        dlc = at::mm((raw.x - m).t(), dxp).addmm_((raw.mu - m).t(), dmup);
+    } else {
+        dx = dxp * raw.lc;
+        dmu = dmup * raw.lc;
+        dlc = ((raw.x - m) * dxp).sum(0).add_(((raw.mu - m) * dmup).sum(0));
+    }
+    dx.addcmul_(dsx.to(opts.dtype()).unsqueeze(1), raw.beta.unsqueeze(0));
+    dmu.addcmul_(dsmu.to(opts.dtype()).unsqueeze(1), raw.beta.unsqueeze(0));
+    std::vector<double> db = centred_weighted_sum<T>(raw.x, mp, dsxp);
+    const std::vector<double> db_mu = centred_weighted_sum<T>(raw.mu, mp, dsmup);
+    at::Tensor dbeta = at::empty({D}, opts);
+    T* dbp = dbeta.data_ptr<T>();
+    for (int64_t k = 0; k < D; ++k) dbp[k] = T(db[k] + db_mu[k]);
+
     double dlam = 0, dgam = 0;
     for (int64_t bt = 0; bt < n_bt; ++bt) {
         dlam += dlam_part[bt];
         dgam += dgam_part[bt];
     }
-    const auto scalar_opts = opts.dtype(at::kDouble);
-    return {dxp, dmup, dsx, dsmu, at::scalar_tensor(dlam, scalar_opts), at::scalar_tensor(dgam, scalar_opts)};
+    const auto f64 = opts.dtype(at::kDouble);
+    return {dx, dmu, dlc, dbeta, at::scalar_tensor(dlam, f64), at::scalar_tensor(dgam, f64)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_logits_bwd_cpu(
-    const at::Tensor& grad, const at::Tensor& xp, const at::Tensor& mup, const at::Tensor& sx,
-    const at::Tensor& smu, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc,
-    const at::Tensor& lam, const at::Tensor& gamma, double eps, double tau) {
-    check_args(xp, mup, sx, smu, x, mu, lc, lam, gamma);
-    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == xp.size(0) && grad.size(1) == mup.size(0),
-                "grad must be [B, C]");
-    const at::Tensor g = grad.to(xp.scalar_type());
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_logits_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc,
+    const at::Tensor& beta, const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& xp, const at::Tensor& mup,
+    const at::Tensor& sx, const at::Tensor& smu, double eps, double tau) {
+    check_operands(x, mu, lc, beta, lam, gamma);
+    const int64_t B = x.size(0), C = mu.size(0);
+    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == C, "grad must be [B, C]");
+    TORCH_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == C, "logits must be [B, C]");
+    TORCH_CHECK(xp.sizes() == x.sizes() && mup.sizes() == mu.sizes() && xp.scalar_type() == x.scalar_type() &&
+                    mup.scalar_type() == x.scalar_type(),
+                "xp, mup must be the forward's x', mu'");
+    TORCH_CHECK(sx.scalar_type() == at::kDouble && smu.scalar_type() == at::kDouble && sx.numel() == B &&
+                    smu.numel() == C,
+                "sx [B], smu [C] must be the forward's float64 projections");
+    const RawInputs raw(x, mu, lc, beta);
     std::vector<at::Tensor> res;
-    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "randers_logits_bwd", [&] {
-        const auto in = unpack<scalar_t>(xp, mup, sx, smu, x, mu, lc, lam, eps, tau);
-        res = logits_backward<scalar_t>(in, g, gamma.item<double>());
+    AT_DISPATCH_FLOATING_TYPES(raw.x.scalar_type(), "randers_logits_backward", [&] {
+        if (B == 0 || C == 0) {
+            res = {at::zeros_like(raw.x), at::zeros_like(raw.mu), at::zeros_like(raw.lc), at::zeros_like(raw.beta),
+                   at::zeros({}, raw.x.options().dtype(at::kDouble)), at::zeros({}, raw.x.options().dtype(at::kDouble))};
+            return;
+        }
+        const auto in = operands<scalar_t>(raw, xp.detach().contiguous(), mup.detach().contiguous(),
+                                           sx.contiguous(), smu.contiguous(), lam.item<double>(), eps, tau);
+        res = logits_backward<scalar_t>(in, raw, grad.to(raw.x.scalar_type()), logits.to(raw.x.scalar_type()),
+                                        gamma.item<double>());
     });
     return {res[0], res[1], res[2], res[3], res[4].to(lam.scalar_type()), res[5].to(gamma.scalar_type())};
 }
 
 }  // namespace
 
-TORCH_LIBRARY(faim_kernels, m) {
-    m.def("randers_logits_fwd(Tensor xp, Tensor mup, Tensor sx, Tensor smu, Tensor x, Tensor mu, Tensor lc, "
-          "Tensor lam, Tensor gamma, float eps, float tau) -> Tensor");
-    m.def("randers_logits_bwd(Tensor grad, Tensor xp, Tensor mup, Tensor sx, Tensor smu, Tensor x, Tensor mu, "
-          "Tensor lc, Tensor lam, Tensor gamma, float eps, float tau) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(faim_kernels, CPU, m) {
-    m.impl("randers_logits_fwd", &randers_logits_fwd_cpu);
-    m.impl("randers_logits_bwd", &randers_logits_bwd_cpu);
+    m.impl("randers_logits", &randers_logits_cpu);
+    m.impl("randers_logits_backward", &randers_logits_backward_cpu);
 }
 
 }  // namespace faim_kernels

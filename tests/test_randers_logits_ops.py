@@ -6,35 +6,38 @@ import torch
 
 import faim_kernels as fk
 from conftest import assert_rel_close, make_inputs
-from faim_kernels.transform import transform
 
 
 def _op_args(full, dtype=torch.float64, near=False):
-    x, mu, L, beta, lam, gamma = make_inputs(7, 11, 5, full=full, dtype=dtype, near=near, requires_grad=True)
-    t = transform(x, mu, L, beta, lam, gamma, 1e-6)
-    # Leaf copies so opcheck can differentiate with respect to the op's own inputs.
-    xp, mup = t.xp.detach().requires_grad_(), t.mup.detach().requires_grad_()
-    sx, smu = t.sx.detach().requires_grad_(), t.smu.detach().requires_grad_()
-    lam64, gamma64 = t.lam.detach().requires_grad_(), t.gamma.detach().requires_grad_()
-    return (xp, mup, sx, smu, t.x, t.mu, t.lc, lam64, gamma64, 1e-6, t.tau)
+    """The contract op's own inputs, as leaves: (x, mu, lc, beta, lam, gamma, eps, tau)."""
+    fk._cpp_loader.load()  # the C++ kernels register on first use; these tests call the ops directly
+    x, mu, L, beta, lam, gamma = make_inputs(7, 11, 5, full=full, dtype=dtype, near=near)
+    lc = fk.transform.metric_factor(L, 1e-6, dtype)
+    leaf = lambda t: t.detach().clone().requires_grad_()  # noqa: E731
+    return (leaf(x), leaf(mu), leaf(lc), leaf(beta), leaf(lam.double()), leaf(gamma.double()), 1e-6,
+            fk.transform.risk_threshold(5, dtype))
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
 def test_opcheck_cpp(full):
     ops = torch.ops.faim_kernels
     args = _op_args(full)
-    torch.library.opcheck(ops.randers_logits_fwd.default, args)
+    torch.library.opcheck(ops.randers_logits.default, args)
+    logits, xp, mup, sx, smu = ops.randers_logits.default(*args)
     grad = torch.randn(7, 11, dtype=torch.float64)
-    torch.library.opcheck(ops.randers_logits_bwd.default, (grad,) + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(ops.randers_logits_backward.default,
+                          (grad, logits.detach()) + plain[:6] + (xp, mup, sx, smu) + plain[6:])
 
 
 def test_op_gradcheck_against_its_own_inputs():
-    """The closed-form backward is the derivative of the op in (x', mu', sx, smu, lam, gamma)."""
-    op = torch.ops.faim_kernels.randers_logits_fwd.default
-    xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, tau = _op_args(False)
-    # tau = 0: no pair is recomputed from the hints, so the op is a function of its first inputs only.
-    f = lambda xp, mup, sx, smu, lam, gamma: op(xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, 0.0)
-    assert torch.autograd.gradcheck(f, (xp, mup, sx, smu, lam, gamma))
+    """The closed-form backward is the derivative of the op in (x, mu, Lc, beta, lam, gamma), with
+    every pair through the expansion (tau = 0) and with every close pair recomputed (tau = 1)."""
+    op = torch.ops.faim_kernels.randers_logits.default
+    x, mu, lc, beta, lam, gamma, eps, _ = _op_args(True)
+    for tau in (0.0, 1.0):
+        f = lambda *a: op(*a, eps, tau)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x, mu, lc, beta, lam, gamma))
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -74,10 +77,14 @@ def test_torch_compile_inductor():
 def test_fake_kernels_give_shapes_and_dtypes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     ops = torch.ops.faim_kernels
-    args = _op_args(True, dtype=torch.float32)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _op_args(True, dtype=torch.float32)]
+    real = ops.randers_logits.default(*args)
+    real_grads = ops.randers_logits_backward.default(torch.ones_like(real[0]), real[0], *args[:6], *real[1:], *args[6:])
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        out = ops.randers_logits_fwd.default(*fake)
-        assert out.shape == (7, 11) and out.dtype == torch.float32
-        grads = ops.randers_logits_bwd.default(torch.empty(7, 11), *fake)
-        assert [g.shape for g in grads] == [a.shape for a in fake[:4]] + [torch.Size([])] * 2
+        out = ops.randers_logits.default(*fake)
+        grads = ops.randers_logits_backward.default(torch.empty(7, 11), out[0], *fake[:6], *out[1:], *fake[6:])
+    assert [(t.shape, t.dtype) for t in out] == [(t.shape, t.dtype) for t in real]
+    assert out[0].shape == (7, 11) and out[0].dtype == torch.float32
+    assert [(g.shape, g.dtype) for g in grads] == [(g.shape, g.dtype) for g in real_grads]
+    assert [g.shape for g in grads] == [a.shape for a in fake[:4]] + [torch.Size([])] * 2
