@@ -15,7 +15,7 @@ if os.environ.get("FAIM_KERNELS_NO_EXT", "0") != "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     # No errno from sqrt, no trapping comparisons: lets the epilogue loops (sqrt, selects) vectorise.
-    extra = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    extra = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-march=native"]
     ext_modules = [
         CppExtension(
             "faim_kernels._C",

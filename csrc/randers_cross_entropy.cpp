@@ -76,6 +76,9 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     pb.sx = at::empty({in.B}, x.options().dtype(at::kDouble));
     row_dots64<T>(x, beta.template data_ptr<T>(), pb.sx.template data_ptr<double>());
     in.sx = pb.sx.template data_ptr<double>();
+    split_all(in.sx, in.B, in.sx_hi, in.sx_lo);
+    in.smu_hi.assign(in.C, T(0));
+    in.smu_lo.assign(in.C, T(0));
     in.munorm.assign(in.C, T(0));
     pb.smu = at::zeros({in.C}, x.options().dtype(at::kDouble));
     in.smu = pb.smu.template data_ptr<double>();
@@ -111,6 +114,8 @@ struct ClassTile {
         const Operands<T>& in = pb.in;
         T* norm = const_cast<T*>(in.munorm.data()) + c0;
         double* smu = const_cast<double*>(in.smu) + c0;
+        T* smu_hi = const_cast<T*>(in.smu_hi.data()) + c0;
+        T* smu_lo = const_cast<T*>(in.smu_lo.data()) + c0;
         for (int64_t j = 0; j < nc; ++j) {
             const T* row = in.mu + (c0 + j) * D;
             double s = 0;
@@ -119,6 +124,7 @@ struct ClassTile {
                 s += double(row[k]) * double(pb.beta[k]);
             }
             smu[j] = s;
+            split_hi_lo(s, smu_hi[j], smu_lo[j]);
         }
         if (in.full) {
             at::Tensor out = at::from_blob(mup.data(), {nc, D}, pb.lc.options());
