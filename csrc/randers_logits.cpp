@@ -150,14 +150,17 @@ at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tenso
     at::parallel_for(0, n_chunks, 1, [vp, gp, lp, bp, mp, ds, o, parts, n, D](int64_t begin, int64_t end) {
         for (int64_t ch = begin; ch < end; ++ch) {
             T* __restrict__ acc = parts + ch * D;
+            const T* __restrict__ l = lp;
+            const T* __restrict__ bb = bp;
+            const T* __restrict__ mm = mp;
             for (int64_t i = ch * kChunk; i < std::min(n, (ch + 1) * kChunk); ++i) {
                 const T dsi = T(ds[i]);
                 const T* __restrict__ vrow = vp + i * D;
                 const T* __restrict__ grow = gp + i * D;
                 T* __restrict__ orow = o + i * D;
                 for (int64_t k = 0; k < D; ++k) {
-                    orow[k] = grow[k] * lp[k] + dsi * bp[k];
-                    acc[k] += (vrow[k] - mp[k]) * grow[k];
+                    orow[k] = grow[k] * l[k] + dsi * bb[k];
+                    acc[k] += (vrow[k] - mm[k]) * grow[k];
                 }
             }
         }
