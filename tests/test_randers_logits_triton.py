@@ -339,9 +339,21 @@ def test_agrees_with_cpp():
 
 
 def test_torch_compile_fullgraph_matches_eager():
+    """The op under torch.compile(fullgraph=True): its fake kernel and autograd formula trace, and the
+    compiled forward and gradients match eager. On CUDA through fk.randers_logits (the registered op);
+    under the interpreter through the same schema, fake kernel and formula around the Triton launchers
+    (conftest.interpreted_contract_ops: the public call there runs an autograd.Function that Dynamo
+    cannot trace into the interpreter)."""
+    from faim_kernels.transform import as_scalar_tensor, metric_factor, risk_threshold
     torch._dynamo.reset()
     x, mu, L, beta, lam, gamma = _inputs(5, 9, 6, full=True, requires_grad=True)
-    f = lambda x: fk.randers_logits(torch.tanh(x), mu, L, beta, lam, gamma, backend="triton")  # noqa: E731
+    if HAS_CUDA:
+        f = lambda x: fk.randers_logits(torch.tanh(x), mu, L, beta, lam, gamma, backend="triton")  # noqa: E731
+    else:
+        op, _ = interpreted_contract_ops("logits")
+        tau = risk_threshold(6, torch.float32)
+        f = lambda x: op(torch.tanh(x), mu, metric_factor(L, 1e-6, torch.float32), beta,  # noqa: E731
+                         as_scalar_tensor(lam, x.device), as_scalar_tensor(gamma, x.device), 1e-6, tau)[0]
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     eager = f(x)
     eager_grads = torch.autograd.grad(eager.square().sum(), [x, mu, L, beta, lam, gamma])
