@@ -73,6 +73,20 @@ def test_near_prototype_float32(full):
     check_cross_entropy(inputs, target, "triton", fwd_tol=1e-4, grad_tol=1e-3, reduction="none", margin=0.01)
 
 
+@pytest.mark.parametrize("bwd_cap", [None, 1], ids=["noted", "inline"])
+def test_near_pairs_noted_inline_and_chunked(monkeypatch, bwd_cap):
+    """The shared backward kernel's paths for the cross-entropy: pairs at risk and targets noted and
+    handled after the loop, or (cap 1: every program overflows) the INLINE second launch; narrow D
+    chunks, so each row block spans several programs."""
+    from faim_kernels.ops.triton import configs
+    monkeypatch.setattr(configs, "BWD_BLOCK_D", {k: 16 for k in configs.BWD_BLOCK_D})
+    if bwd_cap:
+        monkeypatch.setattr(configs, "BWD_NEAR_CAP", bwd_cap)
+    inputs = _inputs(10, 20, 40, full=True, near=True, gamma=0.05, seed=9)
+    target = nearest_targets(inputs).to(DEVICE)
+    check_cross_entropy(inputs, target, "triton", fwd_tol=1e-4, grad_tol=1e-3, reduction="none", margin=0.01)
+
+
 def test_agrees_with_cpp():
     inputs = make_inputs(19, 37, 12, full=True, seed=8)
     target = random_targets(19, 37, ignore_every=6)
