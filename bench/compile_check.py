@@ -102,16 +102,14 @@ def ce_fwd_ptrs(acc):
                 margin_ptr="fp64", part_ptr="fp64")
 
 
-# The backward variants of a quick build, per family: (CE, tile source, FULL, INLINE); the source is
-# "tiles" (GEMM tiles recomputed), "logits" (FROM_LOGITS) or "gamma0" (its γ = 0 companion). Half
-# logits recompute their tiles; the cross-entropy runs in float32/float64 only.
-_SOURCES = {"tiles": dict(FROM_LOGITS=False, GAMMA0=False), "logits": dict(FROM_LOGITS=True, GAMMA0=False),
-            "gamma0": dict(FROM_LOGITS=False, GAMMA0=True)}
+# The backward variants of a quick build, per family: (CE, FROM_LOGITS, FULL, INLINE). An INLINE
+# launch always recomputes its tiles; after a FROM_LOGITS launch it carries GAMMA0 (it also runs
+# where γ = 0). Half logits recompute their tiles; the cross-entropy runs in float32/float64 only.
 _QUICK_BWD = {
-    "half": [(False, "tiles", full, inline) for full in (False, True) for inline in (False, True)],
-    "ieee": [(False, "logits", False, False), (False, "logits", True, True), (False, "gamma0", False, False),
-             (True, "tiles", False, False), (True, "tiles", True, True)],
-    "fp64": [(False, "logits", True, False), (True, "tiles", True, False)],
+    "half": [(False, False, full, inline) for full in (False, True) for inline in (False, True)],
+    "ieee": [(False, True, False, False), (False, True, True, True), (True, False, False, False),
+             (True, False, True, True)],
+    "fp64": [(False, True, True, False), (True, False, True, False)],
 }
 
 
@@ -120,8 +118,8 @@ def _bwd_variants(fam, quick):
         return _QUICK_BWD.get(fam, [])
     out = []
     for ce in ((False,) if fam == "half" else (False, True)):
-        for source in (("tiles",) if ce or fam == "half" else ("logits", "gamma0")):
-            out += [(ce, source, full, inline) for full in (False, True) for inline in (False, True)]
+        for from_logits in ((False,) if ce or fam == "half" else (False, True)):
+            out += [(ce, from_logits, full, inline) for full in (False, True) for inline in (False, True)]
     return out
 
 
@@ -141,14 +139,15 @@ def variants(quick):
                             logits._logits_fwd_kernel, fwd_ptrs(op, acc), consts, cfg.num_warps, cfg.num_stages, ()))
             bwd_cfgs = configs.BWD_CONFIGS[fam][:1] if quick else configs.BWD_CONFIGS[fam]
             for cfg in bwd_cfgs:
-                for ce, source, full, inline in _bwd_variants(fam, quick):
+                for ce, from_logits, full, inline in _bwd_variants(fam, quick):
                     for own_is_x in ((True,) if quick else (True, False)):
                         consts = dict(cfg.kwargs, BLOCK_D=configs.BWD_BLOCK_D[fam], CE=ce, OWN_IS_X=own_is_x,
-                                      **_SOURCES[source], FULL=full, INLINE=inline, IMPL=impl, PREC=prec,
+                                      FROM_LOGITS=from_logits and not inline,
+                                      GAMMA0=from_logits and inline, FULL=full, INLINE=inline, IMPL=impl, PREC=prec,
                                       NEAR_P=near_p, NEAR_K=near_k, NEAR_DOT=acc == "fp32", BF16_BY_HAND=False,
                                       LOCAL64=False)
                         out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} "
-                                    f"{'ce' if ce else 'logits'} {source} full={full} "
+                                    f"{'ce' if ce else 'logits'} from_logits={from_logits} full={full} "
                                     f"inline={inline} own_is_x={own_is_x}", backward._backward_kernel,
                                     bwd_ptrs(op, acc, ce), consts, cfg.num_warps, cfg.num_stages, ()))
             if fam in CE_FAMILIES:

@@ -5,7 +5,7 @@ cut-cross-entropy specialises its kernels), and its launcher.
             an expanded gradient works in place). FROM_LOGITS: a = sqrt(q + eps) comes back from the
             forward's logits, a = −logit/γ − λ·r (r = sqrt(s² + eps) from the rank-one s), instead of
             a recomputed GEMM tile, so each side costs one GEMM (P·oth') like nn.Linear's backward;
-            where γ = 0 (the logits carry no d) a companion launch recomputes the tiles. Half logits
+            where γ = 0 (the logits carry no d) the second launch recomputes the tiles. Half logits
             take the recomputed tile (their rounding would put a off by ~4e-3).
     CE = 1  cross-entropy family: nothing of size [B, C] exists; each tile recomputes q and
             G = w_lse·exp(logit' − lse) + w_sl + w_tl·[c = t], logit' = −γ·(d + margin·[c = t]),
@@ -91,9 +91,9 @@ def _backward_kernel(
         n_own, n_oth, D, eps_hi, eps_lo, tau, oth_per_split, near_cap,
         KEY_O, KEY_T, KEY_V,  # power-of-two buckets of n_own and n_oth, the variant: the autotuning key only
         BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-        CE: tl.constexpr, OWN_IS_X: tl.constexpr, FROM_LOGITS: tl.constexpr, GAMMA0: tl.constexpr, FULL: tl.constexpr,
-        INLINE: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr, NEAR_P: tl.constexpr, NEAR_K: tl.constexpr,
-        NEAR_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr, LOCAL64: tl.constexpr):
+        CE: tl.constexpr, OWN_IS_X: tl.constexpr, FROM_LOGITS: tl.constexpr, GAMMA0: tl.constexpr,
+        FULL: tl.constexpr, INLINE: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr, NEAR_P: tl.constexpr,
+        NEAR_K: tl.constexpr, NEAR_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr, LOCAL64: tl.constexpr):
     """Partial ∂own'[rows, chunk of D] over one split of the other side (module docstring).
 
     grid = (row blocks of own, splits of oth, chunks of D). Writes dp[split, row, d] (acc dtype),
@@ -101,10 +101,11 @@ def _backward_kernel(
     (Σ H·r, −Σ G·dist) (float64, chunk 0 only). The CE family's row data (target, weights, lse)
     belongs to the batch side: indexed by own rows when OWN_IS_X, else by the other side's.
 
-    FROM_LOGITS takes q from the logits tile instead of a GEMM tile and runs only where γ ≠ 0; its
-    companion launch GAMMA0 recomputes the tiles and runs only where γ = 0 (the logits carry no d
-    there). A runtime branch between the two inside the loop spilled 7-9 KB per thread in sm_90
-    builds (the GEMM under an scf.if), so the choice is made per launch, on the device: no host sync.
+    FROM_LOGITS takes q from the logits tile instead of a GEMM tile and does its work only where
+    γ ≠ 0; the INLINE launch that follows it (GAMMA0) recomputes the tiles and also runs where γ = 0
+    (the logits carry no d there). A runtime branch between the two sources inside the loop spilled
+    7.5-8.8 KB per thread in sm_90 builds (the GEMM under an scf.if), so the choice is made per
+    launch, on the device: no host sync.
 
     Pairs at risk are left out of the tile terms and added from the raw difference. INLINE = 0:
     the loop only notes them (in near_ptr, near_cap per program, in tile order) and they are
@@ -164,15 +165,15 @@ def _backward_kernel(
 
     t_begin = pid_s * oth_per_split
     t_end = tl.minimum(t_begin + oth_per_split, n_oth)
-    # Which launch does the work: a FROM_LOGITS launch where γ ≠ 0, its GAMMA0 stand-in (tiles
-    # recomputed) where γ = 0, and the INLINE launches only after an overflow.
+    # Which launch does the work: a FROM_LOGITS launch only where γ ≠ 0; the INLINE launch after an
+    # overflow and, with GAMMA0 (it follows a FROM_LOGITS launch), also where γ = 0.
     active = pid_o >= 0
     if FROM_LOGITS:
         active = gamma != 0
-    if GAMMA0:
-        active = gamma == 0
     if INLINE:
-        active = active & (tl.load(overflow_ptr) != 0)
+        active = tl.load(overflow_ptr) != 0
+        if GAMMA0:
+            active = active | (gamma == 0)
     t_end = tl.where(active, t_end, t_begin)
     for t0 in range(t_begin, t_end, BLOCK_T):
         lt = tl.arange(0, BLOCK_T)
@@ -254,7 +255,8 @@ def _backward_kernel(
                 for _k in range(0, n_near):
                     f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
                     near = near & (flat != f)
-                    tl.store(near_ptr + note_base + n_noted + _k, (t0 + f % BLOCK_T).to(tl.int64) * BLOCK_O + f // BLOCK_T)
+                    tl.store(near_ptr + note_base + n_noted + _k,
+                             (t0 + f % BLOCK_T).to(tl.int64) * BLOCK_O + f // BLOCK_T)
                 n_noted += n_near
 
     if not INLINE:
@@ -347,14 +349,13 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None):
     meta = dict(BLOCK_D=block_d, CE=is_ce, OWN_IS_X=own_is_x, FULL=o.full, IMPL=o.impl,
                 PREC=o.prec, NEAR_P=near_p, NEAR_K=near_k, NEAR_DOT=near_dot, BF16_BY_HAND=o.bf16_by_hand,
                 LOCAL64=256 * max(strides[0] + strides[1], strides[2] + strides[3]) >= 2 ** 31)
-    # With the logits: the FROM_LOGITS launch, and its stand-in that does the work only where γ = 0.
-    sources = [dict(FROM_LOGITS=True, GAMMA0=False), dict(FROM_LOGITS=False, GAMMA0=True)] if from_logits else \
-        [dict(FROM_LOGITS=False, GAMMA0=False)]
     with common.device_ctx(o.device):
-        for inline in (False, True):  # the INLINE launches do nothing unless a program overflowed its notes
-            for source in sources:
-                key_v = 2 * is_ce + source["FROM_LOGITS"]
-                _TUNED[family][grid](*args, key_v, INLINE=inline, **source, **meta)
+        # The first launch notes its pairs at risk (from the logits where given, doing nothing where
+        # γ = 0); the INLINE launch does nothing unless a program overflowed its notes, or (after a
+        # launch from the logits) γ = 0. It recomputes the tiles.
+        _TUNED[family][grid](*args, 2 * is_ce + from_logits, INLINE=False, FROM_LOGITS=from_logits, GAMMA0=False,
+                             **meta)
+        _TUNED[family][grid](*args, 2 * is_ce, INLINE=True, FROM_LOGITS=False, GAMMA0=from_logits, **meta)
     d_own = dp.view(n_own, D) if splits == 1 else dp.sum(0)
     ds_own = ds.view(n_own) if splits == 1 else ds.sum(0)
     scalar_sums = (scal[..., 0].sum(), scal[..., 1].sum()) if own_is_x else None
