@@ -1,4 +1,4 @@
-"""Builds the Triton logits kernels for a GPU target without a GPU (Triton's own ptxas), and reports
+"""Builds the Triton kernels (both op families) for a GPU target without a GPU (Triton's own ptxas), and reports
 each variant's registers, spills (local-memory stack) and matrix instructions; exits 1 if any
 variant fails to compile. The interpreter runs the kernels' logic on CPU tensors but never the
 compiler, so this is where layout, type and resource problems show up before a GPU does.
@@ -24,7 +24,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from faim_kernels.ops import randers_logits_triton as tri  # noqa: E402
+from faim_kernels.ops.triton import backward, common, configs, cross_entropy, logits  # noqa: E402
 
 FLOAT_ARGS = ("eps_hi", "eps_lo", "tau")
 ALIGNED_INTS = ("D",)  # Triton specializes a multiple of 16 at launch; D usually is one
@@ -67,10 +67,10 @@ def build(fn, ptr_types, constexprs, num_warps, num_stages, arch, int64_args=())
 
 # family -> (GEMM operand dtypes, compute dtype, IMPL, PREC)
 FAMILIES = {
-    "half": (("bf16", "fp16"), "fp32", tri._DOT, "ieee"),
-    "ieee": (("fp32",), "fp32", tri._DOT, "ieee"),
-    "tf32": (("fp32",), "fp32", tri._DOT, "tf32"),
-    "fp64": (("fp64",), "fp64", tri._FMA, "ieee"),
+    "half": (("bf16", "fp16"), "fp32", common.DOT, "ieee"),
+    "ieee": (("fp32",), "fp32", common.DOT, "ieee"),
+    "tf32": (("fp32",), "fp32", common.DOT, "tf32"),
+    "fp64": (("fp64",), "fp64", common.FMA, "ieee"),
 }
 
 
@@ -80,16 +80,47 @@ def fwd_ptrs(op, acc):
                 near_c_ptr="i32")
 
 
-def bwd_ptrs(op, acc):
+def bwd_ptrs(op, acc, ce):
+    """As backward_side passes them: the other family's pointers are the float64 λ (never read)."""
+    unused = "fp64"
     return dict(own_ptr=op, oth_ptr=op, own_n_ptr=acc, oth_n_ptr=acc, s_own_hi_ptr=acc, s_own_lo_ptr=acc,
-                s_oth_hi_ptr=acc, s_oth_lo_ptr=acc, own_raw_ptr=acc, oth_raw_ptr=acc, lc_ptr=acc, g_ptr=op,
-                lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64", near_ptr="i64",
-                overflow_ptr="i32")
+                s_oth_hi_ptr=acc, s_oth_lo_ptr=acc, own_raw_ptr=acc, oth_raw_ptr=acc, lc_ptr=acc,
+                g_ptr=unused if ce else op, lg_ptr=unused if ce else op,
+                tgt_ptr="i64" if ce else unused, w_lse_ptr="fp64", w_tl_ptr="fp64", w_sl_ptr="fp64", lse_ptr="fp64",
+                margin_ptr="fp64", lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64",
+                near_ptr="i64", overflow_ptr="i32")
 
 
 def fixup_ptrs(op, acc):
     return dict(x_ptr=acc, mu_ptr=acc, lc_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc, smu_lo_ptr=acc,
                 lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32", near_c_ptr="i32")
+
+
+def ce_fwd_ptrs(acc):
+    return dict(xp_ptr=acc, mup_ptr=acc, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
+                smu_lo_ptr=acc, x_ptr=acc, mu_ptr=acc, lc_ptr=acc, tgt_ptr="i64", lam_ptr="fp64", gamma_ptr="fp64",
+                margin_ptr="fp64", part_ptr="fp64")
+
+
+# The backward variants of a quick build, per family: (CE, FROM_LOGITS, FULL, INLINE). An INLINE
+# launch always recomputes its tiles; after a FROM_LOGITS launch it carries GAMMA0 (it also runs
+# where γ = 0). Half logits recompute their tiles; the cross-entropy runs in float32/float64 only.
+_QUICK_BWD = {
+    "half": [(False, False, full, inline) for full in (False, True) for inline in (False, True)],
+    "ieee": [(False, True, False, False), (False, True, True, True), (True, False, False, False),
+             (True, False, True, True)],
+    "fp64": [(False, True, True, False), (True, False, True, False)],
+}
+
+
+def _bwd_variants(fam, quick):
+    if quick:
+        return _QUICK_BWD.get(fam, [])
+    out = []
+    for ce in ((False,) if fam == "half" else (False, True)):
+        for from_logits in ((False,) if ce or fam == "half" else (False, True)):
+            out += [(ce, from_logits, full, inline) for full in (False, True) for inline in (False, True)]
+    return out
 
 
 def variants(quick):
@@ -100,35 +131,53 @@ def variants(quick):
             continue
         near_p, near_k = (16, 16) if acc == "fp64" else (16, 32)
         for op in (ops[:1] if quick else ops):
-            fwd_cfgs = tri._FWD_CONFIGS[fam][:1] if quick else tri._FWD_CONFIGS[fam]
+            fwd_cfgs = configs.FWD_CONFIGS[fam][:1] if quick else configs.FWD_CONFIGS[fam]
             for cfg in fwd_cfgs:
                 consts = dict(cfg.kwargs, IMPL=impl, PREC=prec, BF16_BY_HAND=False,
-                              NEAR_PER_TILE=tri._NEAR_PER_TILE, LOCAL64=False)
-                out.append((f"fwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages}", tri._logits_fwd_kernel,
-                            fwd_ptrs(op, acc), consts, cfg.num_warps, cfg.num_stages, ()))
-            bwd_cfgs = tri._BWD_CONFIGS[fam][:1] if quick else tri._BWD_CONFIGS[fam]
+                              NEAR_PER_TILE=configs.NEAR_PER_TILE, LOCAL64=False)
+                out.append((f"fwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages}",
+                            logits._logits_fwd_kernel, fwd_ptrs(op, acc), consts, cfg.num_warps, cfg.num_stages, ()))
+            bwd_cfgs = configs.BWD_CONFIGS[fam][:1] if quick else configs.BWD_CONFIGS[fam]
             for cfg in bwd_cfgs:
-                for full in (False, True):
-                    for inline in (False, True):
-                        for scalars in ((True,) if quick else (True, False)):
-                            if quick and fam != "half" and (inline or full != (fam == "fp64")):
-                                continue
-                            consts = dict(cfg.kwargs, BLOCK_D=tri._BWD_BLOCK_D[fam], FULL=full, SCALARS=scalars,
-                                          INLINE=inline, IMPL=impl, PREC=prec, NEAR_P=near_p, NEAR_K=near_k,
-                                          NEAR_DOT=acc == "fp32", BF16_BY_HAND=False, LOCAL64=False)
-                            out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} full={full} "
-                                        f"inline={inline} scalars={scalars}", tri._logits_bwd_kernel,
-                                        bwd_ptrs(op, acc), consts, cfg.num_warps, cfg.num_stages, ()))
+                for ce, from_logits, full, inline in _bwd_variants(fam, quick):
+                    for own_is_x in ((True,) if quick else (True, False)):
+                        consts = dict(cfg.kwargs, BLOCK_D=configs.BWD_BLOCK_D[fam], CE=ce, OWN_IS_X=own_is_x,
+                                      FROM_LOGITS=from_logits and not inline,
+                                      GAMMA0=from_logits and inline, FULL=full, INLINE=inline, IMPL=impl, PREC=prec,
+                                      NEAR_P=near_p, NEAR_K=near_k, NEAR_DOT=acc == "fp32", BF16_BY_HAND=False,
+                                      LOCAL64=False)
+                        out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} "
+                                    f"{'ce' if ce else 'logits'} from_logits={from_logits} full={full} "
+                                    f"inline={inline} own_is_x={own_is_x}", backward._backward_kernel,
+                                    bwd_ptrs(op, acc, ce), consts, cfg.num_warps, cfg.num_stages, ()))
+            if fam in CE_FAMILIES:
+                bl = configs.CE_FWD_BLOCKS[fam]
+                for full in ((True,) if quick else (False, True)):
+                    consts = dict(BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
+                                  BLOCK_D=bl["BLOCK_D"], NEAR_K=near_k, FULL=full, IMPL=impl, PREC=prec)
+                    out.append((f"ce_fwd {fam} full={full}", cross_entropy._ce_fwd_kernel, ce_fwd_ptrs(acc), consts,
+                                bl["warps"], 2, ()))
             if fam in ("half", "ieee", "fp64"):
                 for full in ((True,) if quick else (False, True)):
                     consts = dict(FULL=full, BLOCK_P=16, BLOCK_K=near_k, BLOCK_J=32 if acc == "fp64" else 64,
                                   USE_DOT=acc == "fp32", BF16_BY_HAND=False)
-                    out.append((f"fixup {op} full={full}", tri._logits_fixup_kernel, fixup_ptrs(op, acc), consts, 4, 2,
-                                ("n_pairs",)))
-                consts = dict(BLOCK_R=32, BLOCK_D=128)
-                out.append((f"side_prep {op}", tri._side_prep_kernel,
-                            dict(v_ptr=op, s_ptr="fp64", norm_ptr=acc, hi_ptr=acc, lo_ptr=acc), consts, 4, 2, ()))
+                    out.append((f"fixup {op} full={full}", logits._logits_fixup_kernel, fixup_ptrs(op, acc), consts,
+                                4, 2, ("n_pairs",)))
+                for from_raw in (True, False):
+                    consts = dict(S_FROM_RAW=from_raw, BLOCK_R=32, BLOCK_D=128)
+                    out.append((f"side_prep {op} s_from_raw={from_raw}", common._side_prep_kernel,
+                                dict(v_ptr=op, raw_ptr=acc, beta_ptr=acc, s_ptr="fp64", norm_ptr=acc, hi_ptr=acc,
+                                     lo_ptr=acc), consts, 4, 2, ()))
+            if fam in ("ieee", "fp64"):
+                for diag in (True, False):
+                    out.append((f"side_grad {acc} diag={diag}", common._side_grad_kernel,
+                                dict(raw_ptr=acc, m_ptr=acc, dvp_ptr=acc, ds_ptr="fp64", dbeta_ptr="fp64",
+                                     dlc_ptr="fp64"), dict(DIAG=diag, BLOCK_R=32, BLOCK_D=64), 4, 2, ()))
     return out
+
+
+# The cross-entropy's forward runs on float32 (IEEE or TF32) and float64 inputs.
+CE_FAMILIES = ("ieee", "tf32", "fp64")
 
 
 def main(argv=None):

@@ -86,3 +86,36 @@ def assert_norm_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: st
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+_INTERPRETED_OPS: dict = {}
+
+
+def interpreted_contract_ops(family: str):
+    """(forward op, backward op) of `family` ("logits" or "cross_entropy") for torch.library.opcheck
+    under Triton's interpreter: the contract's schemas, fake kernels and autograd formula, with the
+    Triton launchers as their CPU kernels, in a test-only namespace (the contract's own ops send CPU
+    tensors to the C++ kernels)."""
+    if family not in _INTERPRETED_OPS:
+        from faim_kernels.ops import contract
+        from faim_kernels.ops import triton as tri
+        launchers, (fwd, bwd), fakes = {
+            "logits": (tri.logits, (contract.logits_op, contract.logits_backward_op),
+                       (contract._logits_fake, contract._logits_backward_fake)),
+            "cross_entropy": (tri.cross_entropy, (contract.cross_entropy_op, contract.cross_entropy_backward_op),
+                              (contract._cross_entropy_fake, contract._cross_entropy_backward_fake)),
+        }[family]
+        ns = "faim_kernels_interpreted"
+        lib = torch.library.Library(ns, "FRAGMENT")
+        ops = []
+        for op, kernel, fake in ((fwd, launchers.forward, fakes[0]), (bwd, launchers.backward, fakes[1])):
+            schema = str(op._schema).split("::", 1)[1]
+            name = schema.split("(", 1)[0]
+            lib.define(schema)
+            lib.impl(name, kernel, "CPU")
+            torch.library.register_fake(f"{ns}::{name}", fake, lib=lib)
+            ops.append(getattr(getattr(torch.ops, ns), name).default)
+        setup_context, backward_with = contract._FORMULAS[family]
+        torch.library.register_autograd(ops[0], backward_with(ops[1]), setup_context=setup_context, lib=lib)
+        _INTERPRETED_OPS[family] = (lib, ops[0], ops[1])
+    return _INTERPRETED_OPS[family][1:]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import faim_kernels as fk
-from conftest import HAS_CUDA, INTERPRET, assert_rel_close, make_inputs
+from conftest import HAS_CUDA, INTERPRET, assert_rel_close, interpreted_contract_ops, make_inputs
 from test_cross_entropy import check_cross_entropy, nearest_targets, random_targets
 
 pytestmark = [pytest.mark.interpret,
@@ -18,12 +18,12 @@ DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    from faim_kernels.ops import randers_cross_entropy_triton as tri
+    from faim_kernels.ops.triton import common
 
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(tri, "_empty", nan_empty)
+    monkeypatch.setattr(common, "_empty", nan_empty)
 
 
 def _inputs(B, C, D, **kw):
@@ -69,6 +69,20 @@ def test_half_dtypes(dtype):
 def test_near_prototype_float32(full):
     """SPEC §2.1's hard case, each sample's own prototype as its target (see the C++ test)."""
     inputs = _inputs(10, 20, 48, full=full, near=True, gamma=0.05, seed=6)
+    target = nearest_targets(inputs).to(DEVICE)
+    check_cross_entropy(inputs, target, "triton", fwd_tol=1e-4, grad_tol=1e-3, reduction="none", margin=0.01)
+
+
+@pytest.mark.parametrize("bwd_cap", [None, 1], ids=["noted", "inline"])
+def test_near_pairs_noted_inline_and_chunked(monkeypatch, bwd_cap):
+    """The shared backward kernel's paths for the cross-entropy: pairs at risk and targets noted and
+    handled after the loop, or (cap 1: every program overflows) the INLINE second launch; narrow D
+    chunks, so each row block spans several programs."""
+    from faim_kernels.ops.triton import configs
+    monkeypatch.setattr(configs, "BWD_BLOCK_D", {k: 16 for k in configs.BWD_BLOCK_D})
+    if bwd_cap:
+        monkeypatch.setattr(configs, "BWD_NEAR_CAP", bwd_cap)
+    inputs = _inputs(10, 20, 40, full=True, near=True, gamma=0.05, seed=9)
     target = nearest_targets(inputs).to(DEVICE)
     check_cross_entropy(inputs, target, "triton", fwd_tol=1e-4, grad_tol=1e-3, reduction="none", margin=0.01)
 
@@ -128,15 +142,38 @@ def test_gradcheck_float64():
 
 
 def test_opcheck_triton():
-    from faim_kernels.ops.randers_cross_entropy_triton import (randers_cross_entropy_bwd_triton,
-                                                                 randers_cross_entropy_fwd_triton)
+    """opcheck of the cross-entropy op pair: the registered ops on CUDA; under the interpreter the same
+    schemas, fake kernels and autograd formula around the Triton launchers."""
+    from faim_kernels.ops import contract
+    if HAS_CUDA:
+        from faim_kernels.ops import triton as tri
+        tri.register()
+        fwd, bwd = contract.cross_entropy_op, contract.cross_entropy_backward_op
+    else:
+        fwd, bwd = interpreted_contract_ops("cross_entropy")
     x, mu, L, beta, lam, gamma = _inputs(3, 5, 4, dtype=torch.float64)
     lc = fk.transform.metric_factor(L, 1e-6, torch.float64)
     req = lambda t: t.detach().clone().requires_grad_()
-    args = (req(x), req(mu), req(lc), req(beta), fk.transform.center_of(mu), req(lam), req(gamma),
-            torch.tensor([0, -1, 4], device=DEVICE), 1e-6, 0.1, 0.3)
-    torch.library.opcheck(randers_cross_entropy_fwd_triton, args)
-    lse = randers_cross_entropy_fwd_triton(*args)[0].detach()
-    w = [torch.randn(3, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    args = (req(x), req(mu), req(lc), req(beta), req(lam), req(gamma), torch.tensor([0, -1, 4], device=DEVICE),
+            1e-6, 0.1, 0.3)
+    torch.library.opcheck(fwd, args)
     plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(randers_cross_entropy_bwd_triton, (*w, lse) + plain)
+    lse = fwd(*plain)[0]
+    w = [torch.randn(3, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    torch.library.opcheck(bwd, (*w, lse) + plain)
+
+
+def test_fake_kernels_match_real_outputs():
+    """The contract's fake kernels give the shapes and dtypes the Triton launchers return."""
+    from faim_kernels.ops import contract
+    from faim_kernels.ops import triton as tri
+    x, mu, L, beta, lam, gamma = _inputs(6, 9, 5, full=True)
+    args = (x, mu, fk.transform.metric_factor(L, 1e-6, torch.float32), beta, lam.double(), gamma.double(),
+            _targets(6, 9), 1e-6, 0.1, 0.2)
+    real = tri.cross_entropy.forward(*args)
+    w = [torch.randn(6, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    real_grads = tri.cross_entropy.backward(*w, real[0], *args)
+    fake = contract._cross_entropy_fake(*args)
+    fake_grads = contract._cross_entropy_backward_fake(*w, real[0], *args)
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+    assert [(g.shape, g.dtype) for g in fake_grads] == [(g.shape, g.dtype) for g in real_grads]

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import faim_kernels as fk
-from conftest import (FWD_TOL, GRAD_TOL, HAS_CUDA, INTERPRET, assert_norm_close, assert_rel_close, make_inputs,
-                      reference64)
+from conftest import (FWD_TOL, GRAD_TOL, HAS_CUDA, INTERPRET, assert_norm_close, assert_rel_close,
+                      interpreted_contract_ops, make_inputs, reference64)
 
 try:
     import triton  # noqa: F401
@@ -36,13 +36,16 @@ needs_interpreter = pytest.mark.skipif(HAS_CUDA or not INTERPRET, reason="checks
 gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 if HAS_TRITON and (HAS_CUDA or INTERPRET):
-    from faim_kernels.ops import randers_logits_triton as tri
+    from faim_kernels.ops import contract
+    from faim_kernels.ops import triton as tri
+    from faim_kernels.ops.triton import common as tri_common
+    from faim_kernels.ops.triton import configs as tri_configs
 
 
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(tri, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                               device=device))
+    monkeypatch.setattr(tri_common, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                      device=device))
 
 
 def _inputs(*shape, **kw):
@@ -128,7 +131,7 @@ def test_exact_hit_and_expanded_gradient(full):
 def test_backward_chunks_and_splits(monkeypatch, full):
     """Narrow backward chunks: D is split over programs (each recomputing the GEMM tiles) and the
     other side over splits whose partial sums are added afterwards."""
-    monkeypatch.setattr(tri, "_BWD_BLOCK_D", {k: 16 for k in tri._BWD_BLOCK_D})
+    monkeypatch.setattr(tri_configs, "BWD_BLOCK_D", {k: 16 for k in tri_configs.BWD_BLOCK_D})
     _check(_inputs(23, 34, 33, full=full, seed=7))
     _check(_inputs(10, 36, 40, full=full, near=True, lam=0.1, gamma=10.0, seed=8), fwd_tol=1e-4, grad_tol=1e-3)
 
@@ -136,15 +139,15 @@ def test_backward_chunks_and_splits(monkeypatch, full):
 def test_near_list_overflow(monkeypatch):
     """More pairs at risk than the lists hold: the forward's fix-up recomputes every pair exactly,
     and the backward runs its second launch, which handles them inside the loop one at a time."""
-    monkeypatch.setattr(tri, "_NEAR_CAPACITY", 3)
-    monkeypatch.setattr(tri, "_BWD_NEAR_CAP", 2)
+    monkeypatch.setattr(tri_configs, "NEAR_CAPACITY", 3)
+    monkeypatch.setattr(tri_configs, "BWD_NEAR_CAP", 2)
     for full in (False, True):
         _check(_inputs(20, 28, 24, full=full, near=True, lam=0.1, gamma=10.0, seed=9), fwd_tol=1e-4, grad_tol=1e-3)
 
 
 def test_near_pairs_per_tile_overflow(monkeypatch):
     """A forward tile with more pairs at risk than it notes one by one marks the list overflowed."""
-    monkeypatch.setattr(tri, "_NEAR_PER_TILE", 1)
+    monkeypatch.setattr(tri_configs, "NEAR_PER_TILE", 1)
     inputs = _inputs(12, 20, 16, near=True, lam=0.1, gamma=10.0, seed=17)
     with torch.no_grad():
         inputs[0][:4] = inputs[1][3] + 1e-3 * torch.randn(4, 16, device=DEVICE)  # four in one tile
@@ -159,7 +162,7 @@ def test_every_close_pair_recomputed(monkeypatch, full, bwd_cap):
     tiles: in the forward list, and in the backward's noted pairs or (small cap) inline path."""
     monkeypatch.setattr(fk.transform, "risk_threshold", lambda D, dtype, operand_eps=None: 1.0)
     if bwd_cap:
-        monkeypatch.setattr(tri, "_BWD_NEAR_CAP", bwd_cap)
+        monkeypatch.setattr(tri_configs, "BWD_NEAR_CAP", bwd_cap)
     _check(_inputs(9, 14, 12, full=full, seed=10))
 
 
@@ -244,52 +247,113 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
-def _op_args(full, dtype=torch.float64):
-    from faim_kernels.transform import transform
+def _op_args(full, dtype=torch.float64, requires_grad=False):
+    """The logits op's arguments (x, mu, lc, beta, lam, gamma, eps, tau) as the dispatch layer forms them."""
+    from faim_kernels.transform import as_scalar_tensor, compute_dtype, metric_factor, risk_threshold
     x, mu, L, beta, lam, gamma = _inputs(7, 11, 5, full=full, dtype=dtype)
-    t = transform(x, mu, L, beta, lam, gamma, 1e-6)
-    leaf = lambda v: v.detach().requires_grad_()  # noqa: E731
-    return (leaf(t.xp), leaf(t.mup), leaf(t.sx), leaf(t.smu), t.x, t.mu, t.lc, leaf(t.lam), leaf(t.gamma), 1e-6,
-            t.tau)
+    acc = compute_dtype(dtype)
+    args = [x, mu, metric_factor(L, 1e-6, acc), beta.to(acc), as_scalar_tensor(lam, x.device),
+            as_scalar_tensor(gamma, x.device)]
+    if requires_grad:
+        args = [a.detach().requires_grad_() for a in args]
+    return (*args, 1e-6, risk_threshold(5, acc))
+
+
+def _contract_ops():
+    """(forward, backward): the registered ops on CUDA; under the interpreter the same schemas, fake
+    kernels and autograd formula around the Triton launchers (conftest.interpreted_contract_ops)."""
+    if HAS_CUDA:
+        tri.register()
+        return contract.logits_op, contract.logits_backward_op
+    return interpreted_contract_ops("logits")
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
 def test_opcheck(full):
-    args = _op_args(full)
-    torch.library.opcheck(tri.randers_logits_fwd_triton, args)
-    grad = torch.randn(7, 11, dtype=torch.float64, device=DEVICE)
+    fwd, bwd = _contract_ops()
+    args = _op_args(full, requires_grad=True)
+    torch.library.opcheck(fwd, args)
     plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-    torch.library.opcheck(tri.randers_logits_bwd_triton, (grad,) + plain)
+    logits, xp, mup, sx, smu = fwd(*plain)
+    grad = torch.randn(7, 11, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(bwd, (grad, logits, *plain[:6], xp, mup, sx, smu, *plain[6:]))
 
 
-def test_op_gradcheck_against_its_own_inputs():
-    """The closed-form backward is the derivative of the op in (x', mu', sx, smu, λ, γ)."""
-    xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, _ = _op_args(False)
-    op = tri.triton_logits_op()
-    # tau = 0: no pair is recomputed from the hints, so the op is a function of its first inputs only.
-    f = lambda xp, mup, sx, smu, lam, gamma: op(xp, mup, sx, smu, x, mu, lc, lam, gamma, eps, 0.0)  # noqa: E731
-    assert torch.autograd.gradcheck(f, (xp, mup, sx, smu, lam, gamma), **GRADCHECK)
+@pytest.mark.parametrize("gamma", [2.0, 0.0], ids=["gamma2", "gamma0"])
+def test_op_gradcheck_against_its_own_inputs(gamma):
+    """The closed-form backward, its chain rule to the raw inputs included, is the derivative of the
+    op in (x, mu, lc, beta, λ, γ). γ = 0 takes the backward's recomputed-tile branch (the logits
+    carry no d there)."""
+    x, mu, lc, beta, lam, _, eps, _ = _op_args(False, requires_grad=True)
+    gamma = torch.tensor(gamma, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    op = contract.logits_op if HAS_CUDA else tri.interpreted_logits
+    if HAS_CUDA:
+        tri.register()
+    # tau = 0: no pair is recomputed from the raw difference, so the op is its GEMM expansion only.
+    f = lambda *a: op(*a, eps, 0.0)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, mu, lc, beta, lam, gamma), **GRADCHECK)
 
 
 def test_fake_kernels_match_real_outputs():
+    """The contract's fake kernels give the shapes and dtypes the Triton launchers return (half x
+    included: x' and mu' come back in x's dtype, lc and beta stay float32)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     for dtype in (torch.float32, torch.bfloat16):
         args = list(_op_args(True, dtype=torch.float32))
-        args[0], args[1] = args[0].detach().to(dtype), args[1].detach().to(dtype)
-        real = tri.randers_logits_fwd_triton(*args)
-        real_grads = tri.randers_logits_bwd_triton(torch.ones_like(real), *args)
+        args[0], args[1] = args[0].to(dtype), args[1].to(dtype)
+        real = tri.logits.forward(*args)
+        bwd_args = (torch.ones_like(real[0]), real[0], *args[:6], *real[1:], *args[6:])
+        real_grads = tri.logits.backward(*bwd_args)
         with FakeTensorMode() as mode:
-            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-            out = tri.randers_logits_fwd_triton(*fake)
-            grads = tri.randers_logits_bwd_triton(torch.empty(out.shape, dtype=out.dtype, device=out.device), *fake)
-        assert (out.shape, out.dtype) == (real.shape, real.dtype)
+            fake = lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v  # noqa: E731
+            out = contract._logits_fake(*map(fake, args))
+            grads = contract._logits_backward_fake(*map(fake, bwd_args))
+        assert [(t.shape, t.dtype) for t in out] == [(t.shape, t.dtype) for t in real]
         assert [(g.shape, g.dtype) for g in grads] == [(g.shape, g.dtype) for g in real_grads]
 
 
+def test_agrees_with_reference_same_dtype():
+    """Cross-backend agreement in float32: the Triton kernels and the float32 einsum reference, forward and
+    gradients, on a random problem with a full L (both far inside SPEC §2.1's bounds)."""
+    inputs = _inputs(19, 37, 12, full=True, seed=8, requires_grad=True)
+    a = fk.randers_logits(*inputs, backend="triton")
+    b = fk.randers_logits(*inputs, backend="reference")
+    assert_rel_close(a, b, 1e-5)
+    w = torch.randn(a.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    for name, ga, gb in zip(["x", "mu", "L", "beta", "lam", "gamma"], torch.autograd.grad(a, inputs, w),
+                            torch.autograd.grad(b, inputs, w)):
+        assert_norm_close(ga, gb, 1e-5, f"d{name}")
+
+
+def test_agrees_with_cpp():
+    """The two fused backends agree (float32, full L), forward and gradients."""
+    inputs = make_inputs(19, 37, 12, full=True, seed=8, requires_grad=True)
+    a = fk.randers_logits(*inputs, backend="cpp")
+    dev = [t.detach().to(DEVICE).requires_grad_() for t in inputs]
+    b = fk.randers_logits(*dev, backend="triton")
+    assert_rel_close(b.cpu(), a, 1e-5)
+    w = torch.randn(a.shape, generator=torch.Generator().manual_seed(3))
+    for name, ga, gb in zip(["x", "mu", "L", "beta", "lam", "gamma"], torch.autograd.grad(a, inputs, w),
+                            torch.autograd.grad(b, dev, w.to(DEVICE))):
+        assert_norm_close(gb.cpu(), ga, 1e-5, f"d{name}")
+
+
 def test_torch_compile_fullgraph_matches_eager():
+    """The op under torch.compile(fullgraph=True): its fake kernel and autograd formula trace, and the
+    compiled forward and gradients match eager. On CUDA through fk.randers_logits (the registered op);
+    under the interpreter through the same schema, fake kernel and formula around the Triton launchers
+    (conftest.interpreted_contract_ops: the public call there runs an autograd.Function that Dynamo
+    cannot trace into the interpreter)."""
+    from faim_kernels.transform import as_scalar_tensor, metric_factor, risk_threshold
     torch._dynamo.reset()
     x, mu, L, beta, lam, gamma = _inputs(5, 9, 6, full=True, requires_grad=True)
-    f = lambda x: fk.randers_logits(torch.tanh(x), mu, L, beta, lam, gamma, backend="triton")  # noqa: E731
+    if HAS_CUDA:
+        f = lambda x: fk.randers_logits(torch.tanh(x), mu, L, beta, lam, gamma, backend="triton")  # noqa: E731
+    else:
+        op, _ = interpreted_contract_ops("logits")
+        tau = risk_threshold(6, torch.float32)
+        f = lambda x: op(torch.tanh(x), mu, metric_factor(L, 1e-6, torch.float32), beta,  # noqa: E731
+                         as_scalar_tensor(lam, x.device), as_scalar_tensor(gamma, x.device), 1e-6, tau)[0]
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     eager = f(x)
     eager_grads = torch.autograd.grad(eager.square().sum(), [x, mu, L, beta, lam, gamma])

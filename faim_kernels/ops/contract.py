@@ -148,6 +148,7 @@ def autograd_function(family: str, forward, backward):
     formula, running the given forward and backward kernels directly instead of through the
     dispatcher. Used for the Triton kernels on CPU tensors under Triton's interpreter (tests)."""
     setup_context, backward_with = _FORMULAS[family]
+    backward_formula = backward_with(backward)  # (the class body below rebinds the name `backward`)
 
     class _Op(torch.autograd.Function):
         @staticmethod
@@ -160,7 +161,7 @@ def autograd_function(family: str, forward, backward):
             if family == "logits":
                 ctx.mark_non_differentiable(*output[1:])
 
-        backward = staticmethod(backward_with(backward))
+        backward = staticmethod(backward_formula)
 
     _Op.__name__ = f"{family}_{getattr(forward, '__name__', 'kernel')}"
     return _Op.apply

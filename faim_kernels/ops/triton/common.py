@@ -1,0 +1,420 @@
+"""What both Triton kernel families share: the @triton.jit pieces (GEMM tiles, the at-risk test,
+the pair epilogue, the exact recomputation from the raw difference, casts, eps), the side kernels
+of the preparation and the chain rule, the GEMM precision mode, device helpers, and `Operands`:
+the prepared operands of one op call.
+
+GEMM operand precision (see `gemm_mode`): float32 runs tl.dot in IEEE fp32 unless PyTorch's own
+matmuls may use TF32 (torch.backends.cuda.matmul.fp32_precision = "tf32", or
+torch.set_float32_matmul_precision("high")); then x', mu' are rounded to TF32 first, so that the
+norms see the same values as the tensor cores, and tau is raised for that rounding (about 1e-3
+relative instead of 1e-4, like any TF32 matmul). float16/bfloat16 x (the logits op takes them as
+they are) gives x', mu' in that type, and tl.dot runs in it with fp32 accumulation, tau raised
+likewise. float64 runs as broadcast-multiply-sum: correct everywhere, not fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import transform
+
+# Read when this module is imported, like Triton itself reads it when the kernels are decorated.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# How the GEMM tiles are multiplied (constexpr IMPL).
+DOT = 0         # tl.dot on the operands as stored: fp32 (IEEE or TF32), fp16, bf16
+DOT_UPCAST = 1  # tl.dot on fp32 copies: bf16 under the interpreter, whose bf16 dot is wrong
+FMA = 2         # broadcast-multiply-sum: float64
+
+
+# ----------------------------------------------------------------------------------------------
+# @triton.jit pieces
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _mm(a, b, acc, IMPL: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b, accumulated in acc's dtype (fp32, or fp64 for IMPL == FMA)."""
+    if IMPL == 2:
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    elif IMPL == 1:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PREC)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_dot(a_ptr, b_ptr, ra, rb, a_mask, b_mask, D, acc,
+              BLOCK_K: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr):
+    """acc + A[ra, :]·B[rb, :]ᵀ for row-major A, B with D columns: the GEMM of SPEC §2.
+    (The product is spelled out rather than calling _mm: the interpreter pays per call.)"""
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + ra[:, None] * D + rk[None, :]
+    b_ptrs = b_ptr + rb[None, :] * D + rk[:, None]
+    for k0 in range(0, D, BLOCK_K):
+        a = tl.load(a_ptrs, mask=a_mask[:, None] & (rk[None, :] < D - k0), other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask[None, :] & (rk[:, None] < D - k0), other=0.0)
+        if IMPL == 2:
+            acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        elif IMPL == 1:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _gemm_q(dot, n_row, n_col, tau):
+    """q = |x'|² + |mu'|² − 2x'·mu' and the at-risk mask q < tau·(|x'|² + |mu'|²) (SPEC §2.1).
+    NaN compares false, so a NaN pair is never 'near' and stays NaN."""
+    norms = n_row[:, None] + n_col[None, :]
+    q = norms - 2.0 * dot
+    return q, q < tau * norms
+
+
+@triton.jit
+def _pair_distance(q, s, lam, eps):
+    """(a, r, d, 1/a, 1/r) with a = sqrt(q + eps), r = sqrt(s² + eps), d = a + λ·r (SPEC Eq. 2).
+    q < 0 (rounding) counts as 0; NaN stays NaN; a = 0 (or r = 0) where eps = 0 at a hit.
+    Two reciprocal square roots serve both the forward and the backward (P = H/a, R = H·λ·s/r):
+    half the special-function operations of two square roots and two divisions, and those run
+    at a small fraction of the tensor cores' rate."""
+    qe = tl.where(q < 0, 0.0, q) + eps
+    se = s * s + eps
+    ia = tl.rsqrt(qe)
+    ir = tl.rsqrt(se)
+    a = tl.where(qe == 0, 0.0, qe * ia)
+    r = tl.where(se == 0, 0.0, se * ir)
+    return a, r, a + lam * r, ia, ir
+
+
+@triton.jit
+def _pair_s(s_row_hi, s_row_lo, s_col_hi, s_col_lo):
+    """s = sx_b − smu_c from float64 sx, smu split into fp32 hi + lo parts: the hi difference is
+    exact when they are close (Sterbenz), so s keeps its relative accuracy without fp64 math per
+    pair (SPEC §2.1). For float64 kernels lo is zero and hi is the float64 value."""
+    return (s_row_hi[:, None] - s_col_hi[None, :]) + (s_row_lo[:, None] - s_col_lo[None, :])
+
+
+@triton.jit
+def _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pmask, j_keep, D,
+                  FULL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_J: tl.constexpr, USE_DOT: tl.constexpr):
+    """Exact q for a block of pairs (b_p, c_p), from the raw rows x, mu [*, D] (row-major) and
+    Lc ([D], or row-major [D, D]): q_p = |diff'_p|², diff' = (x[b_p] − mu[c_p])·Lc.
+    x_b − mu_c is nearly exact when the pair is close, which is when the GEMM expansion is not
+    (SPEC §2.1). O(D) per pair for a diagonal Lc, O(D²) for a full one.
+
+    Returns (q [BLOCK_P], diff'[:, j_keep : j_keep + BLOCK_J]); j_keep must be a multiple of
+    BLOCK_J (or negative when the chunk is not wanted)."""
+    q = tl.zeros((BLOCK_P,), dtype=x_ptr.dtype.element_ty)
+    kept = tl.zeros((BLOCK_P, BLOCK_J), dtype=x_ptr.dtype.element_ty)
+    rk = tl.arange(0, BLOCK_K)
+    for j0 in range(0, D, BLOCK_J):
+        rj = j0 + tl.arange(0, BLOCK_J)
+        jm = rj < D
+        if FULL:
+            dp = tl.zeros((BLOCK_P, BLOCK_J), dtype=x_ptr.dtype.element_ty)
+            for k0 in range(0, D, BLOCK_K):
+                km = rk < D - k0
+                m = pmask[:, None] & km[None, :]
+                xv = tl.load(x_ptr + b[:, None] * D + (k0 + rk)[None, :], mask=m, other=0.0)
+                mv = tl.load(mu_ptr + c[:, None] * D + (k0 + rk)[None, :], mask=m, other=0.0)
+                lt = tl.load(lc_ptr + (k0 + rk)[:, None] * D + rj[None, :], mask=km[:, None] & jm[None, :],
+                             other=0.0)
+                if USE_DOT:
+                    dp = tl.dot(xv - mv, lt, dp, input_precision="ieee")
+                else:
+                    dp += tl.sum((xv - mv)[:, :, None] * lt[None, :, :], axis=1)
+        else:
+            m = pmask[:, None] & jm[None, :]
+            xv = tl.load(x_ptr + b[:, None] * D + rj[None, :], mask=m, other=0.0)
+            mv = tl.load(mu_ptr + c[:, None] * D + rj[None, :], mask=m, other=0.0)
+            dp = (xv - mv) * tl.load(lc_ptr + rj, mask=jm, other=0.0)[None, :]
+        q += tl.sum(dp * dp, axis=1)
+        kept = tl.where(j0 == j_keep, dp, kept)
+    return q, kept
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+    """v.to(dtype) rounded to nearest. Triton's interpreter truncates float32 -> bfloat16, so with
+    BF16_BY_HAND (set only there) the rounding is done on the bits first; NaN passes unchanged."""
+    if BF16_BY_HAND:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        v = tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
+    return v.to(dtype)
+
+
+@triton.jit
+def _load_eps(eps_hi, eps_lo, dtype: tl.constexpr):
+    """eps travels as two fp32 halves (Triton passes Python floats as fp32); fp64 kernels add them."""
+    return tl.cast(eps_hi, dtype) + tl.cast(eps_lo, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Side kernels: O((B + C)·D) work per side, one launch each
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _side_prep_kernel(v_ptr, raw_ptr, beta_ptr, s_ptr, norm_ptr, hi_ptr, lo_ptr, n, D,
+                      S_FROM_RAW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For one side (x' with sx, or mu' with smu): norm[i] = Σ_k v[i, k]² from v's values as
+    stored (the GEMM's operands), and the float64 s[i] split into hi + lo in norm's dtype (see
+    _pair_s; for float64, hi = s and lo = 0). With S_FROM_RAW, s[i] = Σ_k raw[i, k]·beta[k] is
+    formed here in float64 and written to s_ptr (no float64 copy of the side exists); else s is
+    read from s_ptr (the forward's, saved for the backward)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < n
+    acc = tl.zeros((BLOCK_R,), dtype=norm_ptr.dtype.element_ty)
+    s = tl.zeros((BLOCK_R,), dtype=tl.float64)
+    rd = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        m = rm[:, None] & (rd[None, :] < D - d0)
+        v = tl.load(v_ptr + r[:, None] * D + (d0 + rd)[None, :], mask=m, other=0.0).to(acc.dtype)
+        acc += tl.sum(v * v, axis=1)
+        if S_FROM_RAW:
+            raw = tl.load(raw_ptr + r[:, None] * D + (d0 + rd)[None, :], mask=m, other=0.0).to(tl.float64)
+            beta = tl.load(beta_ptr + d0 + rd, mask=rd < D - d0, other=0.0).to(tl.float64)
+            s += tl.sum(raw * beta[None, :], axis=1)
+    tl.store(norm_ptr + r, acc, mask=rm)
+    if S_FROM_RAW:
+        tl.store(s_ptr + r, s, mask=rm)
+    else:
+        s = tl.load(s_ptr + r, mask=rm, other=0.0)
+    hi = s.to(acc.dtype)
+    tl.store(hi_ptr + r, hi, mask=rm)
+    tl.store(lo_ptr + r, (s - hi.to(tl.float64)).to(acc.dtype), mask=rm)
+
+
+@triton.jit
+def _side_grad_kernel(raw_ptr, m_ptr, dvp_ptr, ds_ptr, dbeta_ptr, dlc_ptr, n, D, rows_per_split,
+                      DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The column sums of one side's chain rule, over one split of its rows, in float64:
+    dbeta[split, k] = Σ_i ds_i·(raw_ik − m_k) and, with DIAG (diagonal Lc),
+    dlc[split, k] = Σ_i (raw_ik − m_k)·dv'_ik. Centred: in exact arithmetic Σ dsx + Σ dsmu = 0,
+    and centring keeps the x and mu halves of dbeta from cancelling where prototypes lie far from
+    the origin. grid = (chunks of D, splits of the rows); the launcher adds the splits in order."""
+    rd = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = rd < D
+    m = tl.load(m_ptr + rd, mask=dm, other=0.0).to(tl.float64)
+    r_begin = tl.program_id(1).to(tl.int64) * rows_per_split
+    r_end = tl.minimum(r_begin + rows_per_split, n)
+    db = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    dl = tl.zeros((BLOCK_D,), dtype=tl.float64)
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        rm = r < r_end
+        mk = rm[:, None] & dm[None, :]
+        vc = tl.load(raw_ptr + r[:, None] * D + rd[None, :], mask=mk, other=0.0).to(tl.float64) - m[None, :]
+        vc = tl.where(mk, vc, 0.0)
+        ds = tl.load(ds_ptr + r, mask=rm, other=0.0).to(tl.float64)
+        db += tl.sum(ds[:, None] * vc, axis=0)
+        if DIAG:
+            dv = tl.load(dvp_ptr + r[:, None] * D + rd[None, :], mask=mk, other=0.0).to(tl.float64)
+            dl += tl.sum(vc * dv, axis=0)
+    out = tl.program_id(1).to(tl.int64) * D + rd
+    tl.store(dbeta_ptr + out, db, mask=dm)
+    if DIAG:
+        tl.store(dlc_ptr + out, dl, mask=dm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+def _empty(shape, dtype, device):
+    """Allocation of outputs the kernels must fill completely: every launcher allocates through
+    this one hook (the tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def parallel_width(device: torch.device) -> int:
+    """Programs that fill the device: twice the multiprocessors on CUDA; a few under the
+    interpreter (which runs programs one after another)."""
+    if device.type == "cuda":
+        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2
+
+
+def device_ctx(device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def gemm_mode(op_dtype: torch.dtype):
+    """(config family, IMPL, PREC, operand unit round-off or None) for GEMM operands of op_dtype."""
+    if op_dtype == torch.float64:
+        return "fp64", FMA, "ieee", None
+    if op_dtype in (torch.float16, torch.bfloat16):
+        impl = DOT_UPCAST if (INTERPRET and op_dtype == torch.bfloat16) else DOT
+        return "half", impl, "ieee", torch.finfo(op_dtype).eps / 2
+    if op_dtype != torch.float32:
+        raise TypeError(f"the Triton kernels take float16, bfloat16, float32 or float64 inputs, got {op_dtype}")
+    if _tf32_allowed():
+        return "tf32", DOT, "tf32", 2.0 ** -11
+    return "ieee", DOT, "ieee", None
+
+
+def _tf32_allowed() -> bool:
+    """PyTorch's own switch for TF32 in float32 matmuls: torch.backends.cuda.matmul.fp32_precision
+    (torch >= 2.9; it also reflects torch.set_float32_matmul_precision("high") and the legacy
+    allow_tf32 flag), else the legacy flag itself. Off by default."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
+def _round_to_tf32(v: torch.Tensor) -> torch.Tensor:
+    """v rounded to the nearest TF32 value (10-bit mantissa), so that the tensor cores' own
+    conversion is exact and the norms see the same values; non-finite entries unchanged."""
+    bits = v.contiguous().view(torch.int32)
+    rounded = ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(v), rounded, v)
+
+
+def _apply(v, lc):
+    """v·Lc for Lc [D] (diagonal) or [D, D]."""
+    return v * lc if lc.dim() == 1 else v @ lc
+
+
+def _apply_t(v, lc):
+    """v·Lcᵀ for Lc [D] (diagonal) or [D, D]."""
+    return v * lc if lc.dim() == 1 else v @ lc.T
+
+
+class Operands:
+    """The prepared operands of one op call, formed once and shared by its kernels (SPEC §2):
+
+        m          the centre (transform.center_of of mu in the compute dtype)
+        x, mu      the raw rows in the compute dtype (the exact path's inputs), lc, beta likewise
+        xp, mup    x' = (x − m)·Lc, mu' = (mu − m)·Lc as the GEMM takes them (TF32-rounded in
+                   TF32 mode, in the half type for half inputs)
+        xn, mn     |x'|², |mu'|² from those operands
+        sx, smu    (hi, lo) parts of x·beta, mu·beta; sx64, smu64 the float64 values
+        tau        the near-pair threshold, raised where the operands are rounded
+
+    `Operands(...)` prepares from the op's raw inputs (forwards, the cross-entropy backward);
+    `Operands.saved(...)` takes x', mu', sx, smu as the logits forward returned them."""
+
+    def __init__(self, x, mu, lc, beta, lam, gamma, eps: float, tau: float, _saved=None):
+        device = x.device
+        if device.type != "cuda" and not INTERPRET:
+            raise RuntimeError("the Triton kernels run on CUDA tensors, or on CPU tensors through Triton's "
+                               "interpreter when TRITON_INTERPRET=1 is set before triton is imported; got tensors "
+                               f"on {device}")
+        for name, t in (("mu", mu), ("lc", lc), ("beta", beta), ("lam", lam), ("gamma", gamma)):
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but x is on {device}")
+        self.device = device
+        self.B, self.D = x.shape
+        self.C = mu.shape[0]
+        self.family, self.impl, self.prec, operand_eps = gemm_mode(x.dtype)
+        if INTERPRET:
+            self.family = "interpret"
+        self.acc = acc = transform.compute_dtype(x.dtype)
+        self.x = x.detach().to(acc).contiguous()
+        self.mu = mu.detach().to(acc).contiguous()
+        self.lc = lc.detach().to(acc).contiguous()
+        self.beta = beta.detach().to(acc).contiguous()
+        self.full = lc.dim() == 2
+        self.bf16_by_hand = INTERPRET and x.dtype == torch.bfloat16
+        self.lam = lam.detach().to(torch.float64).reshape(())
+        self.gamma = gamma.detach().to(torch.float64).reshape(())
+        # A kernel that rounds its operands below the compute precision must recompute more pairs.
+        self.tau = (max(float(tau), transform.risk_threshold(self.D, acc, operand_eps)) if operand_eps
+                    else float(tau))
+        self.eps_hi = float(torch.tensor(eps, dtype=torch.float32))
+        self.eps_lo = float(eps) - self.eps_hi
+        self.m = transform.center_of(self.mu).contiguous()
+        if _saved is None:
+            xp, mup = (self._operand(_apply(v - self.m, self.lc), x.dtype) for v in (self.x, self.mu))
+            sx = smu = None
+        else:
+            xp, mup, sx, smu = _saved
+        self.xp, self.mup = xp.detach().contiguous(), mup.detach().contiguous()
+        self.xn, self.sx, self.sx64 = self._prep_side(self.xp, self.x, sx)
+        self.mn, self.smu, self.smu64 = self._prep_side(self.mup, self.mu, smu)
+
+    @classmethod
+    def saved(cls, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: float, tau: float):
+        return cls(x, mu, lc, beta, lam, gamma, eps, tau, _saved=(xp, mup, sx, smu))
+
+    def _operand(self, v, dtype):
+        if self.prec == "tf32":
+            return _round_to_tf32(v)
+        return v.to(dtype)
+
+    def _prep_side(self, v, raw, s):
+        """(|v_i|², (s_hi, s_lo), s float64) with s = raw·beta formed here when not given."""
+        n = v.shape[0]
+        norm, hi, lo = (_empty((n,), self.acc, self.device) for _ in range(3))
+        s_from_raw = s is None
+        s = _empty((n,), torch.float64, self.device) if s_from_raw else s.detach().to(torch.float64).contiguous()
+        if n:
+            BLOCK_R = 32
+            with device_ctx(self.device):
+                _side_prep_kernel[(triton.cdiv(n, BLOCK_R),)](
+                    v, raw, self.beta, s, norm, hi, lo, n, self.D, S_FROM_RAW=s_from_raw,
+                    BLOCK_R=BLOCK_R, BLOCK_D=min(128, max(16, triton.next_power_of_2(self.D))))
+        return norm, (hi, lo), s
+
+    def near_tiles(self):
+        """Block sizes for the exact recomputation: (BLOCK_P, BLOCK_K, BLOCK_J, tl.dot usable)."""
+        if self.family == "interpret":  # few, wide steps: the interpreter pays per operation
+            return 16, 128, 64, self.acc == torch.float32
+        if self.acc == torch.float64:
+            return 16, 16, 32, False
+        return 16, 32, 64, True
+
+    def chain(self, dxp, dmup, dsx, dsmu):
+        """(∂x, ∂mu, ∂lc, ∂beta) in the compute dtype from the kernels' ∂x', ∂mu' (compute dtype)
+        and ∂sx, ∂smu (float64), through x' = (x − m)·Lc, mu' = (mu − m)·Lc, sx = x·beta,
+        smu = mu·beta (m detached: q is invariant to a common shift)."""
+        dx = _apply_t(dxp, self.lc) + dsx.to(self.acc)[:, None] * self.beta
+        dmu = _apply_t(dmup, self.lc) + dsmu.to(self.acc)[:, None] * self.beta
+        dbeta, dlc_x = self._side_grad(self.x, dxp, dsx)
+        dbeta_mu, dlc_mu = self._side_grad(self.mu, dmup, dsmu)
+        dbeta = dbeta + dbeta_mu
+        if self.full:
+            dlc = (self.x - self.m).T @ dxp + (self.mu - self.m).T @ dmup
+        else:
+            dlc = dlc_x + dlc_mu
+        return dx, dmu, dlc.to(self.acc), dbeta.to(self.acc)
+
+    def _side_grad(self, raw, dvp, ds):
+        """(Σ_i ds_i·(raw_i − m), Σ_i (raw_i − m)·dv'_i for a diagonal Lc), float64 [D] each."""
+        n, D = raw.shape
+        f64 = dict(dtype=torch.float64, device=self.device)
+        if n == 0 or D == 0:
+            return torch.zeros(D, **f64), torch.zeros(D, **f64)
+        BLOCK_R, BLOCK_D = 32, min(64, max(16, triton.next_power_of_2(D)))
+        n_chunks = triton.cdiv(D, BLOCK_D)
+        splits = max(1, min(triton.cdiv(n, 4 * BLOCK_R), triton.cdiv(parallel_width(self.device), n_chunks)))
+        per_split = triton.cdiv(triton.cdiv(n, splits), BLOCK_R) * BLOCK_R
+        splits = triton.cdiv(n, per_split)
+        dbeta = _empty((splits, D), torch.float64, self.device)
+        dlc = _empty((splits, D), torch.float64, self.device) if not self.full else dbeta
+        with device_ctx(self.device):
+            _side_grad_kernel[(n_chunks, splits)](raw, self.m, dvp.contiguous(), ds.contiguous(), dbeta, dlc, n, D,
+                                                  per_split, DIAG=not self.full, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+        return dbeta.sum(0), (None if self.full else dlc.sum(0))

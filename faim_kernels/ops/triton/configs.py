@@ -1,0 +1,74 @@
+"""Launch configurations of both kernel families, with the reasons for them. The launchers read
+the module-level names at call time (the tests narrow some of them)."""
+from __future__ import annotations
+
+import os
+
+import triton
+
+from .common import INTERPRET
+
+# FAIM_TRITON_AUTOTUNE=0 pins the first config of each list (quick start, e.g. for test runs).
+AUTOTUNE = os.environ.get("FAIM_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+
+# Capacity of the logits forward's list of pairs at risk; None: max(1024, 2·(B + C)). A tile with
+# more than NEAR_PER_TILE of them counts as an overflow (the fix-up then recomputes every pair).
+NEAR_CAPACITY = None
+NEAR_PER_TILE = 64
+# Pairs at risk a backward program notes for after its loop; more send the whole backward
+# through its second launch, which handles them inside the loop (slow, any number).
+BWD_NEAR_CAP = 128
+
+
+def _fwd_cfg(bb, bc, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_B": bb, "BLOCK_C": bc, "BLOCK_K": bk, "GROUP_B": group},
+                         num_warps=warps, num_stages=stages)
+
+
+def _bwd_cfg(bo, bt, bk, warps, stages):
+    return triton.Config({"BLOCK_O": bo, "BLOCK_T": bt, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Logits forward and the shared backward (both families). First entry = the pinned default
+# (FAIM_TRITON_AUTOTUNE=0). Chosen from sm_90 builds made with Triton's own ptxas (registers and
+# spills read with cuobjdump --dump-resource-usage): the fused epilogue holds the GEMM tile plus
+# several per-pair tiles, so 128x256 tiles (the matmul tutorial's best fp16 config on H100)
+# spilled 0.4-3 KB per thread; at most 64 accumulators per thread (128x128 with 8 warps, 64x256
+# with 8 warps) spill little or nothing. Not yet timed on a GPU.
+FWD_CONFIGS = {
+    "half": [_fwd_cfg(128, 128, 64, 8, 4), _fwd_cfg(128, 128, 64, 8, 3), _fwd_cfg(64, 256, 64, 8, 3),
+             _fwd_cfg(256, 64, 64, 8, 3), _fwd_cfg(128, 64, 64, 4, 4)],
+    "tf32": [_fwd_cfg(128, 128, 32, 8, 3), _fwd_cfg(64, 256, 32, 8, 3), _fwd_cfg(128, 64, 32, 4, 4)],
+    "ieee": [_fwd_cfg(128, 128, 32, 8, 3), _fwd_cfg(64, 128, 32, 8, 3), _fwd_cfg(128, 64, 32, 4, 3),
+             _fwd_cfg(64, 64, 32, 4, 4)],
+    "fp64": [_fwd_cfg(32, 32, 8, 4, 1)],
+    "interpret": [_fwd_cfg(32, 32, 16, 4, 1, group=2)],
+}
+BWD_CONFIGS = {
+    "half": [_bwd_cfg(64, 64, 64, 8, 2), _bwd_cfg(64, 64, 64, 8, 3), _bwd_cfg(32, 64, 64, 4, 2)],
+    "tf32": [_bwd_cfg(64, 64, 32, 8, 2), _bwd_cfg(64, 32, 32, 4, 2)],
+    "ieee": [_bwd_cfg(32, 32, 32, 4, 2), _bwd_cfg(32, 32, 32, 4, 3)],
+    "fp64": [_bwd_cfg(16, 16, 16, 4, 1)],
+    "interpret": [_bwd_cfg(16, 32, 32, 4, 1)],
+}
+# Widest chunk of D a backward program accumulates ([BLOCK_O, BLOCK_D] in registers); wider D is
+# split across programs, each recomputing the GEMM tiles. Chosen with the configs above so that
+# sm_90 builds spill at most ~100 bytes per thread (wider chunks spilled 0.5-3 KB).
+BWD_BLOCK_D = {"half": 128, "tf32": 64, "ieee": 128, "fp64": 32, "interpret": 256}
+
+# The cross-entropy forward's tiles per family (not autotuned; its inputs arrive in float32 or
+# float64): small, wide steps under the interpreter, which pays per operation; register-sized
+# tiles for fp32 (IEEE or TF32) on the GPU; small ones for float64's broadcast products.
+# BLOCK_D: the chunk of D its exact path handles at a time.
+CE_FWD_BLOCKS = {
+    "interpret": dict(BLOCK_B=16, BLOCK_C=32, BLOCK_K=32, BLOCK_D=64, warps=1),
+    "ieee": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, BLOCK_D=128, warps=4),
+    "tf32": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, BLOCK_D=128, warps=4),
+    "fp64": dict(BLOCK_B=16, BLOCK_C=16, BLOCK_K=16, BLOCK_D=32, warps=4),
+}
+
+
+def tuned(kernel, configs, key, reset=None):
+    """kernel autotuned over `configs` (only the first where AUTOTUNE is off)."""
+    configs = configs if AUTOTUNE else configs[:1]
+    return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(kernel)

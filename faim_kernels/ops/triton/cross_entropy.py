@@ -1,0 +1,155 @@
+"""The fused cross-entropy op (SPEC §2.2) for CUDA tensors (and CPU tensors through Triton's
+interpreter): its forward kernel and the launchers of both directions, with the contract of
+faim_kernels/ops/contract.py. x and mu arrive in float32 or float64 (the dispatch layer computes
+half inputs in float32); the preparation (common.Operands: centre, x', mu', norms, s = v·beta in
+float64) runs once per op call.
+
+  _ce_fwd_kernel   grid (row blocks, class splits). Each program walks its split's class tiles:
+                   one GEMM tile x'·mu'ᵀ (tl.dot over D), the epilogue (q, s, d, logit' with the
+                   margin on the target), and an online logsumexp (running max and sum, as in
+                   flash attention) plus Σ logits and the target logit. Only these per-row
+                   statistics leave the kernel: [splits, B] partials, merged in a fixed order.
+  backward         backward.py's kernel with CE = 1, once per side, which recomputes each tile's
+                   logits and G; then the chain rule to the raw inputs (common.Operands.chain).
+
+Exactness (SPEC §2.1): a pair is recomputed from the raw difference (x_b − mu_c)·Lc when
+q < tau·(|x'_b|² + |mu'_c|²), and every target pair is, so the target logit and the margin are
+exact. The forward takes those pairs one at a time in a fixed order inside the program.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common, configs
+from .backward import backward_side
+from .common import _direct_pairs, _gemm_q, _pair_distance, _pair_s, _tile_dot
+
+
+@triton.jit
+def _exact_q(raw_a, raw_b, lc_ptr, i, j, D, FULL: tl.constexpr, NEAR_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The exact q of the single pair (i, j) from the raw rows: _direct_pairs with a block of one."""
+    one = tl.full((1,), 1, dtype=tl.int1)
+    q, _ = _direct_pairs(raw_a, raw_b, lc_ptr, tl.zeros((1,), dtype=tl.int64) + i,
+                         tl.zeros((1,), dtype=tl.int64) + j, one, -1, D, FULL, 1, NEAR_K, BLOCK_D, False)
+    return tl.sum(q, axis=0)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+        xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr,
+        x_ptr, mu_ptr, lc_ptr, tgt_ptr, lam_ptr, gamma_ptr, margin_ptr, part_ptr,
+        B, C, D, eps_hi, eps_lo, tau, cols_per_split,
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        NEAR_K: tl.constexpr, FULL: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr):
+    """Per-row statistics over one split of the classes: part[0..3, split, row] = running max,
+    Σ exp(logit' − max), Σ logit', target logit' (float64)."""
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    acc_t = xn_ptr.dtype.element_ty
+    rb = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bm = rb < B
+    xn = tl.load(xn_ptr + rb, mask=bm, other=0.0)
+    sx_hi = tl.load(sx_hi_ptr + rb, mask=bm, other=0.0)
+    sx_lo = tl.load(sx_lo_ptr + rb, mask=bm, other=0.0)
+    tgt = tl.load(tgt_ptr + rb, mask=bm, other=-1)
+    lam = tl.load(lam_ptr).to(acc_t)
+    gamma = tl.load(gamma_ptr).to(acc_t)
+    margin = tl.load(margin_ptr).to(acc_t)
+    eps = tl.cast(eps_hi, acc_t) + tl.cast(eps_lo, acc_t)
+    flat = tl.arange(0, BLOCK_B)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+
+    run_max = tl.full((BLOCK_B,), float("-inf"), dtype=acc_t)
+    run_sum = tl.zeros((BLOCK_B,), dtype=acc_t)
+    sum_logit = tl.zeros((BLOCK_B,), dtype=tl.float64)
+    t_logit = tl.zeros((BLOCK_B,), dtype=acc_t)
+    c_begin = pid_s * cols_per_split
+    c_end = tl.minimum(c_begin + cols_per_split, C)
+    for c0 in range(c_begin, c_end, BLOCK_C):
+        rc = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
+        cm = rc < c_end
+        valid = bm[:, None] & cm[None, :]
+        dot = _tile_dot(xp_ptr, mup_ptr, rb, rc, bm, cm, D, tl.zeros((BLOCK_B, BLOCK_C), dtype=acc_t),
+                        BLOCK_K, IMPL, PREC)
+        q, near = _gemm_q(dot, xn, tl.load(mn_ptr + rc, mask=cm, other=0.0), tau)
+        is_t = (tgt[:, None] == rc[None, :]) & valid
+        near = (near | is_t) & valid
+        for _ in range(0, tl.sum(near.to(tl.int32))):  # pairs at risk and targets, in tile order
+            f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
+            near = near & (flat != f)
+            q_e = _exact_q(x_ptr, mu_ptr, lc_ptr, pid_b.to(tl.int64) * BLOCK_B + f // BLOCK_C,
+                           c0 + f % BLOCK_C, D, FULL, NEAR_K, BLOCK_D)
+            q = tl.where(flat == f, q_e, q)
+        s = _pair_s(sx_hi, sx_lo, tl.load(smu_hi_ptr + rc, mask=cm, other=0.0),
+                    tl.load(smu_lo_ptr + rc, mask=cm, other=0.0))
+        _, _, d, _, _ = _pair_distance(q, s, lam, eps)
+        logit = -gamma * (d + tl.where(is_t, margin, 0.0))
+        masked = tl.where(valid, logit, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(masked, axis=1))
+        ref = tl.where(new_max > float("-inf"), new_max, 0.0)  # −inf − (−inf) would be NaN
+        run_sum = run_sum * tl.exp(run_max - ref) + tl.sum(tl.where(valid, tl.exp(masked - ref[:, None]), 0.0), axis=1)
+        run_max = new_max
+        sum_logit += tl.sum(tl.where(valid, logit, 0.0), axis=1).to(tl.float64)
+        t_logit += tl.sum(tl.where(is_t, logit, 0.0), axis=1)
+
+    out = pid_s.to(tl.int64) * B + rb
+    n = tl.num_programs(1).to(tl.int64) * B
+    tl.store(part_ptr + out, run_max.to(tl.float64), mask=bm)
+    tl.store(part_ptr + n + out, run_sum.to(tl.float64), mask=bm)
+    tl.store(part_ptr + 2 * n + out, sum_logit, mask=bm)
+    tl.store(part_ptr + 3 * n + out, t_logit.to(tl.float64), mask=bm)
+
+
+def _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin):
+    """(common.Operands, the margin as a float64 tensor)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the Triton cross-entropy kernels compute in float32 or float64, got {x.dtype}")
+    o = common.Operands(x, mu, lc, beta, lam, gamma, eps, tau)
+    return o, torch.as_tensor(float(margin), dtype=torch.float64, device=o.device)
+
+
+def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float):
+    """(lse, tl, sl), float64 [B] each: the randers_cross_entropy op of the contract."""
+    B, C = x.shape[0], mu.shape[0]
+    f64 = dict(dtype=torch.float64, device=x.device)
+    if B == 0 or C == 0:
+        return torch.full((B,), float("-inf"), **f64), torch.zeros(B, **f64), torch.zeros(B, **f64)
+    o, margin_t = _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin)
+    bl = dict(configs.CE_FWD_BLOCKS[o.family])
+    bl["BLOCK_D"] = min(bl["BLOCK_D"], max(16, triton.next_power_of_2(o.D)))
+    n_rb, n_tiles = triton.cdiv(B, bl["BLOCK_B"]), triton.cdiv(C, bl["BLOCK_C"])
+    splits = max(1, min(triton.cdiv(common.parallel_width(o.device), n_rb), n_tiles))
+    per_split = triton.cdiv(n_tiles, splits) * bl["BLOCK_C"]
+    splits = triton.cdiv(C, per_split)
+    part = common._empty((4, splits, B), torch.float64, o.device)
+    with common.device_ctx(o.device):
+        _ce_fwd_kernel[(n_rb, splits)](
+            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.x, o.mu, o.lc, target, o.lam, o.gamma, margin_t, part,
+            B, C, o.D, o.eps_hi, o.eps_lo, o.tau, per_split,
+            BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"], BLOCK_D=bl["BLOCK_D"],
+            NEAR_K=o.near_tiles()[1], FULL=o.full, IMPL=o.impl, PREC=o.prec, num_warps=bl["warps"])
+    # Merge the splits' online logsumexps in split order.
+    run_max, run_sum, sl, tl_ = part.unbind(0)
+    M = run_max.max(dim=0).values
+    scaled = torch.where(run_max == float("-inf"), 0.0, run_sum * torch.exp(run_max - M))
+    lse = torch.where(M == float("-inf"), M, M + torch.log(scaled.sum(0)))
+    sl = sl.sum(0)
+    lse = torch.where(torch.isnan(sl), sl, lse)  # a NaN logit anywhere in the row
+    return lse, tl_.sum(0), sl
+
+
+def backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float):
+    """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes for the per-row weights
+    w = ∂loss/∂(lse, tl, sl): the randers_cross_entropy_backward op."""
+    B, C = x.shape[0], mu.shape[0]
+    if B == 0 or C == 0:
+        return tuple(torch.zeros_like(t) for t in (x, mu, lc, beta, lam, gamma))
+    o, margin_t = _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin)
+    w = [t.detach().to(torch.float64).contiguous() for t in (w_lse, w_tl, w_sl)]
+    ce = (target.contiguous(), *w, lse.detach().to(torch.float64).contiguous(), margin_t)
+    dxp, dsx, (dlam, dgamma) = backward_side(o, True, ce=ce)
+    dmup, dsmu, _ = backward_side(o, False, ce=ce)
+    dx, dmu, dlc, dbeta = o.chain(dxp, dmup, dsx, dsmu)
+    return (dx.to(x.dtype), dmu.to(mu.dtype), dlc.to(lc.dtype), dbeta.to(beta.dtype), dlam.to(lam.dtype).reshape(()),
+            dgamma.to(gamma.dtype).reshape(()))

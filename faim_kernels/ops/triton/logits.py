@@ -1,0 +1,176 @@
+"""The logits op for CUDA tensors (and CPU tensors through Triton's interpreter): its forward
+kernels and the launchers of both directions, with the contract of faim_kernels/ops/contract.py.
+
+Forward, four launches after the preparation (common.Operands: centre, x', mu' with ATen, then one
+side-prep launch per side for the norms and the float64 s = v·beta):
+  _logits_fwd_kernel     tiles of x'·mu'ᵀ (tl.dot over D, grouped launch order) with the epilogue
+                         fused: q = |x'|² + |mu'|² − 2x'·mu', the at-risk test of SPEC §2.1, s, d,
+                         −γ·d, written once. Pairs at risk go to a short list (atomic counter).
+  _logits_fixup_kernel   recomputes the listed pairs from the raw difference (x_b − mu_c)·Lc and
+                         overwrites them; if the list overflowed (more pairs at risk than its
+                         capacity), it recomputes every pair that way instead: slow, exact.
+Backward: backward.py's kernel once per side (float32/float64 logits give a back without a GEMM),
+then the chain rule to the raw inputs (common.Operands.chain).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common, configs
+from .backward import backward_side
+from .common import _cast, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _tile_dot
+
+
+@triton.jit
+def _logits_fwd_kernel(
+        xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr, gamma_ptr,
+        out_ptr, count_ptr, near_b_ptr, near_c_ptr,
+        B, C, D, eps_hi, eps_lo, tau, capacity,
+        KEY_B, KEY_C,  # power-of-two buckets of B and C: the autotuning key only
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_B: tl.constexpr,
+        IMPL: tl.constexpr, PREC: tl.constexpr, BF16_BY_HAND: tl.constexpr, NEAR_PER_TILE: tl.constexpr,
+        LOCAL64: tl.constexpr):
+    """One [BLOCK_B, BLOCK_C] tile of logits = −γ·d from one GEMM tile and the fused epilogue."""
+    # Grouped launch order (Triton's matmul tutorial): GROUP_B row tiles sweep the column tiles
+    # together, so each mu' tile is read from L2 rather than DRAM by the whole group.
+    pid = tl.program_id(0)
+    n_b = tl.cdiv(B, BLOCK_B)
+    n_c = tl.cdiv(C, BLOCK_C)
+    in_group = GROUP_B * n_c
+    first_b = (pid // in_group) * GROUP_B
+    size_b = tl.minimum(n_b - first_b, GROUP_B)
+    pid_b = first_b + (pid % in_group) % size_b
+    pid_c = (pid % in_group) // size_b
+
+    # 64-bit offsets only where they can pass 2³¹: the tile's corner; inside the tile int32 (or
+    # int64 where BLOCK_B·C may pass 2³¹, LOCAL64), which keeps the epilogue's registers free.
+    acc_t = xn_ptr.dtype.element_ty
+    b0 = pid_b * BLOCK_B
+    c0 = pid_c * BLOCK_C
+    lb = tl.arange(0, BLOCK_B)
+    lc = tl.arange(0, BLOCK_C)
+    bm = lb < B - b0
+    cm = lc < C - c0
+    dot = _tile_dot(xp_ptr + b0.to(tl.int64) * D, mup_ptr + c0.to(tl.int64) * D, lb, lc, bm, cm, D,
+                    tl.zeros((BLOCK_B, BLOCK_C), dtype=acc_t), BLOCK_K, IMPL, PREC)
+
+    q, near = _gemm_q(dot, tl.load(xn_ptr + b0 + lb, mask=bm, other=0.0), tl.load(mn_ptr + c0 + lc, mask=cm, other=0.0),
+                      tau)
+    s = _pair_s(tl.load(sx_hi_ptr + b0 + lb, mask=bm, other=0.0), tl.load(sx_lo_ptr + b0 + lb, mask=bm, other=0.0),
+                tl.load(smu_hi_ptr + c0 + lc, mask=cm, other=0.0), tl.load(smu_lo_ptr + c0 + lc, mask=cm, other=0.0))
+    lam = tl.load(lam_ptr).to(acc_t)
+    gamma = tl.load(gamma_ptr).to(acc_t)
+    a, r, d, ia, ir = _pair_distance(q, s, lam, _load_eps(eps_hi, eps_lo, acc_t))
+    mask = bm[:, None] & cm[None, :]
+    if LOCAL64:
+        offs = lb.to(tl.int64)[:, None] * C + lc[None, :]
+    else:
+        offs = lb[:, None] * C + lc[None, :]
+    tl.store(out_ptr + (b0.to(tl.int64) * C + c0) + offs, _cast(-gamma * d, out_ptr.dtype.element_ty, BF16_BY_HAND),
+             mask=mask)
+
+    # Pairs at risk: append (b, c) to the list, one at a time (typically about one per row, a
+    # sample's target, so zero to two per tile). Scalar atomics keep the epilogue's registers for
+    # the tile; a tile with more than NEAR_PER_TILE pairs at risk marks the list as overflowed
+    # instead, and the fix-up then recomputes every pair.
+    near = near & mask
+    n_near = tl.sum(near.to(tl.int32))
+    if n_near > NEAR_PER_TILE:
+        tl.atomic_max(count_ptr, capacity + 1, sem="relaxed")
+    else:
+        flat = tl.arange(0, BLOCK_B)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+        for _it in range(0, n_near):
+            f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
+            near = near & (flat != f)
+            slot = tl.atomic_add(count_ptr, 1, sem="relaxed")
+            if slot < capacity:
+                tl.store(near_b_ptr + slot, b0 + f // BLOCK_C)
+                tl.store(near_c_ptr + slot, c0 + f % BLOCK_C)
+
+
+@triton.jit
+def _logits_fixup_kernel(
+        x_ptr, mu_ptr, lc_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr, gamma_ptr, out_ptr,
+        count_ptr, near_b_ptr, near_c_ptr,
+        C, D, n_pairs, eps_hi, eps_lo, capacity,
+        FULL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+        USE_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr):
+    """Overwrites the listed pairs with logits from the exact q; every pair if the list overflowed.
+    A persistent grid: program p takes blocks p, p + P, p + 2P, ... of BLOCK_P pairs."""
+    count = tl.load(count_ptr)
+    listed = count <= capacity
+    n_items = tl.where(listed, count, n_pairs)
+    n_listed = tl.where(listed, count, 0)
+    acc_t = x_ptr.dtype.element_ty
+    lam = tl.load(lam_ptr).to(acc_t)
+    gamma = tl.load(gamma_ptr).to(acc_t)
+    eps = _load_eps(eps_hi, eps_lo, acc_t)
+    for start in range(tl.program_id(0) * BLOCK_P, n_items, tl.num_programs(0) * BLOCK_P):
+        idx = (start + tl.arange(0, BLOCK_P)).to(tl.int64)
+        pm = idx < n_items
+        from_list = idx < n_listed
+        lb = tl.load(near_b_ptr + idx, mask=from_list, other=0).to(tl.int64)
+        lcol = tl.load(near_c_ptr + idx, mask=from_list, other=0).to(tl.int64)
+        b = tl.where(from_list, lb, idx // C)
+        c = tl.where(from_list, lcol, idx % C)
+        q, _ = _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pm, -1, D, FULL, BLOCK_P, BLOCK_K, BLOCK_J, USE_DOT)
+        s = ((tl.load(sx_hi_ptr + b, mask=pm, other=0.0) - tl.load(smu_hi_ptr + c, mask=pm, other=0.0))
+             + (tl.load(sx_lo_ptr + b, mask=pm, other=0.0) - tl.load(smu_lo_ptr + c, mask=pm, other=0.0)))
+        a, r, d, _, _ = _pair_distance(q, s, lam, eps)
+        tl.store(out_ptr + b * C + c, _cast(-gamma * d, out_ptr.dtype.element_ty, BF16_BY_HAND), mask=pm)
+
+
+_FWD = {name: configs.tuned(_logits_fwd_kernel, cfgs, ["KEY_B", "KEY_C", "D"], reset=["count_ptr"])
+        for name, cfgs in configs.FWD_CONFIGS.items()}
+
+
+def forward(x, mu, lc, beta, lam, gamma, eps: float, tau: float):
+    """(logits [B, C] in x's dtype, xp, mup, sx, smu): the randers_logits op of the contract."""
+    o = common.Operands(x, mu, lc, beta, lam, gamma, eps, tau)
+    B, C = o.B, o.C
+    out = common._empty((B, C), x.dtype, o.device)
+    if out.numel():
+        with common.device_ctx(o.device):
+            capacity = configs.NEAR_CAPACITY if configs.NEAR_CAPACITY is not None else max(1024, 2 * (B + C))
+            count = torch.zeros(1, dtype=torch.int32, device=o.device)
+            near_b = torch.empty(capacity, dtype=torch.int32, device=o.device)
+            near_c = torch.empty(capacity, dtype=torch.int32, device=o.device)
+            grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(C, meta["BLOCK_C"]),)  # noqa: E731
+            _FWD[o.family][grid](
+                o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.lam, o.gamma, out, count, near_b, near_c,
+                B, C, o.D, o.eps_hi, o.eps_lo, o.tau, capacity,
+                triton.next_power_of_2(B), triton.next_power_of_2(C), IMPL=o.impl, PREC=o.prec,
+                BF16_BY_HAND=o.bf16_by_hand, NEAR_PER_TILE=configs.NEAR_PER_TILE, LOCAL64=256 * C >= 2 ** 31)
+            BLOCK_P, BLOCK_K, BLOCK_J, use_dot = o.near_tiles()
+            n_prog = max(1, min(triton.cdiv(B * C, BLOCK_P), 2 * common.parallel_width(o.device)))
+            _logits_fixup_kernel[(n_prog,)](
+                o.x, o.mu, o.lc, *o.sx, *o.smu, o.lam, o.gamma, out, count, near_b, near_c,
+                C, o.D, B * C, o.eps_hi, o.eps_lo, capacity,
+                FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_J=BLOCK_J, USE_DOT=use_dot,
+                BF16_BY_HAND=o.bf16_by_hand)
+    return out, o.xp, o.mup, o.sx64, o.smu64
+
+
+def backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: float, tau: float):
+    """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes: the randers_logits_backward op."""
+    B, C = x.shape[0], mu.shape[0]
+    if B == 0 or C == 0:
+        return tuple(torch.zeros_like(t) for t in (x, mu, lc, beta, lam, gamma))
+    if grad.shape != (B, C):
+        raise ValueError(f"grad must have shape [B, C] = [{B}, {C}], got {tuple(grad.shape)}")
+    o = common.Operands.saved(x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau)
+    g = grad.detach()
+    if g.device != o.device:
+        raise ValueError(f"grad is on {g.device} but x is on {o.device}")
+    if g.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        g = g.to(x.dtype)
+    # Half logits are rounded too coarsely to give a back (~4e-3 off): those recompute the tiles.
+    lg = logits.detach() if logits.dtype in (torch.float32, torch.float64) else None
+    # Expanded gradients (stride 0, e.g. from out.sum()) are read in place through their strides.
+    dxp, dsx, (dlam, dgamma) = backward_side(o, True, grad=g, logits=lg)
+    dmup, dsmu, _ = backward_side(o, False, grad=g, logits=lg)
+    dx, dmu, dlc, dbeta = o.chain(dxp, dmup, dsx, dsmu)
+    return (dx.to(x.dtype), dmu.to(mu.dtype), dlc.to(lc.dtype), dbeta.to(beta.dtype), dlam.to(lam.dtype).reshape(()),
+            dgamma.to(gamma.dtype).reshape(()))
