@@ -120,6 +120,7 @@ at::Tensor project(const at::Tensor& v, const at::Tensor& m, const at::Tensor& l
     T* o = out.data_ptr<T>();
     at::parallel_for(0, n, 256, [p, mp, lp, o, D](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
+#pragma omp simd
             for (int64_t k = 0; k < D; ++k) o[i * D + k] = (p[i * D + k] - mp[k]) * lp[k];
     });
     return out;
@@ -142,6 +143,7 @@ std::vector<double> centred_weighted_sum(const at::Tensor& v, const T* m, const 
             for (int64_t i = ch * kChunk; i < std::min(n, (ch + 1) * kChunk); ++i) {
                 const double wi = w[i];
                 const T* __restrict__ row = p + i * D;
+#pragma omp simd
                 for (int64_t k = 0; k < D; ++k) acc[k] += wi * (double(row[k]) - double(m[k]));
             }
         }

@@ -158,6 +158,7 @@ at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tenso
                 const T* __restrict__ vrow = vp + i * D;
                 const T* __restrict__ grow = gp + i * D;
                 T* __restrict__ orow = o + i * D;
+#pragma omp simd  // independent columns: local restrict pointers alone did not make GCC vectorise
                 for (int64_t k = 0; k < D; ++k) {
                     orow[k] = grow[k] * l[k] + dsi * bb[k];
                     acc[k] += (vrow[k] - mm[k]) * grow[k];
@@ -230,15 +231,23 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
                 double sum_p = 0, sum_r = 0;
                 for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
                     const int64_t nc = std::min(kTileC, C - c0);
-                    for (int64_t j = 0; j < nc; ++j) {
-                        gr[j] = G[b * gs0 + (c0 + j) * gs1];
-                        lr[j] = L[b * ls0 + (c0 + j) * ls1];
+                    // Rows with unit column stride are read in place; others (e.g. an expanded
+                    // gradient, stride 0) are gathered into a row buffer first.
+                    const T* gsrc = G + b * gs0 + c0 * gs1;
+                    const T* lsrc = L + b * ls0 + c0 * ls1;
+                    if (gs1 != 1) {
+                        for (int64_t j = 0; j < nc; ++j) gr[j] = gsrc[j * gs1];
+                        gsrc = gr.data();
+                    }
+                    if (ls1 != 1) {
+                        for (int64_t j = 0; j < nc; ++j) lr[j] = lsrc[j * ls1];
+                        lsrc = lr.data();
                     }
                     const T* __restrict__ mn = in.munorm.data() + c0;
                     const T* __restrict__ smh = in.smu_hi.data() + c0;
                     const T* __restrict__ sml = in.smu_lo.data() + c0;
-                    const T* __restrict__ gv = gr.data();
-                    const T* __restrict__ lv = lr.data();
+                    const T* __restrict__ gv = gsrc;
+                    const T* __restrict__ lv = lsrc;
                     T* __restrict__ prow = Pp + b * C + c0;
                     T* __restrict__ cp = col_p.data() + bt * C + c0;
                     T* __restrict__ cr = col_r.data() + bt * C + c0;
@@ -273,7 +282,7 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
                     for (int64_t j = 0; j < nc; ++j) {
                         if (nf[j] == T(0)) continue;
                         const Pair<T> pr = pair_direct(in, b, c0 + j, acc.data(), diffp.data());
-                        const T p = pr.a > T(0) ? -g * gr[j] / pr.a : T(0);
+                        const T p = pr.a > T(0) ? -g * gv[j] / pr.a : T(0);
                         near[bt].push_back({b, c0 + j, double(p)});
                         near_diff[bt].insert(near_diff[bt].end(), diffp.begin(), diffp.end());
                     }
