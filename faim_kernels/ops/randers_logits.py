@@ -57,17 +57,13 @@ def register_logits_op_pair(fwd, bwd) -> None:
 
 
 def cpp_available() -> bool:
-    try:
-        from .. import _C  # noqa: F401  (registers torch.ops.faim_kernels.*)
-    except ImportError:
-        return False
-    return True
+    from .._cpp_loader import available
+    return available()
 
 
 def _cpp_ops():
-    if not cpp_available():
-        raise RuntimeError("backend='cpp' needs the C++ extension faim_kernels._C, which is not built: "
-                           "run `python setup.py build_ext --inplace` (or `make setup`)")
+    from .._cpp_loader import load
+    load()  # raises CppKernelsUnavailable with the cause and the remedy
     return torch.ops.faim_kernels.randers_logits_fwd.default
 
 
