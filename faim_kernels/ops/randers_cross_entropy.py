@@ -70,9 +70,8 @@ def register_ce_op_pair(fwd, bwd) -> None:
 
 
 def _cpp_op():
-    if not cpp_available():
-        raise RuntimeError("backend='cpp' needs the C++ extension faim_kernels._C, which is not built: "
-                           "run `python setup.py build_ext --inplace` (or `make setup`)")
+    from .._cpp_loader import load
+    load()  # raises CppKernelsUnavailable with the cause and the remedy
     return torch.ops.faim_kernels.randers_cross_entropy_fwd.default
 
 
