@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,7 +81,8 @@ def fresh_venv(tmp_path_factory, sdist):
     t2 = time.perf_counter()
     timings = {"install_torch_s": round(t1 - t0, 1), "install_sdist_s": round(t2 - t1, 1)}
     print(f"\n[packaging] {timings}")
-    return py, timings
+    yield py, timings
+    shutil.rmtree(venv, ignore_errors=True)  # about 1 GB; pytest keeps its last temporary dirs
 
 
 def test_sdist_contents(sdist):
