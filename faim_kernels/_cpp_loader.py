@@ -119,7 +119,7 @@ def cxx_flags() -> list[str]:
     at::parallel_for is an inline template (ATen/Parallel-inl.h) that runs the whole range on the
     calling thread unless _OPENMP is defined. Measured on 2 threads, 30 forward calls at
     (512, 4096, 256): -fopenmp-simd alone ran the tiles serially, and each tile's GEMM then spun
-    both threads, 8x the CPU time of -fopenmp. It is not passed at link time: the few GOMP symbols
+    both threads, 6-8x the CPU time of -fopenmp. It is not passed at link time: the few GOMP symbols
     bind to torch's own OpenMP runtime (loaded with libtorch_cpu), so torch.set_num_threads applies
     and no second runtime enters the process. Apple's clang has no -fopenmp: there the kernels'
     tiles run serially (untested).
