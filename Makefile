@@ -27,4 +27,4 @@ setup:
 	@bash scripts/bootstrap.sh
 
 clean:
-	rm -rf build faim_kernels/*.so .pytest_cache
+	rm -rf build dist *.egg-info faim_kernels/*.so faim_kernels/_C.build-info.json .pytest_cache

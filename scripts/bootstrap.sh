@@ -2,7 +2,9 @@
 # Set up everything the two README commands need, on a machine where nothing was installed by
 # hand: a virtual environment in .venv, torch (the CPU wheel 2.13.0 where pip can find it),
 # triton (its interpreter runs the GPU kernels on CPU tensors in the tests), the test and demo
-# dependencies, and the C++ extension. Safe to re-run: each step is skipped when already done.
+# dependencies, and the C++ kernels built in place (faim_kernels/_C*.so, which the loader prefers;
+# an installed package compiles them on first use instead). Safe to re-run: each step is skipped
+# when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,16 +25,18 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
 fi
 if ! "$VPY" -c "import triton, numpy, pytest, pytest_benchmark, tqdm, ninja, sklearn, matplotlib" >/dev/null 2>&1; then
     echo "[bootstrap] installing triton and the test/demo dependencies"
-    pipq triton numpy pytest pytest-benchmark tqdm ninja scikit-learn matplotlib setuptools wheel
+    pipq triton numpy pytest pytest-benchmark tqdm ninja scikit-learn matplotlib "setuptools>=77" wheel
 fi
 "$VPY" -c "import torch" || { echo "[bootstrap] torch did not install" >&2; exit 1; }
 
-echo "[bootstrap] building the C++ extension"
+echo "[bootstrap] building the C++ kernels in place"
 export PATH="$PWD/$VENV/bin:$PATH"
 mkdir -p build
-if ! MAX_JOBS=${MAX_JOBS:-2} "$VPY" setup.py build_ext --inplace >build/build.log 2>&1; then
+# Built for this CPU (-march=native): the checkout runs where it was built (faim_kernels/_cpp_loader.py).
+if ! FAIM_KERNELS_MARCH=native MAX_JOBS=${MAX_JOBS:-2} "$VPY" setup.py build_ext --inplace >build/build.log 2>&1; then
     tail -n 40 build/build.log >&2
     echo "[bootstrap] the C++ extension did not build (full log: build/build.log)" >&2
     exit 1
 fi
-"$VPY" -c "import torch, faim_kernels._C" || { echo "[bootstrap] the C++ extension does not import" >&2; exit 1; }
+"$VPY" -c "from faim_kernels import _cpp_loader as l; l.load(); assert l._loaded_from()[0] == 'prebuilt', l._loaded_from()" \
+    || { echo "[bootstrap] the in-place build of the C++ kernels does not load" >&2; exit 1; }
