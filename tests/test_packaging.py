@@ -312,4 +312,4 @@ def test_the_checkout_loads_its_kernels():
     _cpp_loader.load()
     how, path = _cpp_loader._loaded_from()
     assert how in ("prebuilt", "cache", "compiled")
-    assert torch.ops.faim_kernels.randers_logits_fwd.default is not None
+    assert torch.ops.faim_kernels.randers_logits.default is not None
