@@ -242,8 +242,8 @@ def test_opcheck(backend, device, full):
     torch.library.opcheck(bwd, (grad, logits, *plain[:6], xp, mup, sx, smu, *plain[6:]))
 
 
-@pytest.mark.parametrize("tau", [0.0, 1.0], ids=["tau0", "tau1"])
-@pytest.mark.parametrize("gamma", [2.0, 0.0], ids=["gamma2", "gamma0"])
+@pytest.mark.parametrize("gamma, tau", [(2.0, 0.0), (0.0, 0.0), (2.0, 1.0)],
+                         ids=["gamma2-tau0", "gamma0-tau0", "gamma2-tau1"])
 @FULL
 def test_op_gradcheck_against_its_own_inputs(backend, device, full, gamma, tau):
     """The closed-form backward, its chain rule to the raw inputs included, is the derivative of the
