@@ -119,3 +119,156 @@ def interpreted_contract_ops(family: str):
         torch.library.register_autograd(ops[0], backward_with(ops[1]), setup_context=setup_context, lib=lib)
         _INTERPRETED_OPS[family] = (lib, ops[0], ops[1])
     return _INTERPRETED_OPS[family][1:]
+
+
+# ---- backends: one test function per behaviour, the backend a fixture ----
+
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+# Triton runs on a CUDA device, or on CPU tensors through its interpreter (`make test` sets
+# TRITON_INTERPRET=1); the interpreter is slow, so the Triton cases take smaller shapes.
+TRITON_RUNS = HAS_TRITON and (HAS_CUDA or INTERPRET)
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+FUSED = ("cpp", "triton")
+
+_BACKEND_MARKS = {
+    "cpp": [],
+    "reference": [],
+    "triton": [pytest.mark.interpret,
+               pytest.mark.skipif(not TRITON_RUNS, reason="needs triton and a CUDA device, or TRITON_INTERPRET=1")],
+}
+
+
+def backends(*names):
+    """pytest params for the `backend` fixture (indirect parametrisation), with the Triton marks."""
+    return [pytest.param(n, marks=_BACKEND_MARKS[n], id=n) for n in names]
+
+
+def per_backend(id_of=None, **cases):
+    """Params for ("backend", value): per_backend(cpp=[...], triton=[...]), for shapes or options that
+    differ by backend (the interpreter gets small ones); use with indirect=["backend"]."""
+    id_of = id_of or (lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+    return [pytest.param(name, v, marks=_BACKEND_MARKS[name], id=f"{name}-{id_of(v)}")
+            for name, values in cases.items() for v in values]
+
+
+def device_of(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def poison_triton_outputs(monkeypatch):
+    """Every buffer a Triton kernel must fill starts as NaN, so an entry it fails to write shows up."""
+    from faim_kernels.ops.triton import common
+    monkeypatch.setattr(common, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                 device=device))
+
+
+@pytest.fixture(params=backends(*FUSED))
+def backend(request, monkeypatch):
+    """The backend under test: "cpp", "triton" (on CUDA when present, else through the interpreter,
+    outputs poisoned), or "reference" where a test asks for it with `backends(...)`."""
+    if request.param == "triton":
+        poison_triton_outputs(monkeypatch)
+    return request.param
+
+
+@pytest.fixture
+def device(backend):
+    return device_of(backend)
+
+
+def triton_contract_ops(family: str):
+    """(forward, backward) of `family` on the Triton kernels: the registered contract ops on CUDA;
+    under the interpreter the same schemas, fake kernels and autograd formula around the launchers."""
+    from faim_kernels.ops import contract
+    if HAS_CUDA:
+        from faim_kernels.ops import triton as tri
+        tri.register()
+        return {"logits": (contract.logits_op, contract.logits_backward_op),
+                "cross_entropy": (contract.cross_entropy_op, contract.cross_entropy_backward_op)}[family]
+    return interpreted_contract_ops(family)
+
+
+def contract_ops(family: str, backend: str):
+    """(forward, backward) contract ops of `family` whose kernels are `backend`'s."""
+    if backend == "triton":
+        return triton_contract_ops(family)
+    import faim_kernels as fk
+    fk._cpp_loader.load()  # the C++ kernels register on first use; op-level tests call the ops directly
+    ops = torch.ops.faim_kernels
+    return {"logits": (ops.randers_logits.default, ops.randers_logits_backward.default),
+            "cross_entropy": (ops.randers_cross_entropy.default, ops.randers_cross_entropy_backward.default)}[family]
+
+
+# ---- the family checks against the float64 oracle (shared by the family files and the internals) ----
+
+NAMES = ["x", "mu", "L", "beta", "lam", "gamma"]
+
+
+def check_logits(inputs, backend, fn="logits", fwd_tol=None, grad_tol=None, seed=0, grad=None):
+    """Forward within fwd_tol (every entry, relative) and the gradients of all inputs within
+    grad_tol (relative norm) of autograd through the float64 einsum reference; dtype and device kept."""
+    import faim_kernels as fk
+    dtype, dev = inputs[0].dtype, inputs[0].device
+    fwd_tol = fwd_tol or FWD_TOL[dtype]
+    grad_tol = grad_tol or GRAD_TOL[dtype]
+    if fn == "distance":
+        inputs = inputs[:5]
+    for t in inputs:
+        t.requires_grad_()
+    out = getattr(fk, "randers_" + fn)(*inputs, backend=backend)
+    assert out.dtype == dtype and out.device == dev
+    ref = reference64(getattr(fk.reference, "randers_" + fn), inputs)
+    assert_rel_close(out, ref, fwd_tol, "forward")
+    if grad is None:
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grad = grad.to(dev)
+    got = torch.autograd.grad(out, inputs, grad.to(dtype))
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    want = torch.autograd.grad(getattr(fk.reference, "randers_" + fn)(*ref_inputs), ref_inputs, grad)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == dtype, name
+        assert_norm_close(g, w, grad_tol, f"d{name}")
+    return out, got
+
+
+def random_targets(B, C, seed=0, ignore_every=0, ignore_index=-100, device="cpu"):
+    target = torch.randint(0, max(C, 1), (B,), generator=torch.Generator().manual_seed(seed))
+    if ignore_every:
+        target[::ignore_every] = ignore_index
+    return target.to(device)
+
+
+def nearest_targets(inputs):
+    import faim_kernels as fk
+    d = fk.reference.randers_distance(*[t.detach().double() for t in inputs[:5]])
+    return d.argmin(dim=1)
+
+
+def check_cross_entropy(inputs, target, backend, fwd_tol=None, grad_tol=None, seed=0, **opts):
+    """Loss and ∂(x, mu, L, beta, lam, gamma) of fk.randers_cross_entropy against F.cross_entropy
+    over the einsum logits in float64 (fk.reference.randers_cross_entropy is exactly that)."""
+    import faim_kernels as fk
+    dtype = inputs[0].dtype
+    fwd_tol = fwd_tol or FWD_TOL[dtype]
+    grad_tol = grad_tol or GRAD_TOL[dtype]
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fk.randers_cross_entropy(*inputs, target, backend=backend, **opts)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ref = fk.reference.randers_cross_entropy(*ref_inputs, target.long(), **opts)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_rel_close(out, ref, fwd_tol, "loss")
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    weight = weight.to(ref.device)
+    if not torch.isfinite(ref).all():  # e.g. 'mean' over no valid row: NaN, and zero gradients
+        weight = torch.ones_like(weight)
+        out, ref = out.nan_to_num(0.0), ref.nan_to_num(0.0)
+    got = torch.autograd.grad((out.double() * weight).sum(), inputs)
+    want = torch.autograd.grad((ref * weight).sum(), ref_inputs)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == dtype, name
+        assert_norm_close(g, w, grad_tol, f"d{name}")

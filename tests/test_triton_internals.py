@@ -1,0 +1,170 @@
+"""Triton internals the family tests do not reach on their own: the near-pair list and its
+overflow (whole list and per tile), the backward's noted pairs vs its inline path, D chunks and
+splits of the backward, TF32 as an opt-in, 64-bit offsets, the sm_90 build, and the clear error on
+CPU tensors without the interpreter.
+
+On a CUDA device, or on CPU tensors through Triton's interpreter (`TRITON_INTERPRET=1`); every
+test runs with the kernels' output buffers poisoned with NaN.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import faim_kernels as fk
+from conftest import (FWD_TOL, HAS_CUDA, INTERPRET, TRITON_DEVICE as DEVICE, TRITON_RUNS, assert_rel_close,
+                      check_cross_entropy, check_logits, make_inputs, nearest_targets, poison_triton_outputs,
+                      reference64)
+
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(not TRITON_RUNS, reason="needs triton and a CUDA device, or TRITON_INTERPRET=1"),
+]
+
+needs_interpreter = pytest.mark.skipif(HAS_CUDA or not INTERPRET, reason="checks the CPU/interpreter path")
+gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+FULL = pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    poison_triton_outputs(monkeypatch)
+
+
+@pytest.fixture
+def configs():
+    from faim_kernels.ops.triton import configs
+    return configs
+
+
+def _inputs(*shape, **kw):
+    return make_inputs(*shape, device=DEVICE, **kw)
+
+
+def _near(*shape, **kw):
+    return _inputs(*shape, near=True, lam=0.1, gamma=10.0, **kw)
+
+
+@FULL
+def test_backward_chunks_and_splits(monkeypatch, configs, full):
+    """Narrow backward chunks: D is split over programs (each recomputing the GEMM tiles) and the
+    other side over splits whose partial sums are added afterwards."""
+    monkeypatch.setattr(configs, "BWD_BLOCK_D", {k: 16 for k in configs.BWD_BLOCK_D})
+    check_logits(_inputs(23, 34, 33, full=full, seed=7), "triton")
+    check_logits(_near(10, 36, 40, full=full, seed=8), "triton", fwd_tol=1e-4, grad_tol=1e-3)
+
+
+def test_near_list_overflow(monkeypatch, configs):
+    """More pairs at risk than the lists hold: the forward's fix-up recomputes every pair exactly,
+    and the backward runs its second launch, which handles them inside the loop one at a time."""
+    monkeypatch.setattr(configs, "NEAR_CAPACITY", 3)
+    monkeypatch.setattr(configs, "BWD_NEAR_CAP", 2)
+    for full in (False, True):
+        check_logits(_near(20, 28, 24, full=full, seed=9), "triton", fwd_tol=1e-4, grad_tol=1e-3)
+
+
+def test_near_pairs_per_tile_overflow(monkeypatch, configs):
+    """A forward tile with more pairs at risk than it notes one by one marks the list overflowed."""
+    monkeypatch.setattr(configs, "NEAR_PER_TILE", 1)
+    inputs = _near(12, 20, 16, seed=17)
+    with torch.no_grad():
+        inputs[0][:4] = inputs[1][3] + 1e-3 * torch.randn(4, 16, device=DEVICE)  # four in one tile
+    out = fk.randers_logits(*inputs, backend="triton")
+    assert_rel_close(out, reference64(fk.reference.randers_logits, inputs), 1e-4)
+
+
+@pytest.mark.parametrize("bwd_cap", [None, 4], ids=["noted", "inline"])
+@FULL
+def test_every_close_pair_recomputed(monkeypatch, configs, full, bwd_cap):
+    """tau = 1: about half of all pairs take the exact path, mixed with GEMM pairs in the same
+    tiles: in the forward list, and in the backward's noted pairs or (small cap) inline path."""
+    monkeypatch.setattr(fk.transform, "risk_threshold", lambda D, dtype, operand_eps=None: 1.0)
+    if bwd_cap:
+        monkeypatch.setattr(configs, "BWD_NEAR_CAP", bwd_cap)
+    check_logits(_inputs(9, 14, 12, full=full, seed=10), "triton")
+
+
+@pytest.mark.parametrize("bwd_cap", [None, 1], ids=["noted", "inline"])
+def test_cross_entropy_near_pairs_noted_inline_and_chunked(monkeypatch, configs, bwd_cap):
+    """The shared backward kernel's paths for the cross-entropy: pairs at risk and targets noted and
+    handled after the loop, or (cap 1: every program overflows) the INLINE second launch; narrow D
+    chunks, so each row block spans several programs."""
+    monkeypatch.setattr(configs, "BWD_BLOCK_D", {k: 16 for k in configs.BWD_BLOCK_D})
+    if bwd_cap:
+        monkeypatch.setattr(configs, "BWD_NEAR_CAP", bwd_cap)
+    inputs = _inputs(10, 20, 40, full=True, near=True, gamma=0.05, seed=9)
+    target = nearest_targets(inputs).to(DEVICE)
+    check_cross_entropy(inputs, target, "triton", fwd_tol=1e-4, grad_tol=1e-3, reduction="none", margin=0.01)
+
+
+def test_tf32_is_opt_in():
+    """float32 GEMMs are IEEE by default; where PyTorch's matmuls may use TF32 the operands are
+    rounded to TF32 (the result changes, within about 1e-3) and the pairs at risk stay exact."""
+    inputs = _inputs(23, 31, 40, seed=13)
+    ieee = fk.randers_logits(*inputs, backend="triton")
+    ref = reference64(fk.reference.randers_logits, inputs)
+    assert_rel_close(ieee, ref, 1e-5)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # what lets PyTorch's own float32 matmuls use TF32
+    try:
+        tf32 = fk.randers_logits(*inputs, backend="triton")
+        near = _near(16, 24, 64, seed=14)
+        near_out = fk.randers_logits(*near, backend="triton")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert not torch.equal(tf32, ieee)
+    assert_rel_close(tf32, ref, 2e-3, "tf32 forward")
+    ref = reference64(fk.reference.randers_logits, near)
+    rows = torch.arange(16, device=DEVICE)
+    target = ref.argmax(1)  # each sample's own prototype, the pair at risk
+    assert_rel_close(near_out[rows, target], ref[rows, target], 1e-4, "tf32 pairs at risk")
+
+
+@needs_interpreter
+def test_cpu_without_interpreter_is_a_clear_error():
+    code = ("import torch, faim_kernels as fk\n"
+            "x, mu, L, beta = torch.randn(2, 3), torch.randn(4, 3), torch.rand(3), torch.randn(3)\n"
+            "try:\n"
+            "    fk.randers_logits(x, mu, L, beta, 0.1, 1.0, backend='triton')\n"
+            "except ValueError as e:\n"
+            "    assert 'TRITON_INTERPRET=1' in str(e), e\n"
+            "    print('clear error')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0 and "clear error" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+@needs_interpreter  # on a GPU the family tests build every kernel they run
+def test_kernels_build_for_sm90():
+    """The interpreter never runs Triton's compiler: build each code path for sm_90 (H100/H200)
+    with the ptxas that ships with triton, no GPU needed (bench/compile_check.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "bench.compile_check", "--quick"], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+
+
+@gpu_only
+@pytest.mark.slow
+def test_64bit_offsets():
+    """B·C past 2³¹: offsets into the [B, C] output and the gradient need 64 bits."""
+    B, C, D = 65_600, 32_800, 16
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2 ** 30:
+        pytest.skip("needs about 20 GB of GPU memory")
+    x, mu, L, beta, lam, gamma = _inputs(B, C, D, dtype=torch.bfloat16, seed=16)
+    out = fk.randers_logits(x, mu, L, beta, lam, gamma, backend="triton")
+    rows = torch.tensor([0, 1, B // 2, B - 2, B - 1], device=DEVICE)
+    ref = reference64(fk.reference.randers_logits, [x[rows], mu, L, beta, lam, gamma])
+    assert_rel_close(out[rows], ref, FWD_TOL[torch.bfloat16], "rows of a [B, C] past 2^31")
+    del out
+    x.requires_grad_()
+    out = fk.randers_logits(x, mu, L, beta, lam, gamma, backend="triton")
+    (gx,) = torch.autograd.grad(out, [x], torch.ones_like(out))
+    assert torch.isfinite(gx).all()
