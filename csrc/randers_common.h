@@ -80,11 +80,39 @@ std::vector<T> row_sq_norms(const at::Tensor& v) {
 }
 
 // The centre m: the mean prototype with non-finite coordinates replaced by 0, so a NaN or Inf in
-// one prototype cannot reach every pair (faim_kernels/transform.py center_of, the same ATen steps).
-inline at::Tensor center_of(const at::Tensor& mu) {
-    if (mu.size(0) == 0) return at::zeros({mu.size(1)}, mu.options());
-    const at::Tensor m = mu.mean(0);
-    return at::where(at::isfinite(m), m, at::zeros_like(m));
+// one prototype cannot reach every pair (faim_kernels/transform.py center_of states the rule). One
+// pass in float64 over fixed row chunks summed in order (deterministic), instead of four ATen ops.
+template <typename T>
+at::Tensor center_of(const at::Tensor& mu) {
+    const int64_t C = mu.size(0), D = mu.size(1);
+    at::Tensor m = at::empty({D}, mu.options());
+    T* out = m.data_ptr<T>();
+    if (C == 0) {
+        std::fill(out, out + D, T(0));
+        return m;
+    }
+    const T* p = mu.data_ptr<T>();
+    constexpr int64_t kChunk = 1024;
+    const int64_t n_chunks = ceil_div(C, kChunk);
+    std::vector<double> part(n_chunks * D, 0.0);
+    double* parts = part.data();
+    at::parallel_for(0, n_chunks, 1, [p, parts, C, D](int64_t begin, int64_t end) {
+        for (int64_t ch = begin; ch < end; ++ch) {
+            double* __restrict__ acc = parts + ch * D;
+            for (int64_t i = ch * kChunk; i < std::min(C, (ch + 1) * kChunk); ++i) {
+                const T* __restrict__ row = p + i * D;
+#pragma omp simd
+                for (int64_t k = 0; k < D; ++k) acc[k] += double(row[k]);
+            }
+        }
+    });
+    for (int64_t k = 0; k < D; ++k) {
+        double total = 0;
+        for (int64_t ch = 0; ch < n_chunks; ++ch) total += parts[ch * D + k];
+        const T v = T(total / double(C));
+        out[k] = std::isfinite(v) ? v : T(0);
+    }
+    return m;
 }
 
 // s[i] = v_i·beta in float64 (s = sx − smu then cancels harmlessly, SPEC §2.1), row by row: no

@@ -69,7 +69,7 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     // Detached: GEMMs into caller buffers (mm_out) run in worker threads, where the no-grad guard
     // of the entry point does not reach.
     pb.lc = lc.detach();
-    pb.m = center_of(mu.detach());
+    pb.m = center_of<T>(mu.detach());
     pb.xc = x.detach() - pb.m;
     in.xp = (in.full ? at::mm(pb.xc, lc) : pb.xc * lc).contiguous();
     in.xnorm = row_sq_norms<T>(in.xp);

@@ -55,12 +55,6 @@ def risk_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None)
     return min(1.0, tau)
 
 
-def as_scalar_tensor(v, device) -> torch.Tensor:
-    if isinstance(v, torch.Tensor):
-        return v.to(torch.float64)
-    return torch.tensor(float(v), dtype=torch.float64, device=device)
-
-
 def metric_factor(L: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """Lc with Lc·Lcᵀ = Sigma: cholesky(L Lᵀ + eps·I) computed in float64, or sqrt(L² + eps)
     (in `dtype` directly: two roundings, and the fewest steps on the hot path)."""

@@ -276,13 +276,13 @@ def _cross_entropy_fn(backend, device):
     statistics of the contract op around the Triton launchers (conftest.interpreted_contract_ops)."""
     if backend != "triton" or device == "cuda":
         return lambda *a, **kw: fk.randers_cross_entropy(*a, backend=backend, **kw)
-    from faim_kernels.transform import as_scalar_tensor, metric_factor, risk_threshold
+    from faim_kernels.transform import metric_factor, risk_threshold
     op, _ = interpreted_contract_ops("cross_entropy")
 
     def loss(x, mu, L, beta, lam, gamma, target, margin, label_smoothing):
         valid, local = ce_ops.local_targets(target, -100, 0, mu.shape[0])
-        stats = op(x, mu, metric_factor(L, 1e-6, torch.float32), beta, as_scalar_tensor(lam, x.device),
-                   as_scalar_tensor(gamma, x.device), local, 1e-6,
+        stats = op(x, mu, metric_factor(L, 1e-6, torch.float32), beta, lam,
+                   gamma, local, 1e-6,
                    risk_threshold(x.shape[1], torch.float32), margin)
         return ce_ops.loss_from_stats(*stats, valid, mu.shape[0], label_smoothing, "mean", x.dtype)
     return loss

@@ -221,11 +221,11 @@ def test_auto_backend(backend, where):
 
 def _op_args(full, device, dtype=torch.float64, requires_grad=False):
     """The logits op's arguments (x, mu, lc, beta, lam, gamma, eps, tau) as the dispatch layer forms them."""
-    from faim_kernels.transform import as_scalar_tensor, compute_dtype, metric_factor, risk_threshold
+    from faim_kernels.transform import compute_dtype, metric_factor, risk_threshold
     x, mu, L, beta, lam, gamma = make_inputs(7, 11, 5, full=full, dtype=dtype, device=device)
     acc = compute_dtype(dtype)
-    args = [x, mu, metric_factor(L, 1e-6, acc), beta.to(acc), as_scalar_tensor(lam, x.device),
-            as_scalar_tensor(gamma, x.device)]
+    args = [x, mu, metric_factor(L, 1e-6, acc), beta.to(acc), lam,
+            gamma]
     if requires_grad:
         args = [a.detach().requires_grad_() for a in args]
     return (*args, 1e-6, risk_threshold(5, acc))
@@ -284,10 +284,10 @@ def _logits_fn(backend, device):
     there runs an autograd.Function that Dynamo cannot trace into the interpreter)."""
     if backend != "triton" or device == "cuda":
         return lambda *a: fk.randers_logits(*a, backend=backend)
-    from faim_kernels.transform import as_scalar_tensor, metric_factor, risk_threshold
+    from faim_kernels.transform import metric_factor, risk_threshold
     op, _ = interpreted_contract_ops("logits")
     return lambda x, mu, L, beta, lam, gamma: op(x, mu, metric_factor(L, 1e-6, torch.float32), beta,
-                                                 as_scalar_tensor(lam, x.device), as_scalar_tensor(gamma, x.device),
+                                                 lam, gamma,
                                                  1e-6, risk_threshold(x.shape[1], torch.float32))[0]
 
 

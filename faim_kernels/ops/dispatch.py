@@ -21,7 +21,7 @@ import torch
 
 from .. import _cpp_loader, transform
 from .._validation import check_backend
-from ..transform import as_scalar_tensor, compute_dtype, metric_factor
+from ..transform import compute_dtype, metric_factor
 from . import contract
 
 # The einsum reference holds about four [B, C, D] tensors in a forward+backward.
@@ -97,6 +97,12 @@ def _ops(backend: str, device: torch.device):
     return contract.logits_op, contract.cross_entropy_op
 
 
+def _scalar(v, device) -> torch.Tensor:
+    """lam, gamma for the ops: a 0-dim tensor as it is (the kernels read it as float64 and return its
+    gradient in its dtype: no cast nodes in the graph), a Python float as a float64 tensor."""
+    return v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
+
+
 def _kernel_dtype(backend: str, dtype: torch.dtype, family: str) -> torch.dtype:
     """The C++ kernels and the Triton cross-entropy compute half inputs in float32; the Triton
     logits kernels take them as they are (half GEMM operands, fp32 accumulation)."""
@@ -110,7 +116,7 @@ def fused_logits(x, mu, L, beta, lam, gamma, eps: float, backend: str) -> torch.
     dtype, acc = _kernel_dtype(backend, x.dtype, "logits"), compute_dtype(x.dtype)
     logits_op, _ = _ops(backend, x.device)
     out = logits_op(x.to(dtype), mu.to(dtype), metric_factor(L, eps, acc), beta.to(acc),
-                    as_scalar_tensor(lam, x.device), as_scalar_tensor(gamma, x.device), float(eps),
+                    _scalar(lam, x.device), _scalar(gamma, x.device), float(eps),
                     transform.risk_threshold(x.shape[1], acc))
     return out[0].to(x.dtype)
 
@@ -121,6 +127,6 @@ def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: floa
     dtype = _kernel_dtype(backend, x.dtype, "cross_entropy")
     _, ce_op = _ops(backend, x.device)
     lc = metric_factor(L, eps, dtype)
-    return ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(dtype), as_scalar_tensor(lam, x.device),
-                 as_scalar_tensor(gamma, x.device), target.to(torch.int64), float(eps),
+    return ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(dtype), _scalar(lam, x.device),
+                 _scalar(gamma, x.device), target.to(torch.int64), float(eps),
                  transform.risk_threshold(x.shape[1], dtype), float(margin))
