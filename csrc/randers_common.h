@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace faim_kernels {
@@ -49,7 +50,7 @@ struct Operands {
 template <typename T>
 inline void split_hi_lo(double s, T& hi, T& lo) {
     hi = T(s);
-    lo = T(s - double(hi));
+    lo = std::isfinite(hi) ? T(s - double(hi)) : T(0);  // Inf − Inf would make every s NaN
 }
 
 template <typename T>
@@ -202,13 +203,29 @@ inline void check_operands(const at::Tensor& x, const at::Tensor& mu, const at::
 
 // q = |diff'|² with diff' = (x_b − mu_c)·Lc formed from the raw inputs: x_b − mu_c is nearly
 // exact when the pair is close, which is exactly when the GEMM expansion is not (SPEC §2.1).
-// O(D) for a diagonal factor, O(D²) for a full one; run only for the pairs at risk.
+// O(D) for a diagonal factor, O(D²) for a full one; run only for the pairs at risk (and for pairs
+// whose expansion overflowed or is NaN). In float64 throughout, so float32 inputs near 1e30 give a
+// finite q where the float32 norms overflow. Non-finite differences take their limit: NaN if any
+// coordinate of x_b − mu_c is NaN (a NaN input, or Inf − Inf), else +Inf if any is infinite (Sigma
+// is positive definite, so q grows without bound; diff' itself would give Inf·0 = NaN).
 // diffp (optional) receives diff'; acc is scratch of D doubles.
 template <typename T>
 double direct_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     const int64_t D = in.D;
     const T* xb = in.x + b * D;
     const T* mc = in.mu + c * D;
+    bool has_nan = false, has_inf = false;
+    for (int64_t k = 0; k < D; ++k) {
+        const double dk = double(xb[k]) - double(mc[k]);
+        has_nan = has_nan || std::isnan(dk);
+        has_inf = has_inf || std::isinf(dk);
+    }
+    if (has_nan || has_inf) {
+        const double q = has_nan ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
+        if (diffp)
+            for (int64_t k = 0; k < D; ++k) diffp[k] = T(q);
+        return q;
+    }
     double q = 0;
     if (!in.full) {
         for (int64_t k = 0; k < D; ++k) {
@@ -242,16 +259,31 @@ struct Pair {
     bool near; // recomputed from the raw difference
 };
 
-// A pair through the direct path (SPEC §2.1): q from the raw difference, never the expansion.
+// Whether a pair's GEMM expansion q = norms − 2·dot cannot be trusted: at risk of cancellation
+// (q < tau·norms, SPEC §2.1), NaN (Inf − Inf from an infinite coordinate, or overflow), or the
+// norms overflowed (float32 inputs near 1e19 and beyond). Such pairs take the direct path, which
+// gives the limit (+Inf for an infinite coordinate) or the finite value; a NaN input stays NaN.
+template <typename T>
+inline bool at_risk(T q, T norms, T tau) {
+    return !(q >= tau * norms) || norms > std::numeric_limits<T>::max();
+}
+
+// A pair through the direct path (SPEC §2.1): q from the raw difference, never the expansion, and
+// the square roots in float64 (q may exceed T's range where the distance does not).
+// At an exact hit (q = 0: x_b = mu_c in the metric), s = 0 exactly: sx − smu, two different
+// float64 dot products, would leave ±1e-16 there, and with eps = 0 the 1-form's gradient
+// λ·beta·s/|s| would jump to ±λ·beta instead of the convention 0 (README, Guarantees).
 template <typename T>
 inline Pair<T> pair_direct(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     Pair<T> p;
     p.near = true;
-    const T q = T(direct_q(in, b, c, acc, diffp));
-    p.a = std::sqrt(q + T(in.eps));
-    p.s = T(in.sx[b] - in.smu[c]);  // float64 difference: no cancellation
-    p.r = std::sqrt(p.s * p.s + T(in.eps));
-    p.d = p.a + T(in.lam) * p.r;
+    const double q = direct_q(in, b, c, acc, diffp);
+    const double s = q == 0 ? 0.0 : in.sx[b] - in.smu[c];  // float64 difference: no cancellation
+    const double a = std::sqrt(q + in.eps), r = std::sqrt(s * s + in.eps);
+    p.a = T(a);
+    p.s = T(s);
+    p.r = T(r);
+    p.d = T(a + in.lam * r);
     return p;
 }
 
@@ -260,7 +292,7 @@ template <typename T>
 inline Pair<T> pair_from_dot(const Operands<T>& in, int64_t b, int64_t c, T dot, double* acc, T* diffp) {
     const T norms = in.xnorm[b] + in.munorm[c];
     T q = norms - T(2) * dot;
-    if (q < T(in.tau) * norms) return pair_direct(in, b, c, acc, diffp);  // false for NaN: NaN flows on
+    if (at_risk(q, norms, T(in.tau))) return pair_direct(in, b, c, acc, diffp);
     Pair<T> p;
     p.near = false;
     if (q < T(0)) q = T(0);
@@ -297,7 +329,7 @@ void row_terms(const Operands<T>& in, int64_t b, int64_t c0, int64_t nc, const T
     for (int64_t j = 0; j < nc; ++j) {
         const T norms = xn + mn[j];
         T q = norms - T(2) * dots[j];
-        near[j] = q < tau * norms ? T(1) : T(0);
+        near[j] = at_risk(q, norms, tau) ? T(1) : T(0);
         q = q < T(0) ? T(0) : q;
         a[j] = std::sqrt(q + eps);
         s[j] = (sxh - smh[j]) + (sxl - sml[j]);

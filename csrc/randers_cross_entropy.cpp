@@ -391,7 +391,7 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                             const T Pj = pr.a == T(0) ? T(0) : H[j] / pr.a;
                             T* dxrow = partp + b * D;
                             T* dmrow = dmup.data() + j * D;
-                            for (int64_t k = 0; k < D; ++k) {
+                            for (int64_t k = 0; k < D && Pj != T(0); ++k) {  // diff' may be Inf where Pj = 0
                                 dxrow[k] += Pj * diffp[k];
                                 dmrow[k] -= Pj * diffp[k];
                             }
@@ -497,6 +497,14 @@ void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == x.size(0),
                 "target must be int64 [B]");
     TORCH_CHECK(target.device().is_cpu(), "the C++ kernels take CPU tensors");
+    // The range check inside the op, so that it holds where the Python one does not run (torch.compile):
+    // −1 means "no target among these classes"; −2 marks a target out of range (row_stats.local_targets).
+    const at::Tensor t = target.contiguous();
+    const int64_t* tp = t.data_ptr<int64_t>();
+    const int64_t C = mu.size(0);
+    for (int64_t b = 0; b < t.size(0); ++b)
+        TORCH_CHECK_VALUE(tp[b] >= -1 && tp[b] < C, "target holds a class index out of range [0, ", C,
+                          ") that is not ignore_index (row ", b, ")");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(

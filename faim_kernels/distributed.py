@@ -141,7 +141,7 @@ def sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float
             args[i] = t
     x, L, beta, lam, gamma = args
 
-    valid, local = local_targets(target, ignore_index, offset, mu.shape[0])
+    valid, local = local_targets(target, ignore_index, offset, mu.shape[0], num_classes=num_classes)
     lse_r, tl_r, sl_r = row_stats(x, mu, L, beta, lam, gamma, local, eps, margin, backend)
     M = lse_r.detach().clone()
     dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)

@@ -4,10 +4,12 @@ and one backward.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import reference
-from ._validation import check_inputs, check_loss_options, check_target
+from ._validation import NO_GAMMA, check_inputs, check_loss_options, check_target
 from .ops import dispatch
 from .ops.row_stats import local_targets, loss_from_stats, row_stats
 from .ops.dispatch import resolve_backend
@@ -15,17 +17,39 @@ from .ops.dispatch import resolve_backend
 __all__ = ["randers_distance", "randers_logits", "randers_cross_entropy", "resolve_backend"]
 
 
+def _float32_in_autocast(fn):
+    """Autocast as PyTorch's float32-list ops (cdist, cross_entropy) have it: inside an autocast region
+    for x's device, the floating inputs (half or float32, e.g. bfloat16 activations beside float32
+    parameters) are computed in float32 (float64 stays float64) with autocast off, and the results
+    are float32. Distances near a prototype cancel (SPEC §2.1): in a half type the target pair's
+    distance would carry ~1e-2 of error, so no half GEMM is chosen for the user."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+            return fn(*args, **kwargs)
+
+        def up(v):
+            if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16):
+                return v.to(torch.float32)
+            return v
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+    return wrapper
+
+
 def _backend(backend, x, mu):
     return resolve_backend(backend, x.device, (x.shape[0], mu.shape[0], x.shape[1]), x.dtype)
 
 
+@_float32_in_autocast
 def randers_distance(x, mu, L, beta, lam, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """d_bc = sqrt((x_b−mu_c)ᵀ Sigma (x_b−mu_c) + eps) + lam·sqrt((betaᵀ(x_b−mu_c))² + eps)  -> [B, C].
 
     x [B, D], mu [C, D], L [D, D] (Sigma = L Lᵀ + eps·I) or [D] (Sigma = diag(L²) + eps·I),
     beta [D], lam >= 0 (float or 0-dim tensor). Differentiable in every tensor input.
     """
-    check_inputs(x, mu, L, beta, lam, None, eps)
+    check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
     backend = _backend(backend, x, mu)
     if backend == "reference":
         return reference.randers_distance(x, mu, L, beta, lam, eps)
@@ -33,6 +57,7 @@ def randers_distance(x, mu, L, beta, lam, eps: float = 1e-6, *, backend: str = "
     return dispatch.fused_logits(x, mu, L, beta, lam, -1.0, eps, backend)
 
 
+@_float32_in_autocast
 def randers_logits(x, mu, L, beta, lam, gamma, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """logits_bc = −gamma·d_bc (SPEC Eq. 3) -> [B, C]; see randers_distance for the arguments."""
     check_inputs(x, mu, L, beta, lam, gamma, eps)
@@ -42,6 +67,7 @@ def randers_logits(x, mu, L, beta, lam, gamma, eps: float = 1e-6, *, backend: st
     return dispatch.fused_logits(x, mu, L, beta, lam, gamma, eps, backend)
 
 
+@_float32_in_autocast
 def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6, margin: float = 0.0,
                           label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
                           *, backend: str = "auto") -> torch.Tensor:
@@ -59,6 +85,6 @@ def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6,
     if backend == "reference":
         return reference.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps, margin,
                                                label_smoothing, ignore_index, reduction)
-    valid, local = local_targets(target, ignore_index, 0, mu.shape[0])
+    valid, local = local_targets(target, ignore_index, 0, mu.shape[0], num_classes=mu.shape[0])
     lse, tl, sl = row_stats(x, mu, L, beta, lam, gamma, local, eps, margin, backend)
     return loss_from_stats(lse, tl, sl, valid, mu.shape[0], label_smoothing, reduction, x.dtype)

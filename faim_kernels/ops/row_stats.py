@@ -70,10 +70,16 @@ def loss_from_stats(lse, tl, sl, valid, num_classes: int, label_smoothing: float
     return total.to(out_dtype)
 
 
-def local_targets(target, ignore_index: int, offset: int, num_local: int):
+def local_targets(target, ignore_index: int, offset: int, num_local: int, num_classes: int | None = None):
     """(valid, local): valid = target != ignore_index; local = target − offset where that falls in
-    [0, num_local) on a valid row, else −1 (the contract's 'no target here')."""
+    [0, num_local) on a valid row, else −1 (the contract's 'no target here'). With num_classes, a
+    valid row whose target lies outside [0, num_classes) gets −2, which the kernels refuse: the
+    range check then holds where the Python one cannot run (torch.compile, CUDA without a sync)."""
     valid = target != ignore_index
     local = target.to(torch.int64) - offset
     here = valid & (local >= 0) & (local < num_local)
-    return valid, torch.where(here, local, torch.full_like(local, -1))
+    local = torch.where(here, local, torch.full_like(local, -1))
+    if num_classes is not None:
+        bad = valid & ((target < 0) | (target >= num_classes))
+        local = torch.where(bad, torch.full_like(local, -2), local)
+    return valid, local

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from . import common, configs
-from .common import _cast, _direct_pairs, _gemm_q, _load_eps, _mm, _pair_distance, _pair_s, _tile_dot
+from .common import (_at_risk, _cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _mm, _pair_distance, _pair_s,
+                     _tile_dot)
 
 
 @triton.jit
@@ -55,10 +56,10 @@ def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D,
     difference: (P·diff'[:, d0 : d0 + BLOCK_D], R, H·r, G·dist), zero where ~em."""
     q, diff = _direct_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D, FULL, NP, NEAR_K, BLOCK_D,
                             NEAR_DOT)
-    acc_t = q.dtype
+    acc_t = diff.dtype  # the compute dtype (q itself is float64)
     s = ((tl.load(s_own_hi_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_hi_ptr + j_v, mask=em, other=0.0))
          + (tl.load(s_own_lo_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_lo_ptr + j_v, mask=em, other=0.0)))
-    a, r, d, ia, ir = _pair_distance(q, s, lam, eps)
+    a, r, d, ia, ir, s = _direct_distance(q, s, lam, eps)
     if CE:
         if OWN_IS_X:
             row, cls = b_v, j_v
@@ -77,7 +78,9 @@ def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D,
     # a = 0 only at an exact hit with eps = 0: subgradient 0 there (as the C++ kernel).
     P = tl.where(em & (a != 0), H * ia, 0.0)
     R = tl.where(em & (r != 0), H * lam * s * ir, 0.0)
-    return P[:, None] * diff.to(acc_t), R, tl.where(em, H * r, 0.0), tl.where(em, G * dist, 0.0)
+    # P = 0 exactly (an infinite distance, or no gradient) adds nothing: diff' may hold Inf there.
+    pd = tl.where(P[:, None] != 0, P[:, None] * diff.to(acc_t), 0.0)
+    return pd, R, tl.where(em, H * r, 0.0), tl.where(em, G * dist, 0.0)
 
 
 @triton.jit
@@ -194,7 +197,7 @@ def _backward_kernel(
         else:
             q, _ = _gemm_q(_tile_dot(own_block, oth_block, lo, lt, om, tm, D, zero, BLOCK_K, IMPL, PREC),
                            own_n, oth_n, tau)
-        near = (q < tau * (own_n[:, None] + oth_n[None, :])) & valid
+        near = _at_risk(q, own_n[:, None] + oth_n[None, :], tau) & valid
         # The chunk of oth' this program's output needs (read again: it is in L2 after the GEMM).
         oth = tl.load(oth_block + lt[:, None] * D + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
         a, r, d, ia, ir = _pair_distance(q, s, lam, eps)

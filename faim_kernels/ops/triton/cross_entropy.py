@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import common, configs
 from .backward import backward_side
-from .common import _direct_pairs, _gemm_q, _pair_distance, _pair_s, _tile_dot
+from .common import _direct_distance, _direct_pairs, _gemm_q, _pair_distance, _pair_s, _tile_dot
 
 
 @triton.jit
@@ -75,15 +75,17 @@ def _ce_fwd_kernel(
         q, near = _gemm_q(dot, xn, tl.load(mn_ptr + rc, mask=cm, other=0.0), tau)
         is_t = (tgt[:, None] == rc[None, :]) & valid
         near = (near | is_t) & valid
+        s = _pair_s(sx_hi, sx_lo, tl.load(smu_hi_ptr + rc, mask=cm, other=0.0),
+                    tl.load(smu_lo_ptr + rc, mask=cm, other=0.0))
+        _, _, d, _, _ = _pair_distance(q, s, lam, eps)
         for _ in range(0, tl.sum(near.to(tl.int32))):  # pairs at risk and targets, in tile order
             f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
             near = near & (flat != f)
             q_e = _exact_q(x_ptr, mu_ptr, lc_ptr, pid_b.to(tl.int64) * BLOCK_B + f // BLOCK_C,
                            c0 + f % BLOCK_C, D, FULL, NEAR_K, BLOCK_D)
-            q = tl.where(flat == f, q_e, q)
-        s = _pair_s(sx_hi, sx_lo, tl.load(smu_hi_ptr + rc, mask=cm, other=0.0),
-                    tl.load(smu_lo_ptr + rc, mask=cm, other=0.0))
-        _, _, d, _, _ = _pair_distance(q, s, lam, eps)
+            s_e = tl.sum(tl.sum(tl.where(flat == f, s, 0.0), axis=1), axis=0)
+            _, _, d_e, _, _, _ = _direct_distance(q_e, s_e, lam, eps)  # float64 roots: q_e may overflow
+            d = tl.where(flat == f, d_e, d)
         logit = -gamma * (d + tl.where(is_t, margin, 0.0))
         masked = tl.where(valid, logit, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(masked, axis=1))
@@ -109,12 +111,24 @@ def _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin):
     return o, torch.as_tensor(float(margin), dtype=torch.float64, device=o.device)
 
 
+def _check_targets(target, C: int) -> None:
+    """The range check inside the op (it holds under torch.compile too): −1 is "no target among these
+    classes", −2 a target out of range (row_stats.local_targets). On CUDA an asynchronous device
+    assert, like F.cross_entropy's (no host sync); on CPU tensors a ValueError."""
+    ok = ((target >= -1) & (target < C)).all()
+    if target.device.type == "cuda":
+        torch._assert_async(ok, "target holds a class index out of range that is not ignore_index")
+    elif not bool(ok):
+        raise ValueError(f"target holds a class index out of range [0, {C}) that is not ignore_index")
+
+
 def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float):
     """(lse, tl, sl), float64 [B] each: the randers_cross_entropy op of the contract."""
     B, C = x.shape[0], mu.shape[0]
     f64 = dict(dtype=torch.float64, device=x.device)
     if B == 0 or C == 0:
         return torch.full((B,), float("-inf"), **f64), torch.zeros(B, **f64), torch.zeros(B, **f64)
+    _check_targets(target, C)
     o, margin_t = _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin)
     bl = dict(configs.CE_FWD_BLOCKS[o.family])
     bl["BLOCK_D"] = min(bl["BLOCK_D"], max(16, triton.next_power_of_2(o.D)))

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import common, configs
 from .backward import backward_side
-from .common import _cast, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _tile_dot
+from .common import _cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _tile_dot
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def _logits_fixup_kernel(
         q, _ = _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pm, -1, D, FULL, BLOCK_P, BLOCK_K, BLOCK_J, USE_DOT)
         s = ((tl.load(sx_hi_ptr + b, mask=pm, other=0.0) - tl.load(smu_hi_ptr + c, mask=pm, other=0.0))
              + (tl.load(sx_lo_ptr + b, mask=pm, other=0.0) - tl.load(smu_lo_ptr + c, mask=pm, other=0.0)))
-        a, r, d, _, _ = _pair_distance(q, s, lam, eps)
+        a, r, d, _, _, _ = _direct_distance(q, s, lam, eps)
         tl.store(out_ptr + b * C + c, _cast(-gamma * d, out_ptr.dtype.element_ty, BF16_BY_HAND), mask=pm)
 
 
