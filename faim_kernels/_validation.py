@@ -33,7 +33,7 @@ def _check_tensor(name: str, t, ndim: int | tuple[int, ...], shape_hint: str) ->
 def _check_scalar(name: str, v, device: torch.device, nonnegative: bool) -> None:
     """A Python real or a 0-dim floating tensor, finite (and >= 0 for lam). NaN or Inf in lam or
     gamma would reach every pair: an error, not a matrix of NaN."""
-    what = "a finite number >= 0" if nonnegative else "a finite number"
+    what = ">= 0 and finite" if nonnegative else "finite"
     if isinstance(v, torch.Tensor):
         if v.dim() != 0:
             raise ValueError(f"{name} must be a Python float or a 0-dim tensor, got shape {tuple(v.shape)}")
@@ -84,7 +84,7 @@ def check_inputs(x, mu, L, beta, lam, gamma=NO_GAMMA, eps: float = 1e-6) -> None
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
         raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
     if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+        raise ValueError(f"eps must be >= 0 and finite, got {eps}")
 
 
 def check_target(target, B: int, C: int, ignore_index: int, device: torch.device) -> None:
