@@ -37,6 +37,7 @@ struct Operands {
     const T* x;                 // [B, D] raw x: near-pair recomputation
     const T* mu;                // [C, D] raw mu
     const T* lc;                // [D] or [D, D] metric factor
+    const T* beta = nullptr;    // [D] the 1-form: near pairs take s = beta·(x_b − mu_c) from the difference
     bool full;                  // lc is [D, D]
     std::vector<T> xnorm, munorm;  // |x'_b|², |mu'_c|²
     // sx, smu split into hi + lo parts in T: s = (sx_hi − smu_hi) + (sx_lo − smu_lo) keeps the
@@ -270,20 +271,32 @@ inline bool at_risk(T q, T norms, T tau) {
 
 // A pair through the direct path (SPEC §2.1): q from the raw difference, never the expansion, and
 // the square roots in float64 (q may exceed T's range where the distance does not).
-// At an exact hit (q = 0: x_b = mu_c in the metric), s = 0 exactly: sx − smu, two different
-// float64 dot products, would leave ±1e-16 there, and with eps = 0 the 1-form's gradient
+// s = beta·(x_b − mu_c) from the difference too; at an exact hit (q = 0: x_b = mu_c in the metric)
+// s = 0 exactly: sx − smu, two different float64 dot products, would leave ±1e-16 there, and with eps = 0 the 1-form's gradient
 // λ·beta·s/|s| would jump to ±λ·beta instead of the convention 0 (README, Guarantees).
 template <typename T>
 inline Pair<T> pair_direct(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     Pair<T> p;
     p.near = true;
     const double q = direct_q(in, b, c, acc, diffp);
-    const double s = q == 0 ? 0.0 : in.sx[b] - in.smu[c];  // float64 difference: no cancellation
+    double s;
+    if (q == 0) {
+        s = 0.0;
+    } else if (in.beta != nullptr && std::isfinite(q)) {
+        // s from the difference, like q: sx − smu loses |x_b|·|beta|·u against a small s when the
+        // prototypes lie far from the origin (1e-7 relative in float64 at |mu| = 1e3, |x − mu| = 1e-6).
+        const T* xb = in.x + b * in.D;
+        const T* mc = in.mu + c * in.D;
+        s = 0;
+        for (int64_t k = 0; k < in.D; ++k) s += (double(xb[k]) - double(mc[k])) * double(in.beta[k]);
+    } else {
+        s = in.sx[b] - in.smu[c];  // float64 difference
+    }
     const double a = std::sqrt(q + in.eps), r = std::sqrt(s * s + in.eps);
     p.a = T(a);
     p.s = T(s);
     p.r = T(r);
-    p.d = T(a + in.lam * r);
+    p.d = T(in.lam == 0 ? a : a + in.lam * r);  // λ = 0 with an infinite s: 0·Inf is not NaN here
     return p;
 }
 

@@ -85,6 +85,7 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     in.x = x.data_ptr<T>();
     in.mu = mu.data_ptr<T>();
     in.lc = lc.data_ptr<T>();
+    in.beta = beta.data_ptr<T>();
     in.lam = lam.item<double>();
     in.eps = eps;
     in.tau = tau;
@@ -311,7 +312,8 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
         for (int64_t cc = 0; cc < n_cc; ++cc)
             if (run_max[cc * B + b] > -inf) total += run_sum[cc * B + b] * std::exp(run_max[cc * B + b] - M);
         sl[b] = lsum;
-        lse[b] = std::isnan(lsum) ? lsum : (M == -inf ? -inf : M + std::log(total));
+        // M = ±inf: an infinite logit (γ < 0 with a class at distance +inf) or none: lse is M itself.
+        lse[b] = std::isnan(lsum) ? lsum : (std::isinf(M) ? M : M + std::log(total));
     }
 }
 

@@ -41,6 +41,7 @@ Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const 
     in.x = raw.x.data_ptr<T>();
     in.mu = raw.mu.data_ptr<T>();
     in.lc = raw.lc.data_ptr<T>();
+    in.beta = raw.beta.data_ptr<T>();
     in.full = raw.lc.dim() == 2;
     in.xnorm = row_sq_norms<T>(in.xp);
     in.munorm = row_sq_norms<T>(in.mup);

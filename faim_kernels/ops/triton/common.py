@@ -124,7 +124,8 @@ def _direct_distance(q64, s, lam, eps):
     ir = tl.where(se == 0, 0.0, 1.0 / r)
     a_t = a.to(acc_t)
     r_t = r.to(acc_t)
-    return a_t, r_t, a_t + lam * r_t, ia.to(acc_t), ir.to(acc_t), s
+    d = tl.where(lam == 0, a_t, a_t + lam * r_t)  # λ = 0 with an infinite s: 0·Inf is not NaN here
+    return a_t, r_t, d, ia.to(acc_t), ir.to(acc_t), s
 
 
 @triton.jit

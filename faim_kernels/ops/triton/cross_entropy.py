@@ -147,7 +147,7 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
     run_max, run_sum, sl, tl_ = part.unbind(0)
     M = run_max.max(dim=0).values
     scaled = torch.where(run_max == float("-inf"), 0.0, run_sum * torch.exp(run_max - M))
-    lse = torch.where(M == float("-inf"), M, M + torch.log(scaled.sum(0)))
+    lse = torch.where(torch.isinf(M), M, M + torch.log(scaled.sum(0)))  # M = +inf: an infinite logit
     sl = sl.sum(0)
     lse = torch.where(torch.isnan(sl), sl, lse)  # a NaN logit anywhere in the row
     return lse, tl_.sum(0), sl
