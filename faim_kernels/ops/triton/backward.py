@@ -47,19 +47,20 @@ def _ce_grad(d, is_t, w_lse, w_tl, w_sl, lse, gamma, margin):
 
 
 @triton.jit
-def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D,
+def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D,
                  s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                  tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                  CE: tl.constexpr, OWN_IS_X: tl.constexpr, FULL: tl.constexpr, NP: tl.constexpr,
                  NEAR_K: tl.constexpr, BLOCK_D: tl.constexpr, NEAR_DOT: tl.constexpr):
     """The terms of NP pairs at risk (own row b_v, other row j_v; em masks the block) from the raw
     difference: (P·diff'[:, d0 : d0 + BLOCK_D], R, H·r, G·dist), zero where ~em."""
-    q, diff = _direct_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D, FULL, NP, NEAR_K, BLOCK_D,
+    q, diff, s_direct = _direct_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D, FULL, NP,
+                                      NEAR_K, BLOCK_D,
                             NEAR_DOT)
     acc_t = diff.dtype  # the compute dtype (q itself is float64)
     s = ((tl.load(s_own_hi_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_hi_ptr + j_v, mask=em, other=0.0))
          + (tl.load(s_own_lo_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_lo_ptr + j_v, mask=em, other=0.0)))
-    a, r, d, ia, ir, s = _direct_distance(q, s, lam, eps)
+    a, r, d, ia, ir, s = _direct_distance(q, s_direct, s, lam, eps)
     if CE:
         if OWN_IS_X:
             row, cls = b_v, j_v
@@ -86,7 +87,7 @@ def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D,
 @triton.jit
 def _backward_kernel(
         own_ptr, oth_ptr, own_n_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr,
-        own_raw_ptr, oth_raw_ptr, lc_ptr,
+        own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr,
         g_ptr, stride_g_own, stride_g_oth,                          # logits family: ∂loss/∂logits
         lg_ptr, stride_lg_own, stride_lg_oth,                       # FROM_LOGITS: the forward's logits
         tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, margin_ptr,  # CE family: [B] each, batch side
@@ -240,7 +241,7 @@ def _backward_kernel(
                 b_v = tl.zeros((1,), dtype=tl.int64) + o0.to(tl.int64) + i
                 j_v = tl.zeros((1,), dtype=tl.int64) + t0 + f % BLOCK_T
                 pd, R_e, hr_e, gd_e = _exact_terms(
-                    own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, b_v >= 0, pid_d * BLOCK_D, D,
+                    own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, b_v >= 0, pid_d * BLOCK_D, D,
                     s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                     tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                     CE, OWN_IS_X, FULL, 1, NEAR_K, BLOCK_D, False)
@@ -271,7 +272,8 @@ def _backward_kernel(
             code = tl.load(near_ptr + note_base + e, mask=em, other=0)
             i_v = (code % BLOCK_O).to(tl.int32)
             pd, R_e, hr_e, gd_e = _exact_terms(
-                own_raw_ptr, oth_raw_ptr, lc_ptr, o0.to(tl.int64) + i_v, code // BLOCK_O, em, pid_d * BLOCK_D, D,
+                own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, o0.to(tl.int64) + i_v, code // BLOCK_O, em,
+                pid_d * BLOCK_D, D,
                 s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                 tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                 CE, OWN_IS_X, FULL, NEAR_P, NEAR_K, BLOCK_D, NEAR_DOT)
@@ -343,7 +345,7 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None):
         target = w_lse = w_tl = w_sl = lse = margin = o.lam
     near_p, near_k, _, near_dot = o.near_tiles()
     grid = lambda meta: (triton.cdiv(n_own, meta["BLOCK_O"]), splits, n_chunks)  # noqa: E731
-    args = (own, oth, own_n, oth_n, *s_own, *s_oth, own_raw, oth_raw, o.lc,
+    args = (own, oth, own_n, oth_n, *s_own, *s_oth, own_raw, oth_raw, o.lc, o.beta,
             g, *g_strides, lg, *lg_strides, target, w_lse, w_tl, w_sl, lse, margin,
             o.lam, o.gamma, dp, ds, scal, notes, overflow,
             n_own, n_oth, D, o.eps_hi, o.eps_lo, o.tau, per_split, near_cap,

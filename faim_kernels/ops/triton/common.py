@@ -107,18 +107,20 @@ def _pair_distance(q, s, lam, eps):
 
 
 @triton.jit
-def _direct_distance(q64, s, lam, eps):
-    """_pair_distance for a q from _direct_pairs (float64: it may exceed float32's range where the
-    distance does not), returned in s's dtype. At an exact hit (q = 0: x_b = mu_c in the metric) s
-    is taken as exactly 0: sx − smu, two different float64 dot products, leaves ±1e-16 there, and
-    with eps = 0 the 1-form's gradient λ·beta·s/|s| would be ±λ·beta instead of the convention 0."""
-    acc_t = s.dtype
-    s = tl.where(q64 == 0, 0.0, s)
+def _direct_distance(q64, s_direct, s_gemm, lam, eps):
+    """_pair_distance for q and s from _direct_pairs (float64: q may exceed float32's range where the
+    distance does not), returned in s_gemm's dtype (the compute dtype), with s. s is the direct one
+    where q is finite (s_gemm = sx − smu where the difference is not: Inf or NaN), and exactly 0 at
+    an exact hit (q = 0: x_b = mu_c in the metric), where sx − smu would leave ±1e-16 and, with
+    eps = 0, the 1-form's gradient λ·beta·s/|s| would be ±λ·beta instead of the convention 0."""
+    acc_t = s_gemm.dtype
+    s64 = tl.where(tl.abs(q64) < float("inf"), s_direct, s_gemm.to(tl.float64))
+    s64 = tl.where(q64 == 0, 0.0, s64)
+    s = s64.to(acc_t)
     eps64 = eps.to(tl.float64)
     qe = q64 + eps64
     a = tl.sqrt(qe)
     ia = tl.where(qe == 0, 0.0, 1.0 / a)
-    s64 = s.to(tl.float64)
     se = s64 * s64 + eps64
     r = tl.sqrt(se)
     ir = tl.where(se == 0, 0.0, 1.0 / r)
@@ -137,7 +139,7 @@ def _pair_s(s_row_hi, s_row_lo, s_col_hi, s_col_lo):
 
 
 @triton.jit
-def _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pmask, j_keep, D,
+def _direct_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, b, c, pmask, j_keep, D,
                   FULL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_J: tl.constexpr, USE_DOT: tl.constexpr):
     """Exact q for a block of pairs (b_p, c_p), from the raw rows x, mu [*, D] (row-major) and
@@ -150,9 +152,13 @@ def _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pmask, j_keep, D,
     (a NaN input, or Inf − Inf), else +Inf if one is infinite (Sigma is positive definite; diff'
     itself would give Inf·0 = NaN).
 
-    Returns (q [BLOCK_P] float64, diff'[:, j_keep : j_keep + BLOCK_J]); j_keep must be a multiple of
-    BLOCK_J (or negative when the chunk is not wanted)."""
+    s = beta·(x[b_p] − mu[c_p]) is formed from the same difference, in float64: sx − smu loses
+    |x|·|beta|·u against a small s when the prototypes lie far from the origin.
+
+    Returns (q [BLOCK_P] float64, diff'[:, j_keep : j_keep + BLOCK_J], s [BLOCK_P] float64); j_keep
+    must be a multiple of BLOCK_J (or negative when the chunk is not wanted)."""
     q = tl.zeros((BLOCK_P,), dtype=tl.float64)
+    s = tl.zeros((BLOCK_P,), dtype=tl.float64)
     n_nan = tl.zeros((BLOCK_P,), dtype=tl.int32)
     n_inf = tl.zeros((BLOCK_P,), dtype=tl.int32)
     kept = tl.zeros((BLOCK_P, BLOCK_J), dtype=x_ptr.dtype.element_ty)
@@ -172,6 +178,9 @@ def _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pmask, j_keep, D,
                 diff = xv - mv
                 n_nan += tl.sum((diff != diff).to(tl.int32), axis=1)
                 n_inf += tl.sum((tl.abs(diff) == float("inf")).to(tl.int32), axis=1)
+                if j0 == 0:
+                    bk = tl.load(beta_ptr + k0 + rk, mask=km, other=0.0).to(tl.float64)
+                    s += tl.sum((xv.to(tl.float64) - mv.to(tl.float64)) * bk[None, :], axis=1)
                 if USE_DOT:
                     dp = tl.dot(xv - mv, lt, dp, input_precision="ieee")
                 else:
@@ -183,13 +192,15 @@ def _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pmask, j_keep, D,
             diff = xv - mv
             n_nan += tl.sum((diff != diff).to(tl.int32), axis=1)
             n_inf += tl.sum((tl.abs(diff) == float("inf")).to(tl.int32), axis=1)
+            bj = tl.load(beta_ptr + rj, mask=jm, other=0.0).to(tl.float64)
+            s += tl.sum((xv.to(tl.float64) - mv.to(tl.float64)) * bj[None, :], axis=1)
             dp = diff * tl.load(lc_ptr + rj, mask=jm, other=0.0)[None, :]
         dp64 = dp.to(tl.float64)
         q += tl.sum(dp64 * dp64, axis=1)
         kept = tl.where(j0 == j_keep, dp, kept)
     q = tl.where(n_inf > 0, float("inf"), q)
     q = tl.where(n_nan > 0, float("nan"), q)
-    return q, kept
+    return q, kept, s
 
 
 @triton.jit

@@ -28,18 +28,19 @@ from .common import _direct_distance, _direct_pairs, _gemm_q, _pair_distance, _p
 
 
 @triton.jit
-def _exact_q(raw_a, raw_b, lc_ptr, i, j, D, FULL: tl.constexpr, NEAR_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The exact q of the single pair (i, j) from the raw rows: _direct_pairs with a block of one."""
+def _exact_q(raw_a, raw_b, lc_ptr, beta_ptr, i, j, D, FULL: tl.constexpr, NEAR_K: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """The exact (q, s) of the single pair (i, j) from the raw rows: _direct_pairs with a block of one."""
     one = tl.full((1,), 1, dtype=tl.int1)
-    q, _ = _direct_pairs(raw_a, raw_b, lc_ptr, tl.zeros((1,), dtype=tl.int64) + i,
-                         tl.zeros((1,), dtype=tl.int64) + j, one, -1, D, FULL, 1, NEAR_K, BLOCK_D, False)
-    return tl.sum(q, axis=0)
+    q, _, s = _direct_pairs(raw_a, raw_b, lc_ptr, beta_ptr, tl.zeros((1,), dtype=tl.int64) + i,
+                            tl.zeros((1,), dtype=tl.int64) + j, one, -1, D, FULL, 1, NEAR_K, BLOCK_D, False)
+    return tl.sum(q, axis=0), tl.sum(s, axis=0)
 
 
 @triton.jit
 def _ce_fwd_kernel(
         xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr,
-        x_ptr, mu_ptr, lc_ptr, tgt_ptr, lam_ptr, gamma_ptr, margin_ptr, part_ptr,
+        x_ptr, mu_ptr, lc_ptr, beta_ptr, tgt_ptr, lam_ptr, gamma_ptr, margin_ptr, part_ptr,
         B, C, D, eps_hi, eps_lo, tau, cols_per_split,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         NEAR_K: tl.constexpr, FULL: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr):
@@ -81,10 +82,10 @@ def _ce_fwd_kernel(
         for _ in range(0, tl.sum(near.to(tl.int32))):  # pairs at risk and targets, in tile order
             f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
             near = near & (flat != f)
-            q_e = _exact_q(x_ptr, mu_ptr, lc_ptr, pid_b.to(tl.int64) * BLOCK_B + f // BLOCK_C,
-                           c0 + f % BLOCK_C, D, FULL, NEAR_K, BLOCK_D)
+            q_e, s_direct = _exact_q(x_ptr, mu_ptr, lc_ptr, beta_ptr, pid_b.to(tl.int64) * BLOCK_B + f // BLOCK_C,
+                                     c0 + f % BLOCK_C, D, FULL, NEAR_K, BLOCK_D)
             s_e = tl.sum(tl.sum(tl.where(flat == f, s, 0.0), axis=1), axis=0)
-            _, _, d_e, _, _, _ = _direct_distance(q_e, s_e, lam, eps)  # float64 roots: q_e may overflow
+            _, _, d_e, _, _, _ = _direct_distance(q_e, s_direct, s_e, lam, eps)  # float64: q_e may overflow
             d = tl.where(flat == f, d_e, d)
         logit = -gamma * (d + tl.where(is_t, margin, 0.0))
         masked = tl.where(valid, logit, float("-inf"))
@@ -139,7 +140,7 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
     part = common._empty((4, splits, B), torch.float64, o.device)
     with common.device_ctx(o.device):
         _ce_fwd_kernel[(n_rb, splits)](
-            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.x, o.mu, o.lc, target, o.lam, o.gamma, margin_t, part,
+            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.x, o.mu, o.lc, o.beta, target, o.lam, o.gamma, margin_t, part,
             B, C, o.D, o.eps_hi, o.eps_lo, o.tau, per_split,
             BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"], BLOCK_D=bl["BLOCK_D"],
             NEAR_K=o.near_tiles()[1], FULL=o.full, IMPL=o.impl, PREC=o.prec, num_warps=bl["warps"])
