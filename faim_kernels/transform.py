@@ -39,7 +39,10 @@ def risk_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None)
     The expansion |x'|² + |mu'|² − 2x'·mu' errs by about u·sqrt(D)·N, N = |x'|² + |mu'|² (u the
     unit round-off of the accumulation, errors adding as a random walk over D), so sqrt(q) is off
     by u·sqrt(D)·N/(2q) relative. Asking for 128·u gives tau = sqrt(D)/256, the same for every
-    dtype (0.0625 at D = 256), capped at 1 (every close pair recomputed).
+    dtype (0.0625 at D = 256), capped at 1 (every close pair recomputed). Below D = 16 the floor is
+    4/256: over a few terms the random walk is no bound (the rounding of the norms and of each
+    product add up to ~2u·N), and at D = 1 and 2 pairs just above sqrt(D)/256 measured 1.6e-5 and
+    9.5e-6 off in float32; with the floor, under 5e-6 (the direct path is O(D) per pair: cheap there).
 
     operand_eps: the unit round-off of the GEMM's operands where a kernel rounds x', mu' below the
     compute precision (bfloat16/float16 copies, TF32), with the norms taken from the same rounded
@@ -49,7 +52,7 @@ def risk_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None)
     """
     del dtype  # the ratio of the error to u is what is fixed
     D = max(D, 1)
-    tau = math.sqrt(D) / 256.0
+    tau = max(math.sqrt(D), 4.0) / 256.0
     if operand_eps is not None:
         tau = max(tau, operand_eps ** 2 / (3e-6 * D))
     return min(1.0, tau)

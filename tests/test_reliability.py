@@ -243,3 +243,27 @@ def test_float32_gradients_near_far_out_prototypes_match_float64(backend, device
     want = torch.autograd.grad(fk.reference.randers_cross_entropy(*ref_inputs, target), ref_inputs)
     for name, a, b in zip(["x", "mu", "L", "beta", "lam", "gamma"], got, want):
         assert_norm_close(a, b, 1e-4, f"d{name}")
+
+
+@pytest.mark.parametrize("D", [1, 2, 3, 8])
+def test_float32_pairs_just_above_the_near_threshold_are_within_1e_5(backend, device, D):
+    """The GEMM expansion's worst pairs (q just above tau·(|x'|² + |mu'|²)), at every small D."""
+    g = torch.Generator().manual_seed(D)
+    B = C = 32 if backend == "cpp" else 12
+    worst = 0.0
+    for _ in range(4 if backend == "cpp" else 1):
+        mu = 3 + 10 * torch.randn(C, D, generator=g, dtype=torch.float64)
+        t = torch.randint(0, C, (B,), generator=g)
+        direction = torch.randn(B, D, generator=g, dtype=torch.float64)
+        direction /= direction.norm(dim=1, keepdim=True)
+        L = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
+        # q / (|x'|² + |mu'|²) from tau/2 to 8·tau, with |x'| ≈ |mu'| (centred by the mean prototype)
+        tau = fk.transform.risk_threshold(D, torch.float32)
+        ratio = tau * torch.exp(torch.empty(B, dtype=torch.float64).uniform_(-0.7, 2.1, generator=g))
+        size = (((mu[t] - mu.mean(0)) * L) ** 2).sum(1)
+        x = mu[t] + direction / L * torch.sqrt(2 * ratio * size)[:, None]
+        inputs = [v.float().to(device) for v in (x, mu, L, torch.zeros(D, dtype=torch.float64))]
+        d = fk.randers_distance(*inputs, 0.0, backend=backend)
+        want = reference64(fk.reference.randers_distance, inputs + [0.0])
+        worst = max(worst, ((d.double().cpu() - want.cpu()).abs() / want.cpu()).max().item())
+    assert worst <= 1e-5, f"max relative error {worst:.2e} at D = {D}"
