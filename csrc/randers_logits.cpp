@@ -80,9 +80,9 @@ void logits_epilogue(const Operands<T>& in, double gamma, T* out) {
             for (int64_t j = 0; j < nc; ++j) {
                 const T norms = xn + mn[j];
                 const T q = norms - T(2) * row[j];
-                near[j] = at_risk(q, norms, tau) ? T(1) : T(0);
-                n_near += near[j];
                 const T s = (sxh - smh[j]) + (sxl - sml[j]);
+                near[j] = at_risk(q, norms, tau) || s_at_risk(s, sxh, smh[j]) ? T(1) : T(0);
+                n_near += near[j];
                 row[j] = neg_gamma * (std::sqrt((q < T(0) ? T(0) : q) + eps) + lam * std::sqrt(s * s + eps));
             }
             if (n_near == T(0)) continue;
@@ -269,7 +269,7 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
                         const T r = std::sqrt(s * s + eps);
                         const T d = ds * lv[j];
                         const T a = d - lam * r;
-                        nf[j] = at_risk(a * a - eps, xn + mn[j], tau) ? T(1) : T(0);
+                        nf[j] = at_risk(a * a - eps, xn + mn[j], tau) || s_at_risk(s, sxh, smh[j]) ? T(1) : T(0);
                         const T H = -g * gv[j];
                         const T p = a > T(0) ? H / a : T(0);  // eps = 0 at an exact hit: subgradient 0
                         const T R = r > T(0) ? H * lam * s / r : T(0);

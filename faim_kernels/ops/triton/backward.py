@@ -34,7 +34,7 @@ import triton.language as tl
 
 from . import common, configs
 from .common import (_at_risk, _cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _mm, _pair_distance, _pair_s,
-                     _tile_dot)
+                     _s_at_risk, _tile_dot)
 
 
 @triton.jit
@@ -186,8 +186,8 @@ def _backward_kernel(
         oth_block = oth_ptr + tl.cast(t0, tl.int64) * D
         valid = om[:, None] & tm[None, :]
         oth_n = tl.load(oth_n_ptr + t0 + lt, mask=tm, other=0.0)
-        s = _pair_s(s_own_hi, s_own_lo, tl.load(s_oth_hi_ptr + t0 + lt, mask=tm, other=0.0),
-                    tl.load(s_oth_lo_ptr + t0 + lt, mask=tm, other=0.0))
+        s_oth_hi = tl.load(s_oth_hi_ptr + t0 + lt, mask=tm, other=0.0)
+        s = _pair_s(s_own_hi, s_own_lo, s_oth_hi, tl.load(s_oth_lo_ptr + t0 + lt, mask=tm, other=0.0))
         if FROM_LOGITS:
             # a from the forward's logits (d = a + λ·r); a < 0 from rounding clamps to 0, which
             # puts q = −eps under the at-risk bound: such a pair takes the exact path.
@@ -198,7 +198,7 @@ def _backward_kernel(
         else:
             q, _ = _gemm_q(_tile_dot(own_block, oth_block, lo, lt, om, tm, D, zero, BLOCK_K, IMPL, PREC),
                            own_n, oth_n, tau)
-        near = _at_risk(q, own_n[:, None] + oth_n[None, :], tau) & valid
+        near = (_at_risk(q, own_n[:, None] + oth_n[None, :], tau) | _s_at_risk(s, s_own_hi, s_oth_hi)) & valid
         # The chunk of oth' this program's output needs (read again: it is in L2 after the GEMM).
         oth = tl.load(oth_block + lt[:, None] * D + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
         a, r, d, ia, ir = _pair_distance(q, s, lam, eps)

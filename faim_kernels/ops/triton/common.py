@@ -83,6 +83,15 @@ def _at_risk(q, norms, tau):
 
 
 @triton.jit
+def _s_at_risk(s, s_row_hi, s_col_hi):
+    """Whether s = sx − smu cancels: |s| far below |sx| + |smu| (a sample near its prototype along
+    beta, both far from the origin), where the float64 difference keeps only ~u·(|sx| + |smu|)
+    absolute. Such pairs take the direct path, which forms s from the difference (as the C++ kernels).
+    2^-20: rare elsewhere."""
+    return tl.abs(s) < 9.5367431640625e-07 * (tl.abs(s_row_hi)[:, None] + tl.abs(s_col_hi)[None, :])
+
+
+@triton.jit
 def _gemm_q(dot, n_row, n_col, tau):
     """q = |x'|² + |mu'|² − 2x'·mu' and the at-risk mask (_at_risk)."""
     norms = n_row[:, None] + n_col[None, :]

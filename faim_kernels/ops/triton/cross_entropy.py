@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import common, configs
 from .backward import backward_side
-from .common import _direct_distance, _direct_pairs, _gemm_q, _pair_distance, _pair_s, _tile_dot
+from .common import _direct_distance, _direct_pairs, _gemm_q, _pair_distance, _pair_s, _s_at_risk, _tile_dot
 
 
 @triton.jit
@@ -75,9 +75,9 @@ def _ce_fwd_kernel(
                         BLOCK_K, IMPL, PREC)
         q, near = _gemm_q(dot, xn, tl.load(mn_ptr + rc, mask=cm, other=0.0), tau)
         is_t = (tgt[:, None] == rc[None, :]) & valid
-        near = (near | is_t) & valid
-        s = _pair_s(sx_hi, sx_lo, tl.load(smu_hi_ptr + rc, mask=cm, other=0.0),
-                    tl.load(smu_lo_ptr + rc, mask=cm, other=0.0))
+        smu_hi = tl.load(smu_hi_ptr + rc, mask=cm, other=0.0)
+        s = _pair_s(sx_hi, sx_lo, smu_hi, tl.load(smu_lo_ptr + rc, mask=cm, other=0.0))
+        near = (near | is_t | _s_at_risk(s, sx_hi, smu_hi)) & valid
         _, _, d, _, _ = _pair_distance(q, s, lam, eps)
         for _ in range(0, tl.sum(near.to(tl.int32))):  # pairs at risk and targets, in tile order
             f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))

@@ -20,7 +20,8 @@ import triton.language as tl
 
 from . import common, configs
 from .backward import backward_side
-from .common import _cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _tile_dot
+from .common import (_cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk,
+                     _tile_dot)
 
 
 @triton.jit
@@ -58,8 +59,11 @@ def _logits_fwd_kernel(
 
     q, near = _gemm_q(dot, tl.load(xn_ptr + b0 + lb, mask=bm, other=0.0), tl.load(mn_ptr + c0 + lc, mask=cm, other=0.0),
                       tau)
-    s = _pair_s(tl.load(sx_hi_ptr + b0 + lb, mask=bm, other=0.0), tl.load(sx_lo_ptr + b0 + lb, mask=bm, other=0.0),
-                tl.load(smu_hi_ptr + c0 + lc, mask=cm, other=0.0), tl.load(smu_lo_ptr + c0 + lc, mask=cm, other=0.0))
+    sx_hi = tl.load(sx_hi_ptr + b0 + lb, mask=bm, other=0.0)
+    smu_hi = tl.load(smu_hi_ptr + c0 + lc, mask=cm, other=0.0)
+    s = _pair_s(sx_hi, tl.load(sx_lo_ptr + b0 + lb, mask=bm, other=0.0),
+                smu_hi, tl.load(smu_lo_ptr + c0 + lc, mask=cm, other=0.0))
+    near = near | _s_at_risk(s, sx_hi, smu_hi)
     lam = tl.load(lam_ptr).to(acc_t)
     gamma = tl.load(gamma_ptr).to(acc_t)
     a, r, d, ia, ir = _pair_distance(q, s, lam, _load_eps(eps_hi, eps_lo, acc_t))
