@@ -235,10 +235,21 @@ def test_opcheck(backend, device, full):
     lse = fwd(*plain)[0].detach()
     w = [torch.randn(B, dtype=torch.float64, device=device) for _ in range(3)]
     torch.library.opcheck(bwd, (*w, lse) + plain)
+    # the options: k = 2 targets per row, class weights, a dense target through its strides
+    C = args[1].shape[0]
+    pairs = torch.stack([args[6].clamp_min(0), torch.arange(B, device=device) % C], dim=1)
+    pairs[1, 0] = -1
+    cw = torch.rand(C, dtype=torch.float64, device=device)
+    soft = torch.rand(C, B, dtype=torch.float64, device=device).t()
+    opt_args = plain[:6] + (pairs,) + plain[7:9] + (0.0, cw, soft)
+    torch.library.opcheck(fwd, args[:6] + opt_args[6:])
+    w_tl = torch.randn(B, 2, dtype=torch.float64, device=device)
+    torch.library.opcheck(bwd, (w[0], w_tl, w[2], lse) + opt_args[:10] + (w[1], cw, soft))
 
 
 def test_op_statistics_against_reference(backend, device):
-    """The op's contract: lse, the target logit (0 where no target here) and Σ logits per row."""
+    """The op's contract: lse, the target logit (0 where no target here), Σ logits and 0 for pl
+    (no dense target) per row."""
     fwd, _ = contract_ops("cross_entropy", backend)
     args = _op_args(True, device)
     x, mu, lc, beta, lam, gamma, target, eps, tau, margin = args
@@ -249,11 +260,12 @@ def test_op_statistics_against_reference(backend, device):
         assert g.dtype == torch.float64
         assert_rel_close(g, w, 1e-12, name)
     assert got[1][2] == 0
+    assert (got[3] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_fake_kernels_match_real_outputs(backend, device, dtype):
-    """The contract's fake kernels give the shapes and dtypes the kernels return: three float64
+    """The contract's fake kernels give the shapes and dtypes the kernels return: four float64
     statistics of shape [B], gradients shaped as (x, mu, lc, beta) and two scalars."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     fwd, bwd = contract_ops("cross_entropy", backend)
@@ -265,7 +277,7 @@ def test_fake_kernels_match_real_outputs(backend, device, dtype):
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         stats = fwd(*fake)
         grads = bwd(stats[0], stats[1], stats[2], stats[0], *fake)
-    assert [tuple(s.shape) for s in stats] == [(7,)] * 3 and all(s.dtype == torch.float64 for s in stats)
+    assert [tuple(s.shape) for s in stats] == [(7,)] * 4 and all(s.dtype == torch.float64 for s in stats)
     assert [(t.shape, t.dtype) for t in stats] == [(t.shape, t.dtype) for t in real]
     assert [g.shape for g in grads] == [a.shape for a in fake[:4]] + [torch.Size([])] * 2
     assert [(g.shape, g.dtype) for g in grads] == [(g.shape, g.dtype) for g in real_grads]
@@ -280,11 +292,11 @@ def _cross_entropy_fn(backend, device):
     op, _ = interpreted_contract_ops("cross_entropy")
 
     def loss(x, mu, L, beta, lam, gamma, target, margin, label_smoothing):
-        valid, local = ce_ops.local_targets(target, -100, 0, mu.shape[0])
+        rows = ce_ops.loss_targets(target, mu.shape[0], -100, label_smoothing, None)
         stats = op(x, mu, metric_factor(L, 1e-6, torch.float32), beta, lam,
-                   gamma, local, 1e-6,
+                   gamma, rows.kernel_target, 1e-6,
                    risk_threshold(x.shape[1], torch.float32), margin)
-        return ce_ops.loss_from_stats(*stats, valid, mu.shape[0], label_smoothing, "mean", x.dtype)
+        return ce_ops.loss_from_stats(*stats, rows, "mean", x.dtype)
     return loss
 
 
