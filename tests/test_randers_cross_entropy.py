@@ -353,3 +353,180 @@ def test_memory_far_below_one_logits_matrix():
     assert m["logits"] >= 0.95 * one_logits, f"the probe missed a [B, C] matrix: {m}"
     extra = m["fused"] - m["grads"]
     assert extra < one_logits / 8, f"extra memory {extra / 1e6:.1f} MB, one [B, C] matrix {one_logits / 1e6:.1f} MB"
+
+
+# ---- the options of F.cross_entropy: class weights, probability targets, z-loss, the logsumexp ----
+
+def _target_of(form, B, C, device, seed=0, ignore=False):
+    """Class indices (every third row ignored with `ignore`), a dense [B, C] probability target, or
+    SoftTargets: k = 3 pairs per row with a repeated class, a zero-probability pad, and timm's
+    smoothing on top."""
+    g = torch.Generator().manual_seed(seed)
+    if form == "index":
+        return random_targets(B, C, seed=seed, ignore_every=3 if ignore else 0, device=device)
+    if form == "dense":
+        return torch.softmax(2 * torch.randn(B, C, generator=g, dtype=torch.float64), dim=1).to(device)
+    classes = torch.randint(0, C, (B, 3), generator=g)
+    classes[0, 1] = classes[0, 0]  # a class twice in one row: their probabilities add up
+    probs = torch.rand(B, 3, generator=g, dtype=torch.float64)
+    probs[1, 2] = 0.0  # padding
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    return fk.SoftTargets(classes.to(device), probs.to(device), smoothing=0.05)
+
+
+def _option_cases(forms, weights, smoothings, reductions, ignores):
+    cases = []
+    for form, w, ls, red, ig in itertools.product(forms, weights, smoothings, reductions, ignores):
+        if ig and form != "index":  # ignore_index applies to class indices only
+            continue
+        cases.append(dict(form=form, weighted=w, label_smoothing=ls, reduction=red, ignore=ig))
+    return cases
+
+
+def _case_id(c):
+    return (f"{c['form']}-{'w' if c['weighted'] else 'now'}-ls{c['label_smoothing']}-{c['reduction']}"
+            + ("-ign" if c["ignore"] else ""))
+
+
+# Every combination of weight x smoothing x ignore_index x reduction x target form on C++; on the
+# interpreter a covering subset (each form with and without weights, each reduction, smoothing).
+WEIGHT_CASES = per_backend(
+    _case_id,
+    cpp=_option_cases(["index", "dense", "pairs"], [False, True], [0.0, 0.2], ["mean", "sum", "none"],
+                      [False, True]),
+    triton=[dict(form="index", weighted=True, label_smoothing=0.2, reduction="mean", ignore=True),
+            dict(form="index", weighted=True, label_smoothing=0.0, reduction="none", ignore=True),
+            dict(form="dense", weighted=True, label_smoothing=0.1, reduction="sum", ignore=False),
+            dict(form="dense", weighted=False, label_smoothing=0.0, reduction="mean", ignore=False),
+            dict(form="pairs", weighted=True, label_smoothing=0.2, reduction="none", ignore=False),
+            dict(form="pairs", weighted=False, label_smoothing=0.0, reduction="mean", ignore=False)],
+)
+
+
+@pytest.mark.parametrize("backend, case", WEIGHT_CASES, indirect=["backend"])
+def test_weights_smoothing_and_target_forms_float64(backend, device, case):
+    """fk.randers_cross_entropy equals F.cross_entropy(logits, target, weight=..., label_smoothing=...,
+    ignore_index=..., reduction=...) in float64, value and gradients, for class indices, dense
+    probabilities and the compact SoftTargets (F.cross_entropy gets them made dense)."""
+    B, C, D = {"cpp": (23, 300, 7), "triton": (11, 37, 6)}[backend]
+    inputs = make_inputs(B, C, D, full=True, dtype=torch.float64, seed=11, device=device)
+    target = _target_of(case["form"], B, C, device, seed=5, ignore=case["ignore"])
+    weight = (0.1 + torch.rand(C, generator=torch.Generator().manual_seed(9), dtype=torch.float64)).to(device)
+    check_cross_entropy(inputs, target, backend, weight=weight if case["weighted"] else None,
+                        label_smoothing=case["label_smoothing"], reduction=case["reduction"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("form", ["index", "dense", "pairs"])
+def test_z_loss_and_returned_lse(backend, device, form, reduction):
+    """lse_square_scale adds s·lse² per counted row ('mean': over those rows, unweighted, as
+    Liger-Kernel) and return_lse returns logsumexp(logits') [B]; both differentiable. With margin
+    on class indices, the lse is that of the margin logits."""
+    B, C, D = {"cpp": (17, 40, 5), "triton": (9, 21, 4)}[backend]
+    inputs = make_inputs(B, C, D, dtype=torch.float64, seed=12, device=device)
+    target = _target_of(form, B, C, device, seed=6, ignore=True)
+    weight = (0.5 + torch.rand(C, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).to(device)
+    margin = 0.3 if form == "index" else 0.0
+    check_cross_entropy(inputs, target, backend, weight=weight, label_smoothing=0.1, reduction=reduction,
+                        margin=margin, lse_square_scale=1e-2, return_lse=True)
+
+
+def test_dense_target_read_through_its_strides(backend, device):
+    """A transposed (column-major) and a column-sliced probability target give what their contiguous
+    copies give: the kernels read the user's tensor in place through its strides."""
+    B, C, D = {"cpp": (13, 50, 5), "triton": (7, 19, 4)}[backend]
+    inputs = make_inputs(B, C, D, dtype=torch.float64, seed=13, device=device)
+    dense = _target_of("dense", B, C, device, seed=7)
+    column_major = dense.t().contiguous().t()
+    wide = torch.zeros(B, C + 6, dtype=torch.float64, device=device)
+    wide[:, 3:3 + C] = dense
+    for view in (column_major, wide[:, 3:3 + C]):
+        assert not view.is_contiguous()
+        check_cross_entropy(inputs, view, backend, label_smoothing=0.1, reduction="none")
+
+
+def test_gradcheck_options_float64(backend, device):
+    """gradcheck through the weighted, smoothed loss with each target form, the z-loss and the lse."""
+    B, C = {"cpp": (5, 7), "triton": (4, 5)}[backend]
+    x, mu, L, beta, lam, gamma = make_inputs(B, C, 3, full=True, dtype=torch.float64, requires_grad=True,
+                                             device=device)
+    weight = (0.5 + torch.rand(C, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).to(device)
+    forms = ("index", "dense", "pairs") if backend == "cpp" else ("pairs",)
+    for form in forms:
+        target = _target_of(form, B, C, device, seed=8, ignore=True)
+
+        def f(*a):
+            loss, lse = fk.randers_cross_entropy(*a, target, weight=weight, label_smoothing=0.2, reduction="sum",
+                                                 lse_square_scale=0.05, return_lse=True, backend=backend)
+            return loss, lse
+        assert torch.autograd.gradcheck(f, (x, mu, L, beta, lam, gamma), fast_mode=backend == "triton")
+
+
+def test_option_validation(backend, device):
+    args = make_inputs(4, 5, 3, device=device)
+    target = random_targets(4, 5, device=device)
+    dense = torch.full((4, 5), 0.2, device=device)
+    pairs = fk.SoftTargets(torch.zeros(4, 2, dtype=torch.long, device=device), torch.ones(4, 2, device=device))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fk.randers_cross_entropy(*args, target, weight=torch.ones(4, device=device), backend=backend)
+    with pytest.raises(TypeError, match="weight"):
+        fk.randers_cross_entropy(*args, target, weight=torch.ones(5, dtype=torch.long, device=device), backend=backend)
+    with pytest.raises(ValueError, match="probability target must have shape"):
+        fk.randers_cross_entropy(*args, dense[:, :4], backend=backend)
+    with pytest.raises(ValueError, match="margin"):
+        fk.randers_cross_entropy(*args, dense, margin=0.1, backend=backend)
+    with pytest.raises(ValueError, match="margin"):
+        fk.randers_cross_entropy(*args, pairs, margin=0.1, backend=backend)
+    with pytest.raises(ValueError, match="requires grad"):
+        fk.randers_cross_entropy(*args, dense.clone().requires_grad_(), backend=backend)
+    with pytest.raises(ValueError, match="out of range"):
+        fk.randers_cross_entropy(*args, pairs._replace(classes=pairs.classes + 5), backend=backend)
+    with pytest.raises(ValueError, match=r"\[B, k\]"):
+        fk.randers_cross_entropy(*args, pairs._replace(probs=pairs.probs[:, :1]), backend=backend)
+    with pytest.raises(ValueError, match="lse_square_scale"):
+        fk.randers_cross_entropy(*args, target, lse_square_scale=-1.0, backend=backend)
+
+
+_COMPACT_MEMORY_PROBE = textwrap.dedent("""
+    import json, torch, faim_kernels as fk
+    from bench.peak_memory import measure_here
+    B, C, D = 256, 200_000, 128
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(B, D, generator=g), torch.randn(C, D, generator=g), 0.5 + torch.rand(D, generator=g),
+              torch.randn(D, generator=g) / D ** 0.5, torch.tensor(0.1), torch.tensor(10.0)]
+    for t in inputs:
+        t.requires_grad_()
+    weight = 0.5 + torch.rand(C, generator=g)
+    a, b = torch.randint(0, C, (2, B), generator=g)
+    target = fk.mixup_soft_targets(a, b, torch.rand(B, generator=g), smoothing=0.1)  # timm's mixup, compact
+    small = [t[:3].detach().clone().requires_grad_() if t.dim() == 2 else t for t in inputs]
+    fk.randers_cross_entropy(*small, fk.SoftTargets(target.classes[:3] % 3, target.probs[:3], 0.1),
+                             weight=weight[:3], backend="cpp").backward()  # first-call allocations
+    for t in inputs:
+        t.grad = None
+
+    def fwd_bwd():
+        loss, lse = fk.randers_cross_entropy(*inputs, target, weight=weight, label_smoothing=0.1,
+                                             lse_square_scale=1e-4, return_lse=True, backend="cpp")
+        (loss + lse.sum()).backward()
+
+    fused = measure_here(fwd_bwd)
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in inputs)
+    logits = measure_here(lambda: torch.ones(B, C))  # the probe must see a [B, C] float32 matrix
+    print(json.dumps({"fused": fused, "grads": grads, "logits": logits}))
+""")
+
+
+def test_memory_compact_soft_targets_no_logits_matrix():
+    """The compact probability target (timm's mixup as two pairs per row, smoothing, class weights,
+    z-loss and the returned lse) at B = 256, D = 128, C = 200,000 on the C++ kernels: the
+    forward+backward's peak extra resident memory beyond the inputs and their gradients (fresh
+    process, as test_memory_far_below_one_logits_matrix) stays far below one [B, C] float32 matrix:
+    nothing of size [B, C] is formed, on the way in or inside."""
+    res = subprocess.run([sys.executable, "-c", _COMPACT_MEMORY_PROBE], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    one_logits = 256 * 200_000 * 4
+    assert m["logits"] >= 0.95 * one_logits, f"the probe missed a [B, C] matrix: {m}"
+    extra = m["fused"] - m["grads"]
+    assert extra < one_logits / 8, f"extra memory {extra / 1e6:.1f} MB, one [B, C] matrix {one_logits / 1e6:.1f} MB"
