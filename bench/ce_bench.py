@@ -5,6 +5,11 @@ the unfused paths and the cost floor of a classification head:
     logits+ce      F.cross_entropy(fk.randers_logits(...)): our fused logits kernel, then torch's CE
     composite+ce   F.cross_entropy over the plain-PyTorch GEMM composite (bench/impls.py)
     linear+ce      nn.Linear(D, C) + F.cross_entropy: the floor of any head of this size
+and the fused loss's options beside the hard label, with the floor of the soft-target form:
+    fused:weight       class weights and label smoothing 0.1 (hard labels)
+    fused:dense        a dense [B, C] probability target (timm Mixup's output), read in place
+    fused:pairs        the same mixup as SoftTargets: two (class, probability) pairs per row + smoothing
+    linear+ce:dense    nn.Linear + F.cross_entropy with the dense probability target
 
 Gradients are taken with respect to every input (x, mu, L, beta, lam, gamma; x, weight, bias).
 Time: torch.utils.benchmark on CPU, triton.testing.do_bench on CUDA (median).
@@ -36,7 +41,8 @@ from bench.impls import composite_logits, make_inputs
 
 CPU_SIZES = [(256, 1000, 128), (256, 100_000, 128)]
 GPU_SIZES = [(256, 1000, 512), (1024, 10_000, 512), (4096, 100_000, 256)]
-IMPLS = ["fused", "logits+ce", "composite+ce", "linear+ce"]
+IMPLS = ["fused", "fused:weight", "fused:dense", "fused:pairs", "logits+ce", "composite+ce", "linear+ce",
+         "linear+ce:dense"]
 EPS = 1e-6
 
 
@@ -47,17 +53,33 @@ def _default_backend(device: str) -> str:
 def _problem(impl: str, B: int, C: int, D: int, device: str, full: bool, backend: str | None = None):
     """(fn, inputs): fn() runs forward+backward once and returns the gradients. backend: the
     fused kernels' backend (default: C++ on CPU, Triton on CUDA)."""
-    target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(1)).to(device)
-    if impl == "linear+ce":
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, C, (B,), generator=g).to(device)
+    # timm's Mixup of the batch with its flipped self (lam 0.7, smoothing 0.1): compact and dense
+    pairs = fk.mixup_soft_targets(target, lam=0.7, smoothing=0.1)
+    weight = (0.5 + torch.rand(C, generator=g)).to(device)
+    if impl.startswith("linear+ce"):
         x = torch.randn(B, D, device=device, requires_grad=True)
         linear = torch.nn.Linear(D, C, device=device)
         inputs = [x, linear.weight, linear.bias]
-        loss_fn = lambda: F.cross_entropy(linear(x), target)
+        if impl == "linear+ce:dense":
+            dense = pairs.to_dense(C, torch.float32)
+            loss_fn = lambda: F.cross_entropy(linear(x), dense)
+        else:
+            loss_fn = lambda: F.cross_entropy(linear(x), target)
     else:
         inputs = make_inputs(B, C, D, full=full, device=device)
         backend = backend or _default_backend(device)
         if impl == "fused":
             loss_fn = lambda: fk.randers_cross_entropy(*inputs, target, EPS, backend=backend)
+        elif impl == "fused:weight":
+            loss_fn = lambda: fk.randers_cross_entropy(*inputs, target, EPS, label_smoothing=0.1, weight=weight,
+                                                       backend=backend)
+        elif impl == "fused:dense":
+            dense = pairs.to_dense(C, torch.float32)
+            loss_fn = lambda: fk.randers_cross_entropy(*inputs, dense, EPS, backend=backend)
+        elif impl == "fused:pairs":
+            loss_fn = lambda: fk.randers_cross_entropy(*inputs, pairs, EPS, backend=backend)
         elif impl == "logits+ce":
             loss_fn = lambda: F.cross_entropy(fk.randers_logits(*inputs, EPS, backend=backend), target)
         elif impl == "composite+ce":
@@ -131,9 +153,10 @@ def run(device: str = "cpu", sizes=None, impls=IMPLS, full: bool = False, min_ru
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown: time and peak memory per implementation, with ratios to linear+ce and to fused."""
-    out = ["| B, C, D | implementation | fwd+bwd ms | / linear+ce | peak MB | / fused |",
-           "|---|---|---:|---:|---:|---:|"]
+    """Markdown: time and peak memory per implementation, with ratios to fused (the hard-label
+    fused loss) and to linear+ce."""
+    out = ["| B, C, D | implementation | fwd+bwd ms | / fused | / linear+ce | peak MB | / fused |",
+           "|---|---|---:|---:|---:|---:|---:|"]
     by_size: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_size.setdefault((r["B"], r["C"], r["D"]), {})[r["impl"]] = r
@@ -141,11 +164,13 @@ def format_table(rows: list[dict]) -> str:
         lin, fused = impls.get("linear+ce", {}), impls.get("fused", {})
         for impl, r in impls.items():
             if "error" in r:
-                out.append(f"| {size} | {impl} | failed: {r['error']} | | | |")
+                out.append(f"| {size} | {impl} | failed: {r['error']} | | | | |")
                 continue
+            f_ratio = f"{r['ms'] / fused['ms']:.2f}x" if fused.get("ms") else "n/a"
             t_ratio = f"{r['ms'] / lin['ms']:.2f}x" if lin.get("ms") else "n/a"
             m_ratio = f"{r['peak_bytes'] / fused['peak_bytes']:.1f}x" if fused.get("peak_bytes", 0) > 0 else "n/a"
-            out.append(f"| {size} | {impl} | {r['ms']:.2f} | {t_ratio} | {r['peak_bytes'] / 1e6:.1f} | {m_ratio} |")
+            out.append(f"| {size} | {impl} | {r['ms']:.2f} | {f_ratio} | {t_ratio} | {r['peak_bytes'] / 1e6:.1f} "
+                       f"| {m_ratio} |")
     return "\n".join(out)
 
 

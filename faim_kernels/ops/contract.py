@@ -44,7 +44,9 @@ Common conventions: x and mu share one floating dtype: float32 or float64 for th
 the Triton cross-entropy (the dispatch layer computes half inputs in float32 there), any of the
 four for the Triton logits kernels; lc and beta come in the compute dtype (float64 for float64
 x, else float32: the near-pair recomputation needs Lc at full precision); lam, gamma are 0-dim
-floating tensors of any dtype (read as float64; their gradients come back in their dtype); target int64 [B]; eps, tau, margin
+floating tensors of any dtype (read as float64; their gradients come back in their dtype); target int64 [B]
+or [B, k]; class_weight [C] in the compute dtype; soft_target [B, C] any strides (the compute dtype for the
+C++ kernels, any floating dtype for Triton's); eps, tau, margin
 Python floats; tau is the near-pair threshold of transform.risk_threshold. Gradients come back in
 their input's dtype.
 """
