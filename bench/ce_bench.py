@@ -12,7 +12,8 @@ and the fused loss's options beside the hard label, with the floor of the soft-t
     linear+ce:dense    nn.Linear + F.cross_entropy with the dense probability target
 
 Gradients are taken with respect to every input (x, mu, L, beta, lam, gamma; x, weight, bias).
-Time: torch.utils.benchmark on CPU, triton.testing.do_bench on CUDA (median).
+Time: torch.utils.benchmark on CPU, triton.testing.do_bench on CUDA (median); the implementations
+of a size are timed in turn, in rounds (--rounds, default 3), and each keeps its fastest round.
 Peak memory: the peak beyond the inputs during one forward+backward, gradients included (they
 are allocated by the call). CPU: resident memory in a fresh process (bench/peak_memory.py);
 CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats().
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -93,6 +95,10 @@ def time_ms(impl, B, C, D, device, full=False, min_run_time=1.0, backend=None) -
     """Median forward+backward time in milliseconds."""
     fn, _ = _problem(impl, B, C, D, device, full, backend)
     fn()  # first call: registration, autotuning, compilation
+    return _median_ms(fn, device, min_run_time)
+
+
+def _median_ms(fn, device, min_run_time) -> float:
     if device == "cpu":
         from torch.utils.benchmark import Timer
         return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
@@ -129,23 +135,47 @@ def _probe(impl, B, C, D, full, backend):
 
 
 def run(device: str = "cpu", sizes=None, impls=IMPLS, full: bool = False, min_run_time: float = 1.0,
-        backend: str | None = None, log=print) -> list[dict]:
+        backend: str | None = None, log=print, rounds: int = 3) -> list[dict]:
     """One row per (size, implementation): time (ms) and peak memory (bytes). backend: the fused
     kernels' backend (default: C++ on CPU, Triton on CUDA; "triton" on CPU needs TRITON_INTERPRET=1
-    and is only a smoke test of the code path)."""
+    and is only a smoke test of the code path). The implementations of a size are timed in turn,
+    `rounds` times over (min_run_time / rounds each; a round's time is its median), and each keeps
+    its fastest round: on a shared machine load comes and goes, and the least disturbed round is
+    the closest to the implementation's own cost, while taking turns spreads the load over all."""
     sizes = sizes or (CPU_SIZES if device == "cpu" else GPU_SIZES)
     rows = []
     for B, C, D in sizes:
+        size_rows, fns, times = {}, {}, {}
         for impl in impls:
-            row = dict(B=B, C=C, D=D, impl=impl, device=device, full=full,
-                       backend=backend or _default_backend(device))
+            size_rows[impl] = dict(B=B, C=C, D=D, impl=impl, device=device, full=full,
+                                   backend=backend or _default_backend(device))
             try:
-                row["ms"] = time_ms(impl, B, C, D, device, full, min_run_time, backend)
-                row["peak_bytes"] = peak_bytes(impl, B, C, D, device, full, backend)
+                fns[impl], _ = _problem(impl, B, C, D, device, full, backend)
+                fns[impl]()  # first call: registration, autotuning, compilation
+                times[impl] = []
             except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. out of memory for an unfused path
-                row["error"] = str(e).splitlines()[0][:120]
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                size_rows[impl]["error"] = str(e).splitlines()[0][:120]
+        for _ in range(rounds):
+            for impl in list(fns):
+                try:
+                    times[impl].append(_median_ms(fns[impl], device, min_run_time / rounds))
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    size_rows[impl]["error"] = str(e).splitlines()[0][:120]
+                    del fns[impl]
+        fns.clear()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        for impl in impls:
+            row = size_rows[impl]
+            if "error" not in row:
+                row["ms"] = min(times[impl])
+                row["rounds_ms"] = [round(t, 3) for t in times[impl]]
+                try:
+                    row["peak_bytes"] = peak_bytes(impl, B, C, D, device, full, backend)
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    row["error"] = str(e).splitlines()[0][:120]
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
             rows.append(row)
             if log:
                 log(json.dumps(row))
@@ -209,8 +239,9 @@ def _cpu_name() -> str:
 
 def environment(device: str) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    load = f"; load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
     return (f"device: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-            f"python {platform.python_version()}")
+            f"python {platform.python_version()}{load}")
 
 
 def main(argv=None):
@@ -222,6 +253,8 @@ def main(argv=None):
     p.add_argument("--backend", default=None, choices=["cpp", "triton"],
                    help="the fused kernels' backend (default: cpp on CPU, triton on CUDA)")
     p.add_argument("--min-time", type=float, default=1.0, help="CPU: seconds of timing per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="times each implementation is timed, in turn with "
+                   "the others (the fastest round is kept)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--write-results", action="store_true", help="rewrite this device's cross-entropy "
                    "section of bench/RESULTS.md")
@@ -231,7 +264,7 @@ def main(argv=None):
         impl, B, C, D = args.probe
         return _probe(impl, int(B), int(C), int(D), args.full, args.backend)
     sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else None
-    rows = run(args.device, sizes, args.impls, args.full, args.min_time, args.backend)
+    rows = run(args.device, sizes, args.impls, args.full, args.min_time, args.backend, rounds=args.rounds)
     text = "\n".join([environment(args.device), "", format_table(rows), ""] + check_targets(rows))
     print(text)
     if args.out:

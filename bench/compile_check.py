@@ -172,8 +172,9 @@ def variants(quick):
                     consts = dict(BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
                                   BLOCK_D=bl["BLOCK_D"], NEAR_K=near_k, FULL=full, IMPL=impl, PREC=prec,
                                   TGT_P=triton.next_power_of_2(ce_opts["N_TGT"]), **ce_opts)
-                    out.append((f"ce_fwd {fam} full={full} {ce_opts}", cross_entropy._ce_fwd_kernel, ce_fwd_ptrs(acc),
-                                consts, bl["warps"], 2, ()))
+                    warps = configs.ce_fwd_warps(bl, ce_opts["N_TGT"], ce_opts["HAS_SOFT"])
+                    out.append((f"ce_fwd {fam} full={full} {ce_opts} w{warps}", cross_entropy._ce_fwd_kernel,
+                                ce_fwd_ptrs(acc), consts, warps, 2, ()))
             if fam in ("half", "ieee", "fp64"):
                 for full in ((True,) if quick else (False, True)):
                     consts = dict(FULL=full, BLOCK_P=16, BLOCK_K=near_k, BLOCK_J=32 if acc == "fp64" else 64,

@@ -49,23 +49,25 @@ def _ce_grad(d, is_t, w_t, w_lse, lin, lse, gamma, margin):
 
 
 @triton.jit
-def _ce_pair_data(row, cls, m, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
-                  acc_t: tl.constexpr, N_TGT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFT: tl.constexpr):
-    """For pairs (row, cls) of any common shape, masked by m: (is_t, w_t, lin) of _ce_grad, where
-    is_t: cls is one of the row's targets; w_t = Σ_k w_tl[row, k]·[cls = t_k];
-    lin = v_cls·(w_sl[row] + w_pl[row]·P[row, cls])."""
+def _ce_pair_data(row, cls, row_m, cls_m, m, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr, cw_ptr, soft_ptr,
+                  stride_sb, stride_sc, acc_t: tl.constexpr, N_TGT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                  HAS_SOFT: tl.constexpr):
+    """(is_t, w_t, lin) of _ce_grad for the pairs (row, cls), masked by m: is_t, cls is one of the
+    row's targets; w_t = Σ_k w_tl[row, k]·[cls = t_k]; lin = v_cls·(w_sl[row] + w_pl[row]·P[row, cls]).
+    row and cls broadcast to m's shape ([O, 1] and [1, T] in a tile: the per-row data is loaded once
+    per row, masked by row_m, the per-class data once per class, by cls_m)."""
     is_t = (row < 0) & m
-    w_t = tl.zeros_like(row).to(acc_t)
+    w_t = tl.where(m, 0.0, 0.0).to(acc_t)
     for k in tl.static_range(N_TGT):
-        hit = (tl.load(tgt_ptr + row * N_TGT + k, mask=m, other=-1) == cls) & m
+        hit = (tl.load(tgt_ptr + row * N_TGT + k, mask=row_m, other=-1) == cls) & m
         is_t = is_t | hit
-        w_t += tl.where(hit, tl.load(w_tl_ptr + row * N_TGT + k, mask=m, other=0.0).to(acc_t), 0.0)
-    lin = tl.load(w_sl_ptr + row, mask=m, other=0.0).to(acc_t)
+        w_t += tl.where(hit, tl.load(w_tl_ptr + row * N_TGT + k, mask=row_m, other=0.0).to(acc_t), 0.0)
+    lin = tl.load(w_sl_ptr + row, mask=row_m, other=0.0).to(acc_t)
     if HAS_SOFT:
         p = tl.load(soft_ptr + row * stride_sb + cls * stride_sc, mask=m, other=0.0).to(acc_t)
-        lin += tl.load(w_pl_ptr + row, mask=m, other=0.0).to(acc_t) * p
+        lin = lin + tl.load(w_pl_ptr + row, mask=row_m, other=0.0).to(acc_t) * p
     if HAS_WEIGHT:
-        lin = lin * tl.load(cw_ptr + cls, mask=m, other=0.0).to(acc_t)
+        lin = lin * tl.load(cw_ptr + cls, mask=cls_m, other=0.0).to(acc_t)
     return is_t, w_t, lin
 
 
@@ -90,8 +92,8 @@ def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D,
             row, cls = b_v, j_v
         else:
             row, cls = j_v, b_v
-        is_t, w_t, lin = _ce_pair_data(row, cls, em, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr, cw_ptr, soft_ptr,
-                                       stride_sb, stride_sc, acc_t, N_TGT, HAS_WEIGHT, HAS_SOFT)
+        is_t, w_t, lin = _ce_pair_data(row, cls, em, em, em, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr, cw_ptr,
+                                       soft_ptr, stride_sb, stride_sc, acc_t, N_TGT, HAS_WEIGHT, HAS_SOFT)
         G, dist = _ce_grad(d, is_t, w_t, tl.load(w_lse_ptr + row, mask=em, other=0.0).to(acc_t), lin,
                            tl.load(lse_ptr + row, mask=em, other=0.0).to(acc_t), gamma, margin)
     else:
@@ -223,15 +225,16 @@ def _backward_kernel(
         oth = tl.load(oth_block + lt[:, None] * D + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
         a, r, d, ia, ir = _pair_distance(q, s, lam, eps)
         if CE:
-            if OWN_IS_X:
-                ce_row, ce_cls = ro[:, None] + 0 * rt[None, :], rt[None, :] + 0 * ro[:, None]
+            if OWN_IS_X:  # batch rows down the tile, classes across
+                ce_row, ce_cls, row_m, cls_m = ro[:, None], rt[None, :], om[:, None], tm[None, :]
                 w_lse, lse = w_lse_o[:, None], lse_o[:, None]
             else:
-                ce_row, ce_cls = rt[None, :] + 0 * ro[:, None], ro[:, None] + 0 * rt[None, :]
+                ce_row, ce_cls, row_m, cls_m = rt[None, :], ro[:, None], tm[None, :], om[:, None]
                 w_lse = tl.load(w_lse_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
                 lse = tl.load(lse_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
-            is_t, w_t, lin = _ce_pair_data(ce_row, ce_cls, valid, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr, cw_ptr, soft_ptr,
-                                           stride_sb, stride_sc, acc_t, N_TGT, HAS_WEIGHT, HAS_SOFT)
+            is_t, w_t, lin = _ce_pair_data(ce_row, ce_cls, row_m, cls_m, valid, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr,
+                                           cw_ptr, soft_ptr, stride_sb, stride_sc, acc_t, N_TGT, HAS_WEIGHT,
+                                           HAS_SOFT)
             near = near | is_t  # the target pairs carry the margin: always exact
             G, dist = _ce_grad(d, is_t, w_t, w_lse + zero, lin, lse + zero, gamma, margin)
         else:

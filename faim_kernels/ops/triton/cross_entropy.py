@@ -163,7 +163,8 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
             o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.x, o.mu, o.lc, tgt, o.lam, o.gamma, margin_t, part,
             cw, soft, s_b, s_c, B, C, o.D, o.eps_hi, o.eps_lo, o.tau, per_split,
             BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"], BLOCK_D=bl["BLOCK_D"],
-            NEAR_K=o.near_tiles()[1], FULL=o.full, IMPL=o.impl, PREC=o.prec, num_warps=bl["warps"], **flags)
+            NEAR_K=o.near_tiles()[1], FULL=o.full, IMPL=o.impl, PREC=o.prec,
+            num_warps=configs.ce_fwd_warps(bl, flags["N_TGT"], flags["HAS_SOFT"]), **flags)
     # Merge the splits' online logsumexps in split order.
     run_max, run_sum, sl, pl = part[:4].unbind(0)
     tl_ = part[4:].sum(1).t().reshape(target.shape).contiguous()
