@@ -547,3 +547,25 @@ def test_near_prototype_options_float32(backend, device, form):
     weight = (0.5 + torch.rand(C, generator=torch.Generator().manual_seed(4))).to(device)
     check_cross_entropy(inputs, target, backend, fwd_tol=1e-4, grad_tol=1e-3, weight=weight, label_smoothing=0.1,
                         lse_square_scale=1e-3)
+
+
+def test_torch_compile_fullgraph_with_options():
+    """Class weights, the compact probability target, z-loss and the returned lse under
+    torch.compile(fullgraph=True) on the C++ kernels: the same loss, lse and gradients as eager."""
+    torch._dynamo.reset()
+    x, mu, L, beta, lam, gamma = make_inputs(6, 9, 5, full=True, requires_grad=True)
+    weight = 0.5 + torch.rand(9, generator=torch.Generator().manual_seed(1))
+    target = fk.mixup_soft_targets(random_targets(6, 9, seed=2), lam=0.7, smoothing=0.1)
+
+    def f(x, mu):
+        loss, lse = fk.randers_cross_entropy(torch.tanh(x), mu, L, beta, lam, gamma, target, weight=weight,
+                                             label_smoothing=0.1, lse_square_scale=1e-2, return_lse=True,
+                                             backend="cpp")
+        return loss + 0.1 * lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    eager = f(x, mu)
+    got = compiled(x, mu)
+    assert_rel_close(got, eager, 1e-6)
+    for g, e in zip(torch.autograd.grad(got, [x, mu, L, gamma]), torch.autograd.grad(eager, [x, mu, L, gamma])):
+        assert_rel_close(g, e, 1e-5, "compiled gradient")
