@@ -277,3 +277,20 @@ def test_a_learned_randers_metric_beats_euclidean_on_noisy_clusters():
     # measured (40 steps): precision@1 0.14 Euclidean, 0.88 learned; MAP@R 0.03 and 0.53 (README)
     assert randers["precision_at_1"] > euclid["precision_at_1"] + 0.3, (euclid, randers)
     assert randers["mean_average_precision_at_r"] > euclid["mean_average_precision_at_r"] + 0.2, (euclid, randers)
+
+
+def test_inference_model_with_the_randers_metric():
+    from pytorch_metric_learning.utils.inference import InferenceModel, MatchFinder
+    metric = learned_metric(True)
+    data, _ = batch(30, seed=12)
+    model = InferenceModel(torch.nn.Identity(), match_finder=MatchFinder(RandersDistance(metric), threshold=2.0),
+                           knn_func=RandersKNN(metric), normalize_embeddings=False, data_device=torch.device("cpu"),
+                           dtype=torch.float64)
+    model.train_knn(data)
+    d, i = model.get_nearest_neighbors(data[:5], 4)
+    wd, wi = torch.topk(oracle_mat(metric, data[:5], data), 4, dim=1, largest=False)
+    assert torch.equal(i, wi)
+    assert torch.equal(i[:, 0], torch.arange(5))  # each point is its own nearest neighbour in the index
+    matches = model.get_matches(data[:5], data[5:12])
+    assert (matches == (oracle_mat(metric, data[:5], data[5:12]) <= 2.0).numpy()).all()
+    assert matches.any() and not matches.all()
