@@ -150,8 +150,8 @@ def check_ce_target(target, B: int, C: int, ignore_index: int, margin, x: torch.
                 raise ValueError(f"SoftTargets.classes holds class index {bad}, out of range [0, {C})")
     elif isinstance(target, torch.Tensor) and target.is_floating_point():
         if target.dim() != 2:
-            raise TypeError(f"target must be int64 (or int32) class indices [B] or floating class probabilities "
-                            f"[B, C], got {target.dtype} of shape {tuple(target.shape)}")
+            raise TypeError(f"target must be an int64 (or int32) tensor of class indices [B], or a floating tensor "
+                            f"of class probabilities [B, C]; got {target.dtype} of shape {tuple(target.shape)}")
         if tuple(target.shape) != (B, C):
             raise ValueError(f"a probability target must have shape [B, C] = [{B}, {C}], got {tuple(target.shape)}")
         if target.device != x.device:
