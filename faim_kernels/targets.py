@@ -58,7 +58,8 @@ def soft_targets_from_dense(target: torch.Tensor, k: int = 2) -> SoftTargets:
     classes above it, which is what timm's Mixup/CutMix return (floor = smoothing / C). The floor is
     read from the target (its smallest entry, the same on every row); the k largest entries of each
     row, less the floor, become the pairs. Raises ValueError if the result does not reproduce the
-    target (a row with more than k classes above the floor, or floors that differ between rows)."""
+    target (a row with more than k classes above the floor, or floors that differ between rows);
+    the check forms one [B, C] temporary (the result never needs one)."""
     if target.dim() != 2 or not target.is_floating_point():
         raise ValueError(f"target must be a floating [B, C] tensor, got {target.dtype} of shape {tuple(target.shape)}")
     B, C = target.shape

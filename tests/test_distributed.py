@@ -164,6 +164,8 @@ def test_one_rank_and_validation(single_process_group):
     _run_case(CASES[0], 0, 1, seed=3)
     if INTERPRET:  # the Triton kernels through the same layer (small: the interpreter is slow)
         _run_case(dict(CASES[0], B=5, C=7, D=3, backend="triton"), 0, 1, seed=4)
+        pairs_case = next(c for c in CASES if c.get("form") == "pairs" and c.get("weighted"))
+        _run_case(dict(pairs_case, B=5, C=7, D=3, backend="triton"), 0, 1, seed=5)
     x, mu, L, beta, lam, gamma = make_inputs(4, 5, 3)
     with pytest.raises(ValueError, match="out of range"):
         sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, torch.tensor([0, 1, 2, 5]))
