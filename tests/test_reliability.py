@@ -10,7 +10,7 @@ import torch
 import faim_kernels as fk
 from faim_kernels.ops import contract
 
-from conftest import assert_norm_close, assert_rel_close, make_inputs, reference64
+from conftest import assert_norm_close, assert_rel_close, contract_ops, make_inputs, reference64
 
 FAMILIES = ("logits", "distance", "cross_entropy")
 
@@ -137,13 +137,15 @@ def test_out_of_range_target_raises_under_torch_compile():
                                fk.randers_cross_entropy(x, mu, L, beta, lam, gamma, torch.tensor([0, 4, 1, -100])))
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["index", "pairs"])
 @pytest.mark.parametrize("bad", [-2, -7, 5])
-def test_cross_entropy_kernels_refuse_out_of_range_targets(backend, device, bad):
+def test_cross_entropy_kernels_refuse_out_of_range_targets(backend, device, bad, pairs):
     x, mu, L, beta, lam, gamma = make_inputs(3, 5, 4, device=device)
-    fwd, _ = __import__("conftest").contract_ops("cross_entropy", backend)
+    fwd, _ = contract_ops("cross_entropy", backend)
     lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
+    target = torch.tensor([[0, 1], [bad, 2], [-1, 4]] if pairs else [0, bad, -1], device=device)
     with pytest.raises((ValueError, RuntimeError), match="out of range"):
-        fwd(x, mu, lc, beta, lam, gamma, torch.tensor([0, bad, -1], device=device), 1e-6, 0.01, 0.0)
+        fwd(x, mu, lc, beta, lam, gamma, target, 1e-6, 0.01, 0.0)
 
 
 # ---- non-finite and huge inputs ----
