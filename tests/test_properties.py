@@ -5,8 +5,8 @@ fused backends against an independent float64 formula (not the einsum reference)
 bounds.
 
 Each case is reproducible from its number: a failure prints the case and its parameters.
-FAIM_PROPERTY_CASES=N runs N cases per backend (default: a CI-sized number; the Triton
-interpreter gets a quarter of them, on smaller shapes).
+FAIM_PROPERTY_CASES=N runs N cases (default 360: about 10 s for the C++ kernels on 2 cores; the
+Triton interpreter gets a sixth of them, on smaller shapes: about 20 s).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 import faim_kernels as fk
 
-CASES = int(os.environ.get("FAIM_PROPERTY_CASES", "240"))
+CASES = int(os.environ.get("FAIM_PROPERTY_CASES", "360"))
 # Relative bounds per dtype: forward per entry, gradients in relative norm (SPEC §2.1 goals).
 FWD = {torch.float32: 1e-4, torch.float64: 1e-10}
 GRAD = {torch.float32: 1e-3, torch.float64: 1e-8}
@@ -158,7 +158,7 @@ def run_case(case: int, backend: str, small: bool):
     # A loss is a logsumexp: its rounding is relative to max(|loss|, 1) (F.cross_entropy's own, in float32).
     err = rel_err(out, want, floor=1.0 if family == "cross_entropy" else 0.0)
     # Forward bound: per dtype, on every finite entry; an infinite distance must be exactly +inf.
-    bound = FWD[dtype] * (10 if family == "cross_entropy" else 1)
+    bound = FWD[dtype]
     if err > bound:
         problems.append(f"forward rel err {err:.2e} > {bound:.0e}")
     # Gradients: against autograd of the independent float64 formula (finite problems only; with eps = 0
@@ -228,7 +228,7 @@ def oracle_cross_entropy_autograd(d, gamma, target, margin, label_smoothing, ign
 ])
 def test_fused_backends_match_an_independent_float64_formula_on_drawn_problems(backend):
     small = backend == "triton" and not torch.cuda.is_available()
-    n = CASES if not small else max(1, CASES // 4)
+    n = CASES if not small else max(1, CASES // 6)
     failures = []
     for case in range(n):
         problem = run_case(case, backend, small)
