@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sigma", "randers_distance", "randers_logits", "randers_cross_entropy"]
+__all__ = ["sigma", "randers_distance", "randers_logits", "randers_cross_entropy", "randers_topk"]
 
 
 def sigma(L: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -47,3 +47,10 @@ def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6,
         d = d + margin * onehot * valid.unsqueeze(1).to(d.dtype)
     return F.cross_entropy(-gamma * d, target, label_smoothing=label_smoothing,
                            ignore_index=ignore_index, reduction=reduction)
+
+
+def randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, largest: bool = False):
+    """(distances [B, k], indices [B, k]): the k smallest (largest) d_bc per row, sorted, ties by the
+    lower index (a stable sort of the einsum distances; torch.topk leaves ties unordered)."""
+    values, index = torch.sort(randers_distance(x, mu, L, beta, lam, eps), dim=1, descending=largest, stable=True)
+    return values[:, :k], index[:, :k]
