@@ -9,7 +9,7 @@ One launch after the preparation (common.Operands: centre, x', mu', norms, float
 Each (distance, class) pair travels as one int64 key: the distance's float32 bits mapped to an
 order-preserving int32 in the high half, the class index in the low half, so integer order is the
 contract's order (distance, ties by the lower index; NaN last for the k smallest, first for the k
-largest) and the bitonic sorts of tl.topk / tl.bitonic_merge carry the index for free. Merging a
+largest) and the bitonic sorting networks below carry the index for free. Merging a
 tile (KP smallest, flipped to descending) into the running best (ascending) is one elementwise
 minimum (a bitonic sequence holding the KP smallest of both) and one bitonic merge.
 The launcher then sorts the splits' [B, splits·KP] keys and keeps the first k.
@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from triton.language.standard import _indicator, _log2
 
 from . import common
 from .common import _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _tile_dot
@@ -56,6 +58,61 @@ def _order_keys(v, col, NAN_FIRST: tl.constexpr):
     else:
         k32 = tl.where(v != v, 2147483647, k32)
     return (k32.to(tl.int64) << 32) | col.to(tl.int64)
+
+
+# Bitonic sorting networks along the rows of a [R, N] tile (N a power of two), on the tile reshaped
+# to a [2, 2, ..., 2] hypercube as in triton.language.standard's sort, whose compare-and-swap finds
+# each element's partner with an xor-sum. Here the partner comes from a plain sum over the pair
+# (one term masked to zero: exact for int64 keys): the same network, but a reduction that Triton's
+# interpreter runs natively instead of element by element in Python (tl.sort of a [16, 256] tile:
+# 20 s there, against well under a second this way).
+
+@triton.jit
+def _swap_pairs(x, flip, i: tl.constexpr):
+    """One compare-and-swap stage along the i-th innermost axis of hypercube x."""
+    n_dims: tl.constexpr = _log2(x.numel)
+    axis: tl.constexpr = n_dims - 1 - i
+    is_right = _indicator(n_dims, i)
+    left = tl.sum(tl.where(is_right == 0, x, 0), axis=axis, keep_dims=True)
+    right = tl.sum(tl.where(is_right == 1, x, 0), axis=axis, keep_dims=True)
+    partner = tl.where(is_right == 1, left, right)
+    return tl.where((x > partner) != (flip ^ is_right).to(tl.int1), partner, x)
+
+
+@triton.jit
+def _merge_stage(h, stage: tl.constexpr, order: tl.constexpr):
+    """Bitonic merge of runs of 2^stage: ascending (order 0), descending (1) or alternating (2)."""
+    if order == 2:
+        flip = _indicator(_log2(h.numel), stage)
+    else:
+        flip = order
+    for i in tl.static_range(stage):
+        h = _swap_pairs(h, flip, stage - 1 - i)
+    return h
+
+
+@triton.jit
+def _smallest_per_row(x, K: tl.constexpr, DESCENDING: tl.constexpr):
+    """The K smallest entries of each row of x [R, N] (K <= N, powers of two), sorted (descending
+    with DESCENDING): sort runs of K, then halve by elementwise minima of adjacent runs (one
+    ascending, one descending: a bitonic sequence with the K smallest of both) and merge again."""
+    log_n: tl.constexpr = _log2(x.shape[1])
+    log_k: tl.constexpr = _log2(K)
+    h = tl.reshape(x, [2] * _log2(x.numel))
+    for i in tl.static_range(1, log_k + 1):
+        h = _merge_stage(h, i, 2 if i < log_n else DESCENDING)
+    for i in tl.static_range(log_k + 1, log_n + 1):
+        h = tl.min(h, axis=_log2(h.numel) - 1 - log_k)
+        h = _merge_stage(h, log_k, 2 if i < log_n else DESCENDING)
+    return tl.reshape(h, [x.shape[0], K])
+
+
+@triton.jit
+def _sort_bitonic_rows(x):
+    """Each row of x [R, N], a bitonic sequence, sorted ascending (one merge)."""
+    h = tl.reshape(x, [2] * _log2(x.numel))
+    h = _merge_stage(h, _log2(x.shape[1]), 0)
+    return tl.reshape(h, x.shape)
 
 
 @triton.jit
@@ -125,11 +182,9 @@ def _topk_kernel(
         else:
             keys = _order_keys(d, c0 + lcol[None, :], False)
         keys = tl.where(cm[None, :], keys, _INT64_MAX)
-        if BLOCK_C == KP:
-            tile = tl.sort(keys, dim=1, descending=True)
-        else:
-            tile = tl.flip(tl.topk(keys, KP, dim=1, descending=False), 1)
-        best = tl.bitonic_merge(tl.minimum(best, tile), dim=1, descending=False)
+        # The tile's KP best, descending, against the running best, ascending: their elementwise
+        # minimum is a bitonic sequence holding the KP best of both; one merge sorts it again.
+        best = _sort_bitonic_rows(tl.minimum(best, _smallest_per_row(keys, KP, 1)))
 
     rows = (b0 + lb).to(tl.int64)
     out = out_ptr + (pid_s.to(tl.int64) * B + rows)[:, None] * KP + tl.arange(0, KP)[None, :]
