@@ -52,10 +52,11 @@ def check_topk(inputs, k, backend, largest=False, tol=None):
     return d, idx
 
 
-# Odd shapes; C++: 520 rows are two row blocks (512), 600 classes three class tiles (256) in three
-# groups, so the merge across groups runs; k = C; k = 1024 over several groups.
+# Odd shapes. C++: 300 rows are three row blocks (128 each); 9000 and 12000 classes are two class
+# groups (of >= 16 tiles of 256), so the merge across groups runs; k = C; k = 1024 over two groups.
 CASES = per_backend(
-    cpp=[(1, 1, 1, 1), (3, 17, 5, 17), (65, 300, 33, 7), (520, 600, 9, 50), (40, 3000, 8, 1024)],
+    cpp=[(1, 1, 1, 1), (3, 17, 5, 17), (65, 300, 33, 7), (300, 600, 9, 50), (40, 9000, 8, 1024),
+         (130, 12000, 6, 3)],
     triton=[(1, 1, 1, 1), (5, 70, 17, 3), (19, 100, 33, 40)],
 )
 
@@ -69,10 +70,10 @@ def test_random_float32(backend, case, full, largest):
 
 
 def test_compaction_of_the_candidate_buffers():
-    """One class group holding more than 2k candidates (B·2k·12 bytes over the kernel's 64 MiB cap
-    for its groups' buffers leaves one group): the buffer is compacted to its k best, repeatedly."""
-    check_topk(make_inputs(1400, 2600, 4, seed=7), 1024, "cpp")
-    check_topk(make_inputs(300, 2600, 4, seed=8), 3, "cpp", largest=True)
+    """One class group (C < 16 tiles) with more than 2k classes: each row's buffer is compacted to
+    its k best, once for k = 1024, repeatedly for k = 3."""
+    check_topk(make_inputs(50, 2600, 4, seed=7), 1024, "cpp")
+    check_topk(make_inputs(300, 2600, 4, near=True, seed=8), 3, "cpp", largest=True)
 
 
 @FULL
@@ -110,17 +111,20 @@ def test_ties_go_to_the_lower_index(backend, device):
 def test_nan_ranks_as_in_torch_topk(backend, device):
     """A NaN row of x: every distance NaN, indices 0..k-1. A NaN prototype: last for the k smallest,
     first for the k largest (torch.topk's rule); other rows and classes unaffected."""
-    x, mu, L, beta, lam, _ = make_inputs(6, 40, 5, seed=6, device=device)
+    C = {"cpp": 600, "triton": 100}[backend]  # C++: buffers compacted with NaN thresholds (k = 3)
+    x, mu, L, beta, lam, _ = make_inputs(6, C, 5, seed=6, device=device)
     x[2, 1] = float("nan")
     mu[7, 0] = float("nan")
     for largest in (False, True):
-        d, idx = fk.randers_topk(x, mu, L, beta, lam, 40, largest=largest, backend=backend)
-        ref_d, ref_i, _ = oracle([x, mu, L, beta, lam], 40, largest)
-        assert torch.equal(idx.cpu(), ref_i), f"largest={largest}"
-        assert torch.equal(torch.isnan(d.cpu()), torch.isnan(ref_d))
-        assert_rel_close(d.cpu(), ref_d, FWD_TOL[torch.float32], "distances with NaN")
-        assert torch.equal(idx[2].cpu(), torch.arange(40))
-        assert idx[0, 0 if largest else -1] == 7
+        for k in (3, C):
+            d, idx = fk.randers_topk(x, mu, L, beta, lam, k, largest=largest, backend=backend)
+            ref_d, ref_i, _ = oracle([x, mu, L, beta, lam], k, largest)
+            assert torch.equal(idx.cpu(), ref_i), f"largest={largest}, k={k}"
+            assert torch.equal(torch.isnan(d.cpu()), torch.isnan(ref_d))
+            assert_rel_close(d.cpu(), ref_d, FWD_TOL[torch.float32], "distances with NaN")
+            assert torch.equal(idx[2].cpu(), torch.arange(k))
+            if largest or k == C:
+                assert idx[0, 0 if largest else -1] == 7
 
 
 def test_edge_cases(backend, device):
