@@ -20,8 +20,10 @@ float32 bits). The dispatch layer runs larger k and float64 CUDA inputs through 
 a sort instead, with a warning (faim_kernels/ops/dispatch.py).
 
 Extra memory: the Operands (x' [B, D] and mu' [C, D] in the GEMM's dtype, O(B + C) terms) and the
-splits' keys, splits·B·KP·8 bytes with splits <= max(1, 2·SMs / row blocks): e.g. 128 MiB at
-B = 1024, k = 1024 (8 splits) on a 132-SM GPU, 2 MiB at B = 1024, k = 1... plus their sort.
+splits' keys, splits·B·KP·8 bytes with splits = ceil(2·(2·SMs) / row blocks): on a 132-SM GPU at
+B = 1024 about 75 MB for k = 1024 (KP = 1024, 16-row blocks, 9 splits) and 2 MB for k = 1 (KP = 8,
+64-row blocks, 33 splits), plus their sort. So O(B·k·splits + C·D): mu' is as large as mu (the
+C++ kernel forms it tile by tile instead).
 """
 from __future__ import annotations
 
