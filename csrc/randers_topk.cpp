@@ -8,11 +8,13 @@
 // epilogue of SPEC §1-2 (row_keys), the pairs at risk recomputed from the raw difference
 // (SPEC §2.1) BEFORE any comparison, and the row's candidates offered to a per-row partial top-k.
 //
-// Partial top-k per row: a buffer of 2k (distance, index) candidates and a threshold, the k-th best
-// after the last compaction; a candidate enters only if it beats the threshold; a full buffer is
+// Partial top-k per row: a buffer of (key, index) candidates and a threshold, the k-th best after
+// the last compaction; a candidate enters only if it beats the threshold; a buffer holding 2k is
 // compacted to its k best (nth_element), so each candidate costs one comparison and O(1)
-// amortised moves. Work units are (class group, row block): each group holds its own per-row
-// buffers, merged at the end by a sort of at most groups·2k candidates per row.
+// amortised moves, and a row segment whose smallest key does not beat the threshold (most of
+// them, once the threshold is tight) costs one comparison in all. Work units are (class group,
+// row block): each group holds its own per-row buffers, merged at the end by a sort of at most
+// groups·(2k + kTileC) candidates per row.
 //
 // Order: by distance, ties by the lower index; NaN ranks after +inf for the k smallest and before
 // everything for the k largest (torch.topk's rule). This order is total, so the result does not
@@ -20,13 +22,12 @@
 // shapes only, so every distance is computed by the same GEMM on any machine (deterministic).
 //
 // Extra memory: x' [B, D] (as the other ops), O(C) per-class terms (|mu'_c|², mu_c·beta), the
-// candidate buffers groups·B·2k·(sizeof(T) + 8) bytes (groups capped by kStateBytes) and one
+// candidate buffers groups·B·(2k + kTileC)·(sizeof(T) + 8) bytes (groups capped by kStateBytes), one
 // [rows, kTileC] scratch tile plus one mu' tile per worker. Nothing of size [B, C] or [C, D].
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 
 #include "randers_common.h"
@@ -35,13 +36,13 @@ namespace faim_kernels {
 namespace {
 
 constexpr int64_t kUnits = 16;                        // work units wanted (from the shapes only)
-constexpr int64_t kMinTilesPerGroup = 16;             // a group's first tile fills its buffers (slow path)
+constexpr int64_t kMinTilesPerGroup = 16;             // a group's first tiles fill its buffers (slow path)
+constexpr int64_t kStateBytes = int64_t(64) << 20;    // cap on the groups' candidate buffers
 
 // Rows of x' per GEMM: each unit forms its mu' tiles itself, which costs nc·D (diagonal Lc) or
 // nc·D² (full Lc) per tile against the GEMM's nr·nc·D, so a full Lc takes blocks of at least 4·D
 // rows (the projection then costs at most a quarter of the GEMM).
 inline int64_t rows_per_block(bool full, int64_t D) { return full ? std::max<int64_t>(128, 4 * D) : 128; }
-constexpr int64_t kStateBytes = int64_t(64) << 20;    // cap on the groups' candidate buffers
 
 // (key, index) order: key = d for the k smallest, −d for the k largest, so smaller is better in
 // both; NaN is worst for the k smallest and best for the k largest (nan_first).
@@ -148,15 +149,6 @@ TopkProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor
 // One row's partial top-k inside one class group: `cap` = 2k slots of (key, index), a count, and
 // the threshold (the k-th best key and its index) once the buffer has been compacted.
 template <typename T>
-struct RowSlots {
-    T* key;
-    int64_t* idx;
-    int64_t* count;
-    T* thr;
-    uint8_t* has_thr;
-};
-
-template <typename T>
 void compact(T* key, int64_t* idx, int64_t n, int64_t k, bool nan_first, std::vector<int64_t>& order,
              std::vector<T>& tmp_key, std::vector<int64_t>& tmp_idx) {
     order.resize(n);
@@ -180,9 +172,9 @@ void compact(T* key, int64_t* idx, int64_t n, int64_t k, bool nan_first, std::ve
 // selection needs to skip the row: the smallest key, and counts of NaN keys and of pairs at risk
 // (flagged in `near`; their keys here come from the expansion and must be recomputed). The same
 // per-pair formulas as randers_common.h's row_terms, fused into one vectorised loop that keeps
-// only d (row_terms stores a, r, s and d for the backward passes): 128 -> 60 ms at
-// (256, 20000, 64), k = 10, two threads, where the shared version cost more than the whole
-// distance kernel plus torch.topk.
+// only d (row_terms stores a, r, s and d for the backward passes): with row_terms the top-k took
+// 1.7x the time of randers_distance + torch.topk at (256, 20000, 64), k = 10, two threads; with
+// this loop 1.06x (ratios within one run each; the skip and the branchless append below do the rest).
 template <typename T>
 struct RowSummary {
     T min_key, n_nan, n_near;
@@ -225,7 +217,7 @@ void topk_cpu_impl(const TopkProblem<T>& pb, T* out_d, int64_t* out_i) {
     const int64_t per_group = B * cap * int64_t(sizeof(T) + sizeof(int64_t));
     const int64_t by_memory = std::max<int64_t>(1, kStateBytes / std::max<int64_t>(1, per_group));
     // Class groups: enough units for the threads, but each group long enough that its buffers spend
-    // most tiles in the fast path (32 groups of 2-3 tiles at C = 20000 cost 3x the distance kernel).
+    // most of its tiles in the fast path (its first tiles, with no or a loose threshold, do not).
     const int64_t G = std::max<int64_t>(
         1, std::min({n_ct / kMinTilesPerGroup, ceil_div(kUnits, n_rb), by_memory}));
 
@@ -276,8 +268,9 @@ void topk_cpu_impl(const TopkProblem<T>& pb, T* out_d, int64_t* out_i) {
                         // The common case, branchless: every key is written, the count advances for
                         // those under the threshold (a tie loses: indices grow within a group).
                         // Branches here mispredict for as long as the threshold is loose (with k = 10
-                        // and 256-wide tiles, until a group has seen ~2500 classes): 45 -> 25 ms at
-                        // (256, 20000, 64), k = 10, two threads.
+                        // and 256-wide tiles, until a group has seen a few thousand classes): the
+                        // top-k's time over the distance kernel's went from 3.6x to 1.6x at
+                        // (256, 20000, 64), k = 10, two threads (ratios within one run each).
                         for (int64_t j = 0; j < nc; ++j) {
                             key[n] = d[j];
                             idx[n] = c0 + j;
