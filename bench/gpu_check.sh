@@ -96,6 +96,8 @@ if [ "$mode" != tests ]; then
     "$PY" -m bench.gpu_bench --log "$LOG_DIR/bench.jsonl" --tests-status "$tests_status" ${BENCH_ARGS:-}
     bench_rc=$?
     [ "$ce_rc" = 0 ] || bench_rc=$ce_rc
+    echo "[gpu_check] the head against nn.Linear + F.cross_entropy"
+    "$PY" -m bench.head_bench --device cuda --write-results || bench_rc=1
     echo "[gpu_check] fused top-k benchmark"
     "$PY" -m bench.topk_bench --device cuda --k 10 1000 --write-results --out "$LOG_DIR/topk_bench.md" || bench_rc=1
 fi
