@@ -9,12 +9,16 @@ One launch after the preparation (common.Operands: centre, x', mu', norms, float
 Each (distance, class) pair travels as one int64 key: the distance's float32 bits mapped to an
 order-preserving int32 in the high half, the class index in the low half, so integer order is the
 contract's order (distance, ties by the lower index; NaN last for the k smallest, first for the k
-largest) and the bitonic sorting networks below carry the index for free. Merging a
-tile (KP smallest, flipped to descending) into the running best (ascending) is one elementwise
-minimum (a bitonic sequence holding the KP smallest of both) and one bitonic merge.
+largest) and the bitonic sorting networks below carry the index for free. Merging a tile (its KP
+smallest, sorted descending) into the running best (ascending) is one elementwise minimum (a
+bitonic sequence holding the KP smallest of both) and one bitonic merge.
 The launcher then sorts the splits' [B, splits·KP] keys and keeps the first k.
 
-Limits: k <= MAX_K (= 1024; KP = next power of two >= k keys per row live in registers); C < 2³¹
+Limits: k <= MAX_K (= 1024; KP = max(8, next power of two >= k) keys per row live in registers:
+built for sm_90 without a GPU (bench/compile_check.py), KP <= 64 fits with at most ~100 bytes of
+spill per thread, KP = 1024 spills ~3 KB and took 200-400 s to compile on a 2-core machine, so the
+first call with a large k is slow; keeping the running best in shared memory is the next step
+there. Not yet run on a GPU); C < 2³¹
 (the index's half of the key); float16/bfloat16/float32 inputs (distances in float32: keys are
 float32 bits). The dispatch layer runs larger k and float64 CUDA inputs through randers_distance +
 a sort instead, with a warning (faim_kernels/ops/dispatch.py).
