@@ -247,3 +247,15 @@ def test_head_predict_and_topk(backend, device):
     assert_rel_close(d, head.distance(x).detach().gather(-1, idx), 1e-5, "head.topk distances")
     far = head.topk(x, 2, largest=True)[1]
     assert torch.equal(far, (-logits).topk(2, dim=-1).indices)
+
+
+def test_torch_compile_fullgraph():
+    """fk.randers_topk inside torch.compile(fullgraph=True): the op's fake kernel traces, and the
+    compiled call returns what the eager one does."""
+    torch._dynamo.reset()
+    x, mu, L, beta, lam, _ = make_inputs(6, 40, 5, full=True, seed=16)
+    eager = fk.randers_topk(torch.tanh(x), mu, L, beta, lam, 3, backend="cpp")
+    f = torch.compile(lambda x: fk.randers_topk(torch.tanh(x), mu, L, beta, lam, 3, backend="cpp"), fullgraph=True,
+                      backend="aot_eager")
+    d, idx = f(x)
+    assert torch.equal(idx, eager[1]) and torch.equal(d, eager[0])
