@@ -284,9 +284,23 @@ class FAIMHead(_MetricParams):
             return loss
         return loss, lse.reshape(lead) if lead is not None else lse
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """The nearest prototype in d_F: argmin_c d_F(x, mu_c) [...] (= argmax of the logits)."""
-        return self.distance(x).argmin(dim=-1)
+    def predict(self, x: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """The nearest prototype in d_F: argmin_c d_F(x, mu_c) [...] (= argmax of the logits); with
+        k > 1 the k nearest [..., k], nearest first. Through fk.randers_topk: no [B, C] distances or
+        logits are formed, so it serves millions of classes. Ties go to the lower class index."""
+        return self.topk(x, k)[1] if k != 1 else self.topk(x, 1)[1][..., 0]
+
+    @torch.no_grad()
+    def topk(self, x: torch.Tensor, k: int, *, largest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances [..., k], indices [..., k]): the k prototypes nearest to x in d_F (largest=True:
+        the k farthest), sorted, ties by the lower index, without forming the [B, C] logits
+        (fk.randers_topk). Their logits are −γ·distances, so for γ > 0 the indices are those of
+        head(x).topk(k). Not differentiable: for a loss on the selected classes, recompute their
+        distances with fk.randers_distance_at(x, head.mu, *head.metric_args(), indices)."""
+        lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
+        xf, mu, L, beta, lam, _ = self._prepare(x)
+        d, idx = _F.randers_topk(xf, mu, L, beta, lam, k, eps=self.eps, largest=largest, backend=self.backend)
+        return d.reshape(*lead, k), idx.reshape(*lead, k)
 
     # -- training schedules ------------------------------------------------------------------------
     def _groups(self) -> dict[str, list[nn.Parameter]]:
