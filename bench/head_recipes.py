@@ -24,7 +24,7 @@ Recipes (as their users run them):
 Heads: nn.Linear + F.cross_entropy; FAIMHead (diagonal and full Sigma) + head.loss with the
 defaults and with init="reference" (the reference design's mu, beta ~ N(0, 1), γ = 10); each FAIM
 head also with `init_from_features` on the untrained backbone's training features (train mode,
-no_grad) before the first step. Reported: the first loss, the loss after 10 % and at the end
+no_grad; with the recipe's label smoothing) before the first step. Reported: the first loss, the loss after 10 % and at the end
 (random: the full batch; digits: the mean of the last epoch), the largest loss on the way, test
 accuracy (digits), and `nan` where the loss stopped being finite.
 """
@@ -134,7 +134,7 @@ def train(kind: str, recipe: str, data, *, init_features: bool = False, steps: i
     head = make_head(kind, candidate=candidate)
     if init_features and isinstance(head, fk.FAIMHead):
         with torch.no_grad():
-            head.init_from_features(backbone(X), y)
+            head.init_from_features(backbone(X), y, label_smoothing=0.1 if recipe == "timm" else 0.0)
     full_batch = X_te is None
     n_steps = steps if full_batch else epochs * math.ceil(X.shape[0] / batch_size)
     bs = X.shape[0] if full_batch else batch_size

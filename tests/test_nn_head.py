@@ -387,6 +387,20 @@ def test_init_from_features_fits_the_temperature_below_the_current_scale():
     head.init_from_features(X, y, fit_scale=False)
     assert head.gamma.item() == 7.0
 
+    # Separable classes: the plain fit runs into the cap; with the training loss's label smoothing
+    # the optimum is finite, and it is the smoothed cross-entropy's.
+    X, y, _ = lda_data(n_per_class=50, seed=4)
+    head = fk.FAIMHead(X.shape[1], 4, full_sigma=True, scale_init=1e3, dtype=torch.float64)
+    assert head.init_from_features(X, y).gamma.item() == pytest.approx(1e3)
+    gamma = head.init_from_features(X, y, label_smoothing=0.1).gamma.item()
+    d = head.distance(X).detach()
+    grid = torch.logspace(-3, 3, 3001, dtype=torch.float64)
+    ce = F.cross_entropy((-grid[:, None, None] * d).reshape(-1, 4), y.repeat(len(grid)), label_smoothing=0.1,
+                         reduction="none").reshape(len(grid), -1).mean(1)
+    assert gamma < 100 and abs(math.log(gamma / grid[ce.argmin()].item())) < 0.01, (gamma, grid[ce.argmin()])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        head.init_from_features(X, y, label_smoothing=1.5)
+
 
 def test_init_from_features_is_a_mahalanobis_nearest_mean_classifier():
     X, y, _ = lda_data(seed=1)

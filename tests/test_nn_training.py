@@ -6,10 +6,11 @@ The criterion, per recipe, against nn.Linear trained from the same backbone weig
 batches (all losses on the full batch of 64 images, 10 classes, STEPS steps):
   - every loss finite, and none above max(first loss, log C) + 0.5 (no blow-up on the way);
   - the first loss within 0.6 of log C for the default init (starts about as uncommitted as
-    nn.Linear: 2.3 vs 2.7 measured) and below log C + 0.1 after init_from_features;
+    nn.Linear: 2.41 vs 2.32 measured) and below log C + 0.1 after init_from_features;
   - the last loss at most 1.25 × nn.Linear's + 0.02 (falls at least about as far).
-Measured (bench/head_recipes.py, 60 steps): SGD nn.Linear 2.31 -> 0.008, FAIMHead 2.67 -> 0.0004;
-AdamW nn.Linear 2.31 -> 0.69, FAIMHead 2.67 -> 0.14. The reference init reaches NaN under SGD.
+Measured here (40 steps, diagonal head): SGD nn.Linear 2.32 -> 0.49, FAIMHead 2.41 -> 0.0017;
+AdamW nn.Linear 2.32 -> 1.81, FAIMHead 2.41 -> 0.92. The reference init: 15.9, 156, 619, ... 1.7e11
+in six SGD steps.
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def train(head_kind: str, recipe: str, *, init: str = "default", full: bool = Fa
     return losses
 
 
-def trains_like_linear(losses: list[float], linear: list[float], first_below: float) -> str | None:
-    """None when `losses` meets the module docstring's criterion against `linear`, else why not."""
+def trains_like_linear(losses: list[float], linear: list[float], first_below: float, factor: float = 1.25) -> str | None:
+    """None when `losses` meets the module docstring's criterion against `linear`, else why not
+    (`factor`: the 1.25 of the last-loss bound)."""
     if not all(math.isfinite(v) for v in losses):
         return f"non-finite loss at step {next(i for i, v in enumerate(losses) if not math.isfinite(v))}"
     if losses[0] > first_below:
@@ -76,9 +78,9 @@ def trains_like_linear(losses: list[float], linear: list[float], first_below: fl
     ceiling = max(losses[0], math.log(C)) + 0.5
     if max(losses) > ceiling:
         return f"loss rose to {max(losses):.3g} (> {ceiling:.3g}) at step {losses.index(max(losses))}"
-    bound = 1.25 * linear[-1] + 0.02
+    bound = factor * linear[-1] + 0.02
     if losses[-1] > bound:
-        return f"last loss {losses[-1]:.3g} > 1.25 × nn.Linear's {linear[-1]:.3g} + 0.02"
+        return f"last loss {losses[-1]:.3g} > {factor:g} × nn.Linear's {linear[-1]:.3g} + 0.02"
     return None
 
 
