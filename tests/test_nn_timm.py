@@ -92,6 +92,7 @@ def _resnet_run(head_kind: str, recipe: str, from_features: bool = False, steps:
     return losses
 
 
+@pytest.mark.filterwarnings("ignore:init_from_features:UserWarning")  # 16 random labels miss classes 7 and 8
 @pytest.mark.parametrize("recipe", ["sgd", "adamw", "timm"])
 def test_resnet18_with_faim_head_trains_like_linear(recipe):
     """The issue's experiment: the reference initialisation went 14 -> NaN under SGD lr 0.1; the
