@@ -79,5 +79,7 @@ if [ "$mode" != tests ]; then
     "$PY" -m bench.gpu_bench --log "$LOG_DIR/bench.jsonl" --tests-status "$tests_status" ${BENCH_ARGS:-}
     bench_rc=$?
     [ "$ce_rc" = 0 ] || bench_rc=$ce_rc
+    echo "[gpu_check] the head against nn.Linear + F.cross_entropy"
+    "$PY" -m bench.head_bench --device cuda --write-results || bench_rc=1
 fi
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
