@@ -1,7 +1,7 @@
 """FAIMHead against nn.Linear under the training recipes people use, on a small CNN: the loss table
 behind the head's default initialisation (README, "Training recipes").
 
-    python -m bench.head_recipes                  # both data sets, every head and recipe (~2 min, 1 thread)
+    python -m bench.head_recipes                  # both data sets, every head and recipe (~3 min, 1 thread)
     python -m bench.head_recipes --data random    # only the memorisation task
     python -m bench.head_recipes --sweep          # also the candidate initialisations that were compared
 
@@ -100,13 +100,14 @@ def make_optimizer(recipe: str, modules: list[nn.Module], batch_size: int):
     raise ValueError(f"unknown recipe {recipe!r}; choose from {RECIPES}")
 
 
-def lr_factor(recipe: str, step: int, steps: int) -> float:
-    """timm: linear warm-up from 1e-5 over the first 5 % of the steps, then cosine to 0."""
+def lr_factor(recipe: str, step: int, steps: int, base_lr: float) -> float:
+    """timm: linear warm-up from lr 1e-5 over the first 5 % of the steps, then cosine to 0."""
     if recipe != "timm":
         return 1.0
     warm = max(1, round(0.05 * steps))
     if step < warm:
-        return 1e-5 / (0.1) + (1 - 1e-5 / 0.1) * step / warm
+        start = 1e-5 / base_lr
+        return start + (1 - start) * step / warm
     return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
@@ -148,7 +149,7 @@ def train(kind: str, recipe: str, data, *, init_features: bool = False, steps: i
             if step == n_steps:
                 break
             for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * lr_factor(recipe, step, n_steps)
+                g["lr"] = lr * lr_factor(recipe, step, n_steps, lr)
             idx = perm[i:i + bs]
             loss = loss_of(head, backbone(X[idx]), y[idx], smoothing)
             losses.append(loss.item())

@@ -410,7 +410,7 @@ class FAIMHead(_MetricParams):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, " + self._metric_repr()
-                + f", scale={self.gamma.item():.4g}")
+                + f", scale={self.gamma.item():.4g}" + (f", init={self.init!r}" if self.init != "default" else ""))
 
 
 def fit_temperature(distance: torch.Tensor, labels: torch.Tensor, upper: float, label_smoothing: float = 0.0,
