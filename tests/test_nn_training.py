@@ -85,8 +85,16 @@ def trains_like_linear(losses: list[float], linear: list[float], first_below: fl
 
 
 @pytest.fixture(scope="module")
-def linear_losses():
-    torch.set_num_threads(1)  # tiny ops: threads only add synchronisation on a shared machine
+def one_thread():
+    """Tiny ops: threads only add synchronisation on a shared machine (restored after this module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def linear_losses(one_thread):
     return {recipe: train("linear", recipe) for recipe in ("sgd", "adamw")}
 
 
