@@ -122,6 +122,18 @@ def test_reference_init_is_kept_and_fails_the_criterion_under_sgd(linear_losses)
     assert default.mu.abs().max().item() <= bound and default.mu.std().item() > 0.4 * bound
     assert 0.5 / math.sqrt(D) < default.beta.std().item() < 1.5 / math.sqrt(D)
     assert default.scale.item() == 10.0 and default.lmbda.item() == pytest.approx(0.1)
+    # A full head starts at L = 3·I, beta·3, γ = 10/3: the diagonal head's logits (L's SGD steps 9x
+    # smaller relative to L); an explicit scale_init means γ = scale_init with Sigma = I.
+    torch.manual_seed(2)
+    diag = fk.FAIMHead(D, C)
+    torch.manual_seed(2)
+    full = fk.FAIMHead(D, C, full_sigma=True)
+    assert torch.equal(full.L, 3 * torch.eye(D)) and full.scale.item() == pytest.approx(10 / 3)
+    x = torch.randn(16, D)
+    # equal but for the eps smoothing: λ·sqrt(s² + eps) differs by up to γ·λ·√eps·(1 − 1/3) = 6.7e-4
+    torch.testing.assert_close(full(x), diag(x), rtol=1e-5, atol=1e-3)
+    explicit = fk.FAIMHead(D, C, full_sigma=True, scale_init=10.0)
+    assert torch.equal(explicit.L, torch.eye(D)) and explicit.scale.item() == 10.0
     losses = train("faim", "sgd", init="reference", steps=15)
     assert trains_like_linear(losses, linear_losses["sgd"], math.log(C) + 0.6) is not None, losses
     with pytest.raises(ValueError, match="init must be one of"):

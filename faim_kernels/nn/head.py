@@ -38,6 +38,8 @@ __all__ = ["RandersMetric", "FAIMHead", "swap_classifier", "ledoit_wolf_shrinkag
 
 METRIC_GROUPS = ("sigma", "one_form", "scale")
 HEAD_INITS = ("default", "reference")
+DEFAULT_SCALE = 10.0    # γ at the start (the reference design's; measured: README "Training recipes")
+FULL_SIGMA_INIT = 3.0   # a full head's default L = 3·I, with beta·3 and γ = DEFAULT_SCALE / 3
 
 
 def _nonneg(v: torch.Tensor) -> torch.Tensor:
@@ -183,15 +185,18 @@ class FAIMHead(_MetricParams):
         in_features:  feature dimension D.
         num_classes:  number of classes C.
         lambda_init:  initial λ (weight of the 1-form), >= 0.
-        scale_init:   initial γ (logit scale), > 0.
+        scale_init:   initial γ (logit scale), > 0, with Sigma = I. None (the default): γ = 10, except
+                      for full_sigma with init="default", which starts at L = 3·I (Sigma = 9·I), beta
+                      3x larger and γ = 10/3: the diagonal head's initial logits, with L's steps
+                      relative to L 9x smaller under SGD (see below).
         full_sigma:   learn a full Sigma = tril(L)·tril(L)ᵀ + eps·I (D² parameters) instead of a diagonal one.
         eps:          Sigma's ridge and the smoothing of both square roots.
         backend:      "auto" (the Triton kernels on CUDA, the C++ kernels on CPU), "cpp", "triton" or
                       "reference" (the einsum oracle); an attribute, so `head.backend = ...` works too.
 
         init:         "default": mu ~ U(−1/√D, 1/√D) (nn.Linear's weight init), beta ~ N(0, 1/D),
-                      Sigma = I; "reference": the reference design's mu, beta ~ N(0, 1), Sigma = I, to
-                      reproduce its experiments. λ = lambda_init and γ = scale_init in both.
+                      Sigma = I (full: see scale_init); "reference": the reference design's mu,
+                      beta ~ N(0, 1), Sigma = I, γ = 10, to reproduce its experiments. λ = lambda_init.
 
     Why the default: with the reference init the prototypes sit at norm ~√D, the first loss is far
     above log C (14 for 10 classes at D = 512) and the first gradients of mu, λ and the backbone are
@@ -199,13 +204,16 @@ class FAIMHead(_MetricParams):
     as small as nn.Linear's weights start the logits near uniform, and the head then trained at least
     as fast as nn.Linear under SGD lr 0.1 momentum 0.9, AdamW lr 1e-3 and timm's train-script
     defaults (bench/head_recipes.py, README "Training recipes"). γ = 10 was kept: γ = 3 trained slower
-    than nn.Linear under AdamW, γ = 30 diverged under SGD.
+    than nn.Linear under AdamW, γ = 30 diverged under SGD. A full L starting at I learnt too fast under
+    SGD lr 0.1 in minibatch training (the gradient of d in L is ~|x − mu| whatever L's scale, against
+    ‖L‖ = √D; digits: loss 1.01 after 4 epochs, nn.Linear 0.185); L = 3·I, beta·3, γ = 10/3 gave 0.094
+    (and 0.128 against 0.95 after init_from_features, whose fitted γ is capped by the start's).
 
     A better start is `head.init_from_features(features, labels)`. Warm-up schedules:
     `freeze_metric()` / `unfreeze_metric()` and `param_groups()`.
     """
 
-    def __init__(self, in_features: int, num_classes: int, lambda_init: float = 0.1, scale_init: float = 10.0,
+    def __init__(self, in_features: int, num_classes: int, lambda_init: float = 0.1, scale_init: float | None = None,
                  full_sigma: bool = False, eps: float = 1e-6, *, init: str = "default", backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
@@ -214,11 +222,13 @@ class FAIMHead(_MetricParams):
         self.init = init
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        if not (isinstance(scale_init, (int, float)) and scale_init > 0):
-            raise ValueError(f"scale_init must be a float > 0, got {scale_init!r}")
+        if not (scale_init is None or (isinstance(scale_init, (int, float)) and scale_init > 0)):
+            raise ValueError(f"scale_init must be None or a float > 0, got {scale_init!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
-        self._scale_init = float(scale_init)
+        # The full default start: L = 3·I, γ = 10/3 (the class docstring says why); else Sigma = I.
+        self._sigma_init = FULL_SIGMA_INIT if scale_init is None and full_sigma and init == "default" else 1.0
+        self._scale_init = DEFAULT_SCALE / self._sigma_init if scale_init is None else float(scale_init)
         self.mu = nn.Parameter(torch.empty(num_classes, in_features, **factory))
         self._init_metric(in_features, full_sigma, lambda_init, eps, backend, factory)
         self.scale = nn.Parameter(torch.empty((), **factory))
@@ -242,6 +252,9 @@ class FAIMHead(_MetricParams):
             else:  # see the class docstring and README "Training recipes" for the measurements
                 nn.init.kaiming_uniform_(self.mu, a=math.sqrt(5))  # nn.Linear's weight: U(−1/√D, 1/√D)
                 self.beta.div_(math.sqrt(self.in_features))
+            if self.full_sigma:  # L = k·I with beta·k and γ/k: the logits of Sigma = I, beta, γ
+                self.L.mul_(self._sigma_init)
+                self.beta.mul_(self._sigma_init)
             self.scale.fill_(self._scale_init)
 
     # -- forward and loss --------------------------------------------------------------------------
