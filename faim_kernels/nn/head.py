@@ -204,9 +204,8 @@ class FAIMHead(_MetricParams):
     as small as nn.Linear's weights start the logits near uniform, and the head then trained at least
     as fast as nn.Linear under SGD lr 0.1 momentum 0.9, AdamW lr 1e-3 and timm's train-script
     defaults on a small CNN (bench/head_recipes.py; on a ResNet-18 under AdamW it is slower, README
-    "Training recipes"). γ = 10 was kept: γ = 3 trained slower
-    than nn.Linear under AdamW, γ = 30 diverged under SGD. A full L starting at I learnt too fast under
-    SGD lr 0.1 in minibatch training (the gradient of d in L is ~|x − mu| whatever L's scale, against
+    "Training recipes"). γ = 10 was kept: γ = 3 trained slower than nn.Linear under AdamW, γ = 30
+    diverged under SGD. A full L starting at I learnt too fast under SGD lr 0.1 in minibatch training (the gradient of d in L is ~|x − mu| whatever L's scale, against
     ‖L‖ = √D; digits: loss 1.01 after 4 epochs, nn.Linear 0.185); L = 3·I, beta·3, γ = 10/3 gave 0.094
     (and 0.128 against 0.95 after init_from_features, whose fitted γ is capped by the start's).
 
