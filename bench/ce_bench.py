@@ -5,9 +5,15 @@ the unfused paths and the cost floor of a classification head:
     logits+ce      F.cross_entropy(fk.randers_logits(...)): our fused logits kernel, then torch's CE
     composite+ce   F.cross_entropy over the plain-PyTorch GEMM composite (bench/impls.py)
     linear+ce      nn.Linear(D, C) + F.cross_entropy: the floor of any head of this size
+and the fused loss's options beside the hard label, with the floor of the soft-target form:
+    fused:weight       class weights and label smoothing 0.1 (hard labels)
+    fused:dense        a dense [B, C] probability target (timm Mixup's output), read in place
+    fused:pairs        the same mixup as SoftTargets: two (class, probability) pairs per row + smoothing
+    linear+ce:dense    nn.Linear + F.cross_entropy with the dense probability target
 
 Gradients are taken with respect to every input (x, mu, L, beta, lam, gamma; x, weight, bias).
-Time: torch.utils.benchmark on CPU, triton.testing.do_bench on CUDA (median).
+Time: torch.utils.benchmark on CPU, triton.testing.do_bench on CUDA (median); the implementations
+of a size are timed in turn, in rounds (--rounds, default 3), and each keeps its fastest round.
 Peak memory: the peak beyond the inputs during one forward+backward, gradients included (they
 are allocated by the call). CPU: resident memory in a fresh process (bench/peak_memory.py);
 CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats().
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -36,7 +43,8 @@ from bench.impls import composite_logits, make_inputs
 
 CPU_SIZES = [(256, 1000, 128), (256, 100_000, 128)]
 GPU_SIZES = [(256, 1000, 512), (1024, 10_000, 512), (4096, 100_000, 256)]
-IMPLS = ["fused", "logits+ce", "composite+ce", "linear+ce"]
+IMPLS = ["fused", "fused:weight", "fused:dense", "fused:pairs", "logits+ce", "composite+ce", "linear+ce",
+         "linear+ce:dense"]
 EPS = 1e-6
 
 
@@ -47,17 +55,33 @@ def _default_backend(device: str) -> str:
 def _problem(impl: str, B: int, C: int, D: int, device: str, full: bool, backend: str | None = None):
     """(fn, inputs): fn() runs forward+backward once and returns the gradients. backend: the
     fused kernels' backend (default: C++ on CPU, Triton on CUDA)."""
-    target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(1)).to(device)
-    if impl == "linear+ce":
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, C, (B,), generator=g).to(device)
+    # timm's Mixup of the batch with its flipped self (lam 0.7, smoothing 0.1): compact and dense
+    pairs = fk.mixup_soft_targets(target, lam=0.7, smoothing=0.1)
+    weight = (0.5 + torch.rand(C, generator=g)).to(device)
+    if impl.startswith("linear+ce"):
         x = torch.randn(B, D, device=device, requires_grad=True)
         linear = torch.nn.Linear(D, C, device=device)
         inputs = [x, linear.weight, linear.bias]
-        loss_fn = lambda: F.cross_entropy(linear(x), target)
+        if impl == "linear+ce:dense":
+            dense = pairs.to_dense(C, torch.float32)
+            loss_fn = lambda: F.cross_entropy(linear(x), dense)
+        else:
+            loss_fn = lambda: F.cross_entropy(linear(x), target)
     else:
         inputs = make_inputs(B, C, D, full=full, device=device)
         backend = backend or _default_backend(device)
         if impl == "fused":
             loss_fn = lambda: fk.randers_cross_entropy(*inputs, target, EPS, backend=backend)
+        elif impl == "fused:weight":
+            loss_fn = lambda: fk.randers_cross_entropy(*inputs, target, EPS, label_smoothing=0.1, weight=weight,
+                                                       backend=backend)
+        elif impl == "fused:dense":
+            dense = pairs.to_dense(C, torch.float32)
+            loss_fn = lambda: fk.randers_cross_entropy(*inputs, dense, EPS, backend=backend)
+        elif impl == "fused:pairs":
+            loss_fn = lambda: fk.randers_cross_entropy(*inputs, pairs, EPS, backend=backend)
         elif impl == "logits+ce":
             loss_fn = lambda: F.cross_entropy(fk.randers_logits(*inputs, EPS, backend=backend), target)
         elif impl == "composite+ce":
@@ -71,6 +95,10 @@ def time_ms(impl, B, C, D, device, full=False, min_run_time=1.0, backend=None) -
     """Median forward+backward time in milliseconds."""
     fn, _ = _problem(impl, B, C, D, device, full, backend)
     fn()  # first call: registration, autotuning, compilation
+    return _median_ms(fn, device, min_run_time)
+
+
+def _median_ms(fn, device, min_run_time) -> float:
     if device == "cpu":
         from torch.utils.benchmark import Timer
         return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
@@ -107,23 +135,47 @@ def _probe(impl, B, C, D, full, backend):
 
 
 def run(device: str = "cpu", sizes=None, impls=IMPLS, full: bool = False, min_run_time: float = 1.0,
-        backend: str | None = None, log=print) -> list[dict]:
+        backend: str | None = None, log=print, rounds: int = 3) -> list[dict]:
     """One row per (size, implementation): time (ms) and peak memory (bytes). backend: the fused
     kernels' backend (default: C++ on CPU, Triton on CUDA; "triton" on CPU needs TRITON_INTERPRET=1
-    and is only a smoke test of the code path)."""
+    and is only a smoke test of the code path). The implementations of a size are timed in turn,
+    `rounds` times over (min_run_time / rounds each; a round's time is its median), and each keeps
+    its fastest round: on a shared machine load comes and goes, and the least disturbed round is
+    the closest to the implementation's own cost, while taking turns spreads the load over all."""
     sizes = sizes or (CPU_SIZES if device == "cpu" else GPU_SIZES)
     rows = []
     for B, C, D in sizes:
+        size_rows, fns, times = {}, {}, {}
         for impl in impls:
-            row = dict(B=B, C=C, D=D, impl=impl, device=device, full=full,
-                       backend=backend or _default_backend(device))
+            size_rows[impl] = dict(B=B, C=C, D=D, impl=impl, device=device, full=full,
+                                   backend=backend or _default_backend(device))
             try:
-                row["ms"] = time_ms(impl, B, C, D, device, full, min_run_time, backend)
-                row["peak_bytes"] = peak_bytes(impl, B, C, D, device, full, backend)
+                fns[impl], _ = _problem(impl, B, C, D, device, full, backend)
+                fns[impl]()  # first call: registration, autotuning, compilation
+                times[impl] = []
             except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. out of memory for an unfused path
-                row["error"] = str(e).splitlines()[0][:120]
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                size_rows[impl]["error"] = str(e).splitlines()[0][:120]
+        for _ in range(rounds):
+            for impl in list(fns):
+                try:
+                    times[impl].append(_median_ms(fns[impl], device, min_run_time / rounds))
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    size_rows[impl]["error"] = str(e).splitlines()[0][:120]
+                    del fns[impl]
+        fns.clear()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        for impl in impls:
+            row = size_rows[impl]
+            if "error" not in row:
+                row["ms"] = min(times[impl])
+                row["rounds_ms"] = [round(t, 3) for t in times[impl]]
+                try:
+                    row["peak_bytes"] = peak_bytes(impl, B, C, D, device, full, backend)
+                except (RuntimeError, torch.OutOfMemoryError) as e:
+                    row["error"] = str(e).splitlines()[0][:120]
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
             rows.append(row)
             if log:
                 log(json.dumps(row))
@@ -131,9 +183,10 @@ def run(device: str = "cpu", sizes=None, impls=IMPLS, full: bool = False, min_ru
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown: time and peak memory per implementation, with ratios to linear+ce and to fused."""
-    out = ["| B, C, D | implementation | fwd+bwd ms | / linear+ce | peak MB | / fused |",
-           "|---|---|---:|---:|---:|---:|"]
+    """Markdown: time and peak memory per implementation, with ratios to fused (the hard-label
+    fused loss) and to linear+ce."""
+    out = ["| B, C, D | implementation | fwd+bwd ms | / fused | / linear+ce | peak MB | / fused |",
+           "|---|---|---:|---:|---:|---:|---:|"]
     by_size: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_size.setdefault((r["B"], r["C"], r["D"]), {})[r["impl"]] = r
@@ -141,11 +194,13 @@ def format_table(rows: list[dict]) -> str:
         lin, fused = impls.get("linear+ce", {}), impls.get("fused", {})
         for impl, r in impls.items():
             if "error" in r:
-                out.append(f"| {size} | {impl} | failed: {r['error']} | | | |")
+                out.append(f"| {size} | {impl} | failed: {r['error']} | | | | |")
                 continue
+            f_ratio = f"{r['ms'] / fused['ms']:.2f}x" if fused.get("ms") else "n/a"
             t_ratio = f"{r['ms'] / lin['ms']:.2f}x" if lin.get("ms") else "n/a"
             m_ratio = f"{r['peak_bytes'] / fused['peak_bytes']:.1f}x" if fused.get("peak_bytes", 0) > 0 else "n/a"
-            out.append(f"| {size} | {impl} | {r['ms']:.2f} | {t_ratio} | {r['peak_bytes'] / 1e6:.1f} | {m_ratio} |")
+            out.append(f"| {size} | {impl} | {r['ms']:.2f} | {f_ratio} | {t_ratio} | {r['peak_bytes'] / 1e6:.1f} "
+                       f"| {m_ratio} |")
     return "\n".join(out)
 
 
@@ -184,8 +239,9 @@ def _cpu_name() -> str:
 
 def environment(device: str) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    load = f"; load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
     return (f"device: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-            f"python {platform.python_version()}")
+            f"python {platform.python_version()}{load}")
 
 
 def main(argv=None):
@@ -197,6 +253,8 @@ def main(argv=None):
     p.add_argument("--backend", default=None, choices=["cpp", "triton"],
                    help="the fused kernels' backend (default: cpp on CPU, triton on CUDA)")
     p.add_argument("--min-time", type=float, default=1.0, help="CPU: seconds of timing per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="times each implementation is timed, in turn with "
+                   "the others (the fastest round is kept)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--write-results", action="store_true", help="rewrite this device's cross-entropy "
                    "section of bench/RESULTS.md")
@@ -206,7 +264,7 @@ def main(argv=None):
         impl, B, C, D = args.probe
         return _probe(impl, int(B), int(C), int(D), args.full, args.backend)
     sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else None
-    rows = run(args.device, sizes, args.impls, args.full, args.min_time, args.backend)
+    rows = run(args.device, sizes, args.impls, args.full, args.min_time, args.backend, rounds=args.rounds)
     text = "\n".join([environment(args.device), "", format_table(rows), ""] + check_targets(rows))
     print(text)
     if args.out:

@@ -11,6 +11,7 @@ Run it without TRITON_INTERPRET (the interpreter stands in for the compiler when
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def bwd_ptrs(op, acc, ce):
                 s_oth_hi_ptr=acc, s_oth_lo_ptr=acc, own_raw_ptr=acc, oth_raw_ptr=acc, lc_ptr=acc,
                 g_ptr=unused if ce else op, lg_ptr=unused if ce else op,
                 tgt_ptr="i64" if ce else unused, w_lse_ptr="fp64", w_tl_ptr="fp64", w_sl_ptr="fp64", lse_ptr="fp64",
-                margin_ptr="fp64", lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64",
+                margin_ptr="fp64", w_pl_ptr="fp64", cw_ptr=acc if ce else unused, soft_ptr=acc if ce else unused, lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64",
                 near_ptr="i64", overflow_ptr="i32")
 
 
@@ -99,7 +100,20 @@ def fixup_ptrs(op, acc):
 def ce_fwd_ptrs(acc):
     return dict(xp_ptr=acc, mup_ptr=acc, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
                 smu_lo_ptr=acc, x_ptr=acc, mu_ptr=acc, lc_ptr=acc, tgt_ptr="i64", lam_ptr="fp64", gamma_ptr="fp64",
-                margin_ptr="fp64", part_ptr="fp64")
+                margin_ptr="fp64", part_ptr="fp64", cw_ptr=acc, soft_ptr=acc)
+
+
+# The cross-entropy's target forms as constexprs: class labels; two targets per row (the compact
+# probability target) with class weights and a dense probability target.
+CE_HARD = dict(N_TGT=1, HAS_WEIGHT=False, HAS_SOFT=False)
+CE_OPTIONS = dict(N_TGT=2, HAS_WEIGHT=True, HAS_SOFT=True)
+
+
+def _ce_option_sets(ce, full, quick):
+    """The target forms to build a variant with: every one, or in a quick build one per variant."""
+    if not ce:
+        return [CE_HARD]
+    return [CE_OPTIONS if full else CE_HARD] if quick else [CE_HARD, CE_OPTIONS]
 
 
 # The backward variants of a quick build, per family: (CE, FROM_LOGITS, FULL, INLINE). An INLINE
@@ -140,23 +154,27 @@ def variants(quick):
             bwd_cfgs = configs.BWD_CONFIGS[fam][:1] if quick else configs.BWD_CONFIGS[fam]
             for cfg in bwd_cfgs:
                 for ce, from_logits, full, inline in _bwd_variants(fam, quick):
-                    for own_is_x in ((True,) if quick else (True, False)):
+                    for own_is_x, ce_opts in itertools.product((True,) if quick else (True, False),
+                                                               _ce_option_sets(ce, full, quick)):
                         consts = dict(cfg.kwargs, BLOCK_D=configs.BWD_BLOCK_D[fam], CE=ce, OWN_IS_X=own_is_x,
                                       FROM_LOGITS=from_logits and not inline,
                                       GAMMA0=from_logits and inline, FULL=full, INLINE=inline, IMPL=impl, PREC=prec,
                                       NEAR_P=near_p, NEAR_K=near_k, NEAR_DOT=acc == "fp32", BF16_BY_HAND=False,
-                                      LOCAL64=False)
+                                      LOCAL64=False, **ce_opts)
                         out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} "
                                     f"{'ce' if ce else 'logits'} from_logits={from_logits} full={full} "
-                                    f"inline={inline} own_is_x={own_is_x}", backward._backward_kernel,
+                                    f"inline={inline} own_is_x={own_is_x}"
+                                    + (f" {ce_opts}" if ce else ""), backward._backward_kernel,
                                     bwd_ptrs(op, acc, ce), consts, cfg.num_warps, cfg.num_stages, ()))
             if fam in CE_FAMILIES:
                 bl = configs.CE_FWD_BLOCKS[fam]
-                for full in ((True,) if quick else (False, True)):
+                for full, ce_opts in itertools.product((True,) if quick else (False, True), (CE_HARD, CE_OPTIONS)):
                     consts = dict(BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
-                                  BLOCK_D=bl["BLOCK_D"], NEAR_K=near_k, FULL=full, IMPL=impl, PREC=prec)
-                    out.append((f"ce_fwd {fam} full={full}", cross_entropy._ce_fwd_kernel, ce_fwd_ptrs(acc), consts,
-                                bl["warps"], 2, ()))
+                                  BLOCK_D=bl["BLOCK_D"], NEAR_K=near_k, FULL=full, IMPL=impl, PREC=prec,
+                                  TGT_P=triton.next_power_of_2(ce_opts["N_TGT"]), **ce_opts)
+                    warps = configs.ce_fwd_warps(bl, ce_opts["N_TGT"], ce_opts["HAS_SOFT"])
+                    out.append((f"ce_fwd {fam} full={full} {ce_opts} w{warps}", cross_entropy._ce_fwd_kernel,
+                                ce_fwd_ptrs(acc), consts, warps, 2, ()))
             if fam in ("half", "ieee", "fp64"):
                 for full in ((True,) if quick else (False, True)):
                     consts = dict(FULL=full, BLOCK_P=16, BLOCK_K=near_k, BLOCK_J=32 if acc == "fp64" else 64,

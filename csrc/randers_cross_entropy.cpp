@@ -1,9 +1,12 @@
 // Fused Randers cross-entropy on the CPU (SPEC §2.2). The forward returns per-row statistics of
-// the logits logit'_bc = −γ·(d_bc + margin·[c = t_b]):
-//     lse_b = logsumexp_c logit'_bc,   tl_b = logit'_b,t_b,   sl_b = Σ_c logit'_bc
+// the logits logit'_bc = −γ·(d_bc + margin·[c ∈ t_b]), with v_c the class weights (1 without) and
+// P an optional dense probability target [B, C] (read in place through its strides):
+//     lse_b = logsumexp_c logit'_bc,   tl_bk = logit'_b,t_bk (k targets per row),
+//     sl_b = Σ_c v_c·logit'_bc,        pl_b = Σ_c v_c·P_bc·logit'_bc
 // from an online logsumexp over class tiles, and the backward takes per-row upstream weights
-// (∂loss/∂lse, ∂loss/∂tl, ∂loss/∂sl) and recomputes each tile. No [B, C] array exists at any point.
-// The loss itself (reduction, ignore_index, label smoothing) is O(B) work done in Python
+// (∂loss/∂lse, ∂loss/∂tl, ∂loss/∂sl, ∂loss/∂pl) and recomputes each tile. No [B, C] array exists
+// at any point. The loss itself (reduction, ignore_index, class weights, label smoothing,
+// probability targets, z-loss) is O(B·k) work done in Python
 // (faim_kernels/ops/row_stats.py); the schemas and the autograd formula are in
 // faim_kernels/ops/contract.py.
 //
@@ -51,7 +54,11 @@ struct CEProblem {
     at::Tensor sx, smu;   // [B], [C] float64 x·beta, mu·beta (own in.sx, in.smu)
     const T* center;      // m's data
     const T* beta;        // [D]
-    const int64_t* target;  // [B] class index in [0, C); anything else: no target class in this op's classes
+    const int64_t* target;  // [B, K] class indices in [0, C); anything else: no target class in this op's classes
+    int64_t K = 1;          // targets per row (1: class labels; k: the compact probability target)
+    const T* cw = nullptr;  // [C] class weights v_c, or null (v = 1)
+    const T* soft = nullptr;  // dense probability target P [B, C], or null
+    int64_t soft_sb = 0, soft_sc = 0;  // its strides
     double gamma, margin;
     std::vector<at::Tensor> owned;  // keeps the (contiguous) tensors behind the raw pointers alive
 };
@@ -59,7 +66,8 @@ struct CEProblem {
 template <typename T>
 CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
                    const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau,
-                   double margin) {
+                   double margin, const std::optional<at::Tensor>& class_weight,
+                   const std::optional<at::Tensor>& soft_target) {
     CEProblem<T> pb;
     Operands<T>& in = pb.in;
     in.B = x.size(0);
@@ -91,9 +99,20 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     pb.center = pb.m.template data_ptr<T>();
     pb.beta = beta.data_ptr<T>();
     pb.target = target.data_ptr<int64_t>();
+    pb.K = target.dim() == 2 ? target.size(1) : 1;
     pb.gamma = gamma.item<double>();
     pb.margin = margin;
     pb.owned = {x, mu, beta, target};
+    if (class_weight.has_value()) {
+        pb.owned.push_back(class_weight->contiguous());
+        pb.cw = pb.owned.back().template data_ptr<T>();
+    }
+    if (soft_target.has_value()) {  // read in place: no copy of the [B, C] target
+        pb.owned.push_back(*soft_target);
+        pb.soft = soft_target->template data_ptr<T>();
+        pb.soft_sb = soft_target->stride(0);
+        pb.soft_sc = soft_target->stride(1);
+    }
     return pb;
 }
 
@@ -218,15 +237,19 @@ struct RowWork : RowTerms<T> {
     explicit RowWork(int64_t n) : RowTerms<T>(n), logit(n), e(n), G(n), H(n), R(n) {}
 };
 
-// The backward's per-pair terms of one row (SPEC §2): G = w_lse·softmax + w_sl (the target's
-// w_tl is added by the caller), H = −γ·G, P = H/a, R = H·λ·s/r. a = 0 only at an exact hit with
-// eps = 0: subgradient 0 there (NaN stays NaN). Divide first, select after: the loop vectorises.
+// The backward's per-pair terms of one row (SPEC §2): G = w_lse·softmax + lin (lin_j = w_sl·v_j +
+// w_pl·v_j·P_bj, or the constant w_sl where lin is null; the targets' w_tl are added by the caller),
+// H = −γ·G, P = H/a, R = H·λ·s/r. a = 0 only at an exact hit with eps = 0: subgradient 0 there (NaN
+// stays NaN). Divide first, select after: the loop vectorises.
 template <typename T>
-void backward_terms(int64_t n, T wl, T ws, T g, T lam, const T* __restrict__ softmax, const T* __restrict__ a,
-                    const T* __restrict__ r, const T* __restrict__ s, T* __restrict__ G, T* __restrict__ H,
-                    T* __restrict__ P, T* __restrict__ R) {
+void backward_terms(int64_t n, T wl, T ws, const T* __restrict__ lin, T g, T lam, const T* __restrict__ softmax,
+                    const T* __restrict__ a, const T* __restrict__ r, const T* __restrict__ s, T* __restrict__ G,
+                    T* __restrict__ H, T* __restrict__ P, T* __restrict__ R) {
+    if (lin)
+        for (int64_t j = 0; j < n; ++j) G[j] = wl * softmax[j] + lin[j];
+    else
+        for (int64_t j = 0; j < n; ++j) G[j] = wl * softmax[j] + ws;
     for (int64_t j = 0; j < n; ++j) {
-        G[j] = wl * softmax[j] + ws;
         H[j] = -g * G[j];
         const T p = H[j] / a[j], rr = H[j] * lam * s[j] / r[j];
         P[j] = a[j] == T(0) ? T(0) : p;
@@ -234,34 +257,60 @@ void backward_terms(int64_t n, T wl, T ws, T g, T lam, const T* __restrict__ sof
     }
 }
 
-// The target's column in the tile [c0, c0 + nc), or −1.
-inline int64_t target_column(const int64_t* target, int64_t b, int64_t c0, int64_t nc) {
-    const int64_t j = target[b] - c0;
+// The column of row b's k-th target in the tile [c0, c0 + nc), or −1.
+inline int64_t target_column(const int64_t* target, int64_t K, int64_t b, int64_t k, int64_t c0, int64_t nc) {
+    const int64_t j = target[b * K + k] - c0;
     return (j >= 0 && j < nc) ? j : -1;
+}
+
+// Row b's targets in the tile: is_t[j] = 1 on every target column (they carry the margin and take
+// the exact path), cols[k] = the k-th target's column or −1. is_t is all zero on return elsewhere.
+template <typename T>
+bool mark_targets(const CEProblem<T>& pb, int64_t b, int64_t c0, int64_t nc, std::vector<int64_t>& cols,
+                  std::vector<char>& is_t) {
+    bool any = false;
+    for (int64_t k = 0; k < pb.K; ++k) {
+        cols[k] = target_column(pb.target, pb.K, b, k, c0, nc);
+        if (cols[k] >= 0) {
+            is_t[cols[k]] = 1;
+            any = true;
+        }
+    }
+    return any;
+}
+
+template <typename T>
+void clear_targets(const std::vector<int64_t>& cols, std::vector<char>& is_t) {
+    for (int64_t j : cols)
+        if (j >= 0) is_t[j] = 0;
 }
 
 // Forward: each chunk keeps, per row, an online logsumexp (running max and Σ exp(l − max), as in
 // flash attention) and Σ logits over its classes; chunks are merged in order at the end.
 template <typename T>
-void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
+void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl, double* pl) {
     const Operands<T>& in = pb.in;
-    const int64_t B = in.B, C = in.C, D = in.D;
+    const int64_t B = in.B, C = in.C, D = in.D, K = pb.K;
     const double inf = std::numeric_limits<double>::infinity();
-    std::fill(tl, tl + B, 0.0);
+    std::fill(tl, tl + B * K, 0.0);
     if (C == 0) {
         std::fill(lse, lse + B, -inf);
         std::fill(sl, sl + B, 0.0);
+        std::fill(pl, pl + B, 0.0);
         return;
     }
     const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
     std::vector<double> run_max(n_cc * B, -inf), run_sum(n_cc * B, 0.0), run_sl(n_cc * B, 0.0);
+    std::vector<double> run_pl(pb.soft ? n_cc * B : 0, 0.0);
     const T g = T(pb.gamma), margin = T(pb.margin);
 
     at::parallel_for(0, n_cc, 1, [&](int64_t begin, int64_t end) {
         ClassTile<T> tile(D);
         RowWork<T> w(kTileC);
-        std::vector<T> dots(std::min(B, kRowBlock) * kTileC);
+        std::vector<T> dots(std::min(B, kRowBlock) * kTileC), vp(pb.soft ? kTileC : 0);
         std::vector<double> acc(D);
+        std::vector<int64_t> cols(K);
+        std::vector<char> is_t(kTileC, 0);
         for (int64_t cc = begin; cc < end; ++cc) {
             const auto [t0, t1] = chunk_tiles(cc, n_cc, n_ct);
             for (int64_t ct = t0; ct < t1; ++ct) {
@@ -275,16 +324,24 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
                         row_terms(in, b, tile.c0, nc, dots.data() + i * nc, w);
                         T* l = w.logit.data();
                         for (int64_t j = 0; j < nc; ++j) l[j] = -g * w.d[j];  // Eq. 3
-                        // Pairs at risk, and the target pair always, from the raw difference (SPEC §2.1):
-                        // the target logit and the margin, which dominate the loss, are exact.
-                        const int64_t jt = target_column(pb.target, b, tile.c0, nc);
+                        // Pairs at risk, and the target pairs always, from the raw difference (SPEC §2.1):
+                        // the target logits and the margin, which dominate the loss, are exact.
+                        mark_targets(pb, b, tile.c0, nc, cols, is_t);
                         for (int64_t j = 0; j < nc; ++j)
-                            if (w.near[j] != T(0) || j == jt)
+                            if (w.near[j] != T(0) || is_t[j])
                                 l[j] = -g * (pair_direct(in, b, tile.c0 + j, acc.data(), (T*)nullptr).d +
-                                             (j == jt ? margin : T(0)));
-                        if (jt >= 0) tl[b] = double(l[jt]);
+                                             (is_t[j] ? margin : T(0)));
+                        for (int64_t k = 0; k < K; ++k)
+                            if (cols[k] >= 0) tl[b * K + k] = double(l[cols[k]]);
+                        clear_targets<T>(cols, is_t);
                         const T mx = max_ignoring_nan(l, nc);
-                        run_sl[cc * B + b] += sum_to_double(l, nc);
+                        run_sl[cc * B + b] += pb.cw ? dot_to_double(l, pb.cw + tile.c0, nc) : sum_to_double(l, nc);
+                        if (pb.soft) {  // Σ_c v_c·P_bc·logit'_bc over the tile
+                            const T* prow = pb.soft + b * pb.soft_sb + tile.c0 * pb.soft_sc;
+                            for (int64_t j = 0; j < nc; ++j)
+                                vp[j] = (pb.cw ? pb.cw[tile.c0 + j] : T(1)) * prow[j * pb.soft_sc];
+                            run_pl[cc * B + b] += dot_to_double(l, vp.data(), nc);
+                        }
                         if (mx == -std::numeric_limits<T>::infinity()) continue;  // nothing to add
                         double& m = run_max[cc * B + b];
                         double& sum = run_sum[cc * B + b];
@@ -303,11 +360,13 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
     });
 
     for (int64_t b = 0; b < B; ++b) {
-        double M = -inf, total = 0, lsum = 0;
+        double M = -inf, total = 0, lsum = 0, psum = 0;
         for (int64_t cc = 0; cc < n_cc; ++cc) {
             M = std::max(M, run_max[cc * B + b]);
             lsum += run_sl[cc * B + b];
+            if (pb.soft) psum += run_pl[cc * B + b];
         }
+        pl[b] = psum;
         for (int64_t cc = 0; cc < n_cc; ++cc)
             if (run_max[cc * B + b] > -inf) total += run_sum[cc * B + b] * std::exp(run_max[cc * B + b] - M);
         sl[b] = lsum;
@@ -315,7 +374,8 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
     }
 }
 
-// Backward. With G_bc = ∂loss/∂logit'_bc = w_lse,b·exp(logit'_bc − lse_b) + w_sl,b + w_tl,b·[c = t_b],
+// Backward. With G_bc = ∂loss/∂logit'_bc = w_lse,b·exp(logit'_bc − lse_b) + v_c·(w_sl,b + w_pl,b·P_bc)
+//                                          + Σ_k w_tl,bk·[c = t_bk],
 // H = −γ·G, P = H/a and R = H·λ·s/r (SPEC §2):
 //   ∂x'_b  = rowsum(P)_b·x'_b − (P·mu')_b,  ∂mu'_c = colsum(P)_c·mu'_c − (Pᵀ·x')_c   (far pairs, GEMMs)
 //   ± P·diff' for pairs recomputed from the raw difference (near pairs and every target pair),
@@ -325,9 +385,9 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl) {
 // are summed in chunk order. A tile whose P is exactly zero (every exp underflowed) skips its GEMMs.
 template <typename T>
 std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse, const double* w_tl,
-                                    const double* w_sl, const double* lse) {
+                                    const double* w_sl, const double* w_pl, const double* lse) {
     const Operands<T>& in = pb.in;
-    const int64_t B = in.B, C = in.C, D = in.D;
+    const int64_t B = in.B, C = in.C, D = in.D, K = pb.K;
     const auto opts = in.xp.options();
     const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
     at::Tensor dmu = at::empty({C, D}, opts);  // every row is written by its chunk
@@ -343,7 +403,10 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
         ClassTile<T> tile(D);
         RowWork<T> w(kTileC);
         std::vector<T> P(std::min(B, kRowBlock) * kTileC), diffp(D), dmup(kTileC * D);
+        std::vector<T> lin(pb.cw || pb.soft ? kTileC : 0);  // v_c·(w_sl + w_pl·P_bc) of one row
         std::vector<double> acc(D), colsum(kTileC), dsmu(kTileC);
+        std::vector<int64_t> cols(K);
+        std::vector<char> is_t(kTileC, 0);
         for (int64_t cc = begin; cc < end; ++cc) {
             at::Tensor part = dxp_part.select(0, cc);
             T* partp = part.data_ptr<T>();
@@ -364,11 +427,20 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                     for (int64_t i = 0; i < nr; ++i) {
                         const int64_t b = r0 + i;
                         T* Prow = P.data() + i * nc;
-                        if (w_lse[b] == 0 && w_tl[b] == 0 && w_sl[b] == 0) {  // e.g. an ignored target
+                        bool zero_row = w_lse[b] == 0 && w_sl[b] == 0 && (!w_pl || w_pl[b] == 0);
+                        for (int64_t k = 0; k < K; ++k) zero_row = zero_row && w_tl[b * K + k] == 0;
+                        if (zero_row) {  // e.g. an ignored target
                             std::fill(Prow, Prow + nc, T(0));
                             continue;
                         }
-                        const T wl = T(w_lse[b]), wt = T(w_tl[b]), ws = T(w_sl[b]);
+                        const T wl = T(w_lse[b]), ws = T(w_sl[b]), wp = T(w_pl ? w_pl[b] : 0.0);
+                        T* linp = nullptr;
+                        if (!lin.empty()) {
+                            linp = lin.data();
+                            const T* prow = pb.soft ? pb.soft + b * pb.soft_sb + c0 * pb.soft_sc : nullptr;
+                            for (int64_t j = 0; j < nc; ++j)
+                                linp[j] = (pb.cw ? pb.cw[c0 + j] : T(1)) * (ws + (prow ? wp * prow[j * pb.soft_sc] : T(0)));
+                        }
                         const double lse_b = lse[b];
                         row_terms(in, b, c0, nc, Prow, w);  // Prow holds the dots until P overwrites it
                         T *l = w.logit.data(), *e = w.e.data(), *G = w.G.data(), *H = w.H.data(), *R = w.R.data();
@@ -376,16 +448,19 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                         const T *a = w.a.data(), *r = w.r.data(), *sv = w.s.data();
                         for (int64_t j = 0; j < nc; ++j) l[j] = T(double(-g * d[j]) - lse_b);
                         for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(l[j]);  // softmax_bc
-                        backward_terms(nc, wl, ws, g, lam, e, a, r, sv, G, H, Prow, R);
-                        // Pairs at risk and the target pair: exact terms from diff' (SPEC §2.1), and
+                        backward_terms(nc, wl, ws, (const T*)linp, g, lam, e, a, r, sv, G, H, Prow, R);
+                        // Pairs at risk and the target pairs: exact terms from diff' (SPEC §2.1), and
                         // out of the GEMMs (P = 0 there).
-                        const int64_t jt = target_column(pb.target, b, c0, nc);
+                        mark_targets(pb, b, c0, nc, cols, is_t);
                         for (int64_t j = 0; j < nc; ++j) {
-                            if (w.near[j] == T(0) && j != jt) continue;
+                            if (w.near[j] == T(0) && !is_t[j]) continue;
                             const Pair<T> pr = pair_direct(in, b, c0 + j, acc.data(), diffp.data());
-                            const T dist = pr.d + (j == jt ? margin : T(0));
+                            const T dist = pr.d + (is_t[j] ? margin : T(0));
                             d[j] = dist;
-                            G[j] = wl * exp_nonpositive(T(double(-g * dist) - lse_b)) + ws + (j == jt ? wt : T(0));
+                            T wt = T(0);  // Σ_k w_tl,bk over the targets in this column (repeats add up)
+                            for (int64_t k = 0; k < K; ++k)
+                                if (cols[k] == j) wt += T(w_tl[b * K + k]);
+                            G[j] = wl * exp_nonpositive(T(double(-g * dist) - lse_b)) + (linp ? linp[j] : ws) + wt;
                             H[j] = -g * G[j];
                             R[j] = pr.r == T(0) ? T(0) : H[j] * lam * pr.s / pr.r;
                             const T Pj = pr.a == T(0) ? T(0) : H[j] / pr.a;
@@ -397,6 +472,7 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                             }
                             Prow[j] = T(0);
                         }
+                        clear_targets<T>(cols, is_t);
                         for (int64_t j = 0; j < nc; ++j) {
                             dsmu[j] -= double(R[j]);
                             colsum[j] += double(Prow[j]);
@@ -492,45 +568,66 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
 }
 
 void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
-                   const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target) {
+                   const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target,
+                   const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& soft_target) {
     check_operands(x, mu, lc, beta, lam, gamma);
-    TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == x.size(0),
-                "target must be int64 [B]");
+    TORCH_CHECK(target.scalar_type() == at::kLong && (target.dim() == 1 || target.dim() == 2) &&
+                    target.size(0) == x.size(0),
+                "target must be int64 [B] or [B, k]");
     TORCH_CHECK(target.device().is_cpu(), "the C++ kernels take CPU tensors");
+    if (class_weight.has_value())
+        TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == mu.size(0) &&
+                        class_weight->scalar_type() == x.scalar_type() && class_weight->device().is_cpu(),
+                    "class_weight must be a CPU tensor [C] of x's dtype");
+    if (soft_target.has_value())
+        TORCH_CHECK(soft_target->dim() == 2 && soft_target->size(0) == x.size(0) &&
+                        soft_target->size(1) == mu.size(0) && soft_target->scalar_type() == x.scalar_type() &&
+                        soft_target->device().is_cpu(),
+                    "soft_target must be a CPU tensor [B, C] of x's dtype");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
-    const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau, double margin) {
-    check_ce_args(x, mu, lc, beta, lam, gamma, target);
+    const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau, double margin,
+    const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& soft_target) {
+    check_ce_args(x, mu, lc, beta, lam, gamma, target, class_weight, soft_target);
     at::NoGradGuard no_grad;  // the ATen calls below are part of this op, not of the autograd graph
     const auto f64 = x.options().dtype(at::kDouble);
-    at::Tensor lse = at::empty({x.size(0)}, f64), tl = at::empty({x.size(0)}, f64), sl = at::empty({x.size(0)}, f64);
-    if (x.size(0) == 0) return {lse, tl, sl};
+    at::Tensor lse = at::empty({x.size(0)}, f64), tl = at::empty(target.sizes(), f64), sl = at::empty({x.size(0)}, f64),
+               pl = at::empty({x.size(0)}, f64);
+    if (x.size(0) == 0) return {lse, tl, sl, pl};
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_fwd", [&] {
         const auto pb = setup<scalar_t>(x.detach().contiguous(), mu.detach().contiguous(), lc.detach().contiguous(),
-                                        beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin);
-        ce_forward<scalar_t>(pb, lse.data_ptr<double>(), tl.data_ptr<double>(), sl.data_ptr<double>());
+                                        beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin,
+                                        class_weight, soft_target);
+        ce_forward<scalar_t>(pb, lse.data_ptr<double>(), tl.data_ptr<double>(), sl.data_ptr<double>(),
+                             pl.data_ptr<double>());
     });
-    return {lse, tl, sl};
+    return {lse, tl, sl, pl};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_bwd_cpu(
     const at::Tensor& w_lse, const at::Tensor& w_tl, const at::Tensor& w_sl, const at::Tensor& lse,
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
-    const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau, double margin) {
-    check_ce_args(x, mu, lc, beta, lam, gamma, target);
+    const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau, double margin,
+    const std::optional<at::Tensor>& w_pl, const std::optional<at::Tensor>& class_weight,
+    const std::optional<at::Tensor>& soft_target) {
+    check_ce_args(x, mu, lc, beta, lam, gamma, target, class_weight, soft_target);
     at::NoGradGuard no_grad;
-    for (const at::Tensor* t : {&w_lse, &w_tl, &w_sl, &lse})
+    for (const at::Tensor* t : {&w_lse, &w_sl, &lse})
         TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0), "the row weights and lse must be [B]");
+    TORCH_CHECK(w_tl.sizes() == target.sizes(), "w_tl must have the target's shape");
+    if (w_pl.has_value()) TORCH_CHECK(w_pl->dim() == 1 && w_pl->size(0) == x.size(0), "w_pl must be [B]");
     const at::Tensor wl = w_lse.to(at::kDouble).contiguous(), wt = w_tl.to(at::kDouble).contiguous(),
                      ws = w_sl.to(at::kDouble).contiguous(), l = lse.to(at::kDouble).contiguous();
+    const at::Tensor wp = w_pl.has_value() ? w_pl->to(at::kDouble).contiguous() : at::Tensor();
     std::vector<at::Tensor> res;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_bwd", [&] {
         const auto pb = setup<scalar_t>(x.detach().contiguous(), mu.detach().contiguous(), lc.detach().contiguous(),
-                                        beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin);
+                                        beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin,
+                                        class_weight, soft_target);
         res = ce_backward<scalar_t>(pb, wl.data_ptr<double>(), wt.data_ptr<double>(), ws.data_ptr<double>(),
-                                    l.data_ptr<double>());
+                                    wp.defined() ? wp.data_ptr<double>() : nullptr, l.data_ptr<double>());
     });
     return {res[0], res[1], res[2], res[3], res[4].to(lam.scalar_type()), res[5].to(gamma.scalar_type())};
 }

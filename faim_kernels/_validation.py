@@ -107,3 +107,67 @@ def check_loss_options(margin, label_smoothing, ignore_index, reduction) -> None
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_class_weight(weight, C: int, x: torch.Tensor) -> None:
+    """F.cross_entropy's `weight`: a floating [C] tensor on x's device (any floating dtype)."""
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be None or a torch.Tensor of shape [C] = [{C}], got {type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != C:
+        raise ValueError(f"weight must have shape [C] = [{C}], got {tuple(weight.shape)}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}: all inputs must be on one device")
+
+
+def check_ce_target(target, B: int, C: int, ignore_index: int, margin, x: torch.Tensor) -> None:
+    """The cross-entropy's target in any of its forms: class indices [B] (check_target), a floating
+    probability target [B, C], or SoftTargets (k pairs per row). The margin sits on a row's one
+    target class, so it needs class indices."""
+    from .targets import SoftTargets
+    if isinstance(target, SoftTargets):
+        classes, probs = target.classes, target.probs
+        if not isinstance(classes, torch.Tensor) or not isinstance(probs, torch.Tensor):
+            raise TypeError("SoftTargets.classes and .probs must be tensors")
+        if classes.dim() != 2 or classes.shape[0] != B or probs.shape != classes.shape:
+            raise ValueError(f"SoftTargets must hold classes and probs of one shape [B, k] = [{B}, k], got "
+                             f"{tuple(classes.shape)} and {tuple(probs.shape)}")
+        if classes.dtype not in (torch.int64, torch.int32) or probs.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"SoftTargets.classes must be int64 (or int32) and .probs floating, got "
+                            f"{classes.dtype} and {probs.dtype}")
+        if classes.device != x.device or probs.device != x.device:
+            raise ValueError(f"SoftTargets are on {classes.device}/{probs.device} but x is on {x.device}")
+        if probs.requires_grad:
+            raise ValueError("SoftTargets.probs requires grad: the fused loss does not differentiate its targets")
+        if not 0.0 <= float(target.smoothing) <= 1.0:
+            raise ValueError(f"SoftTargets.smoothing must be in [0, 1], got {target.smoothing}")
+        if classes.device.type == "cpu" and classes.numel() and not _compiling():
+            if bool((classes < 0).any()) or bool((classes >= C).any()):
+                bad = classes[(classes < 0) | (classes >= C)][0].item()
+                raise ValueError(f"SoftTargets.classes holds class index {bad}, out of range [0, {C})")
+    elif isinstance(target, torch.Tensor) and target.is_floating_point():
+        if target.dim() != 2:
+            raise TypeError(f"target must be an int64 (or int32) tensor of class indices [B], or a floating tensor "
+                            f"of class probabilities [B, C]; got {target.dtype} of shape {tuple(target.shape)}")
+        if tuple(target.shape) != (B, C):
+            raise ValueError(f"a probability target must have shape [B, C] = [{B}, {C}], got {tuple(target.shape)}")
+        if target.device != x.device:
+            raise ValueError(f"target is on {target.device} but x is on {x.device}: all inputs must be on one device")
+        if target.requires_grad:
+            raise ValueError("target requires grad: the fused loss does not differentiate probability targets "
+                             "(detach it, or use backend='reference')")
+    else:
+        check_target(target, B, C, ignore_index, x.device)
+        return
+    if margin != 0.0:
+        raise ValueError(f"margin={margin} needs class-index targets: it moves the one target logit of a row")
+
+
+def check_lse_square_scale(scale) -> None:
+    if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise TypeError(f"lse_square_scale must be a Python float, got {type(scale).__name__}")
+    if not scale >= 0.0:
+        raise ValueError(f"lse_square_scale must be >= 0, got {scale}")

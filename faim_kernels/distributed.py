@@ -5,12 +5,14 @@ Each rank of a process group holds a contiguous slice of the prototypes mu (rank
 [offset_r, offset_r + C_r), slices in rank order; `shard_range` gives an even split) and the same
 x, target, L, beta, lam, gamma as every other rank (x is typically the all-gathered batch). Each
 rank runs the fused kernel on its slice only, which yields per-row statistics of its logits
-(faim_kernels/ops/randers_cross_entropy.py): lse^r, the target logit tl^r (0 unless the target is
-one of its classes) and Σ logits sl^r. Two all-reduces combine them into the statistics of the
-full softmax,
+(faim_kernels/ops/row_stats.py): lse^r, the target logits tl^r (0 unless a target is one of its
+classes), Σ v·logits sl^r and Σ v·P·logits pl^r (class weights v, dense probability target P: the
+rank's columns of both, views). Two all-reduces combine them into the statistics of the full
+softmax,
 
     M_b = max_r lse^r_b                                            (all_reduce MAX, no gradient)
-    lse_b = M_b + log Σ_r exp(lse^r_b − M_b),  tl_b = Σ_r tl^r_b,  sl_b = Σ_r sl^r_b   (all_reduce SUM)
+    lse_b = M_b + log Σ_r exp(lse^r_b − M_b),  tl = Σ_r tl^r,  sl = Σ_r sl^r,  pl = Σ_r pl^r
+                                                                   (all_reduce SUM)
 
 so every rank computes the same loss, equal to the single-process loss. Backward: the sum's
 gradient is passed through unchanged (the loss above it is the same function on every rank), so
@@ -21,7 +23,11 @@ classes, so their gradients are summed over ranks (one all-reduce per dtype): ev
 with the single-process gradient, as data-parallel replicas would, and no extra synchronisation
 of those parameters is needed.
 
-Communication per step: B·8 bytes (MAX) + 3·B·8 bytes (SUM) forward, and the size of the
+Every option of the single-process loss works here (class weights, label smoothing, probability
+targets in both forms, z-loss, return_lse); weight, target (global class indices, [B, C]
+probabilities or SoftTargets) are the same full tensors on every rank.
+
+Communication per step: B·8 bytes (MAX) + (3 + k)·B·8 bytes (SUM) forward (k targets per row), and the size of the
 replicated gradients backward (about B·D + D² + D numbers); nothing of size C.
 
 Example (every rank runs it, e.g. under torchrun; "gloo" for CPU tensors, "nccl" for CUDA):
@@ -46,9 +52,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._validation import check_inputs, check_loss_options, check_target
+from ._validation import (check_ce_target, check_class_weight, check_inputs, check_loss_options,
+                          check_lse_square_scale)
 from .functional import resolve_backend
-from .ops.row_stats import local_targets, loss_from_stats, row_stats
+from .ops.row_stats import loss_from_stats, loss_targets, row_stats
 
 __all__ = ["sharded_randers_cross_entropy", "shard_range"]
 
@@ -119,18 +126,23 @@ def _shard_layout(num_local: int, device: torch.device, group) -> tuple[int, int
 
 def sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6, margin: float = 0.0,
                                   label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-                                  *, group=None, backend: str = "auto") -> torch.Tensor:
+                                  *, weight=None, lse_square_scale: float = 0.0, return_lse: bool = False,
+                                  group=None, backend: str = "auto"):
     """fk.randers_cross_entropy over all ranks' classes, with mu [C_r, D] this rank's contiguous
     slice of the prototypes (slices in rank order, see `shard_range`) and every other argument
-    the same on every rank (target holds global class indices). Returns the same loss on every
+    the same on every rank (target holds global class indices, or is a [B, C] probability target
+    or SoftTargets over all classes; weight, if given, is the [C] weight of all classes). The
+    options are those of fk.randers_cross_entropy. Returns the same loss on every
     rank; backward gives this rank's slice of mu its exact gradient and x, L, beta, lam, gamma
     their full (all-reduced) gradients. group: a torch.distributed process group (default: the
     world); gloo for CPU tensors, NCCL for CUDA tensors. Collective: every rank must call it.
     """
     check_inputs(x, mu, L, beta, lam, gamma, eps)
     check_loss_options(margin, label_smoothing, ignore_index, reduction)
+    check_lse_square_scale(lse_square_scale)
     offset, num_classes = _shard_layout(mu.shape[0], x.device, group)
-    check_target(target, x.shape[0], num_classes, ignore_index, x.device)
+    check_ce_target(target, x.shape[0], num_classes, ignore_index, margin, x)
+    check_class_weight(weight, num_classes, x)
     backend = resolve_backend(backend, x.device, (x.shape[0], mu.shape[0], x.shape[1]), x.dtype)
 
     replicated = [(i, t) for i, t in enumerate((x, L, beta, lam, gamma))
@@ -141,13 +153,18 @@ def sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float
             args[i] = t
     x, L, beta, lam, gamma = args
 
-    valid, local = local_targets(target, ignore_index, offset, mu.shape[0])
-    lse_r, tl_r, sl_r = row_stats(x, mu, L, beta, lam, gamma, local, eps, margin, backend)
+    rows = loss_targets(target, num_classes, ignore_index, label_smoothing, weight, offset, mu.shape[0])
+    lse_r, tl_r, sl_r, pl_r = row_stats(x, mu, L, beta, lam, gamma, rows.kernel_target, eps, margin, backend,
+                                        rows.class_weight, rows.soft_target)
     M = lse_r.detach().clone()
     dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # a row with no class anywhere: −inf
-    sums = _AllReduceSum.apply(torch.stack([torch.exp(lse_r - M), tl_r, sl_r]), group)
-    # sums[0] >= 1 on any row with a class (the maximising rank adds exp(0)); the clamp only keeps
+    B = x.shape[0]
+    packed = torch.cat([torch.stack([torch.exp(lse_r - M), sl_r, pl_r], dim=1), tl_r.reshape(B, -1)], dim=1)
+    sums = _AllReduceSum.apply(packed, group)
+    # sums[:, 0] >= 1 on any row with a class (the maximising rank adds exp(0)); the clamp only keeps
     # log finite on rows with none (all ignored, C = 0), whose loss is masked anyway.
-    lse = M + torch.log(sums[0].clamp_min(torch.finfo(torch.float64).tiny))
-    return loss_from_stats(lse, sums[1], sums[2], valid, num_classes, label_smoothing, reduction, x.dtype)
+    lse = M + torch.log(sums[:, 0].clamp_min(torch.finfo(torch.float64).tiny))
+    loss = loss_from_stats(lse, sums[:, 3:].reshape(tl_r.shape), sums[:, 1], sums[:, 2], rows, reduction, x.dtype,
+                           lse_square_scale)
+    return (loss, lse.to(x.dtype)) if return_lse else loss

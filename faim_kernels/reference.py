@@ -37,13 +37,30 @@ def randers_logits(x, mu, L, beta, lam, gamma, eps: float = 1e-6) -> torch.Tenso
 
 def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6, margin: float = 0.0,
                           label_smoothing: float = 0.0, ignore_index: int = -100,
-                          reduction: str = "mean") -> torch.Tensor:
+                          reduction: str = "mean", *, weight=None, lse_square_scale: float = 0.0,
+                          return_lse: bool = False):
     """F.cross_entropy over the reference logits, the target logit moved by an additive distance
-    margin: logit_bt' = -gamma·(d_bt + margin)   (SPEC §2.2)."""
+    margin: logit_bt' = -gamma·(d_bt + margin)   (SPEC §2.2). target: class indices [B], a float
+    probability target [B, C], or faim_kernels.targets.SoftTargets (made dense here); weight as
+    F.cross_entropy's. lse_square_scale adds s·logsumexp(logits')² per counted row ('mean': averaged
+    over those rows, unweighted); return_lse returns (loss, logsumexp(logits') [B]) as well."""
+    from .targets import SoftTargets  # a leaf module; imported here to keep this file's top plain
     d = randers_distance(x, mu, L, beta, lam, eps)
-    if margin != 0.0:
+    if isinstance(target, SoftTargets):
+        target = target.to_dense(d.shape[1], d.dtype)
+    if target.is_floating_point():
+        valid = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+        target = target.to(d.dtype)
+    else:
         valid = target != ignore_index
-        onehot = F.one_hot(torch.where(valid, target, 0), d.shape[1]).to(d.dtype)
-        d = d + margin * onehot * valid.unsqueeze(1).to(d.dtype)
-    return F.cross_entropy(-gamma * d, target, label_smoothing=label_smoothing,
-                           ignore_index=ignore_index, reduction=reduction)
+        if margin != 0.0:
+            onehot = F.one_hot(torch.where(valid, target, 0), d.shape[1]).to(d.dtype)
+            d = d + margin * onehot * valid.unsqueeze(1).to(d.dtype)
+    logits = -gamma * d
+    loss = F.cross_entropy(logits, target, weight=None if weight is None else weight.to(d.dtype),
+                           label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+    lse = torch.logsumexp(logits, dim=1)
+    if lse_square_scale != 0.0:
+        z = torch.where(valid, lse_square_scale * lse * lse, torch.zeros_like(lse))
+        loss = loss + (z if reduction == "none" else z.sum() / valid.sum() if reduction == "mean" else z.sum())
+    return (loss, lse) if return_lse else loss

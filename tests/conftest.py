@@ -251,7 +251,9 @@ def nearest_targets(inputs):
 
 def check_cross_entropy(inputs, target, backend, fwd_tol=None, grad_tol=None, seed=0, **opts):
     """Loss and ∂(x, mu, L, beta, lam, gamma) of fk.randers_cross_entropy against F.cross_entropy
-    over the einsum logits in float64 (fk.reference.randers_cross_entropy is exactly that)."""
+    over the einsum logits in float64 (fk.reference.randers_cross_entropy is exactly that).
+    target: class indices, a [B, C] probability target or fk.SoftTargets; with return_lse=True
+    the returned logsumexp is checked too and enters the gradient with its own random weights."""
     import faim_kernels as fk
     dtype = inputs[0].dtype
     fwd_tol = fwd_tol or FWD_TOL[dtype]
@@ -259,7 +261,15 @@ def check_cross_entropy(inputs, target, backend, fwd_tol=None, grad_tol=None, se
     inputs = [t.detach().requires_grad_() for t in inputs]
     out = fk.randers_cross_entropy(*inputs, target, backend=backend, **opts)
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    ref = fk.reference.randers_cross_entropy(*ref_inputs, target.long(), **opts)
+    is_index = isinstance(target, torch.Tensor) and not target.is_floating_point()
+    ref = fk.reference.randers_cross_entropy(*ref_inputs, target.long() if is_index else target, **opts)
+    lse_part = None
+    if opts.get("return_lse"):
+        (out, lse), (ref, ref_lse) = out, ref
+        assert lse.dtype == dtype and lse.shape == ref_lse.shape
+        assert_rel_close(lse, ref_lse, fwd_tol, "lse")
+        lse_w = torch.randn(lse.shape, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
+        lse_part = (lse, ref_lse, lse_w.to(lse.device))
     assert out.dtype == dtype and out.shape == ref.shape
     assert_rel_close(out, ref, fwd_tol, "loss")
     weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -267,8 +277,12 @@ def check_cross_entropy(inputs, target, backend, fwd_tol=None, grad_tol=None, se
     if not torch.isfinite(ref).all():  # e.g. 'mean' over no valid row: NaN, and zero gradients
         weight = torch.ones_like(weight)
         out, ref = out.nan_to_num(0.0), ref.nan_to_num(0.0)
-    got = torch.autograd.grad((out.double() * weight).sum(), inputs)
-    want = torch.autograd.grad((ref * weight).sum(), ref_inputs)
+    objective, ref_objective = (out.double() * weight).sum(), (ref * weight).sum()
+    if lse_part is not None:
+        objective = objective + (lse_part[0].double() * lse_part[2]).sum()
+        ref_objective = ref_objective + (lse_part[1] * lse_part[2]).sum()
+    got = torch.autograd.grad(objective, inputs)
+    want = torch.autograd.grad(ref_objective, ref_inputs)
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == dtype, name
         assert_norm_close(g, w, grad_tol, f"d{name}")

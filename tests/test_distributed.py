@@ -30,11 +30,29 @@ CASES = [
          opts=dict(margin=0.2, label_smoothing=0.3, reduction="mean")),
     dict(B=16, C=300, D=8, full=False, dtype=torch.float32, backend="cpp", bounds=None,
          opts=dict(margin=0.1, label_smoothing=0.05, reduction="mean")),
+    # The options of issue 13: class weights, probability targets (dense, and k pairs per row),
+    # z-loss, the returned logsumexp; "form" names the target, "weighted" adds class weights.
+    dict(B=9, C=13, D=4, full=True, dtype=torch.float64, backend="cpp", bounds=None, form="index", weighted=True,
+         opts=dict(label_smoothing=0.2, reduction="mean", lse_square_scale=0.01, return_lse=True)),
+    dict(B=8, C=12, D=3, full=False, dtype=torch.float64, backend="cpp", bounds={2: [0, 0, 12], 3: [0, 9, 9, 12]},
+         form="dense", weighted=True, opts=dict(label_smoothing=0.1, reduction="none", lse_square_scale=0.02)),
+    dict(B=7, C=11, D=5, full=True, dtype=torch.float64, backend="cpp", bounds=None, form="pairs", weighted=True,
+         opts=dict(label_smoothing=0.1, reduction="mean", lse_square_scale=0.01, return_lse=True)),
+    dict(B=6, C=10, D=4, full=False, dtype=torch.float64, backend="cpp", bounds=None, form="pairs", weighted=False,
+         opts=dict(reduction="sum")),
+    dict(B=6, C=10, D=4, full=False, dtype=torch.float64, backend="reference", bounds=None, form="dense",
+         weighted=False, opts=dict(reduction="mean", label_smoothing=0.3)),
 ]
 
 
-def _targets(B, C, seed):
-    target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(seed))
+def _targets(B, C, seed, form="index"):
+    g = torch.Generator().manual_seed(seed)
+    if form == "dense":
+        return torch.softmax(3 * torch.randn(B, C, generator=g, dtype=torch.float64), dim=1)
+    if form == "pairs":  # mixup of each row with another, per-row lam, and timm's smoothing
+        a, b = torch.randint(0, C, (2, B), generator=g)
+        return fk.mixup_soft_targets(a, b, torch.rand(B, generator=g), smoothing=0.1)
+    target = torch.randint(0, C, (B,), generator=g)
     target[1::4] = -100
     return target
 
@@ -42,24 +60,38 @@ def _targets(B, C, seed):
 def _run_case(case, rank, world, seed, group=None):
     B, C, D, dtype = case["B"], case["C"], case["D"], case["dtype"]
     full_inputs = make_inputs(B, C, D, full=case["full"], dtype=dtype, seed=seed, requires_grad=True)
-    target = _targets(B, C, seed)
-    weight = torch.randn(B if case["opts"]["reduction"] == "none" else (), dtype=torch.float64,
+    target = _targets(B, C, seed, case.get("form", "index"))
+    opts = dict(case["opts"])
+    if case.get("weighted"):
+        opts["weight"] = 0.2 + torch.rand(C, dtype=dtype, generator=torch.Generator().manual_seed(seed + 2))
+    return_lse = opts.get("return_lse", False)
+    weight = torch.randn(B if opts["reduction"] == "none" else (), dtype=torch.float64,
                          generator=torch.Generator().manual_seed(seed + 1))
-    loss1 = fk.randers_cross_entropy(*full_inputs, target, backend=case["backend"], **case["opts"])
-    grads1 = torch.autograd.grad((loss1.double() * weight).sum(), full_inputs)
+    lse_weight = torch.randn(B, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 3))
+
+    def objective(out):  # the loss and, where returned, the logsumexp, weighted at random
+        loss, lse = out if return_lse else (out, None)
+        return (loss.double() * weight).sum() + (0.0 if lse is None else (lse.double() * lse_weight).sum())
+
+    out1 = fk.randers_cross_entropy(*full_inputs, target, backend=case["backend"], **opts)
+    loss1 = out1[0] if return_lse else out1
+    grads1 = torch.autograd.grad(objective(out1), full_inputs)
 
     bounds = case["bounds"][world] if case["bounds"] else None
     start, stop = (bounds[rank], bounds[rank + 1]) if bounds else shard_range(C, rank, world)
     x, mu, L, beta, lam, gamma = [t.detach().clone().requires_grad_() for t in full_inputs]
     mu_shard = mu[start:stop].detach().clone().requires_grad_()
-    loss = sharded_randers_cross_entropy(x, mu_shard, L, beta, lam, gamma, target, backend=case["backend"],
-                                         group=group, **case["opts"])
-    (loss.double() * weight).sum().backward()
+    out = sharded_randers_cross_entropy(x, mu_shard, L, beta, lam, gamma, target, backend=case["backend"],
+                                        group=group, **opts)
+    objective(out).backward()
+    loss = out[0] if return_lse else out
 
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     where = f"rank {rank}/{world}, case {case}"
     assert loss.dtype == dtype, where
     assert_rel_close(loss, loss1, tol, f"loss ({where})")
+    if return_lse:
+        assert_rel_close(out[1], out1[1], tol, f"lse ({where})")
     for name, t, g1 in zip(NAMES, (x, L, beta, lam, gamma), (grads1[0],) + grads1[2:]):
         assert_norm_close(t.grad, g1, 10 * tol, f"d{name} ({where})")
     assert mu_shard.grad.shape == (stop - start, D)
@@ -132,6 +164,8 @@ def test_one_rank_and_validation(single_process_group):
     _run_case(CASES[0], 0, 1, seed=3)
     if INTERPRET:  # the Triton kernels through the same layer (small: the interpreter is slow)
         _run_case(dict(CASES[0], B=5, C=7, D=3, backend="triton"), 0, 1, seed=4)
+        pairs_case = next(c for c in CASES if c.get("form") == "pairs" and c.get("weighted"))
+        _run_case(dict(pairs_case, B=5, C=7, D=3, backend="triton"), 0, 1, seed=5)
     x, mu, L, beta, lam, gamma = make_inputs(4, 5, 3)
     with pytest.raises(ValueError, match="out of range"):
         sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, torch.tensor([0, 1, 2, 5]))

@@ -454,3 +454,32 @@ def test_init_from_features_edge_cases():
         head.init_from_features(X, y, shrinkage=1.5)
     with pytest.raises(ValueError, match="scatter is zero"):
         head.init_from_features(X[:4], torch.arange(4))
+
+
+def test_head_loss_options_with_leading_dims():
+    """FAIMHead.loss takes class weights, the z-loss, return_lse and both probability-target forms
+    with x's leading dims, as F.cross_entropy over head(x) (z-loss and lse from its logits)."""
+    head = fk.FAIMHead(5, 6, dtype=torch.float64)
+    x = torch.randn(2, 3, 5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    weight = 0.5 + torch.rand(6, dtype=torch.float64, generator=g)
+    classes = torch.randint(0, 6, (2, 3, 2), generator=g)
+    probs = torch.rand(2, 3, 2, dtype=torch.float64, generator=g)
+    compact = fk.SoftTargets(classes, probs / probs.sum(-1, keepdim=True), smoothing=0.1)
+    dense = fk.SoftTargets(classes.reshape(6, 2), compact.probs.reshape(6, 2), 0.1).to_dense(6).reshape(2, 3, 6)
+    logits = head(x).reshape(6, 6)
+    for target in (compact, dense):
+        ref = F.cross_entropy(logits, dense.reshape(6, 6), weight=weight, label_smoothing=0.05, reduction="none")
+        lse_ref = torch.logsumexp(logits, dim=1)
+        loss, lse = head.loss(x, target, weight=weight, label_smoothing=0.05, reduction="none",
+                              lse_square_scale=0.01, return_lse=True)
+        assert loss.shape == (2, 3) and lse.shape == (2, 3)
+        assert_rel_close(loss.reshape(6), ref + 0.01 * lse_ref ** 2, 1e-10, "loss")
+        assert_rel_close(lse.reshape(6), lse_ref, 1e-10, "lse")
+    index = torch.randint(0, 6, (2, 3), generator=g)
+    assert_rel_close(head.loss(x, index, weight=weight),
+                     F.cross_entropy(logits, index.reshape(6), weight=weight), 1e-10, "weighted loss")
+    with pytest.raises(ValueError, match="probability target must have shape"):
+        head.loss(x, dense.reshape(6, 6))
+    with pytest.raises(ValueError, match="SoftTargets must have"):
+        head.loss(x, fk.SoftTargets(classes.reshape(6, 2), probs.reshape(6, 2)))

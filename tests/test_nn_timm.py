@@ -60,6 +60,21 @@ def test_reset_classifier_then_assign_and_state_dict_round_trip():
     torch.testing.assert_close(other(x), out)
 
 
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+def test_mixup_labels_through_the_compact_target(mode):
+    """timm's Mixup/CutMix output converts to SoftTargets (fk.soft_targets_from_dense), and the head's
+    loss on it equals F.cross_entropy of the logits against timm's dense target."""
+    from timm.data import Mixup
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10, mode=mode)
+    x, target = _images(4), torch.tensor([1, 7, 3, 3])
+    _, dense = mixup(x, target)
+    compact = fk.soft_targets_from_dense(dense)
+    torch.testing.assert_close(compact.to_dense(10), dense)
+    head = fk.FAIMHead(8, 10)
+    feats = torch.randn(4, 8)
+    torch.testing.assert_close(head.loss(feats, compact), torch.nn.functional.cross_entropy(head(feats), dense))
+
+
 # -- FAIMHead trains like nn.Linear on ResNet-18 (the criterion of tests/test_nn_training.py) ------
 
 def _resnet_run(head_kind: str, recipe: str, from_features: bool = False, steps: int = 8) -> list[float]:

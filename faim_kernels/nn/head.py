@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import functional as _F
 from .._validation import check_backend
+from ..targets import SoftTargets
 from .losses import randers_paired_distance
 
 __all__ = ["RandersMetric", "FAIMHead", "swap_classifier", "ledoit_wolf_shrinkage"]
@@ -279,20 +280,42 @@ class FAIMHead(_MetricParams):
         return _F.randers_distance(xf, mu, L, beta, lam, eps=self.eps, backend=self.backend).reshape(
             *lead, self.num_classes)
 
-    def loss(self, x: torch.Tensor, target: torch.Tensor, **ce_options) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, target, **ce_options):
         """F.cross_entropy(self(x), target) without forming the logits (fk.randers_cross_entropy).
 
-        ce_options: margin (an additive distance margin on the target class, CosFace-style:
-        logit_t = −γ·(d_t + margin)), label_smoothing, ignore_index, reduction, as in
-        fk.randers_cross_entropy. x [..., D] with target [...].
+        target: class indices [...] (x's leading dims), class probabilities [..., C], or
+        fk.SoftTargets with classes and probs [..., k] (e.g. fk.mixup_soft_targets of timm's Mixup
+        labels: no [B, C] tensor at all). ce_options: margin (an additive distance margin on the
+        target class, CosFace-style: logit_t = −γ·(d_t + margin); class indices only), weight,
+        label_smoothing, ignore_index, reduction, lse_square_scale (z-loss), return_lse, as in
+        fk.randers_cross_entropy. reduction="none" and the returned lse have x's leading shape.
         """
-        if isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor) and target.shape != x.shape[:-1]:
-            raise ValueError(f"target must have shape {tuple(x.shape[:-1])} (x's leading dims), got {tuple(target.shape)}")
+        lead = tuple(x.shape[:-1]) if isinstance(x, torch.Tensor) else None
+        if isinstance(target, SoftTargets):
+            if lead is not None and tuple(target.classes.shape[:-1]) != lead:
+                raise ValueError(f"SoftTargets must have classes and probs of shape {lead + ('k',)}, got "
+                                 f"{tuple(target.classes.shape)}")
+            k = target.classes.shape[-1]
+            flat = SoftTargets(target.classes.reshape(-1, k), target.probs.reshape(-1, k), target.smoothing)
+        elif isinstance(target, torch.Tensor) and target.is_floating_point():
+            if lead is not None and tuple(target.shape) != lead + (self.num_classes,):
+                raise ValueError(f"a probability target must have shape {lead + (self.num_classes,)}, got "
+                                 f"{tuple(target.shape)}")
+            flat = target.reshape(-1, self.num_classes)  # a view where it can be: never a copy of a contiguous target
+        else:
+            if isinstance(target, torch.Tensor) and lead is not None and tuple(target.shape) != lead:
+                raise ValueError(f"target must have shape {lead} (x's leading dims), got {tuple(target.shape)}")
+            flat = target.reshape(-1)
         reduction = ce_options.get("reduction", "mean")
         xf, mu, L, beta, lam, gamma = self._prepare(x)
-        out = _F.randers_cross_entropy(xf, mu, L, beta, lam, gamma, target.reshape(-1), eps=self.eps,
-                                       backend=self.backend, **ce_options)
-        return out.reshape(target.shape) if reduction == "none" else out
+        out = _F.randers_cross_entropy(xf, mu, L, beta, lam, gamma, flat, eps=self.eps, backend=self.backend,
+                                       **ce_options)
+        loss, lse = out if ce_options.get("return_lse", False) else (out, None)
+        if reduction == "none" and lead is not None:
+            loss = loss.reshape(lead)
+        if lse is None:
+            return loss
+        return loss, lse.reshape(lead) if lead is not None else lse
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The nearest prototype in d_F: argmin_c d_F(x, mu_c) [...] (= argmax of the logits)."""

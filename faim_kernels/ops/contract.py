@@ -23,18 +23,30 @@ Cross-entropy (SPEC §2.2): the kernels never form [B, C]; the forward returns p
 the margin logits logit'_bc = −γ·(d_bc + margin·[c = t_b]) and the loss is an O(B) function of them
 (faim_kernels/ops/row_stats.py).
 
-    randers_cross_entropy(x, mu, lc, beta, lam, gamma, target, eps, tau, margin) -> (lse, tl, sl)
-        float64 [B] each: logsumexp_c logit'_bc, logit'_b,t_b (0 where the row has no target among
-        these classes: target −1) and Σ_c logit'_bc.
+    randers_cross_entropy(x, mu, lc, beta, lam, gamma, target, eps, tau, margin,
+                          class_weight=None, soft_target=None) -> (lse, tl, sl, pl)
+        float64 each: lse [B] = logsumexp_c logit'_bc; tl (target's shape, [B] or [B, k]) the logits
+        at the target classes (0 where an index is −1: no target among these classes); with v_c the
+        class weights (1 without them) and P the dense probability target [B, C] (read in place,
+        through its strides), sl [B] = Σ_c v_c·logit'_bc and pl [B] = Σ_c v_c·P_bc·logit'_bc (0
+        without P). The margin sits on every class listed in target (the loss allows it with one
+        class per row only).
     randers_cross_entropy_backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps,
-                                   tau, margin) -> (dx, dmu, dlc, dbeta, dlam, dgamma)
-        for the per-row weights w = ∂loss/∂(lse, tl, sl); recomputes each tile (no [B, C] exists).
+                                   tau, margin, w_pl=None, class_weight=None, soft_target=None)
+        -> (dx, dmu, dlc, dbeta, dlam, dgamma)
+        for the per-row weights w = ∂loss/∂(lse, tl, sl, pl), so that ∂loss/∂logit'_bc =
+        w_lse,b·softmax_bc + Σ_k w_tl,bk·[c = t_bk] + v_c·(w_sl,b + w_pl,b·P_bc); recomputes each
+        tile (no [B, C] exists).
+        Every option of the loss (class weights, label smoothing, probability targets in both
+        forms, z-loss) is a combination of these O(B·k) statistics (faim_kernels/ops/row_stats.py).
 
 Common conventions: x and mu share one floating dtype: float32 or float64 for the C++ kernels and
 the Triton cross-entropy (the dispatch layer computes half inputs in float32 there), any of the
 four for the Triton logits kernels; lc and beta come in the compute dtype (float64 for float64
 x, else float32: the near-pair recomputation needs Lc at full precision); lam, gamma are 0-dim
-floating tensors of any dtype (read as float64; their gradients come back in their dtype); target int64 [B]; eps, tau, margin
+floating tensors of any dtype (read as float64; their gradients come back in their dtype); target int64 [B]
+or [B, k]; class_weight [C] in the compute dtype; soft_target [B, C] any strides (the compute dtype for the
+C++ kernels, any floating dtype for Triton's); eps, tau, margin
 Python floats; tau is the near-pair threshold of transform.risk_threshold. Gradients come back in
 their input's dtype.
 """
@@ -51,10 +63,12 @@ _LIB.define("randers_logits_backward(Tensor grad, Tensor logits, Tensor x, Tenso
             "Tensor lam, Tensor gamma, Tensor xp, Tensor mup, Tensor sx, Tensor smu, float eps, float tau) "
             "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("randers_cross_entropy(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, "
-            "Tensor target, float eps, float tau, float margin) -> (Tensor, Tensor, Tensor)")
+            "Tensor target, float eps, float tau, float margin, Tensor? class_weight=None, "
+            "Tensor? soft_target=None) -> (Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_tl, Tensor w_sl, Tensor lse, Tensor x, "
             "Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
-            "float margin) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+            "float margin, Tensor? w_pl=None, Tensor? class_weight=None, Tensor? soft_target=None) "
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 ops = torch.ops.faim_kernels
 logits_op = ops.randers_logits.default
@@ -86,12 +100,14 @@ def _logits_backward_fake(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx
 
 
 @torch.library.register_fake(cross_entropy_op)
-def _cross_entropy_fake(x, mu, lc, beta, lam, gamma, target, eps, tau, margin):
-    return tuple(x.new_empty((x.shape[0],), dtype=torch.float64) for _ in range(3))
+def _cross_entropy_fake(x, mu, lc, beta, lam, gamma, target, eps, tau, margin, class_weight=None, soft_target=None):
+    row = x.new_empty((x.shape[0],), dtype=torch.float64)
+    return row, x.new_empty(target.shape, dtype=torch.float64), row.new_empty(row.shape), row.new_empty(row.shape)
 
 
 @torch.library.register_fake(cross_entropy_backward_op)
-def _cross_entropy_backward_fake(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps, tau, margin):
+def _cross_entropy_backward_fake(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps, tau, margin,
+                                 w_pl=None, class_weight=None, soft_target=None):
     return _like(x, mu, lc, beta, lam, gamma)
 
 
@@ -119,18 +135,25 @@ def _logits_backward_with(backward):
 
 
 def _ce_setup_context(ctx, inputs, output):
-    x, mu, lc, beta, lam, gamma, target, eps, tau, margin = inputs
-    ctx.save_for_backward(output[0], x, mu, lc, beta, lam, gamma, target)
+    x, mu, lc, beta, lam, gamma, target, eps, tau, margin, *options = inputs
+    class_weight, soft_target = (options + [None, None])[:2]
+    ctx.save_for_backward(output[0], x, mu, lc, beta, lam, gamma, target, class_weight, soft_target)
     ctx.eps, ctx.tau, ctx.margin = eps, tau, margin
+    ctx.num_inputs = len(inputs)
 
 
 def _ce_backward_with(backward):
-    def _backward(ctx, w_lse, w_tl, w_sl):
-        lse, x, mu, lc, beta, lam, gamma, target = ctx.saved_tensors
-        w = [torch.zeros_like(lse) if g is None else g for g in (w_lse, w_tl, w_sl)]
-        dx, dmu, dlc, dbeta, dlam, dgamma = backward(*w, lse, x, mu, lc, beta, lam, gamma, target, ctx.eps, ctx.tau,
-                                                     ctx.margin)
-        return dx, dmu, dlc, dbeta, dlam, dgamma, None, None, None, None
+    def _backward(ctx, w_lse, w_tl, w_sl, w_pl):
+        lse, x, mu, lc, beta, lam, gamma, target, class_weight, soft_target = ctx.saved_tensors
+        w_lse, w_sl = [torch.zeros_like(lse) if g is None else g for g in (w_lse, w_sl)]
+        w_tl = torch.zeros(target.shape, dtype=lse.dtype, device=lse.device) if w_tl is None else w_tl
+        # The targets, weights and the margin are not differentiated (F.cross_entropy's class weights
+        # are not either; probability targets that require grad are refused by the loss).
+        options = {} if w_pl is None and class_weight is None and soft_target is None else dict(
+            w_pl=w_pl, class_weight=class_weight, soft_target=soft_target)
+        dx, dmu, dlc, dbeta, dlam, dgamma = backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target,
+                                                     ctx.eps, ctx.tau, ctx.margin, **options)
+        return (dx, dmu, dlc, dbeta, dlam, dgamma) + (None,) * (ctx.num_inputs - 6)
     return _backward
 
 

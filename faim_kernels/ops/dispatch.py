@@ -121,12 +121,22 @@ def fused_logits(x, mu, L, beta, lam, gamma, eps: float, backend: str) -> torch.
     return out[0].to(x.dtype)
 
 
-def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, backend: str):
-    """(lse, tl, sl) float64 [B] through `backend`'s fused cross-entropy op; target holds class
-    indices local to mu's rows, −1 where the row has none of them."""
+def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, backend: str,
+                    class_weight=None, soft_target=None):
+    """(lse, tl, sl, pl) float64 through `backend`'s fused cross-entropy op; target holds class
+    indices local to mu's rows ([B] or [B, k]), −1 where the row has none of them; class_weight [C]
+    and the dense probability target soft_target [B, C] are optional (ops/row_stats.py)."""
     dtype = _kernel_dtype(backend, x.dtype, "cross_entropy")
     _, ce_op = _ops(backend, x.device)
     lc = metric_factor(L, eps, dtype)
+    options = ()
+    if class_weight is not None or soft_target is not None:
+        # The Triton kernels read the target in any floating dtype through its strides; the C++
+        # kernels read it in the compute dtype (a copy only where the dtypes differ).
+        if soft_target is not None and (backend == "cpp" or soft_target.dtype not in (torch.float32, torch.float64)):
+            soft_target = soft_target.to(dtype)
+        options = (None if class_weight is None else class_weight.detach().to(dtype),
+                   None if soft_target is None else soft_target.detach())
     return ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(dtype), _scalar(lam, x.device),
                  _scalar(gamma, x.device), target.to(torch.int64), float(eps),
-                 transform.risk_threshold(x.shape[1], dtype), float(margin))
+                 transform.risk_threshold(x.shape[1], dtype), float(margin), *options)

@@ -8,8 +8,10 @@ cut-cross-entropy specialises its kernels), and its launcher.
             where γ = 0 (the logits carry no d) the second launch recomputes the tiles. Half logits
             take the recomputed tile (their rounding would put a off by ~4e-3).
     CE = 1  cross-entropy family: nothing of size [B, C] exists; each tile recomputes q and
-            G = w_lse·exp(logit' − lse) + w_sl + w_tl·[c = t], logit' = −γ·(d + margin·[c = t]),
-            with every target pair taken through the exact path (the margin sits on it).
+            G = w_lse·exp(logit' − lse) + v_c·(w_sl + w_pl·P_bc) + Σ_k w_tl,k·[c = t_k],
+            logit' = −γ·(d + margin·[c ∈ t]), with every target pair taken through the exact path
+            (the margin sits on it); class weights v (HAS_WEIGHT) and the dense probability
+            target P (HAS_SOFT, read through its strides) are optional, N_TGT targets per row.
 
 The kernel runs twice per op, once per side (x' rows, then mu' rows: own and other swap roles; s
 and the raw difference change sign with them, which the formulas absorb). A program owns a block
@@ -37,20 +39,46 @@ from .common import _cast, _direct_pairs, _gemm_q, _load_eps, _mm, _pair_distanc
 
 
 @triton.jit
-def _ce_grad(d, is_t, w_lse, w_tl, w_sl, lse, gamma, margin):
+def _ce_grad(d, is_t, w_t, w_lse, lin, lse, gamma, margin):
     """(G, dist) of the cross-entropy: dist = d + margin·[target], logit' = −γ·dist,
-    G = ∂loss/∂logit' = w_lse·exp(logit' − lse) + w_sl + w_tl·[target]."""
+    G = ∂loss/∂logit' = w_lse·exp(logit' − lse) + lin + w_t, with lin = v·(w_sl + w_pl·P) and w_t
+    the summed w_tl of the row's targets on this class."""
     dist = d + tl.where(is_t, margin, 0.0)
-    G = w_lse * tl.exp(-gamma * dist - lse) + w_sl + tl.where(is_t, w_tl, 0.0)
+    G = w_lse * tl.exp(-gamma * dist - lse) + lin + w_t
     return G, dist
+
+
+@triton.jit
+def _ce_pair_data(row, cls, row_m, cls_m, m, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr, cw_ptr, soft_ptr,
+                  stride_sb, stride_sc, acc_t: tl.constexpr, N_TGT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                  HAS_SOFT: tl.constexpr):
+    """(is_t, w_t, lin) of _ce_grad for the pairs (row, cls), masked by m: is_t, cls is one of the
+    row's targets; w_t = Σ_k w_tl[row, k]·[cls = t_k]; lin = v_cls·(w_sl[row] + w_pl[row]·P[row, cls]).
+    row and cls broadcast to m's shape ([O, 1] and [1, T] in a tile: the per-row data is loaded once
+    per row, masked by row_m, the per-class data once per class, by cls_m)."""
+    is_t = (row < 0) & m
+    w_t = tl.where(m, 0.0, 0.0).to(acc_t)
+    for k in tl.static_range(N_TGT):
+        hit = (tl.load(tgt_ptr + row * N_TGT + k, mask=row_m, other=-1) == cls) & m
+        is_t = is_t | hit
+        w_t += tl.where(hit, tl.load(w_tl_ptr + row * N_TGT + k, mask=row_m, other=0.0).to(acc_t), 0.0)
+    lin = tl.load(w_sl_ptr + row, mask=row_m, other=0.0).to(acc_t)
+    if HAS_SOFT:
+        p = tl.load(soft_ptr + row * stride_sb + cls * stride_sc, mask=m, other=0.0).to(acc_t)
+        lin = lin + tl.load(w_pl_ptr + row, mask=row_m, other=0.0).to(acc_t) * p
+    if HAS_WEIGHT:
+        lin = lin * tl.load(cw_ptr + cls, mask=cls_m, other=0.0).to(acc_t)
+    return is_t, w_t, lin
 
 
 @triton.jit
 def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D,
                  s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                  tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
+                 w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
                  CE: tl.constexpr, OWN_IS_X: tl.constexpr, FULL: tl.constexpr, NP: tl.constexpr,
-                 NEAR_K: tl.constexpr, BLOCK_D: tl.constexpr, NEAR_DOT: tl.constexpr):
+                 NEAR_K: tl.constexpr, BLOCK_D: tl.constexpr, NEAR_DOT: tl.constexpr,
+                 N_TGT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFT: tl.constexpr):
     """The terms of NP pairs at risk (own row b_v, other row j_v; em masks the block) from the raw
     difference: (P·diff'[:, d0 : d0 + BLOCK_D], R, H·r, G·dist), zero where ~em."""
     q, diff = _direct_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D, FULL, NP, NEAR_K, BLOCK_D,
@@ -64,10 +92,9 @@ def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D,
             row, cls = b_v, j_v
         else:
             row, cls = j_v, b_v
-        G, dist = _ce_grad(d, tl.load(tgt_ptr + row, mask=em, other=-1) == cls,
-                           tl.load(w_lse_ptr + row, mask=em, other=0.0).to(acc_t),
-                           tl.load(w_tl_ptr + row, mask=em, other=0.0).to(acc_t),
-                           tl.load(w_sl_ptr + row, mask=em, other=0.0).to(acc_t),
+        is_t, w_t, lin = _ce_pair_data(row, cls, em, em, em, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr, cw_ptr,
+                                       soft_ptr, stride_sb, stride_sc, acc_t, N_TGT, HAS_WEIGHT, HAS_SOFT)
+        G, dist = _ce_grad(d, is_t, w_t, tl.load(w_lse_ptr + row, mask=em, other=0.0).to(acc_t), lin,
                            tl.load(lse_ptr + row, mask=em, other=0.0).to(acc_t), gamma, margin)
     else:
         G = tl.load(g_ptr + b_v * stride_g_own + j_v * stride_g_oth, mask=em, other=0.0).to(acc_t)
@@ -87,13 +114,15 @@ def _backward_kernel(
         g_ptr, stride_g_own, stride_g_oth,                          # logits family: ∂loss/∂logits
         lg_ptr, stride_lg_own, stride_lg_oth,                       # FROM_LOGITS: the forward's logits
         tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, margin_ptr,  # CE family: [B] each, batch side
+        w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,             # CE: w_pl [B], weights [C], P [B, C]
         lam_ptr, gamma_ptr, dp_ptr, ds_ptr, scal_ptr, near_ptr, overflow_ptr,
         n_own, n_oth, D, eps_hi, eps_lo, tau, oth_per_split, near_cap,
         KEY_O, KEY_T, KEY_V,  # power-of-two buckets of n_own and n_oth, the variant: the autotuning key only
         BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         CE: tl.constexpr, OWN_IS_X: tl.constexpr, FROM_LOGITS: tl.constexpr, GAMMA0: tl.constexpr,
         FULL: tl.constexpr, INLINE: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr, NEAR_P: tl.constexpr,
-        NEAR_K: tl.constexpr, NEAR_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr, LOCAL64: tl.constexpr):
+        NEAR_K: tl.constexpr, NEAR_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr, LOCAL64: tl.constexpr,
+        N_TGT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFT: tl.constexpr):
     """Partial ∂own'[rows, chunk of D] over one split of the other side (module docstring).
 
     grid = (row blocks of own, splits of oth, chunks of D). Writes dp[split, row, d] (acc dtype),
@@ -147,10 +176,7 @@ def _backward_kernel(
     if CE:
         margin = tl.load(margin_ptr).to(acc_t)
         if OWN_IS_X:
-            tgt_o = tl.load(tgt_ptr + ro, mask=om, other=-1)
             w_lse_o = tl.load(w_lse_ptr + ro, mask=om, other=0.0).to(acc_t)
-            w_tl_o = tl.load(w_tl_ptr + ro, mask=om, other=0.0).to(acc_t)
-            w_sl_o = tl.load(w_sl_ptr + ro, mask=om, other=0.0).to(acc_t)
             lse_o = tl.load(lse_ptr + ro, mask=om, other=0.0).to(acc_t)
     rowsum = tl.zeros((BLOCK_O,), dtype=acc_t)              # Σ_j P_ij over far pairs
     pm_acc = tl.zeros((BLOCK_O, BLOCK_D), dtype=acc_t)      # Σ_j P_ij·oth'_j − near terms
@@ -199,18 +225,18 @@ def _backward_kernel(
         oth = tl.load(oth_block + lt[:, None] * D + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
         a, r, d, ia, ir = _pair_distance(q, s, lam, eps)
         if CE:
-            if OWN_IS_X:
-                is_t = tgt_o[:, None] == rt[None, :]
-                w_lse, w_tl, w_sl, lse = w_lse_o[:, None], w_tl_o[:, None], w_sl_o[:, None], lse_o[:, None]
+            if OWN_IS_X:  # batch rows down the tile, classes across
+                ce_row, ce_cls, row_m, cls_m = ro[:, None], rt[None, :], om[:, None], tm[None, :]
+                w_lse, lse = w_lse_o[:, None], lse_o[:, None]
             else:
-                is_t = ro[:, None] == tl.load(tgt_ptr + rt, mask=tm, other=-1)[None, :]
+                ce_row, ce_cls, row_m, cls_m = rt[None, :], ro[:, None], tm[None, :], om[:, None]
                 w_lse = tl.load(w_lse_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
-                w_tl = tl.load(w_tl_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
-                w_sl = tl.load(w_sl_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
                 lse = tl.load(lse_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
-            is_t = is_t & valid
-            near = near | is_t  # the target pair carries the margin: always exact
-            G, dist = _ce_grad(d, is_t, w_lse + zero, w_tl + zero, w_sl + zero, lse + zero, gamma, margin)
+            is_t, w_t, lin = _ce_pair_data(ce_row, ce_cls, row_m, cls_m, valid, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr,
+                                           cw_ptr, soft_ptr, stride_sb, stride_sc, acc_t, N_TGT, HAS_WEIGHT,
+                                           HAS_SOFT)
+            near = near | is_t  # the target pairs carry the margin: always exact
+            G, dist = _ce_grad(d, is_t, w_t, w_lse + zero, lin, lse + zero, gamma, margin)
         else:
             g_block = g_ptr + (o0.to(tl.int64) * stride_g_own + tl.cast(t0, tl.int64) * stride_g_oth)
             G = tl.load(g_block + g_rows + lt[None, :] * stride_g_oth, mask=valid, other=0.0).to(acc_t)
@@ -240,7 +266,8 @@ def _backward_kernel(
                     own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, b_v >= 0, pid_d * BLOCK_D, D,
                     s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                     tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
-                    CE, OWN_IS_X, FULL, 1, NEAR_K, BLOCK_D, False)
+                    w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
+                    CE, OWN_IS_X, FULL, 1, NEAR_K, BLOCK_D, False, N_TGT, HAS_WEIGHT, HAS_SOFT)
                 row = rloc == i
                 pm_acc -= tl.where(row[:, None], pd, 0.0)
                 rsum += tl.where(row, tl.sum(R_e), 0.0).to(tl.float64)
@@ -271,7 +298,8 @@ def _backward_kernel(
                 own_raw_ptr, oth_raw_ptr, lc_ptr, o0.to(tl.int64) + i_v, code // BLOCK_O, em, pid_d * BLOCK_D, D,
                 s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                 tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
-                CE, OWN_IS_X, FULL, NEAR_P, NEAR_K, BLOCK_D, NEAR_DOT)
+                w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
+                CE, OWN_IS_X, FULL, NEAR_P, NEAR_K, BLOCK_D, NEAR_DOT, N_TGT, HAS_WEIGHT, HAS_SOFT)
             onehot = (rloc[:, None] == i_v[None, :]) & em[None, :]
             pm_acc = _mm(onehot.to(acc_t), -pd, pm_acc, 2 if IMPL == 2 else 0, "ieee")
             rsum += tl.sum(tl.where(onehot, R_e[None, :], 0.0), axis=1).to(tl.float64)
@@ -299,8 +327,8 @@ _TUNED = {name: configs.tuned(_backward_kernel, cfgs, ["KEY_O", "KEY_T", "KEY_V"
 def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None):
     """One pass of the kernel for `o` (a common.Operands), own side x' (own_is_x) or mu'.
     Logits family: grad [B, C] (any strides) and, for FROM_LOGITS, the forward's logits (None:
-    recompute the tiles). CE family: ce = (target, w_lse, w_tl, w_sl, lse, margin) on the batch
-    side. Returns (∂own' [n_own, D] in the compute dtype, ∂s_own [n_own] float64,
+    recompute the tiles). CE family: ce = (target [B, N_TGT], w_lse, w_tl, w_sl, w_pl, lse, margin,
+    class weights, dense target, its two strides, constexpr flags) from cross_entropy._options. Returns (∂own' [n_own, D] in the compute dtype, ∂s_own [n_own] float64,
     (Σ H·r, −Σ G·dist) as 0-dim float64 tensors on the x side, else None)."""
     if own_is_x:
         own, oth, own_n, oth_n, s_own, s_oth, own_raw, oth_raw = o.xp, o.mup, o.xn, o.mn, o.sx, o.smu, o.x, o.mu
@@ -331,24 +359,27 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None):
     from_logits = logits is not None
     if is_ce:
         g, g_strides, lg, lg_strides = o.lam, (0, 0), o.lam, (0, 0)
-        target, w_lse, w_tl, w_sl, lse, margin = ce
+        target, w_lse, w_tl, w_sl, w_pl, lse, margin, cw, soft, s_b, s_c, ce_flags = ce
     else:
         g = grad
         g_strides = (g.stride(0), g.stride(1)) if own_is_x else (g.stride(1), g.stride(0))
         lg = logits if from_logits else g
         lg_strides = (lg.stride(0), lg.stride(1)) if own_is_x else (lg.stride(1), lg.stride(0))
-        target = w_lse = w_tl = w_sl = lse = margin = o.lam
+        target = w_lse = w_tl = w_sl = w_pl = lse = margin = cw = soft = o.lam
+        s_b = s_c = 0
+        ce_flags = dict(N_TGT=1, HAS_WEIGHT=False, HAS_SOFT=False)
     near_p, near_k, _, near_dot = o.near_tiles()
     grid = lambda meta: (triton.cdiv(n_own, meta["BLOCK_O"]), splits, n_chunks)  # noqa: E731
     args = (own, oth, own_n, oth_n, *s_own, *s_oth, own_raw, oth_raw, o.lc,
             g, *g_strides, lg, *lg_strides, target, w_lse, w_tl, w_sl, lse, margin,
-            o.lam, o.gamma, dp, ds, scal, notes, overflow,
+            w_pl, cw, soft, s_b, s_c, o.lam, o.gamma, dp, ds, scal, notes, overflow,
             n_own, n_oth, D, o.eps_hi, o.eps_lo, o.tau, per_split, near_cap,
             triton.next_power_of_2(n_own), triton.next_power_of_2(n_oth))
     strides = [abs(v) for v in (*g_strides, *lg_strides)]
     meta = dict(BLOCK_D=block_d, CE=is_ce, OWN_IS_X=own_is_x, FULL=o.full, IMPL=o.impl,
                 PREC=o.prec, NEAR_P=near_p, NEAR_K=near_k, NEAR_DOT=near_dot, BF16_BY_HAND=o.bf16_by_hand,
-                LOCAL64=256 * max(strides[0] + strides[1], strides[2] + strides[3]) >= 2 ** 31)
+                LOCAL64=256 * max(strides[0] + strides[1], strides[2] + strides[3]) >= 2 ** 31,
+                N_TGT=ce_flags["N_TGT"], HAS_WEIGHT=ce_flags["HAS_WEIGHT"], HAS_SOFT=ce_flags["HAS_SOFT"])
     with common.device_ctx(o.device):
         # The first launch notes its pairs at risk (from the logits where given, doing nothing where
         # γ = 0); the INLINE launch does nothing unless a program overflowed its notes, or (after a

@@ -59,13 +59,21 @@ BWD_BLOCK_D = {"half": 128, "tf32": 64, "ieee": 128, "fp64": 32, "interpret": 25
 # The cross-entropy forward's tiles per family (not autotuned; its inputs arrive in float32 or
 # float64): small, wide steps under the interpreter, which pays per operation; register-sized
 # tiles for fp32 (IEEE or TF32) on the GPU; small ones for float64's broadcast products.
-# BLOCK_D: the chunk of D its exact path handles at a time.
+# BLOCK_D: the chunk of D its exact path handles at a time. warps_soft: the warps of the variants
+# that read a dense probability target tile or carry k > 1 targets per row: with 4 warps their
+# sm_90 builds spilled 576 B (dense target) and 264 B (k = 2) per thread, 696 B both, against
+# 144 B for class labels; with 8 warps, 24 B (bench/compile_check.py; unmeasured on a GPU so far).
 CE_FWD_BLOCKS = {
-    "interpret": dict(BLOCK_B=16, BLOCK_C=32, BLOCK_K=32, BLOCK_D=64, warps=1),
-    "ieee": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, BLOCK_D=128, warps=4),
-    "tf32": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, BLOCK_D=128, warps=4),
-    "fp64": dict(BLOCK_B=16, BLOCK_C=16, BLOCK_K=16, BLOCK_D=32, warps=4),
+    "interpret": dict(BLOCK_B=16, BLOCK_C=32, BLOCK_K=32, BLOCK_D=64, warps=1, warps_soft=1),
+    "ieee": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, BLOCK_D=128, warps=4, warps_soft=8),
+    "tf32": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, BLOCK_D=128, warps=4, warps_soft=8),
+    "fp64": dict(BLOCK_B=16, BLOCK_C=16, BLOCK_K=16, BLOCK_D=32, warps=4, warps_soft=4),
 }
+
+
+def ce_fwd_warps(blocks: dict, n_tgt: int, has_soft: bool) -> int:
+    """The cross-entropy forward's warps for a target form (see CE_FWD_BLOCKS)."""
+    return blocks["warps_soft"] if has_soft or n_tgt > 1 else blocks["warps"]
 
 
 def tuned(kernel, configs, key, reset=None):

@@ -7,8 +7,11 @@ float64) runs once per op call.
   _ce_fwd_kernel   grid (row blocks, class splits). Each program walks its split's class tiles:
                    one GEMM tile x'·mu'ᵀ (tl.dot over D), the epilogue (q, s, d, logit' with the
                    margin on the target), and an online logsumexp (running max and sum, as in
-                   flash attention) plus Σ logits and the target logit. Only these per-row
-                   statistics leave the kernel: [splits, B] partials, merged in a fixed order.
+                   flash attention) plus Σ v_c·logit', Σ v_c·P_bc·logit' (class weights v,
+                   a dense probability target P read through its strides: HAS_WEIGHT,
+                   HAS_SOFT) and the logits at the row's N_TGT target classes. Only these
+                   per-row statistics leave the kernel: [splits, B] partials, merged in a
+                   fixed order.
   backward         backward.py's kernel with CE = 1, once per side, which recomputes each tile's
                    logits and G; then the chain rule to the raw inputs (common.Operands.chain).
 
@@ -40,11 +43,14 @@ def _exact_q(raw_a, raw_b, lc_ptr, i, j, D, FULL: tl.constexpr, NEAR_K: tl.const
 def _ce_fwd_kernel(
         xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr,
         x_ptr, mu_ptr, lc_ptr, tgt_ptr, lam_ptr, gamma_ptr, margin_ptr, part_ptr,
+        cw_ptr, soft_ptr, stride_sb, stride_sc,
         B, C, D, eps_hi, eps_lo, tau, cols_per_split,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-        NEAR_K: tl.constexpr, FULL: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr):
-    """Per-row statistics over one split of the classes: part[0..3, split, row] = running max,
-    Σ exp(logit' − max), Σ logit', target logit' (float64)."""
+        NEAR_K: tl.constexpr, FULL: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr,
+        N_TGT: tl.constexpr, TGT_P: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFT: tl.constexpr):
+    """Per-row statistics over one split of the classes: part[0..3 + N_TGT, split, row] = running
+    max, Σ exp(logit' − max), Σ v·logit', Σ v·P·logit', the logit' of each target (float64).
+    tgt [B, N_TGT] (TGT_P: N_TGT rounded up to a power of two)."""
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     acc_t = xn_ptr.dtype.element_ty
@@ -53,7 +59,7 @@ def _ce_fwd_kernel(
     xn = tl.load(xn_ptr + rb, mask=bm, other=0.0)
     sx_hi = tl.load(sx_hi_ptr + rb, mask=bm, other=0.0)
     sx_lo = tl.load(sx_lo_ptr + rb, mask=bm, other=0.0)
-    tgt = tl.load(tgt_ptr + rb, mask=bm, other=-1)
+    rk = tl.arange(0, TGT_P)
     lam = tl.load(lam_ptr).to(acc_t)
     gamma = tl.load(gamma_ptr).to(acc_t)
     margin = tl.load(margin_ptr).to(acc_t)
@@ -63,7 +69,8 @@ def _ce_fwd_kernel(
     run_max = tl.full((BLOCK_B,), float("-inf"), dtype=acc_t)
     run_sum = tl.zeros((BLOCK_B,), dtype=acc_t)
     sum_logit = tl.zeros((BLOCK_B,), dtype=tl.float64)
-    t_logit = tl.zeros((BLOCK_B,), dtype=acc_t)
+    soft_logit = tl.zeros((BLOCK_B,), dtype=tl.float64)
+    t_logit = tl.zeros((BLOCK_B, TGT_P), dtype=acc_t)
     c_begin = pid_s * cols_per_split
     c_end = tl.minimum(c_begin + cols_per_split, C)
     for c0 in range(c_begin, c_end, BLOCK_C):
@@ -73,7 +80,9 @@ def _ce_fwd_kernel(
         dot = _tile_dot(xp_ptr, mup_ptr, rb, rc, bm, cm, D, tl.zeros((BLOCK_B, BLOCK_C), dtype=acc_t),
                         BLOCK_K, IMPL, PREC)
         q, near = _gemm_q(dot, xn, tl.load(mn_ptr + rc, mask=cm, other=0.0), tau)
-        is_t = (tgt[:, None] == rc[None, :]) & valid
+        is_t = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int1)
+        for k in tl.static_range(N_TGT):
+            is_t = is_t | ((tl.load(tgt_ptr + rb * N_TGT + k, mask=bm, other=-1)[:, None] == rc[None, :]) & valid)
         near = (near | is_t) & valid
         for _ in range(0, tl.sum(near.to(tl.int32))):  # pairs at risk and targets, in tile order
             f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
@@ -90,15 +99,26 @@ def _ce_fwd_kernel(
         ref = tl.where(new_max > float("-inf"), new_max, 0.0)  # −inf − (−inf) would be NaN
         run_sum = run_sum * tl.exp(run_max - ref) + tl.sum(tl.where(valid, tl.exp(masked - ref[:, None]), 0.0), axis=1)
         run_max = new_max
-        sum_logit += tl.sum(tl.where(valid, logit, 0.0), axis=1).to(tl.float64)
-        t_logit += tl.sum(tl.where(is_t, logit, 0.0), axis=1)
+        if HAS_WEIGHT:
+            v = tl.load(cw_ptr + rc, mask=cm, other=0.0).to(acc_t)[None, :]
+        else:
+            v = tl.full((1, BLOCK_C), 1.0, dtype=acc_t)
+        sum_logit += tl.sum(tl.where(valid, v * logit, 0.0), axis=1).to(tl.float64)
+        if HAS_SOFT:
+            p = tl.load(soft_ptr + rb[:, None] * stride_sb + rc[None, :] * stride_sc, mask=valid, other=0.0)
+            soft_logit += tl.sum(tl.where(valid, v * p.to(acc_t) * logit, 0.0), axis=1).to(tl.float64)
+        for k in tl.static_range(N_TGT):
+            hit = (tl.load(tgt_ptr + rb * N_TGT + k, mask=bm, other=-1)[:, None] == rc[None, :]) & valid
+            t_logit += tl.where(rk[None, :] == k, tl.sum(tl.where(hit, logit, 0.0), axis=1)[:, None], 0.0)
 
     out = pid_s.to(tl.int64) * B + rb
     n = tl.num_programs(1).to(tl.int64) * B
     tl.store(part_ptr + out, run_max.to(tl.float64), mask=bm)
     tl.store(part_ptr + n + out, run_sum.to(tl.float64), mask=bm)
     tl.store(part_ptr + 2 * n + out, sum_logit, mask=bm)
-    tl.store(part_ptr + 3 * n + out, t_logit.to(tl.float64), mask=bm)
+    tl.store(part_ptr + 3 * n + out, soft_logit, mask=bm)
+    tl.store(part_ptr + (4 + rk[None, :]) * n + out[:, None], t_logit.to(tl.float64),
+             mask=bm[:, None] & (rk[None, :] < N_TGT))
 
 
 def _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin):
@@ -109,45 +129,66 @@ def _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin):
     return o, torch.as_tensor(float(margin), dtype=torch.float64, device=o.device)
 
 
-def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float):
-    """(lse, tl, sl), float64 [B] each: the randers_cross_entropy op of the contract."""
+def _options(o, target, class_weight, soft_target):
+    """The kernels' arguments for the targets and the options: (target [B, N_TGT] contiguous,
+    class weights or a placeholder, the dense target or a placeholder, its two strides) and their
+    constexpr flags."""
+    tgt = target.reshape(target.shape[0], -1).contiguous()
+    soft = o.lam if soft_target is None else soft_target
+    strides = (0, 0) if soft_target is None else (soft_target.stride(0), soft_target.stride(1))
+    flags = dict(N_TGT=tgt.shape[1], TGT_P=triton.next_power_of_2(max(1, tgt.shape[1])),
+                 HAS_WEIGHT=class_weight is not None, HAS_SOFT=soft_target is not None)
+    return (tgt, o.lam if class_weight is None else class_weight.contiguous(), soft, *strides), flags
+
+
+def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float, class_weight=None,
+            soft_target=None):
+    """(lse, tl, sl, pl), float64: the randers_cross_entropy op of the contract."""
     B, C = x.shape[0], mu.shape[0]
     f64 = dict(dtype=torch.float64, device=x.device)
     if B == 0 or C == 0:
-        return torch.full((B,), float("-inf"), **f64), torch.zeros(B, **f64), torch.zeros(B, **f64)
+        return (torch.full((B,), float("-inf"), **f64), torch.zeros(target.shape, **f64), torch.zeros(B, **f64),
+                torch.zeros(B, **f64))
     o, margin_t = _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin)
+    (tgt, cw, soft, s_b, s_c), flags = _options(o, target, class_weight, soft_target)
     bl = dict(configs.CE_FWD_BLOCKS[o.family])
     bl["BLOCK_D"] = min(bl["BLOCK_D"], max(16, triton.next_power_of_2(o.D)))
     n_rb, n_tiles = triton.cdiv(B, bl["BLOCK_B"]), triton.cdiv(C, bl["BLOCK_C"])
     splits = max(1, min(triton.cdiv(common.parallel_width(o.device), n_rb), n_tiles))
     per_split = triton.cdiv(n_tiles, splits) * bl["BLOCK_C"]
     splits = triton.cdiv(C, per_split)
-    part = common._empty((4, splits, B), torch.float64, o.device)
+    part = common._empty((4 + flags["N_TGT"], splits, B), torch.float64, o.device)
     with common.device_ctx(o.device):
         _ce_fwd_kernel[(n_rb, splits)](
-            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.x, o.mu, o.lc, target, o.lam, o.gamma, margin_t, part,
-            B, C, o.D, o.eps_hi, o.eps_lo, o.tau, per_split,
+            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.x, o.mu, o.lc, tgt, o.lam, o.gamma, margin_t, part,
+            cw, soft, s_b, s_c, B, C, o.D, o.eps_hi, o.eps_lo, o.tau, per_split,
             BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"], BLOCK_D=bl["BLOCK_D"],
-            NEAR_K=o.near_tiles()[1], FULL=o.full, IMPL=o.impl, PREC=o.prec, num_warps=bl["warps"])
+            NEAR_K=o.near_tiles()[1], FULL=o.full, IMPL=o.impl, PREC=o.prec,
+            num_warps=configs.ce_fwd_warps(bl, flags["N_TGT"], flags["HAS_SOFT"]), **flags)
     # Merge the splits' online logsumexps in split order.
-    run_max, run_sum, sl, tl_ = part.unbind(0)
+    run_max, run_sum, sl, pl = part[:4].unbind(0)
+    tl_ = part[4:].sum(1).t().reshape(target.shape).contiguous()
     M = run_max.max(dim=0).values
     scaled = torch.where(run_max == float("-inf"), 0.0, run_sum * torch.exp(run_max - M))
     lse = torch.where(M == float("-inf"), M, M + torch.log(scaled.sum(0)))
     sl = sl.sum(0)
     lse = torch.where(torch.isnan(sl), sl, lse)  # a NaN logit anywhere in the row
-    return lse, tl_.sum(0), sl
+    return lse, tl_, sl, pl.sum(0)
 
 
-def backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float):
+def backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float,
+             w_pl=None, class_weight=None, soft_target=None):
     """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes for the per-row weights
-    w = ∂loss/∂(lse, tl, sl): the randers_cross_entropy_backward op."""
+    w = ∂loss/∂(lse, tl, sl, pl): the randers_cross_entropy_backward op."""
     B, C = x.shape[0], mu.shape[0]
     if B == 0 or C == 0:
         return tuple(torch.zeros_like(t) for t in (x, mu, lc, beta, lam, gamma))
     o, margin_t = _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin)
-    w = [t.detach().to(torch.float64).contiguous() for t in (w_lse, w_tl, w_sl)]
-    ce = (target.contiguous(), *w, lse.detach().to(torch.float64).contiguous(), margin_t)
+    if w_pl is None:
+        w_pl = torch.zeros_like(w_sl)
+    w = [t.detach().to(torch.float64).contiguous() for t in (w_lse, w_tl, w_sl, w_pl)]
+    (tgt, cw, soft, s_b, s_c), flags = _options(o, target, class_weight, soft_target)
+    ce = (tgt, *w, lse.detach().to(torch.float64).contiguous(), margin_t, cw, soft, s_b, s_c, flags)
     dxp, dsx, (dlam, dgamma) = backward_side(o, True, ce=ce)
     dmup, dsmu, _ = backward_side(o, False, ce=ce)
     dx, dmu, dlc, dbeta = o.chain(dxp, dmup, dsx, dsmu)
