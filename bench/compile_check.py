@@ -1,4 +1,4 @@
-"""Builds the Triton kernels (both op families) for a GPU target without a GPU (Triton's own ptxas), and reports
+"""Builds the Triton kernels (every op family) for a GPU target without a GPU (Triton's own ptxas), and reports
 each variant's registers, spills (local-memory stack) and matrix instructions; exits 1 if any
 variant fails to compile. The interpreter runs the kernels' logic on CPU tensors but never the
 compiler, so this is where layout, type and resource problems show up before a GPU does.
@@ -25,7 +25,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from faim_kernels.ops.triton import backward, common, configs, cross_entropy, logits  # noqa: E402
+from faim_kernels.ops.triton import backward, common, configs, cross_entropy, logits, topk  # noqa: E402
 
 FLOAT_ARGS = ("eps_hi", "eps_lo", "tau")
 ALIGNED_INTS = ("D",)  # Triton specializes a multiple of 16 at launch; D usually is one
@@ -191,6 +191,30 @@ def variants(quick):
                     out.append((f"side_grad {acc} diag={diag}", common._side_grad_kernel,
                                 dict(raw_ptr=acc, m_ptr=acc, dvp_ptr=acc, ds_ptr="fp64", dbeta_ptr="fp64",
                                      dlc_ptr="fp64"), dict(DIAG=diag, BLOCK_R=32, BLOCK_D=64), 4, 2, ()))
+    return out + topk_variants(quick)
+
+
+def topk_ptrs(op, acc):
+    return dict(xp_ptr=op, mup_ptr=op, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
+                smu_lo_ptr=acc, lam_ptr="fp64", x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, out_ptr="i64")
+
+
+def topk_variants(quick):
+    """The top-k kernel (float16/bfloat16/float32 inputs) at KP = 8 (k = 1) up to its limit, 1024. The quick
+    build stops at KP = 64: KP = 1024 took 200 s (fp32) and 410 s (bf16) to build here, and spills
+    about 3 KB per thread (the [16, 1024] running best and tile keys do not fit in registers)."""
+    out = []
+    for fam in (("ieee", "half") if quick else ("ieee", "tf32", "half")):
+        ops, acc, impl, prec = FAMILIES[fam]
+        for KP in ((8, 64) if quick else (8, 64, 256, 1024)):
+            for full in ((True,) if quick else (False, True)):
+                for largest in ((False,) if quick else (False, True)):
+                    BLOCK_B, BLOCK_C, BLOCK_K, warps = topk._blocks(fam, KP)
+                    consts = dict(LARGEST=largest, BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, KP=KP, BLOCK_K=BLOCK_K,
+                                  IMPL=impl, PREC=prec, FULL=full, BLOCK_P=16, BLOCK_KN=32, BLOCK_J=64, USE_DOT=True)
+                    out.append((f"topk {fam}/{ops[0]} KP={KP} full={full} largest={largest} "
+                                f"[{BLOCK_B}x{BLOCK_C}] w{warps}", topk._topk_kernel, topk_ptrs(ops[0], acc), consts,
+                                warps, 2, ()))
     return out
 
 

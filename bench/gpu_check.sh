@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh                 # tests, then benchmark
 #   bash bench/gpu_check.sh --tests-only    # or --bench-only, where one command may run 10 minutes
 #                                           # at most (first calls compile and autotune; see TUNING.md)
+#   bash bench/gpu_check.sh --topk-only     # the fused top-k's tests and benchmark alone
 #   bash bench/gpu_check.sh --smoke         # anywhere: a few tests and tiny benchmark sizes, the
 #                                           # kernels through Triton's interpreter on CPU tensors
 # Environment: PYTHON (interpreter to use), BENCH_ARGS (extra arguments for bench/gpu_bench.py).
@@ -18,6 +19,7 @@ for arg in "$@"; do
         --smoke) mode=smoke ;;
         --tests-only) mode=tests ;;
         --bench-only) mode=bench ;;
+        --topk-only) mode=topk ;;
         *) echo "unknown argument $arg" >&2; exit 2 ;;
     esac
 done
@@ -42,6 +44,9 @@ if [ "$mode" = smoke ]; then
     bench_rc=$?
     echo "[gpu_check] smoke: fused cross-entropy benchmark"
     "$PY" -m bench.ce_bench --backend triton --sizes 8,50,16 --min-time 0.1 || bench_rc=1
+    echo "[gpu_check] smoke: top-k interpreter tests"
+    "$PY" -m pytest tests/test_randers_topk.py -q -p no:cacheprovider -k "triton and (near_prototype or splits)" \
+        2>&1 | tee -a "$LOG_DIR/tests.log" || tests_rc=1
     [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
     exit $?
 fi
@@ -58,6 +63,18 @@ fi
 # The C++ CPU kernels (the tests compare against them) compile on first use; do it once up front.
 "$PY" -c "from faim_kernels import _cpp_loader as l; l.load(); print('[gpu_check] C++ kernels:', l._loaded_from()[0])" \
     || echo "[gpu_check] the C++ CPU kernels are unavailable: the tests that need them will say why" >&2
+
+if [ "$mode" = topk ]; then
+    echo "[gpu_check] top-k tests on the GPU"
+    FAIM_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_randers_topk.py -q -p no:cacheprovider \
+        -o addopts="-ra --benchmark-disable" 2>&1 | tee "$LOG_DIR/topk_tests.log" | tail -n 15
+    tests_rc=${PIPESTATUS[0]}
+    echo "[gpu_check] top-k benchmark"
+    "$PY" -m bench.topk_bench --device cuda --k 10 1000 --write-results --out "$LOG_DIR/topk_bench.md"
+    bench_rc=$?
+    [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+    exit $?
+fi
 
 tests_status="not run"
 tests_rc=0
@@ -81,5 +98,7 @@ if [ "$mode" != tests ]; then
     [ "$ce_rc" = 0 ] || bench_rc=$ce_rc
     echo "[gpu_check] the head against nn.Linear + F.cross_entropy"
     "$PY" -m bench.head_bench --device cuda --write-results || bench_rc=1
+    echo "[gpu_check] fused top-k benchmark"
+    "$PY" -m bench.topk_bench --device cuda --k 10 1000 --write-results --out "$LOG_DIR/topk_bench.md" || bench_rc=1
 fi
 [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

@@ -181,3 +181,28 @@ def check_lse_square_scale(scale) -> None:
         raise TypeError(f"lse_square_scale must be a Python float, got {type(scale).__name__}")
     if not scale >= 0.0:
         raise ValueError(f"lse_square_scale must be >= 0, got {scale}")
+
+
+def check_topk(k, C: int, largest) -> None:
+    """randers_topk's k: an int in [0, C] (as torch.topk); largest: a bool."""
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 0 <= k <= C:
+        raise ValueError(f"k must be in [0, C] = [0, {C}] (C = mu.shape[0]), got {k}")
+    if not isinstance(largest, bool):
+        raise TypeError(f"largest must be a bool, got {type(largest).__name__}")
+
+
+def check_indices(indices, B: int, C: int, device: torch.device) -> None:
+    """Class indices [B, k] (int64 or int32) in [0, C), on x's device."""
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices must be a torch.Tensor of shape [B, k], got {type(indices).__name__}")
+    if indices.dim() != 2 or indices.shape[0] != B:
+        raise ValueError(f"indices must have shape [B, k] with B = {B}, got {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be an int64 (or int32) tensor, got {indices.dtype}")
+    if indices.device != device:
+        raise ValueError(f"indices is on {indices.device} but x is on {device}: all inputs must be on one device")
+    if indices.device.type == "cpu" and indices.numel() and not _compiling():
+        if bool((indices < 0).any()) or bool((indices >= C).any()):
+            raise ValueError(f"indices must lie in [0, {C}) (C = mu.shape[0])")

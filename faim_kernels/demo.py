@@ -11,6 +11,13 @@ same backbone initialisation and the same batch order for a given seed:
     FAIMHead(32, 10)                 diagonal  + head.loss (the fused Randers cross-entropy)
     FAIMHead(32, 10, full_sigma=True) full      + head.loss
 
+under two recipes, each head with the same settings as nn.Linear (the head's defaults are meant to
+be a drop-in under both):
+
+    adamw   AdamW lr 3e-3, weight decay 1e-4
+    sgd     SGD lr 0.05, momentum 0.9, weight decay 1e-4 (at lr 0.1 this MLP, which has no normalisation
+            layer, diverged to NaN with nn.Linear itself on seed 2, and with FAIMHead too)
+
 It prints a table of test accuracy (mean ± std over the seeds) and training time per epoch, and
 saves a plot of the training curves (training loss and test accuracy per epoch).
 """
@@ -34,12 +41,17 @@ HEADS = {
     "faim_diag": "FAIMHead diagonal",
     "faim_full": "FAIMHead full",
 }
+RECIPES = {
+    "adamw": "AdamW",
+    "sgd": "SGD momentum 0.9",
+}
 
 
 @dataclass
 class Run:
     head: str
     seed: int
+    recipe: str = "adamw"
     train_loss: list[float] = field(default_factory=list)   # mean over the epoch's batches
     test_acc: list[float] = field(default_factory=list)     # after each epoch
     epoch_time: list[float] = field(default_factory=list)   # seconds of training (no evaluation)
@@ -76,8 +88,16 @@ def _loss(classifier: nn.Module, feats: torch.Tensor, target: torch.Tensor) -> t
     return F.cross_entropy(classifier(feats), target)
 
 
+def make_optimizer(recipe: str, groups: list[dict], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if recipe == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if recipe == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown recipe {recipe!r}; choose from {list(RECIPES)}")
+
+
 def train_one(head: str, seed: int, data, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
-              features: int, hidden: int, backend: str, on_epoch=None) -> Run:
+              features: int, hidden: int, backend: str, recipe: str = "adamw", on_epoch=None) -> Run:
     X_tr, y_tr, X_te, y_te = data
     torch.manual_seed(seed)  # the backbone is built first: the same start for every head
     backbone, classifier = make_model(head, X_tr.shape[1], int(y_tr.max()) + 1, features, hidden, backend)
@@ -87,9 +107,8 @@ def train_one(head: str, seed: int, data, *, epochs: int, batch_size: int, lr: f
                                               scale={"weight_decay": 0.0})
     else:
         head_groups = [{"params": list(classifier.parameters())}]
-    opt = torch.optim.AdamW([{"params": list(backbone.parameters())}, *head_groups], lr=lr,
-                            weight_decay=weight_decay)
-    run = Run(head, seed, head_params=sum(p.numel() for p in classifier.parameters()))
+    opt = make_optimizer(recipe, [{"params": list(backbone.parameters())}, *head_groups], lr, weight_decay)
+    run = Run(head, seed, recipe, head_params=sum(p.numel() for p in classifier.parameters()))
     order = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         backbone.train()
@@ -118,26 +137,28 @@ def train_one(head: str, seed: int, data, *, epochs: int, batch_size: int, lr: f
 
 def run_all(heads=tuple(HEADS), seeds: int = 3, epochs: int = 25, batch_size: int = 64, lr: float = 3e-3,
             weight_decay: float = 1e-4, features: int = 32, hidden: int = 128, backend: str = "auto",
-            progress: bool = True) -> list[Run]:
+            progress: bool = True, recipes=tuple(RECIPES), sgd_lr: float = 0.05) -> list[Run]:
     data = load_data()
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(heads) * seeds * epochs, unit="epoch", file=sys.stderr)
+        bar = tqdm(total=len(recipes) * len(heads) * seeds * epochs, unit="epoch", file=sys.stderr)
 
     def on_epoch(run: Run) -> None:
         if bar is not None:
-            bar.set_description(f"{HEADS[run.head]:<17} seed {run.seed}")
+            bar.set_description(f"{run.recipe:<5} {HEADS[run.head]:<17} seed {run.seed}")
             bar.set_postfix(loss=f"{run.train_loss[-1]:.3f}", test_acc=f"{100 * run.test_acc[-1]:.1f}%")
             bar.update(1)
 
     runs = []
     try:
-        for head in heads:
-            for seed in range(seeds):
-                runs.append(train_one(head, seed, data, epochs=epochs, batch_size=batch_size, lr=lr,
-                                      weight_decay=weight_decay, features=features, hidden=hidden,
-                                      backend=backend, on_epoch=on_epoch))
+        for recipe in recipes:
+            for head in heads:
+                for seed in range(seeds):
+                    runs.append(train_one(head, seed, data, epochs=epochs, batch_size=batch_size,
+                                          lr=sgd_lr if recipe == "sgd" else lr, weight_decay=weight_decay,
+                                          features=features, hidden=hidden, backend=backend, recipe=recipe,
+                                          on_epoch=on_epoch))
     finally:
         if bar is not None:
             bar.close()
@@ -149,25 +170,26 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summary(runs: list[Run]) -> list[dict]:
-    """One row per head: final test accuracy (mean, std over seeds), best epoch's accuracy, time per epoch."""
+    """One row per recipe and head: final test accuracy (mean, std over seeds), time per epoch."""
     rows = []
-    for head in dict.fromkeys(r.head for r in runs):
-        rs = [r for r in runs if r.head == head]
+    for recipe, head in dict.fromkeys((r.recipe, r.head) for r in runs):
+        rs = [r for r in runs if r.head == head and r.recipe == recipe]
         acc, acc_std = _mean_std([r.test_acc[-1] for r in rs])
         # The median epoch time of each run (robust to a slow first epoch), then the mean over seeds.
         per_epoch = statistics.fmean(statistics.median(r.epoch_time) for r in rs)
-        rows.append({"head": head, "name": HEADS[head], "seeds": len(rs), "epochs": len(rs[0].test_acc),
+        rows.append({"recipe": recipe, "head": head, "name": HEADS[head], "seeds": len(rs), "epochs": len(rs[0].test_acc),
                      "test_acc": acc, "test_acc_std": acc_std, "epoch_seconds": per_epoch,
                      "head_params": rs[0].head_params})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'head':<19} {'head params':>11}   {'test accuracy':>17}   {'time / epoch':>12}",
-             f"{'-' * 19} {'-' * 11}   {'-' * 17}   {'-' * 12}"]
+    lines = [f"{'recipe':<17} {'head':<19} {'head params':>11}   {'test accuracy':>17}   {'time / epoch':>12}",
+             f"{'-' * 17} {'-' * 19} {'-' * 11}   {'-' * 17}   {'-' * 12}"]
     for r in rows:
         acc = f"{100 * r['test_acc']:.2f} ± {100 * r['test_acc_std']:.2f} %"
-        lines.append(f"{r['name']:<19} {r['head_params']:>11,}   {acc:>17}   {1000 * r['epoch_seconds']:>9.1f} ms")
+        lines.append(f"{RECIPES[r['recipe']]:<17} {r['name']:<19} {r['head_params']:>11,}   {acc:>17}   "
+                     f"{1000 * r['epoch_seconds']:>9.1f} ms")
     return "\n".join(lines)
 
 
@@ -177,17 +199,20 @@ def plot(runs: list[Run], path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for head in dict.fromkeys(r.head for r in runs):
-        rs = [r for r in runs if r.head == head]
+    colors = {head: f"C{i}" for i, head in enumerate(HEADS)}
+    for recipe, head in dict.fromkeys((r.recipe, r.head) for r in runs):
+        rs = [r for r in runs if r.head == head and r.recipe == recipe]
         epochs = range(1, len(rs[0].train_loss) + 1)
         for ax, key in ((ax_loss, "train_loss"), (ax_acc, "test_acc")):
             curves = torch.tensor([getattr(r, key) for r in rs], dtype=torch.float64)
             scale = 100.0 if key == "test_acc" else 1.0
-            (line,) = ax.plot(epochs, scale * curves.mean(0), label=HEADS[head], marker="." if len(epochs) < 3 else None)
+            (line,) = ax.plot(epochs, scale * curves.mean(0), label=f"{HEADS[head]}, {RECIPES[recipe]}",
+                              color=colors[head], linestyle="-" if recipe == "adamw" else "--",
+                              marker="." if len(epochs) < 3 else None)
             if len(rs) > 1:
                 ax.fill_between(epochs, scale * curves.min(0).values, scale * curves.max(0).values,
                                 color=line.get_color(), alpha=0.2, linewidth=0)
-    n_seeds = len([r for r in runs if r.head == runs[0].head])
+    n_seeds = len([r for r in runs if r.head == runs[0].head and r.recipe == runs[0].recipe])
     ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     top = max(max(r.test_acc) for r in runs) * 100
@@ -210,9 +235,12 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="runs per head (seeds 0..N-1)")
     p.add_argument("--heads", nargs="+", choices=list(HEADS), default=list(HEADS), help="heads to train")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+                   help="optimisers to train every head with")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--sgd-lr", type=float, default=0.05, help="SGD (momentum 0.9) learning rate")
     p.add_argument("--weight-decay", type=float, default=1e-4,
-                   help="AdamW weight decay (backbone, nn.Linear, prototypes; not the metric)")
+                   help="weight decay (backbone, nn.Linear, prototypes; not the metric)")
     p.add_argument("--features", type=int, default=32, help="feature size the heads see")
     p.add_argument("--hidden", type=int, default=128, help="hidden width of the MLP")
     p.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "reference"],
@@ -231,9 +259,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     runs = run_all(heads=tuple(args.heads), seeds=args.seeds, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, weight_decay=args.weight_decay, features=args.features, hidden=args.hidden,
-                   backend=args.backend, progress=not args.no_progress)
+                   backend=args.backend, progress=not args.no_progress, recipes=tuple(args.recipes),
+                   sgd_lr=args.sgd_lr)
     rows = summary(runs)
-    print(f"\ndigits: {args.epochs} epochs, {args.seeds} seed(s) per head, batch {args.batch_size}, AdamW lr {args.lr}; "
+    print(f"\ndigits: {args.epochs} epochs, {args.seeds} seed(s) per head, batch {args.batch_size}, AdamW lr {args.lr}, "
+          f"SGD lr {args.sgd_lr} momentum 0.9, weight decay {args.weight_decay}; "
           f"test accuracy after the last epoch, time per epoch = median training time of an epoch "
           f"({torch.get_num_threads()} thread(s))\n")
     print(format_table(rows))

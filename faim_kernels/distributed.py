@@ -1,5 +1,5 @@
-"""Class-sharded ("model-parallel") Randers cross-entropy over torch.distributed, for heads with
-millions of classes.
+"""Class-sharded ("model-parallel") Randers cross-entropy and top-k over torch.distributed, for heads
+with millions of classes.
 
 Each rank of a process group holds a contiguous slice of the prototypes mu (rank r: classes
 [offset_r, offset_r + C_r), slices in rank order; `shard_range` gives an even split) and the same
@@ -52,12 +52,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._validation import (check_ce_target, check_class_weight, check_inputs, check_loss_options,
-                          check_lse_square_scale)
-from .functional import resolve_backend
+from ._validation import (NO_GAMMA, check_ce_target, check_class_weight, check_inputs, check_loss_options,
+                          check_lse_square_scale, check_topk)
+from .functional import randers_topk, resolve_backend
 from .ops.row_stats import loss_from_stats, loss_targets, row_stats
 
-__all__ = ["sharded_randers_cross_entropy", "shard_range"]
+__all__ = ["sharded_randers_cross_entropy", "sharded_randers_topk", "shard_range"]
 
 
 def shard_range(num_classes: int, rank: int | None = None, world_size: int | None = None,
@@ -168,3 +168,40 @@ def sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float
     loss = loss_from_stats(lse, sums[:, 3:].reshape(tl_r.shape), sums[:, 1], sums[:, 2], rows, reduction, x.dtype,
                            lse_square_scale)
     return (loss, lse.to(x.dtype)) if return_lse else loss
+
+
+def sharded_randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, *, largest: bool = False, group=None,
+                         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """fk.randers_topk over all ranks' classes: (distances [B, k], global indices [B, k]), the same
+    on every rank, equal to the single-process result (same order: by distance, ties by the lower
+    global index, NaN as torch.topk ranks it). mu [C_r, D] is this rank's contiguous slice of the
+    prototypes (slices in rank order, see `shard_range`), every other argument the same on every
+    rank; k <= the total number of classes. Collective: every rank must call it.
+
+    Each rank takes the top min(k, C_r) of its slice (fk.randers_topk), pads it to k with entries
+    that rank after every real one, and one all-gather per output (B·k distances and B·k int64
+    indices per rank) brings every candidate to every rank, which merges them with two stable
+    sorts (by index, then by distance). Not differentiable, like fk.randers_topk.
+    """
+    check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
+    offset, num_classes = _shard_layout(mu.shape[0], x.device, group)
+    check_topk(k, num_classes, largest)
+    B, world = x.shape[0], dist.get_world_size(group)
+    k_local = min(k, mu.shape[0])
+    d, idx = randers_topk(x, mu, L, beta, lam, k_local, eps, largest=largest, backend=backend)
+    # Padding: (−inf for the k largest, NaN for the k smallest; index num_classes) ranks after every
+    # real entry, and a rank holds at least k real ones in all (num_classes >= k).
+    pad_value = float("-inf") if largest else float("nan")
+    d_all = torch.full((B, k), pad_value, dtype=d.dtype, device=d.device)
+    i_all = torch.full((B, k), num_classes, dtype=torch.int64, device=d.device)
+    d_all[:, :k_local] = d
+    i_all[:, :k_local] = idx + offset
+    d_parts = [torch.empty_like(d_all) for _ in range(world)]
+    i_parts = [torch.empty_like(i_all) for _ in range(world)]
+    dist.all_gather(d_parts, d_all.contiguous(), group=group)
+    dist.all_gather(i_parts, i_all.contiguous(), group=group)
+    d_cat, i_cat = torch.cat(d_parts, dim=1), torch.cat(i_parts, dim=1)
+    by_index = torch.argsort(i_cat, dim=1, stable=True)
+    d_cat, i_cat = d_cat.gather(1, by_index), i_cat.gather(1, by_index)
+    order = torch.argsort(d_cat, dim=1, descending=largest, stable=True)[:, :k]
+    return d_cat.gather(1, order), i_cat.gather(1, order)

@@ -9,13 +9,14 @@ import functools
 import torch
 
 from . import reference
-from ._validation import (NO_GAMMA, check_ce_target, check_class_weight, check_inputs, check_loss_options,
-                          check_lse_square_scale)
+from ._validation import (NO_GAMMA, check_ce_target, check_class_weight, check_indices, check_inputs,
+                          check_loss_options, check_lse_square_scale, check_topk)
 from .ops import dispatch
 from .ops.row_stats import loss_from_stats, loss_targets, row_stats
 from .ops.dispatch import resolve_backend
 
-__all__ = ["randers_distance", "randers_logits", "randers_cross_entropy", "resolve_backend"]
+__all__ = ["randers_distance", "randers_logits", "randers_cross_entropy", "randers_topk", "randers_distance_at",
+           "resolve_backend"]
 
 
 def _float32_in_autocast(fn):
@@ -104,3 +105,48 @@ def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6,
                                 rows.class_weight, rows.soft_target)
     loss = loss_from_stats(lse, tl, sl, pl, rows, reduction, x.dtype, lse_square_scale)
     return (loss, lse.to(x.dtype)) if return_lse else loss
+
+
+def randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, *, largest: bool = False,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(distances [B, k] in x's dtype, indices int64 [B, k]): per row the k prototypes nearest to
+    x_b in d_F (largest=True: the k farthest), sorted by distance, ties broken by the lower index,
+    NaN ranked as torch.topk ranks it (last for the nearest, first for the farthest). Arguments as
+    in randers_distance; 0 <= k <= C.
+
+    The fused kernels never form the [B, C] distances: per class tile, one GEMM and the epilogue,
+    pairs at risk recomputed from the raw difference (SPEC §2.1), then a per-row partial top-k,
+    merged (extra memory O(B·k + C) on the CPU). The distances are within the exactness bounds of
+    randers_distance, and the indices those of the float64 reference except among true ties.
+
+    Not differentiable (nothing comes back with a graph): for gradients of the selected distances,
+    recompute them with randers_distance_at(x, mu, L, beta, lam, indices).
+
+    Limits: the C++ kernel (CPU tensors) takes any k <= C. The Triton kernel (CUDA tensors) takes
+    k <= 1024 and float16/bfloat16/float32 inputs; other calls on CUDA tensors sort
+    randers_distance's [B, C] instead (B·C memory), with a warning that says so.
+    backend="reference": the einsum distances and a stable sort (the oracle).
+    """
+    check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
+    check_topk(k, mu.shape[0], largest)
+    backend = _backend(backend, x, mu)
+    if backend == "reference":
+        with torch.no_grad():
+            return reference.randers_topk(x, mu, L, beta, lam, k, eps, largest)
+    return dispatch.fused_topk(x, mu, L, beta, lam, eps, k, largest, backend)
+
+
+def randers_distance_at(x, mu, L, beta, lam, indices, eps: float = 1e-6) -> torch.Tensor:
+    """d(x_b, mu_{indices[b, j]}) [B, k]: the distances of the given (row, class) pairs only, e.g. those
+    randers_topk returned, differentiable in every tensor input (O(B·k·D) memory, or B·k·D² work
+    for a full L). Formed from the raw differences x_b − mu_c, so near pairs are exact (SPEC §2.1).
+    """
+    check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
+    check_indices(indices, x.shape[0], mu.shape[0], x.device)
+    diff = x.unsqueeze(1) - mu[indices.long()]                    # [B, k, D]
+    if L.dim() == 2:  # Sigma = L Lᵀ + eps·I
+        q = torch.square(diff @ L).sum(-1) + eps * torch.square(diff).sum(-1)
+    else:             # Sigma = diag(L² + eps)
+        q = (torch.square(diff) * (torch.square(L) + eps)).sum(-1)
+    s = diff @ beta
+    return torch.sqrt(q + eps) + lam * torch.sqrt(s * s + eps)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sigma", "randers_distance", "randers_logits", "randers_cross_entropy"]
+__all__ = ["sigma", "randers_distance", "randers_logits", "randers_cross_entropy", "randers_topk"]
 
 
 def sigma(L: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -68,3 +68,10 @@ def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6,
         z = torch.where(valid, lse_square_scale * lse * lse, torch.zeros_like(lse))
         loss = loss + (z if reduction == "none" else z.sum() / valid.sum() if reduction == "mean" else z.sum())
     return (loss, lse) if return_lse else loss
+
+
+def randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, largest: bool = False):
+    """(distances [B, k], indices [B, k]): the k smallest (largest) d_bc per row, sorted, ties by the
+    lower index (a stable sort of the einsum distances; torch.topk leaves ties unordered)."""
+    values, index = torch.sort(randers_distance(x, mu, L, beta, lam, eps), dim=1, descending=largest, stable=True)
+    return values[:, :k], index[:, :k]

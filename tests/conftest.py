@@ -161,10 +161,15 @@ def device_of(backend: str) -> str:
 
 
 def poison_triton_outputs(monkeypatch):
-    """Every buffer a Triton kernel must fill starts as NaN, so an entry it fails to write shows up."""
+    """Every buffer a Triton kernel must fill starts as NaN (integer buffers: their most negative
+    value), so an entry it fails to write shows up."""
     from faim_kernels.ops.triton import common
-    monkeypatch.setattr(common, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                 device=device))
+
+    def poisoned(shape, dtype, device):
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, fill, dtype=dtype, device=device)
+
+    monkeypatch.setattr(common, "_empty", poisoned)
 
 
 @pytest.fixture(params=backends(*FUSED))

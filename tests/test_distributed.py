@@ -1,6 +1,7 @@
-"""The class-sharded cross-entropy (faim_kernels.distributed) on 2 and 3 CPU processes with the
-gloo backend over loopback: on every rank, the loss and the gradients of x, L, beta, lam, gamma
-equal the single-process ones, and each rank's slice of mu gets its slice of the gradient."""
+"""The class-sharded cross-entropy and top-k (faim_kernels.distributed) on 2 and 3 CPU processes
+with the gloo backend over loopback: on every rank, the loss and the gradients of x, L, beta, lam,
+gamma equal the single-process ones, and each rank's slice of mu gets its slice of the gradient;
+the top-k distances and global indices equal the single-process ones."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 
 import faim_kernels as fk
 from conftest import INTERPRET, assert_norm_close, assert_rel_close, make_inputs
-from faim_kernels.distributed import shard_range, sharded_randers_cross_entropy
+from faim_kernels.distributed import shard_range, sharded_randers_cross_entropy, sharded_randers_topk
 
 NAMES = ["x", "L", "beta", "lam", "gamma"]
 
@@ -122,6 +123,46 @@ def _gathered_batch(rank, world):
     assert_norm_close(feats.grad, dx1[4 * rank:4 * rank + 4], 1e-11, f"own rows of dx (rank {rank})")
 
 
+# Top-k cases. Each rank's kernel centres its own slice (SPEC §2.1), so its distances can differ
+# from the single-process ones in the last bits: distances are compared within the float32/float64
+# bounds and indices exactly, except among true ties. With "periodic" prototypes (period 2, and
+# every slice a whole number of periods) each rank holds the same rows, so copies on different
+# ranks tie bitwise and the merge must order them by global index exactly as one process does.
+TOPK_CASES = [
+    dict(B=9, C=40, D=5, k=6, largest=False, dtype=torch.float32, bounds=None),
+    dict(B=7, C=13, D=4, k=9, largest=True, dtype=torch.float64, bounds={2: [0, 3, 13], 3: [0, 0, 4, 13]}),
+    dict(B=5, C=12, D=3, k=12, largest=False, dtype=torch.float32, bounds=None, periodic=True),
+    dict(B=6, C=12, D=3, k=5, largest=True, dtype=torch.float64, bounds=None, periodic=True),
+    dict(B=6, C=11, D=3, k=11, largest=False, dtype=torch.float32, bounds=None, nan=True),
+    dict(B=6, C=11, D=3, k=4, largest=True, dtype=torch.float32, bounds=None, nan=True),
+]
+
+
+def _run_topk_case(case, rank, world, seed, group=None):
+    B, C, D, k = case["B"], case["C"], case["D"], case["k"]
+    x, mu, L, beta, lam, _ = make_inputs(B, C, D, dtype=case["dtype"], seed=seed)
+    if case.get("periodic"):
+        mu = mu[:2].repeat(C // 2, 1)
+    if case.get("nan"):
+        mu[5, 1] = float("nan")
+    d1, i1 = fk.randers_topk(x, mu, L, beta, lam, k, largest=case["largest"], backend="cpp")
+    bounds = case["bounds"][world] if case["bounds"] else None
+    start, stop = (bounds[rank], bounds[rank + 1]) if bounds else shard_range(C, rank, world)
+    d, idx = sharded_randers_topk(x, mu[start:stop], L, beta, lam, k, largest=case["largest"], backend="cpp",
+                                  group=group)
+    where = f"rank {rank}/{world}, case {case}"
+    tol = 1e-12 if case["dtype"] == torch.float64 else 1e-5
+    assert d.dtype == case["dtype"] and idx.dtype == torch.int64 and d.shape == idx.shape == (B, k), where
+    assert torch.equal(d.isnan(), d1.isnan()), f"NaN positions ({where})"
+    assert_rel_close(d.nan_to_num(0.0), d1.nan_to_num(0.0), tol, f"distances ({where})")
+    if case.get("periodic"):
+        assert torch.equal(idx, i1), f"tie order ({where}): {idx.tolist()} vs {i1.tolist()}"
+    d_all = fk.reference.randers_distance(*[t.double() for t in (x, mu, L, beta, lam)])
+    differ = idx != i1
+    a, b = d_all.gather(1, idx)[differ], d_all.gather(1, i1)[differ]
+    assert ((a - b).abs() <= tol * b.abs()).all(), f"indices beyond a tie ({where}): {idx.tolist()} vs {i1.tolist()}"
+
+
 def _worker(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -132,9 +173,13 @@ def _worker(rank, world, port):
         if rank < 2:
             for i, case in enumerate(CASES):
                 _run_case(case, rank, 2, seed=10 + i, group=pair)
+            for i, case in enumerate(TOPK_CASES):
+                _run_topk_case(case, rank, 2, seed=30 + i, group=pair)
         dist.barrier()
         for i, case in enumerate(CASES):
             _run_case(case, rank, world, seed=20 + i)
+        for i, case in enumerate(TOPK_CASES):
+            _run_topk_case(case, rank, world, seed=40 + i)
         _gathered_batch(rank, world)
     finally:
         dist.destroy_process_group()
@@ -171,6 +216,9 @@ def test_one_rank_and_validation(single_process_group):
         sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, torch.tensor([0, 1, 2, 5]))
     with pytest.raises(ValueError, match="reduction"):
         sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, torch.tensor([0, 1, 2, 3]), reduction="avg")
+    _run_topk_case(TOPK_CASES[0], 0, 1, seed=5)
+    with pytest.raises(ValueError, match="k must be in"):
+        sharded_randers_topk(x, mu, L, beta, lam, 6)
 
 
 def test_shard_range_covers_every_class_once():

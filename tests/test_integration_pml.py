@@ -192,7 +192,7 @@ def test_knn_finds_the_oracle_neighbours(ref_includes_query):
     metric = learned_metric(False)
     ref, _ = batch(40, seed=7)
     query = ref if ref_includes_query else batch(15, seed=8)[0]
-    knn = RandersKNN(metric, batch_size=6)  # several query blocks
+    knn = RandersKNN(metric)
     d, i = knn(query, 5, ref, ref_includes_query)
     want = oracle_mat(metric, query, ref)
     if ref_includes_query:

@@ -104,15 +104,37 @@ def test_forward_dynamic_base_point_and_any_module():
     assert "dynamic" in repr(block)
 
 
-def test_metric_is_shared_not_owned():
+def test_metric_is_a_shared_submodule():
     D = 5
     head = fk.FAIMHead(D, 3)
     block = fk.FAIMBlock(D, metric=head)
-    assert block.metric is head
-    assert not any(n.startswith("metric") or n.startswith("_metric") for n in block.state_dict())
-    assert len(list(block.parameters())) == 3  # p, weight, bias: an unused metric adds no idle parameters
+    assert block.metric is head and dict(block.named_children())["metric"] is head  # shared, not copied
+    assert {"metric.mu", "metric.beta", "metric.lmbda", "metric.scale", "metric.log_sigma_diag"} <= set(block.state_dict())
+    model = nn.ModuleDict({"block": block, "head": head})
+    assert len(list(model.parameters())) == 3 + 5  # p, weight, bias + the head's five, listed once
     v = torch.randn(3, D)
     assert_rel_close(block.norm(v), head.paired_distance(v, torch.zeros_like(v)), 1e-12, "norm via a head")
+    assert "metric" not in dict(fk.FAIMBlock(D).named_children())
+
+
+def test_to_and_state_dict_move_the_metric():
+    D = 4
+    block = fk.FAIMBlock(D, metric=fk.RandersMetric(D, full_sigma=True))
+    block.double()
+    assert all(p.dtype == torch.float64 for p in block.parameters())
+    assert block.metric.L.dtype == torch.float64 and block.metric.beta.dtype == torch.float64
+    v = torch.randn(3, D, dtype=torch.float64)
+    assert block.norm(v).dtype == torch.float64
+    meta = fk.FAIMBlock(D, metric=fk.RandersMetric(D)).to("meta")  # a device move, as .cuda() does
+    assert meta.metric.beta.device.type == "meta" and meta.p.device.type == "meta"
+
+    other = fk.FAIMBlock(D, metric=fk.RandersMetric(D, full_sigma=True), dtype=torch.float64).double()
+    with torch.no_grad():
+        block.metric.L.add_(0.1 * torch.randn(D, D, dtype=torch.float64))
+        block.metric.lmbda.fill_(0.7)
+    other.load_state_dict(block.state_dict())  # strict: the metric's entries are expected and restored
+    assert torch.equal(other.metric.L, block.metric.L) and other.metric.lmbda.item() == 0.7
+    assert_rel_close(other.norm(v), block.norm(v), 1e-15, "norm after load_state_dict")
 
 
 def test_block_errors():

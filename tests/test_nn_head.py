@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import pytest
@@ -336,7 +337,8 @@ def test_init_from_features_sets_means_and_the_fisher_metric(full):
     X, y, _ = lda_data()
     C, D = 4, X.shape[1]
     head = fk.FAIMHead(D, C, full_sigma=full, dtype=torch.float64)
-    head.init_from_features(X, y, shrinkage=0.0, beta_scale=1e-2, generator=torch.Generator().manual_seed(0))
+    head.init_from_features(X, y, shrinkage=0.0, beta_scale=1e-2, generator=torch.Generator().manual_seed(0),
+                            whiten=True)
     means = torch.stack([X[y == c].mean(0) for c in range(C)])
     assert_rel_close(head.mu, means, 1e-12, "prototypes")
     R = X - means[y]
@@ -348,11 +350,56 @@ def test_init_from_features_sets_means_and_the_fisher_metric(full):
     beta = head.beta.detach()
     assert abs(float(beta @ torch.linalg.solve(sigma, beta)) ** 0.5 - 1e-2) < 1e-9
 
+    # The default keeps distances in the features' units: Sigma = (tr S / D)·S⁻¹ (I for isotropic S).
+    head.init_from_features(X, y, shrinkage=0.0)
+    assert_norm_close(head.sigma(), torch.trace(S) / D * want, 1e-9, "Sigma = (tr S_w / D)·S_w^-1")
+    sigma = head.sigma().detach()
+    assert abs(float(head.beta.detach() @ torch.linalg.solve(sigma, head.beta.detach())) ** 0.5 - 1e-2) < 1e-9
+
     a = 0.3
-    head.init_from_features(X, y, shrinkage=a)
+    head.init_from_features(X, y, shrinkage=a, whiten=True)
     shrunk = (1 - a) * S + a * torch.trace(S) / D * torch.eye(D, dtype=torch.float64)
     want = torch.linalg.inv(shrunk) if full else torch.diag(1.0 / torch.diagonal(shrunk))
     assert_norm_close(head.sigma(), want, 1e-9, "Sigma of the shrunk covariance")
+
+
+def test_init_from_features_fits_the_temperature_below_the_current_scale():
+    """γ after init_from_features minimises the mean cross-entropy over (0, γ_before] (checked on a
+    fine grid), and fit_scale=False leaves it alone."""
+    X, y, _ = lda_data(n_per_class=50, seed=3)
+    y[::3] = (y[::3] + 1) % 4  # a third of the labels wrong: not separable, the optimum is finite (0.71)
+    for scale_init in (10.0, 1e-3, 30.0):
+        head = fk.FAIMHead(X.shape[1], 4, full_sigma=True, scale_init=scale_init, dtype=torch.float64)
+        head.init_from_features(X, y, generator=torch.Generator().manual_seed(0))
+        gamma = head.gamma.item()
+        d = head.distance(X).detach()
+        grid = torch.logspace(-4, math.log10(scale_init), 2001, dtype=torch.float64)
+        ce = F.cross_entropy((-grid[:, None, None] * d).reshape(-1, 4), y.repeat(len(grid)),
+                             reduction="none").reshape(len(grid), -1).mean(1)
+        best = grid[ce.argmin()].item()
+        assert 0 < gamma <= scale_init * (1 + 1e-12)
+        assert F.cross_entropy(-gamma * d, y) <= ce.min() + 1e-9, (gamma, best)
+        if scale_init == 1e-3:
+            assert gamma == pytest.approx(1e-3)  # the optimum lies above: capped at the current γ
+        else:
+            assert abs(math.log(gamma / best)) < 0.01 and gamma < 0.5 * scale_init, (gamma, best)
+    head = fk.FAIMHead(X.shape[1], 4, scale_init=7.0)
+    head.init_from_features(X, y, fit_scale=False)
+    assert head.gamma.item() == 7.0
+
+    # Separable classes: the plain fit runs into the cap; with the training loss's label smoothing
+    # the optimum is finite, and it is the smoothed cross-entropy's.
+    X, y, _ = lda_data(n_per_class=50, seed=4)
+    head = fk.FAIMHead(X.shape[1], 4, full_sigma=True, scale_init=1e3, dtype=torch.float64)
+    assert head.init_from_features(X, y).gamma.item() == pytest.approx(1e3)
+    gamma = head.init_from_features(X, y, label_smoothing=0.1).gamma.item()
+    d = head.distance(X).detach()
+    grid = torch.logspace(-3, 3, 3001, dtype=torch.float64)
+    ce = F.cross_entropy((-grid[:, None, None] * d).reshape(-1, 4), y.repeat(len(grid)), label_smoothing=0.1,
+                         reduction="none").reshape(len(grid), -1).mean(1)
+    assert gamma < 100 and abs(math.log(gamma / grid[ce.argmin()].item())) < 0.01, (gamma, grid[ce.argmin()])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        head.init_from_features(X, y, label_smoothing=1.5)
 
 
 def test_init_from_features_is_a_mahalanobis_nearest_mean_classifier():

@@ -26,8 +26,8 @@ pml's conventions, as they apply here:
   and `.to()` / `state_dict()` carry it.
 
 `RandersKNN(metric)` is a `knn_func` for `AccuracyCalculator` and `InferenceModel`: the k nearest
-references of each query under the metric, from `faim_kernels.randers_topk` when the package has it
-(no [N, M] matrix), else from `randers_distance` + `torch.topk` over blocks of queries.
+references of each query under the metric, from the fused `randers_topk` (no [N, M] matrix; exact
+on near pairs; ties to the lower index).
 """
 from __future__ import annotations
 
@@ -72,20 +72,16 @@ class RandersKNN:
     indices [N, k])`, nearest first under the metric's d_F(query, ref), without gradients.
 
     With ref_includes_query=True (the query set is the reference set, in the same order), each
-    query's own entry is left out as pml's own knn functions do. Without `randers_topk`, queries go
-    `batch_size` at a time through `randers_distance` + `torch.topk` (memory batch_size·M).
+    query's own entry is left out as pml's own knn functions do.
 
     For `InferenceModel` it also keeps an index as pml's FaissKNN does: `train(emb)` replaces it,
     `add(emb)` appends to it, and a call without `reference` searches it; `save`/`load` write and
     read it with torch.save.
     """
 
-    def __init__(self, metric: torch.nn.Module, batch_size: int = 1024):
+    def __init__(self, metric: torch.nn.Module):
         _check_metric(metric)
-        if not (isinstance(batch_size, int) and batch_size > 0):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.metric = metric
-        self.batch_size = batch_size
         self.index: torch.Tensor | None = None
 
     def train(self, embeddings: torch.Tensor) -> None:
@@ -108,18 +104,7 @@ class RandersKNN:
         dtype = m._common_dtype(query, reference)
         query, reference = query.to(dtype), reference.to(dtype)
         L, beta, lam = m.metric_args(dtype)
-        topk = getattr(_F, "randers_topk", None)
-        if topk is not None:
-            return topk(query, reference, L, beta, lam, k, eps=m.eps, backend=m.backend)
-        values, indices = [], []
-        for s in range(0, query.shape[0], self.batch_size):
-            d = _F.randers_distance(query[s:s + self.batch_size], reference, L, beta, lam, eps=m.eps, backend=m.backend)
-            part = torch.topk(d, k, dim=1, largest=False, sorted=True)
-            values.append(part.values)
-            indices.append(part.indices)
-        if not values:
-            return query.new_empty(0, k), torch.empty(0, k, dtype=torch.long, device=query.device)
-        return torch.cat(values), torch.cat(indices)
+        return _F.randers_topk(query, reference, L, beta, lam, k, eps=m.eps, backend=m.backend)
 
     @torch.no_grad()
     def __call__(self, query: torch.Tensor, k: int, reference: torch.Tensor | None = None,

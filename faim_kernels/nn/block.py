@@ -32,8 +32,14 @@ class FAIMBlock(nn.Module):
         base_point: "shared" (a learnable p [dim], zero at start), or a module computing p = g(x)
                     per sample ([..., dim] -> [..., dim]; a dynamic centre).
         metric:     optional RandersMetric or FAIMHead (shared, not copied) for `norm` and `distance`.
-                    It is held outside the module tree: its parameters are the owner's, and an
-                    unused metric does not leave parameters without gradients in this block.
+                    A submodule (`block.metric`): `.to()`, `.cuda()`, `.double()` move it with the
+                    block and its parameters are in the block's state_dict, as users of nn.Module
+                    expect. Shared with a head elsewhere in the model, it is one set of parameters
+                    (model.parameters() lists them once; the state_dict has both names, loading
+                    either restores both). Under DistributedDataParallel a metric that no loss term
+                    uses leaves parameters without gradients: use it (e.g. a regulariser on
+                    `block.norm`), share it with a head the loss uses, or pass
+                    find_unused_parameters=True.
         device, dtype: for the shared p and the default module.
     """
 
@@ -55,11 +61,7 @@ class FAIMBlock(nn.Module):
             raise ValueError(f"base_point must be 'shared' or an nn.Module computing p = g(x), got {base_point!r}")
         if metric is not None and getattr(metric, "in_features", dim) != dim:
             raise ValueError(f"metric is for dimension {metric.in_features}, the block for {dim}")
-        self._metric = (metric,)  # a tuple keeps it out of this module's parameters and state_dict
-
-    @property
-    def metric(self) -> nn.Module | None:
-        return self._metric[0]
+        self.metric = metric  # a submodule (None registers nothing)
 
     @staticmethod
     def log_map(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,9 @@ from .losses import randers_paired_distance
 __all__ = ["RandersMetric", "FAIMHead", "swap_classifier", "ledoit_wolf_shrinkage"]
 
 METRIC_GROUPS = ("sigma", "one_form", "scale")
+HEAD_INITS = ("default", "reference")
+DEFAULT_SCALE = 10.0    # γ at the start (the reference design's; measured: README "Training recipes")
+FULL_SIGMA_INIT = 3.0   # a full head's default L = 3·I, with beta·3 and γ = DEFAULT_SCALE / 3
 
 
 def _nonneg(v: torch.Tensor) -> torch.Tensor:
@@ -183,27 +186,50 @@ class FAIMHead(_MetricParams):
         in_features:  feature dimension D.
         num_classes:  number of classes C.
         lambda_init:  initial λ (weight of the 1-form), >= 0.
-        scale_init:   initial γ (logit scale), > 0.
+        scale_init:   initial γ (logit scale), > 0, with Sigma = I. None (the default): γ = 10, except
+                      for full_sigma with init="default", which starts at L = 3·I (Sigma = 9·I), beta
+                      3x larger and γ = 10/3: the diagonal head's initial logits, with L's steps
+                      relative to L 9x smaller under SGD (see below).
         full_sigma:   learn a full Sigma = tril(L)·tril(L)ᵀ + eps·I (D² parameters) instead of a diagonal one.
         eps:          Sigma's ridge and the smoothing of both square roots.
         backend:      "auto" (the Triton kernels on CUDA, the C++ kernels on CPU), "cpp", "triton" or
                       "reference" (the einsum oracle); an attribute, so `head.backend = ...` works too.
 
-    The initialisation is the reference design's (mu, beta ~ N(0, 1), Sigma = I); a better start is
-    `head.init_from_features(features, labels)`. Warm-up schedules: `freeze_metric()` /
-    `unfreeze_metric()` and `param_groups()`.
+        init:         "default": mu ~ U(−1/√D, 1/√D) (nn.Linear's weight init), beta ~ N(0, 1/D),
+                      Sigma = I (full: see scale_init); "reference": the reference design's mu,
+                      beta ~ N(0, 1), Sigma = I, γ = 10, to reproduce its experiments. λ = lambda_init.
+
+    Why the default: with the reference init the prototypes sit at norm ~√D, the first loss is far
+    above log C (14 for 10 classes at D = 512) and the first gradients of mu, λ and the backbone are
+    ~100x nn.Linear's, so SGD at lr 0.1, momentum 0.9 diverges to NaN (timm's recipe too). Prototypes
+    as small as nn.Linear's weights start the logits near uniform, and the head then trained at least
+    as fast as nn.Linear under SGD lr 0.1 momentum 0.9, AdamW lr 1e-3 and timm's train-script
+    defaults on a small CNN (bench/head_recipes.py; on a ResNet-18 under AdamW it is slower, README
+    "Training recipes"). γ = 10 was kept: γ = 3 trained slower than nn.Linear under AdamW, γ = 30
+    diverged under SGD. A full L starting at I learnt too fast under SGD lr 0.1 in minibatch training (the gradient of d in L is ~|x − mu| whatever L's scale, against
+    ‖L‖ = √D; digits: loss 1.01 after 4 epochs, nn.Linear 0.185); L = 3·I, beta·3, γ = 10/3 gave 0.094
+    (and 0.128 against 0.95 after init_from_features, whose fitted γ is capped by the start's).
+
+    A better start is `head.init_from_features(features, labels)`. Warm-up schedules:
+    `freeze_metric()` / `unfreeze_metric()` and `param_groups()`.
     """
 
-    def __init__(self, in_features: int, num_classes: int, lambda_init: float = 0.1, scale_init: float = 10.0,
-                 full_sigma: bool = False, eps: float = 1e-6, *, backend: str = "auto", device=None, dtype=None):
+    def __init__(self, in_features: int, num_classes: int, lambda_init: float = 0.1, scale_init: float | None = None,
+                 full_sigma: bool = False, eps: float = 1e-6, *, init: str = "default", backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
+        if init not in HEAD_INITS:
+            raise ValueError(f"init must be one of {HEAD_INITS}, got {init!r}")
+        self.init = init
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0, got {num_classes!r}")
-        if not (isinstance(scale_init, (int, float)) and scale_init > 0):
-            raise ValueError(f"scale_init must be a float > 0, got {scale_init!r}")
+        if not (scale_init is None or (isinstance(scale_init, (int, float)) and scale_init > 0)):
+            raise ValueError(f"scale_init must be None or a float > 0, got {scale_init!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
-        self._scale_init = float(scale_init)
+        # The full default start: L = 3·I, γ = 10/3 (the class docstring says why); else Sigma = I.
+        self._sigma_init = FULL_SIGMA_INIT if scale_init is None and full_sigma and init == "default" else 1.0
+        self._scale_init = DEFAULT_SCALE / self._sigma_init if scale_init is None else float(scale_init)
         self.mu = nn.Parameter(torch.empty(num_classes, in_features, **factory))
         self._init_metric(in_features, full_sigma, lambda_init, eps, backend, factory)
         self.scale = nn.Parameter(torch.empty((), **factory))
@@ -222,7 +248,14 @@ class FAIMHead(_MetricParams):
     def reset_parameters(self) -> None:
         self._reset_metric()
         with torch.no_grad():
-            self.mu.normal_()
+            if self.init == "reference":  # the reference design's: mu, beta ~ N(0, 1)
+                self.mu.normal_()
+            else:  # see the class docstring and README "Training recipes" for the measurements
+                nn.init.kaiming_uniform_(self.mu, a=math.sqrt(5))  # nn.Linear's weight: U(−1/√D, 1/√D)
+                self.beta.div_(math.sqrt(self.in_features))
+            if self.full_sigma:  # L = k·I with beta·k and γ/k: the logits of Sigma = I, beta, γ
+                self.L.mul_(self._sigma_init)
+                self.beta.mul_(self._sigma_init)
             self.scale.fill_(self._scale_init)
 
     # -- forward and loss --------------------------------------------------------------------------
@@ -284,9 +317,23 @@ class FAIMHead(_MetricParams):
             return loss
         return loss, lse.reshape(lead) if lead is not None else lse
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """The nearest prototype in d_F: argmin_c d_F(x, mu_c) [...] (= argmax of the logits)."""
-        return self.distance(x).argmin(dim=-1)
+    def predict(self, x: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """The nearest prototype in d_F: argmin_c d_F(x, mu_c) [...] (= argmax of the logits); with
+        k > 1 the k nearest [..., k], nearest first. Through fk.randers_topk: no [B, C] distances or
+        logits are formed, so it serves millions of classes. Ties go to the lower class index."""
+        return self.topk(x, k)[1] if k != 1 else self.topk(x, 1)[1][..., 0]
+
+    @torch.no_grad()
+    def topk(self, x: torch.Tensor, k: int, *, largest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances [..., k], indices [..., k]): the k prototypes nearest to x in d_F (largest=True:
+        the k farthest), sorted, ties by the lower index, without forming the [B, C] logits
+        (fk.randers_topk). Their logits are −γ·distances, so for γ > 0 the indices are those of
+        head(x).topk(k). Not differentiable: for a loss on the selected classes, recompute their
+        distances with fk.randers_distance_at(x, head.mu, *head.metric_args(), indices)."""
+        lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
+        xf, mu, L, beta, lam, _ = self._prepare(x)
+        d, idx = _F.randers_topk(xf, mu, L, beta, lam, k, eps=self.eps, largest=largest, backend=self.backend)
+        return d.reshape(*lead, k), idx.reshape(*lead, k)
 
     # -- training schedules ------------------------------------------------------------------------
     def _groups(self) -> dict[str, list[nn.Parameter]]:
@@ -328,17 +375,30 @@ class FAIMHead(_MetricParams):
     # -- closed-form initialisation ----------------------------------------------------------------
     @torch.no_grad()
     def init_from_features(self, features: torch.Tensor, labels: torch.Tensor, shrinkage: float | str = "auto",
-                           beta_scale: float = 1e-2, generator: torch.Generator | None = None) -> "FAIMHead":
+                           beta_scale: float = 1e-2, generator: torch.Generator | None = None, *,
+                           whiten: bool = False, fit_scale: bool = True, label_smoothing: float = 0.0) -> "FAIMHead":
         """Sets the head to the Mahalanobis nearest-class-mean classifier of (features, labels).
 
         - mu_c = the mean of class c's features (classes absent from `labels` keep their prototype);
-        - Sigma = S⁻¹, S the within-class covariance shrunk towards (tr S / D)·I:
+        - Sigma = c·S⁻¹, S the within-class covariance shrunk towards (tr S / D)·I:
           S = (1 − a)·S_w + a·(tr S_w / D)·I, with a from Ledoit–Wolf (shrinkage="auto") or given in
-          [0, 1]. This is the Fisher/LDA metric; a diagonal head takes Sigma = diag(S)⁻¹ (LDA with a
-          diagonal covariance);
+          [0, 1]. This is the Fisher/LDA metric; a diagonal head takes Sigma = c·diag(S)⁻¹ (LDA with a
+          diagonal covariance). c = tr S / D keeps distances in the features' own units, as the
+          default Sigma = I does (isotropic features give Sigma = I); whiten=True takes c = 1, distances in
+          within-class standard deviations. Why not whiten by default: ∂d/∂x = Sigma·diff/d grows as
+          1/std, and the untrained backbones' features have small std (0.1 or less): with Sigma = S⁻¹
+          and γ = 10 the first SGD steps (lr 0.1, momentum 0.9) sent the loss to NaN
+          (bench/head_recipes.py);
         - beta is a random direction with βᵀ·Sigma⁻¹·β = beta_scale², so |βᵀv| <= beta_scale·sqrt(vᵀSigma v):
           the 1-form starts as a small perturbation (not 0: at β = 0 its gradient vanishes);
-        - λ and γ are left as they are.
+        - fit_scale=True: γ becomes the temperature that minimises the mean cross-entropy of these
+          features (temperature scaling: convex in γ, solved by bisection on its derivative, on at
+          most 8192 of the samples), but never more than the current γ: a calibrated start, and the
+          gradients it sends to the backbone no larger than the head's before. Pass the
+          `label_smoothing` the training loss uses: on separable features (few samples, or a strong
+          backbone) the unsmoothed fit runs into the cap, and a smoothed loss then starts high
+          (8.9 for a ResNet-18 on 16 images, smoothing 0.1) and diverged under timm's recipe.
+          fit_scale=False leaves γ as it is; λ is always left as it is.
         Returns the head. Computed in float64.
         """
         D, C = self.in_features, self.num_classes
@@ -374,29 +434,61 @@ class FAIMHead(_MetricParams):
             raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1], got {shrinkage!r}")
         eye = torch.eye(D, dtype=torch.float64, device=X.device)
         S = (1 - a) * S_w + a * mean_var * eye
+        c = 1.0 if whiten else float(torch.trace(S)) / D  # Sigma = c·S⁻¹ (the shrinkage keeps tr S = tr S_w)
         eps = self.eps
         if self.full_sigma:
-            # Sigma = S⁻¹ = tril(L)·tril(L)ᵀ + eps·I: L = chol(S⁻¹ − eps·I), eigenvalues kept > 0.
+            # Sigma = c·S⁻¹ = tril(L)·tril(L)ᵀ + eps·I: L = chol(c·S⁻¹ − eps·I), eigenvalues kept > 0.
             evals, evecs = torch.linalg.eigh(S)
-            inv = 1.0 / evals
+            inv = c / evals
             target = (inv - eps).clamp_min(1e-6 * float(inv.max()))
             sigma = (evecs * inv) @ evecs.T
             L = torch.linalg.cholesky((evecs * target) @ evecs.T)
             self.L.copy_(L)
             lc = torch.linalg.cholesky(sigma)
         else:
-            inv = 1.0 / torch.diagonal(S)
+            inv = c / torch.diagonal(S)
             target = (inv - eps).clamp_min(1e-6 * float(inv.max()))
             self.log_sigma_diag.copy_(torch.log(target))
             lc = torch.diag(torch.sqrt(inv))
         self.mu.copy_(torch.where(present.unsqueeze(1), means, self.mu.to(torch.float64)))
         u = torch.randn(D, dtype=torch.float64, generator=generator).to(X.device)
         self.beta.copy_(beta_scale * (lc @ u) / u.norm().clamp_min(1e-30))
+        if fit_scale:
+            self.scale.fill_(fit_temperature(self.distance(X[::max(1, n // 8192)]), y[::max(1, n // 8192)],
+                                             float(self.gamma), label_smoothing))
         return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, " + self._metric_repr()
-                + f", scale={self.gamma.item():.4g}")
+                + f", scale={self.gamma.item():.4g}" + (f", init={self.init!r}" if self.init != "default" else ""))
+
+
+def fit_temperature(distance: torch.Tensor, labels: torch.Tensor, upper: float, label_smoothing: float = 0.0,
+                    iters: int = 60) -> float:
+    """argmin over 0 < γ <= upper of the mean cross-entropy (F.cross_entropy's, with its
+    label_smoothing ε) of the logits −γ·distance [N, C] with `labels` [N] (temperature scaling).
+    f(γ) is convex, f'(γ) = mean((1 − ε)·d_y + ε·mean_c d_c − Σ_c p_c·d_c) with p = softmax(−γ·d)
+    rises with γ, so f' is bisected on a log scale; `upper` when f' < 0 there (separable data
+    without smoothing: the loss falls with γ all the way), a tiny γ when f' > 0 everywhere."""
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    d = distance.detach().to(torch.float64)
+    y = labels.reshape(-1).to(device=d.device, dtype=torch.long)
+    d_target = (1 - label_smoothing) * d.gather(1, y.unsqueeze(1)).squeeze(1) + label_smoothing * d.mean(1)
+
+    def slope(g: float) -> float:
+        p = torch.softmax(-g * d, dim=1)
+        return float((d_target - (p * d).sum(1)).mean())
+
+    if d.numel() == 0 or slope(upper) <= 0:
+        return float(upper)
+    lo, hi = math.log(upper) - math.log(1e6), math.log(upper)
+    if slope(math.exp(lo)) >= 0:
+        return math.exp(lo)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(math.exp(mid)) < 0 else (lo, mid)
+    return math.exp(0.5 * (lo + hi))
 
 
 def ledoit_wolf_shrinkage(R: torch.Tensor) -> float:

@@ -191,11 +191,20 @@ class _MetricLoss(nn.Module):
         return dtype, self.metric.metric_args(dtype)
 
 
+# The default γ of the contrastive losses, measured with bench/loss_recipes.py (an MLP embedding of
+# scikit-learn's digits, two noisy views, 3 epochs, 1-nearest-neighbour test accuracy in d_F):
+# InfoNCE with γ = 0.3 / 1 / 3 / 10: 89.1 / 94.9 / 95.8 / 92.4 % under SGD lr 0.1 momentum 0.9,
+# 91.3 / 96.7 / 98.7 / 98.2 % under AdamW lr 1e-3; NT-Xent 90.4 / 96.0 / 96.9 / 92.9 % and
+# 91.3 / 96.4 / 98.4 / 98.2 %. γ = 3 was best or level under both; 10 fell behind under SGD.
+# The triplet margin 1.0 was kept: 0.2 / 1 / 3 gave 97.1 / 97.6 / 98.0 % (SGD), 98.2 / 98.4 / 98.4 % (AdamW).
+CONTRASTIVE_SCALE = 3.0
+
+
 class FAIMInfoNCELoss(_MetricLoss):
     """`loss(anchors, positives)`: randers_info_nce with the metric's (L, beta, λ), γ = `scale`
-    (a float, or a tensor to learn it)."""
+    (a float, or a tensor to learn it; default 3, see CONTRASTIVE_SCALE)."""
 
-    def __init__(self, metric: nn.Module, scale: float | torch.Tensor = 1.0, symmetric: bool = False,
+    def __init__(self, metric: nn.Module, scale: float | torch.Tensor = CONTRASTIVE_SCALE, symmetric: bool = False,
                  margin: float = 0.0, reduction: str = "mean"):
         super().__init__(metric, reduction)
         self.scale, self.symmetric, self.margin = scale, symmetric, margin
@@ -211,9 +220,9 @@ class FAIMInfoNCELoss(_MetricLoss):
 
 
 class FAIMNTXentLoss(_MetricLoss):
-    """`loss(z1, z2)`: randers_nt_xent (SimCLR's NT-Xent) with the metric, γ = `scale`."""
+    """`loss(z1, z2)`: randers_nt_xent (SimCLR's NT-Xent) with the metric, γ = `scale` (default 3)."""
 
-    def __init__(self, metric: nn.Module, scale: float | torch.Tensor = 1.0, reduction: str = "mean"):
+    def __init__(self, metric: nn.Module, scale: float | torch.Tensor = CONTRASTIVE_SCALE, reduction: str = "mean"):
         super().__init__(metric, reduction)
         self.scale = scale
 

@@ -246,3 +246,35 @@ def autograd_function(family: str, forward, backward):
 
     _Op.__name__ = f"{family}_{getattr(forward, '__name__', 'kernel')}"
     return _Op.apply
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k (nearest prototypes without the [B, C] distances). Forward only, by design.
+#
+#     randers_topk(x, mu, lc, beta, lam, eps, tau, k, largest) -> (distances, indices)
+#         distances [B, k] in the compute dtype (float32/float64), indices int64 [B, k]: per row the
+#         k smallest d_bc (largest=True: the k largest), sorted, ties broken by the lower index, NaN
+#         ranked as torch.topk ranks it (after +inf for the smallest, first for the largest).
+#         Conventions as above (x, mu, lc, beta in one compute dtype; lam a 0-dim tensor).
+#
+# No autograd formula is registered: the indices are not differentiable, and the dispatch layer
+# calls the op on detached inputs, so the distances come back without a graph. Where gradients of
+# the selected distances are needed, recompute them on the gathered prototypes, which is B·k pairs
+# (O(B·k·D) memory) and differentiable in every input:
+#
+#     d, idx = fk.randers_topk(x, mu, L, beta, lam, k)                  # no graph
+#     d = fk.randers_distance_at(x, mu, L, beta, lam, idx)              # [B, k], differentiable
+#     # the same, row by row, with randers_distance itself:
+#     d_b = fk.randers_distance(x[b:b + 1], mu[idx[b]], L, beta, lam)[0]
+# ----------------------------------------------------------------------------------------------
+
+_LIB.define("randers_topk(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, float eps, float tau, "
+            "int k, bool largest) -> (Tensor, Tensor)")
+topk_op = ops.randers_topk.default
+
+
+@torch.library.register_fake(topk_op)
+def _topk_fake(x, mu, lc, beta, lam, eps, tau, k, largest):
+    B = x.shape[0]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((B, k), dtype=compute), x.new_empty((B, k), dtype=torch.int64)

@@ -140,3 +140,50 @@ def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: floa
     return ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(dtype), _scalar(lam, x.device),
                  _scalar(gamma, x.device), target.to(torch.int64), float(eps),
                  transform.risk_threshold(x.shape[1], dtype), float(margin), *options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k (forward only: see contract.py)
+# ----------------------------------------------------------------------------------------------
+
+def _warn_once(why: str) -> None:
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(why, stacklevel=4)
+
+
+def topk_by_sort(d: torch.Tensor, k: int, largest: bool):
+    """The k smallest (largest) entries of each row of d [B, C], sorted, ties by the lower index
+    (a stable sort; torch.topk leaves the order of ties unspecified), NaN as torch.topk ranks it."""
+    values, index = torch.sort(d, dim=1, descending=largest, stable=True)
+    return values[:, :k], index[:, :k]
+
+
+def fused_topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool, backend: str):
+    """(distances [B, k] in x's dtype, indices int64 [B, k]) through `backend`'s fused top-k (inputs
+    already validated; nothing differentiable comes back: the op has no autograd formula)."""
+    with torch.no_grad():
+        x, mu, L, beta = x.detach(), mu.detach(), L.detach(), beta.detach()
+        lam = lam.detach() if isinstance(lam, torch.Tensor) else lam
+        if backend == "triton":
+            from .triton import topk as triton_topk  # Triton stays optional: imported on first use
+            if not triton_topk.supports(k, x.dtype, mu.shape[0]):
+                _warn_once(f"faim_kernels.randers_topk: the Triton kernel serves k <= {triton_topk.MAX_K}, "
+                           f"float16/bfloat16/float32 inputs and C < 2^31 (got k = {k}, {x.dtype}, C = "
+                           f"{mu.shape[0]}); this call sorts randers_distance's [B, C] instead (memory B·C).")
+                d = fused_logits(x, mu, L, beta, lam, -1.0, eps, backend)
+                return topk_by_sort(d, k, largest)
+            dtype = x.dtype  # the GEMM takes half inputs as they are, like the logits kernels
+        else:
+            dtype = compute_dtype(x.dtype)
+        acc = compute_dtype(x.dtype)
+        args = (x.to(dtype), mu.to(dtype), metric_factor(L, eps, acc), beta.to(acc), _scalar(lam, x.device),
+                float(eps), transform.risk_threshold(x.shape[1], acc), int(k), bool(largest))
+        if backend == "triton" and x.device.type != "cuda":
+            dist, index = triton_topk.forward(*args)  # the interpreter: CPU tensors belong to the C++ kernel
+        else:
+            if backend == "triton":
+                from . import triton as triton_backend
+                triton_backend.register()
+            dist, index = contract.topk_op(*args)
+    return dist.to(x.dtype), index

@@ -1,0 +1,163 @@
+"""FAIMHead inside whole models: DistributedDataParallel (gloo, 2 processes on loopback) gives the
+single-process gradients, torch.compile(fullgraph=True) of a small CNN with the head and its .loss
+matches eager, and channels-last / non-contiguous / expanded features give the contiguous results.
+(FAIMBlock's metric as a submodule: tests/test_nn_block.py.)"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import faim_kernels as fk
+from tests.conftest import assert_norm_close, assert_rel_close
+
+C = 6
+
+
+class Net(nn.Module):
+    """A small CNN (conv-ReLU, no BatchNorm: its batch statistics would differ per rank) and a FAIMHead."""
+
+    def __init__(self, full: bool, D: int = 8):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, D, 3, stride=2),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = fk.FAIMHead(D, C, full_sigma=full)
+
+    def forward(self, x, target=None):
+        """The logits, or with a target the fused loss (the pattern for losses that take features)."""
+        feats = self.backbone(x)
+        return self.head(feats) if target is None else self.head.loss(feats, target, label_smoothing=0.1)
+
+
+def _batch(n=8):
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(n, 3, 7, 7, generator=g, dtype=torch.float64),
+            torch.randint(0, C, (n,), generator=g))
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _single_process(full: bool, via_loss: bool):
+    torch.manual_seed(0)
+    model = Net(full).double()
+    x, y = _batch()
+    loss = model(x, y) if via_loss else F.cross_entropy(model(x), y)
+    loss.backward()
+    return model.state_dict(), _grads(model)
+
+
+def _ddp_worker(rank, world, port):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y = _batch()
+        rows = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
+        for full, via_loss in ((False, False), (True, True)):  # each DDP construction costs ~1 s here
+            state, want = _single_process(full, via_loss)
+            model = Net(full).double()
+            model.load_state_dict(state)
+            ddp = DDP(model)  # find_unused_parameters=False: every parameter must get its gradient
+            out = ddp(x[rows], y[rows]) if via_loss else F.cross_entropy(ddp(x[rows]), y[rows])
+            out.backward()  # DDP averages the ranks' gradients: the mean over the whole batch
+            got = _grads(model)
+            assert got.keys() == want.keys()
+            for name in want:
+                assert_norm_close(got[name], want[name], 1e-10,
+                                  f"{name} (rank {rank}, full={full}, via_loss={via_loss})")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_data_parallel_gives_the_single_process_gradients():
+    """Two ranks with half the batch each: after DDP's all-reduce every parameter of backbone and head
+    (mu, beta, lmbda, scale, Sigma's) holds the full-batch gradient: logits + F.cross_entropy with a
+    diagonal Sigma, and head.loss inside the wrapped forward with a full one."""
+    mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_torch_compile_fullgraph_of_a_model_with_the_head_and_its_loss():
+    """The whole model (conv, BatchNorm, head) and the fused loss in one graph: dynamo traces the
+    head's Python, the custom ops' fake kernels and autograd formulas, without a graph break."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = fk.FAIMHead(4, C, full_sigma=True)
+
+    def step(x, y):
+        feats = backbone(x)
+        return head(feats), head.loss(feats, y, margin=0.1)
+
+    x, y = torch.randn(5, 3, 6, 6), torch.randint(0, C, (5,))
+    params = [*backbone.parameters(), *head.parameters()]
+    logits, loss = step(x, y)
+    want = torch.autograd.grad(loss + logits.square().mean(), params)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    c_logits, c_loss = compiled(x, y)
+    got = torch.autograd.grad(c_loss + c_logits.square().mean(), params)
+    assert_rel_close(c_logits, logits, 1e-5, "compiled logits")
+    assert_rel_close(c_loss, loss, 1e-5, "compiled loss")
+    for p, g, w in zip(params, got, want):
+        assert_norm_close(g, w, 1e-4, f"compiled gradient {tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_channels_last_and_non_contiguous_features(backend):
+    torch.manual_seed(0)
+    D = 8
+    head = fk.FAIMHead(D, C, full_sigma=True, backend=backend, dtype=torch.float64)
+    conv = nn.Conv2d(3, D, 3, padding=1).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    target = torch.randint(0, C, (2, 5, 5))
+
+    def run(model_x, to_features):
+        for p in [*conv.parameters(), *head.parameters()]:
+            p.grad = None
+        feats = to_features(conv(model_x))
+        logits = head(feats)
+        loss = head.loss(feats, target)
+        (loss + logits.square().mean()).backward()
+        return logits.detach(), loss.detach(), [p.grad.clone() for p in [*conv.parameters(), *head.parameters()]]
+
+    # per-pixel features [B, H, W, D]: a permuted (non-contiguous) view, then the contiguous copy
+    want = run(x, lambda f: f.permute(0, 2, 3, 1).contiguous())
+    cases = {
+        "permuted view": (x, lambda f: f.permute(0, 2, 3, 1)),
+        "channels_last input": (x.to(memory_format=torch.channels_last), lambda f: f.permute(0, 2, 3, 1)),
+    }
+    for what, (inp, to_features) in cases.items():
+        got = run(inp, to_features)
+        assert not to_features(conv(inp)).is_contiguous() or what == "channels_last input"
+        assert_rel_close(got[0], want[0], 1e-12, f"logits ({what})")
+        assert_rel_close(got[1], want[1], 1e-12, f"loss ({what})")
+        for g, w in zip(got[2], want[2]):
+            assert_norm_close(g, w, 1e-11, f"gradient ({what})")
+
+    # strided, transposed and expanded [B, D] features against their contiguous copies
+    wide = torch.randn(6, 2 * D, dtype=torch.float64)
+    for what, f in {"strided": wide[:, ::2], "transposed": torch.randn(D, 6, dtype=torch.float64).t(),
+                    "expanded": wide[:1, :D].expand(6, D)}.items():
+        assert not f.is_contiguous()
+        t = torch.randint(0, C, (6,))
+        assert_rel_close(head(f), head(f.contiguous()), 1e-12, f"logits ({what})")
+        assert_rel_close(head.loss(f, t), head.loss(f.contiguous(), t), 1e-12, f"loss ({what})")
+        fg, cg = f.clone().requires_grad_(), f.contiguous().requires_grad_()
+        head.loss(fg, t).backward()
+        head.loss(cg, t).backward()
+        assert_norm_close(fg.grad, cg.grad, 1e-12, f"d features ({what})")
