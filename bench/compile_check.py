@@ -85,7 +85,7 @@ def bwd_ptrs(op, acc, ce):
     """As backward_side passes them: the other family's pointers are the float64 λ (never read)."""
     unused = "fp64"
     return dict(own_ptr=op, oth_ptr=op, own_n_ptr=acc, oth_n_ptr=acc, s_own_hi_ptr=acc, s_own_lo_ptr=acc,
-                s_oth_hi_ptr=acc, s_oth_lo_ptr=acc, own_raw_ptr=acc, oth_raw_ptr=acc, lc_ptr=acc,
+                s_oth_hi_ptr=acc, s_oth_lo_ptr=acc, own_raw_ptr=acc, oth_raw_ptr=acc, lc_ptr=acc, beta_ptr=acc,
                 g_ptr=unused if ce else op, lg_ptr=unused if ce else op,
                 tgt_ptr="i64" if ce else unused, w_lse_ptr="fp64", w_tl_ptr="fp64", w_sl_ptr="fp64", lse_ptr="fp64",
                 margin_ptr="fp64", w_pl_ptr="fp64", cw_ptr=acc if ce else unused, soft_ptr=acc if ce else unused, lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64",
@@ -93,13 +93,13 @@ def bwd_ptrs(op, acc, ce):
 
 
 def fixup_ptrs(op, acc):
-    return dict(x_ptr=acc, mu_ptr=acc, lc_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc, smu_lo_ptr=acc,
+    return dict(x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc, smu_lo_ptr=acc,
                 lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32", near_c_ptr="i32")
 
 
 def ce_fwd_ptrs(acc):
     return dict(xp_ptr=acc, mup_ptr=acc, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
-                smu_lo_ptr=acc, x_ptr=acc, mu_ptr=acc, lc_ptr=acc, tgt_ptr="i64", lam_ptr="fp64", gamma_ptr="fp64",
+                smu_lo_ptr=acc, x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, tgt_ptr="i64", lam_ptr="fp64", gamma_ptr="fp64",
                 margin_ptr="fp64", part_ptr="fp64", cw_ptr=acc, soft_ptr=acc)
 
 
@@ -196,7 +196,7 @@ def variants(quick):
 
 def topk_ptrs(op, acc):
     return dict(xp_ptr=op, mup_ptr=op, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
-                smu_lo_ptr=acc, lam_ptr="fp64", x_ptr=acc, mu_ptr=acc, lc_ptr=acc, out_ptr="i64")
+                smu_lo_ptr=acc, lam_ptr="fp64", x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, out_ptr="i64")
 
 
 def topk_variants(quick):

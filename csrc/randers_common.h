@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace faim_kernels {
@@ -36,6 +37,7 @@ struct Operands {
     const T* x;                 // [B, D] raw x: near-pair recomputation
     const T* mu;                // [C, D] raw mu
     const T* lc;                // [D] or [D, D] metric factor
+    const T* beta = nullptr;    // [D] the 1-form: near pairs take s = beta·(x_b − mu_c) from the difference
     bool full;                  // lc is [D, D]
     std::vector<T> xnorm, munorm;  // |x'_b|², |mu'_c|²
     // sx, smu split into hi + lo parts in T: s = (sx_hi − smu_hi) + (sx_lo − smu_lo) keeps the
@@ -49,7 +51,7 @@ struct Operands {
 template <typename T>
 inline void split_hi_lo(double s, T& hi, T& lo) {
     hi = T(s);
-    lo = T(s - double(hi));
+    lo = std::isfinite(hi) ? T(s - double(hi)) : T(0);  // Inf − Inf would make every s NaN
 }
 
 template <typename T>
@@ -202,13 +204,29 @@ inline void check_operands(const at::Tensor& x, const at::Tensor& mu, const at::
 
 // q = |diff'|² with diff' = (x_b − mu_c)·Lc formed from the raw inputs: x_b − mu_c is nearly
 // exact when the pair is close, which is exactly when the GEMM expansion is not (SPEC §2.1).
-// O(D) for a diagonal factor, O(D²) for a full one; run only for the pairs at risk.
+// O(D) for a diagonal factor, O(D²) for a full one; run only for the pairs at risk (and for pairs
+// whose expansion overflowed or is NaN). In float64 throughout, so float32 inputs near 1e30 give a
+// finite q where the float32 norms overflow. Non-finite differences take their limit: NaN if any
+// coordinate of x_b − mu_c is NaN (a NaN input, or Inf − Inf), else +Inf if any is infinite (Sigma
+// is positive definite, so q grows without bound; diff' itself would give Inf·0 = NaN).
 // diffp (optional) receives diff'; acc is scratch of D doubles.
 template <typename T>
 double direct_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     const int64_t D = in.D;
     const T* xb = in.x + b * D;
     const T* mc = in.mu + c * D;
+    bool has_nan = false, has_inf = false;
+    for (int64_t k = 0; k < D; ++k) {
+        const double dk = double(xb[k]) - double(mc[k]);
+        has_nan = has_nan || std::isnan(dk);
+        has_inf = has_inf || std::isinf(dk);
+    }
+    if (has_nan || has_inf) {
+        const double q = has_nan ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
+        if (diffp)
+            for (int64_t k = 0; k < D; ++k) diffp[k] = T(q);
+        return q;
+    }
     double q = 0;
     if (!in.full) {
         for (int64_t k = 0; k < D; ++k) {
@@ -242,16 +260,52 @@ struct Pair {
     bool near; // recomputed from the raw difference
 };
 
-// A pair through the direct path (SPEC §2.1): q from the raw difference, never the expansion.
+// Whether a pair's GEMM expansion q = norms − 2·dot cannot be trusted: at risk of cancellation
+// (q < tau·norms, SPEC §2.1), NaN (Inf − Inf from an infinite coordinate, or overflow), or the
+// norms overflowed (float32 inputs near 1e19 and beyond). Such pairs take the direct path, which
+// gives the limit (+Inf for an infinite coordinate) or the finite value; a NaN input stays NaN.
+template <typename T>
+inline bool at_risk(T q, T norms, T tau) {
+    return !(q >= tau * norms) || norms > std::numeric_limits<T>::max();
+}
+
+// Whether s = sx − smu cancels: |s| far below |sx| + |smu| (a sample near its prototype along beta,
+// both far from the origin), where the float64 difference keeps only ~u·(|sx| + |smu|) absolute
+// (3.5e-9 relative measured in float64 at |x| = 1e3, |x − mu| = 1e-6 when centring made the pair's
+// q safe). Such pairs take the direct path, which forms s from the difference. 2^-20: rare elsewhere.
+template <typename T>
+inline bool s_at_risk(T s, T sx, T smu) {
+    return std::abs(s) < T(9.5367431640625e-07) * (std::abs(sx) + std::abs(smu));
+}
+
+// A pair through the direct path (SPEC §2.1): q from the raw difference, never the expansion, and
+// the square roots in float64 (q may exceed T's range where the distance does not).
+// s = beta·(x_b − mu_c) from the difference too; at an exact hit (q = 0: x_b = mu_c in the metric)
+// s = 0 exactly: sx − smu, two different float64 dot products, would leave ±1e-16 there, and with eps = 0 the 1-form's gradient
+// λ·beta·s/|s| would jump to ±λ·beta instead of the convention 0 (README, Guarantees).
 template <typename T>
 inline Pair<T> pair_direct(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     Pair<T> p;
     p.near = true;
-    const T q = T(direct_q(in, b, c, acc, diffp));
-    p.a = std::sqrt(q + T(in.eps));
-    p.s = T(in.sx[b] - in.smu[c]);  // float64 difference: no cancellation
-    p.r = std::sqrt(p.s * p.s + T(in.eps));
-    p.d = p.a + T(in.lam) * p.r;
+    const double q = direct_q(in, b, c, acc, diffp);
+    double s;
+    if (q == 0) {
+        s = 0.0;
+    } else if (in.beta != nullptr && std::isfinite(q)) {
+        // s from the difference, like q: sx − smu loses |x_b|·|beta|·u against a small s when the
+        // prototypes lie far from the origin (1e-7 relative in float64 at |mu| = 1e3, |x − mu| = 1e-6).
+        const T* xb = in.x + b * in.D;
+        const T* mc = in.mu + c * in.D;
+        s = 0;
+        for (int64_t k = 0; k < in.D; ++k) s += (double(xb[k]) - double(mc[k])) * double(in.beta[k]);
+    } else {
+        s = in.sx[b] - in.smu[c];  // float64 difference
+    }
+    const double a = std::sqrt(q + in.eps), r = std::sqrt(s * s + in.eps);
+    p.a = T(a);
+    p.s = T(s);
+    p.r = T(r);
+    p.d = T(in.lam == 0 ? a : a + in.lam * r);  // λ = 0 with an infinite s: 0·Inf is not NaN here
     return p;
 }
 
@@ -260,7 +314,8 @@ template <typename T>
 inline Pair<T> pair_from_dot(const Operands<T>& in, int64_t b, int64_t c, T dot, double* acc, T* diffp) {
     const T norms = in.xnorm[b] + in.munorm[c];
     T q = norms - T(2) * dot;
-    if (q < T(in.tau) * norms) return pair_direct(in, b, c, acc, diffp);  // false for NaN: NaN flows on
+    if (at_risk(q, norms, T(in.tau)) || s_at_risk(T(in.sx[b] - in.smu[c]), T(in.sx[b]), T(in.smu[c])))
+        return pair_direct(in, b, c, acc, diffp);
     Pair<T> p;
     p.near = false;
     if (q < T(0)) q = T(0);
@@ -297,10 +352,10 @@ void row_terms(const Operands<T>& in, int64_t b, int64_t c0, int64_t nc, const T
     for (int64_t j = 0; j < nc; ++j) {
         const T norms = xn + mn[j];
         T q = norms - T(2) * dots[j];
-        near[j] = q < tau * norms ? T(1) : T(0);
+        s[j] = (sxh - smh[j]) + (sxl - sml[j]);
+        near[j] = at_risk(q, norms, tau) || s_at_risk(s[j], sxh, smh[j]) ? T(1) : T(0);
         q = q < T(0) ? T(0) : q;
         a[j] = std::sqrt(q + eps);
-        s[j] = (sxh - smh[j]) + (sxl - sml[j]);
         r[j] = std::sqrt(s[j] * s[j] + eps);
         d[j] = a[j] + lam * r[j];
     }

@@ -93,6 +93,7 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     in.x = x.data_ptr<T>();
     in.mu = mu.data_ptr<T>();
     in.lc = lc.data_ptr<T>();
+    in.beta = beta.data_ptr<T>();
     in.lam = lam.item<double>();
     in.eps = eps;
     in.tau = tau;
@@ -370,7 +371,8 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl, dou
         for (int64_t cc = 0; cc < n_cc; ++cc)
             if (run_max[cc * B + b] > -inf) total += run_sum[cc * B + b] * std::exp(run_max[cc * B + b] - M);
         sl[b] = lsum;
-        lse[b] = std::isnan(lsum) ? lsum : (M == -inf ? -inf : M + std::log(total));
+        // M = ±inf: an infinite logit (γ < 0 with a class at distance +inf) or none: lse is M itself.
+        lse[b] = std::isnan(lsum) ? lsum : (std::isinf(M) ? M : M + std::log(total));
     }
 }
 
@@ -466,7 +468,7 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                             const T Pj = pr.a == T(0) ? T(0) : H[j] / pr.a;
                             T* dxrow = partp + b * D;
                             T* dmrow = dmup.data() + j * D;
-                            for (int64_t k = 0; k < D; ++k) {
+                            for (int64_t k = 0; k < D && Pj != T(0); ++k) {  // diff' may be Inf where Pj = 0
                                 dxrow[k] += Pj * diffp[k];
                                 dmrow[k] -= Pj * diffp[k];
                             }
@@ -584,6 +586,14 @@ void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
                         soft_target->size(1) == mu.size(0) && soft_target->scalar_type() == x.scalar_type() &&
                         soft_target->device().is_cpu(),
                     "soft_target must be a CPU tensor [B, C] of x's dtype");
+    // The range check inside the op, so that it holds where the Python one does not run (torch.compile):
+    // −1 means "no target among these classes"; −2 marks a target out of range (row_stats.local_targets).
+    const at::Tensor t = target.contiguous();
+    const int64_t* tp = t.data_ptr<int64_t>();
+    const int64_t C = mu.size(0);
+    for (int64_t i = 0; i < t.numel(); ++i)
+        TORCH_CHECK_VALUE(tp[i] >= -1 && tp[i] < C, "target holds a class index out of range [0, ", C,
+                          ") that is not ignore_index (entry ", i, ")");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(

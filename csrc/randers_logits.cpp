@@ -41,6 +41,7 @@ Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const 
     in.x = raw.x.data_ptr<T>();
     in.mu = raw.mu.data_ptr<T>();
     in.lc = raw.lc.data_ptr<T>();
+    in.beta = raw.beta.data_ptr<T>();
     in.full = raw.lc.dim() == 2;
     in.xnorm = row_sq_norms<T>(in.xp);
     in.munorm = row_sq_norms<T>(in.mup);
@@ -79,9 +80,9 @@ void logits_epilogue(const Operands<T>& in, double gamma, T* out) {
             for (int64_t j = 0; j < nc; ++j) {
                 const T norms = xn + mn[j];
                 const T q = norms - T(2) * row[j];
-                near[j] = q < tau * norms ? T(1) : T(0);  // false for NaN: NaN flows on
-                n_near += near[j];
                 const T s = (sxh - smh[j]) + (sxl - sml[j]);
+                near[j] = at_risk(q, norms, tau) || s_at_risk(s, sxh, smh[j]) ? T(1) : T(0);
+                n_near += near[j];
                 row[j] = neg_gamma * (std::sqrt((q < T(0) ? T(0) : q) + eps) + lam * std::sqrt(s * s + eps));
             }
             if (n_near == T(0)) continue;
@@ -268,17 +269,20 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
                         const T r = std::sqrt(s * s + eps);
                         const T d = ds * lv[j];
                         const T a = d - lam * r;
-                        nf[j] = a * a - eps < tau * (xn + mn[j]) ? T(1) : T(0);
+                        nf[j] = at_risk(a * a - eps, xn + mn[j], tau) || s_at_risk(s, sxh, smh[j]) ? T(1) : T(0);
                         const T H = -g * gv[j];
                         const T p = a > T(0) ? H / a : T(0);  // eps = 0 at an exact hit: subgradient 0
                         const T R = r > T(0) ? H * lam * s / r : T(0);
-                        const T pf = nf[j] != T(0) ? T(0) : p;
+                        // Pairs at risk take all their a, s, r terms from the direct path below.
+                        const bool far = nf[j] == T(0);
+                        const T pf = far ? p : T(0);
+                        const T Rf = far ? R : T(0);
                         prow[j] = pf;
                         cp[j] += pf;
-                        cr[j] += R;
+                        cr[j] += Rf;
                         sp += pf;
-                        sr += R;
-                        shr += H * r;
+                        sr += Rf;
+                        shr += far ? H * r : T(0);
                         sgd += gv[j] * d;
                         n_near += nf[j];
                     }
@@ -290,7 +294,15 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
                     for (int64_t j = 0; j < nc; ++j) {
                         if (nf[j] == T(0)) continue;
                         const Pair<T> pr = pair_direct(in, b, c0 + j, acc.data(), diffp.data());
-                        const T p = pr.a > T(0) ? -g * gv[j] / pr.a : T(0);
+                        const T H = -g * gv[j];
+                        const T p = pr.a > T(0) ? H / pr.a : T(0);
+                        const T R = pr.r > T(0) ? H * lam * pr.s / pr.r : T(0);
+                        sum_r += double(R);
+                        col_r[bt * C + c0 + j] += R;
+                        dlam += double(H * pr.r);
+                        // p = 0 exactly (an infinite distance, or no gradient) adds nothing: diff'
+                        // may hold Inf there.
+                        if (p == T(0)) continue;
                         near[bt].push_back({b, c0 + j, double(p)});
                         near_diff[bt].insert(near_diff[bt].end(), diffp.begin(), diffp.end());
                     }

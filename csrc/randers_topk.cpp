@@ -59,7 +59,7 @@ inline bool better(T a, int64_t ia, T b, int64_t ib, bool nan_first) {
 template <typename T>
 struct TopkProblem {
     Operands<T> in;            // x', |x'|², sx; per class |mu'_c|², smu (O(C)); raw x, mu, lc
-    at::Tensor x, mu, lc, m, sx, smu;
+    at::Tensor x, mu, lc, beta, m, sx, smu;
     const T* center;
     int64_t k;
     bool largest;
@@ -107,6 +107,8 @@ TopkProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor
     in.x = x.data_ptr<T>();
     in.mu = mu.data_ptr<T>();
     in.lc = lc.data_ptr<T>();
+    pb.beta = beta;  // in.beta points into it (near pairs take s from the difference)
+    in.beta = beta.data_ptr<T>();
     in.lam = lam.item<double>();
     in.eps = eps;
     in.tau = tau;
@@ -193,9 +195,9 @@ RowSummary<T> row_keys(const Operands<T>& in, int64_t b, int64_t c0, int64_t nc,
     for (int64_t j = 0; j < nc; ++j) {
         const T norms = xn + mn[j];
         const T q = norms - T(2) * key[j];
-        near[j] = q < tau * norms ? T(1) : T(0);  // false for NaN: NaN flows on
-        n_near += near[j];
         const T s = (sxh - smh[j]) + (sxl - sml[j]);
+        near[j] = at_risk(q, norms, tau) || s_at_risk(s, sxh, smh[j]) ? T(1) : T(0);
+        n_near += near[j];
         const T v = sign * (std::sqrt((q < T(0) ? T(0) : q) + eps) + lam * std::sqrt(s * s + eps));
         key[j] = v;
         n_nan += v != v ? T(1) : T(0);

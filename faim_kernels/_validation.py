@@ -2,6 +2,7 @@
 the argument and what was expected."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -9,6 +10,9 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "cpp", "triton", "reference")
 REDUCTIONS = ("mean", "sum", "none")
+
+# check_inputs' gamma for randers_distance, which has none (None itself is a caller's mistake).
+NO_GAMMA = object()
 
 
 def _compiling() -> bool:
@@ -27,6 +31,9 @@ def _check_tensor(name: str, t, ndim: int | tuple[int, ...], shape_hint: str) ->
 
 
 def _check_scalar(name: str, v, device: torch.device, nonnegative: bool) -> None:
+    """A Python real or a 0-dim floating tensor, finite (and >= 0 for lam). NaN or Inf in lam or
+    gamma would reach every pair: an error, not a matrix of NaN."""
+    what = ">= 0 and finite" if nonnegative else "finite"
     if isinstance(v, torch.Tensor):
         if v.dim() != 0:
             raise ValueError(f"{name} must be a Python float or a 0-dim tensor, got shape {tuple(v.shape)}")
@@ -35,11 +42,13 @@ def _check_scalar(name: str, v, device: torch.device, nonnegative: bool) -> None
         if v.device != device:
             raise ValueError(f"{name} is on {v.device} but x is on {device}: all inputs must be on one device")
         # Reading a CUDA value would synchronise the stream on every call; the check is done where it is free.
-        if nonnegative and v.device.type == "cpu" and not _compiling() and bool(v.detach() < 0):
-            raise ValueError(f"{name} must be >= 0, got {float(v)}")
+        if v.device.type == "cpu" and not _compiling():
+            value = float(v.detach())
+            if not math.isfinite(value) or (nonnegative and value < 0):
+                raise ValueError(f"{name} must be {what}, got {value}")
     elif isinstance(v, numbers.Real) and not isinstance(v, bool):
-        if nonnegative and v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
+        if not math.isfinite(v) or (nonnegative and v < 0):
+            raise ValueError(f"{name} must be {what}, got {v}")
     else:
         raise TypeError(f"{name} must be a Python float or a 0-dim tensor, got {type(v).__name__}")
 
@@ -49,9 +58,10 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check_inputs(x, mu, L, beta, lam, gamma=None, eps: float = 1e-6) -> None:
+def check_inputs(x, mu, L, beta, lam, gamma=NO_GAMMA, eps: float = 1e-6) -> None:
     """Validates the head's inputs: shapes [B, D], [C, D], [D, D] or [D], [D]; one floating dtype;
-    one device; lam >= 0 and eps >= 0."""
+    one device; lam finite and >= 0, gamma finite (NO_GAMMA: the distance, which has none), eps
+    finite and >= 0."""
     _check_tensor("x", x, 2, "[B, D]")
     _check_tensor("mu", mu, 2, "[C, D]")
     _check_tensor("L", L, (1, 2), "[D, D] (full) or [D] (diagonal)")
@@ -69,12 +79,12 @@ def check_inputs(x, mu, L, beta, lam, gamma=None, eps: float = 1e-6) -> None:
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all inputs must share one dtype")
     _check_scalar("lam", lam, x.device, nonnegative=True)
-    if gamma is not None:
+    if gamma is not NO_GAMMA:
         _check_scalar("gamma", gamma, x.device, nonnegative=False)
     if not isinstance(eps, numbers.Real) or isinstance(eps, bool):
         raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be >= 0 and finite, got {eps}")
 
 
 def check_target(target, B: int, C: int, ignore_index: int, device: torch.device) -> None:

@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._validation import (check_ce_target, check_class_weight, check_inputs, check_loss_options,
+from ._validation import (NO_GAMMA, check_ce_target, check_class_weight, check_inputs, check_loss_options,
                           check_lse_square_scale, check_topk)
 from .functional import randers_topk, resolve_backend
 from .ops.row_stats import loss_from_stats, loss_targets, row_stats
@@ -183,7 +183,7 @@ def sharded_randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, *, larg
     indices per rank) brings every candidate to every rank, which merges them with two stable
     sorts (by index, then by distance). Not differentiable, like fk.randers_topk.
     """
-    check_inputs(x, mu, L, beta, lam, None, eps)
+    check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
     offset, num_classes = _shard_layout(mu.shape[0], x.device, group)
     check_topk(k, num_classes, largest)
     B, world = x.shape[0], dist.get_world_size(group)

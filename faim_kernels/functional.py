@@ -4,11 +4,13 @@ and one backward.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import reference
-from ._validation import (check_ce_target, check_class_weight, check_indices, check_inputs, check_loss_options,
-                          check_lse_square_scale, check_topk)
+from ._validation import (NO_GAMMA, check_ce_target, check_class_weight, check_indices, check_inputs,
+                          check_loss_options, check_lse_square_scale, check_topk)
 from .ops import dispatch
 from .ops.row_stats import loss_from_stats, loss_targets, row_stats
 from .ops.dispatch import resolve_backend
@@ -17,17 +19,39 @@ __all__ = ["randers_distance", "randers_logits", "randers_cross_entropy", "rande
            "resolve_backend"]
 
 
+def _float32_in_autocast(fn):
+    """Autocast as PyTorch's float32-list ops (cdist, cross_entropy) have it: inside an autocast region
+    for x's device, the floating inputs (half or float32, e.g. bfloat16 activations beside float32
+    parameters) are computed in float32 (float64 stays float64) with autocast off, and the results
+    are float32. Distances near a prototype cancel (SPEC §2.1): in a half type the target pair's
+    distance would carry ~1e-2 of error, so no half GEMM is chosen for the user."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        x = args[0] if args else kwargs.get("x")
+        if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+            return fn(*args, **kwargs)
+
+        def up(v):
+            if isinstance(v, torch.Tensor) and v.dtype in (torch.float16, torch.bfloat16):
+                return v.to(torch.float32)
+            return v
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+    return wrapper
+
+
 def _backend(backend, x, mu):
     return resolve_backend(backend, x.device, (x.shape[0], mu.shape[0], x.shape[1]), x.dtype)
 
 
+@_float32_in_autocast
 def randers_distance(x, mu, L, beta, lam, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """d_bc = sqrt((x_b−mu_c)ᵀ Sigma (x_b−mu_c) + eps) + lam·sqrt((betaᵀ(x_b−mu_c))² + eps)  -> [B, C].
 
     x [B, D], mu [C, D], L [D, D] (Sigma = L Lᵀ + eps·I) or [D] (Sigma = diag(L²) + eps·I),
     beta [D], lam >= 0 (float or 0-dim tensor). Differentiable in every tensor input.
     """
-    check_inputs(x, mu, L, beta, lam, None, eps)
+    check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
     backend = _backend(backend, x, mu)
     if backend == "reference":
         return reference.randers_distance(x, mu, L, beta, lam, eps)
@@ -35,6 +59,7 @@ def randers_distance(x, mu, L, beta, lam, eps: float = 1e-6, *, backend: str = "
     return dispatch.fused_logits(x, mu, L, beta, lam, -1.0, eps, backend)
 
 
+@_float32_in_autocast
 def randers_logits(x, mu, L, beta, lam, gamma, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """logits_bc = −gamma·d_bc (SPEC Eq. 3) -> [B, C]; see randers_distance for the arguments."""
     check_inputs(x, mu, L, beta, lam, gamma, eps)
@@ -44,6 +69,7 @@ def randers_logits(x, mu, L, beta, lam, gamma, eps: float = 1e-6, *, backend: st
     return dispatch.fused_logits(x, mu, L, beta, lam, gamma, eps, backend)
 
 
+@_float32_in_autocast
 def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6, margin: float = 0.0,
                           label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
                           *, weight=None, lse_square_scale: float = 0.0, return_lse: bool = False,
@@ -101,7 +127,7 @@ def randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, *, largest: boo
     randers_distance's [B, C] instead (B·C memory), with a warning that says so.
     backend="reference": the einsum distances and a stable sort (the oracle).
     """
-    check_inputs(x, mu, L, beta, lam, None, eps)
+    check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
     check_topk(k, mu.shape[0], largest)
     backend = _backend(backend, x, mu)
     if backend == "reference":
@@ -115,7 +141,7 @@ def randers_distance_at(x, mu, L, beta, lam, indices, eps: float = 1e-6) -> torc
     randers_topk returned, differentiable in every tensor input (O(B·k·D) memory, or B·k·D² work
     for a full L). Formed from the raw differences x_b − mu_c, so near pairs are exact (SPEC §2.1).
     """
-    check_inputs(x, mu, L, beta, lam, None, eps)
+    check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
     check_indices(indices, x.shape[0], mu.shape[0], x.device)
     diff = x.unsqueeze(1) - mu[indices.long()]                    # [B, k, D]
     if L.dim() == 2:  # Sigma = L Lᵀ + eps·I

@@ -27,7 +27,11 @@ def randers_distance(x, mu, L, beta, lam, eps: float = 1e-6) -> torch.Tensor:
     diff = x.unsqueeze(1) - mu.unsqueeze(0)  # [B, C, D]
     quad = torch.einsum("bcd,df,bcf->bc", diff, S, diff)
     beta_dot = torch.einsum("d,bcd->bc", beta, diff)
-    return torch.sqrt(quad + eps) + lam * torch.sqrt(beta_dot * beta_dot + eps)
+    d = torch.sqrt(quad + eps) + lam * torch.sqrt(beta_dot * beta_dot + eps)
+    # An infinite coordinate of x_b − mu_c (and no NaN) is at distance +inf: the limit, which the
+    # einsum would turn into NaN (Inf·0 off the diagonal of Sigma, Inf − Inf across coordinates).
+    infinite = torch.isinf(diff).any(dim=-1) & ~torch.isnan(diff).any(dim=-1)
+    return torch.where(infinite, torch.full_like(d, float("inf")), d)
 
 
 def randers_logits(x, mu, L, beta, lam, gamma, eps: float = 1e-6) -> torch.Tensor:

@@ -39,7 +39,10 @@ def risk_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None)
     The expansion |x'|² + |mu'|² − 2x'·mu' errs by about u·sqrt(D)·N, N = |x'|² + |mu'|² (u the
     unit round-off of the accumulation, errors adding as a random walk over D), so sqrt(q) is off
     by u·sqrt(D)·N/(2q) relative. Asking for 128·u gives tau = sqrt(D)/256, the same for every
-    dtype (0.0625 at D = 256), capped at 1 (every close pair recomputed).
+    dtype (0.0625 at D = 256), capped at 1 (every close pair recomputed). Below D = 16 the floor is
+    4/256: over a few terms the random walk is no bound (the rounding of the norms and of each
+    product add up to ~2u·N), and at D = 1 and 2 pairs just above sqrt(D)/256 measured 1.6e-5 and
+    9.5e-6 off in float32; with the floor, under 5e-6 (the direct path is O(D) per pair: cheap there).
 
     operand_eps: the unit round-off of the GEMM's operands where a kernel rounds x', mu' below the
     compute precision (bfloat16/float16 copies, TF32), with the norms taken from the same rounded
@@ -49,7 +52,7 @@ def risk_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None)
     """
     del dtype  # the ratio of the error to u is what is fixed
     D = max(D, 1)
-    tau = math.sqrt(D) / 256.0
+    tau = max(math.sqrt(D), 4.0) / 256.0
     if operand_eps is not None:
         tau = max(tau, operand_eps ** 2 / (3e-6 * D))
     return min(1.0, tau)
@@ -58,16 +61,21 @@ def risk_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None)
 def metric_factor(L: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """Lc with Lc·Lcᵀ = Sigma: cholesky(L Lᵀ + eps·I) computed in float64, or sqrt(L² + eps)
     (in `dtype` directly: two roundings, and the fewest steps on the hot path)."""
-    if L.dim() == 1:
-        return torch.sqrt(torch.square(L.to(dtype)) + eps)
-    L64 = L.to(torch.float64)
-    eye = torch.eye(L.shape[0], dtype=torch.float64, device=L.device)
-    sigma = L64 @ L64.T + eps * eye
-    factor, info = torch.linalg.cholesky_ex(sigma)
+    # Never under autocast: Sigma and its factor are float64 math (SPEC §2.1), whatever the region.
+    with torch.autocast(L.device.type, enabled=False):
+        if L.dim() == 1:
+            return torch.sqrt(torch.square(L.to(dtype)) + eps)
+        L64 = L.to(torch.float64)
+        eye = torch.eye(L.shape[0], dtype=torch.float64, device=L.device)
+        sigma = L64 @ L64.T + eps * eye
+        factor, info = torch.linalg.cholesky_ex(sigma)
     # On the CPU the check is free; on CUDA it would synchronise every call, so it is skipped there.
-    if L.device.type == "cpu" and not torch.compiler.is_compiling() and bool(info != 0):
-        raise ValueError("Sigma = L Lᵀ + eps·I is not positive definite in float64 "
-                         "(eps = 0 with a singular L?): use eps > 0")
+    if L.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(L).all()):
+            raise ValueError("L holds non-finite values (NaN or Inf): Sigma = L Lᵀ + eps·I cannot be factorised")
+        if bool(info != 0):
+            raise ValueError("Sigma = L Lᵀ + eps·I is not positive definite in float64 "
+                             "(eps = 0 with a singular L?): use eps > 0")
     return factor.to(dtype)
 
 

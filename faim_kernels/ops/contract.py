@@ -162,6 +162,62 @@ torch.library.register_autograd(logits_op, _logits_backward_with(logits_backward
 torch.library.register_autograd(cross_entropy_op, _ce_backward_with(cross_entropy_backward_op),
                                 setup_context=_ce_setup_context)
 
+
+# ----------------------------------------------------------------------------------------------
+# Second derivatives: refused, never wrong. The backward kernels are closed forms, not differentiable
+# compositions, so differentiating them again (torch.autograd.grad(..., create_graph=True) then a
+# second backward: gradient penalties, some meta-learning) has no formula here. The backward ops'
+# own autograd raises, the way PyTorch's @once_differentiable does: the first derivative with
+# create_graph=True works, the second raises with the way out. (The C++ autograd of the logits op
+# calls the backward op through the dispatcher, so this reaches it too.)
+# ----------------------------------------------------------------------------------------------
+
+def double_backward_error(family: str) -> RuntimeError:
+    fn = "randers_logits / randers_distance" if family == "logits" else "randers_cross_entropy"
+    return RuntimeError(
+        f"faim_kernels: second derivatives (double backward) of {fn} are not implemented by the fused kernels "
+        f"(their backward is a closed form). Pass backend='reference' (the einsum formula under plain autograd, "
+        f"memory B*C*D) to differentiate twice, e.g. for a gradient penalty.")
+
+
+def _refuse_double_backward(family: str):
+    def _backward(ctx, *grads):
+        raise double_backward_error(family)
+    return _backward
+
+
+torch.library.register_autograd(logits_backward_op, _refuse_double_backward("logits"))
+torch.library.register_autograd(cross_entropy_backward_op, _refuse_double_backward("cross_entropy"))
+
+
+def _once_differentiable(family: str, kernel):
+    """`kernel` (a backward launcher called directly, as under the interpreter) with the same
+    refusal: its outputs carry a node that raises if anything differentiates through them."""
+    class _Backward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keywords, *args):  # the last len(keywords) args are keyword arguments
+            n = len(args) - len(keywords)
+            return tuple(kernel(*args[:n], **dict(zip(keywords, args[n:]))))
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise double_backward_error(family)
+
+    def call(*args, **kwargs):
+        return _Backward.apply(tuple(kwargs), *args, *kwargs.values())
+    return call
+
+
+# ----------------------------------------------------------------------------------------------
+# Autocast: the forward ops are on autocast's float32 list, like PyTorch's cdist and cross_entropy
+# (distances cancel, SPEC §2.1): in an autocast region half inputs are cast to float32 (float64
+# stays float64) and the op runs with autocast off, returning float32.
+# ----------------------------------------------------------------------------------------------
+
+for _op in (logits_op, cross_entropy_op):
+    for _device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(_op, _device_type, torch.float32)
+
 _FORMULAS = {
     "logits": (_logits_setup_context, _logits_backward_with),
     "cross_entropy": (_ce_setup_context, _ce_backward_with),
@@ -173,7 +229,7 @@ def autograd_function(family: str, forward, backward):
     formula, running the given forward and backward kernels directly instead of through the
     dispatcher. Used for the Triton kernels on CPU tensors under Triton's interpreter (tests)."""
     setup_context, backward_with = _FORMULAS[family]
-    backward_formula = backward_with(backward)  # (the class body below rebinds the name `backward`)
+    backward_formula = backward_with(_once_differentiable(family, backward))  # (the class body below rebinds the name `backward`)
 
     class _Op(torch.autograd.Function):
         @staticmethod

@@ -73,6 +73,8 @@ def loss_targets(target, num_classes: int, ignore_index: int, label_smoothing: f
         classes = target.classes.to(torch.int64)
         here = (classes >= offset) & (classes < offset + num_local)
         local = torch.where(here, classes - offset, torch.full_like(classes, -1))
+        # Out of range anywhere: −2, which the kernels refuse (see local_targets).
+        local = torch.where((classes < 0) | (classes >= num_classes), torch.full_like(local, -2), local)
         pw = target.probs.to(torch.float64)
         if weight is not None:
             pw = pw * weight.to(torch.float64)[classes]
@@ -90,7 +92,7 @@ def loss_targets(target, num_classes: int, ignore_index: int, label_smoothing: f
         return LossTargets("dense", torch.full((B,), -1, dtype=torch.int64, device=target.device),
                            target[:, offset:offset + num_local], local_weight, valid, None, None, mass,
                            weight_sum, label_smoothing, num_classes)
-    valid, local = local_targets(target, ignore_index, offset, num_local)
+    valid, local = local_targets(target, ignore_index, offset, num_local, num_classes=num_classes)
     tw = None
     if weight is not None:
         tw = torch.where(valid, weight.to(torch.float64)[torch.where(valid, target.long(), 0)], 0.0)
@@ -164,10 +166,16 @@ def loss_from_stats(lse, tl, sl, pl, rows: LossTargets, reduction: str, out_dtyp
     return total.to(out_dtype)
 
 
-def local_targets(target, ignore_index: int, offset: int, num_local: int):
+def local_targets(target, ignore_index: int, offset: int, num_local: int, num_classes: int | None = None):
     """(valid, local): valid = target != ignore_index; local = target − offset where that falls in
-    [0, num_local) on a valid row, else −1 (the contract's 'no target here')."""
+    [0, num_local) on a valid row, else −1 (the contract's 'no target here'). With num_classes, a
+    valid row whose target lies outside [0, num_classes) gets −2, which the kernels refuse: the
+    range check then holds where the Python one cannot run (torch.compile, CUDA without a sync)."""
     valid = target != ignore_index
     local = target.to(torch.int64) - offset
     here = valid & (local >= 0) & (local < num_local)
-    return valid, torch.where(here, local, torch.full_like(local, -1))
+    local = torch.where(here, local, torch.full_like(local, -1))
+    if num_classes is not None:
+        bad = valid & ((target < 0) | (target >= num_classes))
+        local = torch.where(bad, torch.full_like(local, -2), local)
+    return valid, local

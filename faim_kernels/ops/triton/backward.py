@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from . import common, configs
-from .common import _cast, _direct_pairs, _gemm_q, _load_eps, _mm, _pair_distance, _pair_s, _tile_dot
+from .common import (_at_risk, _cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _mm, _pair_distance, _pair_s,
+                     _s_at_risk, _tile_dot)
 
 
 @triton.jit
@@ -72,7 +73,7 @@ def _ce_pair_data(row, cls, row_m, cls_m, m, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_p
 
 
 @triton.jit
-def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D,
+def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D,
                  s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                  tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                  w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
@@ -81,12 +82,13 @@ def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D,
                  N_TGT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFT: tl.constexpr):
     """The terms of NP pairs at risk (own row b_v, other row j_v; em masks the block) from the raw
     difference: (P·diff'[:, d0 : d0 + BLOCK_D], R, H·r, G·dist), zero where ~em."""
-    q, diff = _direct_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D, FULL, NP, NEAR_K, BLOCK_D,
+    q, diff, s_direct = _direct_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D, FULL, NP,
+                                      NEAR_K, BLOCK_D,
                             NEAR_DOT)
-    acc_t = q.dtype
+    acc_t = diff.dtype  # the compute dtype (q itself is float64)
     s = ((tl.load(s_own_hi_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_hi_ptr + j_v, mask=em, other=0.0))
          + (tl.load(s_own_lo_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_lo_ptr + j_v, mask=em, other=0.0)))
-    a, r, d, ia, ir = _pair_distance(q, s, lam, eps)
+    a, r, d, ia, ir, s = _direct_distance(q, s_direct, s, lam, eps)
     if CE:
         if OWN_IS_X:
             row, cls = b_v, j_v
@@ -104,13 +106,15 @@ def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, em, d0, D,
     # a = 0 only at an exact hit with eps = 0: subgradient 0 there (as the C++ kernel).
     P = tl.where(em & (a != 0), H * ia, 0.0)
     R = tl.where(em & (r != 0), H * lam * s * ir, 0.0)
-    return P[:, None] * diff.to(acc_t), R, tl.where(em, H * r, 0.0), tl.where(em, G * dist, 0.0)
+    # P = 0 exactly (an infinite distance, or no gradient) adds nothing: diff' may hold Inf there.
+    pd = tl.where(P[:, None] != 0, P[:, None] * diff.to(acc_t), 0.0)
+    return pd, R, tl.where(em, H * r, 0.0), tl.where(em, G * dist, 0.0)
 
 
 @triton.jit
 def _backward_kernel(
         own_ptr, oth_ptr, own_n_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr,
-        own_raw_ptr, oth_raw_ptr, lc_ptr,
+        own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr,
         g_ptr, stride_g_own, stride_g_oth,                          # logits family: ∂loss/∂logits
         lg_ptr, stride_lg_own, stride_lg_oth,                       # FROM_LOGITS: the forward's logits
         tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, margin_ptr,  # CE family: [B] each, batch side
@@ -208,8 +212,8 @@ def _backward_kernel(
         oth_block = oth_ptr + tl.cast(t0, tl.int64) * D
         valid = om[:, None] & tm[None, :]
         oth_n = tl.load(oth_n_ptr + t0 + lt, mask=tm, other=0.0)
-        s = _pair_s(s_own_hi, s_own_lo, tl.load(s_oth_hi_ptr + t0 + lt, mask=tm, other=0.0),
-                    tl.load(s_oth_lo_ptr + t0 + lt, mask=tm, other=0.0))
+        s_oth_hi = tl.load(s_oth_hi_ptr + t0 + lt, mask=tm, other=0.0)
+        s = _pair_s(s_own_hi, s_own_lo, s_oth_hi, tl.load(s_oth_lo_ptr + t0 + lt, mask=tm, other=0.0))
         if FROM_LOGITS:
             # a from the forward's logits (d = a + λ·r); a < 0 from rounding clamps to 0, which
             # puts q = −eps under the at-risk bound: such a pair takes the exact path.
@@ -220,7 +224,7 @@ def _backward_kernel(
         else:
             q, _ = _gemm_q(_tile_dot(own_block, oth_block, lo, lt, om, tm, D, zero, BLOCK_K, IMPL, PREC),
                            own_n, oth_n, tau)
-        near = (q < tau * (own_n[:, None] + oth_n[None, :])) & valid
+        near = (_at_risk(q, own_n[:, None] + oth_n[None, :], tau) | _s_at_risk(s, s_own_hi, s_oth_hi)) & valid
         # The chunk of oth' this program's output needs (read again: it is in L2 after the GEMM).
         oth = tl.load(oth_block + lt[:, None] * D + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
         a, r, d, ia, ir = _pair_distance(q, s, lam, eps)
@@ -263,7 +267,7 @@ def _backward_kernel(
                 b_v = tl.zeros((1,), dtype=tl.int64) + o0.to(tl.int64) + i
                 j_v = tl.zeros((1,), dtype=tl.int64) + t0 + f % BLOCK_T
                 pd, R_e, hr_e, gd_e = _exact_terms(
-                    own_raw_ptr, oth_raw_ptr, lc_ptr, b_v, j_v, b_v >= 0, pid_d * BLOCK_D, D,
+                    own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, b_v >= 0, pid_d * BLOCK_D, D,
                     s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                     tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                     w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
@@ -295,7 +299,8 @@ def _backward_kernel(
             code = tl.load(near_ptr + note_base + e, mask=em, other=0)
             i_v = (code % BLOCK_O).to(tl.int32)
             pd, R_e, hr_e, gd_e = _exact_terms(
-                own_raw_ptr, oth_raw_ptr, lc_ptr, o0.to(tl.int64) + i_v, code // BLOCK_O, em, pid_d * BLOCK_D, D,
+                own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, o0.to(tl.int64) + i_v, code // BLOCK_O, em,
+                pid_d * BLOCK_D, D,
                 s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                 tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                 w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
@@ -370,7 +375,7 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None):
         ce_flags = dict(N_TGT=1, HAS_WEIGHT=False, HAS_SOFT=False)
     near_p, near_k, _, near_dot = o.near_tiles()
     grid = lambda meta: (triton.cdiv(n_own, meta["BLOCK_O"]), splits, n_chunks)  # noqa: E731
-    args = (own, oth, own_n, oth_n, *s_own, *s_oth, own_raw, oth_raw, o.lc,
+    args = (own, oth, own_n, oth_n, *s_own, *s_oth, own_raw, oth_raw, o.lc, o.beta,
             g, *g_strides, lg, *lg_strides, target, w_lse, w_tl, w_sl, lse, margin,
             w_pl, cw, soft, s_b, s_c, o.lam, o.gamma, dp, ds, scal, notes, overflow,
             n_own, n_oth, D, o.eps_hi, o.eps_lo, o.tau, per_split, near_cap,

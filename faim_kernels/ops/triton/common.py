@@ -74,12 +74,29 @@ def _tile_dot(a_ptr, b_ptr, ra, rb, a_mask, b_mask, D, acc,
 
 
 @triton.jit
+def _at_risk(q, norms, tau):
+    """Whether a pair's expansion q = norms − 2·dot cannot be trusted: at risk of cancellation
+    (q < tau·norms, SPEC §2.1), NaN (Inf − Inf from an infinite coordinate, or overflow), or its
+    norms overflowed (float32 inputs near 1e19 and beyond). Such pairs take the direct path, which
+    gives the limit (+Inf for an infinite coordinate) or the finite value; a NaN input stays NaN."""
+    return (q < tau * norms) | (q != q) | (norms == float("inf"))
+
+
+@triton.jit
+def _s_at_risk(s, s_row_hi, s_col_hi):
+    """Whether s = sx − smu cancels: |s| far below |sx| + |smu| (a sample near its prototype along
+    beta, both far from the origin), where the float64 difference keeps only ~u·(|sx| + |smu|)
+    absolute. Such pairs take the direct path, which forms s from the difference (as the C++ kernels).
+    2^-20: rare elsewhere."""
+    return tl.abs(s) < 9.5367431640625e-07 * (tl.abs(s_row_hi)[:, None] + tl.abs(s_col_hi)[None, :])
+
+
+@triton.jit
 def _gemm_q(dot, n_row, n_col, tau):
-    """q = |x'|² + |mu'|² − 2x'·mu' and the at-risk mask q < tau·(|x'|² + |mu'|²) (SPEC §2.1).
-    NaN compares false, so a NaN pair is never 'near' and stays NaN."""
+    """q = |x'|² + |mu'|² − 2x'·mu' and the at-risk mask (_at_risk)."""
     norms = n_row[:, None] + n_col[None, :]
     q = norms - 2.0 * dot
-    return q, q < tau * norms
+    return q, _at_risk(q, norms, tau)
 
 
 @triton.jit
@@ -99,6 +116,30 @@ def _pair_distance(q, s, lam, eps):
 
 
 @triton.jit
+def _direct_distance(q64, s_direct, s_gemm, lam, eps):
+    """_pair_distance for q and s from _direct_pairs (float64: q may exceed float32's range where the
+    distance does not), returned in s_gemm's dtype (the compute dtype), with s. s is the direct one
+    where q is finite (s_gemm = sx − smu where the difference is not: Inf or NaN), and exactly 0 at
+    an exact hit (q = 0: x_b = mu_c in the metric), where sx − smu would leave ±1e-16 and, with
+    eps = 0, the 1-form's gradient λ·beta·s/|s| would be ±λ·beta instead of the convention 0."""
+    acc_t = s_gemm.dtype
+    s64 = tl.where(tl.abs(q64) < float("inf"), s_direct, s_gemm.to(tl.float64))
+    s64 = tl.where(q64 == 0, 0.0, s64)
+    s = s64.to(acc_t)
+    eps64 = eps.to(tl.float64)
+    qe = q64 + eps64
+    a = tl.sqrt(qe)
+    ia = tl.where(qe == 0, 0.0, 1.0 / a)
+    se = s64 * s64 + eps64
+    r = tl.sqrt(se)
+    ir = tl.where(se == 0, 0.0, 1.0 / r)
+    a_t = a.to(acc_t)
+    r_t = r.to(acc_t)
+    d = tl.where(lam == 0, a_t, a_t + lam * r_t)  # λ = 0 with an infinite s: 0·Inf is not NaN here
+    return a_t, r_t, d, ia.to(acc_t), ir.to(acc_t), s
+
+
+@triton.jit
 def _pair_s(s_row_hi, s_row_lo, s_col_hi, s_col_lo):
     """s = sx_b − smu_c from float64 sx, smu split into fp32 hi + lo parts: the hi difference is
     exact when they are close (Sterbenz), so s keeps its relative accuracy without fp64 math per
@@ -107,7 +148,7 @@ def _pair_s(s_row_hi, s_row_lo, s_col_hi, s_col_lo):
 
 
 @triton.jit
-def _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pmask, j_keep, D,
+def _direct_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, b, c, pmask, j_keep, D,
                   FULL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_J: tl.constexpr, USE_DOT: tl.constexpr):
     """Exact q for a block of pairs (b_p, c_p), from the raw rows x, mu [*, D] (row-major) and
@@ -115,9 +156,20 @@ def _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pmask, j_keep, D,
     x_b − mu_c is nearly exact when the pair is close, which is when the GEMM expansion is not
     (SPEC §2.1). O(D) per pair for a diagonal Lc, O(D²) for a full one.
 
-    Returns (q [BLOCK_P], diff'[:, j_keep : j_keep + BLOCK_J]); j_keep must be a multiple of
-    BLOCK_J (or negative when the chunk is not wanted)."""
-    q = tl.zeros((BLOCK_P,), dtype=x_ptr.dtype.element_ty)
+    q is summed in float64 (float32 inputs near 1e30 have a finite distance whose square is not a
+    float32). Non-finite differences take their limit: q is NaN if a coordinate of x_b − mu_c is NaN
+    (a NaN input, or Inf − Inf), else +Inf if one is infinite (Sigma is positive definite; diff'
+    itself would give Inf·0 = NaN).
+
+    s = beta·(x[b_p] − mu[c_p]) is formed from the same difference, in float64: sx − smu loses
+    |x|·|beta|·u against a small s when the prototypes lie far from the origin.
+
+    Returns (q [BLOCK_P] float64, diff'[:, j_keep : j_keep + BLOCK_J], s [BLOCK_P] float64); j_keep
+    must be a multiple of BLOCK_J (or negative when the chunk is not wanted)."""
+    q = tl.zeros((BLOCK_P,), dtype=tl.float64)
+    s = tl.zeros((BLOCK_P,), dtype=tl.float64)
+    n_nan = tl.zeros((BLOCK_P,), dtype=tl.int32)
+    n_inf = tl.zeros((BLOCK_P,), dtype=tl.int32)
     kept = tl.zeros((BLOCK_P, BLOCK_J), dtype=x_ptr.dtype.element_ty)
     rk = tl.arange(0, BLOCK_K)
     for j0 in range(0, D, BLOCK_J):
@@ -132,6 +184,12 @@ def _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pmask, j_keep, D,
                 mv = tl.load(mu_ptr + c[:, None] * D + (k0 + rk)[None, :], mask=m, other=0.0)
                 lt = tl.load(lc_ptr + (k0 + rk)[:, None] * D + rj[None, :], mask=km[:, None] & jm[None, :],
                              other=0.0)
+                diff = xv - mv
+                n_nan += tl.sum((diff != diff).to(tl.int32), axis=1)
+                n_inf += tl.sum((tl.abs(diff) == float("inf")).to(tl.int32), axis=1)
+                if j0 == 0:
+                    bk = tl.load(beta_ptr + k0 + rk, mask=km, other=0.0).to(tl.float64)
+                    s += tl.sum((xv.to(tl.float64) - mv.to(tl.float64)) * bk[None, :], axis=1)
                 if USE_DOT:
                     dp = tl.dot(xv - mv, lt, dp, input_precision="ieee")
                 else:
@@ -140,10 +198,18 @@ def _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pmask, j_keep, D,
             m = pmask[:, None] & jm[None, :]
             xv = tl.load(x_ptr + b[:, None] * D + rj[None, :], mask=m, other=0.0)
             mv = tl.load(mu_ptr + c[:, None] * D + rj[None, :], mask=m, other=0.0)
-            dp = (xv - mv) * tl.load(lc_ptr + rj, mask=jm, other=0.0)[None, :]
-        q += tl.sum(dp * dp, axis=1)
+            diff = xv - mv
+            n_nan += tl.sum((diff != diff).to(tl.int32), axis=1)
+            n_inf += tl.sum((tl.abs(diff) == float("inf")).to(tl.int32), axis=1)
+            bj = tl.load(beta_ptr + rj, mask=jm, other=0.0).to(tl.float64)
+            s += tl.sum((xv.to(tl.float64) - mv.to(tl.float64)) * bj[None, :], axis=1)
+            dp = diff * tl.load(lc_ptr + rj, mask=jm, other=0.0)[None, :]
+        dp64 = dp.to(tl.float64)
+        q += tl.sum(dp64 * dp64, axis=1)
         kept = tl.where(j0 == j_keep, dp, kept)
-    return q, kept
+    q = tl.where(n_inf > 0, float("inf"), q)
+    q = tl.where(n_nan > 0, float("nan"), q)
+    return q, kept, s
 
 
 @triton.jit
@@ -195,7 +261,8 @@ def _side_prep_kernel(v_ptr, raw_ptr, beta_ptr, s_ptr, norm_ptr, hi_ptr, lo_ptr,
         s = tl.load(s_ptr + r, mask=rm, other=0.0)
     hi = s.to(acc.dtype)
     tl.store(hi_ptr + r, hi, mask=rm)
-    tl.store(lo_ptr + r, (s - hi.to(tl.float64)).to(acc.dtype), mask=rm)
+    lo = tl.where(tl.abs(hi) < float("inf"), s - hi.to(tl.float64), 0.0)  # Inf − Inf would be NaN: lo = 0
+    tl.store(lo_ptr + r, lo.to(acc.dtype), mask=rm)
 
 
 @triton.jit

@@ -27,22 +27,23 @@ import triton.language as tl
 
 from . import common, configs
 from .backward import backward_side
-from .common import _direct_pairs, _gemm_q, _pair_distance, _pair_s, _tile_dot
+from .common import _direct_distance, _direct_pairs, _gemm_q, _pair_distance, _pair_s, _s_at_risk, _tile_dot
 
 
 @triton.jit
-def _exact_q(raw_a, raw_b, lc_ptr, i, j, D, FULL: tl.constexpr, NEAR_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The exact q of the single pair (i, j) from the raw rows: _direct_pairs with a block of one."""
+def _exact_q(raw_a, raw_b, lc_ptr, beta_ptr, i, j, D, FULL: tl.constexpr, NEAR_K: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """The exact (q, s) of the single pair (i, j) from the raw rows: _direct_pairs with a block of one."""
     one = tl.full((1,), 1, dtype=tl.int1)
-    q, _ = _direct_pairs(raw_a, raw_b, lc_ptr, tl.zeros((1,), dtype=tl.int64) + i,
-                         tl.zeros((1,), dtype=tl.int64) + j, one, -1, D, FULL, 1, NEAR_K, BLOCK_D, False)
-    return tl.sum(q, axis=0)
+    q, _, s = _direct_pairs(raw_a, raw_b, lc_ptr, beta_ptr, tl.zeros((1,), dtype=tl.int64) + i,
+                            tl.zeros((1,), dtype=tl.int64) + j, one, -1, D, FULL, 1, NEAR_K, BLOCK_D, False)
+    return tl.sum(q, axis=0), tl.sum(s, axis=0)
 
 
 @triton.jit
 def _ce_fwd_kernel(
         xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr,
-        x_ptr, mu_ptr, lc_ptr, tgt_ptr, lam_ptr, gamma_ptr, margin_ptr, part_ptr,
+        x_ptr, mu_ptr, lc_ptr, beta_ptr, tgt_ptr, lam_ptr, gamma_ptr, margin_ptr, part_ptr,
         cw_ptr, soft_ptr, stride_sb, stride_sc,
         B, C, D, eps_hi, eps_lo, tau, cols_per_split,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -83,16 +84,18 @@ def _ce_fwd_kernel(
         is_t = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.int1)
         for k in tl.static_range(N_TGT):
             is_t = is_t | ((tl.load(tgt_ptr + rb * N_TGT + k, mask=bm, other=-1)[:, None] == rc[None, :]) & valid)
-        near = (near | is_t) & valid
+        smu_hi = tl.load(smu_hi_ptr + rc, mask=cm, other=0.0)
+        s = _pair_s(sx_hi, sx_lo, smu_hi, tl.load(smu_lo_ptr + rc, mask=cm, other=0.0))
+        near = (near | is_t | _s_at_risk(s, sx_hi, smu_hi)) & valid
+        _, _, d, _, _ = _pair_distance(q, s, lam, eps)
         for _ in range(0, tl.sum(near.to(tl.int32))):  # pairs at risk and targets, in tile order
             f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
             near = near & (flat != f)
-            q_e = _exact_q(x_ptr, mu_ptr, lc_ptr, pid_b.to(tl.int64) * BLOCK_B + f // BLOCK_C,
-                           c0 + f % BLOCK_C, D, FULL, NEAR_K, BLOCK_D)
-            q = tl.where(flat == f, q_e, q)
-        s = _pair_s(sx_hi, sx_lo, tl.load(smu_hi_ptr + rc, mask=cm, other=0.0),
-                    tl.load(smu_lo_ptr + rc, mask=cm, other=0.0))
-        _, _, d, _, _ = _pair_distance(q, s, lam, eps)
+            q_e, s_direct = _exact_q(x_ptr, mu_ptr, lc_ptr, beta_ptr, pid_b.to(tl.int64) * BLOCK_B + f // BLOCK_C,
+                                     c0 + f % BLOCK_C, D, FULL, NEAR_K, BLOCK_D)
+            s_e = tl.sum(tl.sum(tl.where(flat == f, s, 0.0), axis=1), axis=0)
+            _, _, d_e, _, _, _ = _direct_distance(q_e, s_direct, s_e, lam, eps)  # float64: q_e may overflow
+            d = tl.where(flat == f, d_e, d)
         logit = -gamma * (d + tl.where(is_t, margin, 0.0))
         masked = tl.where(valid, logit, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(masked, axis=1))
@@ -129,6 +132,17 @@ def _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin):
     return o, torch.as_tensor(float(margin), dtype=torch.float64, device=o.device)
 
 
+def _check_targets(target, C: int) -> None:
+    """The range check inside the op (it holds under torch.compile too): −1 is "no target among these
+    classes", −2 a target out of range (row_stats.local_targets). On CUDA an asynchronous device
+    assert, like F.cross_entropy's (no host sync); on CPU tensors a ValueError."""
+    ok = ((target >= -1) & (target < C)).all()
+    if target.device.type == "cuda":
+        torch._assert_async(ok, "target holds a class index out of range that is not ignore_index")
+    elif not bool(ok):
+        raise ValueError(f"target holds a class index out of range [0, {C}) that is not ignore_index")
+
+
 def _options(o, target, class_weight, soft_target):
     """The kernels' arguments for the targets and the options: (target [B, N_TGT] contiguous,
     class weights or a placeholder, the dense target or a placeholder, its two strides) and their
@@ -149,6 +163,7 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
     if B == 0 or C == 0:
         return (torch.full((B,), float("-inf"), **f64), torch.zeros(target.shape, **f64), torch.zeros(B, **f64),
                 torch.zeros(B, **f64))
+    _check_targets(target, C)
     o, margin_t = _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin)
     (tgt, cw, soft, s_b, s_c), flags = _options(o, target, class_weight, soft_target)
     bl = dict(configs.CE_FWD_BLOCKS[o.family])
@@ -160,7 +175,7 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
     part = common._empty((4 + flags["N_TGT"], splits, B), torch.float64, o.device)
     with common.device_ctx(o.device):
         _ce_fwd_kernel[(n_rb, splits)](
-            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.x, o.mu, o.lc, tgt, o.lam, o.gamma, margin_t, part,
+            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.x, o.mu, o.lc, o.beta, tgt, o.lam, o.gamma, margin_t, part,
             cw, soft, s_b, s_c, B, C, o.D, o.eps_hi, o.eps_lo, o.tau, per_split,
             BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"], BLOCK_D=bl["BLOCK_D"],
             NEAR_K=o.near_tiles()[1], FULL=o.full, IMPL=o.impl, PREC=o.prec,
@@ -170,7 +185,7 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
     tl_ = part[4:].sum(1).t().reshape(target.shape).contiguous()
     M = run_max.max(dim=0).values
     scaled = torch.where(run_max == float("-inf"), 0.0, run_sum * torch.exp(run_max - M))
-    lse = torch.where(M == float("-inf"), M, M + torch.log(scaled.sum(0)))
+    lse = torch.where(torch.isinf(M), M, M + torch.log(scaled.sum(0)))  # M = +inf: an infinite logit
     sl = sl.sum(0)
     lse = torch.where(torch.isnan(sl), sl, lse)  # a NaN logit anywhere in the row
     return lse, tl_, sl, pl.sum(0)

@@ -20,7 +20,8 @@ import triton.language as tl
 
 from . import common, configs
 from .backward import backward_side
-from .common import _cast, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _tile_dot
+from .common import (_cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk,
+                     _tile_dot)
 
 
 @triton.jit
@@ -58,8 +59,11 @@ def _logits_fwd_kernel(
 
     q, near = _gemm_q(dot, tl.load(xn_ptr + b0 + lb, mask=bm, other=0.0), tl.load(mn_ptr + c0 + lc, mask=cm, other=0.0),
                       tau)
-    s = _pair_s(tl.load(sx_hi_ptr + b0 + lb, mask=bm, other=0.0), tl.load(sx_lo_ptr + b0 + lb, mask=bm, other=0.0),
-                tl.load(smu_hi_ptr + c0 + lc, mask=cm, other=0.0), tl.load(smu_lo_ptr + c0 + lc, mask=cm, other=0.0))
+    sx_hi = tl.load(sx_hi_ptr + b0 + lb, mask=bm, other=0.0)
+    smu_hi = tl.load(smu_hi_ptr + c0 + lc, mask=cm, other=0.0)
+    s = _pair_s(sx_hi, tl.load(sx_lo_ptr + b0 + lb, mask=bm, other=0.0),
+                smu_hi, tl.load(smu_lo_ptr + c0 + lc, mask=cm, other=0.0))
+    near = near | _s_at_risk(s, sx_hi, smu_hi)
     lam = tl.load(lam_ptr).to(acc_t)
     gamma = tl.load(gamma_ptr).to(acc_t)
     a, r, d, ia, ir = _pair_distance(q, s, lam, _load_eps(eps_hi, eps_lo, acc_t))
@@ -92,7 +96,7 @@ def _logits_fwd_kernel(
 
 @triton.jit
 def _logits_fixup_kernel(
-        x_ptr, mu_ptr, lc_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr, gamma_ptr, out_ptr,
+        x_ptr, mu_ptr, lc_ptr, beta_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr, gamma_ptr, out_ptr,
         count_ptr, near_b_ptr, near_c_ptr,
         C, D, n_pairs, eps_hi, eps_lo, capacity,
         FULL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
@@ -115,10 +119,11 @@ def _logits_fixup_kernel(
         lcol = tl.load(near_c_ptr + idx, mask=from_list, other=0).to(tl.int64)
         b = tl.where(from_list, lb, idx // C)
         c = tl.where(from_list, lcol, idx % C)
-        q, _ = _direct_pairs(x_ptr, mu_ptr, lc_ptr, b, c, pm, -1, D, FULL, BLOCK_P, BLOCK_K, BLOCK_J, USE_DOT)
+        q, _, s_direct = _direct_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, b, c, pm, -1, D, FULL, BLOCK_P, BLOCK_K,
+                                       BLOCK_J, USE_DOT)
         s = ((tl.load(sx_hi_ptr + b, mask=pm, other=0.0) - tl.load(smu_hi_ptr + c, mask=pm, other=0.0))
              + (tl.load(sx_lo_ptr + b, mask=pm, other=0.0) - tl.load(smu_lo_ptr + c, mask=pm, other=0.0)))
-        a, r, d, _, _ = _pair_distance(q, s, lam, eps)
+        a, r, d, _, _, _ = _direct_distance(q, s_direct, s, lam, eps)
         tl.store(out_ptr + b * C + c, _cast(-gamma * d, out_ptr.dtype.element_ty, BF16_BY_HAND), mask=pm)
 
 
@@ -146,7 +151,7 @@ def forward(x, mu, lc, beta, lam, gamma, eps: float, tau: float):
             BLOCK_P, BLOCK_K, BLOCK_J, use_dot = o.near_tiles()
             n_prog = max(1, min(triton.cdiv(B * C, BLOCK_P), 2 * common.parallel_width(o.device)))
             _logits_fixup_kernel[(n_prog,)](
-                o.x, o.mu, o.lc, *o.sx, *o.smu, o.lam, o.gamma, out, count, near_b, near_c,
+                o.x, o.mu, o.lc, o.beta, *o.sx, *o.smu, o.lam, o.gamma, out, count, near_b, near_c,
                 C, o.D, B * C, o.eps_hi, o.eps_lo, capacity,
                 FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_J=BLOCK_J, USE_DOT=use_dot,
                 BF16_BY_HAND=o.bf16_by_hand)

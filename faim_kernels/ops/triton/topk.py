@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.language.standard import _indicator, _log2
 
 from . import common
-from .common import _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _tile_dot
+from .common import _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk, _tile_dot
 
 MAX_K = 1024
 # Splits of the class range per row block (None: fill the device). The tests narrow it.
@@ -124,7 +124,7 @@ def _sort_bitonic_rows(x):
 @triton.jit
 def _topk_kernel(
         xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr,
-        x_ptr, mu_ptr, lc_ptr, out_ptr,
+        x_ptr, mu_ptr, lc_ptr, beta_ptr, out_ptr,
         B, C, D, eps_hi, eps_lo, tau, tiles_per_split,
         LARGEST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr,
         BLOCK_K: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr, FULL: tl.constexpr,
@@ -155,8 +155,9 @@ def _topk_kernel(
         dot = _tile_dot(xp_ptr + b0.to(tl.int64) * D, mup_ptr + c0.to(tl.int64) * D, lb, lcol, bm, cm, D,
                         tl.zeros((BLOCK_B, BLOCK_C), dtype=acc_t), BLOCK_K, IMPL, PREC)
         q, near = _gemm_q(dot, xn, tl.load(mn_ptr + c0 + lcol, mask=cm, other=0.0), tau)
-        s = _pair_s(sxh, sxl, tl.load(smu_hi_ptr + c0 + lcol, mask=cm, other=0.0),
-                    tl.load(smu_lo_ptr + c0 + lcol, mask=cm, other=0.0))
+        smh = tl.load(smu_hi_ptr + c0 + lcol, mask=cm, other=0.0)
+        s = _pair_s(sxh, sxl, smh, tl.load(smu_lo_ptr + c0 + lcol, mask=cm, other=0.0))
+        near = near | _s_at_risk(s, sxh, smh)
         _a, _r, d, _ia, _ir = _pair_distance(q, s, lam, eps)
 
         # Pairs at risk: their exact distance (from the raw difference) replaces the expansion's
@@ -174,11 +175,11 @@ def _topk_kernel(
             pm = picked < BLOCK_B * BLOCK_C
             pb = (b0 + picked // BLOCK_C).to(tl.int64)
             pc = (c0 + picked % BLOCK_C).to(tl.int64)
-            qd, _kept = _direct_pairs(x_ptr, mu_ptr, lc_ptr, pb, pc, pm, -1, D, FULL, BLOCK_P, BLOCK_KN, BLOCK_J,
-                                      USE_DOT)
+            qd, _kept, s_direct = _direct_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, pb, pc, pm, -1, D, FULL, BLOCK_P,
+                                                BLOCK_KN, BLOCK_J, USE_DOT)
             sd = ((tl.load(sx_hi_ptr + pb, mask=pm, other=0.0) - tl.load(smu_hi_ptr + pc, mask=pm, other=0.0))
                   + (tl.load(sx_lo_ptr + pb, mask=pm, other=0.0) - tl.load(smu_lo_ptr + pc, mask=pm, other=0.0)))
-            _a2, _r2, dd, _ia2, _ir2 = _pair_distance(qd.to(acc_t), sd, lam, eps)
+            _a2, _r2, dd, _ia2, _ir2, _s2 = _direct_distance(qd, s_direct, sd, lam, eps)
             for it in range(0, n_here):
                 f = tl.sum(tl.where(lp == it, picked, 0))
                 d = tl.where(flat == f, tl.sum(tl.where(lp == it, dd, 0.0)), d)
@@ -238,7 +239,7 @@ def forward(x, mu, lc, beta, lam, eps: float, tau: float, k: int, largest: bool)
     BLOCK_P, BLOCK_KN, BLOCK_J, use_dot = o.near_tiles()
     with common.device_ctx(o.device):
         _topk_kernel[(n_b, splits)](
-            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.lam, o.x, o.mu, o.lc, keys,
+            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.lam, o.x, o.mu, o.lc, o.beta, keys,
             B, C, o.D, o.eps_hi, o.eps_lo, o.tau, per_split,
             LARGEST=bool(largest), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, KP=KP, BLOCK_K=BLOCK_K, IMPL=o.impl,
             PREC=o.prec, FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_KN=BLOCK_KN, BLOCK_J=BLOCK_J, USE_DOT=use_dot,

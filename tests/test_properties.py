@@ -1,0 +1,237 @@
+"""Property-based test: a seeded generator draws problems (shapes including D = 1, 2 and tile edges,
+dtypes, full or diagonal L, eps including 0, near / far / exact pairs, prototypes far from the
+origin, non-finite entries, cross-entropy options) and checks every output and gradient of the
+fused backends against an independent float64 formula (not the einsum reference) with dtype-aware
+bounds.
+
+Each case is reproducible from its number: a failure prints the case and its parameters.
+FAIM_PROPERTY_CASES=N runs N cases (default 360: about 10 s for the C++ kernels on 2 cores; the
+Triton interpreter gets a sixth of them, on smaller shapes: about 20 s).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import faim_kernels as fk
+
+CASES = int(os.environ.get("FAIM_PROPERTY_CASES", "360"))
+# Relative bounds per dtype: forward per entry, gradients in relative norm (SPEC §2.1 goals).
+FWD = {torch.float32: 1e-4, torch.float64: 1e-10}
+GRAD = {torch.float32: 1e-3, torch.float64: 1e-8}
+
+
+def oracle_distance(x, mu, L, beta, lam, eps):
+    """d [B, C] in float64, written independently of fk.reference: q = |Lᵀ·diff|² + eps·|diff|² (full)
+    or Σ_k (L_k² + eps)·diff_k² (diagonal), s = betaᵀ·diff; +inf for an infinite difference."""
+    x, mu, L, beta = (t.detach().double().cpu() for t in (x, mu, L, beta))
+    lam = float(lam)
+    diff = x[:, None, :] - mu[None, :, :]
+    if L.dim() == 2:
+        q = ((diff @ L) ** 2).sum(-1) + eps * (diff ** 2).sum(-1)
+    else:
+        q = ((L * L + eps) * diff ** 2).sum(-1)
+    s = (diff * beta).sum(-1)
+    d = torch.sqrt(q + eps) + lam * torch.sqrt(s * s + eps)
+    infinite = torch.isinf(diff).any(-1) & ~torch.isnan(diff).any(-1)
+    return torch.where(infinite, torch.full_like(d, math.inf), d)
+
+
+def oracle_cross_entropy(d, gamma, target, margin, label_smoothing, ignore_index, reduction):
+    """F.cross_entropy's definition written out over logits' = −γ·(d + margin·onehot), float64."""
+    B, C = d.shape
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0)
+    onehot = torch.nn.functional.one_hot(t, C).double() * valid[:, None].double()
+    logits = -float(gamma) * (d + margin * onehot)
+    lse = torch.logsumexp(logits, dim=1)
+    nll = lse - logits.gather(1, t[:, None]).squeeze(1)
+    loss = nll
+    if label_smoothing > 0:
+        loss = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(dim=1))
+    loss = torch.where(valid, loss, 0.0)
+    if reduction == "none":
+        return loss
+    return loss.sum() / valid.sum() if reduction == "mean" else loss.sum()
+
+
+def draw(case: int, small: bool):
+    """One problem, from the case number alone."""
+    rng = random.Random(case)
+    g = torch.Generator().manual_seed(case)
+    D = rng.choice([1, 2, 3, 5, 16, 17, 33] if small else [1, 2, 3, 7, 16, 31, 32, 33, 64, 65, 128])
+    B = rng.choice([1, 2, 3, 5, 9] if small else [1, 2, 5, 17, 33, 64])
+    C = rng.choice([1, 2, 3, 7, 13] if small else [1, 2, 3, 17, 64, 255, 257])
+    dtype = rng.choice([torch.float32, torch.float64])
+    full = rng.random() < 0.4
+    eps = rng.choice([0.0, 1e-6, 1e-6, 1e-3])
+    offset = rng.choice([0.0, 0.0, 5.0, 1e2, 1e3])  # prototypes far from the origin
+    scale = rng.choice([1.0, 10.0])
+    mu = offset + scale * torch.randn(C, D, generator=g, dtype=torch.float64)
+    pairing = rng.choice(["random", "near", "near", "exact"])
+    if pairing == "random":
+        x = offset + scale * torch.randn(B, D, generator=g, dtype=torch.float64)
+    else:
+        t = torch.randint(0, C, (B,), generator=g)
+        delta = 0.0 if pairing == "exact" else rng.choice([1e-6, 1e-4, 1e-3, 1e-1])
+        x = mu[t] + delta * torch.randn(B, D, generator=g, dtype=torch.float64)
+        if pairing == "exact" or rng.random() < 0.5:
+            x[0] = mu[min(1, C - 1)]
+    if full:
+        L = torch.eye(D, dtype=torch.float64) + 0.4 * torch.randn(D, D, generator=g, dtype=torch.float64) / D ** 0.5
+    else:
+        L = 0.3 + torch.rand(D, generator=g, dtype=torch.float64)
+    beta = torch.randn(D, generator=g, dtype=torch.float64) / D ** 0.5
+    lam = rng.choice([0.0, 0.1, 0.7])
+    gamma = rng.choice([1.0, 3.0, -0.5])
+    family = rng.choice(["distance", "logits", "cross_entropy", "cross_entropy"])
+    nonfinite = rng.random() < 0.12
+    if nonfinite:  # one infinite prototype coordinate (that class at distance +inf)
+        mu[rng.randrange(C), rng.randrange(D)] = rng.choice([math.inf, -math.inf])
+    ce = dict(margin=rng.choice([0.0, 0.3]), label_smoothing=rng.choice([0.0, 0.1]),
+              ignore_index=-100, reduction=rng.choice(["mean", "sum", "none"]))
+    target = torch.randint(0, C, (B,), generator=g)
+    if rng.random() < 0.3 and B > 1:
+        target[rng.randrange(B)] = -100
+    if nonfinite and family == "cross_entropy":
+        ce["label_smoothing"] = 0.0  # smoothing over a −inf logit is +inf by definition: nothing to compare
+    params = dict(case=case, B=B, C=C, D=D, dtype=str(dtype).split(".")[1], full=full, eps=eps, offset=offset,
+                  pairing=pairing, lam=lam, gamma=gamma, family=family, nonfinite=nonfinite, **ce)
+    tensors = [t.to(dtype) for t in (x, mu, L, beta)]
+    return params, tensors, lam, gamma, target, ce
+
+
+def rel_err(got, want, floor=0.0):
+    """Largest |got − want| / max(|want|, floor) over finite entries; inf where the non-finite
+    entries differ (NaN against NaN, +inf against +inf exactly)."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if got.shape != want.shape:
+        return math.inf
+    if not torch.equal(torch.isnan(got), torch.isnan(want)) or not torch.equal(torch.isinf(got), torch.isinf(want)):
+        return math.inf
+    fin = torch.isfinite(want)
+    if not torch.equal(got[~fin & ~torch.isnan(want)], want[~fin & ~torch.isnan(want)]):
+        return math.inf
+    if not fin.any():
+        return 0.0
+    g, w = got[fin], want[fin]
+    return ((g - w).abs() / w.abs().clamp_min(max(floor, 1e-300))).max().item()
+
+
+def norm_err(got, want, floor):
+    """‖got − want‖ / max(‖want‖, floor): gradients that (nearly) vanish in exact arithmetic (a
+    saturated softmax; at D = 1 every prototype on one side of x) are compared against the problem's
+    gradient scale instead, where rounding is all there is."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return ((got - want).norm() / want.norm().clamp_min(floor)).item()
+
+
+def run_case(case: int, backend: str, small: bool):
+    """Returns None, or a description of what failed."""
+    params, (x, mu, L, beta), lam, gamma, target, ce = draw(case, small)
+    dtype, eps, family = x.dtype, params["eps"], params["family"]
+    if eps == 0.0 and full_singular(L):
+        return None
+    inputs = [t.clone().requires_grad_() for t in (x, mu, L, beta)]
+    lam_t = torch.tensor(lam, dtype=dtype, requires_grad=True)
+    gamma_t = torch.tensor(gamma, dtype=dtype, requires_grad=True)
+    all_in = inputs + [lam_t, gamma_t]
+    d_want = oracle_distance(x, mu, L, beta, lam, eps)
+    if family == "distance":
+        out = fk.randers_distance(*inputs, lam_t, eps, backend=backend)
+        want = d_want
+    elif family == "logits":
+        out = fk.randers_logits(*inputs, lam_t, gamma_t, eps, backend=backend)
+        want = -gamma * d_want
+    else:
+        out = fk.randers_cross_entropy(*inputs, lam_t, gamma_t, target, eps, backend=backend, **ce)
+        want = oracle_cross_entropy(d_want, gamma, target, **ce)
+    problems = []
+    if out.dtype != dtype:
+        problems.append(f"dtype {out.dtype}")
+    # A loss is a logsumexp: its rounding is relative to max(|loss|, 1) (F.cross_entropy's own, in float32).
+    err = rel_err(out, want, floor=1.0 if family == "cross_entropy" else 0.0)
+    # Forward bound: per dtype, on every finite entry; an infinite distance must be exactly +inf.
+    bound = FWD[dtype]
+    if err > bound:
+        problems.append(f"forward rel err {err:.2e} > {bound:.0e}")
+    # Gradients: against autograd of the independent float64 formula (finite problems only; with eps = 0
+    # the norms are not differentiable at a hit, so exact pairs are compared where eps > 0).
+    if not params["nonfinite"] and not (eps == 0.0 and params["pairing"] != "random") and torch.isfinite(want).all():
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(case), dtype=torch.float64)
+        got = torch.autograd.grad((out.double() * w).sum(), all_in, allow_unused=True)
+        ref = [t.detach().double().requires_grad_() for t in all_in]
+        d_ref = oracle_distance_autograd(*ref[:5], eps)
+        if family == "distance":
+            r_out = d_ref
+        elif family == "logits":
+            r_out = -ref[5] * d_ref
+        else:
+            r_out = oracle_cross_entropy_autograd(d_ref, ref[5], target, **ce)
+        want_g = torch.autograd.grad((r_out * w).sum(), ref, allow_unused=True)
+        names = ["x", "mu", "L", "beta", "lam", "gamma"]
+        # The gradient scale: |γ|·(‖Sigma‖^½ + λ‖beta‖) per unit weight, times the coordinates' size for L, beta.
+        size = 1.0 + max(x.detach().abs().max().item(), mu[torch.isfinite(mu)].abs().max().item())
+        scale = (abs(gamma) + 1) * (L.double().norm().item() + lam * beta.double().norm().item() + 1) * size
+        floor = scale * (1e-6 if dtype == torch.float64 else 1e-3) * w.norm().item()
+        for name, a, b in zip(names, got, want_g):
+            if b is None or a is None:
+                continue
+            if b.norm() == 0 and a.norm() == 0:
+                continue
+            e = norm_err(a, b, floor)
+            if e > GRAD[dtype]:
+                problems.append(f"d{name} rel norm err {e:.2e} > {GRAD[dtype]:.0e}")
+    return f"{params}: {'; '.join(problems)}" if problems else None
+
+
+def full_singular(L):
+    return L.dim() == 2 and torch.linalg.matrix_rank(L.double()) < L.shape[0]
+
+
+def oracle_distance_autograd(x, mu, L, beta, lam, eps):
+    """oracle_distance with autograd (finite inputs)."""
+    diff = x[:, None, :] - mu[None, :, :]
+    q = ((diff @ L) ** 2).sum(-1) + eps * (diff ** 2).sum(-1) if L.dim() == 2 else ((L * L + eps) * diff ** 2).sum(-1)
+    s = (diff * beta).sum(-1)
+    return torch.sqrt(q + eps) + lam * torch.sqrt(s * s + eps)
+
+
+def oracle_cross_entropy_autograd(d, gamma, target, margin, label_smoothing, ignore_index, reduction):
+    B, C = d.shape
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0)
+    onehot = torch.nn.functional.one_hot(t, C).double() * valid[:, None].double()
+    logits = -gamma * (d + margin * onehot)
+    lse = torch.logsumexp(logits, dim=1)
+    nll = lse - logits.gather(1, t[:, None]).squeeze(1)
+    loss = nll
+    if label_smoothing > 0:
+        loss = (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(dim=1))
+    loss = torch.where(valid, loss, 0.0)
+    if reduction == "none":
+        return loss
+    return loss.sum() / valid.sum() if reduction == "mean" else loss.sum()
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("cpp", id="cpp"),
+    pytest.param("triton", id="triton", marks=[pytest.mark.interpret, pytest.mark.skipif(
+        not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
+        reason="needs TRITON_INTERPRET=1 or a CUDA device")]),
+])
+def test_fused_backends_match_an_independent_float64_formula_on_drawn_problems(backend):
+    small = backend == "triton" and not torch.cuda.is_available()
+    n = CASES if not small else max(1, CASES // 6)
+    failures = []
+    for case in range(n):
+        problem = run_case(case, backend, small)
+        if problem:
+            failures.append(problem)
+    assert not failures, f"{len(failures)} of {n} cases failed; first ones:\n" + "\n".join(failures[:8])
