@@ -31,7 +31,7 @@ CASES = [
          opts=dict(margin=0.2, label_smoothing=0.3, reduction="mean")),
     dict(B=16, C=300, D=8, full=False, dtype=torch.float32, backend="cpp", bounds=None,
          opts=dict(margin=0.1, label_smoothing=0.05, reduction="mean")),
-    # The options of issue 13: class weights, probability targets (dense, and k pairs per row),
+    # The cross-entropy options: class weights, probability targets (dense, and k pairs per row),
     # z-loss, the returned logsumexp; "form" names the target, "weighted" adds class weights.
     dict(B=9, C=13, D=4, full=True, dtype=torch.float64, backend="cpp", bounds=None, form="index", weighted=True,
          opts=dict(label_smoothing=0.2, reduction="mean", lse_square_scale=0.01, return_lse=True)),
