@@ -3,6 +3,7 @@ oracle, and comparisons whose failures explain themselves."""
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -291,3 +292,10 @@ def check_cross_entropy(inputs, target, backend, fwd_tol=None, grad_tol=None, se
     for name, g, w in zip(NAMES, got, want):
         assert g.dtype == dtype, name
         assert_norm_close(g, w, grad_tol, f"d{name}")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a torch.distributed rendezvous in the tests."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ the top-k distances and global indices equal the single-process ones."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import faim_kernels as fk
-from conftest import INTERPRET, assert_norm_close, assert_rel_close, make_inputs
+from conftest import INTERPRET, assert_norm_close, assert_rel_close, free_port, make_inputs
 from faim_kernels.distributed import shard_range, sharded_randers_cross_entropy, sharded_randers_topk
 
 NAMES = ["x", "L", "beta", "lam", "gamma"]
@@ -185,21 +184,15 @@ def _worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sharded_equals_single_process_on_2_and_3_processes():
     """One spawn of three processes (starting each costs seconds): the cases run on a group of
     two of them, then on all three."""
-    mp.spawn(_worker, args=(3, _free_port()), nprocs=3, join=True)
+    mp.spawn(_worker, args=(3, free_port()), nprocs=3, join=True)
 
 
 @pytest.fixture
 def single_process_group():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()

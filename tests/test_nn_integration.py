@@ -5,7 +5,6 @@ matches eager, and channels-last / non-contiguous / expanded features give the c
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import faim_kernels as fk
-from tests.conftest import assert_norm_close, assert_rel_close
+from tests.conftest import assert_norm_close, assert_rel_close, free_port
 
 C = 6
 
@@ -78,17 +77,11 @@ def _ddp_worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_data_parallel_gives_the_single_process_gradients():
     """Two ranks with half the batch each: after DDP's all-reduce every parameter of backbone and head
     (mu, beta, lmbda, scale, Sigma's) holds the full-batch gradient: logits + F.cross_entropy with a
     diagonal Sigma, and head.loss inside the wrapped forward with a full one."""
-    mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 def test_torch_compile_fullgraph_of_a_model_with_the_head_and_its_loss():

@@ -317,7 +317,9 @@ def test_torch_compile_fullgraph_matches_eager(backend, device):
         assert_rel_close(g, e, 1e-5, "compiled gradient")
 
 
-_MEMORY_PROBE = textwrap.dedent("""
+# The memory probes run in a fresh process: the problem (B = 256, C = 200,000, D = 128) and, after
+# each probe's own fwd_bwd, the measurement against one [B, C] float32 matrix.
+_PROBE_INPUTS = textwrap.dedent("""
     import json, torch, faim_kernels as fk
     from bench.peak_memory import measure_here
     B, C, D = 256, 200_000, 128
@@ -326,6 +328,16 @@ _MEMORY_PROBE = textwrap.dedent("""
               torch.randn(D, generator=g) / D ** 0.5, torch.tensor(0.1), torch.tensor(10.0)]
     for t in inputs:
         t.requires_grad_()
+""")
+_PROBE_MEASURE = textwrap.dedent("""
+    fused = measure_here(fwd_bwd)
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in inputs)
+    logits = measure_here(lambda: torch.ones(B, C))  # the probe must see a [B, C] float32 matrix
+    print(json.dumps({"fused": fused, "grads": grads, "logits": logits}))
+""")
+
+
+_MEMORY_PROBE = _PROBE_INPUTS + textwrap.dedent("""
     target = torch.randint(0, C, (B,), generator=g)
     small = [t[:3].detach().clone().requires_grad_() if t.dim() == 2 else t for t in inputs]
     fk.randers_cross_entropy(*small, target[:3] % 3, backend="cpp").backward()  # first-call allocations
@@ -335,11 +347,7 @@ _MEMORY_PROBE = textwrap.dedent("""
     def fwd_bwd():
         fk.randers_cross_entropy(*inputs, target, label_smoothing=0.1, margin=0.1, backend="cpp").backward()
 
-    fused = measure_here(fwd_bwd)
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in inputs)
-    logits = measure_here(lambda: torch.ones(B, C))  # the probe must see a [B, C] float32 matrix
-    print(json.dumps({"fused": fused, "grads": grads, "logits": logits}))
-""")
+""") + _PROBE_MEASURE
 
 
 def test_memory_far_below_one_logits_matrix():
@@ -487,15 +495,7 @@ def test_option_validation(backend, device):
         fk.randers_cross_entropy(*args, target, lse_square_scale=-1.0, backend=backend)
 
 
-_COMPACT_MEMORY_PROBE = textwrap.dedent("""
-    import json, torch, faim_kernels as fk
-    from bench.peak_memory import measure_here
-    B, C, D = 256, 200_000, 128
-    g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(B, D, generator=g), torch.randn(C, D, generator=g), 0.5 + torch.rand(D, generator=g),
-              torch.randn(D, generator=g) / D ** 0.5, torch.tensor(0.1), torch.tensor(10.0)]
-    for t in inputs:
-        t.requires_grad_()
+_COMPACT_MEMORY_PROBE = _PROBE_INPUTS + textwrap.dedent("""
     weight = 0.5 + torch.rand(C, generator=g)
     a, b = torch.randint(0, C, (2, B), generator=g)
     target = fk.mixup_soft_targets(a, b, torch.rand(B, generator=g), smoothing=0.1)  # timm's mixup, compact
@@ -510,11 +510,7 @@ _COMPACT_MEMORY_PROBE = textwrap.dedent("""
                                              lse_square_scale=1e-4, return_lse=True, backend="cpp")
         (loss + lse.sum()).backward()
 
-    fused = measure_here(fwd_bwd)
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in inputs)
-    logits = measure_here(lambda: torch.ones(B, C))  # the probe must see a [B, C] float32 matrix
-    print(json.dumps({"fused": fused, "grads": grads, "logits": logits}))
-""")
+""") + _PROBE_MEASURE
 
 
 def test_memory_compact_soft_targets_no_logits_matrix():
