@@ -62,20 +62,15 @@ def metric_factor(L: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tens
     """Lc with Lc·Lcᵀ = Sigma: cholesky(L Lᵀ + eps·I) computed in float64, or sqrt(L² + eps)
     (in `dtype` directly: two roundings, and the fewest steps on the hot path)."""
     # Never under autocast: Sigma and its factor are float64 math (SPEC §2.1), whatever the region.
-    checked = L.device.type == "cpu" and not torch.compiler.is_compiling()
     with torch.autocast(L.device.type, enabled=False):
         if L.dim() == 1:
-            # A NaN or Inf on the diagonal would make every distance NaN or Inf: refused where the
-            # check costs nothing (CPU), as for a full L below.
-            if checked and not bool(torch.isfinite(L).all()):
-                raise ValueError("L holds non-finite values (NaN or Inf): Sigma = diag(L²) + eps·I is not a metric")
             return torch.sqrt(torch.square(L.to(dtype)) + eps)
         L64 = L.to(torch.float64)
         eye = torch.eye(L.shape[0], dtype=torch.float64, device=L.device)
         sigma = L64 @ L64.T + eps * eye
         factor, info = torch.linalg.cholesky_ex(sigma)
     # On the CPU the check is free; on CUDA it would synchronise every call, so it is skipped there.
-    if checked:
+    if L.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(torch.isfinite(L).all()):
             raise ValueError("L holds non-finite values (NaN or Inf): Sigma = L Lᵀ + eps·I cannot be factorised")
         if bool(info != 0):
