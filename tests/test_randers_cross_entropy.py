@@ -337,6 +337,19 @@ _PROBE_MEASURE = textwrap.dedent("""
 """)
 
 
+def _assert_far_below_one_logits_matrix(probe: str) -> None:
+    """Runs a memory probe in a fresh process: it must see one [B, C] float32 matrix (B = 256,
+    C = 200,000), and the fused forward+backward's extra memory beyond the gradients must stay
+    below an eighth of it."""
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    one_logits = 256 * 200_000 * 4
+    assert m["logits"] >= 0.95 * one_logits, f"the probe missed a [B, C] matrix: {m}"
+    extra = m["fused"] - m["grads"]
+    assert extra < one_logits / 8, f"extra memory {extra / 1e6:.1f} MB, one [B, C] matrix {one_logits / 1e6:.1f} MB"
+
+
 _MEMORY_PROBE = _PROBE_INPUTS + textwrap.dedent("""
     target = torch.randint(0, C, (B,), generator=g)
     small = [t[:3].detach().clone().requires_grad_() if t.dim() == 2 else t for t in inputs]
@@ -354,13 +367,7 @@ def test_memory_far_below_one_logits_matrix():
     """C++ on CPU, B = 256, D = 128, C = 200,000: the forward+backward's peak resident memory beyond
     the inputs and their gradients, measured in a fresh process (VmHWM after resetting it, see
     bench/peak_memory.py), stays far below one [B, C] float32 matrix (204.8 MB)."""
-    res = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    m = json.loads(res.stdout.strip().splitlines()[-1])
-    one_logits = 256 * 200_000 * 4
-    assert m["logits"] >= 0.95 * one_logits, f"the probe missed a [B, C] matrix: {m}"
-    extra = m["fused"] - m["grads"]
-    assert extra < one_logits / 8, f"extra memory {extra / 1e6:.1f} MB, one [B, C] matrix {one_logits / 1e6:.1f} MB"
+    _assert_far_below_one_logits_matrix(_MEMORY_PROBE)
 
 
 # ---- the options of F.cross_entropy: class weights, probability targets, z-loss, the logsumexp ----
@@ -519,13 +526,7 @@ def test_memory_compact_soft_targets_no_logits_matrix():
     forward+backward's peak extra resident memory beyond the inputs and their gradients (fresh
     process, as test_memory_far_below_one_logits_matrix) stays far below one [B, C] float32 matrix:
     nothing of size [B, C] is formed, on the way in or inside."""
-    res = subprocess.run([sys.executable, "-c", _COMPACT_MEMORY_PROBE], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    m = json.loads(res.stdout.strip().splitlines()[-1])
-    one_logits = 256 * 200_000 * 4
-    assert m["logits"] >= 0.95 * one_logits, f"the probe missed a [B, C] matrix: {m}"
-    extra = m["fused"] - m["grads"]
-    assert extra < one_logits / 8, f"extra memory {extra / 1e6:.1f} MB, one [B, C] matrix {one_logits / 1e6:.1f} MB"
+    _assert_far_below_one_logits_matrix(_COMPACT_MEMORY_PROBE)
 
 
 @pytest.mark.parametrize("form", ["index", "dense", "pairs"])
