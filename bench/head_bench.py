@@ -1,22 +1,36 @@
-"""The head as a user trains it, against the cost floor: `randers_logits + F.cross_entropy` vs
-`nn.Linear + F.cross_entropy` (the same number of B×C×D products) and vs `torch.compile` of the
-plain composite + F.cross_entropy, forward+backward; the no_grad forward vs `F.linear`; and the
-fused `randers_cross_entropy` vs `nn.Linear + F.cross_entropy` at a large C.
+"""The head as users call it, against nn.Linear in the same run: `FAIMHead` and `head.loss` at the
+sizes heads are trained at (a 10-class MLP head to 100,000 classes).
 
-    python -m bench.head_bench                    # table on the terminal
-    python -m bench.head_bench --write-results    # also rewrite its section of bench/RESULTS.md
-    python -m bench.head_bench --device cuda --write-results   # the same on a GPU (the Triton kernels)
+Rows, each a ratio to nn.Linear's matching call timed in the same run:
+    head(x) + CE     F.cross_entropy(head(x), y), forward + backward   vs  F.cross_entropy(linear(x), y)
+    head.loss        head.loss(x, y), forward + backward (the fused cross-entropy)   vs  the same floor
+    no_grad          head(x) under torch.no_grad()                      vs  linear(x)
+Features require grad (the head sits behind a backbone); `--frozen-features` times the linear-probe
+case (features without grad) against nn.Linear on such features. Gradients go to the features and
+every parameter that requires grad, through torch.autograd.grad (what .backward() runs, without the
+accumulation into .grad).
 
-Times are medians of torch.utils.benchmark (blocked_autorange), all in one run, so the ratios
-compare like with like on a noisy machine. Targets (CPU, 2 threads, float32): logits+CE <= 1.25x
-Linear+CE with a diagonal L and <= 1.75x with a full L, faster than the compiled composite; the
-no_grad forward (diagonal L) <= 1.2x F.linear; the fused cross-entropy <= 1.0x Linear+CE at
-(256, 100000, 128).
+Trained-model data (`--clustered`): in a trained model each sample sits next to its own prototype,
+which is where the exact treatment of near pairs takes over. x = mu[y] + σ·s·noise, with s the
+prototypes' coordinate scale and σ = 0.3 and 0.05, against the same call on independent draws.
+
+Times are medians of torch.utils.benchmark's blocked_autorange; the calls of one row are timed in
+turn, in rounds (--rounds), and each keeps its fastest round, so the ratios compare like with like
+on a noisy machine.
+
+    python -m bench.head_bench                          # the module table (CPU, the C++ kernels)
+    python -m bench.head_bench --clustered              # trained-model data against independent draws
+    python -m bench.head_bench --large                  # head.loss at (256, 100000, 128), time and memory
+    python -m bench.head_bench --all --write-results    # all three; rewrites their sections of RESULTS.md
+    python -m bench.head_bench --device cuda --all --write-results   # the same on a GPU (Triton)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import subprocess
+import sys
 import time
 
 import torch
@@ -24,11 +38,11 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import faim_kernels as fk
-from bench import impls
 
-SIZES = [(256, 1000, 128), (512, 4096, 256)]
-BACKEND = {"cpu": "cpp", "cuda": "triton"}
-CE_SIZE = (256, 100000, 128)
+SIZES = [(64, 10, 64), (64, 100, 128), (256, 1000, 128), (512, 4096, 256)]
+CLUSTER_SIZES = [(256, 1000, 128), (512, 4096, 256)]
+CLUSTER_SIGMAS = (0.3, 0.05)
+LARGE = (256, 100_000, 128)
 
 
 def median_seconds(fn, min_run_time: float) -> float:
@@ -36,63 +50,152 @@ def median_seconds(fn, min_run_time: float) -> float:
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
-def fwd_bwd(loss_fn, params):
+def best_of_rounds(calls: dict, rounds: int, min_run_time: float) -> dict:
+    """{name: fastest median over the rounds}, the calls timed in turn within each round."""
+    best = {name: float("inf") for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            best[name] = min(best[name], median_seconds(fn, min_run_time))
+    return best
+
+
+def train_step(module: torch.nn.Module, loss_of, x: torch.Tensor):
+    """One forward + backward: gradients of loss_of() for x (if it requires grad) and the module's
+    trainable parameters."""
+    wrt = ([x] if x.requires_grad else []) + [p for p in module.parameters() if p.requires_grad]
+
     def step():
-        torch.autograd.grad(loss_fn(), params)
+        torch.autograd.grad(loss_of(), wrt)
     return step
 
 
-def head_rows(min_run_time: float, device: str = "cpu"):
+def make_problem(B, C, D, full: bool, device: str, features_grad: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    head = fk.FAIMHead(D, C, full_sigma=full, device=device)
+    linear = torch.nn.Linear(D, C, device=device)
+    x = torch.randn(B, D, device=device) * (1.0 / D ** 0.5)  # nn.Linear-sized features
+    y = torch.randint(0, C, (B,), device=device)
+    return head, linear, x.requires_grad_(features_grad), y
+
+
+def clustered_features(head: fk.FAIMHead, y: torch.Tensor, sigma: float, features_grad: bool) -> torch.Tensor:
+    """x_b = mu_{y_b} + σ·s·noise, s the prototypes' coordinate scale: trained-model data."""
+    with torch.no_grad():
+        scale = float(head.mu.std())
+        x = head.mu[y] + sigma * scale * torch.randn(y.shape[0], head.in_features, device=head.mu.device)
+    return x.requires_grad_(features_grad)
+
+
+def module_rows(device: str, rounds: int, min_run_time: float, features_grad: bool = True):
     rows = []
     for (B, C, D) in SIZES:
-        target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(0)).to(device)
-        linear = torch.nn.Linear(D, C, device=device)
-        xl = torch.randn(B, D, requires_grad=True, device=device)
-        t_linear = median_seconds(fwd_bwd(lambda: F.cross_entropy(linear(xl), target), [xl, *linear.parameters()]),
-                                  min_run_time)
-        with torch.no_grad():
-            t_flinear = median_seconds(lambda: F.linear(xl, linear.weight, linear.bias), min_run_time)
         for full in (False, True):
-            inputs = impls.make_inputs(B, C, D, full=full, device=device)
-            ours = fwd_bwd(lambda: F.cross_entropy(fk.randers_logits(*inputs, backend=BACKEND[device]), target),
-                           inputs)
-            comp = fwd_bwd(lambda: F.cross_entropy(impls.composite_compiled(*inputs), target), inputs)
-            t_ours = median_seconds(ours, min_run_time)
-            t_comp = median_seconds(comp, min_run_time)
-            with torch.no_grad():
-                t_nograd = median_seconds(lambda: fk.randers_logits(*inputs, backend=BACKEND[device]), min_run_time)
-            rows.append(dict(size=(B, C, D), L="full" if full else "diagonal", ours=t_ours, linear=t_linear,
-                             compiled=t_comp, nograd=t_nograd, flinear=t_flinear))
+            head, linear, x, y = make_problem(B, C, D, full, device, features_grad)
+
+            def nograd(m):
+                def call():
+                    with torch.no_grad():
+                        m(x)
+                return call
+            t = best_of_rounds({
+                "linear_ce": train_step(linear, lambda: F.cross_entropy(linear(x), y), x),
+                "head_ce": train_step(head, lambda: F.cross_entropy(head(x), y), x),
+                "head_loss": train_step(head, lambda: head.loss(x, y), x),
+                "linear_nograd": nograd(linear),
+                "head_nograd": nograd(head),
+            }, rounds, min_run_time)
+            rows.append(dict(size=(B, C, D), sigma="full" if full else "diagonal", **t))
     return rows
 
 
-def ce_row(min_run_time: float, device: str = "cpu"):
-    B, C, D = CE_SIZE
-    target = torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(0)).to(device)
-    inputs = impls.make_inputs(B, C, D, device=device)
-    linear = torch.nn.Linear(D, C, device=device)
-    xl = torch.randn(B, D, requires_grad=True, device=device)
-    t_fused = median_seconds(fwd_bwd(lambda: fk.randers_cross_entropy(*inputs, target, backend=BACKEND[device]),
-                                     inputs), min_run_time)
-    t_linear = median_seconds(fwd_bwd(lambda: F.cross_entropy(linear(xl), target), [xl, *linear.parameters()]),
-                              min_run_time)
-    return dict(size=CE_SIZE, fused=t_fused, linear=t_linear)
-
-
-def render(rows, ce) -> str:
-    ms = lambda t: f"{t * 1e3:.2f}"  # noqa: E731
-    lines = ["| B, C, D | L | logits+CE ms | Linear+CE ms | / Linear+CE | compiled composite+CE ms | / compiled | "
-             "no_grad fwd ms | F.linear ms | / F.linear |", "|" + "---|" * 10]
+def render_module(rows) -> str:
+    us = lambda t: f"{t * 1e6:.0f}"  # noqa: E731
+    lines = ["| B, C, D | Σ | Linear+CE µs | head(x)+CE µs | ratio | head.loss µs | ratio | "
+             "no_grad Linear µs | no_grad head µs | ratio |", "|" + "---|" * 10]
     for r in rows:
-        B, C, D = r["size"]
-        lines.append(f"| {B}, {C}, {D} | {r['L']} | {ms(r['ours'])} | {ms(r['linear'])} | "
-                     f"{r['ours'] / r['linear']:.2f}x | {ms(r['compiled'])} | {r['ours'] / r['compiled']:.2f}x | "
-                     f"{ms(r['nograd'])} | {ms(r['flinear'])} | {r['nograd'] / r['flinear']:.2f}x |")
-    if ce:
-        B, C, D = ce["size"]
-        lines += ["", f"Fused cross-entropy at ({B}, {C}, {D}), diagonal L, fwd+bwd: {ms(ce['fused'])} ms against "
-                  f"{ms(ce['linear'])} ms for nn.Linear + F.cross_entropy ({ce['fused'] / ce['linear']:.2f}x)."]
+        lines.append(f"| {', '.join(map(str, r['size']))} | {r['sigma']} | {us(r['linear_ce'])} | {us(r['head_ce'])} | "
+                     f"{r['head_ce'] / r['linear_ce']:.2f}x | {us(r['head_loss'])} | "
+                     f"{r['head_loss'] / r['linear_ce']:.2f}x | {us(r['linear_nograd'])} | {us(r['head_nograd'])} | "
+                     f"{r['head_nograd'] / r['linear_nograd']:.2f}x |")
     return "\n".join(lines)
+
+
+def clustered_rows(device: str, rounds: int, min_run_time: float):
+    rows = []
+    for (B, C, D) in CLUSTER_SIZES:
+        for full in (False, True):
+            head, _, x_random, y = make_problem(B, C, D, full, device)
+            xs = {"independent": x_random}
+            xs.update({f"σ={s}": clustered_features(head, y, s, True) for s in CLUSTER_SIGMAS})
+            calls = {}
+            for name, x in xs.items():
+                calls[f"{name}/head_ce"] = train_step(head, lambda x=x: F.cross_entropy(head(x), y), x)
+                calls[f"{name}/head_loss"] = train_step(head, lambda x=x: head.loss(x, y), x)
+            t = best_of_rounds(calls, rounds, min_run_time)
+            rows.append(dict(size=(B, C, D), sigma="full" if full else "diagonal", times=t))
+    return rows
+
+
+def render_clustered(rows) -> str:
+    ms = lambda t: f"{t * 1e3:.2f}"  # noqa: E731
+    kinds = ["independent"] + [f"σ={s}" for s in CLUSTER_SIGMAS]
+    head = "| B, C, D | Σ | call | " + " | ".join(f"{k} ms" for k in kinds) + " | worst / independent |"
+    lines = [head, "|" + "---|" * (4 + len(kinds))]
+    for r in rows:
+        for call in ("head_ce", "head_loss"):
+            t = [r["times"][f"{k}/{call}"] for k in kinds]
+            label = "head(x)+CE" if call == "head_ce" else "head.loss"
+            lines.append(f"| {', '.join(map(str, r['size']))} | {r['sigma']} | {label} | "
+                         + " | ".join(ms(v) for v in t) + f" | {max(t[1:]) / t[0]:.2f}x |")
+    return "\n".join(lines)
+
+
+def _peak_probe(which: str, device: str) -> int:
+    """Peak extra memory of one head.loss / Linear+CE training step at LARGE, in a fresh process."""
+    cmd = [sys.executable, "-m", "bench.head_bench", "--probe", which, "--device", device]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.stderr.write(res.stderr[-2000:])
+        return -1
+    return json.loads(res.stdout.strip().splitlines()[-1])["bytes"]
+
+
+def _probe(which: str, device: str) -> None:
+    B, C, D = LARGE
+    head, linear, x, y = make_problem(B, C, D, False, device)
+    step = (train_step(head, lambda: head.loss(x, y), x) if which == "head_loss"
+            else train_step(linear, lambda: F.cross_entropy(linear(x), y), x))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        from bench.peak_memory import measure_here
+        small_head, small_linear, sx, sy = make_problem(4, 3, D, False, device)  # first-call allocations
+        train_step(small_head, lambda: small_head.loss(sx, sy), sx)()
+        train_step(small_linear, lambda: F.cross_entropy(small_linear(sx), sy), sx)()
+        peak = measure_here(step)
+    print(json.dumps({"bytes": peak}))
+
+
+def large_row(device: str, rounds: int, min_run_time: float):
+    B, C, D = LARGE
+    head, linear, x, y = make_problem(B, C, D, False, device)
+    t = best_of_rounds({"linear_ce": train_step(linear, lambda: F.cross_entropy(linear(x), y), x),
+                        "head_loss": train_step(head, lambda: head.loss(x, y), x)}, rounds, min_run_time)
+    return dict(size=LARGE, **t, mem_head=_peak_probe("head_loss", device), mem_linear=_peak_probe("linear_ce", device))
+
+
+def render_large(r) -> str:
+    mib = lambda b: f"{b / 2 ** 20:.0f}"  # noqa: E731
+    B, C, D = r["size"]
+    return (f"head.loss at ({B}, {C}, {D}), diagonal Σ, forward + backward: {r['head_loss'] * 1e3:.1f} ms against "
+            f"{r['linear_ce'] * 1e3:.1f} ms for nn.Linear + F.cross_entropy ({r['head_loss'] / r['linear_ce']:.2f}x); "
+            f"peak extra memory {mib(r['mem_head'])} MiB against {mib(r['mem_linear'])} MiB "
+            f"({r['mem_head'] / max(r['mem_linear'], 1):.2f}x).")
 
 
 def environment(device: str = "cpu") -> str:
@@ -106,22 +209,43 @@ def environment(device: str = "cpu") -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing (default 1)")
-    p.add_argument("--no-ce", action="store_true", help="skip the large-C fused cross-entropy row")
-    p.add_argument("--write-results", action="store_true", help="rewrite the head section of bench/RESULTS.md")
-    p.add_argument("--device", choices=sorted(BACKEND), default="cpu",
-                   help="cpu (the C++ kernels) or cuda (the Triton kernels)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds; each call keeps its fastest (default 3)")
+    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timing (default 0.5)")
+    p.add_argument("--frozen-features", action="store_true", help="features without grad (linear probing)")
+    p.add_argument("--clustered", action="store_true", help="trained-model data against independent draws")
+    p.add_argument("--large", action="store_true", help=f"head.loss at {LARGE}: time and peak memory")
+    p.add_argument("--all", action="store_true", help="the module table, frozen features, clustered, large")
+    p.add_argument("--write-results", action="store_true", help="rewrite these sections of bench/RESULTS.md")
+    p.add_argument("--probe", choices=("head_loss", "linear_ce"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    dev = args.device
-    table = render(head_rows(args.min_run_time, dev), None if args.no_ce else ce_row(args.min_run_time, dev))
-    print(f"\nThe head against nn.Linear ({environment(dev)}), float32, forward+backward\n")
-    print(table)
+    if args.probe:
+        return _probe(args.probe, args.device)
+    dev, env = args.device, environment(args.device)
+    stamp = f"{env}, {time.strftime('%Y-%m-%d')}"
+    sections = []
+    only_extras = (args.clustered or args.large or args.frozen_features) and not args.all
+    if not only_extras:
+        table = render_module(module_rows(dev, args.rounds, args.min_run_time))
+        sections.append((f"{dev}-module", "the head against nn.Linear, features with grad", table))
+    if args.all or args.frozen_features:
+        table = render_module(module_rows(dev, args.rounds, args.min_run_time, features_grad=False))
+        sections.append((f"{dev}-module-frozen", "the head against nn.Linear, features without grad (linear probe)",
+                         table))
+    if args.all or args.clustered:
+        sections.append((f"{dev}-clustered", "trained-model data (x = mu[y] + σ·noise) against independent draws",
+                         render_clustered(clustered_rows(dev, args.rounds, args.min_run_time))))
+    if args.all or args.large:
+        sections.append((f"{dev}-large", "head.loss at 100,000 classes",
+                         render_large(large_row(dev, args.rounds, args.min_run_time))))
+    for _, title, body in sections:
+        print(f"\n{title} ({stamp}), float32\n\n{body}")
     if args.write_results:
         from bench.results import write_section
         flag = "" if dev == "cpu" else " --device cuda"
-        write_section(f"{dev}-head", f"### {dev.upper() if dev == 'cpu' else 'GPU'}, the head against nn.Linear, "
-                                     f"float32\n\n{environment(dev)}, {time.strftime('%Y-%m-%d')}. "
-                                     f"`python -m bench.head_bench{flag} --write-results`.\n\n{table}\n")
+        for key, title, body in sections:
+            write_section(key, f"### {'CPU' if dev == 'cpu' else 'GPU'}, {title}, float32\n\n{stamp}. "
+                               f"`python -m bench.head_bench{flag} --all --write-results`.\n\n{body}\n")
 
 
 if __name__ == "__main__":

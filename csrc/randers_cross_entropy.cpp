@@ -387,7 +387,11 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl, dou
 // are summed in chunk order. A tile whose P is exactly zero (every exp underflowed) skips its GEMMs.
 template <typename T>
 std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse, const double* w_tl,
-                                    const double* w_sl, const double* w_pl, const double* lse) {
+                                    const double* w_sl, const double* w_pl, const double* lse, int64_t grad_mask) {
+    // Bit k of grad_mask: gradient k of (x, mu, lc, beta, lam, gamma) is wanted (ops/contract.py).
+    // ∂x' serves ∂x and ∂Lc, ∂mu' serves ∂mu and ∂Lc: the GEMM of a side runs only when one is wanted.
+    const bool want_x = grad_mask & 1, want_mu = grad_mask & 2, want_lc = grad_mask & 4, want_beta = grad_mask & 8;
+    const bool want_xp = want_x || want_lc, want_mup = want_mu || want_lc;
     const Operands<T>& in = pb.in;
     const int64_t B = in.B, C = in.C, D = in.D, K = pb.K;
     const auto opts = in.xp.options();
@@ -489,8 +493,8 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                     }
                     if (any) {
                         at::Tensor Pt = at::from_blob(P.data(), {nr, nc}, opts);
-                        part.narrow(0, r0, nr).addmm_(Pt, mup_t, 1, -1);
-                        dmup_t.addmm_(Pt.t(), in.xp.narrow(0, r0, nr), 1, -1);
+                        if (want_xp) part.narrow(0, r0, nr).addmm_(Pt, mup_t, 1, -1);
+                        if (want_mup) dmup_t.addmm_(Pt.t(), in.xp.narrow(0, r0, nr), 1, -1);
                     }
                 }
                 for (int64_t j = 0; j < nc; ++j)
@@ -499,9 +503,12 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                 // ∂beta += muᵀ·∂smu.
                 at::Tensor dmu_rows = dmu.narrow(0, c0, nc);
                 at::Tensor lcp = dlc_part.select(0, cc);
-                if (in.full) {
-                    at::mm_out(dmu_rows, dmup_t, pb.lc.t());
-                    lcp.addmm_(at::from_blob(tile.cent.data(), {nc, D}, opts).t(), dmup_t);
+                if (!want_mup) {
+                    dmu_rows.zero_();  // not returned; the ∂beta terms below still read the row
+                } else if (in.full) {
+                    if (want_mu) at::mm_out(dmu_rows, dmup_t, pb.lc.t());
+                    else dmu_rows.zero_();
+                    if (want_lc) lcp.addmm_(at::from_blob(tile.cent.data(), {nc, D}, opts).t(), dmup_t);
                 } else {
                     T* lcpp = lcp.data_ptr<T>();
                     T* out = dmu_rows.data_ptr<T>();
@@ -548,9 +555,14 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
     dxp.addcmul_(rowsum.unsqueeze(1), in.xp);
     // Chain rule for the rows: ∂x = ∂x'·Lcᵀ + ∂sx·betaᵀ, ∂Lc += (x − m)ᵀ·∂x', ∂beta += xᵀ·∂sx.
     at::Tensor beta_t = at::from_blob(const_cast<T*>(pb.beta), {D}, opts);
-    at::Tensor dx = in.full ? at::mm(dxp, pb.lc.t()) : dxp * pb.lc;
-    dx.addcmul_(dsx.to(opts.dtype()).unsqueeze(1), beta_t.unsqueeze(0));
-    if (in.full)
+    at::Tensor dx = at::empty({0}, opts);
+    if (want_x) {
+        dx = in.full ? at::mm(dxp, pb.lc.t()) : dxp * pb.lc;
+        dx.addcmul_(dsx.to(opts.dtype()).unsqueeze(1), beta_t.unsqueeze(0));
+    }
+    if (!want_lc)
+        dlc = at::empty({0}, opts);
+    else if (in.full)
         dlc.addmm_(pb.xc.t(), dxp);
     else
         dlc.add_((pb.xc * dxp).sum(0));
@@ -558,14 +570,16 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                                                      dsxp);
     for (int64_t cc = 0; cc < n_cc; ++cc)
         for (int64_t k = 0; k < D; ++k) db[k] += dbeta_part[cc * D + k];
-    at::Tensor dbeta = at::empty({D}, opts);
-    for (int64_t k = 0; k < D; ++k) dbeta.data_ptr<T>()[k] = T(db[k]);
+    at::Tensor dbeta = at::empty({want_beta ? D : 0}, opts);
+    if (want_beta)
+        for (int64_t k = 0; k < D; ++k) dbeta.data_ptr<T>()[k] = T(db[k]);
     double dlam = 0, dgam = 0;
     for (int64_t cc = 0; cc < n_cc; ++cc) {
         dlam += dlam_part[cc];
         dgam += dgam_part[cc];
     }
     const auto f64 = opts.dtype(at::kDouble);
+    if (!want_mu) dmu = at::empty({0}, opts);
     return {dx, dmu, dlc, dbeta, at::scalar_tensor(dlam, f64), at::scalar_tensor(dgam, f64)};
 }
 
@@ -621,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
     const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau, double margin,
     const std::optional<at::Tensor>& w_pl, const std::optional<at::Tensor>& class_weight,
-    const std::optional<at::Tensor>& soft_target) {
+    const std::optional<at::Tensor>& soft_target, int64_t grad_mask) {
     check_ce_args(x, mu, lc, beta, lam, gamma, target, class_weight, soft_target);
     at::NoGradGuard no_grad;
     for (const at::Tensor* t : {&w_lse, &w_sl, &lse})
@@ -637,9 +651,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                         beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin,
                                         class_weight, soft_target);
         res = ce_backward<scalar_t>(pb, wl.data_ptr<double>(), wt.data_ptr<double>(), ws.data_ptr<double>(),
-                                    wp.defined() ? wp.data_ptr<double>() : nullptr, l.data_ptr<double>());
+                                    wp.defined() ? wp.data_ptr<double>() : nullptr, l.data_ptr<double>(), grad_mask);
     });
-    return {res[0], res[1], res[2], res[3], res[4].to(lam.scalar_type()), res[5].to(gamma.scalar_type())};
+    at::Tensor dlam = grad_mask >> 4 & 1 ? res[4].to(lam.scalar_type()) : at::empty({0}, lam.options());
+    at::Tensor dgamma = grad_mask >> 5 & 1 ? res[5].to(gamma.scalar_type()) : at::empty({0}, gamma.options());
+    return {res[0], res[1], res[2], res[3], dlam, dgamma};
 }
 
 }  // namespace

@@ -122,21 +122,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_l
     return {logits, xp, mup, sx, smu};
 }
 
+// Which gradients the backward computes: bit k of the op's grad_mask stands for gradient k of
+// (x, mu, lc, beta, lam, gamma) (faim_kernels/ops/contract.py). Skipped: the ∂x GEMM for features
+// without grad, the ∂mu GEMM for frozen prototypes, the ∂Lc products for a frozen metric.
+struct GradMask {
+    bool x, mu, lc, beta;
+    explicit GradMask(int64_t m) : x(m & 1), mu(m & 2), lc(m & 4), beta(m & 8) {}
+    bool xp() const { return x || lc; }   // ∂x' is needed for ∂x or ∂Lc
+    bool mup() const { return mu || lc; }
+};
+
 // The chain rule for one side (v = x or mu, with its ∂v' and ∂s): returns ∂v = ∂v'·Lcᵀ + ∂s·betaᵀ
-// and adds (v − m)ᵀ·∂v' to dlc and Σ_i ∂s_i·(v_i − m) to dbeta (float64; centred, see
-// centred_weighted_sum). A diagonal factor takes one fused pass over the rows, in fixed chunks
-// summed in order (deterministic); a full one two GEMMs.
+// (want_dv) and adds (v − m)ᵀ·∂v' to dlc (want_dlc) and Σ_i ∂s_i·(v_i − m) to dbeta (want_dbeta;
+// float64, centred, see centred_weighted_sum). A diagonal factor takes one fused pass over the
+// rows, in fixed chunks summed in order (deterministic); a full one two GEMMs. dvp may be undefined
+// where neither ∂v nor ∂Lc is wanted.
 template <typename T>
 at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tensor& dvp, const double* ds,
-                      at::Tensor& dlc, std::vector<double>& dbeta, bool x_side) {
+                      at::Tensor& dlc, std::vector<double>& dbeta, bool x_side, bool want_dv, bool want_dlc,
+                      bool want_dbeta) {
     const at::Tensor& v = x_side ? raw.x : raw.mu;
     const int64_t n = v.size(0), D = v.size(1);
     const T* mp = m.data_ptr<T>();
     const T* bp = raw.beta.data_ptr<T>();
-    const std::vector<double> db = centred_weighted_sum<T>(v, mp, ds);
-    for (int64_t k = 0; k < D; ++k) dbeta[k] += db[k];
+    if (want_dbeta) {
+        const std::vector<double> db = centred_weighted_sum<T>(v, mp, ds);
+        for (int64_t k = 0; k < D; ++k) dbeta[k] += db[k];
+    }
+    if (!want_dv && !want_dlc) return at::Tensor();
     if (raw.lc.dim() == 2) {
-        dlc.addmm_((v - m).t(), dvp);
+        if (want_dlc) dlc.addmm_((v - m).t(), dvp);
+        if (!want_dv) return at::Tensor();
         at::Tensor dv = at::mm(dvp, raw.lc.t());
         T* o = dv.data_ptr<T>();
         at::parallel_for(0, n, 256, [o, ds, bp, D](int64_t begin, int64_t end) {
@@ -149,6 +165,7 @@ at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tenso
         });
         return dv;
     }
+    // The diagonal factor: ∂v and the ∂Lc partials in one pass (a scratch ∂v when only ∂Lc is wanted).
     at::Tensor dv = at::empty_like(v);
     const T *vp = v.data_ptr<T>(), *gp = dvp.data_ptr<T>(), *lp = raw.lc.data_ptr<T>();
     T* o = dv.data_ptr<T>();
@@ -175,10 +192,12 @@ at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tenso
             }
         }
     });
-    T* dl = dlc.data_ptr<T>();
-    for (int64_t ch = 0; ch < n_chunks; ++ch)
-        for (int64_t k = 0; k < D; ++k) dl[k] += part[ch * D + k];
-    return dv;
+    if (want_dlc) {
+        T* dl = dlc.data_ptr<T>();
+        for (int64_t ch = 0; ch < n_chunks; ++ch)
+            for (int64_t k = 0; k < D; ++k) dl[k] += part[ch * D + k];
+    }
+    return want_dv ? dv : at::Tensor();
 }
 
 // A pair at risk: its ∂x', ∂mu' terms are added from diff' directly instead of through
@@ -203,7 +222,7 @@ struct NearTerm {
 // not depend on thread timing.
 template <typename T>
 std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& raw, const at::Tensor& grad,
-                                        const at::Tensor& logits, double gamma) {
+                                        const at::Tensor& logits, double gamma, const GradMask& want) {
     const int64_t B = in.B, C = in.C, D = in.D;
     const auto opts = in.xp.options();
     const T* G = grad.data_ptr<T>();
@@ -331,31 +350,36 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
         }
     });
 
-    // In place after each GEMM: no [C, D] temporary besides the result.
-    at::Tensor dxp = at::mm(P, in.mup).neg_().addcmul_(row_p.unsqueeze(1), in.xp);
-    at::Tensor dmup = at::mm(P.t(), in.xp).neg_().addcmul_(colsum_p.unsqueeze(1), in.mup);
+    // In place after each GEMM: no [C, D] temporary besides the result. Only the GEMMs of the
+    // wanted gradients run (∂x' serves ∂x and ∂Lc, ∂mu' serves ∂mu and ∂Lc).
+    at::Tensor dxp, dmup;
+    if (want.xp()) dxp = at::mm(P, in.mup).neg_().addcmul_(row_p.unsqueeze(1), in.xp);
+    if (want.mup()) dmup = at::mm(P.t(), in.xp).neg_().addcmul_(colsum_p.unsqueeze(1), in.mup);
     P.reset();
-    T* dx_ = dxp.data_ptr<T>();
-    T* dm_ = dmup.data_ptr<T>();
+    T* dx_ = want.xp() ? dxp.data_ptr<T>() : nullptr;
+    T* dm_ = want.mup() ? dmup.data_ptr<T>() : nullptr;
     for (int64_t bt = 0; bt < n_bt; ++bt) {
         for (size_t n = 0; n < near[bt].size(); ++n) {
             const NearTerm& t = near[bt][n];
             const T* df = near_diff[bt].data() + n * D;
             for (int64_t k = 0; k < D; ++k) {
-                dx_[t.b * D + k] += T(t.p) * df[k];
-                dm_[t.c * D + k] -= T(t.p) * df[k];
+                if (dx_) dx_[t.b * D + k] += T(t.p) * df[k];
+                if (dm_) dm_[t.c * D + k] -= T(t.p) * df[k];
             }
         }
     }
 
     // The chain to the raw inputs (x' = (x − m)·Lc, sx = x·beta, and the same for mu).
     const at::Tensor m = center_of<T>(raw.mu);
-    at::Tensor dlc = at::zeros_like(raw.lc);
+    at::Tensor dlc = want.lc ? at::zeros_like(raw.lc) : at::empty({0}, opts);
     std::vector<double> dbeta64(D, 0.0);
-    const at::Tensor dx = chain_rows<T>(raw, m, dxp, dsxp, dlc, dbeta64, true);
-    const at::Tensor dmu = chain_rows<T>(raw, m, dmup, dsmup, dlc, dbeta64, false);
-    at::Tensor dbeta = at::empty({D}, opts);
-    for (int64_t k = 0; k < D; ++k) dbeta.data_ptr<T>()[k] = T(dbeta64[k]);
+    at::Tensor dx = chain_rows<T>(raw, m, dxp, dsxp, dlc, dbeta64, true, want.x, want.lc, want.beta);
+    at::Tensor dmu = chain_rows<T>(raw, m, dmup, dsmup, dlc, dbeta64, false, want.mu, want.lc, want.beta);
+    if (!want.x) dx = at::empty({0}, opts);
+    if (!want.mu) dmu = at::empty({0}, opts);
+    at::Tensor dbeta = at::empty({want.beta ? D : 0}, opts);
+    if (want.beta)
+        for (int64_t k = 0; k < D; ++k) dbeta.data_ptr<T>()[k] = T(dbeta64[k]);
 
     double dlam = 0, dgam = 0;
     for (int64_t bt = 0; bt < n_bt; ++bt) {
@@ -369,7 +393,7 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_logits_backward_cpu(
     const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc,
     const at::Tensor& beta, const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& xp, const at::Tensor& mup,
-    const at::Tensor& sx, const at::Tensor& smu, double eps, double tau) {
+    const at::Tensor& sx, const at::Tensor& smu, double eps, double tau, int64_t grad_mask) {
     check_operands(x, mu, lc, beta, lam, gamma);
     const int64_t B = x.size(0), C = mu.size(0);
     TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == C, "grad must be [B, C]");
@@ -386,14 +410,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (B == 0 || C == 0) {
             res = {at::zeros_like(raw.x), at::zeros_like(raw.mu), at::zeros_like(raw.lc), at::zeros_like(raw.beta),
                    at::zeros({}, raw.x.options().dtype(at::kDouble)), at::zeros({}, raw.x.options().dtype(at::kDouble))};
+            for (int64_t k = 0; k < 4; ++k)
+                if (!(grad_mask >> k & 1)) res[k] = at::empty({0}, res[k].options());
             return;
         }
         const auto in = operands<scalar_t>(raw, xp.detach().contiguous(), mup.detach().contiguous(),
                                            sx.contiguous(), smu.contiguous(), lam.item<double>(), eps, tau);
         res = logits_backward<scalar_t>(in, raw, grad.to(raw.x.scalar_type()), logits.to(raw.x.scalar_type()),
-                                        gamma.item<double>());
+                                        gamma.item<double>(), GradMask(grad_mask));
     });
-    return {res[0], res[1], res[2], res[3], res[4].to(lam.scalar_type()), res[5].to(gamma.scalar_type())};
+    // ∂λ and ∂γ are scalar sums the pass computes anyway; the mask only decides what comes back.
+    at::Tensor dlam = grad_mask >> 4 & 1 ? res[4].to(lam.scalar_type()) : at::empty({0}, lam.options());
+    at::Tensor dgamma = grad_mask >> 5 & 1 ? res[5].to(gamma.scalar_type()) : at::empty({0}, gamma.options());
+    return {res[0], res[1], res[2], res[3], dlam, dgamma};
 }
 
 // The autograd formula of faim_kernels/ops/contract.py, also in C++ for CPU tensors: the same
@@ -428,10 +457,16 @@ class LogitsAutograd : public torch::autograd::Function<LogitsAutograd> {
                              .typed<decltype(randers_logits_backward_cpu)>();
         if (!grads[0].defined()) return torch::autograd::variable_list(8);
         const auto s = ctx->get_saved_variables();
+        int64_t mask = 0;
+        for (int64_t k = 0; k < 6; ++k)
+            if (ctx->needs_input_grad(k)) mask |= int64_t(1) << k;
         auto [dx, dmu, dlc, dbeta, dlam, dgamma] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
                                                            s[8], s[9], s[10], ctx->saved_data["eps"].toDouble(),
-                                                           ctx->saved_data["tau"].toDouble());
-        return {dx, dmu, dlc, dbeta, dlam, dgamma, at::Tensor(), at::Tensor()};
+                                                           ctx->saved_data["tau"].toDouble(), mask);
+        torch::autograd::variable_list out{dx, dmu, dlc, dbeta, dlam, dgamma, at::Tensor(), at::Tensor()};
+        for (int64_t k = 0; k < 6; ++k)
+            if (!(mask >> k & 1)) out[k] = at::Tensor();  // unneeded: None, as the Python formula gives
+        return out;
     }
 };
 

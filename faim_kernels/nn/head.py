@@ -28,10 +28,13 @@ import warnings
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .. import transform
 from .. import functional as _F
 from .._validation import check_backend
+from ..ops import contract
 from ..targets import SoftTargets
 from .losses import randers_paired_distance
 
@@ -41,6 +44,11 @@ METRIC_GROUPS = ("sigma", "one_form", "scale")
 HEAD_INITS = ("default", "reference")
 DEFAULT_SCALE = 10.0    # γ at the start (the reference design's; measured: README "Training recipes")
 FULL_SIGMA_INIT = 3.0   # a full head's default L = 3·I, with beta·3 and γ = DEFAULT_SCALE / 3
+# head.loss forms the [B, C] logits and calls F.cross_entropy up to this size (one [B, C] array in
+# the compute dtype), and runs the fused cross-entropy beyond it (FAIMHead._loss_through_logits).
+# 32 MiB: (512, 4096) and (1024, 8192) float32 logits take the faster path; (256, 100000) keeps the
+# fused kernels' memory (about 5x less than nn.Linear + F.cross_entropy there).
+LOSS_VIA_LOGITS_BYTES = 32 * 2 ** 20
 
 
 def _nonneg(v: torch.Tensor) -> torch.Tensor:
@@ -259,6 +267,30 @@ class FAIMHead(_MetricParams):
             self.scale.fill_(self._scale_init)
 
     # -- forward and loss --------------------------------------------------------------------------
+    def _fast_metric(self, x) -> tuple | None:
+        """(lc, lam, gamma) through one C++ op (faim_kernels::head_metric) where the call can take the
+        direct path to the C++ kernels, else None (the general path through the functional API).
+
+        Why: a small head's forward was mostly the ~12 small ATen ops (and autograd nodes) that form
+        exp(log σ / 2), sqrt(L² + eps), |lmbda|, |scale|, the casts, and the functional API's checks
+        around the one kernel call; here they are one op, and the checks that the module's own
+        construction already guarantees (shapes, dtypes, device, eps) are not repeated. The direct
+        path takes CPU tensors of the parameters' dtype (float32/float64) on the C++ kernels, outside
+        autocast, torch.compile and torch.func transforms; everything else takes the general path,
+        which computes the same values (tests/test_nn_head.py compares the two)."""
+        mu = self.mu
+        if not (type(x) is torch.Tensor and x.dtype == mu.dtype and x.device.type == "cpu"
+                and mu.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 1
+                and x.shape[-1] == self.in_features and self.backend in ("auto", "cpp")
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+            return None
+        if _F.resolve_backend(self.backend, x.device) != "cpp":
+            return None
+        return contract.head_metric_op(self.sigma_parameter(), self.lmbda, self.scale, self.full_sigma, self.eps)
+
+    def _tau(self) -> float:
+        return transform.risk_threshold(self.in_features, self.mu.dtype)
+
     def _prepare(self, x: torch.Tensor):
         self._check_features("x", x)
         dtype = self._common_dtype(x)
@@ -269,6 +301,12 @@ class FAIMHead(_MetricParams):
         """logits [..., C] = −γ·d_F(x, mu_c) for x [..., D] (computed in x's dtype promoted with the
         parameters' dtype)."""
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
+        fast = self._fast_metric(x)
+        if fast is not None:
+            lc, lam, gamma = fast
+            xf = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            logits = contract.logits_op(xf, self.mu, lc, self.beta, lam, gamma, self.eps, self._tau())[0]
+            return logits if x.dim() == 2 else logits.reshape(*lead, self.num_classes)
         xf, mu, L, beta, lam, gamma = self._prepare(x)
         logits = _F.randers_logits(xf, mu, L, beta, lam, gamma, eps=self.eps, backend=self.backend)
         return logits.reshape(*lead, self.num_classes)
@@ -291,6 +329,11 @@ class FAIMHead(_MetricParams):
         fk.randers_cross_entropy. reduction="none" and the returned lse have x's leading shape.
         """
         lead = tuple(x.shape[:-1]) if isinstance(x, torch.Tensor) else None
+        if self._loss_through_logits(x, target, ce_options):
+            return self._logits_loss(x, target, lead, ce_options)
+        fast = self._fast_loss(x, target, ce_options)
+        if fast is not None:
+            return fast
         if isinstance(target, SoftTargets):
             if lead is not None and tuple(target.classes.shape[:-1]) != lead:
                 raise ValueError(f"SoftTargets must have classes and probs of shape {lead + ('k',)}, got "
@@ -316,6 +359,70 @@ class FAIMHead(_MetricParams):
         if lse is None:
             return loss
         return loss, lse.reshape(lead) if lead is not None else lse
+
+    def _loss_through_logits(self, x, target, ce_options: dict) -> bool:
+        """Whether head.loss forms the logits and calls F.cross_entropy on them: where the [B, C]
+        logits are small (at most LOSS_VIA_LOGITS_BYTES) and the call uses only F.cross_entropy's
+        own options. That path does three B×C×D products (the forward GEMM, then ∂x and ∂mu), the
+        fused kernels four (they recompute the logits in the backward instead of keeping them), so
+        where memory is no concern it is the faster one; where the logits are large the fused
+        kernels keep memory at O(B + C) extra, which is what they are for (README, module speed)."""
+        if not (isinstance(x, torch.Tensor) and type(target) is torch.Tensor
+                and set(ce_options) <= {"weight", "label_smoothing", "ignore_index", "reduction"}):
+            return False
+        rows = x.numel() // max(self.in_features, 1)
+        return rows * self.num_classes * x.element_size() <= LOSS_VIA_LOGITS_BYTES
+
+    def _logits_loss(self, x, target, lead, ce_options: dict):
+        """F.cross_entropy(self(x), target, **ce_options) with head.loss's shapes and checks."""
+        C = self.num_classes
+        if target.is_floating_point():
+            if tuple(target.shape) != lead + (C,):
+                raise ValueError(f"a probability target must have shape {lead + (C,)}, got {tuple(target.shape)}")
+            flat = target.reshape(-1, C)
+        else:
+            if tuple(target.shape) != lead:
+                raise ValueError(f"target must have shape {lead} (x's leading dims), got {tuple(target.shape)}")
+            flat = target.reshape(-1)
+            if flat.dtype == torch.int32:  # F.cross_entropy takes int64 class indices only
+                flat = flat.long()
+        logits = self(x).reshape(-1, C)
+        if flat.is_floating_point() and flat.dtype != logits.dtype:
+            flat = flat.to(logits.dtype)
+        weight = ce_options.get("weight")
+        options = dict(ce_options, weight=weight.to(logits.dtype)) if isinstance(weight, torch.Tensor) else ce_options
+        loss = F.cross_entropy(logits, flat, **options)
+        return loss.reshape(lead) if ce_options.get("reduction", "mean") == "none" else loss
+
+    def _fast_loss(self, x, target, ce_options: dict):
+        """head.loss on the direct path (see _fast_metric) for the common call: class indices of x's
+        leading shape, reduction 'mean' or 'sum', ignore_index, and no other option; None otherwise.
+        The loss is F.cross_entropy's: Σ over counted rows of lse_b − logit_b,t_b, divided by their
+        number for 'mean' (NaN when there is none). The range of the targets is checked inside the
+        kernel (an index outside [0, C) that is not ignore_index raises there)."""
+        reduction = ce_options.get("reduction", "mean")
+        ignore_index = ce_options.get("ignore_index", -100)
+        if (set(ce_options) - {"reduction", "ignore_index"} or reduction not in ("mean", "sum")
+                or type(target) is not torch.Tensor or target.dtype not in (torch.int64, torch.int32)
+                or not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
+                or target.device.type != "cpu" or target.shape != x.shape[:-1]):
+            return None
+        fast = self._fast_metric(x)
+        if fast is None:
+            return None
+        lc, lam, gamma = fast
+        t = target.reshape(-1).long()
+        ignored = t == ignore_index
+        # −1 is the kernels' "no target here": an ignored row; a −1 that is not ignore_index is out of
+        # range and must be refused, so it becomes −2, which the kernel refuses.
+        kernel_target = t if ignore_index == -1 else t.masked_fill(t == -1, -2)
+        lse, tl, _, _ = contract.cross_entropy_op(x.reshape(-1, self.in_features), self.mu, lc, self.beta, lam,
+                                                  gamma, kernel_target.masked_fill(ignored, -1), self.eps,
+                                                  self._tau(), 0.0)
+        total = (lse - tl).masked_fill(ignored, 0.0).sum()
+        if reduction == "mean":
+            total = total / (ignored.numel() - ignored.sum())
+        return total.to(x.dtype)
 
     def predict(self, x: torch.Tensor, k: int = 1) -> torch.Tensor:
         """The nearest prototype in d_F: argmin_c d_F(x, mu_c) [...] (= argmax of the logits); with

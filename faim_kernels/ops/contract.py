@@ -60,30 +60,55 @@ _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 _LIB.define("randers_logits(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, float eps, "
             "float tau) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("randers_logits_backward(Tensor grad, Tensor logits, Tensor x, Tensor mu, Tensor lc, Tensor beta, "
-            "Tensor lam, Tensor gamma, Tensor xp, Tensor mup, Tensor sx, Tensor smu, float eps, float tau) "
-            "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+            "Tensor lam, Tensor gamma, Tensor xp, Tensor mup, Tensor sx, Tensor smu, float eps, float tau, "
+            "int grad_mask=63) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("randers_cross_entropy(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, "
             "Tensor target, float eps, float tau, float margin, Tensor? class_weight=None, "
             "Tensor? soft_target=None) -> (Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_tl, Tensor w_sl, Tensor lse, Tensor x, "
             "Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
-            "float margin, Tensor? w_pl=None, Tensor? class_weight=None, Tensor? soft_target=None) "
-            "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+            "float margin, Tensor? w_pl=None, Tensor? class_weight=None, Tensor? soft_target=None, "
+            "int grad_mask=63) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps) -> (Tensor, Tensor, Tensor)")
 
 ops = torch.ops.faim_kernels
 logits_op = ops.randers_logits.default
 logits_backward_op = ops.randers_logits_backward.default
 cross_entropy_op = ops.randers_cross_entropy.default
 cross_entropy_backward_op = ops.randers_cross_entropy_backward.default
+head_metric_op = ops.head_metric.default
+
+# Bit k of grad_mask: gradient k of (x, mu, lc, beta, lam, gamma) is needed. A backward kernel skips
+# the work of the others (no ∂x GEMM for features without grad, no ∂mu GEMM for frozen prototypes,
+# no ∂Lc products for a frozen metric) and returns an empty tensor in their place, which the
+# autograd formula turns into None.
+ALL_GRADS = 63
+
+
+def grad_mask(needs_input_grad) -> int:
+    """The backward ops' grad_mask from ctx.needs_input_grad (its first six entries)."""
+    return sum(1 << k for k, needed in enumerate(needs_input_grad[:6]) if needed)
+
+
+def empty_unneeded(grads, mask: int) -> tuple:
+    """What a backward kernel that computed every gradient returns: those outside `mask` replaced by
+    empty tensors, as the schema's fake kernels say."""
+    return tuple(g if mask >> k & 1 else g.new_empty(0) for k, g in enumerate(grads))
+
+
+def unneeded(grads, mask: int) -> tuple:
+    """The backward kernels' gradients with those outside `mask` turned into None."""
+    return tuple(g if mask >> k & 1 else None for k, g in enumerate(grads))
 
 
 # ----------------------------------------------------------------------------------------------
 # Fake kernels (shapes and dtypes only: torch.compile, FakeTensor, opcheck)
 # ----------------------------------------------------------------------------------------------
 
-def _like(*tensors):
-    """Contiguous empties shaped like `tensors`, as the kernels return their gradients."""
-    return tuple(t.new_empty(t.shape) for t in tensors)
+def _like(*tensors, grad_mask: int = ALL_GRADS):
+    """Contiguous empties shaped like `tensors`, as the kernels return their gradients (empty [0]
+    tensors for those outside grad_mask)."""
+    return tuple(t.new_empty(t.shape if grad_mask >> k & 1 else (0,)) for k, t in enumerate(tensors))
 
 
 @torch.library.register_fake(logits_op)
@@ -95,8 +120,9 @@ def _logits_fake(x, mu, lc, beta, lam, gamma, eps, tau):
 
 
 @torch.library.register_fake(logits_backward_op)
-def _logits_backward_fake(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau):
-    return _like(x, mu, lc, beta, lam, gamma)
+def _logits_backward_fake(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau,
+                          grad_mask=ALL_GRADS):
+    return _like(x, mu, lc, beta, lam, gamma, grad_mask=grad_mask)
 
 
 @torch.library.register_fake(cross_entropy_op)
@@ -107,8 +133,15 @@ def _cross_entropy_fake(x, mu, lc, beta, lam, gamma, target, eps, tau, margin, c
 
 @torch.library.register_fake(cross_entropy_backward_op)
 def _cross_entropy_backward_fake(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps, tau, margin,
-                                 w_pl=None, class_weight=None, soft_target=None):
-    return _like(x, mu, lc, beta, lam, gamma)
+                                 w_pl=None, class_weight=None, soft_target=None, grad_mask=ALL_GRADS):
+    return _like(x, mu, lc, beta, lam, gamma, grad_mask=grad_mask)
+
+
+@torch.library.register_fake(head_metric_op)
+def _head_metric_fake(sigma, lmbda, scale, full, eps):
+    compute = torch.float64 if sigma.dtype == torch.float64 else torch.float32
+    D = sigma.shape[0]
+    return sigma.new_empty((D, D) if full else (D,), dtype=compute), lmbda.new_empty(()), scale.new_empty(())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,8 +162,9 @@ def _logits_backward_with(backward):
     def _backward(ctx, grad, *_unused_output_grads):  # xp, mup, sx, smu are not differentiable outputs
         if grad is None:
             return (None,) * 8
-        dx, dmu, dlc, dbeta, dlam, dgamma = backward(grad, *ctx.saved_tensors, ctx.eps, ctx.tau)
-        return dx, dmu, dlc, dbeta, dlam, dgamma, None, None
+        mask = grad_mask(ctx.needs_input_grad)
+        grads = backward(grad, *ctx.saved_tensors, ctx.eps, ctx.tau, grad_mask=mask)
+        return unneeded(grads, mask) + (None, None)
     return _backward
 
 
@@ -151,9 +185,10 @@ def _ce_backward_with(backward):
         # are not either; probability targets that require grad are refused by the loss).
         options = {} if w_pl is None and class_weight is None and soft_target is None else dict(
             w_pl=w_pl, class_weight=class_weight, soft_target=soft_target)
-        dx, dmu, dlc, dbeta, dlam, dgamma = backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target,
-                                                     ctx.eps, ctx.tau, ctx.margin, **options)
-        return (dx, dmu, dlc, dbeta, dlam, dgamma) + (None,) * (ctx.num_inputs - 6)
+        mask = grad_mask(ctx.needs_input_grad)
+        grads = backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, ctx.eps, ctx.tau, ctx.margin,
+                         **options, grad_mask=mask)
+        return unneeded(grads, mask) + (None,) * (ctx.num_inputs - 6)
     return _backward
 
 

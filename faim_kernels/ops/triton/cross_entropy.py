@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import contract
 from . import common, configs
 from .backward import backward_side
 from .common import _direct_distance, _direct_pairs, _gemm_q, _pair_distance, _pair_s, _s_at_risk, _tile_dot
@@ -192,9 +193,16 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
 
 
 def backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float,
-             w_pl=None, class_weight=None, soft_target=None):
+             w_pl=None, class_weight=None, soft_target=None, grad_mask: int = contract.ALL_GRADS):
     """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes for the per-row weights
-    w = ∂loss/∂(lse, tl, sl, pl): the randers_cross_entropy_backward op."""
+    w = ∂loss/∂(lse, tl, sl, pl): the randers_cross_entropy_backward op. Every gradient is
+    computed; those outside grad_mask come back empty (contract.py)."""
+    return contract.empty_unneeded(_backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps, tau,
+                                             margin, w_pl, class_weight, soft_target), grad_mask)
+
+
+def _backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float,
+              w_pl=None, class_weight=None, soft_target=None):
     B, C = x.shape[0], mu.shape[0]
     if B == 0 or C == 0:
         return tuple(torch.zeros_like(t) for t in (x, mu, lc, beta, lam, gamma))

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import contract
 from . import common, configs
 from .backward import backward_side
 from .common import (_cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk,
@@ -158,8 +159,15 @@ def forward(x, mu, lc, beta, lam, gamma, eps: float, tau: float):
     return out, o.xp, o.mup, o.sx64, o.smu64
 
 
-def backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: float, tau: float):
-    """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes: the randers_logits_backward op."""
+def backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: float, tau: float,
+             grad_mask: int = contract.ALL_GRADS):
+    """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes: the randers_logits_backward op.
+    Every gradient is computed; those outside grad_mask come back empty (contract.py)."""
+    return contract.empty_unneeded(_backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau),
+                                   grad_mask)
+
+
+def _backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: float, tau: float):
     B, C = x.shape[0], mu.shape[0]
     if B == 0 or C == 0:
         return tuple(torch.zeros_like(t) for t in (x, mu, lc, beta, lam, gamma))
