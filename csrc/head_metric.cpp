@@ -11,6 +11,7 @@
 // Python composite (faim_kernels/nn/head.py, _MetricParams.metric_args) is the oracle in the tests
 // and serves other devices.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -52,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_metric_cpu(const at::Tensor&
     // Plain loops and scalar results rather than ATen calls: on a small head each ATen call here
     // costs about as much as its arithmetic.
     auto scalar = [](const at::Tensor& like, double v) { return at::scalar_tensor(v, like.options()); };
-    if (full) return {full_factor(sigma, eps).second.to(ct), scalar(lmbda, std::abs(lam_value)),
+    if (full) return {full_factor(sigma, eps).second.to(ct).contiguous(), scalar(lmbda, std::abs(lam_value)),
                       scalar(scale, std::abs(gamma_value))};
     const at::Tensor v = sigma.detach().to(at::kDouble).contiguous();
     at::Tensor lc = at::empty({v.size(0)}, sigma.options().dtype(ct));
@@ -72,8 +73,12 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
     static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& sigma,
                                                   const at::Tensor& lmbda, const at::Tensor& scale, bool full,
                                                   double eps) {
+        // Through the dispatcher (not a direct call), so that modes and tracing see one op.
+        static auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("faim_kernels::head_metric", "")
+                             .typed<decltype(head_metric_cpu)>();
         at::AutoDispatchBelowADInplaceOrView guard;
-        auto [lc, lam, gamma] = head_metric_cpu(sigma, lmbda, scale, full, eps);
+        auto [lc, lam, gamma] = op.call(sigma, lmbda, scale, full, eps);
         ctx->save_for_backward({sigma, lmbda, scale});
         ctx->saved_data["full"] = full;
         ctx->saved_data["eps"] = eps;

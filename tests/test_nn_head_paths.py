@@ -1,0 +1,187 @@
+"""The head's fast paths give what the general path gives: the direct path to the C++ kernels (one
+head_metric op, then the logits or cross-entropy op), head.loss through the logits where they are
+small, and the backward ops' grad_mask (gradients only where needed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import faim_kernels as fk
+from faim_kernels.nn import head as head_module
+from faim_kernels.ops import contract
+from tests.conftest import GRAD_TOL, NAMES, assert_norm_close, backends, make_inputs
+
+
+def randomised_head(D, C, full, dtype, seed=0):
+    """A head with every parameter away from its start (λ raw negative: |lmbda| is exercised)."""
+    torch.manual_seed(seed)
+    head = fk.FAIMHead(D, C, full_sigma=full, dtype=dtype)
+    with torch.no_grad():
+        head.lmbda.fill_(-0.3)
+        head.beta.normal_()
+        head.mu.normal_()
+        if full:
+            head.L.add_(0.2 * torch.randn(D, D, dtype=dtype))
+        else:
+            head.log_sigma_diag.normal_()
+    return head
+
+
+def grads_of(head, x, loss_fn):
+    wrt = [x] + [p for p in head.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss_fn(), wrt)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["diagonal", "full"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_direct_path_matches_general_path(full, dtype):
+    head = randomised_head(16, 7, full, dtype)
+    x = torch.randn(5, 3, 16, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        x[0, 0] = head.mu[2]  # a sample on its prototype: the exact path
+    y = torch.randint(0, 7, (5, 3))
+    y[0, 0], y[1, 1] = 2, -100
+    assert head._fast_metric(x) is not None  # the direct path is taken here
+
+    def total():
+        return head(x).square().sum() * 1e-3 + head.loss(x, y) + head.loss(x, y, reduction="sum")
+    fast_value, fast_grads = total(), grads_of(head, x, total)
+    head.backend = "reference"  # the general path, through the einsum oracle
+    assert head._fast_metric(x) is None
+    ref_value, ref_grads = total(), grads_of(head, x, total)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert abs(fast_value.item() - ref_value.item()) <= tol * abs(ref_value.item())
+    for name, g, r in zip(["x", "mu", "beta", "lmbda", "scale", "sigma"], fast_grads, ref_grads):
+        assert_norm_close(g, r, 1e-9 if dtype == torch.float64 else 1e-4, name)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["diagonal", "full"])
+def test_head_metric_op_gradcheck(full):
+    """The op's closed-form backward (the Cholesky backward for a full L) against autograd."""
+    fk._cpp_loader.load()
+    torch.manual_seed(0)
+    D = 5
+    sigma = (torch.eye(D, dtype=torch.float64) + 0.3 * torch.randn(D, D, dtype=torch.float64)) if full \
+        else torch.randn(D, dtype=torch.float64)
+    lmbda, scale = torch.tensor(-0.4, dtype=torch.float64), torch.tensor(2.5, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (sigma, lmbda, scale)]
+    assert torch.autograd.gradcheck(lambda s, l, g: contract.head_metric_op(s, l, g, full, 1e-3), inputs)
+    lc, lam, gamma = contract.head_metric_op(*inputs, full, 1e-3)
+    if full:
+        A = torch.tril(sigma.detach())
+        assert torch.allclose(lc @ lc.T, A @ A.T + 1e-3 * torch.eye(D, dtype=torch.float64), atol=1e-12)
+    else:
+        assert torch.allclose(lc, torch.sqrt(torch.exp(sigma.detach()) + 1e-3), rtol=1e-14)
+    assert lam.item() == 0.4 and gamma.item() == 2.5
+    torch.library.opcheck(contract.head_metric_op, (sigma.detach(), lmbda.detach(), scale.detach(), full, 1e-3))
+
+
+def test_head_metric_derivative_of_abs_is_one_at_zero():
+    fk._cpp_loader.load()
+    lmbda = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    _, lam, gamma = contract.head_metric_op(torch.zeros(3, dtype=torch.float64), lmbda, scale, False, 1e-6)
+    dl, ds = torch.autograd.grad(lam + gamma, [lmbda, scale])
+    assert dl.item() == 1.0 and ds.item() == -1.0
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_direct_path_refuses_non_finite_lambda_and_scale(bad):
+    head = fk.FAIMHead(8, 3)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        head.lmbda.fill_(float(bad))
+    with pytest.raises(ValueError, match="lam must be >= 0 and finite"):
+        head(x)
+    with torch.no_grad():
+        head.lmbda.fill_(0.1)
+        head.scale.fill_(float(bad))
+    with pytest.raises(ValueError, match="gamma must be finite"):
+        head(x)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["diagonal", "full"])
+@pytest.mark.parametrize("options", [{}, dict(label_smoothing=0.1), dict(reduction="none"), dict(ignore_index=1),
+                                     dict(weight="w")], ids=["plain", "smoothing", "none", "ignore", "weight"])
+def test_loss_through_logits_matches_fused(monkeypatch, full, options):
+    """head.loss takes F.cross_entropy over the logits where they are small and the fused
+    cross-entropy where they are large: both give the same loss and gradients."""
+    head = randomised_head(12, 6, full, torch.float64)
+    x = torch.randn(4, 2, 12, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 6, (4, 2))
+    y[0, 0] = 1
+    if options.get("weight") == "w":
+        options = dict(weight=torch.rand(6, dtype=torch.float64) + 0.5)
+
+    def loss():
+        out = head.loss(x, y, **options)
+        return out.sum() if out.dim() else out
+    assert head._loss_through_logits(x, y, options)
+    via_logits, g_logits = loss(), grads_of(head, x, loss)
+    monkeypatch.setattr(head_module, "LOSS_VIA_LOGITS_BYTES", 0)
+    assert not head._loss_through_logits(x, y, options)
+    fused, g_fused = loss(), grads_of(head, x, loss)
+    assert abs(via_logits.item() - fused.item()) <= 1e-12 * abs(fused.item())
+    for g, r in zip(g_logits, g_fused):
+        assert_norm_close(g, r, 1e-10)
+
+
+def test_loss_through_logits_keeps_shape_checks_and_probability_targets():
+    head = randomised_head(8, 5, False, torch.float32)
+    x = torch.randn(3, 2, 8)
+    with pytest.raises(ValueError, match="target must have shape"):
+        head.loss(x, torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="probability target must have shape"):
+        head.loss(x, torch.rand(6, 5))
+    probs = torch.softmax(torch.randn(3, 2, 5, dtype=torch.float64), -1)  # float64 target, float32 head
+    expected = F.cross_entropy(head(x).reshape(6, 5), probs.reshape(6, 5).float())
+    assert torch.allclose(head.loss(x, probs), expected)
+    assert torch.allclose(head.loss(x, torch.zeros(3, 2, dtype=torch.int32)),
+                          F.cross_entropy(head(x).reshape(6, 5), torch.zeros(6, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("backend", backends("cpp", "triton"), indirect=True)
+@pytest.mark.parametrize("family", ["logits", "cross_entropy"])
+@pytest.mark.parametrize("frozen", [("x",), ("mu",), ("L", "beta", "lam", "gamma"), ("x", "L", "beta")],
+                         ids=["features", "prototypes", "metric", "probe"])
+def test_gradients_only_where_needed(backend, device, family, frozen):
+    """Inputs without grad get None and the work of their gradient is skipped (grad_mask); the
+    others are unchanged: the same values as with every input requiring grad."""
+    full = "L" in frozen
+    inputs = make_inputs(6, 5, 8, full=full, dtype=torch.float64, device=device)
+    target = torch.randint(0, 5, (6,), device=device)
+
+    def run(requires):
+        ins = [t.detach().clone().requires_grad_(n in requires) for n, t in zip(NAMES, inputs)]
+        if family == "logits":
+            out = fk.randers_logits(*ins, backend=backend)
+            out = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=device).reshape(out.shape)).sum()
+        else:
+            out = fk.randers_cross_entropy(*ins, target, backend=backend)
+        wanted = [t for t in ins if t.requires_grad]
+        return dict(zip([n for n in NAMES if n in requires], torch.autograd.grad(out, wanted)))
+    everything = run(set(NAMES))
+    some = run(set(NAMES) - set(frozen))
+    for name, g in some.items():
+        assert_norm_close(g, everything[name], GRAD_TOL[torch.float64], name)
+
+
+@pytest.mark.parametrize("family", ["logits", "cross_entropy"])
+def test_backward_ops_return_empty_for_unneeded(family):
+    """The op contract itself: bits outside grad_mask come back as empty tensors (C++ kernels)."""
+    fk._cpp_loader.load()
+    x, mu, L, beta, lam, gamma = make_inputs(4, 3, 5, dtype=torch.float64)
+    lc = fk.transform.metric_factor(L, 1e-6, torch.float64)
+    tau = fk.transform.risk_threshold(5, torch.float64)
+    if family == "logits":
+        logits, xp, mup, sx, smu = contract.logits_op(x, mu, lc, beta, lam, gamma, 1e-6, tau)
+        grads = contract.logits_backward_op(torch.ones_like(logits), logits, x, mu, lc, beta, lam, gamma, xp, mup,
+                                            sx, smu, 1e-6, tau, grad_mask=0b100010)
+    else:
+        target = torch.tensor([0, 1, 2, -1])
+        lse, tl, sl, pl = contract.cross_entropy_op(x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0)
+        grads = contract.cross_entropy_backward_op(torch.ones_like(lse), -torch.ones_like(tl), torch.zeros_like(sl),
+                                                   lse, x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0,
+                                                   grad_mask=0b100010)
+    assert [tuple(g.shape) for g in grads] == [(0,), tuple(mu.shape), (0,), (0,), (0,), ()]
