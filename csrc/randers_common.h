@@ -39,6 +39,7 @@ struct Operands {
     const T* lc;                // [D] or [D, D] metric factor
     const T* beta = nullptr;    // [D] the 1-form: near pairs take s = beta·(x_b − mu_c) from the difference
     bool full;                  // lc is [D, D]
+    bool lower = false;         // a full lc is lower triangular (a Cholesky factor): near pairs skip its zeros
     std::vector<T> xnorm, munorm;  // |x'_b|², |mu'_c|²
     // sx, smu split into hi + lo parts in T: s = (sx_hi − smu_hi) + (sx_lo − smu_lo) keeps the
     // float64 difference's accuracy (the hi difference is exact when they are close: Sterbenz)
@@ -184,6 +185,15 @@ std::vector<double> centred_weighted_sum(const at::Tensor& v, const T* m, const 
     return out;
 }
 
+// Whether a [D, D] factor is lower triangular (every entry above the diagonal exactly 0).
+template <typename T>
+bool is_lower_triangular(const T* lc, int64_t D) {
+    for (int64_t k = 0; k < D; ++k)
+        for (int64_t j = k + 1; j < D; ++j)
+            if (lc[k * D + j] != T(0)) return false;
+    return true;
+}
+
 // The common argument checks of the ops (the Python layer validates user input; these guard the
 // contract itself: dtypes, shapes, device).
 inline void check_operands(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
@@ -241,7 +251,9 @@ double direct_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* dif
         const double dk = double(xb[k]) - double(mc[k]);
         if (dk == 0) continue;
         const T* row = in.lc + k * D;
-        for (int64_t j = 0; j < D; ++j) acc[j] += dk * double(row[j]);
+        // A Cholesky factor's row k ends at column k: half the work of this O(D²) step.
+        const int64_t width = in.lower ? k + 1 : D;
+        for (int64_t j = 0; j < width; ++j) acc[j] += dk * double(row[j]);
     }
     for (int64_t j = 0; j < D; ++j) {
         if (diffp) diffp[j] = T(acc[j]);

@@ -93,6 +93,7 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     in.x = x.data_ptr<T>();
     in.mu = mu.data_ptr<T>();
     in.lc = lc.data_ptr<T>();
+    in.lower = in.full && is_lower_triangular(in.lc, in.D);
     in.beta = beta.data_ptr<T>();
     in.lam = lam.item<double>();
     in.eps = eps;

@@ -43,6 +43,7 @@ Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const 
     in.lc = raw.lc.data_ptr<T>();
     in.beta = raw.beta.data_ptr<T>();
     in.full = raw.lc.dim() == 2;
+    in.lower = in.full && is_lower_triangular(in.lc, in.D);
     in.xnorm = row_sq_norms<T>(in.xp);
     in.munorm = row_sq_norms<T>(in.mup);
     split_all(in.sx, in.B, in.sx_hi, in.sx_lo);

@@ -107,6 +107,7 @@ TopkProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor
     in.x = x.data_ptr<T>();
     in.mu = mu.data_ptr<T>();
     in.lc = lc.data_ptr<T>();
+    in.lower = in.full && is_lower_triangular(in.lc, in.D);
     pb.beta = beta;  // in.beta points into it (near pairs take s from the difference)
     in.beta = beta.data_ptr<T>();
     in.lam = lam.item<double>();
