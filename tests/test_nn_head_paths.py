@@ -185,3 +185,51 @@ def test_backward_ops_return_empty_for_unneeded(family):
                                                    lse, x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0,
                                                    grad_mask=0b100010)
     assert [tuple(g.shape) for g in grads] == [(0,), tuple(mu.shape), (0,), (0,), (0,), ()]
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["diagonal", "full"])
+def test_row_block_loss_over_several_blocks(monkeypatch, full):
+    """head.loss through the row-block kernel (gradients in the forward pass) with C large enough for
+    several row blocks (8 MiB of float64 logits each), samples on and next to their prototypes, an
+    ignored row and label smoothing: the same loss and gradients as F.cross_entropy over the logits."""
+    head = randomised_head(4, 70_000, full, torch.float64)
+    y = torch.randint(0, 70_000, (40,))
+    x = (head.mu.detach()[y] + 1e-4 * torch.randn(40, 4, dtype=torch.float64)).requires_grad_()
+    with torch.no_grad():
+        x[0] = head.mu[y[0]]
+    y[3] = -100
+    monkeypatch.setattr(head_module, "LOSS_VIA_LOGITS_BYTES", 0)
+    for options in ({}, dict(label_smoothing=0.2, reduction="sum")):
+        fused = head.loss(x, y, **options)
+        g_fused = grads_of(head, x, lambda: head.loss(x, y, **options))
+        ref = F.cross_entropy(head(x), y, **options)
+        g_ref = grads_of(head, x, lambda: F.cross_entropy(head(x), y, **options))
+        assert abs(fused.item() - ref.item()) <= 1e-11 * abs(ref.item())
+        for name, g, r in zip(["x", "mu", "beta", "lmbda", "scale", "sigma"], g_fused, g_ref):
+            assert_norm_close(g, r, 1e-9, name)
+
+
+def test_row_block_op_margin_and_refusals():
+    """The op itself: statistics of the margin logits (against the einsum reference), the margin's
+    share of ∂γ, target range checks, and no second derivative."""
+    from faim_kernels.ops.row_stats import reference_stats
+    fk._cpp_loader.load()
+    x, mu, L, beta, lam, gamma = make_inputs(6, 5, 4, full=True, dtype=torch.float64, near=True, requires_grad=True)
+    target = torch.tensor([0, 1, -1, 3, 4, 2])
+    w = [torch.rand(6, dtype=torch.float64) for _ in range(3)]
+    lc = fk.transform.metric_factor(L, 1e-6, torch.float64)
+    tau = fk.transform.risk_threshold(4, torch.float64)
+    loss = contract.CrossEntropyWithGradients.apply(x, mu, lc, beta, lam, gamma, target, *w, 1e-6, tau, 0.7)
+    lse, tl, sl, _ = reference_stats(x, mu, L, beta, lam, gamma, target, 1e-6, 0.7)
+    expected = (w[0] * lse + w[1] * tl + w[2] * sl).sum()
+    assert abs(loss.item() - expected.item()) <= 1e-10 * abs(expected.item())
+    for g, r in zip(torch.autograd.grad(loss, [x, mu, L, beta, lam, gamma]),
+                    torch.autograd.grad(expected, [x, mu, L, beta, lam, gamma])):
+        assert_norm_close(g, r, 1e-9)
+    with pytest.raises(ValueError, match="out of range"):
+        contract.cross_entropy_rows_op(x, mu, lc, beta, lam, gamma, torch.tensor([0, 1, 5, 3, 4, 2]), *w, 1e-6,
+                                       tau, 0.0, 63)
+    loss = contract.CrossEntropyWithGradients.apply(x, mu, lc, beta, lam, gamma, target, *w, 1e-6, tau, 0.0)
+    (gx,) = torch.autograd.grad(loss, [x], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), [x])
