@@ -172,6 +172,65 @@ void row_dots(const CEProblem<T>& pb, ClassTile<T>& tile, int64_t r0, int64_t nr
     at::mm_out(out, pb.in.xp.narrow(0, r0, nr), tile.mup_tensor(opts).t());
 }
 
+// exp(v) for v <= 0 (every exponent here is a logit minus a running max or minus lse) as
+// plain arithmetic the compiler vectorises, unlike std::exp: 2^n·e^r with r = v − n·ln2,
+// |r| <= ln2/2, and e^r from its Taylor series to r^7 (truncation below 1e-8 relative, under
+// float's half-ulp). v < −80 gives 0; NaN stays NaN. float64 uses std::exp.
+inline float exp_nonpositive(float v) {
+    const float t = v < -80.0f ? -80.0f : v;
+    const float n = float(int(t * 1.44269504f - 0.5f));  // round(t/ln2) for t <= 0, in [−116, 0]
+    const float r = (t - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 = 0.693359375 − 2.1219444e-4
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t bits;
+    std::memcpy(&bits, &p, 4);
+    bits += int32_t(n) << 23;  // p·2^n, a normal number for n >= −116
+    float out;
+    std::memcpy(&out, &bits, 4);
+    out = v < -80.0f ? 0.0f : out;  // e^−80 = 2e-35: nothing next to the row's total of at least 1
+    return v == v ? out : v;
+}
+inline double exp_nonpositive(double v) { return std::exp(v); }
+
+// Σ v[j] and max v[j] with four independent accumulators (a fixed order: deterministic), which
+// breaks the dependency chain of one running sum; the sum accumulates in float64.
+template <typename T>
+double sum_to_double(const T* v, int64_t n) {
+    double s[4] = {0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; ++k) s[k] += double(v[j + k]);
+    for (; j < n; ++j) s[0] += double(v[j]);
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <typename T>
+double dot_to_double(const T* a, const T* b, int64_t n) {
+    double s[4] = {0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; ++k) s[k] += double(a[j + k]) * double(b[j + k]);
+    for (; j < n; ++j) s[0] += double(a[j]) * double(b[j]);
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+template <typename T>
+T max_ignoring_nan(const T* v, int64_t n) {  // NaN never wins: it reaches lse through Σ logits
+    T m[4] = {-std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity(),
+              -std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity()};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int k = 0; k < 4; ++k) m[k] = v[j + k] > m[k] ? v[j + k] : m[k];
+    for (; j < n; ++j) m[0] = v[j] > m[0] ? v[j] : m[0];
+    return std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+}
+
 // Per-row scratch of one worker: the shared epilogue terms (a, r, s, d, at-risk flags) and the
 // backward's G, H, R.
 template <typename T>

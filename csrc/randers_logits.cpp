@@ -221,16 +221,9 @@ struct NearTerm {
 // One pass, parallel over row tiles, writes P (far pairs; 0 at pairs at risk) into the backward's
 // one [B, C] temporary; colsum(R) is kept per row tile and summed in tile order, so the results do
 // not depend on thread timing.
-// The backward up to the prepared operands: ∂x' and ∂mu' (each only where wanted), ∂sx, ∂smu
-// (float64), ∂λ and ∂γ. The chain to the raw inputs is `chain_to_inputs`.
-struct SideGrads {
-    at::Tensor dxp, dmup, dsx, dsmu;
-    double dlam = 0, dgam = 0;
-};
-
 template <typename T>
-SideGrads side_grads(const Operands<T>& in, const at::Tensor& grad, const at::Tensor& logits, double gamma,
-                     const GradMask& want, at::Tensor dmup_into = at::Tensor()) {
+std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& raw, const at::Tensor& grad,
+                                        const at::Tensor& logits, double gamma, const GradMask& want) {
     const int64_t B = in.B, C = in.C, D = in.D;
     const auto opts = in.xp.options();
     const T* G = grad.data_ptr<T>();
@@ -362,11 +355,7 @@ SideGrads side_grads(const Operands<T>& in, const at::Tensor& grad, const at::Te
     // wanted gradients run (∂x' serves ∂x and ∂Lc, ∂mu' serves ∂mu and ∂Lc).
     at::Tensor dxp, dmup;
     if (want.xp()) dxp = at::mm(P, in.mup).neg_().addcmul_(row_p.unsqueeze(1), in.xp);
-    // dmup_into: accumulate ∂mu' into the caller's [C, D] (the row blocks of the cross-entropy).
-    if (want.mup() && dmup_into.defined())
-        dmup = dmup_into.addmm_(P.t(), in.xp, 1, -1).addcmul_(colsum_p.unsqueeze(1), in.mup);
-    else if (want.mup())
-        dmup = at::mm(P.t(), in.xp).neg_().addcmul_(colsum_p.unsqueeze(1), in.mup);
+    if (want.mup()) dmup = at::mm(P.t(), in.xp).neg_().addcmul_(colsum_p.unsqueeze(1), in.mup);
     P.reset();
     T* dx_ = want.xp() ? dxp.data_ptr<T>() : nullptr;
     T* dm_ = want.mup() ? dmup.data_ptr<T>() : nullptr;
@@ -381,27 +370,7 @@ SideGrads side_grads(const Operands<T>& in, const at::Tensor& grad, const at::Te
         }
     }
 
-    SideGrads out;
-    out.dxp = dxp;
-    out.dmup = dmup;
-    out.dsx = dsx;
-    out.dsmu = dsmu;
-    for (int64_t bt = 0; bt < n_bt; ++bt) {
-        out.dlam += dlam_part[bt];
-        out.dgam += dgam_part[bt];
-    }
-    return out;
-}
-
-// The chain to the raw inputs (x' = (x − m)·Lc, sx = x·beta, and the same for mu):
-// (dx, dmu, dlc, dbeta, dlam, dgamma), the unwanted ones empty.
-template <typename T>
-std::vector<at::Tensor> chain_to_inputs(const RawInputs& raw, const SideGrads& g, const GradMask& want) {
-    const int64_t D = raw.x.size(1);
-    const auto opts = raw.x.options();
-    const double* dsxp = g.dsx.data_ptr<double>();
-    const double* dsmup = g.dsmu.data_ptr<double>();
-    const at::Tensor &dxp = g.dxp, &dmup = g.dmup;
+    // The chain to the raw inputs (x' = (x − m)·Lc, sx = x·beta, and the same for mu).
     const at::Tensor m = center_of<T>(raw.mu);
     at::Tensor dlc = want.lc ? at::zeros_like(raw.lc) : at::empty({0}, opts);
     std::vector<double> dbeta64(D, 0.0);
@@ -412,171 +381,14 @@ std::vector<at::Tensor> chain_to_inputs(const RawInputs& raw, const SideGrads& g
     at::Tensor dbeta = at::empty({want.beta ? D : 0}, opts);
     if (want.beta)
         for (int64_t k = 0; k < D; ++k) dbeta.data_ptr<T>()[k] = T(dbeta64[k]);
-    const auto f64 = opts.dtype(at::kDouble);
-    return {dx, dmu, dlc, dbeta, at::scalar_tensor(g.dlam, f64), at::scalar_tensor(g.dgam, f64)};
-}
 
-template <typename T>
-std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& raw, const at::Tensor& grad,
-                                        const at::Tensor& logits, double gamma, const GradMask& want) {
-    return chain_to_inputs<T>(raw, side_grads(in, grad, logits, gamma, want), want);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The cross-entropy with its gradients in one pass over row blocks (the op
-// faim_kernels::randers_cross_entropy_rows, ops/contract.py): for the loss
-//     Σ_b w_lse,b·lse_b + w_tl,b·tl_b + w_sl,b·sl_b
-// of the margin logits logit'_bc = logit_bc − γ·margin·[c = t_b] (every form of F.cross_entropy
-// with class indices, label smoothing, ignore_index and a 'mean'/'sum' reduction is one), each
-// block of rows forms its [rows, C] logits (GEMM 1, the logits epilogue with its exact near
-// pairs), their row statistics and ∂loss/∂logit' in place, then the logits backward of the block
-// (GEMMs 2 and 3): three B×C×D products in all, as nn.Linear + F.cross_entropy, against four for
-// the tile-recomputing kernels of randers_cross_entropy.cpp; the memory is one block's [rows, C]
-// (kRowBlockBytes) besides ∂mu'.
-constexpr int64_t kRowBlockBytes = int64_t(8) << 20;
-
-// The prepared operands of rows [r0, r0 + nr) of `in` (the classes' side shared).
-template <typename T>
-Operands<T> rows_of(const Operands<T>& in, int64_t r0, int64_t nr) {
-    Operands<T> blk = in;
-    blk.B = nr;
-    blk.xp = in.xp.narrow(0, r0, nr);
-    blk.sx = in.sx + r0;
-    blk.x = in.x + r0 * in.D;
-    blk.xnorm.assign(in.xnorm.begin() + r0, in.xnorm.begin() + r0 + nr);
-    blk.sx_hi.assign(in.sx_hi.begin() + r0, in.sx_hi.begin() + r0 + nr);
-    blk.sx_lo.assign(in.sx_lo.begin() + r0, in.sx_lo.begin() + r0 + nr);
-    return blk;
-}
-
-// Row statistics of one block of logits and, in place of G, ∂loss/∂logit (w.r.t. the logits
-// before the margin, which carries the same derivative); returns Σ_b ∂loss/∂logit'_bt·margin
-// (the margin's share of ∂γ: ∂logit'_bt/∂γ has the extra −margin).
-template <typename T>
-double block_stats(const T* logits, T* G, int64_t nr, int64_t C, const int64_t* target, const double* w_lse,
-                   const double* w_tl, const double* w_sl, double gamma, double margin, double* lse, double* tl,
-                   double* sl) {
-    std::vector<double> margin_part(nr, 0.0);
-    at::parallel_for(0, nr, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            const T* l = logits + i * C;
-            T* g = G + i * C;
-            const int64_t t = target[i];
-            const T shift = T(gamma * margin);
-            const T lt = t >= 0 ? T(l[t] - shift) : T(0);
-            T mx = max_ignoring_nan(l, C);
-            if (t >= 0 && margin < 0) mx = std::max(mx, lt);
-            const double lse_b = [&] {
-                if (!(mx > -std::numeric_limits<T>::infinity())) {  // every logit −Inf (or NaN)
-                    std::fill(g, g + C, T(0));
-                    return double(mx);
-                }
-                for (int64_t j = 0; j < C; ++j) g[j] = exp_nonpositive(T(l[j] - mx));
-                if (t >= 0) g[t] = exp_nonpositive(T(lt - mx));
-                return double(mx) + std::log(sum_to_double(g, C));
-            }();
-            double sum = sum_to_double(l, C);
-            if (t >= 0) sum -= double(shift);
-            lse[i] = std::isnan(sum) ? sum : lse_b;  // a NaN logit anywhere in the row, as the other kernels
-            tl[i] = t >= 0 ? double(lt) : 0.0;
-            sl[i] = sum;
-            const T wl = T(w_lse[i]), ws = T(w_sl[i]);
-            if (w_lse[i] == 0 && w_sl[i] == 0 && w_tl[i] == 0) {  // an ignored row
-                std::fill(g, g + C, T(0));
-                continue;
-            }
-            const T scale = T(std::exp(double(mx) - lse_b));  // softmax = exp(l − mx)·e^(mx − lse)
-#pragma omp simd
-            for (int64_t j = 0; j < C; ++j) g[j] = wl * (g[j] * scale) + ws;
-            if (t >= 0) {
-                g[t] += T(w_tl[i]);
-                margin_part[i] = double(g[t]) * margin;
-            }
-        }
-    });
-    double total = 0;
-    for (double v : margin_part) total += v;
-    return total;
-}
-
-template <typename T>
-std::vector<at::Tensor> cross_entropy_rows(const Operands<T>& in, const RawInputs& raw, const int64_t* target,
-                                           const double* w_lse, const double* w_tl, const double* w_sl,
-                                           double gamma, double margin, const GradMask& want, double* lse,
-                                           double* tl, double* sl) {
-    const int64_t B = in.B, C = in.C, D = in.D;
-    const auto opts = in.xp.options();
-    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(B, kRowBlockBytes / (C * int64_t(sizeof(T)))));
-    SideGrads total;
-    total.dxp = want.xp() ? at::empty({B, D}, opts) : at::Tensor();
-    total.dmup = want.mup() ? at::zeros({C, D}, opts) : at::Tensor();
-    total.dsx = at::empty({B}, opts.dtype(at::kDouble));
-    total.dsmu = at::zeros({C}, opts.dtype(at::kDouble));
-    at::Tensor G = at::empty({rows, C}, opts);
-    for (int64_t r0 = 0; r0 < B; r0 += rows) {
-        const int64_t nr = std::min(rows, B - r0);
-        const Operands<T> blk = rows_of(in, r0, nr);
-        const at::Tensor logits = logits_of(blk, gamma);
-        at::Tensor g = G.narrow(0, 0, nr);
-        const double margin_dgam = block_stats(logits.data_ptr<T>(), g.data_ptr<T>(), nr, C, target + r0, w_lse + r0,
-                                               w_tl + r0, w_sl + r0, gamma, margin, lse + r0, tl + r0, sl + r0);
-        const SideGrads part = side_grads(blk, g, logits, gamma, want, total.dmup);
-        if (want.xp()) total.dxp.narrow(0, r0, nr).copy_(part.dxp);
-        total.dsx.narrow(0, r0, nr).copy_(part.dsx);
-        total.dsmu.add_(part.dsmu);
-        total.dlam += part.dlam;
-        total.dgam += part.dgam - margin_dgam;
+    double dlam = 0, dgam = 0;
+    for (int64_t bt = 0; bt < n_bt; ++bt) {
+        dlam += dlam_part[bt];
+        dgam += dgam_part[bt];
     }
-    return chain_to_inputs<T>(raw, total, want);
-}
-
-std::vector<at::Tensor> randers_cross_entropy_rows_cpu(
-    const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta, const at::Tensor& lam,
-    const at::Tensor& gamma, const at::Tensor& target, const at::Tensor& w_lse, const at::Tensor& w_tl,
-    const at::Tensor& w_sl, double eps, double tau, double margin, int64_t grad_mask) {
-    check_operands(x, mu, lc, beta, lam, gamma);
-    const int64_t B = x.size(0), C = mu.size(0);
-    TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.size(0) == B,
-                "target must be int64 [B]");
-    for (const at::Tensor* w : {&w_lse, &w_tl, &w_sl})
-        TORCH_CHECK(w->scalar_type() == at::kDouble && w->dim() == 1 && w->size(0) == B,
-                    "the row weights must be float64 [B]");
-    const at::Tensor t = target.contiguous();
-    const int64_t* tp = t.data_ptr<int64_t>();
-    for (int64_t i = 0; i < B; ++i)
-        TORCH_CHECK_VALUE(tp[i] >= -1 && tp[i] < C, "target holds a class index out of range [0, ", C,
-                          ") that is not ignore_index (entry ", i, ")");
-    at::NoGradGuard no_grad;
-    const RawInputs raw(x, mu, lc, beta);
-    const auto f64 = raw.x.options().dtype(at::kDouble);
-    at::Tensor lse = at::empty({B}, f64), tl = at::empty({B}, f64), sl = at::empty({B}, f64);
-    std::vector<at::Tensor> grads;
-    AT_DISPATCH_FLOATING_TYPES(raw.x.scalar_type(), "randers_cross_entropy_rows", [&] {
-        const GradMask want(grad_mask);
-        if (B == 0 || C == 0) {
-            lse.fill_(-std::numeric_limits<double>::infinity());
-            tl.zero_();
-            sl.zero_();
-            grads = {at::zeros_like(raw.x), at::zeros_like(raw.mu), at::zeros_like(raw.lc), at::zeros_like(raw.beta),
-                     at::zeros({}, f64), at::zeros({}, f64)};
-            return;
-        }
-        at::Tensor sx = at::empty({B}, f64), smu = at::empty({C}, f64);
-        const at::Tensor m = center_of<scalar_t>(raw.mu);
-        const at::Tensor xp = project<scalar_t>(raw.x, m, raw.lc), mup = project<scalar_t>(raw.mu, m, raw.lc);
-        row_dots64<scalar_t>(raw.x, raw.beta.data_ptr<scalar_t>(), sx.data_ptr<double>());
-        row_dots64<scalar_t>(raw.mu, raw.beta.data_ptr<scalar_t>(), smu.data_ptr<double>());
-        const auto in = operands<scalar_t>(raw, xp, mup, sx, smu, lam.item<double>(), eps, tau);
-        const at::Tensor wl = w_lse.contiguous(), wt = w_tl.contiguous(), ws = w_sl.contiguous();
-        grads = cross_entropy_rows<scalar_t>(in, raw, tp, wl.data_ptr<double>(), wt.data_ptr<double>(),
-                                             ws.data_ptr<double>(), gamma.item<double>(), margin, want,
-                                             lse.data_ptr<double>(), tl.data_ptr<double>(), sl.data_ptr<double>());
-    });
-    for (int64_t k = 0; k < 4; ++k)
-        if (!(grad_mask >> k & 1)) grads[k] = at::empty({0}, grads[k].options());
-    at::Tensor dlam = grad_mask >> 4 & 1 ? grads[4].to(lam.scalar_type()) : at::empty({0}, lam.options());
-    at::Tensor dgamma = grad_mask >> 5 & 1 ? grads[5].to(gamma.scalar_type()) : at::empty({0}, gamma.options());
-    return {lse, tl, sl, grads[0], grads[1], grads[2], grads[3], dlam, dgamma};
+    const auto f64 = opts.dtype(at::kDouble);
+    return {dx, dmu, dlc, dbeta, at::scalar_tensor(dlam, f64), at::scalar_tensor(dgam, f64)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_logits_backward_cpu(
@@ -671,7 +483,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_l
 TORCH_LIBRARY_IMPL(faim_kernels, CPU, m) {
     m.impl("randers_logits", &randers_logits_cpu);
     m.impl("randers_logits_backward", &randers_logits_backward_cpu);
-    m.impl("randers_cross_entropy_rows", &randers_cross_entropy_rows_cpu);
 }
 
 TORCH_LIBRARY_IMPL(faim_kernels, AutogradCPU, m) {

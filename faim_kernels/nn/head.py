@@ -396,21 +396,16 @@ class FAIMHead(_MetricParams):
 
     def _fast_loss(self, x, target, ce_options: dict):
         """head.loss on the direct path (see _fast_metric) for the common call: class indices of x's
-        leading shape, reduction 'mean' or 'sum', ignore_index and label_smoothing; None otherwise.
-        The loss is F.cross_entropy's, Σ over counted rows of (1 − ε)·(lse_b − logit_b,t_b) +
-        ε·(lse_b − Σ_c logit_bc / C), divided by their number for 'mean' (NaN when there is none):
-        a fixed weighted sum of the row statistics (lse, tl, sl). When it is differentiated, the
-        row-block kernel computes the gradients in the same pass (contract.CrossEntropyWithGradients:
-        three B×C×D products); under no_grad the statistics alone. The range of the targets is
-        checked inside the kernels (an index outside [0, C) that is not ignore_index raises there)."""
+        leading shape, reduction 'mean' or 'sum', ignore_index, and no other option; None otherwise.
+        The loss is F.cross_entropy's: Σ over counted rows of lse_b − logit_b,t_b, divided by their
+        number for 'mean' (NaN when there is none). The range of the targets is checked inside the
+        kernel (an index outside [0, C) that is not ignore_index raises there)."""
         reduction = ce_options.get("reduction", "mean")
         ignore_index = ce_options.get("ignore_index", -100)
-        smoothing = ce_options.get("label_smoothing", 0.0)
-        if (set(ce_options) - {"reduction", "ignore_index", "label_smoothing"} or reduction not in ("mean", "sum")
+        if (set(ce_options) - {"reduction", "ignore_index"} or reduction not in ("mean", "sum")
                 or type(target) is not torch.Tensor or target.dtype not in (torch.int64, torch.int32)
                 or not isinstance(ignore_index, int) or isinstance(ignore_index, bool)
-                or not isinstance(smoothing, (int, float)) or isinstance(smoothing, bool) or not 0 <= smoothing <= 1
-                or target.device.type != "cpu" or target.shape != x.shape[:-1] or self.num_classes == 0):
+                or target.device.type != "cpu" or target.shape != x.shape[:-1]):
             return None
         fast = self._fast_metric(x)
         if fast is None:
@@ -419,21 +414,14 @@ class FAIMHead(_MetricParams):
         t = target.reshape(-1).long()
         ignored = t == ignore_index
         # −1 is the kernels' "no target here": an ignored row; a −1 that is not ignore_index is out of
-        # range and must be refused, so it becomes −2, which the kernels refuse.
-        kernel_target = (t if ignore_index == -1 else t.masked_fill(t == -1, -2)).masked_fill(ignored, -1)
-        xf = x.reshape(-1, self.in_features)
-        eps, tau = self.eps, self._tau()
-        counted = (~ignored).to(torch.float64)
+        # range and must be refused, so it becomes −2, which the kernel refuses.
+        kernel_target = t if ignore_index == -1 else t.masked_fill(t == -1, -2)
+        lse, tl, _, _ = contract.cross_entropy_op(x.reshape(-1, self.in_features), self.mu, lc, self.beta, lam,
+                                                  gamma, kernel_target.masked_fill(ignored, -1), self.eps,
+                                                  self._tau(), 0.0)
+        total = (lse - tl).masked_fill(ignored, 0.0).sum()
         if reduction == "mean":
-            counted = counted / counted.sum()
-        w_lse, w_tl, w_sl = counted, counted * -(1.0 - smoothing), counted * (-smoothing / self.num_classes)
-        if torch.is_grad_enabled() and any(v.requires_grad for v in (xf, self.mu, lc, self.beta, lam, gamma)):
-            total = contract.CrossEntropyWithGradients.apply(xf, self.mu, lc, self.beta, lam, gamma, kernel_target,
-                                                             w_lse, w_tl, w_sl, eps, tau, 0.0)
-        else:
-            lse, tl, sl, _ = contract.cross_entropy_op(xf, self.mu, lc, self.beta, lam, gamma, kernel_target, eps,
-                                                       tau, 0.0)
-            total = (w_lse * lse + w_tl * tl + w_sl * sl).sum()
+            total = total / (ignored.numel() - ignored.sum())
         return total.to(x.dtype)
 
     def predict(self, x: torch.Tensor, k: int = 1) -> torch.Tensor:

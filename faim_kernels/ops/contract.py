@@ -53,7 +53,6 @@ their input's dtype.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 NAMESPACE = "faim_kernels"
 
@@ -70,9 +69,6 @@ _LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_tl, Tensor w_
             "Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
             "float margin, Tensor? w_pl=None, Tensor? class_weight=None, Tensor? soft_target=None, "
             "int grad_mask=63) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-_LIB.define("randers_cross_entropy_rows(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, "
-            "Tensor target, Tensor w_lse, Tensor w_tl, Tensor w_sl, float eps, float tau, float margin, "
-            "int grad_mask) -> Tensor[]")
 _LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps) -> (Tensor, Tensor, Tensor)")
 
 ops = torch.ops.faim_kernels
@@ -81,7 +77,6 @@ logits_backward_op = ops.randers_logits_backward.default
 cross_entropy_op = ops.randers_cross_entropy.default
 cross_entropy_backward_op = ops.randers_cross_entropy_backward.default
 head_metric_op = ops.head_metric.default
-cross_entropy_rows_op = ops.randers_cross_entropy_rows.default
 
 # Bit k of grad_mask: gradient k of (x, mu, lc, beta, lam, gamma) is needed. A backward kernel skips
 # the work of the others (no ∂x GEMM for features without grad, no ∂mu GEMM for frozen prototypes,
@@ -140,13 +135,6 @@ def _cross_entropy_fake(x, mu, lc, beta, lam, gamma, target, eps, tau, margin, c
 def _cross_entropy_backward_fake(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps, tau, margin,
                                  w_pl=None, class_weight=None, soft_target=None, grad_mask=ALL_GRADS):
     return _like(x, mu, lc, beta, lam, gamma, grad_mask=grad_mask)
-
-
-@torch.library.register_fake(cross_entropy_rows_op)
-def _cross_entropy_rows_fake(x, mu, lc, beta, lam, gamma, target, w_lse, w_tl, w_sl, eps, tau, margin, grad_mask):
-    row = x.new_empty((x.shape[0],), dtype=torch.float64)
-    return [row, row.new_empty(row.shape), row.new_empty(row.shape),
-            *_like(x, mu, lc, beta, lam, gamma, grad_mask=grad_mask)]
 
 
 @torch.library.register_fake(head_metric_op)
@@ -218,35 +206,6 @@ torch.library.register_autograd(cross_entropy_op, _ce_backward_with(cross_entrop
 # create_graph=True works, the second raises with the way out. (The C++ autograd of the logits op
 # calls the backward op through the dispatcher, so this reaches it too.)
 # ----------------------------------------------------------------------------------------------
-
-class CrossEntropyWithGradients(torch.autograd.Function):
-    """The loss Σ_b w_lse,b·lse_b + w_tl,b·tl_b + w_sl,b·sl_b (float64, 0-dim) through the op
-    randers_cross_entropy_rows, which computes its gradients in the same pass (three B×C×D
-    products); the backward only scales them by the incoming gradient. For a loss that is the end
-    of the graph (a scalar reduction of class-index targets): the weights are fixed before the
-    call, so nothing in the backward depends on the statistics. CPU tensors (the C++ kernel).
-
-        loss = CrossEntropyWithGradients.apply(x, mu, lc, beta, lam, gamma, target, w_lse, w_tl, w_sl,
-                                               eps, tau, margin)
-    """
-
-    @staticmethod
-    def forward(ctx, x, mu, lc, beta, lam, gamma, target, w_lse, w_tl, w_sl, eps, tau, margin):
-        mask = grad_mask(ctx.needs_input_grad)
-        lse, tl, sl, *grads = cross_entropy_rows_op(x, mu, lc, beta, lam, gamma, target, w_lse, w_tl, w_sl, eps,
-                                                    tau, margin, mask)
-        ctx.mask = mask
-        ctx.save_for_backward(*[g for k, g in enumerate(grads) if mask >> k & 1])
-        return (w_lse * lse + w_tl * tl + w_sl * sl).sum()
-
-    @staticmethod
-    @once_differentiable  # the gradients are values, not a graph: a second derivative is refused
-    def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved) if ctx.mask >> k & 1 else None for k in range(6)]
-        grads = [None if g is None else g * grad.to(g.dtype) for g in grads]
-        return (*grads, None, None, None, None, None, None, None)
-
 
 def double_backward_error(family: str) -> RuntimeError:
     fn = "randers_logits / randers_distance" if family == "logits" else "randers_cross_entropy"
