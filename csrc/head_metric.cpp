@@ -1,11 +1,12 @@
 // The FAIMHead's metric operands from its raw parameters, in one op (CPU):
-//   faim_kernels::head_metric(sigma, lmbda, scale, full, eps) -> (lc, lam, gamma)
+//   faim_kernels::head_metric(sigma, lmbda, scale, full, eps) -> (lc, lam, gamma, factor64)
 //     full = false: sigma = log_sigma_diag [D],  lc = sqrt(exp(sigma) + eps)          (Sigma = diag(lc²))
 //     full = true:  sigma = L [D, D],            lc = cholesky(tril(L)·tril(L)ᵀ + eps·I), formed in float64
 //     lam = |lmbda|, gamma = |scale|, with the derivative of |v| taken as +1 at v = 0 (so a head
 //     started at λ = 0 can learn λ; faim_kernels/nn/head.py).
 // lc comes in the compute dtype (float64 for float64 parameters, else float32), lam and gamma in
-// the parameters' dtype. Why an op: the head's forward used to form these with ~12 small ATen ops
+// the parameters' dtype; factor64 is the float64 Cholesky factor (full; empty for the diagonal), which
+// the backward reuses instead of factorising again. Why an op: the head's forward used to form these with ~12 small ATen ops
 // and as many autograd nodes, which cost more than the fused logits themselves on a small head
 // (the module-speed section of README). The schema and fake kernel are in ops/contract.py; the
 // Python composite (faim_kernels/nn/head.py, _MetricParams.metric_args) is the oracle in the tests
@@ -40,7 +41,7 @@ std::pair<at::Tensor, at::Tensor> full_factor(const at::Tensor& L, double eps) {
     return {A, factor};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_metric_cpu(const at::Tensor& sigma, const at::Tensor& lmbda,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_cpu(const at::Tensor& sigma, const at::Tensor& lmbda,
                                                                const at::Tensor& scale, bool full, double eps) {
     TORCH_CHECK(lmbda.dim() == 0 && scale.dim() == 0, "lmbda and scale must be 0-dim tensors");
     TORCH_CHECK(sigma.dim() == (full ? 2 : 1), "sigma must be L [D, D] (full) or log_sigma_diag [D]");
@@ -53,8 +54,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_metric_cpu(const at::Tensor&
     // Plain loops and scalar results rather than ATen calls: on a small head each ATen call here
     // costs about as much as its arithmetic.
     auto scalar = [](const at::Tensor& like, double v) { return at::scalar_tensor(v, like.options()); };
-    if (full) return {full_factor(sigma, eps).second.to(ct).contiguous(), scalar(lmbda, std::abs(lam_value)),
-                      scalar(scale, std::abs(gamma_value))};
+    if (full) {
+        at::Tensor factor = full_factor(sigma, eps).second.contiguous();
+        return {factor.to(ct).clone(), scalar(lmbda, std::abs(lam_value)), scalar(scale, std::abs(gamma_value)),
+                factor};
+    }
     const at::Tensor v = sigma.detach().to(at::kDouble).contiguous();
     at::Tensor lc = at::empty({v.size(0)}, sigma.options().dtype(ct));
     AT_DISPATCH_FLOATING_TYPES(ct, "head_metric", [&] {
@@ -62,7 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> head_metric_cpu(const at::Tensor&
         scalar_t* out = lc.data_ptr<scalar_t>();
         for (int64_t k = 0; k < v.size(0); ++k) out[k] = scalar_t(std::sqrt(std::exp(vp[k]) + eps));
     });
-    return {lc, scalar(lmbda, std::abs(lam_value)), scalar(scale, std::abs(gamma_value))};
+    return {lc, scalar(lmbda, std::abs(lam_value)), scalar(scale, std::abs(gamma_value)),
+            at::empty({0}, sigma.options().dtype(at::kDouble))};
 }
 
 // Backward: ∂log_sigma_diag = ∂lc·exp(v)/(2·lc); for the full factor, the Cholesky backward
@@ -78,25 +83,26 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
                              .findSchemaOrThrow("faim_kernels::head_metric", "")
                              .typed<decltype(head_metric_cpu)>();
         at::AutoDispatchBelowADInplaceOrView guard;
-        auto [lc, lam, gamma] = op.call(sigma, lmbda, scale, full, eps);
-        ctx->save_for_backward({sigma, lmbda, scale});
+        auto [lc, lam, gamma, factor64] = op.call(sigma, lmbda, scale, full, eps);
+        ctx->save_for_backward({sigma, lmbda, scale, factor64});
+        ctx->mark_non_differentiable({factor64});
         ctx->saved_data["full"] = full;
         ctx->saved_data["eps"] = eps;
         ctx->set_materialize_grads(false);
-        return {lc, lam, gamma};
+        return {lc, lam, gamma, factor64};
     }
 
     static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                    torch::autograd::variable_list grads) {
         const auto saved = ctx->get_saved_variables();
-        const at::Tensor &sigma = saved[0], &lmbda = saved[1], &scale = saved[2];
+        const at::Tensor &sigma = saved[0], &lmbda = saved[1], &scale = saved[2], &Lc = saved[3];
         const bool full = ctx->saved_data["full"].toBool();
         const double eps = ctx->saved_data["eps"].toDouble();
         at::Tensor dsigma, dlmbda, dscale;
         if (grads[0].defined() && ctx->needs_input_grad(0)) {
             const at::Tensor g = grads[0].to(at::kDouble);
             if (full) {
-                auto [A, Lc] = full_factor(sigma, eps);
+                const at::Tensor A = sigma.detach().to(at::kDouble).tril();
                 at::Tensor phi = at::matmul(Lc.t(), g).tril();
                 phi.diagonal().mul_(0.5);
                 // G = Lc⁻ᵀ·Φ·Lc⁻¹: X = Lc⁻ᵀ·Φ (an upper solve), then G = X·Lc⁻¹ = (Lc⁻ᵀ·Xᵀ)ᵀ.
@@ -110,16 +116,14 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
         }
         if (grads[1].defined() && ctx->needs_input_grad(1)) dlmbda = grads[1] * plus_sign(lmbda.detach());
         if (grads[2].defined() && ctx->needs_input_grad(2)) dscale = grads[2] * plus_sign(scale.detach());
-        return {dsigma, dlmbda, dscale, at::Tensor(), at::Tensor()};
+        return {dsigma, dlmbda, dscale, at::Tensor(), at::Tensor()};  // no gradient flows from factor64
     }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> head_metric_autograd_cpu(const at::Tensor& sigma,
-                                                                        const at::Tensor& lmbda,
-                                                                        const at::Tensor& scale, bool full,
-                                                                        double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_autograd_cpu(
+    const at::Tensor& sigma, const at::Tensor& lmbda, const at::Tensor& scale, bool full, double eps) {
     const auto out = HeadMetric::apply(sigma, lmbda, scale, full, eps);
-    return {out[0], out[1], out[2]};
+    return {out[0], out[1], out[2], out[3]};
 }
 
 }  // namespace

@@ -66,8 +66,8 @@ def test_head_metric_op_gradcheck(full):
         else torch.randn(D, dtype=torch.float64)
     lmbda, scale = torch.tensor(-0.4, dtype=torch.float64), torch.tensor(2.5, dtype=torch.float64)
     inputs = [t.requires_grad_() for t in (sigma, lmbda, scale)]
-    assert torch.autograd.gradcheck(lambda s, l, g: contract.head_metric_op(s, l, g, full, 1e-3), inputs)
-    lc, lam, gamma = contract.head_metric_op(*inputs, full, 1e-3)
+    assert torch.autograd.gradcheck(lambda s, l, g: contract.head_metric_op(s, l, g, full, 1e-3)[:3], inputs)
+    lc, lam, gamma, _ = contract.head_metric_op(*inputs, full, 1e-3)
     if full:
         A = torch.tril(sigma.detach())
         assert torch.allclose(lc @ lc.T, A @ A.T + 1e-3 * torch.eye(D, dtype=torch.float64), atol=1e-12)
@@ -81,7 +81,7 @@ def test_head_metric_derivative_of_abs_is_one_at_zero():
     fk._cpp_loader.load()
     lmbda = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
-    _, lam, gamma = contract.head_metric_op(torch.zeros(3, dtype=torch.float64), lmbda, scale, False, 1e-6)
+    _, lam, gamma, _ = contract.head_metric_op(torch.zeros(3, dtype=torch.float64), lmbda, scale, False, 1e-6)
     dl, ds = torch.autograd.grad(lam + gamma, [lmbda, scale])
     assert dl.item() == 1.0 and ds.item() == -1.0
 

@@ -286,7 +286,7 @@ class FAIMHead(_MetricParams):
             return None
         if _F.resolve_backend(self.backend, x.device) != "cpp":
             return None
-        return contract.head_metric_op(self.sigma_parameter(), self.lmbda, self.scale, self.full_sigma, self.eps)
+        return contract.head_metric_op(self.sigma_parameter(), self.lmbda, self.scale, self.full_sigma, self.eps)[:3]
 
     def _tau(self) -> float:
         return transform.risk_threshold(self.in_features, self.mu.dtype)

@@ -69,7 +69,8 @@ _LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_tl, Tensor w_
             "Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
             "float margin, Tensor? w_pl=None, Tensor? class_weight=None, Tensor? soft_target=None, "
             "int grad_mask=63) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-_LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps) -> (Tensor, Tensor, Tensor)")
+_LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps) "
+            "-> (Tensor, Tensor, Tensor, Tensor)")
 
 ops = torch.ops.faim_kernels
 logits_op = ops.randers_logits.default
@@ -141,7 +142,8 @@ def _cross_entropy_backward_fake(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, g
 def _head_metric_fake(sigma, lmbda, scale, full, eps):
     compute = torch.float64 if sigma.dtype == torch.float64 else torch.float32
     D = sigma.shape[0]
-    return sigma.new_empty((D, D) if full else (D,), dtype=compute), lmbda.new_empty(()), scale.new_empty(())
+    return (sigma.new_empty((D, D) if full else (D,), dtype=compute), lmbda.new_empty(()), scale.new_empty(()),
+            sigma.new_empty((D, D) if full else (0,), dtype=torch.float64))
 
 
 # ----------------------------------------------------------------------------------------------
