@@ -3,8 +3,11 @@ PY := .venv/bin/python
 
 .PHONY: bench test setup gpu-check clean demo test-timm
 
+# The CPU tables: the kernels against the einsum and the composite (cpu_bench), then the module
+# as users call it against nn.Linear, small heads to 100,000 classes (head_bench).
 bench: setup
 	$(PY) -m bench.cpu_bench
+	$(PY) -m bench.head_bench --all
 
 # TRITON_INTERPRET=1 makes the Triton kernels run on CPU tensors (set before anything imports triton).
 test: setup
