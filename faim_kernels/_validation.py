@@ -172,6 +172,9 @@ def check_ce_target(target, B: int, C: int, ignore_index: int, margin, x: torch.
     else:
         check_target(target, B, C, ignore_index, x.device)
         return
+    if ignore_index >= 0:  # F.cross_entropy's rule: a probability target has no class to ignore
+        raise ValueError(f"ignore_index={ignore_index} is not supported for probability targets (as in "
+                         f"F.cross_entropy): a negative ignore_index (the default, -100) is")
     if margin != 0.0:
         raise ValueError(f"margin={margin} needs class-index targets: it moves the one target logit of a row")
 

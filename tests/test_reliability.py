@@ -269,3 +269,118 @@ def test_float32_pairs_just_above_the_near_threshold_are_within_1e_5(backend, de
         want = reference64(fk.reference.randers_distance, inputs + [0.0])
         worst = max(worst, ((d.double().cpu() - want.cpu()).abs() / want.cpu()).max().item())
     assert worst <= 1e-5, f"max relative error {worst:.2e} at D = {D}"
+
+
+# ---- learned class weights: the exact gradient, checked against F.cross_entropy ----
+
+def _weighted_problem(form, device, ignore=False, seed=0):
+    from faim_kernels.targets import SoftTargets
+    inputs = make_inputs(6, 5, 4, dtype=torch.float64, device=device, seed=seed, requires_grad=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    if form == "index":
+        target = torch.randint(0, 5, (6,), generator=g)
+        if ignore:
+            target[1] = target[4] = -100
+    elif form == "dense":
+        target = torch.softmax(torch.randn(6, 5, generator=g, dtype=torch.float64), 1)
+    else:
+        classes = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(6)])
+        target = SoftTargets(classes.to(device), torch.rand(6, 2, generator=g, dtype=torch.float64).to(device), 0.05)
+    if isinstance(target, torch.Tensor):
+        target = target.to(device)
+    weight = (0.2 + torch.rand(5, generator=g, dtype=torch.float64)).to(device).requires_grad_()
+    return inputs, target, weight
+
+
+WEIGHT_CASES = [  # (target form, label_smoothing, reduction, margin, lse_square_scale, ignored rows)
+    ("index", 0.0, "mean", 0.0, 0.0, False), ("index", 0.1, "mean", 0.0, 0.0, True),
+    ("index", 0.1, "sum", 0.5, 0.0, False), ("index", 0.3, "none", 0.0, 1e-2, True),
+    ("dense", 0.0, "mean", 0.0, 0.0, False), ("dense", 0.1, "sum", 0.0, 1e-2, False),
+    ("dense", 0.2, "none", 0.0, 0.0, False), ("pairs", 0.0, "mean", 0.0, 0.0, False),
+    ("pairs", 0.1, "none", 0.0, 1e-2, False),
+]
+
+
+@pytest.mark.parametrize("form,smoothing,reduction,margin,z,ignore", WEIGHT_CASES,
+                         ids=["-".join(map(str, c)) for c in WEIGHT_CASES])
+def test_learned_class_weights_get_the_exact_gradient(backend, device, form, smoothing, reduction, margin, z,
+                                                      ignore):
+    (x, mu, L, beta, lam, gamma), target, weight = _weighted_problem(form, device, ignore)
+    opts = dict(label_smoothing=smoothing, reduction=reduction, margin=margin, lse_square_scale=z)
+
+    def loss(w, b, x=x):
+        out = fk.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, weight=w, backend=b, **opts)
+        return out.sum() if reduction == "none" else out
+    # gradcheck: the fused backward's ∂w (and ∂x) against finite differences of the fused loss.
+    # (∂x through the interpreter is checked below against the reference: its gradcheck is slow.)
+    wrt = (weight, x) if backend == "cpp" else (weight,)
+    assert torch.autograd.gradcheck(lambda w, *xs: loss(w, backend, *xs), wrt, eps=1e-6, atol=1e-7, rtol=1e-5)
+    # ... and against F.cross_entropy on the einsum logits (the reference backend) for every input.
+    inputs = (weight, x, mu, L, beta, lam, gamma)
+    got = torch.autograd.grad(loss(weight, backend), inputs)
+    want = torch.autograd.grad(loss(weight, "reference"), inputs)
+    for name, a, b in zip(("weight", "x", "mu", "L", "beta", "lam", "gamma"), got, want):
+        assert_norm_close(a, b, 1e-9, f"d{name}")
+
+
+def test_the_class_weight_gradient_matches_f_cross_entropy_directly():
+    # The reproduction: a probability target, F.cross_entropy's own autograd as the oracle.
+    import torch.nn.functional as F
+    x, mu = torch.randn(6, 4).double(), torch.randn(5, 4).double()
+    L, b, P = torch.eye(4).double(), torch.full((4,), .2).double(), torch.softmax(torch.randn(6, 5).double(), 1)
+    for smoothing in (0.0, 0.2):
+        w = torch.rand(5).double().add(.2).requires_grad_()
+        fk.randers_cross_entropy(x, mu, L, b, .3, 2., P, weight=w, label_smoothing=smoothing).backward()
+        w_ref = w.detach().clone().requires_grad_()
+        logits = fk.reference.randers_logits(x, mu, L, b, .3, 2.)
+        F.cross_entropy(logits, P, weight=w_ref, label_smoothing=smoothing).backward()
+        assert_norm_close(w.grad, w_ref.grad, 1e-10, "dweight")
+    # Class indices: F.cross_entropy refuses a weight that requires grad; the fused loss
+    # differentiates it, checked by central differences of F.cross_entropy's value.
+    t = torch.randint(0, 5, (6,))
+    for smoothing in (0.0, 0.2):
+        w = torch.rand(5).double().add(.2).requires_grad_()
+        fk.randers_cross_entropy(x, mu, L, b, .3, 2., t, weight=w, label_smoothing=smoothing).backward()
+        logits = fk.reference.randers_logits(x, mu, L, b, .3, 2.)
+        h, fd = 1e-6, torch.empty(5, dtype=torch.float64)
+        for c in range(5):
+            e = torch.zeros(5, dtype=torch.float64)
+            e[c] = h
+            up, down = (F.cross_entropy(logits, t, weight=w.detach() + s * e, label_smoothing=smoothing)
+                        for s in (1, -1))
+            fd[c] = (up - down) / (2 * h)
+        assert_norm_close(w.grad, fd, 1e-7, "dweight")
+
+
+# ---- F.cross_entropy's corner semantics ----
+
+@pytest.mark.parametrize("case", ["zero_target_weights", "all_ignored"])
+def test_mean_with_no_target_weight_is_nan_as_in_f_cross_entropy(backend, device, case):
+    import torch.nn.functional as F
+    x, mu, L, beta, lam, gamma = make_inputs(4, 5, 3, dtype=torch.float64, device=device)
+    target = torch.tensor([0, 1, 1, 0], device=device)
+    weight = torch.tensor([0.0, 0.0, 1.0, 2.0, 0.5], dtype=torch.float64, device=device)
+    if case == "all_ignored":
+        target, weight = torch.full_like(target, -100), None
+    for smoothing in (0.0, 0.1):
+        want = F.cross_entropy(fk.reference.randers_logits(x, mu, L, beta, lam, gamma), target, weight=weight,
+                               label_smoothing=smoothing)
+        assert torch.isnan(want)
+        for b in (backend, "reference"):
+            got = fk.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, weight=weight,
+                                           label_smoothing=smoothing, backend=b)
+            assert torch.isnan(got), (b, smoothing, got)
+
+
+def test_probability_targets_refuse_a_non_negative_ignore_index_as_f_cross_entropy_does():
+    from faim_kernels.targets import SoftTargets
+    x, mu, L, beta, lam, gamma = make_inputs(4, 5, 3, dtype=torch.float64)
+    dense = torch.softmax(torch.randn(4, 5, dtype=torch.float64), 1)
+    pairs = SoftTargets(torch.tensor([[0, 1]] * 4), torch.full((4, 2), 0.5, dtype=torch.float64))
+    for target in (dense, pairs):
+        for backend in ("cpp", "reference"):
+            with pytest.raises(ValueError, match="ignore_index=2 is not supported for probability targets"):
+                fk.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, ignore_index=2, backend=backend)
+            # A negative ignore_index is accepted (F.cross_entropy accepts it too).
+            got = fk.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, ignore_index=-1, backend=backend)
+            assert torch.isfinite(got)
