@@ -28,7 +28,8 @@ def _float32_in_autocast(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         x = args[0] if args else kwargs.get("x")
-        if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        if (not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type)  # e.g. meta
+                or not torch.is_autocast_enabled(x.device.type)):
             return fn(*args, **kwargs)
 
         def up(v):

@@ -4,6 +4,8 @@ exact-hit convention and float32 accuracy corners. Each test is named after the 
 backend is a fixture (the C++ kernels, the Triton kernels through the interpreter on CPU)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -384,3 +386,106 @@ def test_probability_targets_refuse_a_non_negative_ignore_index_as_f_cross_entro
             # A negative ignore_index is accepted (F.cross_entropy accepts it too).
             got = fk.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, ignore_index=-1, backend=backend)
             assert torch.isfinite(got)
+
+
+# ---- scale extremes: a tiny gamma leaves no distance in the float32 logits ----
+
+@pytest.mark.parametrize("gamma", [1e-40, 1e-30, 3e-39])
+@pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
+def test_float32_tiny_gamma_backward_recomputes_the_distances(backend, device, gamma, full):
+    # logits = −γ·d are subnormal (or 0) at γ = 1e-40: the backward must not rebuild d = −logits/γ
+    # from them. The incoming gradient is scaled so that the exact gradients are normal float32
+    # numbers (a gradient of 1e-40 itself could not be represented to 1e-3).
+    x, mu, L, beta, lam, _ = make_inputs(6, 5, 4, full=full, dtype=torch.float32, device=device, requires_grad=True)
+    gamma = torch.tensor(gamma, device=device, requires_grad=True)
+    inputs = [x, mu, L, beta, lam, gamma]
+    grad = 1e35 * torch.randn(6, 5, generator=torch.Generator().manual_seed(3)).to(device)
+    got = torch.autograd.grad((fk.randers_logits(*inputs, backend=backend) * grad).sum(), inputs)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    want = torch.autograd.grad((fk.reference.randers_logits(*ref_inputs) * grad.double()).sum(), ref_inputs)
+    for name, a, b in zip(("x", "mu", "L", "beta", "lam", "gamma"), got, want):
+        assert_norm_close(a, b, 1e-3, f"d{name} at gamma = {gamma.item():.0e}")
+
+
+# ---- deferred initialisation: meta and fake tensors get shapes, never a device error ----
+
+@pytest.mark.parametrize("backend_name", ["auto", "reference"])
+@pytest.mark.parametrize("full_sigma", [False, True], ids=["diag", "full"])
+def test_head_runs_on_meta_tensors_like_nn_linear(backend_name, full_sigma):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # shapes only: no fallback warning either
+        head = fk.FAIMHead(16, 10, full_sigma=full_sigma, device="meta", backend=backend_name)
+        x = torch.empty(4, 3, 16, device="meta")
+        logits = head(x)
+        assert logits.shape == (4, 3, 10) and logits.device.type == "meta"
+        loss = head.loss(x, torch.empty(4, 3, dtype=torch.long, device="meta"))
+        assert loss.shape == () and loss.device.type == "meta"
+        assert head.distance(x).shape == (4, 3, 10)
+        d, idx = fk.randers_topk(torch.empty(4, 16, device="meta"), head.mu, *head.metric_args(), 3)
+        assert d.shape == idx.shape == (4, 3)
+    # ... and materialises as deferred-initialisation loaders do it (to_empty, then initialise).
+    head.to_empty(device="cpu")
+    head.reset_parameters()
+    feats = torch.randn(4, 16)
+    torch.testing.assert_close(head(feats), fk.reference.randers_logits(feats, head.mu, *head.metric_args(),
+                                                                       head.gamma, head.eps), rtol=1e-4, atol=1e-5)
+
+
+def test_functions_run_under_fake_tensor_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    head = fk.FAIMHead(8, 6)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x, mu, L, beta = torch.randn(4, 8), torch.randn(6, 8), torch.eye(8), torch.randn(8)
+        lam, gamma, target = torch.tensor(0.3), torch.tensor(2.0), torch.randint(0, 6, (4,))
+        assert fk.randers_logits(x, mu, L, beta, lam, gamma).shape == (4, 6)
+        assert fk.randers_cross_entropy(x, mu, L, beta, lam, gamma, target).shape == ()
+        assert fk.randers_topk(x, mu, L, beta, lam, 2)[1].shape == (4, 2)
+        assert head(x).shape == (4, 6) and head.loss(x, target).shape == ()
+
+
+# ---- messages that name the package and the way out ----
+
+def test_unwritable_build_cache_names_faim_kernels_cache(tmp_path):
+    from test_packaging import _load_in_subprocess, _tiny_package  # noqa: PLC0415 (the loader harness)
+    pkg = _tiny_package(tmp_path, "// probe\n")
+    out = _load_in_subprocess(pkg, Path("/proc"))  # exists, and no one can write there, not even root
+    assert "FAIM_KERNELS_CACHE" in out["error"] and "/proc" in out["error"], out
+    assert "please report" not in out["error"]
+
+
+def test_fallback_warning_names_the_package_once(monkeypatch):
+    from faim_kernels import _cpp_loader
+    from faim_kernels.ops import dispatch
+
+    def unavailable():
+        raise _cpp_loader.CppKernelsUnavailable("faim_kernels: no C++ compiler (`c++` is not on PATH)")
+    monkeypatch.setattr(_cpp_loader, "load", unavailable)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    x, mu, L, beta = torch.randn(4, 8), torch.randn(5, 8), torch.rand(8) + 0.5, torch.randn(8)
+    with pytest.warns(UserWarning) as record:
+        fk.randers_logits(x, mu, L, beta, 0.1, 2.0)
+    text = str(record[0].message)
+    assert text.startswith("faim_kernels: no C++ compiler") and text.count("faim_kernels:") == 1, text
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the validation's reads, traced as constants
+def test_jit_script_of_the_head_says_what_works_instead():
+    head = fk.FAIMHead(8, 6)
+    for module in (head, torch.nn.Sequential(torch.nn.Linear(4, 8), head)):
+        with pytest.raises(RuntimeError, match="faim_kernels: FAIMHead is not scriptable.*torch.jit.trace"):
+            torch.jit.script(module)
+    traced = torch.jit.trace(head, torch.randn(3, 8))  # what the message offers works
+    feats = torch.randn(5, 8)
+    torch.testing.assert_close(traced(feats), head(feats))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_head_refuses_integer_features_as_nn_linear_does(dtype):
+    head = fk.FAIMHead(4, 3)
+    feats = torch.ones(2, 4, dtype=dtype)
+    with pytest.raises(RuntimeError):
+        torch.nn.Linear(4, 3)(feats)
+    for call in (head, lambda f: head.loss(f, torch.tensor([0, 1])), head.distance):
+        with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+            call(feats)
