@@ -489,3 +489,25 @@ def test_head_refuses_integer_features_as_nn_linear_does(dtype):
     for call in (head, lambda f: head.loss(f, torch.tensor([0, 1])), head.distance):
         with pytest.raises(TypeError, match="x must be a floating-point tensor"):
             call(feats)
+
+
+# ---- torch.func over randers_topk: a refusal, never zeros ----
+
+@pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd"])
+def test_torch_func_differentiating_topk_distances_refuses_instead_of_zeros(backend, device, transform):
+    if backend == "triton" and transform == "jacfwd" and device == "cpu":
+        pytest.xfail("jacfwd runs the function under vmap, whose batched tensors the interpreter's directly "
+                     "launched kernels cannot read (vmap support is separate work)")
+    x, mu, L, beta, lam, _ = make_inputs(4, 6, 3, device=device)
+    fn = getattr(torch.func, transform)
+    with pytest.raises(RuntimeError, match="faim_kernels.randers_topk.*randers_distance_at"):
+        fn(lambda x: fk.randers_topk(x, mu, L, beta, lam, 2, backend=backend)[0].sum())(x)
+    # The documented way: the indices from randers_topk, the distances from randers_distance_at.
+    def selected(x):
+        idx = fk.randers_topk(x, mu, L, beta, lam, 2, backend=backend)[1]
+        return fk.randers_distance_at(x, mu, L, beta, lam, idx).sum()
+    idx = fk.randers_topk(x, mu, L, beta, lam, 2, backend=backend)[1]
+    want = torch.autograd.grad(fk.randers_distance_at(x.requires_grad_(), mu, L, beta, lam, idx).sum(), x)[0]
+    torch.testing.assert_close(torch.func.grad(selected)(x.detach()), want)
+    # Plain autograd is unchanged: the distances come back without a graph.
+    assert not fk.randers_topk(x, mu, L, beta, lam, 2, backend=backend)[0].requires_grad
