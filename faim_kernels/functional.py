@@ -15,6 +15,7 @@ from ._validation import (NO_GAMMA, check_ce_target, check_class_weight, check_i
 from .ops import dispatch
 from .ops.row_stats import loss_from_stats, loss_targets, row_stats
 from .ops.dispatch import resolve_backend
+from .transform import norm_sqrt
 
 __all__ = ["randers_distance", "randers_logits", "randers_cross_entropy", "randers_topk", "randers_distance_at",
            "resolve_backend"]
@@ -219,4 +220,4 @@ def randers_distance_at(x, mu, L, beta, lam, indices, eps: float = 1e-6) -> torc
     else:             # Sigma = diag(L² + eps)
         q = (torch.square(diff) * (torch.square(L) + eps)).sum(-1)
     s = diff @ beta
-    return torch.sqrt(q + eps) + lam * torch.sqrt(s * s + eps)
+    return norm_sqrt(q + eps) + lam * norm_sqrt(s * s + eps)  # no NaN gradient at eps = 0 (an exact hit, beta = 0)

@@ -93,3 +93,11 @@ def center_of(mu: torch.Tensor) -> torch.Tensor:
         return mu.new_zeros(mu.shape[1])
     m = mu.mean(dim=0)
     return torch.where(torch.isfinite(m), m, 0)
+
+
+def norm_sqrt(u: torch.Tensor) -> torch.Tensor:
+    """sqrt(u) for u >= 0 whose gradient is 0 where u = 0, the kernels' convention at an exact hit
+    with eps = 0 (each norm's gradient is 0 where the norm is 0). torch.sqrt's is inf there, which
+    autograd multiplies by the 0 of ∂u into NaN (in x, beta and Sigma alike)."""
+    positive = u > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, u, torch.ones_like(u))), torch.zeros_like(u))

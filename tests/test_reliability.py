@@ -511,3 +511,53 @@ def test_torch_func_differentiating_topk_distances_refuses_instead_of_zeros(back
     torch.testing.assert_close(torch.func.grad(selected)(x.detach()), want)
     # Plain autograd is unchanged: the distances come back without a graph.
     assert not fk.randers_topk(x, mu, L, beta, lam, 2, backend=backend)[0].requires_grad
+
+
+# ---- pytorch-metric-learning: the paired path at eps = 0, the histogram miner with a learned metric ----
+
+@pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
+@pytest.mark.parametrize("beta_zero", [False, True], ids=["beta", "beta0"])
+def test_paired_distance_at_eps_zero_has_finite_gradients_equal_to_the_kernels(full, beta_zero):
+    # d_F(a_i, b_i) is the diagonal of the fused cdist, whose kernels take each norm's gradient as 0
+    # where the norm is 0: the paired path must agree, coincident rows and beta = 0 included.
+    pytest.importorskip("pytorch_metric_learning")
+    from faim_kernels.integrations.pml import RandersDistance
+    torch.manual_seed(0)
+    metric = fk.RandersMetric(4, full_sigma=full, eps=0.0).double()
+    with torch.no_grad():
+        metric.beta.copy_(torch.zeros(4) if beta_zero else torch.randn(4))
+    a = torch.randn(5, 4, dtype=torch.float64)
+    b = a.clone()
+    b[2:] = torch.randn(3, 4, dtype=torch.float64)  # rows 0, 1 coincide
+    a.requires_grad_()
+    params = [a] + list(metric.parameters())
+    paired = torch.autograd.grad(RandersDistance(metric).pairwise_distance(a, b).sum(), params, allow_unused=True)
+    fused = torch.autograd.grad(metric.cdist(a, b).diagonal().sum(), params, allow_unused=True)
+    for p, got, want in zip(params, paired, fused):
+        if want is None:
+            assert got is None or not got.any()
+            continue
+        assert torch.isfinite(got).all(), (tuple(p.shape), got)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # randers_distance_at (the top-k's differentiable companion) takes the same convention.
+    x, mu = a.detach().requires_grad_(), b.detach()
+    L, beta, lam = metric.metric_args()
+    at = torch.autograd.grad(fk.randers_distance_at(x, mu, L, beta, lam, torch.arange(5)[:, None], eps=0.0).sum(),
+                             x)[0]
+    assert torch.isfinite(at).all()
+    torch.testing.assert_close(at, fused[0], rtol=1e-10, atol=1e-12)
+
+
+def test_uniform_histogram_miner_works_with_a_learned_randers_distance():
+    pytest.importorskip("pytorch_metric_learning")
+    from pytorch_metric_learning import losses, miners
+    from faim_kernels.integrations.pml import RandersDistance
+    torch.manual_seed(0)
+    distance = RandersDistance(fk.RandersMetric(8))  # parameters that require grad
+    emb, labels = torch.randn(32, 8, requires_grad=True), torch.randint(0, 4, (32,))
+    miner = miners.UniformHistogramMiner(num_bins=10, pos_per_bin=5, neg_per_bin=5, distance=distance)
+    pairs = miner(emb, labels)  # pml mines under no_grad: the matrix carries no graph there
+    assert all(t.shape == (50,) for t in pairs)
+    loss = losses.ContrastiveLoss(distance=distance)(emb, labels, pairs)
+    loss.backward()
+    assert torch.isfinite(emb.grad).all() and all(p.grad is not None for p in distance.parameters())
