@@ -561,3 +561,24 @@ def test_uniform_histogram_miner_works_with_a_learned_randers_distance():
     loss = losses.ContrastiveLoss(distance=distance)(emb, labels, pairs)
     loss.backward()
     assert torch.isfinite(emb.grad).all() and all(p.grad is not None for p in distance.parameters())
+
+
+# ---- float32 gradients at a large 1-form: the stated domain of the 1e-3 bound ----
+
+@pytest.mark.parametrize("lam", [1.0, 1e2, 1e3])
+@pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
+def test_float32_gradients_within_1e_3_up_to_lambda_beta_1e3(backend, device, lam, full):
+    # The Guarantees bound float32 gradients by 1e-3 for λ·|beta| up to 1e3 (with Sigma ≈ I; the
+    # error grows about linearly beyond: ~1e-3 at 1e4–1e5 in measurements, as a = d − λ·r is read
+    # back from the logits).
+    for seed in range(3):
+        x, mu, L, beta, _, gamma = make_inputs(16, 24, 8, full=full, dtype=torch.float64, device=device, seed=seed)
+        beta = beta / beta.norm()
+        inputs = [x, mu, L, beta, torch.tensor(lam, dtype=torch.float64, device=device), gamma]
+        grad = torch.randn(16, 24, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+        f32 = [t.float().requires_grad_() for t in inputs]
+        got = torch.autograd.grad((fk.randers_logits(*f32, backend=backend) * grad.float()).sum(), f32)
+        f64 = [t.clone().requires_grad_() for t in inputs]
+        want = torch.autograd.grad((fk.reference.randers_logits(*f64) * grad).sum(), f64)
+        for name, a, b in zip(("x", "mu", "L", "beta", "lam", "gamma"), got, want):
+            assert_norm_close(a, b, 1e-3, f"d{name} at lam = {lam:g}")
