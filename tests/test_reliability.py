@@ -582,3 +582,18 @@ def test_float32_gradients_within_1e_3_up_to_lambda_beta_1e3(backend, device, la
         want = torch.autograd.grad((fk.reference.randers_logits(*f64) * grad).sum(), f64)
         for name, a, b in zip(("x", "mu", "L", "beta", "lam", "gamma"), got, want):
             assert_norm_close(a, b, 1e-3, f"d{name} at lam = {lam:g}")
+
+
+def test_head_loss_with_a_learned_class_weight_matches_the_reference(backend):
+    torch.manual_seed(0)
+    head = fk.FAIMHead(6, 5, backend=backend).double()
+    weight = torch.nn.Parameter(0.2 + torch.rand(5, dtype=torch.float64))
+    feats = torch.randn(7, 6, dtype=torch.float64)
+    for target in (torch.randint(0, 5, (7,)), torch.softmax(torch.randn(7, 5, dtype=torch.float64), 1)):
+        params = [weight] + list(head.parameters())
+        got = torch.autograd.grad(head.loss(feats, target, weight=weight, label_smoothing=0.1), params)
+        head.backend = "reference"
+        want = torch.autograd.grad(head.loss(feats, target, weight=weight, label_smoothing=0.1), params)
+        head.backend = backend
+        for p, a, b in zip(params, got, want):
+            assert_norm_close(a, b, 1e-9, f"gradient of a {tuple(p.shape)} parameter")

@@ -212,7 +212,10 @@ def loss_from_stats(lse, tl, sl, pl, rows: LossTargets, reduction: str, out_dtyp
     if reduction == "mean":
         # No target weight at all (every row ignored, or every target's weight 0): NaN, as
         # F.cross_entropy's 0/0; with label smoothing the smoothing term alone would give ±inf.
-        total = torch.where(torch.as_tensor(count) == 0, torch.full_like(total, float("nan")), total / count)
+        if isinstance(count, torch.Tensor):
+            total = torch.where(count == 0, torch.full_like(total, float("nan")), total / count)
+        else:  # probability targets: B rows (0/0 = NaN at B = 0)
+            total = total / count
     if z is not None:
         total = total + (z.sum() / rows.valid.sum() if reduction == "mean" else z.sum())
     return total.to(out_dtype)
