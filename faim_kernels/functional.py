@@ -157,7 +157,7 @@ def _differentiating_transform() -> bool:
     """Whether a torch.func transform that differentiates (grad, vjp, jacrev, jvp, jacfwd) is active:
     under it the outputs of randers_topk, computed without a graph, would read as constants and the
     transform would return zeros without an error (plain autograd raises instead)."""
-    if not torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
         return False
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
