@@ -216,8 +216,8 @@ struct NearTerm {
 // d comes from the logits (d = −logits/γ: one rounding, so a = d − λ·r is within a few units of
 // round-off of the forward's a wherever λ·r is not much larger than a, i.e. wherever the metric is
 // a Randers metric, λ·|beta|_{Sigma⁻¹} < 1), and the pair at-risk test q = a² − eps < tau·(|x'|² +
-// |mu'|²) picks the pairs recomputed from the raw difference. With γ = 0 the logits carry no d:
-// the distances are recomputed (one forward) for ∂γ, the only term that needs them then.
+// |mu'|²) picks the pairs recomputed from the raw difference. With γ = 0 the logits carry no d, and
+// with a tiny γ they are subnormal: the distances are recomputed (one forward) then.
 // One pass, parallel over row tiles, writes P (far pairs; 0 at pairs at risk) into the backward's
 // one [B, C] temporary; colsum(R) is kept per row tile and summed in tile order, so the results do
 // not depend on thread timing.
@@ -228,11 +228,17 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
     const auto opts = in.xp.options();
     const T* G = grad.data_ptr<T>();
     const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);  // expanded grads (stride 0) are fine
-    // d_bc = dscale·src_bc
-    at::Tensor src = gamma == 0 ? logits_of(in, -1.0) : logits;
+    // d_bc = dscale·src_bc. The logits carry d only where γ·d is a normal number of T: with a tiny
+    // γ (float32 γ = 1e-40, say) they are subnormal or 0 and hold a few bits of d, or none, so d is
+    // recomputed then, as for γ = 0. (With |γ| >= 1 a subnormal logit means d < the smallest normal
+    // number, an absolute error below any distance that matters; such a pair is at risk anyway.)
+    const bool logits_hold_d =
+        gamma != 0 && (std::abs(gamma) >= 1 ||
+                       !at::lt(logits.abs(), double(std::numeric_limits<T>::min())).any().item<bool>());
+    at::Tensor src = logits_hold_d ? logits : logits_of(in, -1.0);
     const T* L = src.data_ptr<T>();
     const int64_t ls0 = src.stride(0), ls1 = src.stride(1);
-    const T dscale = gamma == 0 ? T(1) : T(-1.0 / gamma);
+    const T dscale = logits_hold_d ? T(-1.0 / gamma) : T(1);
 
     at::Tensor P = at::empty({B, C}, opts);
     T* Pp = P.data_ptr<T>();

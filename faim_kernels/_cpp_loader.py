@@ -295,9 +295,14 @@ def _jit(torch, src: Path, skipped: str | None) -> tuple[str, str]:
                   file=sys.stderr)
     try:
         root.mkdir(parents=True, exist_ok=True)
+        # An existing directory may still be unwritable (permissions, a read-only mount): find out
+        # here, where the message can name the remedy, not in the build lock's open().
+        probe = root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
     except OSError as e:
         raise CppKernelsUnavailable(
-            f"faim_kernels: cannot create the build cache {root} ({_describe(e)}): set "
+            f"faim_kernels: cannot create or write the build cache {root} ({_describe(e)}): set "
             f"FAIM_KERNELS_CACHE to a writable directory.") from e
 
     with _build_lock(root / f"{key}.lock"):

@@ -19,6 +19,16 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def readable(t: torch.Tensor) -> bool:
+    """Whether the checks may read t's values: a CPU tensor with data, outside torch.compile.
+    Reading a CUDA value would synchronise the stream; meta tensors (deferred initialisation) and
+    FakeTensorMode's tensors have no values; the kernels' own checks hold where these cannot run."""
+    if t.device.type != "cpu" or _compiling():
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return not is_fake(t)
+
+
 def _check_tensor(name: str, t, ndim: int | tuple[int, ...], shape_hint: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {shape_hint}, got {type(t).__name__}")
@@ -42,7 +52,7 @@ def _check_scalar(name: str, v, device: torch.device, nonnegative: bool) -> None
         if v.device != device:
             raise ValueError(f"{name} is on {v.device} but x is on {device}: all inputs must be on one device")
         # Reading a CUDA value would synchronise the stream on every call; the check is done where it is free.
-        if v.device.type == "cpu" and not _compiling():
+        if readable(v):
             value = float(v.detach())
             if not math.isfinite(value) or (nonnegative and value < 0):
                 raise ValueError(f"{name} must be {what}, got {value}")
@@ -96,7 +106,7 @@ def check_target(target, B: int, C: int, ignore_index: int, device: torch.device
         raise TypeError(f"target must be an int64 (or int32) tensor of class indices, got {target.dtype}")
     if target.device != device:
         raise ValueError(f"target is on {target.device} but x is on {device}: all inputs must be on one device")
-    if target.device.type == "cpu" and B > 0 and not _compiling():
+    if B > 0 and readable(target):
         valid = target[target != ignore_index]
         if valid.numel() and (bool((valid < 0).any()) or bool((valid >= C).any())):
             bad = valid[(valid < 0) | (valid >= C)][0].item()
@@ -154,7 +164,7 @@ def check_ce_target(target, B: int, C: int, ignore_index: int, margin, x: torch.
             raise ValueError("SoftTargets.probs requires grad: the fused loss does not differentiate its targets")
         if not 0.0 <= float(target.smoothing) <= 1.0:
             raise ValueError(f"SoftTargets.smoothing must be in [0, 1], got {target.smoothing}")
-        if classes.device.type == "cpu" and classes.numel() and not _compiling():
+        if classes.numel() and readable(classes):
             if bool((classes < 0).any()) or bool((classes >= C).any()):
                 bad = classes[(classes < 0) | (classes >= C)][0].item()
                 raise ValueError(f"SoftTargets.classes holds class index {bad}, out of range [0, {C})")
@@ -172,6 +182,9 @@ def check_ce_target(target, B: int, C: int, ignore_index: int, margin, x: torch.
     else:
         check_target(target, B, C, ignore_index, x.device)
         return
+    if ignore_index >= 0:  # F.cross_entropy's rule: a probability target has no class to ignore
+        raise ValueError(f"ignore_index={ignore_index} is not supported for probability targets (as in "
+                         f"F.cross_entropy): a negative ignore_index (the default, -100) is")
     if margin != 0.0:
         raise ValueError(f"margin={margin} needs class-index targets: it moves the one target logit of a row")
 
@@ -203,6 +216,6 @@ def check_indices(indices, B: int, C: int, device: torch.device) -> None:
         raise TypeError(f"indices must be an int64 (or int32) tensor, got {indices.dtype}")
     if indices.device != device:
         raise ValueError(f"indices is on {indices.device} but x is on {device}: all inputs must be on one device")
-    if indices.device.type == "cpu" and indices.numel() and not _compiling():
+    if indices.numel() and readable(indices):
         if bool((indices < 0).any()) or bool((indices >= C).any()):
             raise ValueError(f"indices must lie in [0, {C}) (C = mu.shape[0])")

@@ -49,6 +49,8 @@ Example (every rank runs it, e.g. under torchrun; "gloo" for CPU tensors, "nccl"
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -154,6 +156,10 @@ def sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float
     x, L, beta, lam, gamma = args
 
     rows = loss_targets(target, num_classes, ignore_index, label_smoothing, weight, offset, mu.shape[0])
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        # A learned class weight: its gradient through this rank's classes (sl, pl) is summed over
+        # ranks, as x's is; the rest of the loss reads it identically on every rank (counted once).
+        rows = dataclasses.replace(rows, class_weight=_Replicated.apply(group, weight)[0][offset:offset + mu.shape[0]])
     lse_r, tl_r, sl_r, pl_r = row_stats(x, mu, L, beta, lam, gamma, rows.kernel_target, eps, margin, backend,
                                         rows.class_weight, rows.soft_target)
     M = lse_r.detach().clone()

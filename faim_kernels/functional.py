@@ -4,6 +4,7 @@ and one backward.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -14,6 +15,7 @@ from ._validation import (NO_GAMMA, check_ce_target, check_class_weight, check_i
 from .ops import dispatch
 from .ops.row_stats import loss_from_stats, loss_targets, row_stats
 from .ops.dispatch import resolve_backend
+from .transform import norm_sqrt
 
 __all__ = ["randers_distance", "randers_logits", "randers_cross_entropy", "randers_topk", "randers_distance_at",
            "resolve_backend"]
@@ -28,7 +30,8 @@ def _float32_in_autocast(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         x = args[0] if args else kwargs.get("x")
-        if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        if (not isinstance(x, torch.Tensor) or not torch.amp.is_autocast_available(x.device.type)  # e.g. meta
+                or not torch.is_autocast_enabled(x.device.type)):
             return fn(*args, **kwargs)
 
         def up(v):
@@ -130,10 +133,78 @@ def randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, *, largest: boo
     check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
     check_topk(k, mu.shape[0], largest)
     backend = _backend(backend, x, mu)
-    if backend == "reference":
-        with torch.no_grad():
-            return reference.randers_topk(x, mu, L, beta, lam, k, eps, largest)
-    return dispatch.fused_topk(x, mu, L, beta, lam, eps, k, largest, backend)
+    inputs = (x, mu, L, beta, lam)
+    differentiating = _differentiating_transform()
+    with _outside_grad_transforms() if differentiating else contextlib.nullcontext() as unwrap:
+        if unwrap is not None:  # the values under the wrappers (kernels launched directly cannot read those)
+            x, mu, L, beta, lam = map(unwrap, inputs)
+        if backend == "reference":
+            with torch.no_grad():
+                d, index = reference.randers_topk(x, mu, L, beta, lam, k, eps, largest)
+        else:
+            d, index = dispatch.fused_topk(x, mu, L, beta, lam, eps, k, largest, backend)
+    if differentiating:
+        d = _RefuseTopkGradient.apply(d, *[t for t in inputs if isinstance(t, torch.Tensor)])
+    return d, index
+
+
+_TOPK_GRADIENT = ("faim_kernels.randers_topk: its distances are not differentiable (the indices select them). "
+                  "Recompute the selected distances with fk.randers_distance_at(x, mu, L, beta, lam, indices), "
+                  "which is differentiable, and differentiate those.")
+
+
+def _differentiating_transform() -> bool:
+    """Whether a torch.func transform that differentiates (grad, vjp, jacrev, jvp, jacfwd) is active:
+    under it the outputs of randers_topk, computed without a graph, would read as constants and the
+    transform would return zeros without an error (plain autograd raises instead)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
+
+
+@contextlib.contextmanager
+def _outside_grad_transforms():
+    """Where only grad/jvp transforms are active (nothing to differentiate in a top-k), runs the body
+    outside them and yields a function that strips their wrappers from a tensor; else yields None."""
+    from torch._C import _functorch
+    from torch._C._functorch import TransformType
+    from torch._functorch import pyfunctorch
+    if any(i.key() not in (TransformType.Grad, TransformType.Jvp)
+           for i in pyfunctorch.retrieve_all_functorch_interpreters()):
+        yield None
+        return
+
+    def unwrap(t):
+        while isinstance(t, torch.Tensor) and _functorch.is_functorch_wrapped_tensor(t):
+            t = _functorch.get_unwrapped(t)
+        return t
+    with pyfunctorch.temporarily_clear_interpreter_stack():
+        yield unwrap
+
+
+class _RefuseTopkGradient(torch.autograd.Function):
+    """The distances as they are, under a torch.func transform that differentiates: differentiating
+    them raises, where the transform would otherwise return zeros. The indices stay usable (e.g.
+    for fk.randers_distance_at inside the transformed function)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(d, *inputs):
+        return d.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(_TOPK_GRADIENT)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_TOPK_GRADIENT)
 
 
 def randers_distance_at(x, mu, L, beta, lam, indices, eps: float = 1e-6) -> torch.Tensor:
@@ -149,4 +220,4 @@ def randers_distance_at(x, mu, L, beta, lam, indices, eps: float = 1e-6) -> torc
     else:             # Sigma = diag(L² + eps)
         q = (torch.square(diff) * (torch.square(L) + eps)).sum(-1)
     s = diff @ beta
-    return torch.sqrt(q + eps) + lam * torch.sqrt(s * s + eps)
+    return norm_sqrt(q + eps) + lam * norm_sqrt(s * s + eps)  # no NaN gradient at eps = 0 (an exact hit, beta = 0)

@@ -61,13 +61,36 @@ def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6,
             onehot = F.one_hot(torch.where(valid, target, 0), d.shape[1]).to(d.dtype)
             d = d + margin * onehot * valid.unsqueeze(1).to(d.dtype)
     logits = -gamma * d
-    loss = F.cross_entropy(logits, target, weight=None if weight is None else weight.to(d.dtype),
-                           label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
+    if (weight is not None and weight.requires_grad and torch.is_grad_enabled() and not target.is_floating_point()
+            and d.shape[1] > 0):
+        loss = _index_cross_entropy(logits, target, weight.to(d.dtype), label_smoothing, ignore_index, reduction)
+    else:
+        loss = F.cross_entropy(logits, target, weight=None if weight is None else weight.to(d.dtype),
+                               label_smoothing=label_smoothing, ignore_index=ignore_index, reduction=reduction)
     lse = torch.logsumexp(logits, dim=1)
     if lse_square_scale != 0.0:
         z = torch.where(valid, lse_square_scale * lse * lse, torch.zeros_like(lse))
         loss = loss + (z if reduction == "none" else z.sum() / valid.sum() if reduction == "mean" else z.sum())
     return (loss, lse) if return_lse else loss
+
+
+def _index_cross_entropy(logits, target, weight, label_smoothing: float, ignore_index: int, reduction: str):
+    """F.cross_entropy with class indices, written out as its documentation defines it, for a weight
+    that requires grad: F.cross_entropy refuses one (nll_loss is not differentiable in it), the fused
+    loss differentiates it, and this is the oracle of that gradient. loss_b = (1 − ε)·v_t·(−log p_bt)
+    + (ε/C)·Σ_c v_c·(−log p_bc) on rows not ignored; 'mean' divides by Σ v_t over them."""
+    C = logits.shape[1]
+    valid = target != ignore_index
+    t = torch.where(valid, target, 0).long()
+    logp = torch.log_softmax(logits, dim=1)
+    v_t = torch.where(valid, weight[t], 0.0)
+    loss = torch.where(valid, -v_t * logp.gather(1, t.unsqueeze(1)).squeeze(1), 0.0)
+    if label_smoothing > 0.0:
+        smooth = torch.where(valid, -(logp * weight).sum(dim=1), 0.0)
+        loss = (1.0 - label_smoothing) * loss + (label_smoothing / C) * smooth
+    if reduction == "none":
+        return loss
+    return loss.sum() / v_t.sum() if reduction == "mean" else loss.sum()
 
 
 def randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, largest: bool = False):

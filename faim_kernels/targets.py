@@ -9,7 +9,8 @@ which `to_dense(C)` forms (for tests and for F.cross_entropy). Repeated classes 
 a pair with probability 0 is padding (its class must still be a valid index). Every function that
 takes a class-index target also takes a SoftTargets, with F.cross_entropy's probability-target
 semantics: loss_b = −Σ_c w_c·p'_bc·log_softmax_bc, where p' is p smoothed once more by the loss's
-own label_smoothing, and reduction="mean" divides by B (ignore_index does not apply).
+own label_smoothing, and reduction="mean" divides by B (no row is ignored; an ignore_index >= 0 is
+refused, as F.cross_entropy refuses it for probability targets).
 """
 from __future__ import annotations
 

@@ -23,8 +23,11 @@ Exactness choices (SPEC §2.1), each cheap next to the GEMM:
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
+
+from ._validation import readable
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,16 +64,20 @@ def risk_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None)
 def metric_factor(L: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """Lc with Lc·Lcᵀ = Sigma: cholesky(L Lᵀ + eps·I) computed in float64, or sqrt(L² + eps)
     (in `dtype` directly: two roundings, and the fewest steps on the hot path)."""
-    # Never under autocast: Sigma and its factor are float64 math (SPEC §2.1), whatever the region.
-    with torch.autocast(L.device.type, enabled=False):
+    # Never under autocast: Sigma and its factor are float64 math (SPEC §2.1), whatever the region
+    # (meta tensors, for deferred initialisation, have no autocast).
+    no_autocast = torch.autocast(L.device.type, enabled=False) if torch.amp.is_autocast_available(L.device.type) \
+        else nullcontext()
+    with no_autocast:
         if L.dim() == 1:
             return torch.sqrt(torch.square(L.to(dtype)) + eps)
         L64 = L.to(torch.float64)
         eye = torch.eye(L.shape[0], dtype=torch.float64, device=L.device)
         sigma = L64 @ L64.T + eps * eye
         factor, info = torch.linalg.cholesky_ex(sigma)
-    # On the CPU the check is free; on CUDA it would synchronise every call, so it is skipped there.
-    if L.device.type == "cpu" and not torch.compiler.is_compiling():
+    # On the CPU the check is free; on CUDA it would synchronise every call, so it is skipped there
+    # (and meta or fake tensors have no values to check).
+    if readable(L):
         if not bool(torch.isfinite(L).all()):
             raise ValueError("L holds non-finite values (NaN or Inf): Sigma = L Lᵀ + eps·I cannot be factorised")
         if bool(info != 0):
@@ -86,3 +93,11 @@ def center_of(mu: torch.Tensor) -> torch.Tensor:
         return mu.new_zeros(mu.shape[1])
     m = mu.mean(dim=0)
     return torch.where(torch.isfinite(m), m, 0)
+
+
+def norm_sqrt(u: torch.Tensor) -> torch.Tensor:
+    """sqrt(u) for u >= 0 whose gradient is 0 where u = 0, the kernels' convention at an exact hit
+    with eps = 0 (each norm's gradient is 0 where the norm is 0). torch.sqrt's is inf there, which
+    autograd multiplies by the 0 of ∂u into NaN (in x, beta and Sigma alike)."""
+    positive = u > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, u, torch.ones_like(u))), torch.zeros_like(u))

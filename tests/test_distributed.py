@@ -62,8 +62,10 @@ def _run_case(case, rank, world, seed, group=None):
     full_inputs = make_inputs(B, C, D, full=case["full"], dtype=dtype, seed=seed, requires_grad=True)
     target = _targets(B, C, seed, case.get("form", "index"))
     opts = dict(case["opts"])
+    learned = []  # a weighted case learns its class weights: their gradient is checked too
     if case.get("weighted"):
         opts["weight"] = 0.2 + torch.rand(C, dtype=dtype, generator=torch.Generator().manual_seed(seed + 2))
+        learned = [opts["weight"].requires_grad_()]
     return_lse = opts.get("return_lse", False)
     weight = torch.randn(B if opts["reduction"] == "none" else (), dtype=torch.float64,
                          generator=torch.Generator().manual_seed(seed + 1))
@@ -75,12 +77,14 @@ def _run_case(case, rank, world, seed, group=None):
 
     out1 = fk.randers_cross_entropy(*full_inputs, target, backend=case["backend"], **opts)
     loss1 = out1[0] if return_lse else out1
-    grads1 = torch.autograd.grad(objective(out1), full_inputs)
+    grads1 = torch.autograd.grad(objective(out1), full_inputs + learned)
 
     bounds = case["bounds"][world] if case["bounds"] else None
     start, stop = (bounds[rank], bounds[rank + 1]) if bounds else shard_range(C, rank, world)
     x, mu, L, beta, lam, gamma = [t.detach().clone().requires_grad_() for t in full_inputs]
     mu_shard = mu[start:stop].detach().clone().requires_grad_()
+    if learned:
+        opts["weight"] = opts["weight"].detach().clone().requires_grad_()
     out = sharded_randers_cross_entropy(x, mu_shard, L, beta, lam, gamma, target, backend=case["backend"],
                                         group=group, **opts)
     objective(out).backward()
@@ -94,6 +98,8 @@ def _run_case(case, rank, world, seed, group=None):
         assert_rel_close(out[1], out1[1], tol, f"lse ({where})")
     for name, t, g1 in zip(NAMES, (x, L, beta, lam, gamma), (grads1[0],) + grads1[2:]):
         assert_norm_close(t.grad, g1, 10 * tol, f"d{name} ({where})")
+    if learned:  # every rank gets the full gradient of the class weights
+        assert_norm_close(opts["weight"].grad, grads1[6], 10 * tol, f"dweight ({where})")
     assert mu_shard.grad.shape == (stop - start, D)
     if stop > start:
         assert_norm_close(mu_shard.grad, grads1[1][start:stop], 10 * tol, f"dmu[{start}:{stop}] ({where})")

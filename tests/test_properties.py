@@ -4,6 +4,11 @@ origin, non-finite entries, cross-entropy options) and checks every output and g
 fused backends against an independent float64 formula (not the einsum reference) with dtype-aware
 bounds.
 
+A second draw covers the cross-entropy with a class weight that requires grad, every target form and
+option of F.cross_entropy, and scale extremes of γ (down to float32 logits that are subnormal) and λ
+(up to 1e3), against F.cross_entropy's formula written out; a third runs drawn calls on meta and
+fake tensors and checks the real calls' shapes and dtypes.
+
 Each case is reproducible from its number: a failure prints the case and its parameters.
 FAIM_PROPERTY_CASES=N runs N cases (default 360: about 10 s for the C++ kernels on 2 cores; the
 Triton interpreter gets a sixth of them, on smaller shapes: about 20 s).
@@ -219,3 +224,167 @@ def test_fused_backends_match_an_independent_float64_formula_on_drawn_problems(b
         if problem:
             failures.append(problem)
     assert not failures, f"{len(failures)} of {n} cases failed; first ones:\n" + "\n".join(failures[:8])
+
+
+# ---- learned class weights with every F.cross_entropy option, and scale extremes of γ and λ ----
+
+def oracle_weighted_cross_entropy(d, gamma, target, weight, margin, label_smoothing, ignore_index, reduction,
+                                  lse_square_scale):
+    """F.cross_entropy's documented formula with class weights v (its `weight`), over logits' =
+    −γ·(d + margin·onehot), float64, differentiable in v as well: class indices (loss_b = (1 − ε)·v_t·nll_b
+    + (ε/C)·Σ_c v_c·(−log p_bc), 'mean' over Σ v_t) or a dense probability target P (loss_b =
+    −Σ_c v_c·((1 − ε)·P_bc + ε/C)·log p_bc, 'mean' over B); plus the z-loss s·lse² per counted row."""
+    B, C = d.shape
+    dense = target.is_floating_point()
+    if dense:
+        valid = torch.ones(B, dtype=torch.bool)
+        logits = -gamma * d
+    else:
+        valid = target != ignore_index
+        t = torch.where(valid, target, 0)
+        onehot = torch.nn.functional.one_hot(t, C).double() * valid[:, None].double()
+        logits = -gamma * (d + margin * onehot)
+    lse = torch.logsumexp(logits, dim=1)
+    logp = logits - lse[:, None]
+    if dense:
+        loss = -(weight * ((1 - label_smoothing) * target + label_smoothing / C) * logp).sum(1)
+        count = torch.tensor(float(B), dtype=torch.float64)
+    else:
+        v_t = torch.where(valid, weight[t], 0.0)
+        loss = -v_t * logp.gather(1, t[:, None]).squeeze(1)
+        if label_smoothing > 0:
+            loss = (1 - label_smoothing) * loss - (label_smoothing / C) * (weight * logp).sum(1)
+        count = v_t.sum()
+    loss = torch.where(valid, loss, 0.0)
+    z = torch.where(valid, lse_square_scale * lse * lse, 0.0)
+    if reduction == "none":
+        return loss + z
+    if reduction == "sum":
+        return loss.sum() + z.sum()
+    return loss.sum() / count + (z.sum() / valid.sum() if lse_square_scale else 0.0)
+
+
+def draw_weighted(case: int, small: bool):
+    """A cross-entropy problem with a class weight that requires grad, any target form and option,
+    and γ, λ drawn from their extremes as well (tiny γ whose float32 logits are subnormal, large λ)."""
+    from faim_kernels.targets import SoftTargets
+    rng = random.Random(10_000 + case)
+    g = torch.Generator().manual_seed(10_000 + case)
+    B = rng.choice([1, 3, 7] if small else [1, 5, 17, 33])
+    C = rng.choice([1, 3, 7] if small else [1, 3, 17, 64])
+    D = rng.choice([1, 3, 8] if small else [1, 3, 16, 33])
+    dtype = rng.choice([torch.float32, torch.float64])
+    full = rng.random() < 0.4
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    mu = torch.randn(C, D, generator=g, dtype=torch.float64)
+    if rng.random() < 0.3:
+        x[0] = mu[0] + 1e-4 * torch.randn(D, generator=g, dtype=torch.float64)
+    if full:
+        L = torch.eye(D, dtype=torch.float64) + 0.4 * torch.randn(D, D, generator=g, dtype=torch.float64) / D ** 0.5
+    else:
+        L = 0.3 + torch.rand(D, generator=g, dtype=torch.float64)
+    beta = torch.randn(D, generator=g, dtype=torch.float64) / D ** 0.5
+    lam = rng.choice([0.0, 0.3, 1e2, 1e3])
+    gamma = rng.choice([2.0, -0.5, 1e-30, 1e-40 if dtype == torch.float32 else 1e-300, 50.0])
+    form = rng.choice(["index", "index", "dense", "pairs"])
+    if form == "index":
+        target = torch.randint(0, C, (B,), generator=g)
+        if rng.random() < 0.4 and B > 1:
+            target[rng.randrange(B)] = -100
+    elif form == "dense":
+        target = torch.softmax(torch.randn(B, C, generator=g, dtype=torch.float64), 1)
+    else:
+        k = rng.choice([1, 2, 3])
+        target = SoftTargets(torch.randint(0, C, (B, k), generator=g), torch.rand(B, k, generator=g, dtype=torch.float64),
+                             rng.choice([0.0, 0.1]))
+    ce = dict(margin=rng.choice([0.0, 0.3]) if form == "index" else 0.0, label_smoothing=rng.choice([0.0, 0.1, 0.4]),
+              ignore_index=-100, reduction=rng.choice(["mean", "sum", "none"]),
+              lse_square_scale=rng.choice([0.0, 0.0, 1e-2]))
+    weight = rng.choice([0.1, 0.5]) + torch.rand(C, generator=g, dtype=torch.float64)
+    params = dict(case=case, B=B, C=C, D=D, dtype=str(dtype).split(".")[1], full=full, lam=lam, gamma=gamma,
+                  form=form, **ce)
+    return params, [t.to(dtype) for t in (x, mu, L, beta, weight)], lam, gamma, target, ce
+
+
+def run_weighted_case(case: int, backend: str, small: bool):
+    params, (x, mu, L, beta, weight), lam, gamma, target, ce = draw_weighted(case, small)
+    dtype = x.dtype
+    all_in = [t.clone().requires_grad_() for t in (x, mu, L, beta)]
+    all_in += [torch.tensor(lam, dtype=dtype, requires_grad=True), torch.tensor(gamma, dtype=dtype, requires_grad=True),
+               weight.clone().requires_grad_()]
+    out = fk.randers_cross_entropy(*all_in[:6], target, 1e-6, backend=backend, weight=all_in[6], **ce)
+    ref = [t.detach().double().requires_grad_() for t in all_in]
+    dense = target.to_dense(mu.shape[0], torch.float64) if isinstance(target, fk.SoftTargets) else target
+    want = oracle_weighted_cross_entropy(oracle_distance_autograd(*ref[:5], 1e-6), ref[5], dense, ref[6], **ce)
+    problems = []
+    err = rel_err(out, want, floor=1.0)
+    if err > FWD[dtype]:
+        problems.append(f"forward rel err {err:.2e} > {FWD[dtype]:.0e}")
+    # The incoming gradient is scaled by 1/|γ| (within float32's range) so that the exact gradients
+    # stay normal numbers at a tiny γ: the check is then of the backward's arithmetic, not of
+    # float32's subnormal range.
+    scale = min(1.0 / abs(gamma), 1e30) if abs(gamma) < 1 else 1.0
+    w = scale * torch.randn(want.shape, generator=torch.Generator().manual_seed(case), dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * w).sum(), all_in)
+    want_g = torch.autograd.grad((want * w).sum(), ref)
+    # Gradient scales (as in run_case): S = (‖L‖ + λ‖beta‖ + 1)·(1 + the coordinates' size) bounds
+    # ∂d/∂(x, mu, L, beta, lam) and d itself; the metric's inputs get |γ|·S, γ gets S, the weights
+    # (through nll ≈ log C + γ·d) 1 + |γ|·S. Gradients that nearly vanish in exact arithmetic (one
+    # class, a saturated softmax) are compared against that scale, where rounding is all there is.
+    size = 1.0 + max(x.abs().max().item(), mu.abs().max().item())
+    S = (L.double().norm().item() + lam * beta.double().norm().item() + 1) * size
+    tol = (1e-6 if dtype == torch.float64 else 1e-3) * w.norm().item()
+    floors = [abs(gamma) * S * tol] * 5 + [S * tol, (1 + abs(gamma) * S) * tol]
+    for name, a, b, floor in zip(["x", "mu", "L", "beta", "lam", "gamma", "weight"], got, want_g, floors):
+        if b.norm() == 0 and a.norm() == 0:
+            continue
+        e = norm_err(a, b, floor)
+        if e > GRAD[dtype]:
+            problems.append(f"d{name} rel norm err {e:.2e} > {GRAD[dtype]:.0e}")
+    return f"{params}: {'; '.join(problems)}" if problems else None
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("cpp", id="cpp"),
+    pytest.param("triton", id="triton", marks=[pytest.mark.interpret, pytest.mark.skipif(
+        not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
+        reason="needs TRITON_INTERPRET=1 or a CUDA device")]),
+])
+def test_learned_class_weights_and_scale_extremes_match_the_written_out_loss(backend):
+    small = backend == "triton" and not torch.cuda.is_available()
+    n = max(1, CASES // 3) if not small else max(1, CASES // 12)
+    failures = [p for p in (run_weighted_case(case, backend, small) for case in range(n)) if p]
+    assert not failures, f"{len(failures)} of {n} cases failed; first ones:\n" + "\n".join(failures[:8])
+
+
+# ---- meta and fake tensors: the shapes and dtypes of the real call, nothing computed ----
+
+@pytest.mark.parametrize("mode", ["meta", "fake"])
+def test_meta_and_fake_tensors_give_the_real_calls_shapes_and_dtypes(mode):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    for case in range(max(1, CASES // 12)):
+        params, (x, mu, L, beta), lam, gamma, target, ce = draw(case, small=True)
+        g = torch.Generator().manual_seed(case)
+        weight = (0.5 + torch.rand(mu.shape[0], generator=g)).to(x.dtype)
+        dense = torch.softmax(torch.randn(x.shape[0], mu.shape[0], generator=g), 1).to(x.dtype)
+        calls = {
+            "distance": lambda *t: fk.randers_distance(*t[:5]),
+            "logits": lambda *t: fk.randers_logits(*t[:6]),
+            "cross_entropy": lambda *t: fk.randers_cross_entropy(*t[:6], t[6], weight=t[7], **ce),
+            "dense_cross_entropy": lambda *t: fk.randers_cross_entropy(*t[:6], t[8], weight=t[7], return_lse=True),
+            "topk": lambda *t: fk.randers_topk(*t[:5], min(2, mu.shape[0])),
+        }
+        real = [x, mu, L, beta, torch.tensor(lam, dtype=x.dtype), torch.tensor(gamma, dtype=x.dtype), target, weight,
+                dense]
+        for name, call in calls.items():
+            want = call(*real)
+            want = want if isinstance(want, tuple) else (want,)
+            if mode == "meta":
+                got = call(*[t.to("meta") for t in real])
+            else:
+                with FakeTensorMode() as fake_mode:
+                    got = call(*[fake_mode.from_tensor(t) for t in real])
+            got = got if isinstance(got, tuple) else (got,)
+            assert len(got) == len(want)
+            for a, b in zip(got, want):
+                assert (a.shape, a.dtype) == (b.shape, b.dtype), (params, name, mode)

@@ -128,6 +128,15 @@ class _MetricParams(nn.Module):
         if t.dim() == 0 or t.shape[-1] != self.in_features:
             raise ValueError(f"{name} must have shape [..., {self.in_features}] (in_features = {self.in_features}), "
                              f"got {tuple(t.shape)}")
+        if not t.is_floating_point():  # as nn.Linear: integer features are a caller's mistake, not cast
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it scripts: say why it cannot, and what works,
+        # instead of failing deep inside the Python it cannot compile.
+        raise RuntimeError(f"faim_kernels: {type(self).__name__} is not scriptable with torch.jit.script (its "
+                           f"forward validates and dispatches in Python). torch.export.export and torch.jit.trace "
+                           f"work, and so does torch.compile.")
 
     def _common_dtype(self, *tensors: torch.Tensor) -> torch.dtype:
         dtype = self.beta.dtype

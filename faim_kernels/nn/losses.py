@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import functional as _F
 from .._validation import REDUCTIONS, _check_scalar
-from ..transform import compute_dtype
+from ..transform import compute_dtype, norm_sqrt
 
 __all__ = [
     "randers_paired_distance", "randers_info_nce", "randers_nt_xent", "randers_triplet_loss",
@@ -87,7 +87,7 @@ def randers_paired_distance(a: torch.Tensor, b: torch.Tensor, L: torch.Tensor, b
         q = (diff.square() * (L * L + eps)).sum(-1)
     s = diff @ beta
     lam = lam.to(dtype) if isinstance(lam, torch.Tensor) else lam
-    return (torch.sqrt(q + eps) + lam * torch.sqrt(s * s + eps)).to(out_dtype)
+    return (norm_sqrt(q + eps) + lam * norm_sqrt(s * s + eps)).to(out_dtype)  # no NaN gradient at eps = 0
 
 
 def randers_info_nce(anchors: torch.Tensor, positives: torch.Tensor, L, beta, lam, gamma, *, symmetric: bool = False,

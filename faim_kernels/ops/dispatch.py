@@ -44,6 +44,7 @@ def _interpreting() -> bool:
 
 def _fallback(why: str, shape: tuple[int, int, int], dtype: torch.dtype) -> str:
     B, C, D = shape
+    why = why.removeprefix("faim_kernels: ")  # the loader's messages name the package already
     need = 4 * B * C * D * torch.finfo(dtype).bits // 8
     if need > REFERENCE_FALLBACK_BYTES:
         raise RuntimeError(f"faim_kernels: {why}\nbackend='auto' will not fall back to the einsum reference for "
@@ -62,6 +63,8 @@ def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, i
     """Turns "auto" into a concrete backend for tensors on `device`; checks a forced one.
     shape = (B, C, D) and dtype decide whether "auto" may fall back to the reference."""
     check_backend(backend)
+    if backend == "auto" and device.type == "meta":
+        return "reference"  # shapes only (deferred initialisation): nothing is computed or allocated
     if backend == "auto":
         if device.type == "cuda":
             if _triton_importable():

@@ -129,8 +129,58 @@ def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, bac
     backend: "cpp" or "triton" (the fused ops) or "reference" (the einsum logits)."""
     if backend == "reference":
         return reference_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target)
-    return dispatch.fused_row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, backend, class_weight,
-                                    soft_target)
+    lse, tl, sl, pl = dispatch.fused_row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, backend,
+                                               class_weight, soft_target)
+    if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
+        sl, pl = _ClassWeightGradient.apply(sl, pl, class_weight, (x, mu, L, beta, lam, gamma, target, eps, margin,
+                                                                   backend, soft_target))
+    return lse, tl, sl, pl
+
+
+class _ClassWeightGradient(torch.autograd.Function):
+    """sl and pl as they are, with their gradient in the class weights v, which the fused op reads
+    detached (it returns no ∂v). Learned class weights would otherwise get a silently wrong gradient
+    wherever sl or pl enter the loss (label smoothing, probability targets).
+
+    ∂loss/∂v_c = Σ_b logit'_bc·(g_sl,b + g_pl,b·P_bc) for the incoming row gradients g: a [C]
+    reduction over the [B, C] logits, which only exist tile by tile inside the kernels. d is
+    symmetric in its two points (Sigma is symmetric, the 1-form enters squared), so these sums are
+    the row statistics of the transposed problem, the prototypes as samples and the samples as
+    classes: sl^T_c = Σ_b u_b·logit_cb with class weights u = g_sl, or pl^T_c = Σ_b Q_cb·logit_cb
+    with the probability target Q = (g_sl + g_pl·P)ᵀ. One more fused forward (O(B + C) memory
+    beyond Q, which is P's size), run only when the weight requires grad. The margin adds
+    −γ·margin on each row's target class."""
+
+    @staticmethod
+    def forward(ctx, sl, pl, class_weight, problem):
+        ctx.problem = problem
+        ctx.weight_dtype = class_weight.dtype
+        return sl.view_as(sl), pl.view_as(pl)
+
+    @staticmethod
+    def backward(ctx, g_sl, g_pl):
+        x, mu, L, beta, lam, gamma, target, eps, margin, backend, soft_target = ctx.problem
+        B, C = x.shape[0], mu.shape[0]
+        with torch.no_grad():
+            detach = (lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
+            x, mu, L, beta, lam, gamma = map(detach, (x, mu, L, beta, lam, gamma))
+            u = torch.zeros(B, dtype=torch.float64, device=x.device) if g_sl is None else g_sl.to(torch.float64)
+            none = torch.full((C,), -1, dtype=torch.int64, device=x.device)
+            if soft_target is None or g_pl is None:
+                _, _, dv, _ = dispatch.fused_row_stats(mu, x, L, beta, lam, gamma, none, eps, 0.0, backend,
+                                                       class_weight=u)
+            else:
+                q = (u.unsqueeze(1) + g_pl.to(torch.float64).unsqueeze(1) * soft_target.to(torch.float64)).T
+                _, _, _, dv = dispatch.fused_row_stats(mu, x, L, beta, lam, gamma, none, eps, 0.0, backend,
+                                                       soft_target=q)
+            dv = dv.to(torch.float64)
+            if margin != 0.0 and C and target.dim() == 1:
+                here = target >= 0
+                g64 = gamma.to(torch.float64) if isinstance(gamma, torch.Tensor) else float(gamma)
+                hit = torch.zeros(C, dtype=torch.float64, device=x.device).index_add_(
+                    0, torch.where(here, target, 0), torch.where(here, u, 0.0))
+                dv = dv - (g64 * margin) * hit
+        return g_sl, g_pl, dv.to(ctx.weight_dtype), None
 
 
 def loss_from_stats(lse, tl, sl, pl, rows: LossTargets, reduction: str, out_dtype: torch.dtype,
@@ -160,7 +210,12 @@ def loss_from_stats(lse, tl, sl, pl, rows: LossTargets, reduction: str, out_dtyp
         return (loss if z is None else loss + z).to(out_dtype)
     total = loss.sum()
     if reduction == "mean":
-        total = total / count
+        # No target weight at all (every row ignored, or every target's weight 0): NaN, as
+        # F.cross_entropy's 0/0; with label smoothing the smoothing term alone would give ±inf.
+        if isinstance(count, torch.Tensor):
+            total = torch.where(count == 0, torch.full_like(total, float("nan")), total / count)
+        else:  # probability targets: B rows (0/0 = NaN at B = 0)
+            total = total / count
     if z is not None:
         total = total + (z.sum() / rows.valid.sum() if reduction == "mean" else z.sum())
     return total.to(out_dtype)
