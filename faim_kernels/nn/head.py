@@ -379,6 +379,9 @@ class FAIMHead(_MetricParams):
         if not (isinstance(x, torch.Tensor) and type(target) is torch.Tensor
                 and set(ce_options) <= {"weight", "label_smoothing", "ignore_index", "reduction"}):
             return False
+        weight = ce_options.get("weight")
+        if isinstance(weight, torch.Tensor) and weight.requires_grad:
+            return False  # F.cross_entropy refuses to differentiate class weights; the fused kernels do
         rows = x.numel() // max(self.in_features, 1)
         return rows * self.num_classes * x.element_size() <= LOSS_VIA_LOGITS_BYTES
 
