@@ -125,12 +125,23 @@ def _logits_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for xp, mup, sx, smu, which no one uses
 
 
-def _logits_backward_with(backward):
+def grad_mask_of(ctx) -> int:
+    """Bit k set: gradient k of (x, mu, lc, beta, lam, gamma) is needed (ctx.needs_input_grad)."""
+    return sum(1 << k for k, needed in enumerate(ctx.needs_input_grad[:6]) if needed)
+
+
+def _needed_only(ctx, grads):
+    """The backward's gradients with the unneeded ones (empty tensors where the kernel skipped them) as None."""
+    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+
+
+def _logits_backward_with(backward, takes_grad_mask=False):
     def _backward(ctx, grad, *_unused_output_grads):  # xp, mup, sx, smu are not differentiable outputs
         if grad is None:
             return (None,) * 8
-        dx, dmu, dlc, dbeta, dlam, dgamma = backward(grad, *ctx.saved_tensors, ctx.eps, ctx.tau)
-        return dx, dmu, dlc, dbeta, dlam, dgamma, None, None
+        mask = dict(grad_mask=grad_mask_of(ctx)) if takes_grad_mask else {}
+        dx, dmu, dlc, dbeta, dlam, dgamma = backward(grad, *ctx.saved_tensors, ctx.eps, ctx.tau, **mask)
+        return _needed_only(ctx, (dx, dmu, dlc, dbeta, dlam, dgamma)) + (None, None)
     return _backward
 
 
@@ -142,7 +153,7 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.num_inputs = len(inputs)
 
 
-def _ce_backward_with(backward):
+def _ce_backward_with(backward, takes_grad_mask=False):
     def _backward(ctx, w_lse, w_tl, w_sl, w_pl):
         lse, x, mu, lc, beta, lam, gamma, target, class_weight, soft_target = ctx.saved_tensors
         w_lse, w_sl = [torch.zeros_like(lse) if g is None else g for g in (w_lse, w_sl)]
@@ -151,9 +162,11 @@ def _ce_backward_with(backward):
         # are not either; probability targets that require grad are refused by the loss).
         options = {} if w_pl is None and class_weight is None and soft_target is None else dict(
             w_pl=w_pl, class_weight=class_weight, soft_target=soft_target)
+        if takes_grad_mask:
+            options["grad_mask"] = grad_mask_of(ctx)
         dx, dmu, dlc, dbeta, dlam, dgamma = backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target,
                                                      ctx.eps, ctx.tau, ctx.margin, **options)
-        return (dx, dmu, dlc, dbeta, dlam, dgamma) + (None,) * (ctx.num_inputs - 6)
+        return _needed_only(ctx, (dx, dmu, dlc, dbeta, dlam, dgamma)) + (None,) * (ctx.num_inputs - 6)
     return _backward
 
 
@@ -229,7 +242,8 @@ def autograd_function(family: str, forward, backward):
     formula, running the given forward and backward kernels directly instead of through the
     dispatcher. Used for the Triton kernels on CPU tensors under Triton's interpreter (tests)."""
     setup_context, backward_with = _FORMULAS[family]
-    backward_formula = backward_with(_once_differentiable(family, backward))  # (the class body below rebinds the name `backward`)
+    # (grad_mask: the Python launchers take it; the ops' schemas gain it with the C++ kernels)
+    backward_formula = backward_with(_once_differentiable(family, backward), takes_grad_mask=True)  # (the class body below rebinds the name `backward`)
 
     class _Op(torch.autograd.Function):
         @staticmethod

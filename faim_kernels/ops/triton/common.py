@@ -14,8 +14,10 @@ likewise. float64 runs as broadcast-multiply-sum: correct everywhere, not fast.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -453,25 +455,31 @@ class Operands:
             return 16, 16, 32, False
         return 16, 32, 64, True
 
-    def chain(self, dxp, dmup, dsx, dsmu):
+    def chain(self, dxp, dmup, dsx, dsmu, want=(True,) * 4):
         """(∂x, ∂mu, ∂lc, ∂beta) in the compute dtype from the kernels' ∂x', ∂mu' (compute dtype)
         and ∂sx, ∂smu (float64), through x' = (x − m)·Lc, mu' = (mu − m)·Lc, sx = x·beta,
-        smu = mu·beta (m detached: q is invariant to a common shift)."""
-        dx = _apply_t(dxp, self.lc) + dsx.to(self.acc)[:, None] * self.beta
-        dmu = _apply_t(dmup, self.lc) + dsmu.to(self.acc)[:, None] * self.beta
-        dbeta, dlc_x = self._side_grad(self.x, dxp, dsx)
-        dbeta_mu, dlc_mu = self._side_grad(self.mu, dmup, dsmu)
-        dbeta = dbeta + dbeta_mu
-        if self.full:
-            dlc = (self.x - self.m).T @ dxp + (self.mu - self.m).T @ dmup
-        else:
-            dlc = dlc_x + dlc_mu
-        return dx, dmu, dlc.to(self.acc), dbeta.to(self.acc)
+        smu = mu·beta (m detached: q is invariant to a common shift). want: which of the four are
+        needed (None in place of the others; their inputs may be None then)."""
+        want_x, want_mu, want_lc, want_beta = want
+        dx = _apply_t(dxp, self.lc) + dsx.to(self.acc)[:, None] * self.beta if want_x else None
+        dmu = _apply_t(dmup, self.lc) + dsmu.to(self.acc)[:, None] * self.beta if want_mu else None
+        dlc = dbeta = None
+        if want_beta or (want_lc and not self.full):
+            dbeta, dlc_x = self._side_grad(self.x, dxp, dsx, want_lc)
+            dbeta_mu, dlc_mu = self._side_grad(self.mu, dmup, dsmu, want_lc)
+            dbeta = (dbeta + dbeta_mu).to(self.acc)
+            if want_lc and not self.full:
+                dlc = (dlc_x + dlc_mu).to(self.acc)
+        if want_lc and self.full:
+            dlc = ((self.x - self.m).T @ dxp + (self.mu - self.m).T @ dmup).to(self.acc)
+        return dx, dmu, dlc, dbeta if want_beta else None
 
-    def _side_grad(self, raw, dvp, ds):
-        """(Σ_i ds_i·(raw_i − m), Σ_i (raw_i − m)·dv'_i for a diagonal Lc), float64 [D] each."""
+    def _side_grad(self, raw, dvp, ds, want_dlc=True):
+        """(Σ_i ds_i·(raw_i − m), Σ_i (raw_i − m)·dv'_i for a diagonal Lc where wanted, else None),
+        float64 [D] each."""
         n, D = raw.shape
         f64 = dict(dtype=torch.float64, device=self.device)
+        diag = want_dlc and not self.full
         if n == 0 or D == 0:
             return torch.zeros(D, **f64), torch.zeros(D, **f64)
         BLOCK_R, BLOCK_D = 32, min(64, max(16, triton.next_power_of_2(D)))
@@ -480,8 +488,61 @@ class Operands:
         per_split = triton.cdiv(triton.cdiv(n, splits), BLOCK_R) * BLOCK_R
         splits = triton.cdiv(n, per_split)
         dbeta = _empty((splits, D), torch.float64, self.device)
-        dlc = _empty((splits, D), torch.float64, self.device) if not self.full else dbeta
+        dlc = _empty((splits, D), torch.float64, self.device) if diag else dbeta
         with device_ctx(self.device):
-            _side_grad_kernel[(n_chunks, splits)](raw, self.m, dvp.contiguous(), ds.contiguous(), dbeta, dlc, n, D,
-                                                  per_split, DIAG=not self.full, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
-        return dbeta.sum(0), (None if self.full else dlc.sum(0))
+            _side_grad_kernel[(n_chunks, splits)](raw, self.m, dvp.contiguous() if diag else dbeta, ds.contiguous(),
+                                                  dbeta, dlc, n, D, per_split, DIAG=diag, BLOCK_R=BLOCK_R,
+                                                  BLOCK_D=BLOCK_D)
+        return dbeta.sum(0), (dlc.sum(0) if diag else None)
+
+
+def split_float(name: str, value: float) -> dict:
+    """{name_hi, name_lo}: a float64 value as two fp32 halves (Triton passes Python floats as fp32);
+    the kernels add them back (_load_eps)."""
+    hi = float(torch.tensor(float(value), dtype=torch.float32))
+    return {f"{name}_hi": hi, f"{name}_lo": float(value) - hi}
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyRows:
+    """The cross-entropy's inputs besides the operands, as its kernels take them (one object instead
+    of a tuple of a dozen positions):
+
+        target        [B, N_TGT] int64, contiguous: the row's target classes (−1: none here)
+        margin        the distance added at a target pair (a Python float: the kernels take it
+                      as two fp32 halves, like eps, so no host-to-device copy is made per call)
+        class_weight  [C] or None; soft_target [B, C] (any strides) or None: the dense target
+        w_lse, w_tl, w_sl, w_pl, lse   the backward's per-row weights and the forward's lse
+                      (float64; None in the forward; w_pl None without a dense target)
+    """
+    target: torch.Tensor
+    margin: float
+    class_weight: Optional[torch.Tensor] = None
+    soft_target: Optional[torch.Tensor] = None
+    w_lse: Optional[torch.Tensor] = None
+    w_tl: Optional[torch.Tensor] = None
+    w_sl: Optional[torch.Tensor] = None
+    w_pl: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
+
+    @property
+    def n_tgt(self) -> int:
+        return self.target.shape[1]
+
+    def soft_args(self) -> dict:
+        """The class weights and the dense target with its strides (None and 0 when absent)."""
+        soft = self.soft_target
+        return dict(cw_ptr=self.class_weight, soft_ptr=soft, stride_sb=0 if soft is None else soft.stride(0),
+                    stride_sc=0 if soft is None else soft.stride(1))
+
+    def kernel_args(self) -> dict:
+        """The backward kernel's CE arguments."""
+        return dict(tgt_ptr=self.target, w_lse_ptr=self.w_lse, w_tl_ptr=self.w_tl, w_sl_ptr=self.w_sl,
+                    lse_ptr=self.lse, **split_float("margin", self.margin),
+                    w_pl_ptr=self.w_pl if self.soft_target is not None else None, **self.soft_args())
+
+    @staticmethod
+    def none_args() -> dict:
+        """The backward kernel's CE arguments for the logits family: all absent."""
+        return dict(tgt_ptr=None, w_lse_ptr=None, w_tl_ptr=None, w_sl_ptr=None, lse_ptr=None, margin_hi=0.0,
+                    margin_lo=0.0, w_pl_ptr=None, cw_ptr=None, soft_ptr=None, stride_sb=0, stride_sc=0)

@@ -76,7 +76,27 @@ def ce_fwd_warps(blocks: dict, n_tgt: int, has_soft: bool) -> int:
     return blocks["warps_soft"] if has_soft or n_tgt > 1 else blocks["warps"]
 
 
-def tuned(kernel, configs, key, reset=None):
-    """kernel autotuned over `configs` (only the first where AUTOTUNE is off)."""
-    configs = configs if AUTOTUNE else configs[:1]
-    return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(kernel)
+# The timing function of the autotuner (None: Triton's own benchmarker). Tests that drive the real
+# Autotuner through the interpreter, which has no benchmarker, set a stand-in.
+DO_BENCH = None
+
+
+class Tuned:
+    """`kernel` autotuned over one of this module's config tables (named `table`), per family:
+    `Tuned(...)[family]` is Triton's Autotuner over that family's configs (only the first where
+    AUTOTUNE is off), built on first use with the table, AUTOTUNE and DO_BENCH in force then (the
+    tests change them). `kernel` itself is the untuned kernel, for launches with a given config."""
+
+    def __init__(self, kernel, table: str, key, reset=None):
+        self.kernel, self.table, self.key, self.reset = kernel, table, list(key), reset
+        self._built = {}
+
+    def __getitem__(self, family: str):
+        configs = globals()[self.table][family]
+        configs = tuple(configs if AUTOTUNE else configs[:1])
+        sig = (family, configs, DO_BENCH)
+        if sig not in self._built:
+            extra = {} if DO_BENCH is None else dict(do_bench=DO_BENCH)
+            self._built[sig] = triton.autotune(configs=list(configs), key=self.key, reset_to_zero=self.reset,
+                                               **extra)(self.kernel)
+        return self._built[sig]

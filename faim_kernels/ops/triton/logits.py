@@ -19,12 +19,12 @@ import triton
 import triton.language as tl
 
 from . import common, configs
-from .backward import backward_side
+from .backward import backward_both_sides, zero_grads
 from .common import (_cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk,
                      _tile_dot)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "capacity", "KEY_B", "KEY_C"])
 def _logits_fwd_kernel(
         xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr, gamma_ptr,
         out_ptr, count_ptr, near_b_ptr, near_c_ptr,
@@ -94,7 +94,7 @@ def _logits_fwd_kernel(
                 tl.store(near_c_ptr + slot, c0 + f % BLOCK_C)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "capacity"])
 def _logits_fixup_kernel(
         x_ptr, mu_ptr, lc_ptr, beta_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr, gamma_ptr, out_ptr,
         count_ptr, near_b_ptr, near_c_ptr,
@@ -127,8 +127,7 @@ def _logits_fixup_kernel(
         tl.store(out_ptr + b * C + c, _cast(-gamma * d, out_ptr.dtype.element_ty, BF16_BY_HAND), mask=pm)
 
 
-_FWD = {name: configs.tuned(_logits_fwd_kernel, cfgs, ["KEY_B", "KEY_C", "D"], reset=["count_ptr"])
-        for name, cfgs in configs.FWD_CONFIGS.items()}
+_FWD = configs.Tuned(_logits_fwd_kernel, "FWD_CONFIGS", key=["KEY_B", "KEY_C", "D"], reset=["count_ptr"])
 
 
 def forward(x, mu, lc, beta, lam, gamma, eps: float, tau: float):
@@ -143,26 +142,31 @@ def forward(x, mu, lc, beta, lam, gamma, eps: float, tau: float):
             near_b = torch.empty(capacity, dtype=torch.int32, device=o.device)
             near_c = torch.empty(capacity, dtype=torch.int32, device=o.device)
             grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(C, meta["BLOCK_C"]),)  # noqa: E731
+            sides = dict(sx_hi_ptr=o.sx[0], sx_lo_ptr=o.sx[1], smu_hi_ptr=o.smu[0], smu_lo_ptr=o.smu[1],
+                         lam_ptr=o.lam, gamma_ptr=o.gamma, out_ptr=out, count_ptr=count, near_b_ptr=near_b,
+                         near_c_ptr=near_c, eps_hi=o.eps_hi, eps_lo=o.eps_lo, capacity=capacity,
+                         BF16_BY_HAND=o.bf16_by_hand)
             _FWD[o.family][grid](
-                o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.lam, o.gamma, out, count, near_b, near_c,
-                B, C, o.D, o.eps_hi, o.eps_lo, o.tau, capacity,
-                triton.next_power_of_2(B), triton.next_power_of_2(C), IMPL=o.impl, PREC=o.prec,
-                BF16_BY_HAND=o.bf16_by_hand, NEAR_PER_TILE=configs.NEAR_PER_TILE, LOCAL64=256 * C >= 2 ** 31)
+                xp_ptr=o.xp, mup_ptr=o.mup, xn_ptr=o.xn, mn_ptr=o.mn, B=B, C=C, D=o.D, tau=o.tau,
+                KEY_B=triton.next_power_of_2(B), KEY_C=triton.next_power_of_2(C), IMPL=o.impl, PREC=o.prec,
+                NEAR_PER_TILE=configs.NEAR_PER_TILE, LOCAL64=256 * C >= 2 ** 31, **sides)
             BLOCK_P, BLOCK_K, BLOCK_J, use_dot = o.near_tiles()
             n_prog = max(1, min(triton.cdiv(B * C, BLOCK_P), 2 * common.parallel_width(o.device)))
             _logits_fixup_kernel[(n_prog,)](
-                o.x, o.mu, o.lc, o.beta, *o.sx, *o.smu, o.lam, o.gamma, out, count, near_b, near_c,
-                C, o.D, B * C, o.eps_hi, o.eps_lo, capacity,
-                FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_J=BLOCK_J, USE_DOT=use_dot,
-                BF16_BY_HAND=o.bf16_by_hand)
+                x_ptr=o.x, mu_ptr=o.mu, lc_ptr=o.lc, beta_ptr=o.beta, C=C, D=o.D, n_pairs=B * C,
+                FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_J=BLOCK_J, USE_DOT=use_dot, **sides)
     return out, o.xp, o.mup, o.sx64, o.smu64
 
 
-def backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: float, tau: float):
-    """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes: the randers_logits_backward op."""
+def backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: float, tau: float,
+             grad_mask: int = 63):
+    """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes: the randers_logits_backward op.
+    Bit k of grad_mask asks for gradient k (x, mu, lc, beta, lam, gamma); an unasked one is an
+    empty tensor of its input's dtype (backward.backward_both_sides)."""
     B, C = x.shape[0], mu.shape[0]
+    inputs = (x, mu, lc, beta, lam, gamma)
     if B == 0 or C == 0:
-        return tuple(torch.zeros_like(t) for t in (x, mu, lc, beta, lam, gamma))
+        return zero_grads(inputs, grad_mask)
     if grad.shape != (B, C):
         raise ValueError(f"grad must have shape [B, C] = [{B}, {C}], got {tuple(grad.shape)}")
     o = common.Operands.saved(x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau)
@@ -174,8 +178,4 @@ def backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: f
     # Half logits are rounded too coarsely to give a back (~4e-3 off): those recompute the tiles.
     lg = logits.detach() if logits.dtype in (torch.float32, torch.float64) else None
     # Expanded gradients (stride 0, e.g. from out.sum()) are read in place through their strides.
-    dxp, dsx, (dlam, dgamma) = backward_side(o, True, grad=g, logits=lg)
-    dmup, dsmu, _ = backward_side(o, False, grad=g, logits=lg)
-    dx, dmu, dlc, dbeta = o.chain(dxp, dmup, dsx, dsmu)
-    return (dx.to(x.dtype), dmu.to(mu.dtype), dlc.to(lc.dtype), dbeta.to(beta.dtype), dlam.to(lam.dtype).reshape(()),
-            dgamma.to(gamma.dtype).reshape(()))
+    return backward_both_sides(o, inputs, grad_mask, grad=g, logits=lg)
