@@ -27,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from faim_kernels.ops.triton import backward, common, configs, cross_entropy, logits, topk  # noqa: E402
 
-FLOAT_ARGS = ("eps_hi", "eps_lo", "tau")
+FLOAT_ARGS = ("eps_hi", "eps_lo", "tau", "margin_hi", "margin_lo")
 ALIGNED_INTS = ("D",)  # Triton specializes a multiple of 16 at launch; D usually is one
 
 
@@ -37,6 +37,8 @@ def _tool(name):
 
 def build(fn, ptr_types, constexprs, num_warps, num_stages, arch, int64_args=()):
     """Compiles fn for the target; returns (seconds, resource-usage line, instruction counts)."""
+    while not isinstance(fn, triton.runtime.JITFunction):  # under triton.heuristics / autotune
+        fn = fn.fn
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -81,15 +83,25 @@ def fwd_ptrs(op, acc):
                 near_c_ptr="i32")
 
 
-def bwd_ptrs(op, acc, ce):
-    """As backward_side passes them: the other family's pointers are the float64 λ (never read)."""
-    unused = "fp64"
-    return dict(own_ptr=op, oth_ptr=op, own_n_ptr=acc, oth_n_ptr=acc, s_own_hi_ptr=acc, s_own_lo_ptr=acc,
+def bwd_ptrs(op, acc, ce, from_logits, opts):
+    """As backward_side passes them; an absent input is None (a constexpr of the build)."""
+    ptrs = dict(own_ptr=op, oth_ptr=op, own_n_ptr=acc, oth_n_ptr=acc, s_own_hi_ptr=acc, s_own_lo_ptr=acc,
                 s_oth_hi_ptr=acc, s_oth_lo_ptr=acc, own_raw_ptr=acc, oth_raw_ptr=acc, lc_ptr=acc, beta_ptr=acc,
-                g_ptr=unused if ce else op, lg_ptr=unused if ce else op,
-                tgt_ptr="i64" if ce else unused, w_lse_ptr="fp64", w_tl_ptr="fp64", w_sl_ptr="fp64", lse_ptr="fp64",
-                margin_ptr="fp64", w_pl_ptr="fp64", cw_ptr=acc if ce else unused, soft_ptr=acc if ce else unused, lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64",
-                near_ptr="i64", overflow_ptr="i32")
+                lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64", near_ptr="i64",
+                overflow_ptr="i32")
+    if ce:
+        ptrs.update(tgt_ptr="i64", w_lse_ptr="fp64", w_tl_ptr="fp64", w_sl_ptr="fp64", lse_ptr="fp64")
+        if opts["HAS_SOFT"]:
+            ptrs.update(w_pl_ptr="fp64", soft_ptr=acc)
+        if opts["HAS_WEIGHT"]:
+            ptrs.update(cw_ptr=acc)
+    else:
+        ptrs.update(g_ptr=op, **(dict(lg_ptr=op) if from_logits else {}))
+    return ptrs
+
+
+BWD_OPTIONAL = ("g_ptr", "lg_ptr", "tgt_ptr", "w_lse_ptr", "w_tl_ptr", "w_sl_ptr", "lse_ptr", "w_pl_ptr", "cw_ptr",
+                "soft_ptr")
 
 
 def fixup_ptrs(op, acc):
@@ -100,7 +112,7 @@ def fixup_ptrs(op, acc):
 def ce_fwd_ptrs(acc):
     return dict(xp_ptr=acc, mup_ptr=acc, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
                 smu_lo_ptr=acc, x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, tgt_ptr="i64", lam_ptr="fp64", gamma_ptr="fp64",
-                margin_ptr="fp64", part_ptr="fp64", cw_ptr=acc, soft_ptr=acc)
+                part_ptr="fp64", cw_ptr=acc, soft_ptr=acc)
 
 
 # The cross-entropy's target forms as constexprs: class labels; two targets per row (the compact
@@ -117,7 +129,7 @@ def _ce_option_sets(ce, full, quick):
 
 
 # The backward variants of a quick build, per family: (CE, FROM_LOGITS, FULL, INLINE). An INLINE
-# launch always recomputes its tiles; after a FROM_LOGITS launch it carries GAMMA0 (it also runs
+# launch always recomputes its tiles; after a FROM_LOGITS launch it carries FALLBACK (it also runs
 # where γ = 0). Half logits recompute their tiles; the cross-entropy runs in float32/float64 only.
 _QUICK_BWD = {
     "half": [(False, False, full, inline) for full in (False, True) for inline in (False, True)],
@@ -156,22 +168,26 @@ def variants(quick):
                 for ce, from_logits, full, inline in _bwd_variants(fam, quick):
                     for own_is_x, ce_opts in itertools.product((True,) if quick else (True, False),
                                                                _ce_option_sets(ce, full, quick)):
+                        ptrs = bwd_ptrs(op, acc, ce, from_logits and not inline, ce_opts)
                         consts = dict(cfg.kwargs, BLOCK_D=configs.BWD_BLOCK_D[fam], CE=ce, OWN_IS_X=own_is_x,
                                       FROM_LOGITS=from_logits and not inline,
-                                      GAMMA0=from_logits and inline, FULL=full, INLINE=inline, IMPL=impl, PREC=prec,
+                                      FALLBACK=from_logits and inline, FULL=full, INLINE=inline, IMPL=impl, PREC=prec,
                                       NEAR_P=near_p, NEAR_K=near_k, NEAR_DOT=acc == "fp32", BF16_BY_HAND=False,
-                                      LOCAL64=False, **ce_opts)
+                                      LOCAL64=False, NEED_DP=True, HAS_SCAL=own_is_x, **ce_opts,
+                                      **{name: None for name in BWD_OPTIONAL if name not in ptrs})
                         out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} "
                                     f"{'ce' if ce else 'logits'} from_logits={from_logits} full={full} "
                                     f"inline={inline} own_is_x={own_is_x}"
                                     + (f" {ce_opts}" if ce else ""), backward._backward_kernel,
-                                    bwd_ptrs(op, acc, ce), consts, cfg.num_warps, cfg.num_stages, ()))
+                                    ptrs, consts, cfg.num_warps, cfg.num_stages, ()))
             if fam in CE_FAMILIES:
                 bl = configs.CE_FWD_BLOCKS[fam]
                 for full, ce_opts in itertools.product((True,) if quick else (False, True), (CE_HARD, CE_OPTIONS)):
                     consts = dict(BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
                                   BLOCK_D=bl["BLOCK_D"], NEAR_K=near_k, FULL=full, IMPL=impl, PREC=prec,
                                   TGT_P=triton.next_power_of_2(ce_opts["N_TGT"]), **ce_opts)
+                    consts.update({name: None for name, flag in (("cw_ptr", "HAS_WEIGHT"), ("soft_ptr", "HAS_SOFT"))
+                                   if not ce_opts[flag]})
                     warps = configs.ce_fwd_warps(bl, ce_opts["N_TGT"], ce_opts["HAS_SOFT"])
                     out.append((f"ce_fwd {fam} full={full} {ce_opts} w{warps}", cross_entropy._ce_fwd_kernel,
                                 ce_fwd_ptrs(acc), consts, warps, 2, ()))

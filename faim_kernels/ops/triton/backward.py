@@ -151,7 +151,11 @@ def _tile_q(own_block, oth_block, lo, lt, om, tm, valid, own_n, oth_n, s, lg_ptr
         # q = −eps under the near bound: such a pair takes the exact path.
         lg_block = lg_ptr + (o0.to(tl.int64) * stride_lg_own + tl.cast(t0, tl.int64) * stride_lg_oth)
         lg = tl.load(lg_block + lg_rows + lt[None, :] * stride_lg_oth, mask=valid, other=0.0).to(zero.dtype)
-        a_l = tl.maximum(tl.div_rn(-lg, gamma + zero) - lam * tl.sqrt_rn(s * s + eps), 0.0)
+        if lg.dtype == tl.float64:  # float64 division and square root are correctly rounded already
+            a_l = -lg / gamma - lam * tl.sqrt(s * s + eps)
+        else:
+            a_l = tl.div_rn(-lg, gamma + zero) - lam * tl.sqrt_rn(s * s + eps)
+        a_l = tl.maximum(a_l, 0.0)
         q = a_l * a_l - eps
     else:
         q, _ = _gemm_q(_tile_dot(own_block, oth_block, lo, lt, om, tm, D, zero, BLOCK_K, IMPL, PREC),

@@ -3,9 +3,9 @@ the pair epilogue, the exact recomputation from the raw difference, casts, eps),
 of the preparation and the chain rule, the GEMM precision mode, device helpers, and `Operands`:
 the prepared operands of one op call.
 
-GEMM operand precision (see `gemm_mode`): float32 runs tl.dot in IEEE fp32 unless PyTorch's own
-matmuls may use TF32 (torch.backends.cuda.matmul.fp32_precision = "tf32", or
-torch.set_float32_matmul_precision("high")); then x', mu' are rounded to TF32 first, so that the
+GEMM operand precision (see `gemm_mode`), following PyTorch's own switch: float32 runs tl.dot in
+IEEE fp32 where torch.get_float32_matmul_precision() is "highest" (PyTorch's default) and in TF32
+where it is "high" or "medium" (or torch.backends.cuda.matmul.fp32_precision = "tf32"); then x', mu' are rounded to TF32 first, so that the
 norms see the same values as the tensor cores, and tau is raised for that rounding (about 1e-3
 relative instead of 1e-4, like any TF32 matmul). float16/bfloat16 x (the logits op takes them as
 they are) gives x', mu' in that type, and tl.dot runs in it with fp32 accumulation, tau raised
@@ -341,9 +341,12 @@ def gemm_mode(op_dtype: torch.dtype):
 
 
 def _tf32_allowed() -> bool:
-    """PyTorch's own switch for TF32 in float32 matmuls: torch.backends.cuda.matmul.fp32_precision
-    (torch >= 2.9; it also reflects torch.set_float32_matmul_precision("high") and the legacy
-    allow_tf32 flag), else the legacy flag itself. Off by default."""
+    """PyTorch's own switch for TF32 in float32 matmuls: torch.get_float32_matmul_precision()
+    "high" or "medium" (set_float32_matmul_precision), or the CUDA matmul backend's own setting
+    (torch.backends.cuda.matmul.fp32_precision = "tf32", or the legacy allow_tf32 flag). "highest",
+    PyTorch's default, keeps IEEE float32."""
+    if torch.get_float32_matmul_precision() in ("high", "medium"):
+        return True
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)
     if precision is None:

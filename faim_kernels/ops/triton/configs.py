@@ -65,6 +65,7 @@ BWD_BLOCK_D = {"half": 128, "tf32": 64, "ieee": 128, "fp64": 32, "interpret": 25
 # 144 B for class labels; with 8 warps, 24 B (bench/compile_check.py; unmeasured on a GPU so far).
 CE_FWD_BLOCKS = {
     "interpret": dict(BLOCK_B=16, BLOCK_C=32, BLOCK_K=32, BLOCK_D=64, warps=1, warps_soft=1),
+    "half": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=64, BLOCK_D=128, warps=4, warps_soft=8),
     "ieee": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, BLOCK_D=128, warps=4, warps_soft=8),
     "tf32": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, BLOCK_D=128, warps=4, warps_soft=8),
     "fp64": dict(BLOCK_B=16, BLOCK_C=16, BLOCK_K=16, BLOCK_D=32, warps=4, warps_soft=4),

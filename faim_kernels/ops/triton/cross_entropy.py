@@ -1,7 +1,7 @@
 """The fused cross-entropy op (SPEC §2.2) for CUDA tensors (and CPU tensors through Triton's
 interpreter): its forward kernel and the launchers of both directions, with the contract of
-faim_kernels/ops/contract.py. x and mu arrive in float32 or float64 (the dispatch layer computes
-half inputs in float32); the preparation (common.Operands: centre, x', mu', norms, s = v·beta in
+faim_kernels/ops/contract.py. x and mu arrive in float16, bfloat16 (half GEMM operands, fp32
+accumulation), float32 or float64; the preparation (common.Operands: centre, x', mu', norms, s = v·beta in
 float64) runs once per op call.
 
   _ce_fwd_kernel   grid (row blocks, class splits). Each program walks its split's class tiles:
@@ -126,8 +126,8 @@ def _ce_fwd_kernel(
 
 
 def _operands(x, mu, lc, beta, lam, gamma, eps, tau):
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"the Triton cross-entropy kernels compute in float32 or float64, got {x.dtype}")
+    """common.Operands: float16/bfloat16 x, mu give half GEMM operands (fp32 accumulation) as in the
+    logits op; lc, beta arrive in the compute dtype."""
     return common.Operands(x, mu, lc, beta, lam, gamma, eps, tau)
 
 
