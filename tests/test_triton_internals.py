@@ -185,13 +185,16 @@ def autotuning(monkeypatch, configs):
         trials.append(1)
         return [float(-len(trials))] * 3
 
-    fam = "interpret" if INTERPRET else None
     monkeypatch.setattr(configs, "AUTOTUNE", True)
     monkeypatch.setattr(configs, "DO_BENCH", do_bench)
-    if fam:
-        b, f = configs.BWD_CONFIGS[fam][0], configs.FWD_CONFIGS[fam][0]
-        monkeypatch.setitem(configs.BWD_CONFIGS, fam, [b, configs._bwd_cfg(32, 16, 32, 4, 1)])
-        monkeypatch.setitem(configs.FWD_CONFIGS, fam, [f, configs._fwd_cfg(16, 32, 32, 4, 1, group=1)])
+    # Two configs per family (the first and another): the GPU builds stay few.
+    b, f = configs.BWD_CONFIGS["interpret"][0], configs.FWD_CONFIGS["interpret"][0]
+    monkeypatch.setitem(configs.BWD_CONFIGS, "interpret", [b, configs._bwd_cfg(32, 16, 32, 4, 1)])
+    monkeypatch.setitem(configs.FWD_CONFIGS, "interpret", [f, configs._fwd_cfg(16, 32, 32, 4, 1, group=1)])
+    for table in (configs.BWD_CONFIGS, configs.FWD_CONFIGS):
+        for fam, cfgs in list(table.items()):
+            if fam != "interpret" and len(cfgs) > 2:
+                monkeypatch.setitem(table, fam, [cfgs[0], cfgs[-1]])
     assert common.INTERPRET or HAS_CUDA
     yield trials
 
