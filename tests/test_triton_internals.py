@@ -77,6 +77,27 @@ def test_near_pairs_per_tile_overflow(monkeypatch, configs):
     assert_rel_close(out, reference64(fk.reference.randers_logits, inputs), 1e-4)
 
 
+def test_overfull_tile_is_recomputed_alone(monkeypatch, configs):
+    """A forward tile with more near pairs than it lists is recomputed exactly, and only that tile:
+    every other logit is bitwise what the call without the overfull tile gives (the whole call's
+    pairs are not sent through the exact path)."""
+    inputs = _inputs(70, 90, 16, seed=26)
+    with torch.no_grad():
+        inputs[0][:4] = inputs[1][3] + 1e-3 * torch.randn(4, 16, device=DEVICE)  # four near pairs in one tile
+    default = fk.randers_logits(*inputs, backend="triton")
+    monkeypatch.setattr(configs, "NEAR_PER_TILE", 1)
+    overfull = fk.randers_logits(*inputs, backend="triton")
+    ref = reference64(fk.reference.randers_logits, inputs)
+    assert_rel_close(overfull, ref, 1e-4)
+    from faim_kernels.ops.triton import common
+    fam = "interpret" if common.INTERPRET else common.gemm_mode(torch.float32)[0]
+    cfg = configs.FWD_CONFIGS[fam][0].kwargs
+    tile_b, tile_c = cfg["BLOCK_B"], cfg["BLOCK_C"]
+    outside = torch.ones_like(default, dtype=torch.bool)
+    outside[:tile_b, (3 // tile_c) * tile_c:(3 // tile_c + 1) * tile_c] = False
+    assert torch.equal(overfull[outside], default[outside])
+
+
 @pytest.mark.parametrize("bwd_cap", [None, 4], ids=["noted", "inline"])
 @FULL
 def test_every_close_pair_recomputed(monkeypatch, configs, full, bwd_cap):

@@ -11,8 +11,9 @@ from .common import INTERPRET
 # FAIM_TRITON_AUTOTUNE=0 pins the first config of each list (quick start, e.g. for test runs).
 AUTOTUNE = os.environ.get("FAIM_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 
-# Capacity of the logits forward's list of pairs at risk; None: max(1024, 2·(B + C)). A tile with
-# more than NEAR_PER_TILE of them counts as an overflow (the fix-up then recomputes every pair).
+# Capacity of the logits forward's list of near pairs; None: max(1024, 2·(B + C)). A tile with
+# more than NEAR_PER_TILE of them, or whose pairs pass the capacity, is listed as a tile instead
+# (the fix-up then recomputes every pair of that tile, and only of that tile).
 NEAR_CAPACITY = None
 NEAR_PER_TILE = 64
 # Pairs at risk a backward program notes for after its loop; more send the whole backward
