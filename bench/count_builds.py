@@ -55,6 +55,11 @@ class BuildCounter:
     def __init__(self):
         self.keys = set()
         self.launches = 0
+        self.first_seen = {}  # key -> the test that first launched it
+        self.test = None
+
+    def pytest_runtest_setup(self, item):
+        self.test = item.nodeid
 
     def key(self, fn, args, kwargs):
         py_fn = fn.fn
@@ -82,7 +87,9 @@ class BuildCounter:
 
         def run(fn, *args, grid, warmup, **kwargs):
             counter.launches += 1
-            counter.keys.add(counter.key(fn, args, kwargs))
+            key = counter.key(fn, args, kwargs)
+            counter.keys.add(key)
+            counter.first_seen.setdefault(key, counter.test)
             return original(fn, *args, grid=grid, warmup=warmup, **kwargs)
 
         InterpretedFunction.run = run
@@ -94,6 +101,8 @@ def main(argv=None) -> int:
                     help="file of pytest arguments, one per line (default: the GPU check's selection)")
     ap.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="exit 1 above this many builds")
     ap.add_argument("--by-kernel", action="store_true", help="print the count per kernel")
+    ap.add_argument("--by-test", action="store_true", help="print the new builds each test brings")
+    ap.add_argument("--dump", default=None, help="write every key (and the test that first built it) here")
     ap.add_argument("pytest_args", nargs="*", help="pytest arguments instead of the selection file (after --)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -105,6 +114,14 @@ def main(argv=None) -> int:
         per = collections.Counter(k[1] for k in counter.keys)
         for name, n in per.most_common():
             print(f"{n:5d}  {name}")
+    if args.by_test:
+        per = collections.Counter(counter.first_seen.values())
+        for name, n in per.most_common():
+            print(f"{n:5d}  {name}")
+    if args.dump:
+        with open(args.dump, "w") as f:
+            for key, test in counter.first_seen.items():
+                f.write(f"{test}\t{key!r}\n")
     n = len(counter.keys)
     print(f"{n} distinct kernel builds ({counter.launches} launches); limit {args.limit}; pytest exit {int(rc)}")
     return 0 if (rc == 0 and n <= args.limit) else 1

@@ -28,9 +28,9 @@ P = H/a, R = H·λ·s/r accumulates
 Near pairs (q < tau·(|own'|² + |oth'|²), SPEC §2.1, and every CE target) contribute nothing to
 the tile sums: the loop notes them and all their terms are added after it from the exact q, in the
 order met, so every sum runs in the same order on every call with the same launch configuration
-(no float atomics). A program meeting more than `configs.BWD_NEAR_CAP` of them sets a flag, and the
-launcher's second launch (INLINE) recomputes everything with them handled inside the loop one at a
-time; without the flag that launch does nothing. Where the other side is long and the own side
+(no float atomics). A program meeting more than `configs.BWD_NEAR_CAP` of them sets its flag, and the
+launcher's second launch (INLINE) recomputes that program's results, and only that program's, with
+them handled inside the loop, tile by tile, NEAR_P at a time; without a flag that launch does nothing. Where the other side is long and the own side
 short, it is split across programs whose partial sums are added in a fixed order afterwards.
 
 Gradients only where needed (`grad_mask`): a side whose ∂own' feeds no needed gradient (its raw
@@ -141,6 +141,21 @@ def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D
 
 
 @triton.jit
+def _add_to_rows(pm_acc, rsum, hr, gd, rloc, i_v, em, pd, R_e, hr_e, gd_e,
+                 IMPL: tl.constexpr, NEED_DP: tl.constexpr, SCAL: tl.constexpr):
+    """The accumulators with a block of near pairs' terms (_exact_terms) added to their rows i_v
+    (em masks the block): the rows of pd through a one-hot product, the rest by row."""
+    onehot = (rloc[:, None] == i_v[None, :]) & em[None, :]
+    if NEED_DP:
+        pm_acc = _mm(onehot.to(pm_acc.dtype), -pd, pm_acc, 2 if IMPL == 2 else 0, "ieee")
+    rsum += tl.sum(tl.where(onehot, R_e[None, :], 0.0), axis=1).to(tl.float64)
+    if SCAL:
+        hr += tl.sum(tl.where(onehot, hr_e[None, :], 0.0), axis=1).to(tl.float64)
+        gd += tl.sum(tl.where(onehot, gd_e[None, :], 0.0), axis=1).to(tl.float64)
+    return pm_acc, rsum, hr, gd
+
+
+@triton.jit
 def _tile_q(own_block, oth_block, lo, lt, om, tm, valid, own_n, oth_n, s, lg_ptr, lg_rows, stride_lg_own,
             stride_lg_oth, o0, t0, lam, gamma, eps, tau, zero, D,
             BLOCK_K: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr, FROM_LOGITS: tl.constexpr):
@@ -204,7 +219,7 @@ def _backward_kernel(
       ds_ptr [splits, n_own] f64         out: ∂s_own partials (chunk 0 only)
       scal_ptr [splits, row blocks, 2]   out: (Σ H·r, −Σ G·dist), x side only (None: not needed)
       near_ptr, near_cap                 the notes of near pairs, near_cap per program
-      overflow_ptr [1] i32               set when a program meets more than near_cap near pairs
+      overflow_ptr [programs] i32        a program's flag: it met more than near_cap near pairs
       n_own, n_oth, D                    sizes; eps_hi + eps_lo = eps; tau: the near threshold
       oth_per_split                      rows of the other side per split (grid axis 1)
       KEY_O, KEY_T                       power-of-two buckets of n_own, n_oth: the autotuning key only
@@ -230,9 +245,9 @@ def _backward_kernel(
     Near pairs are left out of the tile terms and added from the raw difference. INLINE = 0: the
     loop only notes them (near_cap per program, in tile order) and they are handled after it,
     NEAR_P at a time; the loop keeps its registers for the GEMM epilogue. If a program meets more
-    than near_cap of them it sets *overflow_ptr, and the second launch, INLINE = 1, recomputes
-    everything with them handled inside the loop one at a time; with *overflow_ptr unset that launch
-    does nothing. Operands of both GEMMs come through the pipelined loads; holding the own block in
+    than near_cap of them it sets its overflow flag, and in the second launch, INLINE = 1, that
+    program (only that one) recomputes its results with them handled inside the loop, per tile,
+    NEAR_P at a time; the programs without the flag do nothing there. Operands of both GEMMs come through the pipelined loads; holding the own block in
     registers across the loop, as flash attention holds Q, spilled 0.2-1.8 KB per thread in sm_90
     builds. (Over 120 lines: the loop and its two near-pair paths share eight accumulators, which a
     helper function could only return as a tuple the compiler keeps in the same registers.)
@@ -279,7 +294,8 @@ def _backward_kernel(
     flat = tl.arange(0, BLOCK_O)[:, None] * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]
     rloc = tl.arange(0, BLOCK_O)
     n_noted = tl.full([], 0, dtype=tl.int32)
-    note_base = ((pid_o.to(tl.int64) * tl.num_programs(1) + pid_s) * tl.num_programs(2) + pid_d) * near_cap
+    program = (pid_o.to(tl.int64) * tl.num_programs(1) + pid_s) * tl.num_programs(2) + pid_d
+    note_base = program * near_cap
     SCAL: tl.constexpr = OWN_IS_X and HAS_SCAL
 
     t_begin = pid_s * oth_per_split
@@ -290,7 +306,7 @@ def _backward_kernel(
     if FROM_LOGITS:
         active = _logits_carry_d(gamma)
     if INLINE:
-        active = tl.load(overflow_ptr) != 0
+        active = tl.load(overflow_ptr + program) != 0
         if FALLBACK:
             active = active | (_logits_carry_d(gamma) == 0)
     t_end = tl.where(active, t_end, t_begin)
@@ -341,29 +357,29 @@ def _backward_kernel(
 
         n_near = tl.sum(near.to(tl.int32))
         if INLINE:
-            # One at a time in increasing tile position, all their terms from the raw difference.
-            for _k in range(0, n_near):
-                f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
-                near = near & (flat != f)
-                i = f // BLOCK_T
-                b_v = tl.zeros((1,), dtype=tl.int64) + o0.to(tl.int64) + i
-                j_v = tl.zeros((1,), dtype=tl.int64) + t0 + f % BLOCK_T
+            # This program overflowed its notes: its near pairs are handled tile by tile, NEAR_P
+            # at a time in increasing tile position, as the noted ones are after the loop.
+            for e0 in range(0, n_near, NEAR_P):
+                code = tl.zeros((NEAR_P,), dtype=tl.int32)
+                for k in tl.static_range(NEAR_P):
+                    f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
+                    near = near & (flat != f)
+                    code = tl.where(tl.arange(0, NEAR_P) == k, f, code)
+                em = e0 + tl.arange(0, NEAR_P) < n_near
+                i_v = code // BLOCK_T
                 pd, R_e, hr_e, gd_e = _exact_terms(
-                    own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, b_v >= 0, pid_d * BLOCK_D, D,
+                    own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, o0.to(tl.int64) + i_v, t0 + (code % BLOCK_T).to(tl.int64),
+                    em, pid_d * BLOCK_D, D,
                     s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                     tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                     w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
-                    CE, OWN_IS_X, FULL, 1, NEAR_K, BLOCK_D, False, N_TGT, HAS_WEIGHT, HAS_SOFT, NEED_DP)
-                row = rloc == i
-                pm_acc -= tl.where(row[:, None], pd, 0.0)
-                rsum += tl.where(row, tl.sum(R_e), 0.0).to(tl.float64)
-                if SCAL:
-                    hr += tl.where(row, tl.sum(hr_e), 0.0).to(tl.float64)
-                    gd += tl.where(row, tl.sum(gd_e), 0.0).to(tl.float64)
+                    CE, OWN_IS_X, FULL, NEAR_P, NEAR_K, BLOCK_D, NEAR_DOT, N_TGT, HAS_WEIGHT, HAS_SOFT, NEED_DP)
+                pm_acc, rsum, hr, gd = _add_to_rows(pm_acc, rsum, hr, gd, rloc, i_v, em, pd, R_e, hr_e, gd_e,
+                                                    IMPL, NEED_DP, SCAL)
         else:
             # Note them (code j·BLOCK_O + i) for after the loop; typically zero to two per tile.
             if n_noted + n_near > near_cap:
-                tl.atomic_max(overflow_ptr, 1, sem="relaxed")
+                tl.store(overflow_ptr + program, 1)
             else:
                 for _k in range(0, n_near):
                     f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
@@ -387,13 +403,8 @@ def _backward_kernel(
                 tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                 w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
                 CE, OWN_IS_X, FULL, NEAR_P, NEAR_K, BLOCK_D, NEAR_DOT, N_TGT, HAS_WEIGHT, HAS_SOFT, NEED_DP)
-            onehot = (rloc[:, None] == i_v[None, :]) & em[None, :]
-            if NEED_DP:
-                pm_acc = _mm(onehot.to(acc_t), -pd, pm_acc, 2 if IMPL == 2 else 0, "ieee")
-            rsum += tl.sum(tl.where(onehot, R_e[None, :], 0.0), axis=1).to(tl.float64)
-            if SCAL:
-                hr += tl.sum(tl.where(onehot, hr_e[None, :], 0.0), axis=1).to(tl.float64)
-                gd += tl.sum(tl.where(onehot, gd_e[None, :], 0.0), axis=1).to(tl.float64)
+            pm_acc, rsum, hr, gd = _add_to_rows(pm_acc, rsum, hr, gd, rloc, i_v, em, pd, R_e, hr_e, gd_e,
+                                                IMPL, NEED_DP, SCAL)
 
     if active:
         out_row0 = pid_s.to(tl.int64) * n_own + o0
@@ -449,7 +460,7 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None, need_dp: b
     near_cap = configs.BWD_NEAR_CAP
     notes = torch.empty(triton.cdiv(n_own, min_rows) * splits * n_chunks * near_cap, dtype=torch.int64,
                         device=o.device)
-    overflow = torch.zeros(1, dtype=torch.int32, device=o.device)
+    overflow = torch.zeros(notes.numel() // near_cap, dtype=torch.int32, device=o.device)  # per program
 
     def oriented(t):  # strides of a [B, C] tensor in (own, other) order
         return (t.stride(0), t.stride(1)) if own_is_x else (t.stride(1), t.stride(0))
