@@ -87,8 +87,7 @@ def bwd_ptrs(op, acc, ce, from_logits, opts):
     """As backward_side passes them; an absent input is None (a constexpr of the build)."""
     ptrs = dict(own_ptr=op, oth_ptr=op, own_n_ptr=acc, oth_n_ptr=acc, s_own_hi_ptr=acc, s_own_lo_ptr=acc,
                 s_oth_hi_ptr=acc, s_oth_lo_ptr=acc, own_raw_ptr=acc, oth_raw_ptr=acc, lc_ptr=acc, beta_ptr=acc,
-                lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64", near_ptr="i64",
-                overflow_ptr="i32")
+                lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64", near_ptr="i64")
     if ce:
         ptrs.update(tgt_ptr="i64", w_lse_ptr="fp64", w_tl_ptr="fp64", w_sl_ptr="fp64", lse_ptr="fp64")
         if opts["HAS_SOFT"]:
@@ -128,14 +127,13 @@ def _ce_option_sets(ce, full, quick):
     return [CE_OPTIONS if full else CE_HARD] if quick else [CE_HARD, CE_OPTIONS]
 
 
-# The backward variants of a quick build, per family: (CE, FROM_LOGITS, FULL, INLINE). An INLINE
-# launch always recomputes its tiles; after a FROM_LOGITS launch it carries FALLBACK (it also runs
-# where γ = 0). Half logits recompute their tiles; the cross-entropy runs in float32/float64 only.
+# The backward variants of a quick build, per family: (CE, FROM_LOGITS, FULL). Every variant holds
+# both walks (noting, and the recomputing one an overflow or logits without d take). Half logits
+# recompute their tiles; the cross-entropy runs in every family.
 _QUICK_BWD = {
-    "half": [(False, False, full, inline) for full in (False, True) for inline in (False, True)],
-    "ieee": [(False, True, False, False), (False, True, True, True), (True, False, False, False),
-             (True, False, True, True)],
-    "fp64": [(False, True, True, False), (True, False, True, False)],
+    "half": [(False, False, False), (True, False, True)],
+    "ieee": [(False, True, False), (False, True, True), (True, False, False), (True, False, True)],
+    "fp64": [(False, True, True), (True, False, True)],
 }
 
 
@@ -143,9 +141,9 @@ def _bwd_variants(fam, quick):
     if quick:
         return _QUICK_BWD.get(fam, [])
     out = []
-    for ce in ((False,) if fam == "half" else (False, True)):
+    for ce in (False, True):
         for from_logits in ((False,) if ce or fam == "half" else (False, True)):
-            out += [(ce, from_logits, full, inline) for full in (False, True) for inline in (False, True)]
+            out += [(ce, from_logits, full) for full in (False, True)]
     return out
 
 
@@ -165,19 +163,18 @@ def variants(quick):
                             logits._logits_fwd_kernel, fwd_ptrs(op, acc), consts, cfg.num_warps, cfg.num_stages, ()))
             bwd_cfgs = configs.BWD_CONFIGS[fam][:1] if quick else configs.BWD_CONFIGS[fam]
             for cfg in bwd_cfgs:
-                for ce, from_logits, full, inline in _bwd_variants(fam, quick):
+                for ce, from_logits, full in _bwd_variants(fam, quick):
                     for own_is_x, ce_opts in itertools.product((True,) if quick else (True, False),
                                                                _ce_option_sets(ce, full, quick)):
-                        ptrs = bwd_ptrs(op, acc, ce, from_logits and not inline, ce_opts)
+                        ptrs = bwd_ptrs(op, acc, ce, from_logits, ce_opts)
                         consts = dict(cfg.kwargs, BLOCK_D=configs.BWD_BLOCK_D[fam], CE=ce, OWN_IS_X=own_is_x,
-                                      FROM_LOGITS=from_logits and not inline,
-                                      FALLBACK=from_logits and inline, FULL=full, INLINE=inline, IMPL=impl, PREC=prec,
+                                      FROM_LOGITS=from_logits, FULL=full, IMPL=impl, PREC=prec,
                                       NEAR_P=near_p, NEAR_K=near_k, NEAR_DOT=acc == "fp32", BF16_BY_HAND=False,
                                       LOCAL64=False, NEED_DP=True, HAS_SCAL=own_is_x, **ce_opts,
                                       **{name: None for name in BWD_OPTIONAL if name not in ptrs})
                         out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} "
                                     f"{'ce' if ce else 'logits'} from_logits={from_logits} full={full} "
-                                    f"inline={inline} own_is_x={own_is_x}"
+                                    f"own_is_x={own_is_x}"
                                     + (f" {ce_opts}" if ce else ""), backward._backward_kernel,
                                     ptrs, consts, cfg.num_warps, cfg.num_stages, ()))
             if fam in CE_FAMILIES:
@@ -235,7 +232,7 @@ def topk_variants(quick):
 
 
 # The cross-entropy's forward runs on float32 (IEEE or TF32) and float64 inputs.
-CE_FAMILIES = ("ieee", "tf32", "fp64")
+CE_FAMILIES = ("half", "ieee", "tf32", "fp64")
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ cut-cross-entropy specialises its kernels), and its launcher.
             comes back from the forward's logits, a = −logit/γ − λ·r (r = sqrt(s² + eps) from the
             rank-one s), instead of a recomputed GEMM tile, so each side costs one GEMM (P·oth') like
             nn.Linear's backward; where the logits cannot carry d (γ = 0, or |γ| so small that
-            −γ·d is subnormal: `_logits_carry_d`) the second launch recomputes the tiles. Half logits
+            −γ·d is subnormal: `_logits_carry_d`) the program recomputes the tiles. Half logits
             take the recomputed tile (their rounding would put a off by ~4e-3).
     cross-entropy family (tgt_ptr given): nothing of size [B, C] exists; each tile recomputes q and
             G = w_lse·exp(logit' − lse) + v_c·(w_sl + w_pl·P_bc) + Σ_k w_tl,k·[c = t_k],
@@ -28,18 +28,16 @@ P = H/a, R = H·λ·s/r accumulates
 Near pairs (q < tau·(|own'|² + |oth'|²), SPEC §2.1, and every CE target) contribute nothing to
 the tile sums: the loop notes them and all their terms are added after it from the exact q, in the
 order met, so every sum runs in the same order on every call with the same launch configuration
-(no float atomics). A program meeting more than `configs.BWD_NEAR_CAP` of them sets its flag, and the
-launcher's second launch (INLINE) recomputes that program's results, and only that program's, with
-them handled inside the loop, tile by tile, NEAR_P at a time; without a flag that launch does nothing. Where the other side is long and the own side
+(no float atomics). A program meeting more than `configs.BWD_NEAR_CAP` of them walks the other side
+again with them handled inside the loop, tile by tile, NEAR_P at a time: that program only. Where the other side is long and the own side
 short, it is split across programs whose partial sums are added in a fixed order afterwards.
 
 Gradients only where needed (`grad_mask`): a side whose ∂own' feeds no needed gradient (its raw
 rows and L are frozen) runs without the P·oth' product and its D chunks (NEED_DP off); a side whose
 ∂own', ∂s feed nothing is not launched; ∂λ, ∂γ are summed only when one of them is needed.
 
-Autotuning: the first launch of a side is autotuned (its overflow flag is reset before each trial,
-the only buffer a trial accumulates into); the INLINE launch reuses the configuration the first
-launch ran with, so both cover the same program grid (the scalar partial sums are per program).
+One launch per side: the recomputing fallbacks (an overflow of the notes, logits that carry no d)
+run inside the program that needs them, so a launch is autotuned on its own with nothing to reset.
 """
 from __future__ import annotations
 
@@ -178,113 +176,23 @@ def _tile_q(own_block, oth_block, lo, lt, om, tm, valid, own_n, oth_n, s, lg_ptr
     return q
 
 
-@triton.heuristics({
-    "CE": lambda a: a["tgt_ptr"] is not None,
-    "FROM_LOGITS": lambda a: a["lg_ptr"] is not None,
-    "HAS_WEIGHT": lambda a: a["cw_ptr"] is not None,
-    "HAS_SOFT": lambda a: a["soft_ptr"] is not None,
-    "NEED_DP": lambda a: a["dp_ptr"] is not None,
-    "HAS_SCAL": lambda a: a["scal_ptr"] is not None,
-})
-@triton.jit(do_not_specialize=["n_own", "n_oth", "oth_per_split", "near_cap", "KEY_O", "KEY_T"])
-def _backward_kernel(
-        own_ptr, oth_ptr, own_n_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr,
-        own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, lam_ptr, gamma_ptr,
-        g_ptr, stride_g_own, stride_g_oth, lg_ptr, stride_lg_own, stride_lg_oth,
-        tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, margin_hi, margin_lo, w_pl_ptr, cw_ptr, soft_ptr, stride_sb,
-        stride_sc,
-        dp_ptr, ds_ptr, scal_ptr, near_ptr, overflow_ptr,
-        n_own, n_oth, D, eps_hi, eps_lo, tau, oth_per_split, near_cap, KEY_O, KEY_T,
-        BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-        OWN_IS_X: tl.constexpr, INLINE: tl.constexpr, FALLBACK: tl.constexpr, FULL: tl.constexpr,
-        IMPL: tl.constexpr, PREC: tl.constexpr, NEAR_P: tl.constexpr, NEAR_K: tl.constexpr, NEAR_DOT: tl.constexpr,
-        BF16_BY_HAND: tl.constexpr, LOCAL64: tl.constexpr, N_TGT: tl.constexpr,
-        CE: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFT: tl.constexpr,
-        NEED_DP: tl.constexpr, HAS_SCAL: tl.constexpr):
-    """Partial ∂own'[rows, chunk of D] over one split of the other side (module docstring).
-
-    Parameters (each documented here once; `backward_side` passes them by keyword):
-      own_ptr, oth_ptr [n, D]            x', mu' (or mu', x') as the GEMM takes them (operand dtype)
-      own_n_ptr, oth_n_ptr [n]           their squared norms (compute dtype)
-      s_*_hi_ptr, s_*_lo_ptr [n]         s = raw·beta in hi + lo parts (common._pair_s)
-      own_raw_ptr, oth_raw_ptr [n, D]    the raw rows (compute dtype), for the exact path
-      lc_ptr [D] or [D, D], beta_ptr [D] the metric factor and the 1-form; lam_ptr, gamma_ptr 0-dim f64
-      g_ptr, stride_g_*                  logits family: ∂loss/∂logits [B, C], strides in own/other order
-      lg_ptr, stride_lg_*                the forward's logits (FROM_LOGITS), or None: recompute tiles
-      tgt_ptr [B, N_TGT]                 CE family: targets; w_lse, w_tl, w_sl, lse [B] f64
-      margin_hi, margin_lo               CE: the margin as two fp32 halves
-      w_pl_ptr, soft_ptr, stride_s*      CE: the dense probability target's weight [B] and P [B, C], or None
-      cw_ptr [C]                         CE: class weights, or None
-      dp_ptr [splits, n_own, D]          out: ∂own' partials (None: not needed, NEED_DP off)
-      ds_ptr [splits, n_own] f64         out: ∂s_own partials (chunk 0 only)
-      scal_ptr [splits, row blocks, 2]   out: (Σ H·r, −Σ G·dist), x side only (None: not needed)
-      near_ptr, near_cap                 the notes of near pairs, near_cap per program
-      overflow_ptr [programs] i32        a program's flag: it met more than near_cap near pairs
-      n_own, n_oth, D                    sizes; eps_hi + eps_lo = eps; tau: the near threshold
-      oth_per_split                      rows of the other side per split (grid axis 1)
-      KEY_O, KEY_T                       power-of-two buckets of n_own, n_oth: the autotuning key only
-      BLOCK_O, BLOCK_T, BLOCK_K          tile rows (own, other) and the GEMM's K step (the config)
-      BLOCK_D                            the chunk of D a program accumulates (grid axis 2)
-      OWN_IS_X                           own side is x' (the CE row data belongs to it; scal written)
-      INLINE, FALLBACK                   the second launch (below); FALLBACK: after a FROM_LOGITS launch
-      FULL, IMPL, PREC                   full Lc; how the GEMM tiles multiply (common.DOT/DOT_UPCAST/FMA)
-      NEAR_P, NEAR_K, NEAR_DOT           the exact path's block of pairs, K step, tl.dot use
-      BF16_BY_HAND, LOCAL64              interpreter bf16 rounding; int64 offsets inside a block
-      N_TGT                              targets per row (CE)
-      CE .. HAS_SCAL                     derived from which pointers are None (triton.heuristics)
-
-    grid = (row blocks of own, splits of oth, chunks of D). The CE family's row data (target,
-    weights, lse) belongs to the batch side: indexed by own rows when OWN_IS_X, else by the other's.
-
-    FROM_LOGITS takes q from the logits tile instead of a GEMM tile and does its work only where
-    the logits carry d; the INLINE launch that follows it (FALLBACK) recomputes the tiles and also
-    runs where they do not. A runtime branch between the two sources inside the loop spilled
-    7.5-8.8 KB per thread in sm_90 builds (the GEMM under an scf.if), so the choice is made per
-    launch, on the device: no host sync.
-
-    Near pairs are left out of the tile terms and added from the raw difference. INLINE = 0: the
-    loop only notes them (near_cap per program, in tile order) and they are handled after it,
-    NEAR_P at a time; the loop keeps its registers for the GEMM epilogue. If a program meets more
-    than near_cap of them it sets its overflow flag, and in the second launch, INLINE = 1, that
-    program (only that one) recomputes its results with them handled inside the loop, per tile,
-    NEAR_P at a time; the programs without the flag do nothing there. Operands of both GEMMs come through the pipelined loads; holding the own block in
-    registers across the loop, as flash attention holds Q, spilled 0.2-1.8 KB per thread in sm_90
-    builds. (Over 120 lines: the loop and its two near-pair paths share eight accumulators, which a
-    helper function could only return as a tuple the compiler keeps in the same registers.)
-    """
-    pid_o = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_d = tl.program_id(2)
-    acc_t = own_n_ptr.dtype.element_ty
+@triton.jit
+def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, own_raw_ptr, oth_raw_ptr,
+          lc_ptr, beta_ptr, g_ptr, stride_g_own, stride_g_oth, lg_ptr, stride_lg_own, stride_lg_oth,
+          tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
+          near_ptr, note_base, near_cap, t_begin, t_end, D, tau, pid_d, o0, lo, om, ro, rd, dm, own_n, s_own_hi,
+          s_own_lo, own_block, g_rows, lg_rows, lam, gamma, eps, margin, w_lse_o, lse_o,
+          BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+          OWN_IS_X: tl.constexpr, INLINE: tl.constexpr, FULL: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr,
+          NEAR_P: tl.constexpr, NEAR_K: tl.constexpr, NEAR_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+          N_TGT: tl.constexpr, CE: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+          HAS_SOFT: tl.constexpr, NEED_DP: tl.constexpr, SCAL: tl.constexpr):
+    """One walk over the other side's rows [t_begin, t_end) for the program's own block (the
+    kernel's parameters, plus its per-program values): (pm_acc, rowsum, rsum, hr, gd, overflowed).
+    INLINE = 0 notes the near pairs (near_cap at most; more: overflowed, the sums incomplete) and
+    adds them after the loop; INLINE = 1 adds them tile by tile, any number."""
+    acc_t = own_n.dtype
     op_t = own_ptr.dtype.element_ty
-
-    # 64-bit offsets at block corners, int32 inside a block (int64 with LOCAL64, where the
-    # gradient's or the logits' strides could carry them past 2³¹), as in the forward.
-    o0 = pid_o * BLOCK_O
-    lo = tl.arange(0, BLOCK_O)
-    om = lo < n_own - o0
-    ro = o0.to(tl.int64) + lo
-    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    dm = rd < D
-    own_n = tl.load(own_n_ptr + o0 + lo, mask=om, other=0.0)
-    s_own_hi = tl.load(s_own_hi_ptr + o0 + lo, mask=om, other=0.0)
-    s_own_lo = tl.load(s_own_lo_ptr + o0 + lo, mask=om, other=0.0)
-    own_block = own_ptr + o0.to(tl.int64) * D
-    if LOCAL64:
-        g_rows = lo.to(tl.int64)[:, None] * stride_g_own
-        lg_rows = lo.to(tl.int64)[:, None] * stride_lg_own
-    else:
-        g_rows = lo[:, None] * stride_g_own
-        lg_rows = lo[:, None] * stride_lg_own
-    lam = tl.load(lam_ptr).to(acc_t)
-    gamma = tl.load(gamma_ptr).to(acc_t)
-    eps = _load_eps(eps_hi, eps_lo, acc_t)
-    margin = 0.0
-    if CE:
-        margin = _load_eps(margin_hi, margin_lo, acc_t)
-        if OWN_IS_X:
-            w_lse_o = tl.load(w_lse_ptr + ro, mask=om, other=0.0).to(acc_t)
-            lse_o = tl.load(lse_ptr + ro, mask=om, other=0.0).to(acc_t)
     rowsum = tl.zeros((BLOCK_O,), dtype=acc_t)              # Σ_j P_ij over far pairs
     pm_acc = tl.zeros((BLOCK_O, BLOCK_D), dtype=acc_t)      # Σ_j P_ij·oth'_j − near terms
     rsum = tl.zeros((BLOCK_O,), dtype=tl.float64)           # Σ_j R_ij
@@ -294,22 +202,7 @@ def _backward_kernel(
     flat = tl.arange(0, BLOCK_O)[:, None] * BLOCK_T + tl.arange(0, BLOCK_T)[None, :]
     rloc = tl.arange(0, BLOCK_O)
     n_noted = tl.full([], 0, dtype=tl.int32)
-    program = (pid_o.to(tl.int64) * tl.num_programs(1) + pid_s) * tl.num_programs(2) + pid_d
-    note_base = program * near_cap
-    SCAL: tl.constexpr = OWN_IS_X and HAS_SCAL
-
-    t_begin = pid_s * oth_per_split
-    t_end = tl.minimum(t_begin + oth_per_split, n_oth)
-    # Which launch does the work: a FROM_LOGITS launch only where the logits carry d; the INLINE
-    # launch after an overflow and, with FALLBACK (it follows a FROM_LOGITS launch), also where not.
-    active = pid_o >= 0
-    if FROM_LOGITS:
-        active = _logits_carry_d(gamma)
-    if INLINE:
-        active = tl.load(overflow_ptr + program) != 0
-        if FALLBACK:
-            active = active | (_logits_carry_d(gamma) == 0)
-    t_end = tl.where(active, t_end, t_begin)
+    overflowed = n_noted != 0
     for t0 in range(t_begin, t_end, BLOCK_T):
         lt = tl.arange(0, BLOCK_T)
         tm = lt < t_end - t0
@@ -379,7 +272,7 @@ def _backward_kernel(
         else:
             # Note them (code j·BLOCK_O + i) for after the loop; typically zero to two per tile.
             if n_noted + n_near > near_cap:
-                tl.store(overflow_ptr + program, 1)
+                overflowed = n_near >= 0
             else:
                 for _k in range(0, n_near):
                     f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
@@ -390,7 +283,7 @@ def _backward_kernel(
 
     if not INLINE:
         # The noted pairs, NEAR_P at a time, added to their rows through a one-hot product.
-        # (After an overflow the second launch overwrites this program's results.)
+        # (After an overflow the kernel walks again and these sums are dropped.)
         for e0 in range(0, n_noted, NEAR_P):
             e = e0 + tl.arange(0, NEAR_P)
             em = e < n_noted
@@ -406,25 +299,163 @@ def _backward_kernel(
             pm_acc, rsum, hr, gd = _add_to_rows(pm_acc, rsum, hr, gd, rloc, i_v, em, pd, R_e, hr_e, gd_e,
                                                 IMPL, NEED_DP, SCAL)
 
-    if active:
-        out_row0 = pid_s.to(tl.int64) * n_own + o0
-        if NEED_DP:
-            own = tl.load(own_block + lo[:, None] * D + rd[None, :], mask=om[:, None] & dm[None, :], other=0.0)
-            d_own = rowsum[:, None] * own.to(acc_t) - pm_acc
-            tl.store(dp_ptr + out_row0 * D + lo[:, None] * D + rd[None, :], d_own, mask=om[:, None] & dm[None, :])
-        if pid_d == 0:
-            tl.store(ds_ptr + out_row0 + lo, rsum, mask=om)
-            if SCAL:
-                slot = (pid_s.to(tl.int64) * tl.num_programs(0) + pid_o) * 2
-                tl.store(scal_ptr + slot, tl.sum(hr))
-                tl.store(scal_ptr + slot + 1, -tl.sum(gd))
+    return pm_acc, rowsum, rsum, hr, gd, overflowed
 
 
-# The first launch of a side, autotuned per family. The key names the variants that change the
-# work (the dtypes of the tensor arguments, and which are None, join it automatically); the
-# overflow flag is reset before each trial (a trial's notes must not decide the next one's).
-_TUNED = configs.Tuned(_backward_kernel, "BWD_CONFIGS", key=["KEY_O", "KEY_T", "D", "OWN_IS_X", "FULL", "N_TGT"],
-                       reset=["overflow_ptr"])
+@triton.heuristics({
+    "CE": lambda a: a["tgt_ptr"] is not None,
+    "FROM_LOGITS": lambda a: a["lg_ptr"] is not None,
+    "HAS_WEIGHT": lambda a: a["cw_ptr"] is not None,
+    "HAS_SOFT": lambda a: a["soft_ptr"] is not None,
+    "NEED_DP": lambda a: a["dp_ptr"] is not None,
+    "HAS_SCAL": lambda a: a["scal_ptr"] is not None,
+})
+# Sizes, the autotuning keys and the strides are not specialised on (== 1, divisible by 16): each
+# combination would be another build (compile time on a GPU's first run); D is, for the alignment of
+# the GEMM's row loads.
+@triton.jit(do_not_specialize=["n_own", "n_oth", "oth_per_split", "near_cap", "KEY_O", "KEY_T", "stride_g_own",
+                               "stride_g_oth", "stride_lg_own", "stride_lg_oth", "stride_sb", "stride_sc"])
+def _backward_kernel(
+        own_ptr, oth_ptr, own_n_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr,
+        own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, lam_ptr, gamma_ptr,
+        g_ptr, stride_g_own, stride_g_oth, lg_ptr, stride_lg_own, stride_lg_oth,
+        tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, margin_hi, margin_lo, w_pl_ptr, cw_ptr, soft_ptr, stride_sb,
+        stride_sc,
+        dp_ptr, ds_ptr, scal_ptr, near_ptr,
+        n_own, n_oth, D, eps_hi, eps_lo, tau, oth_per_split, near_cap, KEY_O, KEY_T,
+        BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        OWN_IS_X: tl.constexpr, FULL: tl.constexpr,
+        IMPL: tl.constexpr, PREC: tl.constexpr, NEAR_P: tl.constexpr, NEAR_K: tl.constexpr, NEAR_DOT: tl.constexpr,
+        BF16_BY_HAND: tl.constexpr, LOCAL64: tl.constexpr, N_TGT: tl.constexpr,
+        CE: tl.constexpr, FROM_LOGITS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFT: tl.constexpr,
+        NEED_DP: tl.constexpr, HAS_SCAL: tl.constexpr):
+    """Partial ∂own'[rows, chunk of D] over one split of the other side (module docstring).
+
+    Parameters (each documented here once; `backward_side` passes them by keyword):
+      own_ptr, oth_ptr [n, D]            x', mu' (or mu', x') as the GEMM takes them (operand dtype)
+      own_n_ptr, oth_n_ptr [n]           their squared norms (compute dtype)
+      s_*_hi_ptr, s_*_lo_ptr [n]         s = raw·beta in hi + lo parts (common._pair_s)
+      own_raw_ptr, oth_raw_ptr [n, D]    the raw rows (compute dtype), for the exact path
+      lc_ptr [D] or [D, D], beta_ptr [D] the metric factor and the 1-form; lam_ptr, gamma_ptr 0-dim f64
+      g_ptr, stride_g_*                  logits family: ∂loss/∂logits [B, C], strides in own/other order
+      lg_ptr, stride_lg_*                the forward's logits (FROM_LOGITS), or None: recompute tiles
+      tgt_ptr [B, N_TGT]                 CE family: targets; w_lse, w_tl, w_sl, lse [B] f64
+      margin_hi, margin_lo               CE: the margin as two fp32 halves
+      w_pl_ptr, soft_ptr, stride_s*      CE: the dense probability target's weight [B] and P [B, C], or None
+      cw_ptr [C]                         CE: class weights, or None
+      dp_ptr [splits, n_own, D]          out: ∂own' partials (None: not needed, NEED_DP off)
+      ds_ptr [splits, n_own] f64         out: ∂s_own partials (chunk 0 only)
+      scal_ptr [splits, row blocks, 2]   out: (Σ H·r, −Σ G·dist), x side only (None: not needed)
+      near_ptr, near_cap                 the notes of near pairs, near_cap per program
+      n_own, n_oth, D                    sizes; eps_hi + eps_lo = eps; tau: the near threshold
+      oth_per_split                      rows of the other side per split (grid axis 1)
+      KEY_O, KEY_T                       power-of-two buckets of n_own, n_oth: the autotuning key only
+      BLOCK_O, BLOCK_T, BLOCK_K          tile rows (own, other) and the GEMM's K step (the config)
+      BLOCK_D                            the chunk of D a program accumulates (grid axis 2)
+      OWN_IS_X                           own side is x' (the CE row data belongs to it; scal written)
+      FULL, IMPL, PREC                   full Lc; how the GEMM tiles multiply (common.DOT/DOT_UPCAST/FMA)
+      NEAR_P, NEAR_K, NEAR_DOT           the exact path's block of pairs, K step, tl.dot use
+      BF16_BY_HAND, LOCAL64              interpreter bf16 rounding; int64 offsets inside a block
+      N_TGT                              targets per row (CE)
+      CE .. HAS_SCAL                     derived from which pointers are None (triton.heuristics)
+
+    grid = (row blocks of own, splits of oth, chunks of D). The CE family's row data (target,
+    weights, lse) belongs to the batch side: indexed by own rows when OWN_IS_X, else by the other's.
+
+    The program walks the other side once (`_walk`): FROM_LOGITS takes q from the logits tile
+    where the logits carry d, else from a recomputed GEMM tile, and near pairs are noted (near_cap
+    per program, in tile order) and handled after the loop, NEAR_P at a time, so the loop keeps its
+    registers for the GEMM epilogue. If the program meets more than near_cap of them, or the logits
+    carry no d, it walks again with GEMM tiles and the near pairs handled inside the loop (that
+    program only; no host sync, no second launch). Operands of both GEMMs come through the
+    pipelined loads; holding the own block in registers across the loop, as flash attention holds
+    Q, spilled 0.2-1.8 KB per thread in sm_90 builds.
+    """
+    pid_o = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    acc_t = own_n_ptr.dtype.element_ty
+
+    # 64-bit offsets at block corners, int32 inside a block (int64 with LOCAL64, where the
+    # gradient's or the logits' strides could carry them past 2³¹), as in the forward.
+    o0 = pid_o * BLOCK_O
+    lo = tl.arange(0, BLOCK_O)
+    om = lo < n_own - o0
+    ro = o0.to(tl.int64) + lo
+    rd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = rd < D
+    own_n = tl.load(own_n_ptr + o0 + lo, mask=om, other=0.0)
+    s_own_hi = tl.load(s_own_hi_ptr + o0 + lo, mask=om, other=0.0)
+    s_own_lo = tl.load(s_own_lo_ptr + o0 + lo, mask=om, other=0.0)
+    own_block = own_ptr + o0.to(tl.int64) * D
+    if LOCAL64:
+        g_rows = lo.to(tl.int64)[:, None] * stride_g_own
+        lg_rows = lo.to(tl.int64)[:, None] * stride_lg_own
+    else:
+        g_rows = lo[:, None] * stride_g_own
+        lg_rows = lo[:, None] * stride_lg_own
+    lam = tl.load(lam_ptr).to(acc_t)
+    gamma = tl.load(gamma_ptr).to(acc_t)
+    eps = _load_eps(eps_hi, eps_lo, acc_t)
+    margin = 0.0
+    if CE:
+        margin = _load_eps(margin_hi, margin_lo, acc_t)
+    w_lse_o = tl.zeros((BLOCK_O,), dtype=acc_t)
+    lse_o = w_lse_o
+    if CE:
+        if OWN_IS_X:
+            w_lse_o = tl.load(w_lse_ptr + ro, mask=om, other=0.0).to(acc_t)
+            lse_o = tl.load(lse_ptr + ro, mask=om, other=0.0).to(acc_t)
+    program = (pid_o.to(tl.int64) * tl.num_programs(1) + pid_s) * tl.num_programs(2) + pid_d
+    SCAL: tl.constexpr = OWN_IS_X and HAS_SCAL
+
+    t_begin = pid_s * oth_per_split
+    t_end = tl.minimum(t_begin + oth_per_split, n_oth)
+    # The first walk takes q from the logits (FROM_LOGITS) where they carry d, else from GEMM tiles,
+    # and notes the near pairs. Where the logits carry no d, or the notes overflowed, a second walk
+    # recomputes everything from GEMM tiles with the near pairs handled inside the loop: a runtime
+    # branch around a whole loop, each loop with its own register allocation (a branch between the
+    # two sources inside one loop spilled 7.5-8.8 KB per thread in sm_90 builds).
+    t_first = t_end
+    if FROM_LOGITS:
+        t_first = tl.where(_logits_carry_d(gamma), t_end, t_begin)
+    pm_acc, rowsum, rsum, hr, gd, redo = _walk(
+        own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, own_raw_ptr,
+        oth_raw_ptr, lc_ptr, beta_ptr, g_ptr, stride_g_own, stride_g_oth, lg_ptr, stride_lg_own,
+        stride_lg_oth, tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr,
+        stride_sb, stride_sc, near_ptr, program * near_cap, near_cap, t_begin, t_first, D, tau, pid_d, o0,
+        lo, om, ro, rd, dm, own_n, s_own_hi, s_own_lo, own_block, g_rows, lg_rows, lam, gamma, eps, margin,
+        w_lse_o, lse_o, BLOCK_O, BLOCK_T, BLOCK_K, BLOCK_D, OWN_IS_X, False, FULL, IMPL, PREC, NEAR_P,
+        NEAR_K, NEAR_DOT, BF16_BY_HAND, N_TGT, CE, FROM_LOGITS, HAS_WEIGHT, HAS_SOFT, NEED_DP, SCAL)
+    if FROM_LOGITS:
+        redo = redo | (t_first == t_begin)
+    if redo:
+        pm_acc, rowsum, rsum, hr, gd, _ = _walk(
+            own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, own_raw_ptr,
+            oth_raw_ptr, lc_ptr, beta_ptr, g_ptr, stride_g_own, stride_g_oth, lg_ptr, stride_lg_own,
+            stride_lg_oth, tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr,
+            stride_sb, stride_sc, near_ptr, program * near_cap, near_cap, t_begin, t_end, D, tau, pid_d, o0, lo,
+            om, ro, rd, dm, own_n, s_own_hi, s_own_lo, own_block, g_rows, lg_rows, lam, gamma, eps, margin,
+            w_lse_o, lse_o, BLOCK_O, BLOCK_T, BLOCK_K, BLOCK_D, OWN_IS_X, True, FULL, IMPL, PREC, NEAR_P,
+            NEAR_K, NEAR_DOT, BF16_BY_HAND, N_TGT, CE, False, HAS_WEIGHT, HAS_SOFT, NEED_DP, SCAL)
+
+    out_row0 = pid_s.to(tl.int64) * n_own + o0
+    if NEED_DP:
+        own = tl.load(own_block + lo[:, None] * D + rd[None, :], mask=om[:, None] & dm[None, :], other=0.0)
+        d_own = rowsum[:, None] * own.to(acc_t) - pm_acc
+        tl.store(dp_ptr + out_row0 * D + lo[:, None] * D + rd[None, :], d_own, mask=om[:, None] & dm[None, :])
+    if pid_d == 0:
+        tl.store(ds_ptr + out_row0 + lo, rsum, mask=om)
+        if SCAL:
+            slot = (pid_s.to(tl.int64) * tl.num_programs(0) + pid_o) * 2
+            tl.store(scal_ptr + slot, tl.sum(hr))
+            tl.store(scal_ptr + slot + 1, -tl.sum(gd))
+
+
+# The kernel, autotuned per family. The key names the variants that change the work (the dtypes of
+# the tensor arguments, and which are None, join it automatically). Nothing needs a reset between
+# trials: each trial writes every output it owns, and accumulates into none.
+_TUNED = configs.Tuned(_backward_kernel, "BWD_CONFIGS", key=["KEY_O", "KEY_T", "D", "OWN_IS_X", "FULL", "N_TGT"])
 
 
 def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None, need_dp: bool = True,
@@ -441,7 +472,7 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None, need_dp: b
         own, oth, own_n, oth_n, s_own, s_oth, own_raw, oth_raw = o.mup, o.xp, o.mn, o.xn, o.smu, o.sx, o.mu, o.x
     n_own, n_oth, D = own.shape[0], oth.shape[0], o.D
     family = o.family
-    block_d = min(configs.BWD_BLOCK_D[family], max(16, triton.next_power_of_2(D)))
+    block_d = configs.chunk_of_d(configs.BWD_BLOCK_D[family], D)
     # D = 0 still needs ds and the scalars; without ∂own' one chunk computes everything else.
     n_chunks = max(1, triton.cdiv(D, block_d)) if need_dp else 1
     # Split the other side when the own side alone would leave the device idle; each split's
@@ -460,7 +491,6 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None, need_dp: b
     near_cap = configs.BWD_NEAR_CAP
     notes = torch.empty(triton.cdiv(n_own, min_rows) * splits * n_chunks * near_cap, dtype=torch.int64,
                         device=o.device)
-    overflow = torch.zeros(notes.numel() // near_cap, dtype=torch.int32, device=o.device)  # per program
 
     def oriented(t):  # strides of a [B, C] tensor in (own, other) order
         return (t.stride(0), t.stride(1)) if own_is_x else (t.stride(1), t.stride(0))
@@ -469,7 +499,7 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None, need_dp: b
                 s_own_lo_ptr=s_own[1], s_oth_hi_ptr=s_oth[0], s_oth_lo_ptr=s_oth[1], own_raw_ptr=own_raw,
                 oth_raw_ptr=oth_raw, lc_ptr=o.lc, beta_ptr=o.beta, lam_ptr=o.lam, gamma_ptr=o.gamma,
                 g_ptr=None, stride_g_own=0, stride_g_oth=0, lg_ptr=None, stride_lg_own=0, stride_lg_oth=0,
-                dp_ptr=dp, ds_ptr=ds, scal_ptr=scal, near_ptr=notes, overflow_ptr=overflow,
+                dp_ptr=dp, ds_ptr=ds, scal_ptr=scal, near_ptr=notes,
                 n_own=n_own, n_oth=n_oth, D=D, eps_hi=o.eps_hi, eps_lo=o.eps_lo, tau=o.tau, oth_per_split=per_split,
                 near_cap=near_cap, KEY_O=triton.next_power_of_2(n_own), KEY_T=triton.next_power_of_2(n_oth))
     if ce is not None:
@@ -487,18 +517,10 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None, need_dp: b
     meta = dict(BLOCK_D=block_d, OWN_IS_X=own_is_x, FULL=o.full, IMPL=o.impl, PREC=o.prec, NEAR_P=near_p,
                 NEAR_K=near_k, NEAR_DOT=near_dot, BF16_BY_HAND=o.bf16_by_hand,
                 LOCAL64=256 * max(sum(strides[0:2]), sum(strides[2:4])) >= 2 ** 31)
-    first = dict(args, lg_ptr=logits, **meta)
     if logits is not None:
-        first.update(stride_lg_own=stride_lg[0], stride_lg_oth=stride_lg[1])
+        args.update(lg_ptr=logits, stride_lg_own=stride_lg[0], stride_lg_oth=stride_lg[1])
     with common.device_ctx(o.device):
-        # The first launch notes its near pairs (from the logits where given, doing nothing where
-        # they cannot carry d); the INLINE launch, with the configuration the first one ran with,
-        # does nothing unless a program overflowed its notes, or (after a launch from the logits)
-        # the logits carry no d. It recomputes the tiles.
-        tuned = _TUNED[family]
-        tuned[grid](INLINE=False, FALLBACK=False, **first)
-        config = tuned.best_config
-        _TUNED.kernel[grid](INLINE=True, FALLBACK=logits is not None, **args, **meta, **config.all_kwargs())
+        _TUNED[family][grid](**args, **meta)
     d_own = None if dp is None else (dp.view(n_own, D) if splits == 1 else dp.sum(0))
     ds_own = ds.view(n_own) if splits == 1 else ds.sum(0)
     scalar_sums = (scal[..., 0].sum(), scal[..., 1].sum()) if scal is not None else None

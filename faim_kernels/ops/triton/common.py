@@ -447,7 +447,7 @@ class Operands:
             with device_ctx(self.device):
                 _side_prep_kernel[(triton.cdiv(n, BLOCK_R),)](
                     v, raw, self.beta, s, norm, hi, lo, n, self.D, S_FROM_RAW=s_from_raw,
-                    BLOCK_R=BLOCK_R, BLOCK_D=min(128, max(16, triton.next_power_of_2(self.D))))
+                    BLOCK_R=BLOCK_R, BLOCK_D=64)  # one build for every D (O(n·D) work: not a hot spot)
         return norm, (hi, lo), s
 
     def near_tiles(self):
@@ -485,7 +485,7 @@ class Operands:
         diag = want_dlc and not self.full
         if n == 0 or D == 0:
             return torch.zeros(D, **f64), torch.zeros(D, **f64)
-        BLOCK_R, BLOCK_D = 32, min(64, max(16, triton.next_power_of_2(D)))
+        BLOCK_R, BLOCK_D = 32, 64  # one build for every D (O(n·D) work: not a hot spot)
         n_chunks = triton.cdiv(D, BLOCK_D)
         splits = max(1, min(triton.cdiv(n, 4 * BLOCK_R), triton.cdiv(parallel_width(self.device), n_chunks)))
         per_split = triton.cdiv(triton.cdiv(n, splits), BLOCK_R) * BLOCK_R

@@ -8,16 +8,20 @@ import triton
 
 from .common import INTERPRET
 
-# FAIM_TRITON_AUTOTUNE=0 pins the first config of each list (quick start, e.g. for test runs).
-AUTOTUNE = os.environ.get("FAIM_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+# The first config of each list is pinned unless FAIM_TRITON_AUTOTUNE=1: pinned configs give
+# bitwise the same results in every process (autotuning picks by timing, which varies between
+# processes, and the configs differ in block and warp counts, hence in summation order) and no
+# stall on the first call of each shape bucket (3-5 configs built and timed per kernel). Opt in
+# where the last percent of speed matters more than either.
+AUTOTUNE = os.environ.get("FAIM_TRITON_AUTOTUNE", "0") == "1" and not INTERPRET
 
 # Capacity of the logits forward's list of near pairs; None: max(1024, 2·(B + C)). A tile with
 # more than NEAR_PER_TILE of them, or whose pairs pass the capacity, is listed as a tile instead
 # (the fix-up then recomputes every pair of that tile, and only of that tile).
 NEAR_CAPACITY = None
 NEAR_PER_TILE = 64
-# Pairs at risk a backward program notes for after its loop; more send the whole backward
-# through its second launch, which handles them inside the loop (slow, any number).
+# Near pairs a backward program notes for after its loop; a program meeting more walks the other
+# side again with them handled inside the loop (that program only; any number).
 BWD_NEAR_CAP = 128
 
 
@@ -52,6 +56,13 @@ BWD_CONFIGS = {
     "fp64": [_bwd_cfg(16, 16, 16, 4, 1)],
     "interpret": [_bwd_cfg(16, 32, 32, 4, 1)],
 }
+def chunk_of_d(widest: int, D: int) -> int:
+    """The chunk of D for a kernel whose widest chunk is `widest`: 64 where D <= 64, else the widest.
+    Two values, not one per power of two: each value is another build of the kernel (compile time
+    on a GPU's first run), and below 64 the narrower chunk saves little."""
+    return min(widest, 64) if D <= 64 else widest
+
+
 # Widest chunk of D a backward program accumulates ([BLOCK_O, BLOCK_D] in registers); wider D is
 # split across programs, each recomputing the GEMM tiles. Chosen with the configs above so that
 # sm_90 builds spill at most ~100 bytes per thread (wider chunks spilled 0.5-3 KB).

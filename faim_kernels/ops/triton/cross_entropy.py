@@ -162,7 +162,7 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
     o = _operands(x, mu, lc, beta, lam, gamma, eps, tau)
     rows = _rows(target, margin, class_weight, soft_target)
     bl = dict(configs.CE_FWD_BLOCKS[o.family])
-    bl["BLOCK_D"] = min(bl["BLOCK_D"], max(16, triton.next_power_of_2(o.D)))
+    bl["BLOCK_D"] = configs.chunk_of_d(bl["BLOCK_D"], o.D)
     n_rb, n_tiles = triton.cdiv(B, bl["BLOCK_B"]), triton.cdiv(C, bl["BLOCK_C"])
     splits = max(1, min(triton.cdiv(common.parallel_width(o.device), n_rb), n_tiles))
     per_split = triton.cdiv(n_tiles, splits) * bl["BLOCK_C"]
