@@ -80,7 +80,7 @@ FAMILIES = {
 def fwd_ptrs(op, acc):
     return dict(xp_ptr=op, mup_ptr=op, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
                 smu_lo_ptr=acc, lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32",
-                near_c_ptr="i32")
+                near_c_ptr="i32", near_tile_ptr="i32")
 
 
 def bwd_ptrs(op, acc, ce, from_logits, opts):
@@ -105,11 +105,12 @@ BWD_OPTIONAL = ("g_ptr", "lg_ptr", "tgt_ptr", "w_lse_ptr", "w_tl_ptr", "w_sl_ptr
 
 def fixup_ptrs(op, acc):
     return dict(x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc, smu_lo_ptr=acc,
-                lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32", near_c_ptr="i32")
+                lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32", near_c_ptr="i32",
+                near_tile_ptr="i32")
 
 
-def ce_fwd_ptrs(acc):
-    return dict(xp_ptr=acc, mup_ptr=acc, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
+def ce_fwd_ptrs(op, acc):
+    return dict(xp_ptr=op, mup_ptr=op, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
                 smu_lo_ptr=acc, x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, tgt_ptr="i64", lam_ptr="fp64", gamma_ptr="fp64",
                 part_ptr="fp64", cw_ptr=acc, soft_ptr=acc)
 
@@ -187,13 +188,13 @@ def variants(quick):
                                    if not ce_opts[flag]})
                     warps = configs.ce_fwd_warps(bl, ce_opts["N_TGT"], ce_opts["HAS_SOFT"])
                     out.append((f"ce_fwd {fam} full={full} {ce_opts} w{warps}", cross_entropy._ce_fwd_kernel,
-                                ce_fwd_ptrs(acc), consts, warps, 2, ()))
+                                ce_fwd_ptrs(op, acc), consts, warps, 2, ()))
             if fam in ("half", "ieee", "fp64"):
                 for full in ((True,) if quick else (False, True)):
                     consts = dict(FULL=full, BLOCK_P=16, BLOCK_K=near_k, BLOCK_J=32 if acc == "fp64" else 64,
                                   USE_DOT=acc == "fp32", BF16_BY_HAND=False)
                     out.append((f"fixup {op} full={full}", logits._logits_fixup_kernel, fixup_ptrs(op, acc), consts,
-                                4, 2, ("n_pairs",)))
+                                4, 2, ()))
                 for from_raw in (True, False):
                     consts = dict(S_FROM_RAW=from_raw, BLOCK_R=32, BLOCK_D=128)
                     out.append((f"side_prep {op} s_from_raw={from_raw}", common._side_prep_kernel,

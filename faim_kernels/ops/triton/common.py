@@ -235,7 +235,8 @@ def _load_eps(eps_hi, eps_lo, dtype: tl.constexpr):
 # Side kernels: O((B + C)·D) work per side, one launch each
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit
+# The side kernels are O(n·D) and not specialised on sizes: one build per dtype and variant.
+@triton.jit(do_not_specialize=["n", "D"])
 def _side_prep_kernel(v_ptr, raw_ptr, beta_ptr, s_ptr, norm_ptr, hi_ptr, lo_ptr, n, D,
                       S_FROM_RAW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """For one side (x' with sx, or mu' with smu): norm[i] = Σ_k v[i, k]² from v's values as
@@ -267,7 +268,7 @@ def _side_prep_kernel(v_ptr, raw_ptr, beta_ptr, s_ptr, norm_ptr, hi_ptr, lo_ptr,
     tl.store(lo_ptr + r, lo.to(acc.dtype), mask=rm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "D", "rows_per_split"])
 def _side_grad_kernel(raw_ptr, m_ptr, dvp_ptr, ds_ptr, dbeta_ptr, dlc_ptr, n, D, rows_per_split,
                       DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """The column sums of one side's chain rule, over one split of its rows, in float64:

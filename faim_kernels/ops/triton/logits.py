@@ -98,7 +98,8 @@ def _logits_fwd_kernel(
             tl.store(near_c_ptr + start + k, c0 + f % BLOCK_C)
 
 
-@triton.jit(do_not_specialize=["capacity"])
+# Nothing here is specialised on sizes (one build per dtype and Σ mode): its loads are per pair.
+@triton.jit(do_not_specialize=["B", "C", "D", "capacity", "tile_b", "tile_c"])
 def _logits_fixup_kernel(
         x_ptr, mu_ptr, lc_ptr, beta_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr, gamma_ptr, out_ptr,
         count_ptr, near_b_ptr, near_c_ptr, near_tile_ptr,
