@@ -289,3 +289,23 @@ def test_grad_mask_skips_unneeded_gradients(family):
 
 def fk_names():
     return ["x", "mu", "L", "beta", "lam", "gamma"]
+
+
+def test_grad_mask_at_the_launchers():
+    """The backward launchers return an empty tensor of its input's dtype for a gradient grad_mask
+    does not ask for, and the asked ones as the full backward gives them."""
+    from faim_kernels.ops import triton as tri
+    x, mu, L, beta, lam, gamma = _near(9, 17, 12, full=True, seed=27)
+    lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
+    tau = fk.transform.risk_threshold(12, torch.float32)
+    logits, xp, mup, sx, smu = tri.logits.forward(x, mu, lc, beta, lam, gamma, 1e-6, tau)
+    grad = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    full = tri.logits.backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, 1e-6, tau)
+    for mask in (1, 2, 4, 8, 48, 1 | 32):
+        got = tri.logits.backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, 1e-6, tau,
+                                  grad_mask=mask)
+        for k, (g, f, t) in enumerate(zip(got, full, (x, mu, lc, beta, lam, gamma))):
+            if mask >> k & 1:
+                torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6)
+            else:
+                assert g.numel() == 0 and g.dtype == t.dtype, (mask, k)

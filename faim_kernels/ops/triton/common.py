@@ -102,6 +102,16 @@ def _gemm_q(dot, n_row, n_col, tau):
 
 
 @triton.jit
+def _rsqrt_no_flush(v):
+    """1/sqrt(v) for v >= 0. On the GPU tl.rsqrt is rsqrt.approx.ftz (about 2^-22 relative, well
+    inside float32's far-pair bound), which flushes a subnormal v to 0 and returns +inf: with eps = 0
+    a finite pair with a subnormal q would get d = +inf. Values below 2^-100 are scaled by 2^100
+    first and the result by 2^50 (exact powers of two), so no subnormal reaches it."""
+    tiny = v < 7.888609052210118e-31  # 2^-100
+    return tl.rsqrt(tl.where(tiny, v * 1.2676506002282294e30, v)) * tl.where(tiny, 1125899906842624.0, 1.0)
+
+
+@triton.jit
 def _pair_distance(q, s, lam, eps):
     """(a, r, d, 1/a, 1/r) with a = sqrt(q + eps), r = sqrt(s² + eps), d = a + λ·r (SPEC Eq. 2).
     q < 0 (rounding) counts as 0; NaN stays NaN; a = 0 (or r = 0) where eps = 0 at a hit.
@@ -110,8 +120,8 @@ def _pair_distance(q, s, lam, eps):
     at a small fraction of the tensor cores' rate."""
     qe = tl.where(q < 0, 0.0, q) + eps
     se = s * s + eps
-    ia = tl.rsqrt(qe)
-    ir = tl.rsqrt(se)
+    ia = _rsqrt_no_flush(qe)
+    ir = _rsqrt_no_flush(se)
     a = tl.where(qe == 0, 0.0, qe * ia)
     r = tl.where(se == 0, 0.0, se * ir)
     return a, r, a + lam * r, ia, ir
