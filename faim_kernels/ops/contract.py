@@ -242,8 +242,9 @@ def autograd_function(family: str, forward, backward):
     formula, running the given forward and backward kernels directly instead of through the
     dispatcher. Used for the Triton kernels on CPU tensors under Triton's interpreter (tests)."""
     setup_context, backward_with = _FORMULAS[family]
-    # (grad_mask: the Python launchers take it; the ops' schemas gain it with the C++ kernels)
-    backward_formula = backward_with(_once_differentiable(family, backward), takes_grad_mask=True)  # (the class body below rebinds the name `backward`)
+    # (grad_mask: the Python launchers take it; the ops' schemas gain it with the C++ kernels. The
+    # class body below rebinds the name `backward`.)
+    backward_formula = backward_with(_once_differentiable(family, backward), takes_grad_mask=True)
 
     class _Op(torch.autograd.Function):
         @staticmethod

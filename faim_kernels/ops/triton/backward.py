@@ -29,8 +29,9 @@ Near pairs (q < tau·(|own'|² + |oth'|²), SPEC §2.1, and every CE target) con
 the tile sums: the loop notes them and all their terms are added after it from the exact q, in the
 order met, so every sum runs in the same order on every call with the same launch configuration
 (no float atomics). A program meeting more than `configs.BWD_NEAR_CAP` of them walks the other side
-again with them handled inside the loop, tile by tile, NEAR_P at a time: that program only. Where the other side is long and the own side
-short, it is split across programs whose partial sums are added in a fixed order afterwards.
+again with them handled inside the loop, tile by tile, NEAR_P at a time: that program only. Where
+the other side is long and the own side short, it is split across programs whose partial sums are
+added in a fixed order afterwards.
 
 Gradients only where needed (`grad_mask`): a side whose ∂own' feeds no needed gradient (its raw
 rows and L are frozen) runs without the P·oth' product and its D chunks (NEED_DP off); a side whose
@@ -261,8 +262,8 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
                 em = e0 + tl.arange(0, NEAR_P) < n_near
                 i_v = code // BLOCK_T
                 pd, R_e, hr_e, gd_e = _exact_terms(
-                    own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, o0.to(tl.int64) + i_v, t0 + (code % BLOCK_T).to(tl.int64),
-                    em, pid_d * BLOCK_D, D,
+                    own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, o0.to(tl.int64) + i_v,
+                    t0 + (code % BLOCK_T).to(tl.int64), em, pid_d * BLOCK_D, D,
                     s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                     tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                     w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,

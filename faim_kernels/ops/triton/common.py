@@ -5,11 +5,12 @@ the prepared operands of one op call.
 
 GEMM operand precision (see `gemm_mode`), following PyTorch's own switch: float32 runs tl.dot in
 IEEE fp32 where torch.get_float32_matmul_precision() is "highest" (PyTorch's default) and in TF32
-where it is "high" or "medium" (or torch.backends.cuda.matmul.fp32_precision = "tf32"); then x', mu' are rounded to TF32 first, so that the
-norms see the same values as the tensor cores, and tau is raised for that rounding (about 1e-3
-relative instead of 1e-4, like any TF32 matmul). float16/bfloat16 x (the logits op takes them as
-they are) gives x', mu' in that type, and tl.dot runs in it with fp32 accumulation, tau raised
-likewise. float64 runs as broadcast-multiply-sum: correct everywhere, not fast.
+where it is "high" or "medium" (or torch.backends.cuda.matmul.fp32_precision = "tf32"); then x', mu'
+are rounded to TF32 first, so that the norms see the same values as the tensor cores, and tau is
+raised for that rounding (about 1e-3 relative instead of 1e-4, like any TF32 matmul).
+float16/bfloat16 x (both ops take them as they are) gives x', mu' in that type, and tl.dot
+runs in it with fp32 accumulation, tau raised likewise. float64 runs as broadcast-multiply-sum:
+correct everywhere, not fast.
 """
 from __future__ import annotations
 
