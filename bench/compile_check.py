@@ -27,7 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from faim_kernels.ops.triton import backward, common, configs, cross_entropy, logits, topk  # noqa: E402
 
-FLOAT_ARGS = ("eps_hi", "eps_lo", "tau")
+FLOAT_ARGS = ("eps_hi", "eps_lo", "tau", "margin_hi", "margin_lo")
 ALIGNED_INTS = ("D",)  # Triton specializes a multiple of 16 at launch; D usually is one
 
 
@@ -37,6 +37,8 @@ def _tool(name):
 
 def build(fn, ptr_types, constexprs, num_warps, num_stages, arch, int64_args=()):
     """Compiles fn for the target; returns (seconds, resource-usage line, instruction counts)."""
+    while not isinstance(fn, triton.runtime.JITFunction):  # under triton.heuristics / autotune
+        fn = fn.fn
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -78,29 +80,39 @@ FAMILIES = {
 def fwd_ptrs(op, acc):
     return dict(xp_ptr=op, mup_ptr=op, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
                 smu_lo_ptr=acc, lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32",
-                near_c_ptr="i32")
+                near_c_ptr="i32", near_tile_ptr="i32")
 
 
-def bwd_ptrs(op, acc, ce):
-    """As backward_side passes them: the other family's pointers are the float64 λ (never read)."""
-    unused = "fp64"
-    return dict(own_ptr=op, oth_ptr=op, own_n_ptr=acc, oth_n_ptr=acc, s_own_hi_ptr=acc, s_own_lo_ptr=acc,
+def bwd_ptrs(op, acc, ce, from_logits, opts):
+    """As backward_side passes them; an absent input is None (a constexpr of the build)."""
+    ptrs = dict(own_ptr=op, oth_ptr=op, own_n_ptr=acc, oth_n_ptr=acc, s_own_hi_ptr=acc, s_own_lo_ptr=acc,
                 s_oth_hi_ptr=acc, s_oth_lo_ptr=acc, own_raw_ptr=acc, oth_raw_ptr=acc, lc_ptr=acc, beta_ptr=acc,
-                g_ptr=unused if ce else op, lg_ptr=unused if ce else op,
-                tgt_ptr="i64" if ce else unused, w_lse_ptr="fp64", w_tl_ptr="fp64", w_sl_ptr="fp64", lse_ptr="fp64",
-                margin_ptr="fp64", w_pl_ptr="fp64", cw_ptr=acc if ce else unused, soft_ptr=acc if ce else unused, lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64",
-                near_ptr="i64", overflow_ptr="i32")
+                lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64", near_ptr="i64")
+    if ce:
+        ptrs.update(tgt_ptr="i64", w_lse_ptr="fp64", w_tl_ptr="fp64", w_sl_ptr="fp64", lse_ptr="fp64")
+        if opts["HAS_SOFT"]:
+            ptrs.update(w_pl_ptr="fp64", soft_ptr=acc)
+        if opts["HAS_WEIGHT"]:
+            ptrs.update(cw_ptr=acc)
+    else:
+        ptrs.update(g_ptr=op, **(dict(lg_ptr=op) if from_logits else {}))
+    return ptrs
+
+
+BWD_OPTIONAL = ("g_ptr", "lg_ptr", "tgt_ptr", "w_lse_ptr", "w_tl_ptr", "w_sl_ptr", "lse_ptr", "w_pl_ptr", "cw_ptr",
+                "soft_ptr")
 
 
 def fixup_ptrs(op, acc):
     return dict(x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc, smu_lo_ptr=acc,
-                lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32", near_c_ptr="i32")
+                lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32", near_c_ptr="i32",
+                near_tile_ptr="i32")
 
 
-def ce_fwd_ptrs(acc):
-    return dict(xp_ptr=acc, mup_ptr=acc, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
+def ce_fwd_ptrs(op, acc):
+    return dict(xp_ptr=op, mup_ptr=op, xn_ptr=acc, mn_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc,
                 smu_lo_ptr=acc, x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, tgt_ptr="i64", lam_ptr="fp64", gamma_ptr="fp64",
-                margin_ptr="fp64", part_ptr="fp64", cw_ptr=acc, soft_ptr=acc)
+                part_ptr="fp64", cw_ptr=acc, soft_ptr=acc)
 
 
 # The cross-entropy's target forms as constexprs: class labels; two targets per row (the compact
@@ -116,14 +128,13 @@ def _ce_option_sets(ce, full, quick):
     return [CE_OPTIONS if full else CE_HARD] if quick else [CE_HARD, CE_OPTIONS]
 
 
-# The backward variants of a quick build, per family: (CE, FROM_LOGITS, FULL, INLINE). An INLINE
-# launch always recomputes its tiles; after a FROM_LOGITS launch it carries GAMMA0 (it also runs
-# where γ = 0). Half logits recompute their tiles; the cross-entropy runs in float32/float64 only.
+# The backward variants of a quick build, per family: (CE, FROM_LOGITS, FULL). Every variant holds
+# both walks (noting, and the recomputing one an overflow or logits without d take). Half logits
+# recompute their tiles; the cross-entropy runs in every family.
 _QUICK_BWD = {
-    "half": [(False, False, full, inline) for full in (False, True) for inline in (False, True)],
-    "ieee": [(False, True, False, False), (False, True, True, True), (True, False, False, False),
-             (True, False, True, True)],
-    "fp64": [(False, True, True, False), (True, False, True, False)],
+    "half": [(False, False, False), (True, False, True)],
+    "ieee": [(False, True, False), (False, True, True), (True, False, False), (True, False, True)],
+    "fp64": [(False, True, True), (True, False, True)],
 }
 
 
@@ -131,9 +142,9 @@ def _bwd_variants(fam, quick):
     if quick:
         return _QUICK_BWD.get(fam, [])
     out = []
-    for ce in ((False,) if fam == "half" else (False, True)):
+    for ce in (False, True):
         for from_logits in ((False,) if ce or fam == "half" else (False, True)):
-            out += [(ce, from_logits, full, inline) for full in (False, True) for inline in (False, True)]
+            out += [(ce, from_logits, full) for full in (False, True)]
     return out
 
 
@@ -153,34 +164,37 @@ def variants(quick):
                             logits._logits_fwd_kernel, fwd_ptrs(op, acc), consts, cfg.num_warps, cfg.num_stages, ()))
             bwd_cfgs = configs.BWD_CONFIGS[fam][:1] if quick else configs.BWD_CONFIGS[fam]
             for cfg in bwd_cfgs:
-                for ce, from_logits, full, inline in _bwd_variants(fam, quick):
+                for ce, from_logits, full in _bwd_variants(fam, quick):
                     for own_is_x, ce_opts in itertools.product((True,) if quick else (True, False),
                                                                _ce_option_sets(ce, full, quick)):
+                        ptrs = bwd_ptrs(op, acc, ce, from_logits, ce_opts)
                         consts = dict(cfg.kwargs, BLOCK_D=configs.BWD_BLOCK_D[fam], CE=ce, OWN_IS_X=own_is_x,
-                                      FROM_LOGITS=from_logits and not inline,
-                                      GAMMA0=from_logits and inline, FULL=full, INLINE=inline, IMPL=impl, PREC=prec,
+                                      FROM_LOGITS=from_logits, FULL=full, IMPL=impl, PREC=prec,
                                       NEAR_P=near_p, NEAR_K=near_k, NEAR_DOT=acc == "fp32", BF16_BY_HAND=False,
-                                      LOCAL64=False, **ce_opts)
+                                      LOCAL64=False, NEED_DP=True, HAS_SCAL=own_is_x, **ce_opts,
+                                      **{name: None for name in BWD_OPTIONAL if name not in ptrs})
                         out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} "
                                     f"{'ce' if ce else 'logits'} from_logits={from_logits} full={full} "
-                                    f"inline={inline} own_is_x={own_is_x}"
+                                    f"own_is_x={own_is_x}"
                                     + (f" {ce_opts}" if ce else ""), backward._backward_kernel,
-                                    bwd_ptrs(op, acc, ce), consts, cfg.num_warps, cfg.num_stages, ()))
+                                    ptrs, consts, cfg.num_warps, cfg.num_stages, ()))
             if fam in CE_FAMILIES:
                 bl = configs.CE_FWD_BLOCKS[fam]
                 for full, ce_opts in itertools.product((True,) if quick else (False, True), (CE_HARD, CE_OPTIONS)):
                     consts = dict(BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
                                   BLOCK_D=bl["BLOCK_D"], NEAR_K=near_k, FULL=full, IMPL=impl, PREC=prec,
                                   TGT_P=triton.next_power_of_2(ce_opts["N_TGT"]), **ce_opts)
+                    consts.update({name: None for name, flag in (("cw_ptr", "HAS_WEIGHT"), ("soft_ptr", "HAS_SOFT"))
+                                   if not ce_opts[flag]})
                     warps = configs.ce_fwd_warps(bl, ce_opts["N_TGT"], ce_opts["HAS_SOFT"])
                     out.append((f"ce_fwd {fam} full={full} {ce_opts} w{warps}", cross_entropy._ce_fwd_kernel,
-                                ce_fwd_ptrs(acc), consts, warps, 2, ()))
+                                ce_fwd_ptrs(op, acc), consts, warps, 2, ()))
             if fam in ("half", "ieee", "fp64"):
                 for full in ((True,) if quick else (False, True)):
                     consts = dict(FULL=full, BLOCK_P=16, BLOCK_K=near_k, BLOCK_J=32 if acc == "fp64" else 64,
                                   USE_DOT=acc == "fp32", BF16_BY_HAND=False)
                     out.append((f"fixup {op} full={full}", logits._logits_fixup_kernel, fixup_ptrs(op, acc), consts,
-                                4, 2, ("n_pairs",)))
+                                4, 2, ()))
                 for from_raw in (True, False):
                     consts = dict(S_FROM_RAW=from_raw, BLOCK_R=32, BLOCK_D=128)
                     out.append((f"side_prep {op} s_from_raw={from_raw}", common._side_prep_kernel,
@@ -219,7 +233,7 @@ def topk_variants(quick):
 
 
 # The cross-entropy's forward runs on float32 (IEEE or TF32) and float64 inputs.
-CE_FAMILIES = ("ieee", "tf32", "fp64")
+CE_FAMILIES = ("half", "ieee", "tf32", "fp64")
 
 
 def main(argv=None):

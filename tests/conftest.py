@@ -299,3 +299,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- a CUDA device assert is checked in a fresh process ----
+
+def assert_device_assert_in_subprocess(snippet: str, match: str = "out of range") -> None:
+    """Runs `snippet` (with torch, faim_kernels as fk and this file's helpers imported) in a fresh
+    Python process on CUDA and asserts that it fails with `match` or a device-side assert.
+    On CUDA a range check inside a kernel is an asynchronous device assert (as in F.cross_entropy):
+    it cannot raise a Python error at the call, and it leaves the CUDA context unusable, so a test
+    that provokes one in the pytest process would fail every later CUDA test."""
+    import subprocess
+    import sys
+    import textwrap
+    code = ("import sys; sys.path.insert(0, %r)\n" % os.path.dirname(__file__)
+            + "import torch\nimport faim_kernels as fk\nfrom conftest import *\n"
+            + textwrap.dedent(snippet) + "\ntorch.cuda.synchronize()\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, "the out-of-range call ran without an error:\n" + out[-2000:]
+    assert match in out or "device-side assert" in out, out[-2000:]

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import faim_kernels as fk
-from conftest import (assert_rel_close, backends, check_cross_entropy, contract_ops,
-                      interpreted_contract_ops, make_inputs, nearest_targets, per_backend, random_targets)
+from conftest import (assert_device_assert_in_subprocess, assert_rel_close, backends, check_cross_entropy,
+                      contract_ops, interpreted_contract_ops, make_inputs, nearest_targets, per_backend, random_targets)
 from faim_kernels.ops import row_stats as ce_ops
 
 FULL = pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
@@ -196,8 +196,13 @@ def test_validation(backend, device):
         fk.randers_cross_entropy(*args, target, label_smoothing=1.5, backend=backend)
     with pytest.raises(ValueError, match="reduction"):
         fk.randers_cross_entropy(*args, target, reduction="avg", backend=backend)
-    with pytest.raises(ValueError, match="out of range"):
-        fk.randers_cross_entropy(*args, torch.tensor([0, 1, 5, 2], device=device), backend=backend)
+    if device == "cuda":  # a device assert there: checked in a fresh process (it ends the CUDA context)
+        assert_device_assert_in_subprocess("""
+            args = make_inputs(4, 5, 3, device="cuda")
+            fk.randers_cross_entropy(*args, torch.tensor([0, 1, 5, 2], device="cuda"), backend="triton")""")
+    else:
+        with pytest.raises(ValueError, match="out of range"):
+            fk.randers_cross_entropy(*args, torch.tensor([0, 1, 5, 2], device=device), backend=backend)
     with pytest.raises(TypeError, match="target"):
         fk.randers_cross_entropy(*args, target.float(), backend=backend)
 
@@ -494,8 +499,15 @@ def test_option_validation(backend, device):
         fk.randers_cross_entropy(*args, pairs, margin=0.1, backend=backend)
     with pytest.raises(ValueError, match="requires grad"):
         fk.randers_cross_entropy(*args, dense.clone().requires_grad_(), backend=backend)
-    with pytest.raises(ValueError, match="out of range"):
-        fk.randers_cross_entropy(*args, pairs._replace(classes=pairs.classes + 5), backend=backend)
+    if device == "cuda":  # a device assert there: checked in a fresh process (it ends the CUDA context)
+        assert_device_assert_in_subprocess("""
+            args = make_inputs(4, 5, 3, device="cuda")
+            pairs = fk.SoftTargets(torch.zeros(4, 2, dtype=torch.long, device="cuda") + 5,
+                                   torch.ones(4, 2, device="cuda"))
+            fk.randers_cross_entropy(*args, pairs, backend="triton")""")
+    else:
+        with pytest.raises(ValueError, match="out of range"):
+            fk.randers_cross_entropy(*args, pairs._replace(classes=pairs.classes + 5), backend=backend)
     with pytest.raises(ValueError, match=r"\[B, k\]"):
         fk.randers_cross_entropy(*args, pairs._replace(probs=pairs.probs[:, :1]), backend=backend)
     with pytest.raises(ValueError, match="lse_square_scale"):

@@ -12,7 +12,8 @@ import torch
 import faim_kernels as fk
 from faim_kernels.ops import contract
 
-from conftest import assert_norm_close, assert_rel_close, contract_ops, make_inputs, reference64
+from conftest import (assert_device_assert_in_subprocess, assert_norm_close, assert_rel_close, contract_ops,
+                      make_inputs, reference64)
 
 FAMILIES = ("logits", "distance", "cross_entropy")
 
@@ -146,6 +147,14 @@ def test_cross_entropy_kernels_refuse_out_of_range_targets(backend, device, bad,
     fwd, _ = contract_ops("cross_entropy", backend)
     lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
     target = torch.tensor([[0, 1], [bad, 2], [-1, 4]] if pairs else [0, bad, -1], device=device)
+    if device == "cuda":  # a device assert there: checked in a fresh process (it ends the CUDA context)
+        assert_device_assert_in_subprocess(f"""
+            x, mu, L, beta, lam, gamma = make_inputs(3, 5, 4, device="cuda")
+            fwd, _ = contract_ops("cross_entropy", "triton")
+            lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
+            target = torch.tensor({target.tolist()}, device="cuda")
+            fwd(x, mu, lc, beta, lam, gamma, target, 1e-6, 0.01, 0.0)""")
+        return
     with pytest.raises((ValueError, RuntimeError), match="out of range"):
         fwd(x, mu, lc, beta, lam, gamma, target, 1e-6, 0.01, 0.0)
 

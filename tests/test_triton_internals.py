@@ -77,6 +77,27 @@ def test_near_pairs_per_tile_overflow(monkeypatch, configs):
     assert_rel_close(out, reference64(fk.reference.randers_logits, inputs), 1e-4)
 
 
+def test_overfull_tile_is_recomputed_alone(monkeypatch, configs):
+    """A forward tile with more near pairs than it lists is recomputed exactly, and only that tile:
+    every other logit is bitwise what the call without the overfull tile gives (the whole call's
+    pairs are not sent through the exact path)."""
+    inputs = _inputs(70, 90, 16, seed=26)
+    with torch.no_grad():
+        inputs[0][:4] = inputs[1][3] + 1e-3 * torch.randn(4, 16, device=DEVICE)  # four near pairs in one tile
+    default = fk.randers_logits(*inputs, backend="triton")
+    monkeypatch.setattr(configs, "NEAR_PER_TILE", 1)
+    overfull = fk.randers_logits(*inputs, backend="triton")
+    ref = reference64(fk.reference.randers_logits, inputs)
+    assert_rel_close(overfull, ref, 1e-4)
+    from faim_kernels.ops.triton import common
+    fam = "interpret" if common.INTERPRET else common.gemm_mode(torch.float32)[0]
+    cfg = configs.FWD_CONFIGS[fam][0].kwargs
+    tile_b, tile_c = cfg["BLOCK_B"], cfg["BLOCK_C"]
+    outside = torch.ones_like(default, dtype=torch.bool)
+    outside[:tile_b, (3 // tile_c) * tile_c:(3 // tile_c + 1) * tile_c] = False
+    assert torch.equal(overfull[outside], default[outside])
+
+
 @pytest.mark.parametrize("bwd_cap", [None, 4], ids=["noted", "inline"])
 @FULL
 def test_every_close_pair_recomputed(monkeypatch, configs, full, bwd_cap):
@@ -168,3 +189,123 @@ def test_64bit_offsets():
     out = fk.randers_logits(x, mu, L, beta, lam, gamma, backend="triton")
     (gx,) = torch.autograd.grad(out, [x], torch.ones_like(out))
     assert torch.isfinite(gx).all()
+
+
+@pytest.fixture
+def autotuning(monkeypatch, configs):
+    """Triton's real Autotuner on the real kernels, with two configs per kernel family and a
+    stand-in timing function (the interpreter has no benchmarker) that runs each trial twice and
+    ranks the configs in reverse, so the last config wins: the launches after tuning use a config
+    other than the pinned first one. Yields the number of trials timed."""
+    from faim_kernels.ops.triton import common
+    trials = []
+
+    def do_bench(kernel_call, quantiles=None, **_):
+        kernel_call()
+        kernel_call()
+        trials.append(1)
+        return [float(-len(trials))] * 3
+
+    monkeypatch.setattr(configs, "AUTOTUNE", True)
+    monkeypatch.setattr(configs, "DO_BENCH", do_bench)
+    # Two configs per family (the first and another): the GPU builds stay few.
+    b, f = configs.BWD_CONFIGS["interpret"][0], configs.FWD_CONFIGS["interpret"][0]
+    monkeypatch.setitem(configs.BWD_CONFIGS, "interpret", [b, configs._bwd_cfg(32, 16, 32, 4, 1)])
+    monkeypatch.setitem(configs.FWD_CONFIGS, "interpret", [f, configs._fwd_cfg(16, 32, 32, 4, 1, group=1)])
+    for table in (configs.BWD_CONFIGS, configs.FWD_CONFIGS):
+        for fam, cfgs in list(table.items()):
+            if fam != "interpret" and len(cfgs) > 2:
+                monkeypatch.setitem(table, fam, [cfgs[0], cfgs[-1]])
+    assert common.INTERPRET or HAS_CUDA
+    yield trials
+
+
+@pytest.mark.parametrize("bwd_cap", [None, 2], ids=["noted", "overflow"])
+def test_autotuned_backward_keeps_dlam_and_dgamma(autotuning, monkeypatch, configs, bwd_cap):
+    """With autotuning on, every gradient of the first backward of a shape is right: the scalar
+    sums of the first launch survive the second launch (which once was tuned on its own, its trials
+    zeroing them), and after an overflow the second launch covers the first one's program grid."""
+    if bwd_cap:
+        monkeypatch.setattr(configs, "BWD_NEAR_CAP", bwd_cap)
+    for seed, full in ((21, False), (22, True)):
+        check_logits(_near(12, 40, 24, full=full, seed=seed), "triton", fwd_tol=1e-4, grad_tol=1e-3)
+    inputs = _near(10, 36, 24, full=True, seed=23)
+    check_cross_entropy(inputs, nearest_targets(inputs).to(DEVICE), "triton", fwd_tol=1e-4, grad_tol=1e-3,
+                        reduction="none", margin=0.01)
+    assert len(autotuning) >= 4  # the forward and the backward were tuned, not pinned
+
+
+@pytest.mark.parametrize("gamma", [1e-40, 1e-44])
+def test_tiny_gamma_backward_recomputes_the_tiles(gamma):
+    """float32 γ = 1e-40: the logits −γ·d are subnormal (0 on a GPU, which flushes them) and
+    cannot give d back; the backward recomputes the tiles there, as it does for γ = 0. (The
+    interpreter keeps subnormals: at γ = 1e-44 they hold 1-2 digits, and the logits path was
+    percent-level off there; the upstream gradient of 1e30 keeps x.grad a normal number.)"""
+    for full in (False, True):
+        inputs = _inputs(9, 21, 16, full=full, seed=24, gamma=gamma)
+        for t in inputs:
+            t.requires_grad_()
+        out = fk.randers_logits(*inputs, backend="triton")
+        gx, gmu = torch.autograd.grad(out, inputs[:2], torch.full_like(out, 1e30))
+        ref_in = [t.detach().double().requires_grad_() for t in inputs]
+        ref = fk.reference.randers_logits(*ref_in)
+        rx, rmu = torch.autograd.grad(ref, ref_in[:2], torch.full_like(ref, 1e30))
+        assert_rel_close(gx.double(), rx, 1e-4, f"x.grad at gamma = {gamma}")
+        assert_rel_close(gmu.double(), rmu, 1e-4, f"mu.grad at gamma = {gamma}")
+
+
+@pytest.mark.parametrize("family", ["logits", "cross_entropy"])
+def test_grad_mask_skips_unneeded_gradients(family):
+    """Gradients only where needed: an input without requires_grad gets None, the others are the
+    full backward's, for a frozen backbone (x), frozen prototypes, a frozen metric, and only x;
+    the launchers return an empty tensor for a gradient grad_mask does not ask for."""
+    from faim_kernels.ops import triton as tri
+    inputs = _near(11, 26, 20, full=True, seed=25)
+    target = nearest_targets(inputs).to(DEVICE)
+
+    def grads(needs):
+        leaves = [t.detach().clone().requires_grad_(n) for t, n in zip(inputs, needs)]
+        if family == "logits":
+            out = fk.randers_logits(*leaves, backend="triton")
+            out = (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum()
+        else:
+            out = fk.randers_cross_entropy(*leaves, target, margin=0.01, backend="triton")
+        wanted = [t for t in leaves if t.requires_grad]
+        got = iter(torch.autograd.grad(out, wanted))
+        return [next(got) if t.requires_grad else None for t in leaves]
+
+    full = grads([True] * 6)
+    for needs in ([False, True, True, True, True, True], [True, False, True, True, True, True],
+                  [True, True, False, False, False, False], [True, False, False, False, False, False],
+                  [False, False, False, False, True, True], [False, True, False, False, False, False]):
+        for name, g, f, n in zip(fk_names(), grads(needs), full, needs):
+            if n:
+                torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6, msg=f"{name} with {needs}")
+            else:
+                assert g is None, name
+    o = (tri.logits.backward if family == "logits" else tri.cross_entropy.backward)
+    assert o.__defaults__[-1] == 63  # grad_mask: every gradient unless told otherwise
+
+
+def fk_names():
+    return ["x", "mu", "L", "beta", "lam", "gamma"]
+
+
+def test_grad_mask_at_the_launchers():
+    """The backward launchers return an empty tensor of its input's dtype for a gradient grad_mask
+    does not ask for, and the asked ones as the full backward gives them."""
+    from faim_kernels.ops import triton as tri
+    x, mu, L, beta, lam, gamma = _near(9, 17, 12, full=True, seed=27)
+    lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
+    tau = fk.transform.risk_threshold(12, torch.float32)
+    logits, xp, mup, sx, smu = tri.logits.forward(x, mu, lc, beta, lam, gamma, 1e-6, tau)
+    grad = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    full = tri.logits.backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, 1e-6, tau)
+    for mask in (1, 2, 4, 8, 48, 1 | 32):
+        got = tri.logits.backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, 1e-6, tau,
+                                  grad_mask=mask)
+        for k, (g, f, t) in enumerate(zip(got, full, (x, mu, lc, beta, lam, gamma))):
+            if mask >> k & 1:
+                torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6)
+            else:
+                assert g.numel() == 0 and g.dtype == t.dtype, (mask, k)

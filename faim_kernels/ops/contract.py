@@ -91,12 +91,6 @@ def grad_mask(needs_input_grad) -> int:
     return sum(1 << k for k, needed in enumerate(needs_input_grad[:6]) if needed)
 
 
-def empty_unneeded(grads, mask: int) -> tuple:
-    """What a backward kernel that computed every gradient returns: those outside `mask` replaced by
-    empty tensors, as the schema's fake kernels say."""
-    return tuple(g if mask >> k & 1 else g.new_empty(0) for k, g in enumerate(grads))
-
-
 def unneeded(grads, mask: int) -> tuple:
     """The backward kernels' gradients with those outside `mask` turned into None."""
     return tuple(g if mask >> k & 1 else None for k, g in enumerate(grads))
@@ -266,7 +260,9 @@ def autograd_function(family: str, forward, backward):
     formula, running the given forward and backward kernels directly instead of through the
     dispatcher. Used for the Triton kernels on CPU tensors under Triton's interpreter (tests)."""
     setup_context, backward_with = _FORMULAS[family]
-    backward_formula = backward_with(_once_differentiable(family, backward))  # (the class body below rebinds the name `backward`)
+    # (grad_mask: the Python launchers take it; the ops' schemas gain it with the C++ kernels. The
+    # class body below rebinds the name `backward`.)
+    backward_formula = backward_with(_once_differentiable(family, backward))
 
     class _Op(torch.autograd.Function):
         @staticmethod

@@ -107,9 +107,11 @@ def _scalar(v, device) -> torch.Tensor:
 
 
 def _kernel_dtype(backend: str, dtype: torch.dtype, family: str) -> torch.dtype:
-    """The C++ kernels and the Triton cross-entropy compute half inputs in float32; the Triton
-    logits kernels take them as they are (half GEMM operands, fp32 accumulation)."""
-    if backend == "triton" and family == "logits":
+    """The dtype x and mu reach the op in. The C++ kernels compute half inputs in float32; the
+    Triton kernels of both families take them as they are (half GEMM operands on the tensor cores,
+    fp32 accumulation, the near threshold raised for the operands' rounding). The metric factor,
+    beta and the options always arrive in the compute dtype (float32 for half inputs)."""
+    if backend == "triton":
         return dtype
     return compute_dtype(dtype)
 
@@ -130,19 +132,20 @@ def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: floa
     indices local to mu's rows ([B] or [B, k]), −1 where the row has none of them; class_weight [C]
     and the dense probability target soft_target [B, C] are optional (ops/row_stats.py)."""
     dtype = _kernel_dtype(backend, x.dtype, "cross_entropy")
+    acc = compute_dtype(x.dtype)
     _, ce_op = _ops(backend, x.device)
-    lc = metric_factor(L, eps, dtype)
+    lc = metric_factor(L, eps, acc)
     options = ()
     if class_weight is not None or soft_target is not None:
         # The Triton kernels read the target in any floating dtype through its strides; the C++
         # kernels read it in the compute dtype (a copy only where the dtypes differ).
         if soft_target is not None and (backend == "cpp" or soft_target.dtype not in (torch.float32, torch.float64)):
-            soft_target = soft_target.to(dtype)
-        options = (None if class_weight is None else class_weight.detach().to(dtype),
+            soft_target = soft_target.to(acc)
+        options = (None if class_weight is None else class_weight.detach().to(acc),
                    None if soft_target is None else soft_target.detach())
-    return ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(dtype), _scalar(lam, x.device),
+    return ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(acc), _scalar(lam, x.device),
                  _scalar(gamma, x.device), target.to(torch.int64), float(eps),
-                 transform.risk_threshold(x.shape[1], dtype), float(margin), *options)
+                 transform.risk_threshold(x.shape[1], acc), float(margin), *options)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,19 +3,22 @@ the pair epilogue, the exact recomputation from the raw difference, casts, eps),
 of the preparation and the chain rule, the GEMM precision mode, device helpers, and `Operands`:
 the prepared operands of one op call.
 
-GEMM operand precision (see `gemm_mode`): float32 runs tl.dot in IEEE fp32 unless PyTorch's own
-matmuls may use TF32 (torch.backends.cuda.matmul.fp32_precision = "tf32", or
-torch.set_float32_matmul_precision("high")); then x', mu' are rounded to TF32 first, so that the
-norms see the same values as the tensor cores, and tau is raised for that rounding (about 1e-3
-relative instead of 1e-4, like any TF32 matmul). float16/bfloat16 x (the logits op takes them as
-they are) gives x', mu' in that type, and tl.dot runs in it with fp32 accumulation, tau raised
-likewise. float64 runs as broadcast-multiply-sum: correct everywhere, not fast.
+GEMM operand precision (see `gemm_mode`), following PyTorch's own switch: float32 runs tl.dot in
+IEEE fp32 where torch.get_float32_matmul_precision() is "highest" (PyTorch's default) and in TF32
+where it is "high" or "medium" (or torch.backends.cuda.matmul.fp32_precision = "tf32"); then x', mu'
+are rounded to TF32 first, so that the norms see the same values as the tensor cores, and tau is
+raised for that rounding (about 1e-3 relative instead of 1e-4, like any TF32 matmul).
+float16/bfloat16 x (both ops take them as they are) gives x', mu' in that type, and tl.dot
+runs in it with fp32 accumulation, tau raised likewise. float64 runs as broadcast-multiply-sum:
+correct everywhere, not fast.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -100,6 +103,16 @@ def _gemm_q(dot, n_row, n_col, tau):
 
 
 @triton.jit
+def _rsqrt_no_flush(v):
+    """1/sqrt(v) for v >= 0. On the GPU tl.rsqrt is rsqrt.approx.ftz (about 2^-22 relative, well
+    inside float32's far-pair bound), which flushes a subnormal v to 0 and returns +inf: with eps = 0
+    a finite pair with a subnormal q would get d = +inf. Values below 2^-100 are scaled by 2^100
+    first and the result by 2^50 (exact powers of two), so no subnormal reaches it."""
+    tiny = v < 7.888609052210118e-31  # 2^-100
+    return tl.rsqrt(tl.where(tiny, v * 1.2676506002282294e30, v)) * tl.where(tiny, 1125899906842624.0, 1.0)
+
+
+@triton.jit
 def _pair_distance(q, s, lam, eps):
     """(a, r, d, 1/a, 1/r) with a = sqrt(q + eps), r = sqrt(s² + eps), d = a + λ·r (SPEC Eq. 2).
     q < 0 (rounding) counts as 0; NaN stays NaN; a = 0 (or r = 0) where eps = 0 at a hit.
@@ -108,8 +121,8 @@ def _pair_distance(q, s, lam, eps):
     at a small fraction of the tensor cores' rate."""
     qe = tl.where(q < 0, 0.0, q) + eps
     se = s * s + eps
-    ia = tl.rsqrt(qe)
-    ir = tl.rsqrt(se)
+    ia = _rsqrt_no_flush(qe)
+    ir = _rsqrt_no_flush(se)
     a = tl.where(qe == 0, 0.0, qe * ia)
     r = tl.where(se == 0, 0.0, se * ir)
     return a, r, a + lam * r, ia, ir
@@ -233,7 +246,8 @@ def _load_eps(eps_hi, eps_lo, dtype: tl.constexpr):
 # Side kernels: O((B + C)·D) work per side, one launch each
 # ----------------------------------------------------------------------------------------------
 
-@triton.jit
+# The side kernels are O(n·D) and not specialised on sizes: one build per dtype and variant.
+@triton.jit(do_not_specialize=["n", "D"])
 def _side_prep_kernel(v_ptr, raw_ptr, beta_ptr, s_ptr, norm_ptr, hi_ptr, lo_ptr, n, D,
                       S_FROM_RAW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """For one side (x' with sx, or mu' with smu): norm[i] = Σ_k v[i, k]² from v's values as
@@ -265,7 +279,7 @@ def _side_prep_kernel(v_ptr, raw_ptr, beta_ptr, s_ptr, norm_ptr, hi_ptr, lo_ptr,
     tl.store(lo_ptr + r, lo.to(acc.dtype), mask=rm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "D", "rows_per_split"])
 def _side_grad_kernel(raw_ptr, m_ptr, dvp_ptr, ds_ptr, dbeta_ptr, dlc_ptr, n, D, rows_per_split,
                       DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """The column sums of one side's chain rule, over one split of its rows, in float64:
@@ -339,9 +353,12 @@ def gemm_mode(op_dtype: torch.dtype):
 
 
 def _tf32_allowed() -> bool:
-    """PyTorch's own switch for TF32 in float32 matmuls: torch.backends.cuda.matmul.fp32_precision
-    (torch >= 2.9; it also reflects torch.set_float32_matmul_precision("high") and the legacy
-    allow_tf32 flag), else the legacy flag itself. Off by default."""
+    """PyTorch's own switch for TF32 in float32 matmuls: torch.get_float32_matmul_precision()
+    "high" or "medium" (set_float32_matmul_precision), or the CUDA matmul backend's own setting
+    (torch.backends.cuda.matmul.fp32_precision = "tf32", or the legacy allow_tf32 flag). "highest",
+    PyTorch's default, keeps IEEE float32."""
+    if torch.get_float32_matmul_precision() in ("high", "medium"):
+        return True
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)
     if precision is None:
@@ -442,7 +459,7 @@ class Operands:
             with device_ctx(self.device):
                 _side_prep_kernel[(triton.cdiv(n, BLOCK_R),)](
                     v, raw, self.beta, s, norm, hi, lo, n, self.D, S_FROM_RAW=s_from_raw,
-                    BLOCK_R=BLOCK_R, BLOCK_D=min(128, max(16, triton.next_power_of_2(self.D))))
+                    BLOCK_R=BLOCK_R, BLOCK_D=64)  # one build for every D (O(n·D) work: not a hot spot)
         return norm, (hi, lo), s
 
     def near_tiles(self):
@@ -453,35 +470,94 @@ class Operands:
             return 16, 16, 32, False
         return 16, 32, 64, True
 
-    def chain(self, dxp, dmup, dsx, dsmu):
+    def chain(self, dxp, dmup, dsx, dsmu, want=(True,) * 4):
         """(∂x, ∂mu, ∂lc, ∂beta) in the compute dtype from the kernels' ∂x', ∂mu' (compute dtype)
         and ∂sx, ∂smu (float64), through x' = (x − m)·Lc, mu' = (mu − m)·Lc, sx = x·beta,
-        smu = mu·beta (m detached: q is invariant to a common shift)."""
-        dx = _apply_t(dxp, self.lc) + dsx.to(self.acc)[:, None] * self.beta
-        dmu = _apply_t(dmup, self.lc) + dsmu.to(self.acc)[:, None] * self.beta
-        dbeta, dlc_x = self._side_grad(self.x, dxp, dsx)
-        dbeta_mu, dlc_mu = self._side_grad(self.mu, dmup, dsmu)
-        dbeta = dbeta + dbeta_mu
-        if self.full:
-            dlc = (self.x - self.m).T @ dxp + (self.mu - self.m).T @ dmup
-        else:
-            dlc = dlc_x + dlc_mu
-        return dx, dmu, dlc.to(self.acc), dbeta.to(self.acc)
+        smu = mu·beta (m detached: q is invariant to a common shift). want: which of the four are
+        needed (None in place of the others; their inputs may be None then)."""
+        want_x, want_mu, want_lc, want_beta = want
+        dx = _apply_t(dxp, self.lc) + dsx.to(self.acc)[:, None] * self.beta if want_x else None
+        dmu = _apply_t(dmup, self.lc) + dsmu.to(self.acc)[:, None] * self.beta if want_mu else None
+        dlc = dbeta = None
+        if want_beta or (want_lc and not self.full):
+            dbeta, dlc_x = self._side_grad(self.x, dxp, dsx, want_lc)
+            dbeta_mu, dlc_mu = self._side_grad(self.mu, dmup, dsmu, want_lc)
+            dbeta = (dbeta + dbeta_mu).to(self.acc)
+            if want_lc and not self.full:
+                dlc = (dlc_x + dlc_mu).to(self.acc)
+        if want_lc and self.full:
+            dlc = ((self.x - self.m).T @ dxp + (self.mu - self.m).T @ dmup).to(self.acc)
+        return dx, dmu, dlc, dbeta if want_beta else None
 
-    def _side_grad(self, raw, dvp, ds):
-        """(Σ_i ds_i·(raw_i − m), Σ_i (raw_i − m)·dv'_i for a diagonal Lc), float64 [D] each."""
+    def _side_grad(self, raw, dvp, ds, want_dlc=True):
+        """(Σ_i ds_i·(raw_i − m), Σ_i (raw_i − m)·dv'_i for a diagonal Lc where wanted, else None),
+        float64 [D] each."""
         n, D = raw.shape
         f64 = dict(dtype=torch.float64, device=self.device)
+        diag = want_dlc and not self.full
         if n == 0 or D == 0:
             return torch.zeros(D, **f64), torch.zeros(D, **f64)
-        BLOCK_R, BLOCK_D = 32, min(64, max(16, triton.next_power_of_2(D)))
+        BLOCK_R, BLOCK_D = 32, 64  # one build for every D (O(n·D) work: not a hot spot)
         n_chunks = triton.cdiv(D, BLOCK_D)
         splits = max(1, min(triton.cdiv(n, 4 * BLOCK_R), triton.cdiv(parallel_width(self.device), n_chunks)))
         per_split = triton.cdiv(triton.cdiv(n, splits), BLOCK_R) * BLOCK_R
         splits = triton.cdiv(n, per_split)
         dbeta = _empty((splits, D), torch.float64, self.device)
-        dlc = _empty((splits, D), torch.float64, self.device) if not self.full else dbeta
+        dlc = _empty((splits, D), torch.float64, self.device) if diag else dbeta
         with device_ctx(self.device):
-            _side_grad_kernel[(n_chunks, splits)](raw, self.m, dvp.contiguous(), ds.contiguous(), dbeta, dlc, n, D,
-                                                  per_split, DIAG=not self.full, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
-        return dbeta.sum(0), (None if self.full else dlc.sum(0))
+            _side_grad_kernel[(n_chunks, splits)](raw, self.m, dvp.contiguous() if diag else dbeta, ds.contiguous(),
+                                                  dbeta, dlc, n, D, per_split, DIAG=diag, BLOCK_R=BLOCK_R,
+                                                  BLOCK_D=BLOCK_D)
+        return dbeta.sum(0), (dlc.sum(0) if diag else None)
+
+
+def split_float(name: str, value: float) -> dict:
+    """{name_hi, name_lo}: a float64 value as two fp32 halves (Triton passes Python floats as fp32);
+    the kernels add them back (_load_eps)."""
+    hi = float(torch.tensor(float(value), dtype=torch.float32))
+    return {f"{name}_hi": hi, f"{name}_lo": float(value) - hi}
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropyRows:
+    """The cross-entropy's inputs besides the operands, as its kernels take them (one object instead
+    of a tuple of a dozen positions):
+
+        target        [B, N_TGT] int64, contiguous: the row's target classes (−1: none here)
+        margin        the distance added at a target pair (a Python float: the kernels take it
+                      as two fp32 halves, like eps, so no host-to-device copy is made per call)
+        class_weight  [C] or None; soft_target [B, C] (any strides) or None: the dense target
+        w_lse, w_tl, w_sl, w_pl, lse   the backward's per-row weights and the forward's lse
+                      (float64; None in the forward; w_pl None without a dense target)
+    """
+    target: torch.Tensor
+    margin: float
+    class_weight: Optional[torch.Tensor] = None
+    soft_target: Optional[torch.Tensor] = None
+    w_lse: Optional[torch.Tensor] = None
+    w_tl: Optional[torch.Tensor] = None
+    w_sl: Optional[torch.Tensor] = None
+    w_pl: Optional[torch.Tensor] = None
+    lse: Optional[torch.Tensor] = None
+
+    @property
+    def n_tgt(self) -> int:
+        return self.target.shape[1]
+
+    def soft_args(self) -> dict:
+        """The class weights and the dense target with its strides (None and 0 when absent)."""
+        soft = self.soft_target
+        return dict(cw_ptr=self.class_weight, soft_ptr=soft, stride_sb=0 if soft is None else soft.stride(0),
+                    stride_sc=0 if soft is None else soft.stride(1))
+
+    def kernel_args(self) -> dict:
+        """The backward kernel's CE arguments."""
+        return dict(tgt_ptr=self.target, w_lse_ptr=self.w_lse, w_tl_ptr=self.w_tl, w_sl_ptr=self.w_sl,
+                    lse_ptr=self.lse, **split_float("margin", self.margin),
+                    w_pl_ptr=self.w_pl if self.soft_target is not None else None, **self.soft_args())
+
+    @staticmethod
+    def none_args() -> dict:
+        """The backward kernel's CE arguments for the logits family: all absent."""
+        return dict(tgt_ptr=None, w_lse_ptr=None, w_tl_ptr=None, w_sl_ptr=None, lse_ptr=None, margin_hi=0.0,
+                    margin_lo=0.0, w_pl_ptr=None, cw_ptr=None, soft_ptr=None, stride_sb=0, stride_sc=0)

@@ -8,15 +8,20 @@ import triton
 
 from .common import INTERPRET
 
-# FAIM_TRITON_AUTOTUNE=0 pins the first config of each list (quick start, e.g. for test runs).
-AUTOTUNE = os.environ.get("FAIM_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+# The first config of each list is pinned unless FAIM_TRITON_AUTOTUNE=1: pinned configs give
+# bitwise the same results in every process (autotuning picks by timing, which varies between
+# processes, and the configs differ in block and warp counts, hence in summation order) and no
+# stall on the first call of each shape bucket (3-5 configs built and timed per kernel). Opt in
+# where the last percent of speed matters more than either.
+AUTOTUNE = os.environ.get("FAIM_TRITON_AUTOTUNE", "0") == "1" and not INTERPRET
 
-# Capacity of the logits forward's list of pairs at risk; None: max(1024, 2·(B + C)). A tile with
-# more than NEAR_PER_TILE of them counts as an overflow (the fix-up then recomputes every pair).
+# Capacity of the logits forward's list of near pairs; None: max(1024, 2·(B + C)). A tile with
+# more than NEAR_PER_TILE of them, or whose pairs pass the capacity, is listed as a tile instead
+# (the fix-up then recomputes every pair of that tile, and only of that tile).
 NEAR_CAPACITY = None
 NEAR_PER_TILE = 64
-# Pairs at risk a backward program notes for after its loop; more send the whole backward
-# through its second launch, which handles them inside the loop (slow, any number).
+# Near pairs a backward program notes for after its loop; a program meeting more walks the other
+# side again with them handled inside the loop (that program only; any number).
 BWD_NEAR_CAP = 128
 
 
@@ -51,6 +56,13 @@ BWD_CONFIGS = {
     "fp64": [_bwd_cfg(16, 16, 16, 4, 1)],
     "interpret": [_bwd_cfg(16, 32, 32, 4, 1)],
 }
+def chunk_of_d(widest: int, D: int) -> int:
+    """The chunk of D for a kernel whose widest chunk is `widest`: 64 where D <= 64, else the widest.
+    Two values, not one per power of two: each value is another build of the kernel (compile time
+    on a GPU's first run), and below 64 the narrower chunk saves little."""
+    return min(widest, 64) if D <= 64 else widest
+
+
 # Widest chunk of D a backward program accumulates ([BLOCK_O, BLOCK_D] in registers); wider D is
 # split across programs, each recomputing the GEMM tiles. Chosen with the configs above so that
 # sm_90 builds spill at most ~100 bytes per thread (wider chunks spilled 0.5-3 KB).
@@ -65,6 +77,7 @@ BWD_BLOCK_D = {"half": 128, "tf32": 64, "ieee": 128, "fp64": 32, "interpret": 25
 # 144 B for class labels; with 8 warps, 24 B (bench/compile_check.py; unmeasured on a GPU so far).
 CE_FWD_BLOCKS = {
     "interpret": dict(BLOCK_B=16, BLOCK_C=32, BLOCK_K=32, BLOCK_D=64, warps=1, warps_soft=1),
+    "half": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=64, BLOCK_D=128, warps=4, warps_soft=8),
     "ieee": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, BLOCK_D=128, warps=4, warps_soft=8),
     "tf32": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, BLOCK_D=128, warps=4, warps_soft=8),
     "fp64": dict(BLOCK_B=16, BLOCK_C=16, BLOCK_K=16, BLOCK_D=32, warps=4, warps_soft=4),
@@ -76,7 +89,27 @@ def ce_fwd_warps(blocks: dict, n_tgt: int, has_soft: bool) -> int:
     return blocks["warps_soft"] if has_soft or n_tgt > 1 else blocks["warps"]
 
 
-def tuned(kernel, configs, key, reset=None):
-    """kernel autotuned over `configs` (only the first where AUTOTUNE is off)."""
-    configs = configs if AUTOTUNE else configs[:1]
-    return triton.autotune(configs=configs, key=key, reset_to_zero=reset)(kernel)
+# The timing function of the autotuner (None: Triton's own benchmarker). Tests that drive the real
+# Autotuner through the interpreter, which has no benchmarker, set a stand-in.
+DO_BENCH = None
+
+
+class Tuned:
+    """`kernel` autotuned over one of this module's config tables (named `table`), per family:
+    `Tuned(...)[family]` is Triton's Autotuner over that family's configs (only the first where
+    AUTOTUNE is off), built on first use with the table, AUTOTUNE and DO_BENCH in force then (the
+    tests change them). `kernel` itself is the untuned kernel, for launches with a given config."""
+
+    def __init__(self, kernel, table: str, key, reset=None):
+        self.kernel, self.table, self.key, self.reset = kernel, table, list(key), reset
+        self._built = {}
+
+    def __getitem__(self, family: str):
+        configs = globals()[self.table][family]
+        configs = tuple(configs if AUTOTUNE else configs[:1])
+        sig = (family, configs, DO_BENCH)
+        if sig not in self._built:
+            extra = {} if DO_BENCH is None else dict(do_bench=DO_BENCH)
+            self._built[sig] = triton.autotune(configs=list(configs), key=self.key, reset_to_zero=self.reset,
+                                               **extra)(self.kernel)
+        return self._built[sig]

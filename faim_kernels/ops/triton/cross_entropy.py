@@ -1,7 +1,7 @@
 """The fused cross-entropy op (SPEC §2.2) for CUDA tensors (and CPU tensors through Triton's
 interpreter): its forward kernel and the launchers of both directions, with the contract of
-faim_kernels/ops/contract.py. x and mu arrive in float32 or float64 (the dispatch layer computes
-half inputs in float32); the preparation (common.Operands: centre, x', mu', norms, s = v·beta in
+faim_kernels/ops/contract.py. x and mu arrive in float16, bfloat16 (half GEMM operands, fp32
+accumulation), float32 or float64; the preparation (common.Operands: centre, x', mu', norms, s = v·beta in
 float64) runs once per op call.
 
   _ce_fwd_kernel   grid (row blocks, class splits). Each program walks its split's class tiles:
@@ -25,10 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import contract
 from . import common, configs
-from .backward import backward_side
-from .common import _direct_distance, _direct_pairs, _gemm_q, _pair_distance, _pair_s, _s_at_risk, _tile_dot
+from .backward import backward_both_sides, zero_grads
+from .common import _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk, _tile_dot
 
 
 @triton.jit
@@ -41,10 +40,11 @@ def _exact_q(raw_a, raw_b, lc_ptr, beta_ptr, i, j, D, FULL: tl.constexpr, NEAR_K
     return tl.sum(q, axis=0), tl.sum(s, axis=0)
 
 
-@triton.jit
+@triton.heuristics({"HAS_WEIGHT": lambda a: a["cw_ptr"] is not None, "HAS_SOFT": lambda a: a["soft_ptr"] is not None})
+@triton.jit(do_not_specialize=["B", "C", "cols_per_split"])
 def _ce_fwd_kernel(
         xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr,
-        x_ptr, mu_ptr, lc_ptr, beta_ptr, tgt_ptr, lam_ptr, gamma_ptr, margin_ptr, part_ptr,
+        x_ptr, mu_ptr, lc_ptr, beta_ptr, tgt_ptr, lam_ptr, gamma_ptr, margin_hi, margin_lo, part_ptr,
         cw_ptr, soft_ptr, stride_sb, stride_sc,
         B, C, D, eps_hi, eps_lo, tau, cols_per_split,
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -64,8 +64,8 @@ def _ce_fwd_kernel(
     rk = tl.arange(0, TGT_P)
     lam = tl.load(lam_ptr).to(acc_t)
     gamma = tl.load(gamma_ptr).to(acc_t)
-    margin = tl.load(margin_ptr).to(acc_t)
-    eps = tl.cast(eps_hi, acc_t) + tl.cast(eps_lo, acc_t)
+    margin = _load_eps(margin_hi, margin_lo, acc_t)
+    eps = _load_eps(eps_hi, eps_lo, acc_t)
     flat = tl.arange(0, BLOCK_B)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
 
     run_max = tl.full((BLOCK_B,), float("-inf"), dtype=acc_t)
@@ -125,18 +125,17 @@ def _ce_fwd_kernel(
              mask=bm[:, None] & (rk[None, :] < N_TGT))
 
 
-def _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin):
-    """(common.Operands, the margin as a float64 tensor)."""
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"the Triton cross-entropy kernels compute in float32 or float64, got {x.dtype}")
-    o = common.Operands(x, mu, lc, beta, lam, gamma, eps, tau)
-    return o, torch.as_tensor(float(margin), dtype=torch.float64, device=o.device)
+def _operands(x, mu, lc, beta, lam, gamma, eps, tau):
+    """common.Operands: float16/bfloat16 x, mu give half GEMM operands (fp32 accumulation) as in the
+    logits op; lc, beta arrive in the compute dtype."""
+    return common.Operands(x, mu, lc, beta, lam, gamma, eps, tau)
 
 
 def _check_targets(target, C: int) -> None:
     """The range check inside the op (it holds under torch.compile too): −1 is "no target among these
     classes", −2 a target out of range (row_stats.local_targets). On CUDA an asynchronous device
-    assert, like F.cross_entropy's (no host sync); on CPU tensors a ValueError."""
+    assert, like F.cross_entropy's (no host sync): it cannot raise at the call and leaves the CUDA
+    context unusable, as F.cross_entropy's does; on CPU tensors a ValueError."""
     ok = ((target >= -1) & (target < C)).all()
     if target.device.type == "cuda":
         torch._assert_async(ok, "target holds a class index out of range that is not ignore_index")
@@ -144,16 +143,11 @@ def _check_targets(target, C: int) -> None:
         raise ValueError(f"target holds a class index out of range [0, {C}) that is not ignore_index")
 
 
-def _options(o, target, class_weight, soft_target):
-    """The kernels' arguments for the targets and the options: (target [B, N_TGT] contiguous,
-    class weights or a placeholder, the dense target or a placeholder, its two strides) and their
-    constexpr flags."""
-    tgt = target.reshape(target.shape[0], -1).contiguous()
-    soft = o.lam if soft_target is None else soft_target
-    strides = (0, 0) if soft_target is None else (soft_target.stride(0), soft_target.stride(1))
-    flags = dict(N_TGT=tgt.shape[1], TGT_P=triton.next_power_of_2(max(1, tgt.shape[1])),
-                 HAS_WEIGHT=class_weight is not None, HAS_SOFT=soft_target is not None)
-    return (tgt, o.lam if class_weight is None else class_weight.contiguous(), soft, *strides), flags
+def _rows(target, margin, class_weight, soft_target, **backward_weights):
+    """common.CrossEntropyRows for the kernels: the target as [B, N_TGT] contiguous."""
+    return common.CrossEntropyRows(target=target.reshape(target.shape[0], -1).contiguous(), margin=float(margin),
+                                   class_weight=None if class_weight is None else class_weight.contiguous(),
+                                   soft_target=soft_target, **backward_weights)
 
 
 def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float, class_weight=None,
@@ -165,22 +159,25 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
         return (torch.full((B,), float("-inf"), **f64), torch.zeros(target.shape, **f64), torch.zeros(B, **f64),
                 torch.zeros(B, **f64))
     _check_targets(target, C)
-    o, margin_t = _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin)
-    (tgt, cw, soft, s_b, s_c), flags = _options(o, target, class_weight, soft_target)
+    o = _operands(x, mu, lc, beta, lam, gamma, eps, tau)
+    rows = _rows(target, margin, class_weight, soft_target)
     bl = dict(configs.CE_FWD_BLOCKS[o.family])
-    bl["BLOCK_D"] = min(bl["BLOCK_D"], max(16, triton.next_power_of_2(o.D)))
+    bl["BLOCK_D"] = configs.chunk_of_d(bl["BLOCK_D"], o.D)
     n_rb, n_tiles = triton.cdiv(B, bl["BLOCK_B"]), triton.cdiv(C, bl["BLOCK_C"])
     splits = max(1, min(triton.cdiv(common.parallel_width(o.device), n_rb), n_tiles))
     per_split = triton.cdiv(n_tiles, splits) * bl["BLOCK_C"]
     splits = triton.cdiv(C, per_split)
-    part = common._empty((4 + flags["N_TGT"], splits, B), torch.float64, o.device)
+    part = common._empty((4 + rows.n_tgt, splits, B), torch.float64, o.device)
     with common.device_ctx(o.device):
         _ce_fwd_kernel[(n_rb, splits)](
-            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.x, o.mu, o.lc, o.beta, tgt, o.lam, o.gamma, margin_t, part,
-            cw, soft, s_b, s_c, B, C, o.D, o.eps_hi, o.eps_lo, o.tau, per_split,
-            BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"], BLOCK_D=bl["BLOCK_D"],
-            NEAR_K=o.near_tiles()[1], FULL=o.full, IMPL=o.impl, PREC=o.prec,
-            num_warps=configs.ce_fwd_warps(bl, flags["N_TGT"], flags["HAS_SOFT"]), **flags)
+            xp_ptr=o.xp, mup_ptr=o.mup, xn_ptr=o.xn, mn_ptr=o.mn, sx_hi_ptr=o.sx[0], sx_lo_ptr=o.sx[1],
+            smu_hi_ptr=o.smu[0], smu_lo_ptr=o.smu[1], x_ptr=o.x, mu_ptr=o.mu, lc_ptr=o.lc, beta_ptr=o.beta,
+            tgt_ptr=rows.target, lam_ptr=o.lam, gamma_ptr=o.gamma, **common.split_float("margin", rows.margin),
+            part_ptr=part, **rows.soft_args(), B=B, C=C, D=o.D, eps_hi=o.eps_hi, eps_lo=o.eps_lo, tau=o.tau,
+            cols_per_split=per_split, BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
+            BLOCK_D=bl["BLOCK_D"], NEAR_K=o.near_tiles()[1], FULL=o.full, IMPL=o.impl, PREC=o.prec,
+            N_TGT=rows.n_tgt, TGT_P=triton.next_power_of_2(max(1, rows.n_tgt)),
+            num_warps=configs.ce_fwd_warps(bl, rows.n_tgt, soft_target is not None))
     # Merge the splits' online logsumexps in split order.
     run_max, run_sum, sl, pl = part[:4].unbind(0)
     tl_ = part[4:].sum(1).t().reshape(target.shape).contiguous()
@@ -193,27 +190,17 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
 
 
 def backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float,
-             w_pl=None, class_weight=None, soft_target=None, grad_mask: int = contract.ALL_GRADS):
+             w_pl=None, class_weight=None, soft_target=None, grad_mask: int = 63):
     """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes for the per-row weights
-    w = ∂loss/∂(lse, tl, sl, pl): the randers_cross_entropy_backward op. Every gradient is
-    computed; those outside grad_mask come back empty (contract.py)."""
-    return contract.empty_unneeded(_backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps, tau,
-                                             margin, w_pl, class_weight, soft_target), grad_mask)
-
-
-def _backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float,
-              w_pl=None, class_weight=None, soft_target=None):
+    w = ∂loss/∂(lse, tl, sl, pl): the randers_cross_entropy_backward op. Bit k of grad_mask asks
+    for gradient k (x, mu, lc, beta, lam, gamma); an unasked one is an empty tensor (backward.backward_both_sides)."""
     B, C = x.shape[0], mu.shape[0]
     if B == 0 or C == 0:
-        return tuple(torch.zeros_like(t) for t in (x, mu, lc, beta, lam, gamma))
-    o, margin_t = _operands(x, mu, lc, beta, lam, gamma, eps, tau, margin)
+        return zero_grads((x, mu, lc, beta, lam, gamma), grad_mask)
+    o = _operands(x, mu, lc, beta, lam, gamma, eps, tau)
     if w_pl is None:
         w_pl = torch.zeros_like(w_sl)
-    w = [t.detach().to(torch.float64).contiguous() for t in (w_lse, w_tl, w_sl, w_pl)]
-    (tgt, cw, soft, s_b, s_c), flags = _options(o, target, class_weight, soft_target)
-    ce = (tgt, *w, lse.detach().to(torch.float64).contiguous(), margin_t, cw, soft, s_b, s_c, flags)
-    dxp, dsx, (dlam, dgamma) = backward_side(o, True, ce=ce)
-    dmup, dsmu, _ = backward_side(o, False, ce=ce)
-    dx, dmu, dlc, dbeta = o.chain(dxp, dmup, dsx, dsmu)
-    return (dx.to(x.dtype), dmu.to(mu.dtype), dlc.to(lc.dtype), dbeta.to(beta.dtype), dlam.to(lam.dtype).reshape(()),
-            dgamma.to(gamma.dtype).reshape(()))
+    w = dict(zip(("w_lse", "w_tl", "w_sl", "w_pl", "lse"),
+                 (t.detach().to(torch.float64).contiguous() for t in (w_lse, w_tl, w_sl, w_pl, lse))))
+    rows = _rows(target, margin, class_weight, soft_target, **w)
+    return backward_both_sides(o, (x, mu, lc, beta, lam, gamma), grad_mask, ce=rows)

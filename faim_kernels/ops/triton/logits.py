@@ -7,8 +7,9 @@ side-prep launch per side for the norms and the float64 s = v·beta):
                          fused: q = |x'|² + |mu'|² − 2x'·mu', the at-risk test of SPEC §2.1, s, d,
                          −γ·d, written once. Pairs at risk go to a short list (atomic counter).
   _logits_fixup_kernel   recomputes the listed pairs from the raw difference (x_b − mu_c)·Lc and
-                         overwrites them; if the list overflowed (more pairs at risk than its
-                         capacity), it recomputes every pair that way instead: slow, exact.
+                         overwrites them, and every pair of each listed tile (a tile with more near
+                         pairs than it lists one by one, or past the list's capacity): an overfull
+                         tile costs its own pairs' exact path, never the whole call's.
 Backward: backward.py's kernel once per side (float32/float64 logits give a back without a GEMM),
 then the chain rule to the raw inputs (common.Operands.chain).
 """
@@ -18,17 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import contract
 from . import common, configs
-from .backward import backward_side
+from .backward import backward_both_sides, zero_grads
 from .common import (_cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk,
                      _tile_dot)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "capacity", "KEY_B", "KEY_C"])
 def _logits_fwd_kernel(
         xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr, gamma_ptr,
-        out_ptr, count_ptr, near_b_ptr, near_c_ptr,
+        out_ptr, count_ptr, near_b_ptr, near_c_ptr, near_tile_ptr,
         B, C, D, eps_hi, eps_lo, tau, capacity,
         KEY_B, KEY_C,  # power-of-two buckets of B and C: the autotuning key only
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_B: tl.constexpr,
@@ -76,50 +76,57 @@ def _logits_fwd_kernel(
     tl.store(out_ptr + (b0.to(tl.int64) * C + c0) + offs, _cast(-gamma * d, out_ptr.dtype.element_ty, BF16_BY_HAND),
              mask=mask)
 
-    # Pairs at risk: append (b, c) to the list, one at a time (typically about one per row, a
-    # sample's target, so zero to two per tile). Scalar atomics keep the epilogue's registers for
-    # the tile; a tile with more than NEAR_PER_TILE pairs at risk marks the list as overflowed
-    # instead, and the fix-up then recomputes every pair.
+    # Near pairs: append (b, c) to the list (typically about one per row, a sample's own
+    # prototype, so zero to two per tile), one atomic per tile to reserve their slots. A tile
+    # with more than NEAR_PER_TILE of them, or whose slots pass the list's capacity, is listed
+    # itself instead (count_ptr[1], near_tile_ptr): the fix-up recomputes that tile's pairs, and
+    # only that tile's, exactly.
     near = near & mask
     n_near = tl.sum(near.to(tl.int32))
-    if n_near > NEAR_PER_TILE:
-        tl.atomic_max(count_ptr, capacity + 1, sem="relaxed")
-    else:
+    if n_near > 0:
+        start = capacity
+        if n_near <= NEAR_PER_TILE:
+            start = tl.atomic_add(count_ptr, n_near, sem="relaxed")
+        if start + n_near > capacity:
+            tile = tl.atomic_add(count_ptr + 1, 1, sem="relaxed")
+            tl.store(near_tile_ptr + tile, pid_b * n_c + pid_c)
         flat = tl.arange(0, BLOCK_B)[:, None] * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
-        for _it in range(0, n_near):
+        for k in range(0, tl.minimum(n_near, capacity - start)):  # (the slots it holds: written)
             f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
             near = near & (flat != f)
-            slot = tl.atomic_add(count_ptr, 1, sem="relaxed")
-            if slot < capacity:
-                tl.store(near_b_ptr + slot, b0 + f // BLOCK_C)
-                tl.store(near_c_ptr + slot, c0 + f % BLOCK_C)
+            tl.store(near_b_ptr + start + k, b0 + f // BLOCK_C)
+            tl.store(near_c_ptr + start + k, c0 + f % BLOCK_C)
 
 
-@triton.jit
+# Nothing here is specialised on sizes (one build per dtype and Σ mode): its loads are per pair.
+@triton.jit(do_not_specialize=["B", "C", "D", "capacity", "tile_b", "tile_c"])
 def _logits_fixup_kernel(
         x_ptr, mu_ptr, lc_ptr, beta_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr, gamma_ptr, out_ptr,
-        count_ptr, near_b_ptr, near_c_ptr,
-        C, D, n_pairs, eps_hi, eps_lo, capacity,
+        count_ptr, near_b_ptr, near_c_ptr, near_tile_ptr,
+        B, C, D, eps_hi, eps_lo, capacity, tile_b, tile_c,
         FULL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
         USE_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr):
-    """Overwrites the listed pairs with logits from the exact q; every pair if the list overflowed.
-    A persistent grid: program p takes blocks p, p + P, p + 2P, ... of BLOCK_P pairs."""
-    count = tl.load(count_ptr)
-    listed = count <= capacity
-    n_items = tl.where(listed, count, n_pairs)
-    n_listed = tl.where(listed, count, 0)
+    """Overwrites the listed pairs, and every pair of the listed tiles ([tile_b, tile_c] tiles of
+    the forward's grid, row-major tile index), with logits from the exact q. A persistent grid:
+    program p takes blocks p, p + P, p + 2P, ... of BLOCK_P pairs."""
+    n_listed = tl.minimum(tl.load(count_ptr), capacity)
+    per_tile = tile_b * tile_c
+    n_items = n_listed + tl.load(count_ptr + 1).to(tl.int64) * per_tile
+    n_c = tl.cdiv(C, tile_c)
     acc_t = x_ptr.dtype.element_ty
     lam = tl.load(lam_ptr).to(acc_t)
     gamma = tl.load(gamma_ptr).to(acc_t)
     eps = _load_eps(eps_hi, eps_lo, acc_t)
     for start in range(tl.program_id(0) * BLOCK_P, n_items, tl.num_programs(0) * BLOCK_P):
         idx = (start + tl.arange(0, BLOCK_P)).to(tl.int64)
-        pm = idx < n_items
         from_list = idx < n_listed
         lb = tl.load(near_b_ptr + idx, mask=from_list, other=0).to(tl.int64)
         lcol = tl.load(near_c_ptr + idx, mask=from_list, other=0).to(tl.int64)
-        b = tl.where(from_list, lb, idx // C)
-        c = tl.where(from_list, lcol, idx % C)
+        j = tl.where(from_list, 0, idx - n_listed)
+        tile = tl.load(near_tile_ptr + j // per_tile, mask=(idx < n_items) & ~from_list, other=0).to(tl.int64)
+        b = tl.where(from_list, lb, (tile // n_c) * tile_b + (j % per_tile) // tile_c)
+        c = tl.where(from_list, lcol, (tile % n_c) * tile_c + j % tile_c)
+        pm = (idx < n_items) & (b < B) & (c < C)
         q, _, s_direct = _direct_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, b, c, pm, -1, D, FULL, BLOCK_P, BLOCK_K,
                                        BLOCK_J, USE_DOT)
         s = ((tl.load(sx_hi_ptr + b, mask=pm, other=0.0) - tl.load(smu_hi_ptr + c, mask=pm, other=0.0))
@@ -128,8 +135,8 @@ def _logits_fixup_kernel(
         tl.store(out_ptr + b * C + c, _cast(-gamma * d, out_ptr.dtype.element_ty, BF16_BY_HAND), mask=pm)
 
 
-_FWD = {name: configs.tuned(_logits_fwd_kernel, cfgs, ["KEY_B", "KEY_C", "D"], reset=["count_ptr"])
-        for name, cfgs in configs.FWD_CONFIGS.items()}
+# (The counters are reset before each autotuning trial: a trial's list must not add to the next one's.)
+_FWD = configs.Tuned(_logits_fwd_kernel, "FWD_CONFIGS", key=["KEY_B", "KEY_C", "D"], reset=["count_ptr"])
 
 
 def forward(x, mu, lc, beta, lam, gamma, eps: float, tau: float):
@@ -140,37 +147,40 @@ def forward(x, mu, lc, beta, lam, gamma, eps: float, tau: float):
     if out.numel():
         with common.device_ctx(o.device):
             capacity = configs.NEAR_CAPACITY if configs.NEAR_CAPACITY is not None else max(1024, 2 * (B + C))
-            count = torch.zeros(1, dtype=torch.int32, device=o.device)
+            count = torch.zeros(2, dtype=torch.int32, device=o.device)  # listed pairs, listed tiles
             near_b = torch.empty(capacity, dtype=torch.int32, device=o.device)
             near_c = torch.empty(capacity, dtype=torch.int32, device=o.device)
+            n_tiles = max(triton.cdiv(B, c.kwargs["BLOCK_B"]) * triton.cdiv(C, c.kwargs["BLOCK_C"])
+                          for c in configs.FWD_CONFIGS[o.family])
+            near_tile = torch.empty(n_tiles, dtype=torch.int32, device=o.device)
             grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(C, meta["BLOCK_C"]),)  # noqa: E731
-            _FWD[o.family][grid](
-                o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.lam, o.gamma, out, count, near_b, near_c,
-                B, C, o.D, o.eps_hi, o.eps_lo, o.tau, capacity,
-                triton.next_power_of_2(B), triton.next_power_of_2(C), IMPL=o.impl, PREC=o.prec,
-                BF16_BY_HAND=o.bf16_by_hand, NEAR_PER_TILE=configs.NEAR_PER_TILE, LOCAL64=256 * C >= 2 ** 31)
+            sides = dict(sx_hi_ptr=o.sx[0], sx_lo_ptr=o.sx[1], smu_hi_ptr=o.smu[0], smu_lo_ptr=o.smu[1],
+                         lam_ptr=o.lam, gamma_ptr=o.gamma, out_ptr=out, count_ptr=count, near_b_ptr=near_b,
+                         near_c_ptr=near_c, near_tile_ptr=near_tile, B=B, C=C, D=o.D, eps_hi=o.eps_hi,
+                         eps_lo=o.eps_lo, capacity=capacity, BF16_BY_HAND=o.bf16_by_hand)
+            tuned = _FWD[o.family]
+            tuned[grid](
+                xp_ptr=o.xp, mup_ptr=o.mup, xn_ptr=o.xn, mn_ptr=o.mn, tau=o.tau,
+                KEY_B=triton.next_power_of_2(B), KEY_C=triton.next_power_of_2(C), IMPL=o.impl, PREC=o.prec,
+                NEAR_PER_TILE=configs.NEAR_PER_TILE, LOCAL64=256 * C >= 2 ** 31, **sides)
             BLOCK_P, BLOCK_K, BLOCK_J, use_dot = o.near_tiles()
             n_prog = max(1, min(triton.cdiv(B * C, BLOCK_P), 2 * common.parallel_width(o.device)))
             _logits_fixup_kernel[(n_prog,)](
-                o.x, o.mu, o.lc, o.beta, *o.sx, *o.smu, o.lam, o.gamma, out, count, near_b, near_c,
-                C, o.D, B * C, o.eps_hi, o.eps_lo, capacity,
-                FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, BLOCK_J=BLOCK_J, USE_DOT=use_dot,
-                BF16_BY_HAND=o.bf16_by_hand)
+                x_ptr=o.x, mu_ptr=o.mu, lc_ptr=o.lc, beta_ptr=o.beta, tile_b=tuned.best_config.kwargs["BLOCK_B"],
+                tile_c=tuned.best_config.kwargs["BLOCK_C"], FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
+                BLOCK_J=BLOCK_J, USE_DOT=use_dot, **sides)
     return out, o.xp, o.mup, o.sx64, o.smu64
 
 
 def backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: float, tau: float,
-             grad_mask: int = contract.ALL_GRADS):
+             grad_mask: int = 63):
     """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes: the randers_logits_backward op.
-    Every gradient is computed; those outside grad_mask come back empty (contract.py)."""
-    return contract.empty_unneeded(_backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau),
-                                   grad_mask)
-
-
-def _backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: float, tau: float):
+    Bit k of grad_mask asks for gradient k (x, mu, lc, beta, lam, gamma); an unasked one is an
+    empty tensor of its input's dtype (backward.backward_both_sides)."""
     B, C = x.shape[0], mu.shape[0]
+    inputs = (x, mu, lc, beta, lam, gamma)
     if B == 0 or C == 0:
-        return tuple(torch.zeros_like(t) for t in (x, mu, lc, beta, lam, gamma))
+        return zero_grads(inputs, grad_mask)
     if grad.shape != (B, C):
         raise ValueError(f"grad must have shape [B, C] = [{B}, {C}], got {tuple(grad.shape)}")
     o = common.Operands.saved(x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau)
@@ -182,8 +192,4 @@ def _backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps: 
     # Half logits are rounded too coarsely to give a back (~4e-3 off): those recompute the tiles.
     lg = logits.detach() if logits.dtype in (torch.float32, torch.float64) else None
     # Expanded gradients (stride 0, e.g. from out.sum()) are read in place through their strides.
-    dxp, dsx, (dlam, dgamma) = backward_side(o, True, grad=g, logits=lg)
-    dmup, dsmu, _ = backward_side(o, False, grad=g, logits=lg)
-    dx, dmu, dlc, dbeta = o.chain(dxp, dmup, dsx, dsmu)
-    return (dx.to(x.dtype), dmu.to(mu.dtype), dlc.to(lc.dtype), dbeta.to(beta.dtype), dlam.to(lam.dtype).reshape(()),
-            dgamma.to(gamma.dtype).reshape(()))
+    return backward_both_sides(o, inputs, grad_mask, grad=g, logits=lg)

@@ -35,10 +35,18 @@ import torch
 import triton
 import triton.language as tl
 
-from triton.language.standard import _indicator, _log2
-
 from . import common
 from .common import _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk, _tile_dot
+
+# The bitonic network below uses two private helpers of triton.language.standard whose current
+# forms (_indicator(n_dims, j)) exist since Triton 3.4. On older Triton the top-k kernel is off
+# (`supports` is False: the dispatch layer sorts randers_distance instead) and the other ops work.
+TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+AVAILABLE = TRITON_VERSION >= (3, 4)
+if AVAILABLE:
+    from triton.language.standard import _indicator, _log2
+else:  # pragma: no cover - older Triton
+    _indicator = _log2 = None
 
 MAX_K = 1024
 # Splits of the class range per row block (None: fill the device). The tests narrow it.
@@ -48,7 +56,7 @@ _INT64_MAX = tl.constexpr(2 ** 63 - 1)  # the key of padding columns (classes >=
 
 def supports(k: int, dtype: torch.dtype, num_classes: int) -> bool:
     """Whether the kernel serves this call (else the dispatch layer sorts randers_distance)."""
-    return k <= MAX_K and dtype != torch.float64 and num_classes < 2 ** 31
+    return AVAILABLE and k <= MAX_K and dtype != torch.float64 and num_classes < 2 ** 31
 
 
 @triton.jit
