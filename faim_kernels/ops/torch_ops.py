@@ -1,0 +1,516 @@
+"""backend="torch": the logits, the cross-entropy's row statistics and the top-k in plain PyTorch ops,
+so the same code runs on every device PyTorch runs on (CPU without a compiler, CUDA without Triton,
+MPS, XPU, ...), under torch.func transforms and in exported graphs (torch.export, ONNX).
+
+The algorithm is the kernels' (SPEC §2): x' = (x − m)·Lc and mu' = (mu − m)·Lc (m the detached mean
+prototype), one GEMM for x'·mu'ᵀ, q = |x'|² + |mu'|² − 2·x'·mu', s = x·beta − mu·beta in float64,
+then the epilogue as elementwise ops. The pairs whose expansion cannot be trusted (the kernels' rule:
+transform.risk_threshold's tau and the s-cancellation test, see `_at_risk`) are recomputed from the
+raw difference x_b − mu_c in float64, so near-prototype pairs are exact. Gradients are autograd's
+through these ops: the expansion's entries are masked before their square roots where a pair is
+recomputed, so its backward (which cancels on near pairs just as its forward does, SPEC §2.1) never
+sees them; the recomputed pairs get theirs from the raw difference.
+
+Two ways to run the same math:
+
+- Eager (the default): an autograd.Function per call that works class chunk by class chunk
+  (`chunk_classes`): the forward keeps no graph, the backward recomputes each chunk under autograd
+  (activation checkpointing over classes). Memory: the [B, C] output and its gradient plus one
+  chunk's temporaries, and for the cross-entropy O(B) only. Near pairs are found with nonzero() and
+  recomputed pair by pair (O(D) each, O(D²) with a full L).
+- Static (under torch.func transforms, torch.compile, torch.export and ONNX export, where a
+  data-dependent shape cannot exist): plain differentiable ops over all classes at once, so every
+  transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs most
+  at risk are recomputed (a top-k with a static k, gathered, recomputed, scattered back); a row with
+  more pairs at risk than that keeps the expansion's value for the rest (the plain GEMM's accuracy,
+  e.g. for many prototypes all within a few percent of one sample). A full L enters as
+  [x·L, sqrt(eps)·x] (q = |diff·L|² + eps·|diff|²: a GEMM twice as wide, but no Cholesky, which
+  neither ONNX nor a vmap over L offers).
+
+Dtypes: float32 and float64 compute as themselves, float16/bfloat16 in float32 (transform.compute_dtype);
+the s terms and the recomputed pairs in float64 except on MPS, which has no float64 (there in float32,
+with a stricter s test).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import transform
+
+# Per-row pairs recomputed from the raw difference where shapes must be static (module docstring).
+STATIC_NEAR_PAIRS = 16
+# Elements of one class chunk's [B, chunk] temporaries (eager): 2^18 keeps a chunk's working set
+# under one [512, 512] float32 block and the GEMMs at least 128 classes wide.
+CHUNK_ELEMENTS = 2 ** 18
+# Near pairs recomputed at once in eager mode: bounds their [P, D] temporaries.
+NEAR_GROUP = 2 ** 14
+# |s| < S_RISK·(|x·beta| + |mu·beta|): s = sx − smu lost too many digits (the kernels' 2^-20 for a
+# float64 difference; for a float32 one, as on MPS, 2^-7 keeps it within 128 units of round-off).
+S_RISK = {torch.float64: 2.0 ** -20, torch.float32: 2.0 ** -7}
+
+
+# ----------------------------------------------------------------------------------------------
+# When to run the static form
+# ----------------------------------------------------------------------------------------------
+
+def functorch_transforms() -> list:
+    """The torch.func transforms (TransformType) the current call runs under, innermost last."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace the interpreter stack; compiled code is static anyway
+        return []
+    stack = torch._C._functorch.get_interpreter_stack()
+    return [i.key() for i in stack] if stack else []
+
+
+def in_functorch_transform() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def in_grad_transform() -> bool:
+    """Under torch.func.grad / vjp / jacrev / jacfwd (not vmap alone)."""
+    from torch._C._functorch import TransformType
+    return any(k in (TransformType.Grad, TransformType.Jvp) for k in functorch_transforms())
+
+
+def exporting() -> bool:
+    """torch.export (which ONNX's dynamo export runs), or the TorchScript-based ONNX export."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def static_shapes() -> bool:
+    """Whether data-dependent shapes are off the table: torch.func transforms, torch.compile,
+    torch.export (ONNX's dynamo export runs it), tracing."""
+    return (in_functorch_transform() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+# ----------------------------------------------------------------------------------------------
+# The math (one implementation for both forms)
+# ----------------------------------------------------------------------------------------------
+
+def _sqrt0(v: torch.Tensor) -> torch.Tensor:
+    """sqrt(v) whose gradient at v = 0 is 0 rather than inf (0·inf = NaN downstream): the package's
+    convention at an exact hit with eps = 0 (README, Guarantees). NaN stays NaN."""
+    zero = v == 0
+    return torch.where(zero, torch.zeros_like(v), torch.sqrt(torch.where(zero, torch.ones_like(v), v)))
+
+
+def _root(v: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.sqrt(v) if eps > 0 else _sqrt0(v)
+
+
+class Metric:
+    """The metric factor as the ops use it: `project(v)` = v·Lc (v [n, D] -> [n, D']) with
+    |project(diff)|² = diffᵀ Sigma diff. Lc is a [D] vector (diagonal), a [D, D] matrix (Cholesky
+    factor, eager), or for the static form of a full L the pair (L, sqrt(eps)): v -> [v·L, sqrt(eps)·v]."""
+
+    def __init__(self, L: torch.Tensor, eps: float, dtype: torch.dtype, static: bool):
+        self.eps = eps
+        self.diagonal = L.dim() == 1
+        self.wide_form = static and not self.diagonal
+        if self.diagonal:
+            self.factor = torch.sqrt(torch.square(L.to(dtype)) + eps)
+        elif self.wide_form:
+            self.factor = L.to(dtype)
+        else:
+            self.factor = transform.metric_factor(L, eps, dtype)
+
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        f = self.factor.to(v.dtype)
+        if self.diagonal:
+            return v * f
+        if self.wide_form:
+            return torch.cat([v @ f, v * (self.eps ** 0.5)], dim=-1)
+        return v @ f
+
+
+class Rows:
+    """The row side of a call, formed once: x' [B, D'], |x'|² [B], sx = x·beta [B] (wide dtype), the
+    raw x and beta in the wide dtype (recomputed pairs), lam in the compute dtype, and the class
+    side's centre m. `cut()` gives the same with each differentiable piece detached into a leaf of
+    its own (the eager backward differentiates the chunks against those, then the row side once)."""
+
+    PIECES = ("factor", "xp", "sx", "x_wide", "beta_wide", "lam")
+
+    def __init__(self, x, mu, metric: Metric, beta, lam, compute: torch.dtype, wide: torch.dtype):
+        self.metric, self.compute, self.wide = metric, compute, wide
+        self.m = transform.center_of(mu.detach().to(compute))
+        self.factor = metric.factor
+        self.xp = metric.project(x.to(compute) - self.m)
+        self.xn = torch.square(self.xp).sum(dim=1)
+        self.beta_wide = beta.to(wide)
+        self.x_wide = x.to(wide)
+        self.sx = self.x_wide @ self.beta_wide
+        self.lam = lam.to(compute) if isinstance(lam, torch.Tensor) else lam
+        self.tau = transform.risk_threshold(x.shape[1], compute)
+        self.s_risk = S_RISK[wide]
+
+    def cut(self):
+        """(rows over leaves, [(piece, leaf)] for the pieces that carry a graph)."""
+        import copy
+        out = copy.copy(self)
+        out.metric = copy.copy(self.metric)
+        pairs = []
+        for name in self.PIECES:
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                leaf = t.detach().requires_grad_()
+                setattr(out, name, leaf)
+                pairs.append((t, leaf))
+        out.metric.factor = out.factor
+        out.xn = torch.square(out.xp).sum(dim=1)
+        return out, pairs
+
+
+def _direct_pairs(rows: Rows, xb: torch.Tensor, mc: torch.Tensor, eps: float):
+    """(a, r) of pairs from their raw difference xb − mc (each [..., D] in the wide dtype): q and s
+    from the difference itself, as the kernels' direct path (csrc/randers_common.h, pair_direct):
+    an infinite coordinate (and no NaN) gives q = +inf."""
+    diff = xb - mc
+    dp = rows.metric.project(diff)
+    q = torch.square(dp).sum(dim=-1)
+    s = diff @ rows.beta_wide
+    infinite = torch.isinf(diff).any(dim=-1) & ~torch.isnan(diff).any(dim=-1)
+    q = torch.where(infinite, torch.full_like(q, float("inf")), q)
+    # (s comes from the difference too, so an exact hit has s = 0 exactly, as the kernels force it.)
+    return _root(q + eps, eps), _root(s * s + eps, eps)
+
+
+def _expansion(rows: Rows, mu_c: torch.Tensor, wide_mu_c: torch.Tensor):
+    """(q, s, risk) of the chunk's pairs from the GEMM expansion; risk marks the pairs that the
+    kernels recompute (csrc/randers_common.h at_risk and s_at_risk, with the same tau)."""
+    mup = rows.metric.project(mu_c.to(rows.compute) - rows.m)
+    mn = torch.square(mup).sum(dim=1)
+    norms = rows.xn[:, None] + mn[None, :]
+    q = norms - 2 * (rows.xp @ mup.T)
+    smu = wide_mu_c @ rows.beta_wide
+    s = rows.sx[:, None] - smu[None, :]
+    risk = ~(q >= rows.tau * norms) | (norms > torch.finfo(q.dtype).max)
+    s_risk = s.abs() < rows.s_risk * (rows.sx.abs()[:, None] + smu.abs()[None, :])
+    return q, s, risk | s_risk
+
+
+def _combine(rows: Rows, q, s, mask, eps):
+    """d from the expansion where mask is False; the masked entries are sanitised before the square
+    roots, so that neither their values nor their gradients reach anything (the caller replaces them)."""
+    q = torch.where(mask, torch.ones_like(q), q).clamp_min(0)
+    s = torch.where(mask, torch.zeros_like(s), s).to(rows.compute)
+    a, r = _root(q + eps, eps), _root(s * s + eps, eps)
+    return a + rows.lam * r
+
+
+def _distance_from_near(rows: Rows, a, r):
+    return (a + rows.lam * r) if not isinstance(rows.lam, torch.Tensor) else a + rows.lam.to(a.dtype) * r
+
+
+def chunk_distance_eager(rows: Rows, mu_c: torch.Tensor, eps: float) -> torch.Tensor:
+    """d [B, c] (compute dtype) of one class chunk; the pairs at risk found with nonzero() and
+    recomputed from the raw difference in groups of NEAR_GROUP."""
+    wide_mu_c = mu_c.to(rows.wide)
+    q, s, risk = _expansion(rows, mu_c, wide_mu_c)
+    d = _combine(rows, q, s, risk, eps)
+    bi, ci = risk.nonzero(as_tuple=True)
+    if bi.numel():
+        parts = []
+        for start in range(0, bi.numel(), NEAR_GROUP):
+            b, c = bi[start:start + NEAR_GROUP], ci[start:start + NEAR_GROUP]
+            a, r = _direct_pairs(rows, rows.x_wide[b], wide_mu_c[c], eps)
+            parts.append(_distance_from_near(rows, a, r))
+        d = d.index_put((bi, ci), torch.cat(parts).to(d.dtype))
+    return d
+
+
+def distance_static(rows: Rows, mu: torch.Tensor, eps: float) -> torch.Tensor:
+    """d [B, C] (compute dtype) with static shapes: per row the STATIC_NEAR_PAIRS pairs most at risk
+    (ranked by q / (tau·norms) and the s test's ratio; NaN first) recomputed from the raw difference."""
+    wide_mu = mu.to(rows.wide)
+    q, s, _ = _expansion(rows, mu, wide_mu)
+    C = mu.shape[0]
+    k = min(C, STATIC_NEAR_PAIRS)
+    if k == 0:
+        return _combine(rows, q, s, torch.zeros_like(q, dtype=torch.bool), eps)
+    with torch.no_grad():
+        mn = torch.square(rows.metric.project(mu.to(rows.compute) - rows.m)).sum(dim=1)
+        norms = rows.xn[:, None] + mn[None, :]
+        smu = wide_mu @ rows.beta_wide
+        q_ratio = (q / (rows.tau * norms)).to(rows.wide)
+        s_ratio = s.abs() / (rows.s_risk * (rows.sx.abs()[:, None] + smu.abs()[None, :]))
+        score = torch.minimum(q_ratio, s_ratio).nan_to_num(nan=-1.0, posinf=float("inf"))
+        idx = torch.topk(score, k, dim=1, largest=False).indices              # [B, k]
+    mask = torch.zeros_like(q, dtype=torch.bool).scatter(1, idx, True)
+    d = _combine(rows, q, s, mask, eps)
+    a, r = _direct_pairs(rows, rows.x_wide[:, None, :], wide_mu[idx], eps)   # [B, k]
+    return d.scatter(1, idx, _distance_from_near(rows, a, r).to(d.dtype))
+
+
+def _prepare(x, mu, L, beta, lam, eps, static):
+    compute = transform.compute_dtype(x.dtype)
+    return Rows(x, mu, Metric(L, eps, compute, static), beta, lam, compute, _wide_dtype(x.device))
+
+
+def chunk_classes(B: int, C: int):
+    """Class ranges [c0, c1) of the eager form's chunks (CHUNK_ELEMENTS per [B, chunk] temporary)."""
+    step = max(128, CHUNK_ELEMENTS // max(B, 1))
+    return [(c0, min(C, c0 + step)) for c0 in range(0, C, step)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager form: class-chunked autograd.Functions (forward without a graph, backward recomputes)
+# ----------------------------------------------------------------------------------------------
+
+def _recompute_backward(inputs, needs, eps, per_chunk):
+    """Gradients of Σ_chunks <G_chunk, f_chunk> for the chunked functions. Under autograd: the row
+    side (the factor, x', sx, ...) is formed once and cut into leaves; each chunk is recomputed
+    against those leaves (and mu's chunk, gamma) and differentiated; the accumulated row-side
+    gradients then go back through the row side once (so the factor's Cholesky and x·Lc are
+    differentiated once, not per chunk). per_chunk(rows, mu_c, c0, c1, gamma) -> (out, G)."""
+    x, mu = inputs[0], inputs[1]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+        lx, lmu, lL, lbeta, llam, lgamma = leaves
+        full = _prepare(lx, lmu, lL, lbeta, llam, eps, static=False)
+        rows, pairs = full.cut()
+        targets = [leaf for _, leaf in pairs] + [t for t in (lmu, lgamma) if t.requires_grad]
+        acc = [None] * len(targets)
+        if targets:
+            for c0, c1 in chunk_classes(x.shape[0], mu.shape[0]):
+                out, G = per_chunk(rows, lmu[c0:c1], c0, c1, lgamma)
+                if not out.requires_grad:
+                    continue
+                grads = torch.autograd.grad(out, targets, G, retain_graph=True, allow_unused=True)
+                acc = [g if a is None else (a if g is None else a + g) for a, g in zip(acc, grads)]
+        result = {}
+        for t, g in zip(targets[len(pairs):], acc[len(pairs):]):
+            result[id(t)] = g
+        live = [(piece, g) for (piece, _), g in zip(pairs, acc[:len(pairs)]) if g is not None]
+        sources = [t for t in (lx, lL, lbeta, llam) if t.requires_grad]
+        if live and sources:
+            grads = torch.autograd.grad([p for p, _ in live], sources, [g for _, g in live], allow_unused=True)
+            for t, g in zip(sources, grads):
+                if g is not None:
+                    result[id(t)] = g if result.get(id(t)) is None else result[id(t)] + g
+    out = []
+    for t, leaf, n in zip(inputs, leaves, needs):
+        if not n:
+            out.append(None)
+            continue
+        g = result.get(id(leaf))
+        out.append(torch.zeros_like(t) if g is None else g.to(t.dtype))
+    return out
+
+
+def _double_backward_error():
+    return RuntimeError(
+        "faim_kernels: backend='torch' differentiates once in eager mode (its backward recomputes class "
+        "chunks). For second derivatives use torch.func (torch.func.grad(torch.func.grad(f)), jacfwd, "
+        "hessian: these run the plain-ops form of backend='torch', which differentiates any number of "
+        "times) or backend='reference'.")
+
+
+class _RefuseSecondDerivative(torch.autograd.Function):
+    """Identity on the gradients of the eager form, attached to the differentiable inputs so that
+    differentiating the gradients again reaches it and raises (the way PyTorch's
+    once_differentiable does, with the way out)."""
+
+    @staticmethod
+    def forward(ctx, n, *args):
+        return tuple(g.clone() for g in args[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _double_backward_error()
+
+
+def _once(grads, inputs):
+    """The gradients as they are, or (under create_graph=True) behind _RefuseSecondDerivative."""
+    if not torch.is_grad_enabled():
+        return grads
+    present = [i for i, g in enumerate(grads) if g is not None]
+    anchors = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not present or not anchors:
+        return grads
+    wrapped = _RefuseSecondDerivative.apply(len(present), *[grads[i] for i in present], *anchors)
+    out = list(grads)
+    for i, g in zip(present, wrapped):
+        out[i] = g
+    return out
+
+
+def _scalar_tensor(v, like: torch.Tensor):
+    return v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=like.device)
+
+
+class _Logits(torch.autograd.Function):
+    """logits [B, C] = −γ·d, class chunk by class chunk (module docstring, eager form)."""
+
+    @staticmethod
+    def forward(ctx, x, mu, L, beta, lam, gamma, eps):
+        ctx.save_for_backward(x, mu, L, beta, lam, gamma)
+        ctx.eps = eps
+        B, C = x.shape[0], mu.shape[0]
+        out = x.new_empty((B, C))
+        rows = _prepare(x, mu, L, beta, lam, eps, static=False)
+        g = gamma.to(rows.compute)
+        for c0, c1 in chunk_classes(B, C):
+            out[:, c0:c1] = (-g * chunk_distance_eager(rows, mu[c0:c1], eps)).to(out.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:6])
+
+        def per_chunk(rows, mu_c, c0, c1, lgamma):
+            out = -lgamma.to(rows.compute) * chunk_distance_eager(rows, mu_c, ctx.eps)
+            return out, grad[:, c0:c1].to(out.dtype)
+        return (*_once(_recompute_backward(inputs, needs, ctx.eps, per_chunk), inputs), None)
+
+
+def logits(x, mu, L, beta, lam, gamma, eps: float) -> torch.Tensor:
+    """−γ·d [B, C] in x's dtype (inputs validated; lam, gamma floats or 0-dim tensors)."""
+    if static_shapes():
+        rows = _prepare(x, mu, L, beta, lam, eps, static=True)
+        d = distance_static(rows, mu, eps)
+        g = gamma.to(rows.compute) if isinstance(gamma, torch.Tensor) else gamma
+        return (-g * d).to(x.dtype)
+    return _Logits.apply(x, mu, L, beta, _scalar_tensor(lam, x), _scalar_tensor(gamma, x), eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cross-entropy's row statistics (ops/row_stats.py's contract: (lse, tl, sl, pl), float64)
+# ----------------------------------------------------------------------------------------------
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1]; [B, k] as it is (a reshape(B, -1) is ambiguous at B = 0)."""
+    return t.unsqueeze(1) if t.dim() == 1 else t
+
+
+def _margin_logits(rows, d, gamma, target, c0, c1, margin):
+    """logit'_bc = −γ·(d_bc + margin·[c = t_b]) over classes [c0, c1), in float64 (the wide dtype)."""
+    g = gamma.to(rows.wide) if isinstance(gamma, torch.Tensor) else gamma
+    lg = -g * d.to(rows.wide)
+    if margin != 0.0:
+        t = _as_2d(target)
+        here = (t >= c0) & (t < c1)
+        hit = torch.zeros_like(lg, dtype=torch.bool).scatter(1, torch.where(here, t - c0, 0), here)
+        lg = lg - (g * margin) * hit.to(lg.dtype)
+    return lg
+
+
+def _chunk_stats(lg, target, c0, c1, class_weight, soft_target):
+    """(lse, tl, sl, pl) of one chunk's logits' [B, c] (tl over the chunk's targets, 0 elsewhere)."""
+    B = lg.shape[0]
+    t = _as_2d(target)
+    here = (t >= c0) & (t < c1)
+    tl = torch.where(here, lg.gather(1, torch.where(here, t - c0, 0)), 0.0).reshape(target.shape)
+    lse = torch.logsumexp(lg, dim=1) if lg.shape[1] else lg.new_full((B,), float("-inf"))
+    v = None if class_weight is None else class_weight[c0:c1].to(lg.dtype)
+    sl = lg.sum(dim=1) if v is None else lg @ v
+    if soft_target is None:
+        pl = torch.zeros_like(sl)
+    else:
+        pw = soft_target[:, c0:c1].to(lg.dtype) * lg
+        pl = pw.sum(dim=1) if v is None else pw @ v
+    return lse, tl, sl, pl
+
+
+class _RowStats(torch.autograd.Function):
+    """(lse, tl, sl, pl) class chunk by class chunk, O(B) memory besides one chunk (eager form)."""
+
+    @staticmethod
+    def forward(ctx, x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target):
+        B, C = x.shape[0], mu.shape[0]
+        rows = _prepare(x, mu, L, beta, lam, eps, static=False)
+        lse_parts, tl, sl, pl = [], None, None, None
+        for c0, c1 in chunk_classes(B, C):
+            lg = _margin_logits(rows, chunk_distance_eager(rows, mu[c0:c1], eps), gamma, target, c0, c1, margin)
+            stats = _chunk_stats(lg, target, c0, c1, class_weight, soft_target)
+            lse_parts.append(stats[0])
+            tl, sl, pl = stats[1:] if tl is None else (tl + stats[1], sl + stats[2], pl + stats[3])
+        if C == 0:
+            wide = rows.wide
+            lse = x.new_full((B,), float("-inf"), dtype=wide)
+            tl, sl, pl = torch.zeros(target.shape, dtype=wide, device=x.device), x.new_zeros(B, dtype=wide), \
+                x.new_zeros(B, dtype=wide)
+        else:
+            lse = torch.logsumexp(torch.stack(lse_parts, dim=1), dim=1)
+        ctx.save_for_backward(x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target)
+        ctx.eps, ctx.margin = eps, margin
+        return lse, tl, sl, pl
+
+    @staticmethod
+    def backward(ctx, w_lse, w_tl, w_sl, w_pl):
+        x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:6])
+        t = _as_2d(target)
+        wt = None if w_tl is None else _as_2d(w_tl)
+
+        def per_chunk(rows, mu_c, c0, c1, lgamma):
+            d = chunk_distance_eager(rows, mu_c, ctx.eps)
+            lg = _margin_logits(rows, d, lgamma, target, c0, c1, ctx.margin)
+            G = torch.zeros_like(lg)
+            if w_lse is not None:
+                G = G + w_lse[:, None] * torch.exp(lg.detach() - lse[:, None])
+            if wt is not None:
+                here = (t >= c0) & (t < c1)
+                G = G.scatter_add(1, torch.where(here, t - c0, 0), torch.where(here, wt.to(G.dtype), 0.0))
+            v = None if class_weight is None else class_weight[c0:c1].to(G.dtype)
+            row_w = None
+            if w_sl is not None:
+                row_w = w_sl[:, None].expand_as(G)
+            if w_pl is not None and soft_target is not None:
+                pw = w_pl[:, None] * soft_target[:, c0:c1].to(G.dtype)
+                row_w = pw if row_w is None else row_w + pw
+            if row_w is not None:
+                G = G + (row_w if v is None else row_w * v[None, :])
+            return lg, G
+        grads = _once(_recompute_backward((x, mu, L, beta, lam, gamma), needs, ctx.eps, per_chunk),
+                      (x, mu, L, beta, lam, gamma))
+        return (*grads, None, None, None, None, None)
+
+
+def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, class_weight=None, soft_target=None):
+    """(lse, tl, sl, pl) in the wide dtype, differentiable in x, mu, L, beta, lam, gamma (contract of
+    ops/row_stats.py). target: local class indices [B] or [B, k], −1 where a row has none here."""
+    if not static_shapes() and target.numel() and bool((target == -2).any()):
+        raise ValueError("faim_kernels: target holds a class index out of range [0, C)")
+    class_weight = None if class_weight is None else class_weight.detach()
+    soft_target = None if soft_target is None else soft_target.detach()
+    if static_shapes():
+        rows = _prepare(x, mu, L, beta, lam, eps, static=True)
+        lg = _margin_logits(rows, distance_static(rows, mu, eps), gamma, target, 0, mu.shape[0], margin)
+        return _chunk_stats(lg, target, 0, mu.shape[0], class_weight, soft_target)
+    target = target.to(torch.int64)
+    return _RowStats.apply(x, mu, L, beta, _scalar_tensor(lam, x), _scalar_tensor(gamma, x), target, eps,
+                           margin, class_weight, soft_target)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k (forward only, like the kernels'): chunked over classes, a running [B, k] merged by a
+# stable sort (ties by the lower index: the earlier chunk comes first), NaN ranked as torch.topk.
+# ----------------------------------------------------------------------------------------------
+
+def topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool):
+    """(distances [B, k] in x's dtype, indices int64 [B, k]); nothing differentiable comes back."""
+    from .dispatch import topk_by_sort
+    with torch.no_grad():
+        x, mu, L, beta = x.detach(), mu.detach(), L.detach(), beta.detach()
+        lam = lam.detach() if isinstance(lam, torch.Tensor) else lam
+        B, C = x.shape[0], mu.shape[0]
+        if static_shapes():
+            rows = _prepare(x, mu, L, beta, lam, eps, static=True)
+            values, index = topk_by_sort(distance_static(rows, mu, eps), k, largest)
+            return values.to(x.dtype), index
+        rows = _prepare(x, mu, L, beta, lam, eps, static=False)
+        compute = rows.compute
+        values = x.new_empty((B, 0), dtype=compute)
+        index = torch.empty((B, 0), dtype=torch.int64, device=x.device)
+        for c0, c1 in chunk_classes(B, C):
+            d = chunk_distance_eager(rows, mu[c0:c1], eps)
+            ids = torch.arange(c0, c1, device=x.device).expand(B, -1)
+            v, pos = topk_by_sort(torch.cat([values, d], dim=1), k, largest)
+            values, index = v, torch.cat([index, ids], dim=1).gather(1, pos)
+        return values.to(x.dtype), index
