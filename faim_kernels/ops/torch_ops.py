@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+import copy
+
 from .. import transform
 
 # Per-row pairs recomputed from the raw difference where shapes must be static (module docstring).
@@ -130,10 +132,7 @@ class Metric:
 class Rows:
     """The row side of a call, formed once: x' [B, D'], |x'|² [B], sx = x·beta [B] (wide dtype), the
     raw x and beta in the wide dtype (recomputed pairs), lam in the compute dtype, and the class
-    side's centre m. `cut()` gives the same with each differentiable piece detached into a leaf of
-    its own (the eager backward differentiates the chunks against those, then the row side once)."""
-
-    PIECES = ("factor", "xp", "sx", "x_wide", "beta_wide", "lam")
+    side's centre m."""
 
     def __init__(self, x, mu, metric: Metric, beta, lam, compute: torch.dtype, wide: torch.dtype):
         self.metric, self.compute, self.wide = metric, compute, wide
@@ -147,22 +146,6 @@ class Rows:
         self.lam = lam.to(compute) if isinstance(lam, torch.Tensor) else lam
         self.tau = transform.risk_threshold(x.shape[1], compute)
         self.s_risk = S_RISK[wide]
-
-    def cut(self):
-        """(rows over leaves, [(piece, leaf)] for the pieces that carry a graph)."""
-        import copy
-        out = copy.copy(self)
-        out.metric = copy.copy(self.metric)
-        pairs = []
-        for name in self.PIECES:
-            t = getattr(self, name)
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                leaf = t.detach().requires_grad_()
-                setattr(out, name, leaf)
-                pairs.append((t, leaf))
-        out.metric.factor = out.factor
-        out.xn = torch.square(out.xp).sum(dim=1)
-        return out, pairs
 
 
 def _direct_pairs(rows: Rows, xb: torch.Tensor, mc: torch.Tensor, eps: float):
@@ -206,21 +189,50 @@ def _distance_from_near(rows: Rows, a, r):
     return (a + rows.lam * r) if not isinstance(rows.lam, torch.Tensor) else a + rows.lam.to(a.dtype) * r
 
 
-def chunk_distance_eager(rows: Rows, mu_c: torch.Tensor, eps: float) -> torch.Tensor:
-    """d [B, c] (compute dtype) of one class chunk; the pairs at risk found with nonzero() and
-    recomputed from the raw difference in groups of NEAR_GROUP."""
-    wide_mu_c = mu_c.to(rows.wide)
-    q, s, risk = _expansion(rows, mu_c, wide_mu_c)
-    d = _combine(rows, q, s, risk, eps)
+def eager_chunk(rows: Rows, mup_c: torch.Tensor, mn_c: torch.Tensor, smu_c: torch.Tensor, mu_c: torch.Tensor,
+                eps: float, lam: float, parts: bool = False):
+    """No graph: d [B, c] (compute dtype) of one class chunk, and the chunk's pairs at risk (b, c local)
+    that were recomputed from the raw difference (nonzero(), in groups of NEAR_GROUP). The same
+    rule as _expansion, written as in-place passes over the chunk (the CPU time is in these passes,
+    not the GEMM). parts=True returns (d, a, r, s, near) for the closed-form backward."""
+    tau = rows.tau
+    q = torch.addmm(mn_c[None, :], rows.xp, mup_c.T, alpha=-2)          # |mu'|² − 2·x'·mu'
+    risk = ~torch.ge(q - tau * mn_c, tau * rows.xn[:, None])             # q < tau·norms, or NaN
+    q.add_(rows.xn[:, None])
+    big = rows.xn.max() + mn_c.max() if q.numel() else q.new_zeros(())
+    if not bool(torch.isfinite(big)):  # norms that overflow (or NaN): those pairs take the direct path
+        risk |= ~((rows.xn[:, None] + mn_c[None, :]) <= torch.finfo(q.dtype).max)
+    s = (rows.sx[:, None] - smu_c[None, :]).to(rows.compute)
+    risk |= s.abs() < torch.add((rows.s_risk * rows.sx.abs()).to(rows.compute)[:, None],
+                                (rows.s_risk * smu_c.abs()).to(rows.compute)[None, :])
+    r = torch.square(s).add_(eps).sqrt_()
+    a = q.clamp_min_(0).add_(eps).sqrt_()
+    d = a.clone() if parts else a
+    if lam != 0.0:
+        d.add_(r, alpha=lam)
     bi, ci = risk.nonzero(as_tuple=True)
-    if bi.numel():
-        parts = []
-        for start in range(0, bi.numel(), NEAR_GROUP):
-            b, c = bi[start:start + NEAR_GROUP], ci[start:start + NEAR_GROUP]
-            a, r = _direct_pairs(rows, rows.x_wide[b], wide_mu_c[c], eps)
-            parts.append(_distance_from_near(rows, a, r))
-        d = d.index_put((bi, ci), torch.cat(parts).to(d.dtype))
-    return d
+    for start in range(0, bi.numel(), NEAR_GROUP):
+        b, c = bi[start:start + NEAR_GROUP], ci[start:start + NEAR_GROUP]
+        na, nr = _direct_pairs(rows, rows.x_wide[b], mu_c[c].to(rows.wide), eps)
+        nd = na if lam == 0.0 else na + lam * nr
+        d.index_put_((b, c), nd.to(d.dtype))
+        if parts:
+            a.index_put_((b, c), na.to(a.dtype))
+            r.index_put_((b, c), nr.to(r.dtype))
+    return (d, a, r, s, (bi, ci)) if parts else (d, (bi, ci))
+
+
+class Cols:
+    """The class side of the eager form, no graph: mu' [C, D'], |mu'|² [C], smu = mu·beta [C] (wide)."""
+
+    def __init__(self, rows: Rows, mu: torch.Tensor, beta_wide: torch.Tensor):
+        self.mu = mu
+        self.mup = rows.metric.project(mu.to(rows.compute) - rows.m)
+        self.mn = torch.square(self.mup).sum(dim=1)
+        self.smu = mu.to(beta_wide.dtype) @ beta_wide
+
+    def chunk(self, rows, c0, c1, eps, lam, parts=False):
+        return eager_chunk(rows, self.mup[c0:c1], self.mn[c0:c1], self.smu[c0:c1], self.mu[c0:c1], eps, lam, parts)
 
 
 def distance_static(rows: Rows, mu: torch.Tensor, eps: float) -> torch.Tensor:
@@ -261,45 +273,105 @@ def chunk_classes(B: int, C: int):
 # Eager form: class-chunked autograd.Functions (forward without a graph, backward recomputes)
 # ----------------------------------------------------------------------------------------------
 
-def _recompute_backward(inputs, needs, eps, per_chunk):
-    """Gradients of Σ_chunks <G_chunk, f_chunk> for the chunked functions. Under autograd: the row
-    side (the factor, x', sx, ...) is formed once and cut into leaves; each chunk is recomputed
-    against those leaves (and mu's chunk, gamma) and differentiated; the accumulated row-side
-    gradients then go back through the row side once (so the factor's Cholesky and x·Lc are
-    differentiated once, not per chunk). per_chunk(rows, mu_c, c0, c1, gamma) -> (out, G)."""
-    x, mu = inputs[0], inputs[1]
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
-        lx, lmu, lL, lbeta, llam, lgamma = leaves
-        full = _prepare(lx, lmu, lL, lbeta, llam, eps, static=False)
-        rows, pairs = full.cut()
-        targets = [leaf for _, leaf in pairs] + [t for t in (lmu, lgamma) if t.requires_grad]
-        acc = [None] * len(targets)
-        if targets:
-            for c0, c1 in chunk_classes(x.shape[0], mu.shape[0]):
-                out, G = per_chunk(rows, lmu[c0:c1], c0, c1, lgamma)
-                if not out.requires_grad:
-                    continue
-                grads = torch.autograd.grad(out, targets, G, retain_graph=True, allow_unused=True)
-                acc = [g if a is None else (a if g is None else a + g) for a, g in zip(acc, grads)]
-        result = {}
-        for t, g in zip(targets[len(pairs):], acc[len(pairs):]):
-            result[id(t)] = g
-        live = [(piece, g) for (piece, _), g in zip(pairs, acc[:len(pairs)]) if g is not None]
-        sources = [t for t in (lx, lL, lbeta, llam) if t.requires_grad]
-        if live and sources:
-            grads = torch.autograd.grad([p for p, _ in live], sources, [g for _, g in live], allow_unused=True)
-            for t, g in zip(sources, grads):
-                if g is not None:
-                    result[id(t)] = g if result.get(id(t)) is None else result[id(t)] + g
-    out = []
-    for t, leaf, n in zip(inputs, leaves, needs):
-        if not n:
-            out.append(None)
-            continue
-        g = result.get(id(leaf))
-        out.append(torch.zeros_like(t) if g is None else g.to(t.dtype))
-    return out
+class ClosedFormBackward:
+    """The backward of SPEC §2 for the eager form, chunk by chunk: given G = ∂loss/∂logit over a
+    chunk and its exact d, a, r, s, with H = −γ·G, P = H/a and R = H·λ·s/r (both 0 on the pairs
+    recomputed from the raw difference):
+
+        ∂x' = rowsum(P)·x' − P·mu'    ∂mu' = colsum(P)·mu' − Pᵀ·x'    (two GEMMs, as nn.Linear's)
+        ∂sx = rowsum(R)    ∂smu = −colsum(R)    ∂λ = Σ H·r    ∂γ: given by the caller
+
+    The recomputed pairs are differentiated from their raw difference (autograd over the gathered
+    pairs: exact where the expansion's backward cancels, SPEC §2.1). `finish` takes x', sx, mu',
+    smu and those pairs back to x, mu, L, beta, lam through autograd of the row and class sides
+    (the metric factor's Cholesky and x·Lc differentiated once per call)."""
+
+    def __init__(self, inputs, needs, eps: float):
+        self.inputs, self.needs, self.eps = inputs, needs, eps
+        x, mu = inputs[0], inputs[1]
+        with torch.enable_grad():
+            self.leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
+            lx, lmu, lL, lbeta, llam, _ = self.leaves
+            self.rows = _prepare(lx, lmu, lL, lbeta, llam, eps, static=False)
+            self.mup = self.rows.metric.project(lmu.to(self.rows.compute) - self.rows.m)
+            self.smu = lmu.to(self.rows.wide) @ self.rows.beta_wide
+        rows = self.rows
+        self.plain = copy.copy(rows)  # the same values without a graph, for the chunks
+        for name in ("xp", "xn", "sx", "x_wide", "beta_wide"):
+            setattr(self.plain, name, getattr(rows, name).detach())
+        self.plain.metric = copy.copy(rows.metric)
+        self.plain.metric.factor = rows.metric.factor.detach()
+        self.cols = Cols.__new__(Cols)
+        self.cols.mu, self.cols.mup = x.new_empty(0), self.mup.detach()
+        self.cols.mu = inputs[1]
+        self.cols.mn = torch.square(self.cols.mup).sum(dim=1)
+        self.cols.smu = self.smu.detach()
+        self.lam = float(inputs[4])
+        compute, wide = rows.compute, rows.wide
+        self.dxp = torch.zeros_like(self.plain.xp)
+        self.rowsum = torch.zeros(x.shape[0], dtype=compute, device=x.device)
+        self.dmup = torch.zeros_like(self.cols.mup)
+        self.dsx = torch.zeros(x.shape[0], dtype=wide, device=x.device)
+        self.dsmu = torch.zeros(mu.shape[0], dtype=wide, device=x.device)
+        self.dlam = torch.zeros((), dtype=wide, device=x.device)
+        self.dgamma = torch.zeros((), dtype=wide, device=x.device)
+        self.near_b, self.near_c, self.near_h = [], [], []
+
+    def chunk(self, c0, c1, G, a, r, s, near, gamma: torch.Tensor):
+        """Accumulates one chunk: G [B, c] (compute dtype, may be overwritten), a, r, s as eager_chunk's
+        parts (overwritten), near its recomputed pairs (local indices)."""
+        bi, ci = near
+        H = G.mul_(-gamma.to(G.dtype))
+        if bi.numel():
+            self.near_b.append(bi)
+            self.near_c.append(ci + c0)
+            self.near_h.append(H[bi, ci].to(self.rows.wide))
+            H.index_put_((bi, ci), H.new_zeros(()))
+            a.index_put_((bi, ci), a.new_ones(()))
+            r.index_put_((bi, ci), r.new_ones(()))
+        if self.eps == 0.0:  # an exact hit's P and R are 0 by convention (README, Guarantees)
+            a.masked_fill_(a == 0, float("inf"))
+            r.masked_fill_(r == 0, float("inf"))
+        self.dlam += torch.vdot(H.flatten(), r.flatten())
+        P = H / a
+        R = H.mul_(s).div_(r).mul_(self.lam)
+        self.rowsum += P.sum(dim=1)
+        mup_c = self.cols.mup[c0:c1]
+        self.dxp.addmm_(P, mup_c, alpha=-1)
+        self.dmup[c0:c1] = torch.addmm(P.sum(dim=0)[:, None] * mup_c, P.T, self.plain.xp, alpha=-1)
+        self.dsx += R.sum(dim=1).to(self.dsx.dtype)
+        self.dsmu[c0:c1] = -R.sum(dim=0).to(self.dsmu.dtype)
+
+    def finish(self):
+        """The gradients of (x, mu, L, beta, lam, gamma) in their dtypes (None where not needed)."""
+        rows, eps = self.rows, self.eps
+        lx, lmu, lL, lbeta, llam, lgamma = self.leaves
+        self.dxp += self.rowsum[:, None] * self.plain.xp
+        outputs, grads = [rows.xp, rows.sx, self.mup, self.smu], [self.dxp, self.dsx, self.dmup, self.dsmu]
+        with torch.enable_grad():
+            if self.near_b:
+                b, c = torch.cat(self.near_b), torch.cat(self.near_c)
+                na, nr = _direct_pairs(rows, rows.x_wide[b], lmu[c].to(rows.wide), eps)
+                lam = llam.to(rows.wide)
+                outputs.append(na + lam * nr)
+                grads.append(torch.cat(self.near_h))
+            sources = [t for t in (lx, lmu, lL, lbeta, llam) if t.requires_grad]
+            keep = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+            got = torch.autograd.grad([o for o, _ in keep], sources, [g.to(o.dtype) for o, g in keep],
+                                      allow_unused=True) if keep and sources else [None] * len(sources)
+        result = dict(zip(map(id, sources), got))
+        out = []
+        for i, (t, leaf, n) in enumerate(zip(self.inputs, self.leaves, self.needs)):
+            if not n:
+                out.append(None)
+                continue
+            g = result.get(id(leaf))
+            if i == 4:
+                g = self.dlam if g is None else g + self.dlam
+            if i == 5:
+                g = self.dgamma
+            out.append(torch.zeros_like(t) if g is None else g.to(t.dtype).reshape(t.shape))
+        return out
 
 
 def _double_backward_error():
@@ -343,30 +415,55 @@ def _scalar_tensor(v, like: torch.Tensor):
     return v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=like.device)
 
 
+# Below this |γ| the backward recomputes d instead of reading it back from the logits (−logits/γ),
+# where float32 logits of a tiny γ would be denormal or zero.
+GAMMA_READBACK_MIN = 1e-4
+
+
 class _Logits(torch.autograd.Function):
-    """logits [B, C] = −γ·d, class chunk by class chunk (module docstring, eager form)."""
+    """logits [B, C] = −γ·d, class chunk by class chunk (module docstring, eager form); the backward is
+    the closed form (ClosedFormBackward), d read back from the saved logits as the kernels do."""
 
     @staticmethod
     def forward(ctx, x, mu, L, beta, lam, gamma, eps):
-        ctx.save_for_backward(x, mu, L, beta, lam, gamma)
-        ctx.eps = eps
         B, C = x.shape[0], mu.shape[0]
         out = x.new_empty((B, C))
         rows = _prepare(x, mu, L, beta, lam, eps, static=False)
-        g = gamma.to(rows.compute)
+        cols = Cols(rows, mu, rows.beta_wide)
+        g, lam_f = gamma.to(rows.compute), float(lam)
+        near_b, near_c = [], []
         for c0, c1 in chunk_classes(B, C):
-            out[:, c0:c1] = (-g * chunk_distance_eager(rows, mu[c0:c1], eps)).to(out.dtype)
+            d, (bi, ci) = cols.chunk(rows, c0, c1, eps, lam_f)
+            out[:, c0:c1] = d.mul_(-g)
+            near_b.append(bi)
+            near_c.append(ci + c0)
+        near = (torch.cat(near_b), torch.cat(near_c)) if near_b else (x.new_zeros(0, dtype=torch.long),) * 2
+        ctx.save_for_backward(x, mu, L, beta, lam, gamma, out, *near)
+        ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        inputs = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:6])
-
-        def per_chunk(rows, mu_c, c0, c1, lgamma):
-            out = -lgamma.to(rows.compute) * chunk_distance_eager(rows, mu_c, ctx.eps)
-            return out, grad[:, c0:c1].to(out.dtype)
-        return (*_once(_recompute_backward(inputs, needs, ctx.eps, per_chunk), inputs), None)
+        x, mu, L, beta, lam, gamma, out, near_b, near_c = ctx.saved_tensors
+        inputs = (x, mu, L, beta, lam, gamma)
+        bw = ClosedFormBackward(inputs, list(ctx.needs_input_grad[:6]), ctx.eps)
+        rows, compute = bw.plain, bw.rows.compute
+        g = gamma.to(compute)
+        readback = out.dtype == compute and abs(float(gamma)) >= GAMMA_READBACK_MIN
+        for c0, c1 in chunk_classes(x.shape[0], mu.shape[0]):
+            G = grad[:, c0:c1].to(compute, copy=True)  # (bw.chunk overwrites it)
+            if readback:
+                d = out[:, c0:c1] / (-g)
+                s = (rows.sx[:, None] - bw.cols.smu[c0:c1][None, :]).to(compute)
+                r = torch.square(s).add_(ctx.eps).sqrt_()
+                a = d - bw.lam * r if bw.lam != 0.0 else d.clone()
+                here = (near_c >= c0) & (near_c < c1)  # (their a, r, s do not matter: P = R = 0 there)
+                near = (near_b[here], near_c[here] - c0)
+            else:
+                d, a, r, s, near = bw.cols.chunk(rows, c0, c1, ctx.eps, bw.lam, parts=True)
+            bw.dgamma -= torch.vdot(G.flatten(), d.flatten()).to(bw.dgamma.dtype)
+            bw.chunk(c0, c1, G, a, r, s, near, g)
+        return (*_once(bw.finish(), inputs), None)
 
 
 def logits(x, mu, L, beta, lam, gamma, eps: float) -> torch.Tensor:
@@ -418,15 +515,19 @@ def _chunk_stats(lg, target, c0, c1, class_weight, soft_target):
 
 
 class _RowStats(torch.autograd.Function):
-    """(lse, tl, sl, pl) class chunk by class chunk, O(B) memory besides one chunk (eager form)."""
+    """(lse, tl, sl, pl) class chunk by class chunk, O(B) memory besides one chunk (eager form); the
+    backward recomputes each chunk's d (no [B, C] is kept) and applies the closed form."""
 
     @staticmethod
     def forward(ctx, x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target):
         B, C = x.shape[0], mu.shape[0]
         rows = _prepare(x, mu, L, beta, lam, eps, static=False)
+        cols = Cols(rows, mu, rows.beta_wide)
+        lam_f = float(lam)
         lse_parts, tl, sl, pl = [], None, None, None
         for c0, c1 in chunk_classes(B, C):
-            lg = _margin_logits(rows, chunk_distance_eager(rows, mu[c0:c1], eps), gamma, target, c0, c1, margin)
+            d, _ = cols.chunk(rows, c0, c1, eps, lam_f)
+            lg = _margin_logits(rows, d, gamma, target, c0, c1, margin)
             stats = _chunk_stats(lg, target, c0, c1, class_weight, soft_target)
             lse_parts.append(stats[0])
             tl, sl, pl = stats[1:] if tl is None else (tl + stats[1], sl + stats[2], pl + stats[3])
@@ -444,19 +545,21 @@ class _RowStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, w_lse, w_tl, w_sl, w_pl):
         x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad[:6])
+        inputs = (x, mu, L, beta, lam, gamma)
+        bw = ClosedFormBackward(inputs, list(ctx.needs_input_grad[:6]), ctx.eps)
+        rows, compute = bw.plain, bw.rows.compute
         t = _as_2d(target)
         wt = None if w_tl is None else _as_2d(w_tl)
-
-        def per_chunk(rows, mu_c, c0, c1, lgamma):
-            d = chunk_distance_eager(rows, mu_c, ctx.eps)
-            lg = _margin_logits(rows, d, lgamma, target, c0, c1, ctx.margin)
+        g = gamma.to(rows.wide)
+        for c0, c1 in chunk_classes(x.shape[0], mu.shape[0]):
+            d, a, r, s, near = bw.cols.chunk(rows, c0, c1, ctx.eps, bw.lam, parts=True)
+            lg = _margin_logits(rows, d, gamma, target, c0, c1, ctx.margin)   # wide dtype
             G = torch.zeros_like(lg)
             if w_lse is not None:
-                G = G + w_lse[:, None] * torch.exp(lg.detach() - lse[:, None])
+                G += w_lse[:, None] * torch.exp(lg - lse[:, None])
             if wt is not None:
                 here = (t >= c0) & (t < c1)
-                G = G.scatter_add(1, torch.where(here, t - c0, 0), torch.where(here, wt.to(G.dtype), 0.0))
+                G.scatter_add_(1, torch.where(here, t - c0, 0), torch.where(here, wt.to(G.dtype), 0.0))
             v = None if class_weight is None else class_weight[c0:c1].to(G.dtype)
             row_w = None
             if w_sl is not None:
@@ -465,11 +568,23 @@ class _RowStats(torch.autograd.Function):
                 pw = w_pl[:, None] * soft_target[:, c0:c1].to(G.dtype)
                 row_w = pw if row_w is None else row_w + pw
             if row_w is not None:
-                G = G + (row_w if v is None else row_w * v[None, :])
-            return lg, G
-        grads = _once(_recompute_backward((x, mu, L, beta, lam, gamma), needs, ctx.eps, per_chunk),
-                      (x, mu, L, beta, lam, gamma))
+                G += row_w if v is None else row_w * v[None, :]
+            # ∂/∂γ of logit' = −γ·(d + margin·[c = t]) is −(d + margin·[c = t]) = logit'/γ
+            bw.dgamma -= torch.vdot(G.flatten(), (lg / -g).flatten() if bool(g != 0) else
+                                    _margin_distance(d, target, c0, c1, ctx.margin).flatten().to(G.dtype))
+            bw.chunk(c0, c1, G.to(compute), a, r, s, near, gamma)
+        grads = _once(bw.finish(), inputs)
         return (*grads, None, None, None, None, None)
+
+
+def _margin_distance(d, target, c0, c1, margin):
+    """d + margin·[c = t] over a chunk (the ∂γ weight when γ = 0, where logit'/γ is undefined)."""
+    if margin == 0.0:
+        return d
+    t = _as_2d(target)
+    here = (t >= c0) & (t < c1)
+    hit = torch.zeros_like(d, dtype=torch.bool).scatter(1, torch.where(here, t - c0, 0), here)
+    return d + margin * hit.to(d.dtype)
 
 
 def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, class_weight=None, soft_target=None):
@@ -505,11 +620,12 @@ def topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool):
             values, index = topk_by_sort(distance_static(rows, mu, eps), k, largest)
             return values.to(x.dtype), index
         rows = _prepare(x, mu, L, beta, lam, eps, static=False)
+        cols, lam_f = Cols(rows, mu, rows.beta_wide), float(lam)
         compute = rows.compute
         values = x.new_empty((B, 0), dtype=compute)
         index = torch.empty((B, 0), dtype=torch.int64, device=x.device)
         for c0, c1 in chunk_classes(B, C):
-            d = chunk_distance_eager(rows, mu[c0:c1], eps)
+            d, _ = cols.chunk(rows, c0, c1, eps, lam_f)
             ids = torch.arange(c0, c1, device=x.device).expand(B, -1)
             v, pos = topk_by_sort(torch.cat([values, d], dim=1), k, largest)
             values, index = v, torch.cat([index, ids], dim=1).gather(1, pos)
