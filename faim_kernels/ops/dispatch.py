@@ -187,11 +187,7 @@ def _warn_once(why: str) -> None:
         warnings.warn(why, stacklevel=4)
 
 
-def topk_by_sort(d: torch.Tensor, k: int, largest: bool):
-    """The k smallest (largest) entries of each row of d [B, C], sorted, ties by the lower index
-    (a stable sort; torch.topk leaves the order of ties unspecified), NaN as torch.topk ranks it."""
-    values, index = torch.sort(d, dim=1, descending=largest, stable=True)
-    return values[:, :k], index[:, :k]
+topk_by_sort = torch_ops.topk_by_sort  # (the Triton top-k's fallback sorts as backend="torch" merges)
 
 
 def fused_topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool, backend: str):

@@ -213,7 +213,7 @@ def eager_chunk(rows: Rows, mup_c: torch.Tensor, mn_c: torch.Tensor, smu_c: torc
     bi, ci = risk.nonzero(as_tuple=True)
     for start in range(0, bi.numel(), NEAR_GROUP):
         b, c = bi[start:start + NEAR_GROUP], ci[start:start + NEAR_GROUP]
-        na, nr = _direct_pairs(rows, rows.x_wide[b], mu_c[c].to(rows.wide), eps)
+        na, nr = _direct_pairs(rows, rows.x_wide.index_select(0, b), mu_c.index_select(0, c).to(rows.wide), eps)
         nd = na if lam == 0.0 else na + lam * nr
         d.index_put_((b, c), nd.to(d.dtype))
         if parts:
@@ -254,7 +254,8 @@ def distance_static(rows: Rows, mu: torch.Tensor, eps: float) -> torch.Tensor:
         idx = torch.topk(score, k, dim=1, largest=False).indices              # [B, k]
     mask = torch.zeros_like(q, dtype=torch.bool).scatter(1, idx, True)
     d = _combine(rows, q, s, mask, eps)
-    a, r = _direct_pairs(rows, rows.x_wide[:, None, :], wide_mu[idx], eps)   # [B, k]
+    gathered = wide_mu.index_select(0, idx.flatten()).reshape(*idx.shape, mu.shape[1])  # (see finish)
+    a, r = _direct_pairs(rows, rows.x_wide[:, None, :], gathered, eps)   # [B, k]
     return d.scatter(1, idx, _distance_from_near(rows, a, r).to(d.dtype))
 
 
@@ -351,7 +352,9 @@ class ClosedFormBackward:
         with torch.enable_grad():
             if self.near_b:
                 b, c = torch.cat(self.near_b), torch.cat(self.near_c)
-                na, nr = _direct_pairs(rows, rows.x_wide[b], lmu[c].to(rows.wide), eps)
+                # index_select, not x[b]: its backward is index_add_, deterministic on the CPU, where the
+                # accumulating index_put_ of x[b]'s backward adds duplicates in a varying order.
+                na, nr = _direct_pairs(rows, rows.x_wide.index_select(0, b), lmu.index_select(0, c).to(rows.wide), eps)
                 lam = llam.to(rows.wide)
                 outputs.append(na + lam * nr)
                 grads.append(torch.cat(self.near_h))
@@ -608,9 +611,15 @@ def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, cla
 # stable sort (ties by the lower index: the earlier chunk comes first), NaN ranked as torch.topk.
 # ----------------------------------------------------------------------------------------------
 
+def topk_by_sort(d: torch.Tensor, k: int, largest: bool):
+    """The k smallest (largest) entries of each row of d [B, C], sorted, ties by the lower index
+    (a stable sort; torch.topk leaves the order of ties unspecified), NaN as torch.topk ranks it."""
+    values, index = torch.sort(d, dim=1, descending=largest, stable=True)
+    return values[:, :k], index[:, :k]
+
+
 def topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool):
     """(distances [B, k] in x's dtype, indices int64 [B, k]); nothing differentiable comes back."""
-    from .dispatch import topk_by_sort
     with torch.no_grad():
         x, mu, L, beta = x.detach(), mu.detach(), L.detach(), beta.detach()
         lam = lam.detach() if isinstance(lam, torch.Tensor) else lam
