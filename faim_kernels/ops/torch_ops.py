@@ -222,6 +222,24 @@ def eager_chunk(rows: Rows, mup_c: torch.Tensor, mn_c: torch.Tensor, smu_c: torc
     return (d, a, r, s, (bi, ci)) if parts else (d, (bi, ci))
 
 
+ROWS_PER_DOT = 4096
+
+
+def dot_wide(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """v·w [n] in w's (wide) dtype, v [n, D] cast block by block: no float64 copy of a large mu."""
+    if v.shape[0] <= ROWS_PER_DOT:
+        return v.to(w.dtype) @ w
+    return torch.cat([v[i:i + ROWS_PER_DOT].to(w.dtype) @ w for i in range(0, v.shape[0], ROWS_PER_DOT)])
+
+
+def tdot_wide(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Σ_i g_i·v_i [D] in g's (wide) dtype, v [n, D] cast block by block (dot_wide's transpose)."""
+    out = g.new_zeros(v.shape[1])
+    for i in range(0, v.shape[0], ROWS_PER_DOT):
+        out += v[i:i + ROWS_PER_DOT].to(g.dtype).T @ g[i:i + ROWS_PER_DOT]
+    return out
+
+
 class Cols:
     """The class side of the eager form, no graph: mu' [C, D'], |mu'|² [C], smu = mu·beta [C] (wide)."""
 
@@ -229,7 +247,7 @@ class Cols:
         self.mu = mu
         self.mup = rows.metric.project(mu.to(rows.compute) - rows.m)
         self.mn = torch.square(self.mup).sum(dim=1)
-        self.smu = mu.to(beta_wide.dtype) @ beta_wide
+        self.smu = dot_wide(mu, beta_wide)
 
     def chunk(self, rows, c0, c1, eps, lam, parts=False):
         return eager_chunk(rows, self.mup[c0:c1], self.mn[c0:c1], self.smu[c0:c1], self.mu[c0:c1], eps, lam, parts)
@@ -295,7 +313,9 @@ class ClosedFormBackward:
             lx, lmu, lL, lbeta, llam, _ = self.leaves
             self.rows = _prepare(lx, lmu, lL, lbeta, llam, eps, static=False)
             self.mup = self.rows.metric.project(lmu.to(self.rows.compute) - self.rows.m)
-            self.smu = lmu.to(self.rows.wide) @ self.rows.beta_wide
+        # smu = mu·beta without a graph (autograd would keep a float64 copy of mu): finish() applies
+        # its two derivatives (∂mu = dsmu ⊗ beta, ∂beta = Σ_c dsmu_c·mu_c) itself.
+        self.smu = dot_wide(inputs[1].detach(), self.rows.beta_wide.detach())
         rows = self.rows
         self.plain = copy.copy(rows)  # the same values without a graph, for the chunks
         for name in ("xp", "xn", "sx", "x_wide", "beta_wide"):
@@ -306,7 +326,7 @@ class ClosedFormBackward:
         self.cols.mu, self.cols.mup = x.new_empty(0), self.mup.detach()
         self.cols.mu = inputs[1]
         self.cols.mn = torch.square(self.cols.mup).sum(dim=1)
-        self.cols.smu = self.smu.detach()
+        self.cols.smu = self.smu
         self.lam = float(inputs[4])
         compute, wide = rows.compute, rows.wide
         self.dxp = torch.zeros_like(self.plain.xp)
@@ -348,7 +368,7 @@ class ClosedFormBackward:
         rows, eps = self.rows, self.eps
         lx, lmu, lL, lbeta, llam, lgamma = self.leaves
         self.dxp += self.rowsum[:, None] * self.plain.xp
-        outputs, grads = [rows.xp, rows.sx, self.mup, self.smu], [self.dxp, self.dsx, self.dmup, self.dsmu]
+        outputs, grads = [rows.xp, rows.sx, self.mup], [self.dxp, self.dsx, self.dmup]
         with torch.enable_grad():
             if self.near_b:
                 b, c = torch.cat(self.near_b), torch.cat(self.near_c)
@@ -363,6 +383,11 @@ class ClosedFormBackward:
             got = torch.autograd.grad([o for o, _ in keep], sources, [g.to(o.dtype) for o, g in keep],
                                       allow_unused=True) if keep and sources else [None] * len(sources)
         result = dict(zip(map(id, sources), got))
+        for leaf, extra in ((lmu, lambda: self.dsmu.to(rows.compute)[:, None] * self.rows.beta_wide.detach().to(rows.compute)),
+                            (lbeta, lambda: tdot_wide(self.inputs[1], self.dsmu))):
+            if leaf.requires_grad:
+                g = extra()
+                result[id(leaf)] = g if result.get(id(leaf)) is None else result[id(leaf)] + g
         out = []
         for i, (t, leaf, n) in enumerate(zip(self.inputs, self.leaves, self.needs)):
             if not n:
