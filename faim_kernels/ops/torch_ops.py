@@ -5,19 +5,21 @@ MPS, XPU, ...), under torch.func transforms and in exported graphs (torch.export
 The algorithm is the kernels' (SPEC §2): x' = (x − m)·Lc and mu' = (mu − m)·Lc (m the detached mean
 prototype), one GEMM for x'·mu'ᵀ, q = |x'|² + |mu'|² − 2·x'·mu', s = x·beta − mu·beta in float64,
 then the epilogue as elementwise ops. The pairs whose expansion cannot be trusted (the kernels' rule:
-transform.risk_threshold's tau and the s-cancellation test, see `_at_risk`) are recomputed from the
-raw difference x_b − mu_c in float64, so near-prototype pairs are exact. Gradients are autograd's
-through these ops: the expansion's entries are masked before their square roots where a pair is
-recomputed, so its backward (which cancels on near pairs just as its forward does, SPEC §2.1) never
-sees them; the recomputed pairs get theirs from the raw difference.
+transform.risk_threshold's tau and the s-cancellation test: `_expansion`, `eager_chunk`) are recomputed from the
+raw difference x_b − mu_c in float64, so near-prototype pairs are exact, gradients included: the
+expansion's backward (which cancels on near pairs just as its forward does, SPEC §2.1) never sees
+those pairs (masked before the square roots, or P = R = 0 in the closed form); the recomputed pairs
+get theirs from the raw difference.
 
-Two ways to run the same math:
+Two ways to run the same math (gradients: autograd through the ops below, or the closed form):
 
 - Eager (the default): an autograd.Function per call that works class chunk by class chunk
-  (`chunk_classes`): the forward keeps no graph, the backward recomputes each chunk under autograd
-  (activation checkpointing over classes). Memory: the [B, C] output and its gradient plus one
-  chunk's temporaries, and for the cross-entropy O(B) only. Near pairs are found with nonzero() and
-  recomputed pair by pair (O(D) each, O(D²) with a full L).
+  (`chunk_classes`), the epilogue as in-place passes over the chunk. The forward keeps no graph;
+  the backward is SPEC §2's closed form (ClosedFormBackward: two gradient GEMMs), d read back from
+  the saved logits as the kernels do (the cross-entropy recomputes each chunk: it keeps no [B, C]).
+  Memory: the [B, C] output (none for the cross-entropy) plus one chunk's temporaries. Near pairs
+  are found with nonzero() and recomputed pair by pair (O(D) each, O(D²) with a full L); their
+  gradients come from autograd over the gathered raw differences.
 - Static (under torch.func transforms, torch.compile, torch.export and ONNX export, where a
   data-dependent shape cannot exist): plain differentiable ops over all classes at once, so every
   transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs most
@@ -25,7 +27,7 @@ Two ways to run the same math:
   more pairs at risk than that keeps the expansion's value for the rest (the plain GEMM's accuracy,
   e.g. for many prototypes all within a few percent of one sample). A full L enters as
   [x·L, sqrt(eps)·x] (q = |diff·L|² + eps·|diff|²: a GEMM twice as wide, but no Cholesky, which
-  neither ONNX nor a vmap over L offers).
+  ONNX lacks, and no positive-definiteness check that would read a value under vmap).
 
 Dtypes: float32 and float64 compute as themselves, float16/bfloat16 in float32 (transform.compute_dtype);
 the s terms and the recomputed pairs in float64 except on MPS, which has no float64 (there in float32,
@@ -33,9 +35,9 @@ with a stricter s test).
 """
 from __future__ import annotations
 
-import torch
-
 import copy
+
+import torch
 
 from .. import transform
 
@@ -249,6 +251,13 @@ class Cols:
         self.mn = torch.square(self.mup).sum(dim=1)
         self.smu = dot_wide(mu, beta_wide)
 
+    @classmethod
+    def from_parts(cls, mu, mup, smu):
+        cols = cls.__new__(cls)
+        cols.mu, cols.mup, cols.smu = mu, mup, smu
+        cols.mn = torch.square(mup).sum(dim=1)
+        return cols
+
     def chunk(self, rows, c0, c1, eps, lam, parts=False):
         return eager_chunk(rows, self.mup[c0:c1], self.mn[c0:c1], self.smu[c0:c1], self.mu[c0:c1], eps, lam, parts)
 
@@ -289,7 +298,7 @@ def chunk_classes(B: int, C: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Eager form: class-chunked autograd.Functions (forward without a graph, backward recomputes)
+# Eager form: class-chunked autograd.Functions (no graph in the forward; closed-form backward)
 # ----------------------------------------------------------------------------------------------
 
 class ClosedFormBackward:
@@ -322,11 +331,7 @@ class ClosedFormBackward:
             setattr(self.plain, name, getattr(rows, name).detach())
         self.plain.metric = copy.copy(rows.metric)
         self.plain.metric.factor = rows.metric.factor.detach()
-        self.cols = Cols.__new__(Cols)
-        self.cols.mu, self.cols.mup = x.new_empty(0), self.mup.detach()
-        self.cols.mu = inputs[1]
-        self.cols.mn = torch.square(self.cols.mup).sum(dim=1)
-        self.cols.smu = self.smu
+        self.cols = Cols.from_parts(mu, self.mup.detach(), self.smu)
         self.lam = float(inputs[4])
         compute, wide = rows.compute, rows.wide
         self.dxp = torch.zeros_like(self.plain.xp)
@@ -404,8 +409,8 @@ class ClosedFormBackward:
 
 def _double_backward_error():
     return RuntimeError(
-        "faim_kernels: backend='torch' differentiates once in eager mode (its backward recomputes class "
-        "chunks). For second derivatives use torch.func (torch.func.grad(torch.func.grad(f)), jacfwd, "
+        "faim_kernels: backend='torch' differentiates once in eager mode (its backward is a closed form, "
+        "like the fused kernels'). For second derivatives use torch.func (torch.func.grad(torch.func.grad(f)), jacfwd, "
         "hessian: these run the plain-ops form of backend='torch', which differentiates any number of "
         "times) or backend='reference'.")
 
