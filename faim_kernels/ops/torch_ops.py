@@ -25,8 +25,8 @@ Two ways to run the same math (gradients: autograd through the ops below, or the
   transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs most
   at risk are recomputed (a top-k with a static k, gathered, recomputed, scattered back); a row with
   more pairs at risk than that keeps the expansion's value for the rest (the plain GEMM's accuracy,
-  e.g. for many prototypes all within a few percent of one sample). A full L enters as
-  [x·L, sqrt(eps)·x] (q = |diff·L|² + eps·|diff|²: a GEMM twice as wide, but no Cholesky, which
+  e.g. for many prototypes all within a few percent of one sample). Under export and torch.func a
+  full L enters as [x·L, sqrt(eps)·x] (q = |diff·L|² + eps·|diff|²: a GEMM twice as wide, but no Cholesky, which
   ONNX lacks, and no positive-definiteness check that would read a value under vmap).
 
 Dtypes: float32 and float64 compute as themselves, float16/bfloat16 in float32 (transform.compute_dtype);
@@ -109,12 +109,13 @@ def _root(v: torch.Tensor, eps: float) -> torch.Tensor:
 class Metric:
     """The metric factor as the ops use it: `project(v)` = v·Lc (v [n, D] -> [n, D']) with
     |project(diff)|² = diffᵀ Sigma diff. Lc is a [D] vector (diagonal), a [D, D] matrix (Cholesky
-    factor, eager), or for the static form of a full L the pair (L, sqrt(eps)): v -> [v·L, sqrt(eps)·v]."""
+    factor), or in the wide form of a full L (export, torch.func) the pair (L, sqrt(eps)):
+    v -> [v·L, sqrt(eps)·v]."""
 
-    def __init__(self, L: torch.Tensor, eps: float, dtype: torch.dtype, static: bool):
+    def __init__(self, L: torch.Tensor, eps: float, dtype: torch.dtype, wide_form: bool):
         self.eps = eps
         self.diagonal = L.dim() == 1
-        self.wide_form = static and not self.diagonal
+        self.wide_form = wide_form and not self.diagonal
         if self.diagonal:
             self.factor = torch.sqrt(torch.square(L.to(dtype)) + eps)
         elif self.wide_form:
@@ -288,7 +289,10 @@ def distance_static(rows: Rows, mu: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _prepare(x, mu, L, beta, lam, eps, static):
     compute = transform.compute_dtype(x.dtype)
-    return Rows(x, mu, Metric(L, eps, compute, static), beta, lam, compute, _wide_dtype(x.device))
+    # The wide form of a full L where a Cholesky cannot run (ONNX) or its check cannot read L (vmap);
+    # torch.compile keeps the Cholesky factor, so that compiled and eager calls agree closely.
+    wide_form = static and (exporting() or in_functorch_transform())
+    return Rows(x, mu, Metric(L, eps, compute, wide_form), beta, lam, compute, _wide_dtype(x.device))
 
 
 def chunk_classes(B: int, C: int):
