@@ -76,6 +76,7 @@ LOGITS_IMPLS = {
     "composite_compiled": composite_compiled,
     "cpp": fused("cpp"),
     "triton": fused("triton"),
+    "torch": fused("torch"),
 }
 
 

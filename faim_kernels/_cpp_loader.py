@@ -57,8 +57,8 @@ _REPORT = (
     "with the full log at https://github.com/faim-kernels/faim_kernels/issues."
 )
 _ALTERNATIVES = (
-    "Meanwhile: CUDA tensors need no compiler (they run the Triton kernels), and backend='reference' "
-    "runs the einsum version on CPU without one (memory B*C*D: small problems only)."
+    "Meanwhile: backend='auto' runs backend='torch' on CPU tensors without one (the same exact algorithm "
+    "in plain PyTorch ops, slower than the kernels); CUDA tensors need no compiler (they run the Triton kernels)."
 )
 _REMEDY = f"{_INSTALL_COMPILER}\n{_ALTERNATIVES}"
 

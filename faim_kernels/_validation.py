@@ -8,7 +8,7 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "cpp", "triton", "reference")
+BACKENDS = ("auto", "cpp", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 
 # check_inputs' gamma for randers_distance, which has none (None itself is a caller's mistake).
@@ -16,7 +16,11 @@ NO_GAMMA = object()
 
 
 def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+    """Whether value checks must be skipped: under torch.compile, and under torch.func transforms
+    (a vmapped tensor has no single value to read; the checks would fail inside functorch)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def readable(t: torch.Tensor) -> bool:

@@ -23,9 +23,11 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     # accepts any recent torch so it also builds against a CUDA build elsewhere.
     pipq "torch==${FAIM_TORCH_VERSION:-2.13.0}"
 fi
-if ! "$VPY" -c "import triton, numpy, pytest, pytest_benchmark, tqdm, ninja, sklearn, matplotlib, pytorch_metric_learning" >/dev/null 2>&1; then
+if ! "$VPY" -c "import triton, numpy, pytest, pytest_benchmark, tqdm, ninja, sklearn, matplotlib, pytorch_metric_learning, onnx, onnxruntime, onnxscript" >/dev/null 2>&1; then
     echo "[bootstrap] installing triton and the test/demo dependencies"
-    pipq triton numpy pytest pytest-benchmark tqdm ninja scikit-learn matplotlib pytorch-metric-learning "setuptools>=77" wheel
+    # onnx, onnxruntime, onnxscript: the ONNX export test (torch.onnx.export(dynamo=True) needs onnxscript).
+    pipq triton numpy pytest pytest-benchmark tqdm ninja scikit-learn matplotlib pytorch-metric-learning "setuptools>=77" \
+        wheel onnx onnxruntime onnxscript
 fi
 "$VPY" -c "import torch" || { echo "[bootstrap] torch did not install" >&2; exit 1; }
 

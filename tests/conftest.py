@@ -134,10 +134,11 @@ except ImportError:
 # TRITON_INTERPRET=1); the interpreter is slow, so the Triton cases take smaller shapes.
 TRITON_RUNS = HAS_TRITON and (HAS_CUDA or INTERPRET)
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
-FUSED = ("cpp", "triton")
+FUSED = ("cpp", "triton", "torch")
 
 _BACKEND_MARKS = {
     "cpp": [],
+    "torch": [],
     "reference": [],
     "triton": [pytest.mark.interpret,
                pytest.mark.skipif(not TRITON_RUNS, reason="needs triton and a CUDA device, or TRITON_INTERPRET=1")],
@@ -153,8 +154,15 @@ def per_backend(id_of=None, **cases):
     """Params for ("backend", value): per_backend(cpp=[...], triton=[...]), for shapes or options that
     differ by backend (the interpreter gets small ones); use with indirect=["backend"]."""
     id_of = id_of or (lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+    if "cpp" in cases and "torch" not in cases:  # the plain-ops path takes the C++ kernels' cases
+        cases = {**cases, "torch": cases["cpp"]}
     return [pytest.param(name, v, marks=_BACKEND_MARKS[name], id=f"{name}-{id_of(v)}")
             for name, values in cases.items() for v in values]
+
+
+def shape_key(backend: str) -> str:
+    """The key of a per-backend dict of shapes: "torch" runs on CPU tensors at the C++ kernels' sizes."""
+    return "cpp" if backend == "torch" else backend
 
 
 def device_of(backend: str) -> str:
@@ -176,9 +184,13 @@ def poison_triton_outputs(monkeypatch):
 @pytest.fixture(params=backends(*FUSED))
 def backend(request, monkeypatch):
     """The backend under test: "cpp", "triton" (on CUDA when present, else through the interpreter,
-    outputs poisoned), or "reference" where a test asks for it with `backends(...)`."""
+    outputs poisoned), "torch" (plain PyTorch ops, class chunks made small), or "reference" where a
+    test asks for it with `backends(...)`."""
     if request.param == "triton":
         poison_triton_outputs(monkeypatch)
+    if request.param == "torch":  # small class chunks, so that the tests' shapes run several of them
+        from faim_kernels.ops import torch_ops
+        monkeypatch.setattr(torch_ops, "CHUNK_ELEMENTS", 2 ** 12)
     return request.param
 
 
@@ -201,6 +213,8 @@ def triton_contract_ops(family: str):
 
 def contract_ops(family: str, backend: str):
     """(forward, backward) contract ops of `family` whose kernels are `backend`'s."""
+    if backend == "torch":
+        pytest.skip("backend='torch' is plain PyTorch ops: it has no contract ops to check")
     if backend == "triton":
         return triton_contract_ops(family)
     import faim_kernels as fk

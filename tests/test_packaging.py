@@ -183,7 +183,7 @@ def test_no_compiler_gives_the_cause_and_the_remedy(fresh_venv, tmp_path):
     env.pop("CXX", None)
     res = _run([str(py), "-c", NO_COMPILER], cwd=tmp_path, env=env)
     assert "no C++ compiler" in res.stdout and "`c++` is not on PATH" in res.stdout, res.stdout
-    assert "apt install g++" in res.stdout and "backend='reference'" in res.stdout
+    assert "apt install g++" in res.stdout and "backend='torch'" in res.stdout
     assert not cache.exists() or not any(cache.iterdir()), "nothing is built without a compiler"
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import faim_kernels as fk
-from conftest import (FWD_TOL, HAS_CUDA, INTERPRET, NAMES, assert_norm_close, assert_rel_close, backends,
+from conftest import (shape_key, FWD_TOL, HAS_CUDA, INTERPRET, NAMES, assert_norm_close, assert_rel_close, backends,
                       check_logits, contract_ops, device_of, interpreted_contract_ops, make_inputs, per_backend,
                       reference64)
 
@@ -45,13 +45,13 @@ def test_random_float32(backend, shape, full):
 @FULL
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes(backend, device, dtype, full):
-    shape = {"cpp": (37, 70, 24), "triton": (29, 38, 21)}[backend]
+    shape = {"cpp": (37, 70, 24), "triton": (29, 38, 21)}[shape_key(backend)]
     check_logits(make_inputs(*shape, full=full, dtype=dtype, seed=3, device=device), backend)
 
 
 @FULL
 def test_distance(backend, device, full):
-    shape = {"cpp": (20, 30, 16), "triton": (13, 21, 9)}[backend]
+    shape = {"cpp": (20, 30, 16), "triton": (13, 21, 9)}[shape_key(backend)]
     check_logits(make_inputs(*shape, full=full, seed=5, device=device), backend, fn="distance")
 
 
@@ -175,7 +175,7 @@ def test_nan_inf_stay_in_their_rows_and_columns(backend, device):
 
 
 def test_deterministic(backend, device):
-    kw = {"cpp": dict(B=530, C=300, D=20, seed=0), "triton": dict(B=23, C=40, D=20, near=True, seed=15)}[backend]
+    kw = {"cpp": dict(B=530, C=300, D=20, seed=0), "triton": dict(B=23, C=40, D=20, near=True, seed=15)}[shape_key(backend)]
     inputs = make_inputs(kw.pop("B"), kw.pop("C"), kw.pop("D"), full=True, requires_grad=True, device=device, **kw)
     runs = []
     for _ in range(2):

@@ -3,14 +3,18 @@ outside the kernels (the metric factor Lc, formed by ATen so that autograd chain
 
 Backends: "cpp" (the C++ kernels, CPU tensors, built or compiled on first use by
 faim_kernels/_cpp_loader.py), "triton" (CUDA tensors; CPU tensors through Triton's interpreter
-when TRITON_INTERPRET=1 was set before import: the tests), "reference" (the einsum oracle).
+when TRITON_INTERPRET=1 was set before import: the tests), "torch" (the same algorithm in plain
+PyTorch ops, any device: faim_kernels/ops/torch_ops.py), "reference" (the einsum oracle).
 Triton is imported only when a call needs it.
 
-backend="auto": Triton for CUDA tensors, the C++ kernels for CPU tensors. Where the chosen kernels
-cannot run (no triton, the C++ kernels could not be built), "auto" falls back to the einsum
-reference only for problems whose [B, C, D] temporaries stay small (REFERENCE_FALLBACK_BYTES), with
-a warning that carries the cause; larger problems raise that cause instead of silently running a
-path that is hundreds of times slower and can exhaust memory.
+backend="auto": the C++ kernels for CPU tensors, Triton for CUDA tensors, "torch" for every other
+device. Where the chosen kernels cannot run (no compiler or a failed build; triton missing or its
+kernels failing to import), "auto" runs "torch" instead, with one warning per cause. Under torch.func
+transforms "auto" is always "torch" (the custom ops have no functorch rules), and a forced "cpp" or
+"triton" is refused with the way out. Under torch.export and ONNX export "auto" is "torch" too: the
+exported graph is then plain ATen ops, which any runtime (onnxruntime, ExecuTorch) can run without
+this package; a forced "cpp" or "triton" still exports its custom op. FAIM_KERNELS_CPP=0 in the environment turns the C++ kernels off
+("auto" then runs "torch" on CPU tensors, without a warning: it was asked for).
 """
 from __future__ import annotations
 
@@ -22,10 +26,7 @@ import torch
 from .. import _cpp_loader, transform
 from .._validation import check_backend
 from ..transform import compute_dtype, metric_factor
-from . import contract
-
-# The einsum reference holds about four [B, C, D] tensors in a forward+backward.
-REFERENCE_FALLBACK_BYTES = 256 * 2 ** 20
+from . import contract, torch_ops
 
 _warned: set[str] = set()
 
@@ -38,48 +39,77 @@ def _triton_importable() -> bool:
     return True
 
 
+def _triton_kernels_error() -> str | None:
+    """Why the package's Triton kernels cannot be imported (None when they can): triton missing, or a
+    triton version without a private helper the kernels use."""
+    try:
+        from . import triton as triton_backend  # noqa: F401
+        from .triton import topk  # noqa: F401  (imports triton.language.standard._indicator)
+    except ImportError as e:
+        if not _triton_importable():
+            return "the CUDA kernels need triton, which does not import (pip install triton)"
+        return f"the Triton kernels do not import with this triton ({e})"
+    return None
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _fallback(why: str, shape: tuple[int, int, int], dtype: torch.dtype) -> str:
-    B, C, D = shape
-    why = why.removeprefix("faim_kernels: ")  # the loader's messages name the package already
-    need = 4 * B * C * D * torch.finfo(dtype).bits // 8
-    if need > REFERENCE_FALLBACK_BYTES:
-        raise RuntimeError(f"faim_kernels: {why}\nbackend='auto' will not fall back to the einsum reference for "
-                           f"B, C, D = {B}, {C}, {D}: its [B, C, D] temporaries need about {need / 2 ** 30:.1f} GiB "
-                           f"and hundreds of times the time. Fix the cause above, or pass backend='reference' to "
-                           f"run it anyway.")
+def cpp_disabled() -> bool:
+    """FAIM_KERNELS_CPP=0: the C++ kernels are off (the "torch" path runs CPU tensors instead)."""
+    return os.environ.get("FAIM_KERNELS_CPP", "").strip() == "0"
+
+
+def _fallback(why: str) -> str:
+    """'torch', warning once per cause (the message starts with the package's name once)."""
+    why = why.removeprefix("faim_kernels: ")
     if why not in _warned:
         _warned.add(why)
-        warnings.warn(f"faim_kernels: {why}\nbackend='auto' falls back to the einsum reference (slow; B·C·D memory) "
-                      f"for small problems only.", stacklevel=4)
-    return "reference"
+        warnings.warn(f"faim_kernels: {why}\nbackend='auto' runs backend='torch' instead (the same algorithm "
+                      f"in plain PyTorch ops: exact, O(B*C) memory, slower than the fused kernels).", stacklevel=4)
+    return "torch"
+
+
+def _refuse_under_transform(backend: str) -> None:
+    transforms = ", ".join(str(k).rsplit(".", 1)[-1] for k in torch_ops.functorch_transforms())
+    raise RuntimeError(
+        f"faim_kernels: backend={backend!r} cannot run under torch.func transforms ({transforms}): its fused "
+        f"kernels are custom ops without functorch rules. Pass backend='torch' (or 'auto', which picks it under "
+        f"transforms): the same algorithm in plain PyTorch ops, which every transform composes with.")
 
 
 def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, int] = (0, 0, 0),
                     dtype: torch.dtype = torch.float32) -> str:
     """Turns "auto" into a concrete backend for tensors on `device`; checks a forced one.
-    shape = (B, C, D) and dtype decide whether "auto" may fall back to the reference."""
+    (shape and dtype are kept for callers; no backend choice depends on them any more.)"""
     check_backend(backend)
     if backend == "auto" and device.type == "meta":
         return "reference"  # shapes only (deferred initialisation): nothing is computed or allocated
+    transforming = torch_ops.in_functorch_transform()
     if backend == "auto":
+        if transforming or torch_ops.exporting():
+            return "torch"
         if device.type == "cuda":
-            if _triton_importable():
-                return "triton"
-            return _fallback("the CUDA kernels need triton, which does not import (pip install triton)", shape, dtype)
+            why = _triton_kernels_error()
+            return "triton" if why is None else _fallback(why)
         if device.type == "cpu":
+            if cpp_disabled():
+                return "torch"
             try:
                 _cpp_loader.load()
                 return "cpp"
             except _cpp_loader.CppKernelsUnavailable as e:
-                return _fallback(str(e), shape, dtype)
-        return _fallback(f"no fused kernels for {device.type} tensors", shape, dtype)
+                return _fallback(str(e))
+        return "torch"
+    if transforming and backend in ("cpp", "triton"):
+        _refuse_under_transform(backend)
     if backend == "cpp":
         if device.type != "cpu":
             raise ValueError(f"backend='cpp' runs on CPU tensors, got tensors on {device}")
+        if cpp_disabled():
+            raise RuntimeError("faim_kernels: backend='cpp' was asked for, but FAIM_KERNELS_CPP=0 turns the C++ "
+                               "kernels off; unset it, or pass backend='torch' or 'auto'")
         _cpp_loader.load()  # raises CppKernelsUnavailable with the cause and the remedy
     if backend == "triton" and not ((device.type == "cuda" or (device.type == "cpu" and _interpreting()))
                                     and _triton_importable()):
@@ -118,6 +148,8 @@ def _kernel_dtype(backend: str, dtype: torch.dtype, family: str) -> torch.dtype:
 
 def fused_logits(x, mu, L, beta, lam, gamma, eps: float, backend: str) -> torch.Tensor:
     """logits [B, C] in x's dtype through `backend`'s fused op (inputs already validated)."""
+    if backend == "torch":
+        return torch_ops.logits(x, mu, L, beta, lam, gamma, eps)
     dtype, acc = _kernel_dtype(backend, x.dtype, "logits"), compute_dtype(x.dtype)
     logits_op, _ = _ops(backend, x.device)
     out = logits_op(x.to(dtype), mu.to(dtype), metric_factor(L, eps, acc), beta.to(acc),
@@ -131,6 +163,8 @@ def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: floa
     """(lse, tl, sl, pl) float64 through `backend`'s fused cross-entropy op; target holds class
     indices local to mu's rows ([B] or [B, k]), −1 where the row has none of them; class_weight [C]
     and the dense probability target soft_target [B, C] are optional (ops/row_stats.py)."""
+    if backend == "torch":
+        return torch_ops.row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target)
     dtype = _kernel_dtype(backend, x.dtype, "cross_entropy")
     acc = compute_dtype(x.dtype)
     _, ce_op = _ops(backend, x.device)
@@ -158,16 +192,19 @@ def _warn_once(why: str) -> None:
         warnings.warn(why, stacklevel=4)
 
 
-def topk_by_sort(d: torch.Tensor, k: int, largest: bool):
-    """The k smallest (largest) entries of each row of d [B, C], sorted, ties by the lower index
-    (a stable sort; torch.topk leaves the order of ties unspecified), NaN as torch.topk ranks it."""
-    values, index = torch.sort(d, dim=1, descending=largest, stable=True)
-    return values[:, :k], index[:, :k]
+topk_by_sort = torch_ops.topk_by_sort  # (the Triton top-k's fallback sorts as backend="torch" merges)
 
 
 def fused_topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool, backend: str):
     """(distances [B, k] in x's dtype, indices int64 [B, k]) through `backend`'s fused top-k (inputs
     already validated; nothing differentiable comes back: the op has no autograd formula)."""
+    if torch_ops.in_grad_transform():
+        raise RuntimeError("faim_kernels: randers_topk is not differentiable (its indices are not, and its distances "
+                           "come back without a graph), so torch.func.grad/vjp/jacrev/jacfwd through it would give "
+                           "zeros. Differentiate the selected distances instead: "
+                           "fk.randers_distance_at(x, mu, L, beta, lam, indices).")
+    if backend == "torch":
+        return torch_ops.topk(x, mu, L, beta, lam, eps, k, largest)
     with torch.no_grad():
         x, mu, L, beta = x.detach(), mu.detach(), L.detach(), beta.detach()
         lam = lam.detach() if isinstance(lam, torch.Tensor) else lam
