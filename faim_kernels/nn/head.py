@@ -92,6 +92,23 @@ class _MetricParams(nn.Module):
         """λ = |lmbda| (0-dim tensor, differentiable)."""
         return _nonneg(self.lmbda)
 
+    def no_weight_decay(self) -> set[str]:
+        """The names of the parameters that weight decay must leave alone: Sigma's (L or
+        log_sigma_diag), beta, lmbda and, in a FAIMHead, scale; the prototypes mu are decayed.
+
+        Why one policy for both Sigma modes: their Sigma parameters mean different things, so a decay
+        on them regularises differently (on a full L it pulls Sigma towards 0, a singular metric; on
+        log_sigma_diag towards Sigma = I), and PyTorch-style rules by ndim (timm's optimizer factory
+        decays every parameter with ndim >= 2) would decay the full head's L and not the diagonal
+        head's. The metric and γ are few numbers that set the logits' scale, not weights to shrink.
+        mu has nn.Linear's weight's shape and initialisation, and is decayed as that weight is.
+        timm's create_optimizer_v2 reads a model's no_weight_decay(): swap_classifier and
+        faim_kernels.integrations.timm.create_model add these names to the model's (e.g. "fc.beta")."""
+        names = {"beta", "lmbda", "L" if self.full_sigma else "log_sigma_diag"}
+        if isinstance(getattr(self, "scale", None), nn.Parameter):
+            names.add("scale")
+        return names
+
     def sigma_parameter(self) -> nn.Parameter:
         return self.L if self.full_sigma else self.log_sigma_diag
 
@@ -239,6 +256,31 @@ class FAIMHead(_MetricParams):
     @property
     def out_features(self) -> int:  # nn.Linear's name, for code that reads it off a classifier
         return self.num_classes
+
+    def __getattr__(self, name: str):
+        # nn.Module.__getattr__ finds the parameters; this only adds an answer for code written for
+        # an nn.Linear classifier (timm's train.py --head-init-scale / --head-init-bias) instead of a
+        # bare "no attribute 'weight'".
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight", "bias"):
+                raise AttributeError(
+                    f"FAIMHead has no {name!r}: it is not a linear layer (logits = -gamma * d_F(x, mu_c); "
+                    f"parameters {', '.join(n for n, _ in self.named_parameters())}). Prototypes: head.mu "
+                    f"[C, D]. To scale the initial logits as timm's --head-init-scale s does for a Linear, "
+                    f"multiply head.scale (gamma) by s, e.g. faim_kernels.integrations.timm.create_model(..., "
+                    f"head_init_scale=s). A bias the same for every class (timm's --head-init-bias) does not "
+                    f"change a softmax and has no counterpart.") from None
+            raise
+
+    def _init_kwargs(self) -> dict:
+        """The constructor's options (not the sizes) that give a head initialised as this one was:
+        a new classifier of another size keeps the configuration (timm's reset_classifier)."""
+        return {"lambda_init": self._lambda_init, "full_sigma": self.full_sigma, "eps": self.eps,
+                "init": self.init, "backend": self.backend,
+                # None: the full default start (L = 3·I, γ = 10/3); else the γ it started with
+                "scale_init": None if self._sigma_init != 1.0 else self._scale_init}
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -531,6 +573,12 @@ def swap_classifier(model: nn.Module, num_classes: int | None = None, *, name: s
     from the old classifier (or the model's `num_features`, e.g. after timm's reset_classifier(0)),
     num_classes from the argument or the old classifier, and the old one's device and dtype;
     head_kwargs go to FAIMHead. Pass `head=` to put in a module you built instead.
+
+    With a FAIMHead, the model also gets (faim_kernels.integrations.timm.attach_head): a
+    no_weight_decay() that names the head's undecayed parameters (timm's optimizer factory reads
+    it), a reset_classifier(n) that puts in a FAIMHead of n classes configured as this one (timm's
+    would put back an nn.Linear), and loading of checkpoints whose classifier is an nn.Linear
+    (the head keeps its initialisation, with a warning).
     """
     name = name or _classifier_name(model)
     old = model.get_submodule(name)
@@ -550,4 +598,7 @@ def swap_classifier(model: nn.Module, num_classes: int | None = None, *, name: s
     setattr(model.get_submodule(parent_name) if parent_name else model, child, head)
     if isinstance(getattr(model, "num_classes", None), int) and hasattr(head, "num_classes"):
         model.num_classes = head.num_classes  # timm keeps the count beside the classifier
+    if isinstance(head, FAIMHead):
+        from ..integrations.timm import attach_head  # needs no timm
+        attach_head(model, name, head)
     return head
