@@ -5,6 +5,7 @@ keeping a FAIM head, nn.Linear checkpoints loading the backbone, and a clear ans
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -69,6 +70,13 @@ def test_reset_classifier_keeps_the_faim_head_and_its_configuration():
     ema = copy.deepcopy(model)  # timm's ModelEma: the copy's hooks act on the copy
     ema.reset_classifier(7)
     assert ema.head.fc.num_classes == 7 and model.head.fc.num_classes == 2
+    buf = io.BytesIO()
+    torch.save(model, buf)  # a whole pickled model keeps them too
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    loaded.reset_classifier(5)
+    assert loaded.head.fc.num_classes == 5 and model.head.fc.num_classes == 2
+    assert "head.fc.beta" in loaded.no_weight_decay()
 
 
 def test_nn_linear_state_dict_loads_the_backbone_and_keeps_the_head():

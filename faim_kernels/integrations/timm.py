@@ -27,7 +27,6 @@ timm is imported by create_model and register only.
 from __future__ import annotations
 
 import sys
-import types
 import warnings
 
 import torch
@@ -49,13 +48,25 @@ def attach_head(model: nn.Module, name: str, head: FAIMHead) -> None:
     and nn.Linear-checkpoint loading described in the module docstring. Idempotent."""
     model.__dict__["_faim_classifier"] = name
     model.__dict__["_faim_head_kwargs"] = head._init_kwargs()
-    # Bound methods in the instance's __dict__: copy.deepcopy (timm's ModelEma) binds them to the copy.
-    model.__dict__["no_weight_decay"] = types.MethodType(_model_no_weight_decay, model)
+    model.__dict__["no_weight_decay"] = _ModelMethod(_model_no_weight_decay, model)
     if callable(getattr(type(model), "reset_classifier", None)):
-        model.__dict__["reset_classifier"] = types.MethodType(_model_reset_classifier, model)
+        model.__dict__["reset_classifier"] = _ModelMethod(_model_reset_classifier, model)
     if not getattr(head, "_faim_linear_hook", False):
         head._register_load_state_dict_pre_hook(_drop_linear_classifier_keys, with_module=True)
         head._faim_linear_hook = True
+
+
+class _ModelMethod:
+    """A method of one model instance, kept in its __dict__ (it overrides the class's). Not a
+    types.MethodType: copy.deepcopy (timm's ModelEma) binds both to the copy, but only this one
+    survives pickling a whole model (torch.save(model)), where a bound method is looked up by name
+    on the half-restored model."""
+
+    def __init__(self, fn, model: nn.Module):
+        self.fn, self.model = fn, model
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.model, *args, **kwargs)
 
 
 def _model_no_weight_decay(self) -> set[str]:
