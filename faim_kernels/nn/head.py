@@ -261,18 +261,15 @@ class FAIMHead(_MetricParams):
         # nn.Module.__getattr__ finds the parameters; this only adds an answer for code written for
         # an nn.Linear classifier (timm's train.py --head-init-scale / --head-init-bias) instead of a
         # bare "no attribute 'weight'".
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("weight", "bias"):
-                raise AttributeError(
-                    f"FAIMHead has no {name!r}: it is not a linear layer (logits = -gamma * d_F(x, mu_c); "
-                    f"parameters {', '.join(n for n, _ in self.named_parameters())}). Prototypes: head.mu "
-                    f"[C, D]. To scale the initial logits as timm's --head-init-scale s does for a Linear, "
-                    f"multiply head.scale (gamma) by s, e.g. faim_kernels.integrations.timm.create_model(..., "
-                    f"head_init_scale=s). A bias the same for every class (timm's --head-init-bias) does not "
-                    f"change a softmax and has no counterpart.") from None
-            raise
+        if (name == "weight" or name == "bias") and name not in self.__dict__.get("_parameters", ()):
+            raise AttributeError(
+                f"FAIMHead has no {name!r}: it is not a linear layer (logits = -gamma * d_F(x, mu_c); "
+                f"parameters {', '.join(n for n, _ in self.named_parameters())}). Prototypes: head.mu "
+                f"[C, D]. To scale the initial logits as timm's --head-init-scale s does for a Linear, "
+                f"multiply head.scale (gamma) by s, e.g. faim_kernels.integrations.timm.create_model(..., "
+                f"head_init_scale=s). A bias the same for every class (timm's --head-init-bias) does not "
+                f"change a softmax and has no counterpart.")
+        return super().__getattr__(name)
 
     def _init_kwargs(self) -> dict:
         """The constructor's options (not the sizes) that give a head initialised as this one was:
