@@ -14,7 +14,8 @@ validate.py's `--checkpoint` load FAIM checkpoints with their head. Run a script
 
 (it registers the names, then runs the script as `python train.py ...` would).
 
-What a model with a FAIMHead gets here (attach_head; swap_classifier calls it too; timm not needed):
+What a model with a FAIMHead gets (faim_kernels.nn.head.attach_head, which swap_classifier calls;
+timm not needed):
 - no_weight_decay(): the model's own names plus the head's undecayed parameters ("fc.beta", ...;
   FAIMHead.no_weight_decay says which and why), which timm's create_optimizer_v2 reads;
 - reset_classifier(n): timm's, then a FAIMHead of n classes configured as the model's (n = 0 keeps
@@ -32,72 +33,13 @@ import warnings
 import torch
 from torch import nn
 
-from ..nn.head import FAIMHead, swap_classifier
+from ..nn.head import attach_head, swap_classifier
 
-__all__ = ["create_model", "register", "attach_head", "load_checkpoint", "PREFIX"]
+__all__ = ["create_model", "register", "attach_head", "load_checkpoint", "PREFIX"]  # attach_head: nn.head's
 
 PREFIX = "faim_"
 # create_model's keyword arguments that configure the head (the rest go to timm.create_model)
 HEAD_KWARGS = ("lambda_init", "scale_init", "eps", "init", "backend")
-
-
-# --- hooks on a model with a FAIMHead (no timm needed) ------------------------------------------
-
-def attach_head(model: nn.Module, name: str, head: FAIMHead) -> None:
-    """Gives `model`, whose classifier `name` is `head`, the no_weight_decay(), reset_classifier()
-    and nn.Linear-checkpoint loading described in the module docstring. Idempotent."""
-    model.__dict__["_faim_classifier"] = name
-    model.__dict__["_faim_head_kwargs"] = head._init_kwargs()
-    model.__dict__["no_weight_decay"] = _ModelMethod(_model_no_weight_decay, model)
-    if callable(getattr(type(model), "reset_classifier", None)):
-        model.__dict__["reset_classifier"] = _ModelMethod(_model_reset_classifier, model)
-    if not getattr(head, "_faim_linear_hook", False):
-        head._register_load_state_dict_pre_hook(_drop_linear_classifier_keys, with_module=True)
-        head._faim_linear_hook = True
-
-
-class _ModelMethod:
-    """A method of one model instance, kept in its __dict__ (it overrides the class's). Not a
-    types.MethodType: copy.deepcopy (timm's ModelEma) binds both to the copy, but only this one
-    survives pickling a whole model (torch.save(model)), where a bound method is looked up by name
-    on the half-restored model."""
-
-    def __init__(self, fn, model: nn.Module):
-        self.fn, self.model = fn, model
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(self.model, *args, **kwargs)
-
-
-def _model_no_weight_decay(self) -> set[str]:
-    own = type(self).no_weight_decay(self) if callable(getattr(type(self), "no_weight_decay", None)) else ()
-    name = self.__dict__["_faim_classifier"]
-    head = self.get_submodule(name)
-    names = head.no_weight_decay() if isinstance(head, FAIMHead) else ()
-    return set(own) | {f"{name}.{n}" for n in names}
-
-
-def _model_reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
-    type(self).reset_classifier(self, num_classes, *args, **kwargs)  # timm's: pooling, num_classes
-    if num_classes:  # 0: timm's "no classifier" (an Identity) stays
-        swap_classifier(self, num_classes, name=self.__dict__["_faim_classifier"],
-                        **self.__dict__["_faim_head_kwargs"])
-
-
-def _drop_linear_classifier_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
-                                 unexpected_keys, error_msgs) -> None:
-    """A state dict with an nn.Linear where the FAIMHead is (a pretrained or nn.Linear-trained
-    backbone): its weight and bias are dropped and the head keeps its current parameters."""
-    if prefix + "weight" not in state_dict or prefix + "mu" in state_dict:
-        return
-    shape = tuple(state_dict[prefix + "weight"].shape)
-    for key in ("weight", "bias"):
-        state_dict.pop(prefix + key, None)
-    for key, value in module.state_dict().items():
-        state_dict.setdefault(prefix + key, value)
-    warnings.warn(f"faim_kernels: the checkpoint's classifier {prefix.rstrip('.') or 'head'} is an nn.Linear "
-                  f"(weight {list(shape)}): loaded the rest, and the FAIMHead keeps its initialisation",
-                  stacklevel=2)
 
 
 def load_checkpoint(model: nn.Module, checkpoint_path: str, *, use_ema: bool = True, strict: bool = True):

@@ -35,7 +35,7 @@ from .._validation import check_backend
 from ..targets import SoftTargets
 from .losses import randers_paired_distance
 
-__all__ = ["RandersMetric", "FAIMHead", "swap_classifier", "ledoit_wolf_shrinkage"]
+__all__ = ["RandersMetric", "FAIMHead", "swap_classifier", "attach_head", "ledoit_wolf_shrinkage"]
 
 METRIC_GROUPS = ("sigma", "one_form", "scale")
 HEAD_INITS = ("default", "reference")
@@ -571,11 +571,11 @@ def swap_classifier(model: nn.Module, num_classes: int | None = None, *, name: s
     num_classes from the argument or the old classifier, and the old one's device and dtype;
     head_kwargs go to FAIMHead. Pass `head=` to put in a module you built instead.
 
-    With a FAIMHead, the model also gets (faim_kernels.integrations.timm.attach_head): a
+    With a FAIMHead, the model also gets: a
     no_weight_decay() that names the head's undecayed parameters (timm's optimizer factory reads
     it), a reset_classifier(n) that puts in a FAIMHead of n classes configured as this one (timm's
     would put back an nn.Linear), and loading of checkpoints whose classifier is an nn.Linear
-    (the head keeps its initialisation, with a warning).
+    (the head keeps its initialisation, with a warning): attach_head.
     """
     name = name or _classifier_name(model)
     old = model.get_submodule(name)
@@ -596,6 +596,65 @@ def swap_classifier(model: nn.Module, num_classes: int | None = None, *, name: s
     if isinstance(getattr(model, "num_classes", None), int) and hasattr(head, "num_classes"):
         model.num_classes = head.num_classes  # timm keeps the count beside the classifier
     if isinstance(head, FAIMHead):
-        from ..integrations.timm import attach_head  # needs no timm
         attach_head(model, name, head)
     return head
+
+
+# --- what swap_classifier gives the model (timm's conventions; timm is not needed) ----------------
+
+def attach_head(model: nn.Module, name: str, head: FAIMHead) -> None:
+    """Gives `model`, whose classifier `name` is `head`, the no_weight_decay(), reset_classifier()
+    and nn.Linear-checkpoint loading described in swap_classifier's docstring
+    (and faim_kernels.integrations.timm's). Idempotent."""
+    model.__dict__["_faim_classifier"] = name
+    model.__dict__["_faim_head_kwargs"] = head._init_kwargs()
+    model.__dict__["no_weight_decay"] = _ModelMethod(_model_no_weight_decay, model)
+    if callable(getattr(type(model), "reset_classifier", None)):
+        model.__dict__["reset_classifier"] = _ModelMethod(_model_reset_classifier, model)
+    if not getattr(head, "_faim_linear_hook", False):
+        head._register_load_state_dict_pre_hook(_drop_linear_classifier_keys, with_module=True)
+        head._faim_linear_hook = True
+
+
+class _ModelMethod:
+    """A method of one model instance, kept in its __dict__ (it overrides the class's). Not a
+    types.MethodType: copy.deepcopy (timm's ModelEma) binds both to the copy, but only this one
+    survives pickling a whole model (torch.save(model)), where a bound method is looked up by name
+    on the half-restored model."""
+
+    def __init__(self, fn, model: nn.Module):
+        self.fn, self.model = fn, model
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.model, *args, **kwargs)
+
+
+def _model_no_weight_decay(self) -> set[str]:
+    own = type(self).no_weight_decay(self) if callable(getattr(type(self), "no_weight_decay", None)) else ()
+    name = self.__dict__["_faim_classifier"]
+    head = self.get_submodule(name)
+    names = head.no_weight_decay() if isinstance(head, FAIMHead) else ()
+    return set(own) | {f"{name}.{n}" for n in names}
+
+
+def _model_reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
+    type(self).reset_classifier(self, num_classes, *args, **kwargs)  # timm's: pooling, num_classes
+    if num_classes:  # 0: timm's "no classifier" (an Identity) stays
+        swap_classifier(self, num_classes, name=self.__dict__["_faim_classifier"],
+                        **self.__dict__["_faim_head_kwargs"])
+
+
+def _drop_linear_classifier_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                                 unexpected_keys, error_msgs) -> None:
+    """A state dict with an nn.Linear where the FAIMHead is (a pretrained or nn.Linear-trained
+    backbone): its weight and bias are dropped and the head keeps its current parameters."""
+    if prefix + "weight" not in state_dict or prefix + "mu" in state_dict:
+        return
+    shape = tuple(state_dict[prefix + "weight"].shape)
+    for key in ("weight", "bias"):
+        state_dict.pop(prefix + key, None)
+    for key, value in module.state_dict().items():
+        state_dict.setdefault(prefix + key, value)
+    warnings.warn(f"faim_kernels: the checkpoint's classifier {prefix.rstrip('.') or 'head'} is an nn.Linear "
+                  f"(weight {list(shape)}): loaded the rest, and the FAIMHead keeps its initialisation",
+                  stacklevel=2)
