@@ -214,9 +214,6 @@ def _load() -> tuple[str, str]:
             except OSError as e:
                 why = f"does not load ({_describe(e)})"
         skipped = f"the prebuilt {pre} {why}"
-        if src is not None:
-            warnings.warn(f"faim_kernels: {skipped}; compiling the C++ CPU kernels for this torch "
-                          f"instead", RuntimeWarning, stacklevel=4)
     if src is None:
         why = skipped or "there is no prebuilt faim_kernels/_C library"
         raise CppKernelsUnavailable(
@@ -313,6 +310,12 @@ def _jit(torch, src: Path, skipped: str | None) -> tuple[str, str]:
         # torch's own 'lock' file, which would make cpp_extension.load wait forever).
         shutil.rmtree(build, ignore_errors=True)
         build.mkdir()
+        if skipped:
+            # Said here, where a compile really starts, not where the prebuilt library is passed
+            # over: when the cache holds a build for this torch, it loads in about a second, and a
+            # warning in every process that a compile is under way was wrong.
+            warnings.warn(f"faim_kernels: {skipped}; compiling the C++ CPU kernels for this torch "
+                          f"instead", RuntimeWarning, stacklevel=2)
         print(f"faim_kernels: compiling the C++ CPU kernels for torch {torch.__version__} "
               f"(once per torch version; about a minute) in {build}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()

@@ -6,6 +6,7 @@
 # torch 2.14.1 + torchvision 0.29.1 (a CUDA build of torch that also runs on the CPU; ~6 GB) and
 # timm, copies the package to build/timm/ and compiles the C++ extension there against that
 # torch (the main .venv's build in faim_kernels/ is left as it is), then runs the tests.
+# (scikit-learn is for bench/timm_recipes.py, which runs in this environment too.)
 # Safe to re-run: the environment is reused once timm imports in it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ if ! "$PY" -c "import timm, torchvision" >/dev/null 2>&1; then
     echo "[test-timm] installing torch ${FAIM_TIMM_TORCH:-2.14.1}, torchvision ${FAIM_TIMM_TORCHVISION:-0.29.1} and timm (large)"
     "$PY" -m pip install -q --disable-pip-version-check \
         "torch==${FAIM_TIMM_TORCH:-2.14.1}" "torchvision==${FAIM_TIMM_TORCHVISION:-0.29.1}"
-    "$PY" -m pip install -q --disable-pip-version-check timm pytest pytest-benchmark numpy ninja setuptools wheel
+    "$PY" -m pip install -q --disable-pip-version-check timm pytest pytest-benchmark numpy ninja setuptools wheel scikit-learn
 fi
 "$PY" -c "import timm; timm.create_model('resnet18', pretrained=False)" \
     || { echo "[test-timm] timm does not work in $VENV" >&2; exit 1; }

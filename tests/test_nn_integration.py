@@ -5,6 +5,9 @@ matches eager, and channels-last / non-contiguous / expanded features give the c
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -108,6 +111,42 @@ def test_torch_compile_fullgraph_of_a_model_with_the_head_and_its_loss():
     assert_rel_close(c_loss, loss, 1e-5, "compiled loss")
     for p, g, w in zip(params, got, want):
         assert_norm_close(g, w, 1e-4, f"compiled gradient {tuple(p.shape)}")
+
+
+COLD_COMPILE = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    import faim_kernels as fk
+    from faim_kernels import _cpp_loader
+
+    what, full = sys.argv[1], sys.argv[2] == "full"
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = nn.Sequential(backbone, fk.FAIMHead(4, 5, full_sigma=full)).eval()
+    x, y = torch.randn(3, 3, 6, 6), torch.tensor([0, 4, 2])
+    step = model if what == "forward" else (lambda x, y: model[1].loss(model[0](x), y))
+    args = (x,) if what == "forward" else (x, y)
+    assert _cpp_loader._loaded_from() is None, "the kernels were loaded before the compile"
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)  # the process's first call
+    assert _cpp_loader._loaded_from() is not None
+    want = step(*args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    print("ok", _cpp_loader._loaded_from()[0])
+""")
+
+
+@pytest.mark.parametrize("what", ["forward", "loss"])
+@pytest.mark.parametrize("sigma", ["diagonal", "full"])
+def test_torch_compile_fullgraph_as_the_first_call_of_a_process(what, sigma):
+    """A fresh process whose first call is torch.compile(fullgraph=True) of a model with the head (or
+    of its .loss): the C++ kernels are loaded while Dynamo traces, and tracing does not stop at the
+    loader's lock (a graph break, an error under fullgraph=True). In-process tests cannot show it:
+    an earlier test has loaded the kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", COLD_COMPILE, what, sigma], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stdout + res.stderr[-4000:]
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

@@ -13,6 +13,7 @@ the message, the remembered failure) is tested in small subprocesses with tiny C
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -254,6 +255,29 @@ def test_killed_build_is_rebuilt_and_then_cached(tmp_path):
     first = _load_in_subprocess(pkg, cache)
     assert first["how"][0] == "compiled", first
     assert _load_in_subprocess(pkg, cache)["how"] == ["cache", first["how"][1]]
+
+
+def test_stale_prebuilt_warning_only_when_a_compile_happens(tmp_path):
+    """A prebuilt library built for another torch is passed over; the warning that says so (and
+    that a compile follows) comes only from the process that compiles: the next ones load the
+    cached build in about a second, and warn nothing."""
+    pkg = _tiny_package(tmp_path, 'extern "C" int faim_probe() { return 42; }\n')
+    loader = _fresh_loader(pkg)
+    (pkg / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not loaded")
+    (pkg / loader.STAMP_NAME).write_text(json.dumps({"torch": "2.9.0", "torch_git": "x"}))
+    warning = "was built for torch 2.9.0, and this is torch"
+
+    def load():
+        res = _run([sys.executable, "-W", "always::RuntimeWarning", "-c", LOADER_SCRIPT, str(LOADER_PY), str(pkg)],
+                   cwd=pkg, env=_clean_env(FAIM_KERNELS_CACHE=str(tmp_path / "cache")), timeout=300)
+        return json.loads(res.stdout.strip().splitlines()[-1]), res.stderr
+
+    first, err = load()
+    assert first["how"][0] == "compiled", first
+    assert warning in err and "compiling the C++ CPU kernels for this torch instead" in err, err
+    again, err = load()
+    assert again["how"] == ["cache", first["how"][1]], again
+    assert warning not in err and "RuntimeWarning" not in err, err
 
 
 LOCK_HOLDER = textwrap.dedent("""

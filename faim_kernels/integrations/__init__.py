@@ -3,4 +3,6 @@
 
 - `faim_kernels.integrations.pml`: the Randers distance for pytorch-metric-learning's losses,
   miners and accuracy tools (`pip install "faim_kernels[pml]"`).
+- `faim_kernels.integrations.timm`: timm models with a FAIMHead, their checkpoints and timm's
+  train.py / validate.py (`pip install "faim_kernels[timm]"`).
 """

@@ -38,7 +38,7 @@ from ..ops import contract
 from ..targets import SoftTargets
 from .losses import randers_paired_distance
 
-__all__ = ["RandersMetric", "FAIMHead", "swap_classifier", "ledoit_wolf_shrinkage"]
+__all__ = ["RandersMetric", "FAIMHead", "swap_classifier", "attach_head", "ledoit_wolf_shrinkage"]
 
 METRIC_GROUPS = ("sigma", "one_form", "scale")
 HEAD_INITS = ("default", "reference")
@@ -99,6 +99,23 @@ class _MetricParams(nn.Module):
     def lam(self) -> torch.Tensor:
         """λ = |lmbda| (0-dim tensor, differentiable)."""
         return _nonneg(self.lmbda)
+
+    def no_weight_decay(self) -> set[str]:
+        """The names of the parameters that weight decay must leave alone: Sigma's (L or
+        log_sigma_diag), beta, lmbda and, in a FAIMHead, scale; the prototypes mu are decayed.
+
+        Why one policy for both Sigma modes: their Sigma parameters mean different things, so a decay
+        on them regularises differently (on a full L it pulls Sigma towards 0, a singular metric; on
+        log_sigma_diag towards Sigma = I), and PyTorch-style rules by ndim (timm's optimizer factory
+        decays every parameter with ndim >= 2) would decay the full head's L and not the diagonal
+        head's. The metric and γ are few numbers that set the logits' scale, not weights to shrink.
+        mu has nn.Linear's weight's shape and initialisation, and is decayed as that weight is.
+        timm's create_optimizer_v2 reads a model's no_weight_decay(): swap_classifier and
+        faim_kernels.integrations.timm.create_model add these names to the model's (e.g. "fc.beta")."""
+        names = {"beta", "lmbda", "L" if self.full_sigma else "log_sigma_diag"}
+        if isinstance(getattr(self, "scale", None), nn.Parameter):
+            names.add("scale")
+        return names
 
     def sigma_parameter(self) -> nn.Parameter:
         return self.L if self.full_sigma else self.log_sigma_diag
@@ -256,6 +273,28 @@ class FAIMHead(_MetricParams):
     @property
     def out_features(self) -> int:  # nn.Linear's name, for code that reads it off a classifier
         return self.num_classes
+
+    def __getattr__(self, name: str):
+        # nn.Module.__getattr__ finds the parameters; this only adds an answer for code written for
+        # an nn.Linear classifier (timm's train.py --head-init-scale / --head-init-bias) instead of a
+        # bare "no attribute 'weight'".
+        if (name == "weight" or name == "bias") and name not in self.__dict__.get("_parameters", ()):
+            raise AttributeError(
+                f"FAIMHead has no {name!r}: it is not a linear layer (logits = -gamma * d_F(x, mu_c); "
+                f"parameters {', '.join(n for n, _ in self.named_parameters())}). Prototypes: head.mu "
+                f"[C, D]. To scale the initial logits as timm's --head-init-scale s does for a Linear, "
+                f"multiply head.scale (gamma) by s, e.g. faim_kernels.integrations.timm.create_model(..., "
+                f"head_init_scale=s). A bias the same for every class (timm's --head-init-bias) does not "
+                f"change a softmax and has no counterpart.")
+        return super().__getattr__(name)
+
+    def _init_kwargs(self) -> dict:
+        """The constructor's options (not the sizes) that give a head initialised as this one was:
+        a new classifier of another size keeps the configuration (timm's reset_classifier)."""
+        return {"lambda_init": self._lambda_init, "full_sigma": self.full_sigma, "eps": self.eps,
+                "init": self.init, "backend": self.backend,
+                # None: the full default start (L = 3·I, γ = 10/3); else the γ it started with
+                "scale_init": None if self._sigma_init != 1.0 else self._scale_init}
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -650,6 +689,12 @@ def swap_classifier(model: nn.Module, num_classes: int | None = None, *, name: s
     from the old classifier (or the model's `num_features`, e.g. after timm's reset_classifier(0)),
     num_classes from the argument or the old classifier, and the old one's device and dtype;
     head_kwargs go to FAIMHead. Pass `head=` to put in a module you built instead.
+
+    With a FAIMHead, the model also gets: a
+    no_weight_decay() that names the head's undecayed parameters (timm's optimizer factory reads
+    it), a reset_classifier(n) that puts in a FAIMHead of n classes configured as this one (timm's
+    would put back an nn.Linear), and loading of checkpoints whose classifier is an nn.Linear
+    (the head keeps its initialisation, with a warning): attach_head.
     """
     name = name or _classifier_name(model)
     old = model.get_submodule(name)
@@ -669,4 +714,66 @@ def swap_classifier(model: nn.Module, num_classes: int | None = None, *, name: s
     setattr(model.get_submodule(parent_name) if parent_name else model, child, head)
     if isinstance(getattr(model, "num_classes", None), int) and hasattr(head, "num_classes"):
         model.num_classes = head.num_classes  # timm keeps the count beside the classifier
+    if isinstance(head, FAIMHead):
+        attach_head(model, name, head)
     return head
+
+
+# --- what swap_classifier gives the model (timm's conventions; timm is not needed) ----------------
+
+def attach_head(model: nn.Module, name: str, head: FAIMHead) -> None:
+    """Gives `model`, whose classifier `name` is `head`, the no_weight_decay(), reset_classifier()
+    and nn.Linear-checkpoint loading described in swap_classifier's docstring
+    (and faim_kernels.integrations.timm's). Idempotent."""
+    model.__dict__["_faim_classifier"] = name
+    model.__dict__["_faim_head_kwargs"] = head._init_kwargs()
+    model.__dict__["no_weight_decay"] = _ModelMethod(_model_no_weight_decay, model)
+    if callable(getattr(type(model), "reset_classifier", None)):
+        model.__dict__["reset_classifier"] = _ModelMethod(_model_reset_classifier, model)
+    if not getattr(head, "_faim_linear_hook", False):
+        head._register_load_state_dict_pre_hook(_drop_linear_classifier_keys, with_module=True)
+        head._faim_linear_hook = True
+
+
+class _ModelMethod:
+    """A method of one model instance, kept in its __dict__ (it overrides the class's). Not a
+    types.MethodType: copy.deepcopy (timm's ModelEma) binds both to the copy, but only this one
+    survives pickling a whole model (torch.save(model)), where a bound method is looked up by name
+    on the half-restored model."""
+
+    def __init__(self, fn, model: nn.Module):
+        self.fn, self.model = fn, model
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.model, *args, **kwargs)
+
+
+def _model_no_weight_decay(self) -> set[str]:
+    own = type(self).no_weight_decay(self) if callable(getattr(type(self), "no_weight_decay", None)) else ()
+    name = self.__dict__["_faim_classifier"]
+    head = self.get_submodule(name)
+    names = head.no_weight_decay() if isinstance(head, FAIMHead) else ()
+    return set(own) | {f"{name}.{n}" for n in names}
+
+
+def _model_reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
+    type(self).reset_classifier(self, num_classes, *args, **kwargs)  # timm's: pooling, num_classes
+    if num_classes:  # 0: timm's "no classifier" (an Identity) stays
+        swap_classifier(self, num_classes, name=self.__dict__["_faim_classifier"],
+                        **self.__dict__["_faim_head_kwargs"])
+
+
+def _drop_linear_classifier_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                                 unexpected_keys, error_msgs) -> None:
+    """A state dict with an nn.Linear where the FAIMHead is (a pretrained or nn.Linear-trained
+    backbone): its weight and bias are dropped and the head keeps its current parameters."""
+    if prefix + "weight" not in state_dict or prefix + "mu" in state_dict:
+        return
+    shape = tuple(state_dict[prefix + "weight"].shape)
+    for key in ("weight", "bias"):
+        state_dict.pop(prefix + key, None)
+    for key, value in module.state_dict().items():
+        state_dict.setdefault(prefix + key, value)
+    warnings.warn(f"faim_kernels: the checkpoint's classifier {prefix.rstrip('.') or 'head'} is an nn.Linear "
+                  f"(weight {list(shape)}): loaded the rest, and the FAIMHead keeps its initialisation",
+                  stacklevel=2)

@@ -79,6 +79,34 @@ def _refuse_under_transform(backend: str) -> None:
         f"transforms): the same algorithm in plain PyTorch ops, which every transform composes with.")
 
 
+@torch.compiler.assume_constant_result
+def _cpp_kernels_load_error() -> str | None:
+    """Loads the C++ kernels; None when they are loaded, else why not (CppKernelsUnavailable's text).
+
+    Under torch.compile, Dynamo runs this function as it is while it traces (assume_constant_result)
+    and puts its result in the graph as a constant, instead of tracing into the loader, whose lock
+    (threading.Lock) and file system work it cannot trace: without this, a compile that is the
+    first call of a process (kernels not loaded yet) stopped at the lock, an error with
+    fullgraph=True and a graph break at the head otherwise. The result is a constant indeed: the
+    loader loads once per process and remembers a failure. Loading at import instead would cost a
+    first-use compile (about a minute) to users of CUDA tensors only."""
+    try:
+        _cpp_loader.load()
+    except _cpp_loader.CppKernelsUnavailable as e:
+        return str(e)
+    return None
+
+
+def _load_cpp_kernels() -> None:
+    """_cpp_loader.load(), which Dynamo can trace through (see _cpp_kernels_load_error)."""
+    if not torch.compiler.is_compiling():
+        _cpp_loader.load()  # eager: the loader's own exception (the same object every time)
+        return
+    why = _cpp_kernels_load_error()
+    if why is not None:
+        raise _cpp_loader.CppKernelsUnavailable(why)
+
+
 def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, int] = (0, 0, 0),
                     dtype: torch.dtype = torch.float32) -> str:
     """Turns "auto" into a concrete backend for tensors on `device`; checks a forced one.
@@ -97,7 +125,7 @@ def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, i
             if cpp_disabled():
                 return "torch"
             try:
-                _cpp_loader.load()
+                _load_cpp_kernels()
                 return "cpp"
             except _cpp_loader.CppKernelsUnavailable as e:
                 return _fallback(str(e))
@@ -110,7 +138,7 @@ def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, i
         if cpp_disabled():
             raise RuntimeError("faim_kernels: backend='cpp' was asked for, but FAIM_KERNELS_CPP=0 turns the C++ "
                                "kernels off; unset it, or pass backend='torch' or 'auto'")
-        _cpp_loader.load()  # raises CppKernelsUnavailable with the cause and the remedy
+        _load_cpp_kernels()  # raises CppKernelsUnavailable with the cause and the remedy
     if backend == "triton" and not ((device.type == "cuda" or (device.type == "cpu" and _interpreting()))
                                     and _triton_importable()):
         raise ValueError(f"backend='triton' runs on CUDA tensors, or on CPU tensors through Triton's "
