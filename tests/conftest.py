@@ -334,3 +334,20 @@ def assert_device_assert_in_subprocess(snippet: str, match: str = "out of range"
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, "the out-of-range call ran without an error:\n" + out[-2000:]
     assert match in out or "device-side assert" in out, out[-2000:]
+
+
+# ---- the C++ kernels made unavailable (the auto rule's fallback) ----
+
+NO_CPP_CAUSE = "no C++ compiler to build the C++ CPU kernels (`c++` is not on PATH)"
+
+
+@pytest.fixture
+def no_cpp_kernels(monkeypatch):
+    """The C++ kernels fail to load with NO_CPP_CAUSE, and the fallback warns afresh."""
+    from faim_kernels import _cpp_loader
+    from faim_kernels.ops import dispatch
+
+    def unavailable():
+        raise _cpp_loader.CppKernelsUnavailable(NO_CPP_CAUSE)
+    monkeypatch.setattr(_cpp_loader, "load", unavailable)
+    monkeypatch.setattr(dispatch, "_warned", set())

@@ -10,15 +10,6 @@ import faim_kernels as fk
 from faim_kernels import _cpp_loader
 from faim_kernels.ops import dispatch
 
-CAUSE = "no C++ compiler to build the C++ CPU kernels (`c++` is not on PATH)"
-
-
-@pytest.fixture
-def no_cpp_kernels(monkeypatch):
-    def unavailable():
-        raise _cpp_loader.CppKernelsUnavailable(CAUSE)
-    monkeypatch.setattr(_cpp_loader, "load", unavailable)
-    monkeypatch.setattr(dispatch, "_warned", set())
 
 
 def test_small_problem_falls_back_with_the_cause(no_cpp_kernels):

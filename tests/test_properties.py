@@ -209,12 +209,16 @@ def oracle_distance_autograd(x, mu, L, beta, lam, eps):
     return torch.sqrt(q + eps) + lam * torch.sqrt(s * s + eps)
 
 
-@pytest.mark.parametrize("backend", [
+# The fused backends the property tests draw against (Triton: on CUDA, or through its interpreter).
+FUSED_BACKENDS = pytest.mark.parametrize("backend", [
     pytest.param("cpp", id="cpp"),
     pytest.param("triton", id="triton", marks=[pytest.mark.interpret, pytest.mark.skipif(
         not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
         reason="needs TRITON_INTERPRET=1 or a CUDA device")]),
 ])
+
+
+@FUSED_BACKENDS
 def test_fused_backends_match_an_independent_float64_formula_on_drawn_problems(backend):
     small = backend == "triton" and not torch.cuda.is_available()
     n = CASES if not small else max(1, CASES // 6)
@@ -344,12 +348,7 @@ def run_weighted_case(case: int, backend: str, small: bool):
     return f"{params}: {'; '.join(problems)}" if problems else None
 
 
-@pytest.mark.parametrize("backend", [
-    pytest.param("cpp", id="cpp"),
-    pytest.param("triton", id="triton", marks=[pytest.mark.interpret, pytest.mark.skipif(
-        not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
-        reason="needs TRITON_INTERPRET=1 or a CUDA device")]),
-])
+@FUSED_BACKENDS
 def test_learned_class_weights_and_scale_extremes_match_the_written_out_loss(backend):
     small = backend == "triton" and not torch.cuda.is_available()
     n = max(1, CASES // 3) if not small else max(1, CASES // 12)

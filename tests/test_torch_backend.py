@@ -11,7 +11,6 @@ import torch
 from torch.func import functional_call, grad, jacfwd, jacrev, stack_module_state, vjp, vmap
 
 import faim_kernels as fk
-from faim_kernels import _cpp_loader
 from faim_kernels.ops import dispatch, torch_ops
 
 from conftest import assert_norm_close, assert_rel_close, make_inputs, nearest_targets
@@ -22,15 +21,6 @@ NAMES = ["x", "mu", "L", "beta", "lam", "gamma"]
 
 # ---- the auto rule ----
 
-CAUSE = "no C++ compiler to build the C++ CPU kernels (`c++` is not on PATH)"
-
-
-@pytest.fixture
-def no_cpp_kernels(monkeypatch):
-    def unavailable():
-        raise _cpp_loader.CppKernelsUnavailable(CAUSE)
-    monkeypatch.setattr(_cpp_loader, "load", unavailable)
-    monkeypatch.setattr(dispatch, "_warned", set())
 
 
 def test_switch_turns_the_cpp_kernels_off(monkeypatch):
