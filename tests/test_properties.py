@@ -186,15 +186,21 @@ def run_case(case: int, backend: str, small: bool):
         size = 1.0 + max(x.detach().abs().max().item(), mu[torch.isfinite(mu)].abs().max().item())
         scale = (abs(gamma) + 1) * (L.double().norm().item() + lam * beta.double().norm().item() + 1) * size
         floor = scale * (1e-6 if dtype == torch.float64 else 1e-3) * w.norm().item()
-        for name, a, b in zip(names, got, want_g):
-            if b is None or a is None:
-                continue
-            if b.norm() == 0 and a.norm() == 0:
-                continue
-            e = norm_err(a, b, floor)
-            if e > GRAD[dtype]:
-                problems.append(f"d{name} rel norm err {e:.2e} > {GRAD[dtype]:.0e}")
+        problems += gradient_problems(names, got, want_g, [floor] * len(names), dtype)
     return f"{params}: {'; '.join(problems)}" if problems else None
+
+
+def gradient_problems(names, got, want, floors, dtype) -> list[str]:
+    """The gradients whose relative norm error (against `floor`, the scale where rounding is all
+    there is) exceeds GRAD[dtype]; pairs with a None side or both zero are skipped."""
+    problems = []
+    for name, a, b, floor in zip(names, got, want, floors):
+        if b is None or a is None or (b.norm() == 0 and a.norm() == 0):
+            continue
+        e = norm_err(a, b, floor)
+        if e > GRAD[dtype]:
+            problems.append(f"d{name} rel norm err {e:.2e} > {GRAD[dtype]:.0e}")
+    return problems
 
 
 def full_singular(L):
@@ -339,12 +345,7 @@ def run_weighted_case(case: int, backend: str, small: bool):
     S = (L.double().norm().item() + lam * beta.double().norm().item() + 1) * size
     tol = (1e-6 if dtype == torch.float64 else 1e-3) * w.norm().item()
     floors = [abs(gamma) * S * tol] * 5 + [S * tol, (1 + abs(gamma) * S) * tol]
-    for name, a, b, floor in zip(["x", "mu", "L", "beta", "lam", "gamma", "weight"], got, want_g, floors):
-        if b.norm() == 0 and a.norm() == 0:
-            continue
-        e = norm_err(a, b, floor)
-        if e > GRAD[dtype]:
-            problems.append(f"d{name} rel norm err {e:.2e} > {GRAD[dtype]:.0e}")
+    problems += gradient_problems(["x", "mu", "L", "beta", "lam", "gamma", "weight"], got, want_g, floors, dtype)
     return f"{params}: {'; '.join(problems)}" if problems else None
 
 
