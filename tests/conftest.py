@@ -351,3 +351,19 @@ def no_cpp_kernels(monkeypatch):
         raise _cpp_loader.CppKernelsUnavailable(NO_CPP_CAUSE)
     monkeypatch.setattr(_cpp_loader, "load", unavailable)
     monkeypatch.setattr(dispatch, "_warned", set())
+
+
+def end_process_group() -> None:
+    """dist.destroy_process_group() at the end of a test worker, once gloo is idle. Python objects
+    that hold the group (a DistributedDataParallel's reducer, finished collectives) are collected
+    first, and the main thread then sleeps briefly without the GIL, so gloo's worker thread can
+    finish destroying its completed work, which needs the GIL. Without this a worker hung now and
+    then at its very end: the group's destructor, run with the GIL held, joined that thread while
+    it waited for the GIL (seen once, in a full run of the suite, torch 2.13)."""
+    import gc
+    import time
+
+    import torch.distributed as dist
+    gc.collect()
+    time.sleep(0.2)
+    dist.destroy_process_group()

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import faim_kernels as fk
-from conftest import INTERPRET, assert_norm_close, assert_rel_close, free_port, make_inputs
+from conftest import INTERPRET, assert_norm_close, assert_rel_close, end_process_group, free_port, make_inputs
 from faim_kernels.distributed import shard_range, sharded_randers_cross_entropy, sharded_randers_topk
 
 NAMES = ["x", "L", "beta", "lam", "gamma"]
@@ -187,7 +187,7 @@ def _worker(rank, world, port):
             _run_topk_case(case, rank, world, seed=40 + i)
         _gathered_batch(rank, world)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_sharded_equals_single_process_on_2_and_3_processes():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import faim_kernels as fk
-from tests.conftest import assert_norm_close, assert_rel_close, free_port
+from tests.conftest import assert_norm_close, assert_rel_close, end_process_group, free_port
 
 C = 6
 
@@ -76,8 +76,9 @@ def _ddp_worker(rank, world, port):
             for name in want:
                 assert_norm_close(got[name], want[name], 1e-10,
                                   f"{name} (rank {rank}, full={full}, via_loss={via_loss})")
+            del ddp, out  # the reducer holds the process group: gone before the group (end_process_group)
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_distributed_data_parallel_gives_the_single_process_gradients():
