@@ -132,12 +132,17 @@ def randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, *, largest: boo
     """
     check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
     check_topk(k, mu.shape[0], largest)
-    backend = _backend(backend, x, mu)
     inputs = (x, mu, L, beta, lam)
     differentiating = _differentiating_transform()
     with _outside_grad_transforms() if differentiating else contextlib.nullcontext() as unwrap:
         if unwrap is not None:  # the values under the wrappers (kernels launched directly cannot read those)
             x, mu, L, beta, lam = map(unwrap, inputs)
+        elif differentiating and backend in ("cpp", "triton"):
+            # vmap as well (jacfwd): the fused kernels cannot run under it, and the distances would
+            # only be refused below anyway.
+            raise RuntimeError(_TOPK_GRADIENT)
+        # Resolved here, outside the grad transforms: the fused kernels serve the indices.
+        backend = _backend(backend, x, mu)
         if backend == "reference":
             with torch.no_grad():
                 d, index = reference.randers_topk(x, mu, L, beta, lam, k, eps, largest)

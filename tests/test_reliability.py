@@ -504,9 +504,6 @@ def test_head_refuses_integer_features_as_nn_linear_does(dtype):
 
 @pytest.mark.parametrize("transform", ["grad", "jacrev", "jacfwd"])
 def test_torch_func_differentiating_topk_distances_refuses_instead_of_zeros(backend, device, transform):
-    if backend == "triton" and transform == "jacfwd" and device == "cpu":
-        pytest.xfail("jacfwd runs the function under vmap, whose batched tensors the interpreter's directly "
-                     "launched kernels cannot read (vmap support is separate work)")
     x, mu, L, beta, lam, _ = make_inputs(4, 6, 3, device=device)
     fn = getattr(torch.func, transform)
     with pytest.raises(RuntimeError, match="faim_kernels.randers_topk.*randers_distance_at"):

@@ -226,11 +226,8 @@ topk_by_sort = torch_ops.topk_by_sort  # (the Triton top-k's fallback sorts as b
 def fused_topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool, backend: str):
     """(distances [B, k] in x's dtype, indices int64 [B, k]) through `backend`'s fused top-k (inputs
     already validated; nothing differentiable comes back: the op has no autograd formula)."""
-    if torch_ops.in_grad_transform():
-        raise RuntimeError("faim_kernels: randers_topk is not differentiable (its indices are not, and its distances "
-                           "come back without a graph), so torch.func.grad/vjp/jacrev/jacfwd through it would give "
-                           "zeros. Differentiate the selected distances instead: "
-                           "fk.randers_distance_at(x, mu, L, beta, lam, indices).")
+    # (torch.func transforms that differentiate are handled by functional.randers_topk: the indices
+    # are computed outside them, and differentiating the distances is refused there.)
     if backend == "torch":
         return torch_ops.topk(x, mu, L, beta, lam, eps, k, largest)
     with torch.no_grad():
