@@ -34,7 +34,7 @@ from torch import nn
 from .. import transform
 from .. import functional as _F
 from .._validation import check_backend
-from ..ops import contract
+from ..ops import contract, dispatch
 from ..targets import SoftTargets
 from .losses import randers_paired_distance
 
@@ -329,10 +329,10 @@ class FAIMHead(_MetricParams):
         mu = self.mu
         if not (type(x) is torch.Tensor and x.dtype == mu.dtype and x.device.type == "cpu"
                 and mu.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 1
-                and x.shape[-1] == self.in_features and self.backend in ("auto", "cpp")
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+                and x.shape[-1] == self.in_features and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()):
             return None
-        if _F.resolve_backend(self.backend, x.device) != "cpp":
+        if not dispatch.cpp_serves_cpu(self.backend):
             return None
         return contract.head_metric_op(self.sigma_parameter(), self.lmbda, self.scale, self.full_sigma, self.eps)[:3]
 

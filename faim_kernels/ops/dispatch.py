@@ -147,6 +147,18 @@ def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, i
     return backend
 
 
+def cpp_serves_cpu(backend: str) -> bool:
+    """Whether a call on CPU tensors with `backend` runs the C++ kernels now: resolve_backend's
+    answer, with its cheap checks first (FAIMHead's direct path asks on every call, and the full
+    rule, export checks and all, costs several µs, a tenth of a small head's call). Tracing
+    (torch.jit.trace, the TorchScript ONNX export) and transforms take resolve_backend's own way."""
+    if backend not in ("auto", "cpp") or torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return False
+    if _cpp_loader._loaded is not None and not torch_ops.in_functorch_transform() and not cpp_disabled():
+        return True
+    return resolve_backend(backend, torch.device("cpu")) == "cpp"
+
+
 def _ops(backend: str, device: torch.device):
     """(logits op, cross-entropy op) for a fused backend: the registered custom ops, or for Triton
     on CPU tensors the interpreter's stand-ins with the same autograd formula."""
