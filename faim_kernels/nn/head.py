@@ -325,7 +325,7 @@ class FAIMHead(_MetricParams):
         construction already guarantees (shapes, dtypes, device, eps) are not repeated. The direct
         path takes CPU tensors of the parameters' dtype (float32/float64) on the C++ kernels, outside
         autocast, torch.compile and torch.func transforms; everything else takes the general path,
-        which computes the same values (tests/test_nn_head.py compares the two)."""
+        which computes the same values (tests/test_nn_head_paths.py compares the two)."""
         mu = self.mu
         if not (type(x) is torch.Tensor and x.dtype == mu.dtype and x.device.type == "cpu"
                 and mu.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 1
@@ -378,25 +378,11 @@ class FAIMHead(_MetricParams):
         """
         lead = tuple(x.shape[:-1]) if isinstance(x, torch.Tensor) else None
         if self._loss_through_logits(x, target, ce_options):
-            return self._logits_loss(x, target, lead, ce_options)
+            return self._logits_loss(x, self._flat_target(target, lead), lead, ce_options)
         fast = self._fast_loss(x, target, ce_options)
         if fast is not None:
             return fast
-        if isinstance(target, SoftTargets):
-            if lead is not None and tuple(target.classes.shape[:-1]) != lead:
-                raise ValueError(f"SoftTargets must have classes and probs of shape {lead + ('k',)}, got "
-                                 f"{tuple(target.classes.shape)}")
-            k = target.classes.shape[-1]
-            flat = SoftTargets(target.classes.reshape(-1, k), target.probs.reshape(-1, k), target.smoothing)
-        elif isinstance(target, torch.Tensor) and target.is_floating_point():
-            if lead is not None and tuple(target.shape) != lead + (self.num_classes,):
-                raise ValueError(f"a probability target must have shape {lead + (self.num_classes,)}, got "
-                                 f"{tuple(target.shape)}")
-            flat = target.reshape(-1, self.num_classes)  # a view where it can be: never a copy of a contiguous target
-        else:
-            if isinstance(target, torch.Tensor) and lead is not None and tuple(target.shape) != lead:
-                raise ValueError(f"target must have shape {lead} (x's leading dims), got {tuple(target.shape)}")
-            flat = target.reshape(-1)
+        flat = self._flat_target(target, lead)
         reduction = ce_options.get("reduction", "mean")
         xf, mu, L, beta, lam, gamma = self._prepare(x)
         out = _F.randers_cross_entropy(xf, mu, L, beta, lam, gamma, flat, eps=self.eps, backend=self.backend,
@@ -407,6 +393,24 @@ class FAIMHead(_MetricParams):
         if lse is None:
             return loss
         return loss, lse.reshape(lead) if lead is not None else lse
+
+    def _flat_target(self, target, lead):
+        """The target with x's leading dims flattened ([B], [B, C] or SoftTargets [B, k]), its shape
+        checked against them (lead None: x is not a tensor, which the functional API refuses)."""
+        if isinstance(target, SoftTargets):
+            if lead is not None and tuple(target.classes.shape[:-1]) != lead:
+                raise ValueError(f"SoftTargets must have classes and probs of shape {lead + ('k',)}, got "
+                                 f"{tuple(target.classes.shape)}")
+            k = target.classes.shape[-1]
+            return SoftTargets(target.classes.reshape(-1, k), target.probs.reshape(-1, k), target.smoothing)
+        if isinstance(target, torch.Tensor) and target.is_floating_point():
+            if lead is not None and tuple(target.shape) != lead + (self.num_classes,):
+                raise ValueError(f"a probability target must have shape {lead + (self.num_classes,)}, got "
+                                 f"{tuple(target.shape)}")
+            return target.reshape(-1, self.num_classes)  # a view where it can be: never a copy of a contiguous target
+        if isinstance(target, torch.Tensor) and lead is not None and tuple(target.shape) != lead:
+            raise ValueError(f"target must have shape {lead} (x's leading dims), got {tuple(target.shape)}")
+        return target.reshape(-1)
 
     def _loss_through_logits(self, x, target, ce_options: dict) -> bool:
         """Whether head.loss forms the logits and calls F.cross_entropy on them: where the [B, C]
@@ -424,21 +428,12 @@ class FAIMHead(_MetricParams):
         rows = x.numel() // max(self.in_features, 1)
         return rows * self.num_classes * x.element_size() <= LOSS_VIA_LOGITS_BYTES
 
-    def _logits_loss(self, x, target, lead, ce_options: dict):
-        """F.cross_entropy(self(x), target, **ce_options) with head.loss's shapes and checks."""
-        C = self.num_classes
-        if target.is_floating_point():
-            if tuple(target.shape) != lead + (C,):
-                raise ValueError(f"a probability target must have shape {lead + (C,)}, got {tuple(target.shape)}")
-            flat = target.reshape(-1, C)
-        else:
-            if tuple(target.shape) != lead:
-                raise ValueError(f"target must have shape {lead} (x's leading dims), got {tuple(target.shape)}")
-            flat = target.reshape(-1)
-            if flat.dtype == torch.int32:  # F.cross_entropy takes int64 class indices only
-                flat = flat.long()
-        logits = self(x).reshape(-1, C)
-        if flat.is_floating_point() and flat.dtype != logits.dtype:
+    def _logits_loss(self, x, flat, lead, ce_options: dict):
+        """F.cross_entropy(self(x), target, **ce_options), the target flattened by _flat_target."""
+        logits = self(x).reshape(-1, self.num_classes)
+        if flat.dtype == torch.int32:  # F.cross_entropy takes int64 class indices only
+            flat = flat.long()
+        elif flat.is_floating_point() and flat.dtype != logits.dtype:
             flat = flat.to(logits.dtype)
         weight = ce_options.get("weight")
         options = dict(ce_options, weight=weight.to(logits.dtype)) if isinstance(weight, torch.Tensor) else ce_options
