@@ -27,17 +27,111 @@ at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kD
 // through the upstream value).
 at::Tensor plus_sign(const at::Tensor& v) { return at::where(v >= 0, at::ones_like(v), -at::ones_like(v)); }
 
-// Sigma = tril(L)·tril(L)ᵀ + eps·I and its Cholesky factor, float64; the same checks (and messages)
-// as faim_kernels/transform.py metric_factor.
+// Up to this D the Cholesky factor and its backward run as plain float64 loops here; above it,
+// through ATen (LAPACK). Why: at a small head's D the ~15 ATen calls of the factorisation and its
+// backward (eye, addmm, cholesky, two triangular solves, matmuls, trils, casts) cost several times
+// their ~1.5·D³ multiply-adds, and they were most of a full-Σ training step at (64, 10, 64)
+// (bench/head_breakdown.py). Above the cutoff LAPACK's blocked kernels win (bench/RESULTS.md, the
+// head_metric timing).
+constexpr int64_t LOOP_CHOLESKY_MAX_D = 128;
+
+const char* NON_FINITE_L = "L holds non-finite values (NaN or Inf): Sigma = L Lᵀ + eps·I cannot be factorised";
+const char* NOT_POSITIVE_DEFINITE =
+    "Sigma = L Lᵀ + eps·I is not positive definite in float64 (eps = 0 with a singular L?): use eps > 0";
+
+double dot(const double* a, const double* b, int64_t n) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+    return s;
+}
+
+// lc = cholesky(A·Aᵀ + eps·I) with A = tril(L) [D, D] float64 row-major (both contiguous), by rows
+// (Cholesky–Banachiewicz): every inner product runs over two contiguous row prefixes.
+void cholesky_of_gram(const double* A, double eps, int64_t D, double* lc) {
+    for (int64_t i = 0; i < D; ++i) {
+        for (int64_t j = 0; j <= i; ++j) {
+            // (A·Aᵀ)_ij = Σ_{k ≤ j} A_ik·A_jk (A lower triangular, j ≤ i)
+            double s = dot(A + i * D, A + j * D, j + 1) + (i == j ? eps : 0.0) - dot(lc + i * D, lc + j * D, j);
+            if (i == j) {
+                TORCH_CHECK_VALUE(s > 0.0, NOT_POSITIVE_DEFINITE);  // also catches NaN
+                lc[i * D + i] = std::sqrt(s);
+            } else {
+                lc[i * D + j] = s / lc[j * D + j];
+            }
+        }
+        for (int64_t j = i + 1; j < D; ++j) lc[i * D + j] = 0.0;
+    }
+}
+
+// Solves lcᵀ·Y = B in place (B [D, D] row-major becomes Y), lc lower triangular: back substitution
+// by rows, each step an axpy over a whole row of Y.
+void solve_upper_transposed(const double* lc, int64_t D, double* B) {
+    for (int64_t i = D - 1; i >= 0; --i) {
+        double* yi = B + i * D;
+        for (int64_t k = i + 1; k < D; ++k) {
+            const double c = lc[k * D + i];  // (lcᵀ)_ik
+            const double* yk = B + k * D;
+#pragma omp simd
+            for (int64_t j = 0; j < D; ++j) yi[j] -= c * yk[j];
+        }
+        const double inv = 1.0 / lc[i * D + i];
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) yi[j] *= inv;
+    }
+}
+
+// ∂A = tril((G + Gᵀ)·A) with G = lc⁻ᵀ·Φ(lcᵀ·∂lc)·lc⁻¹ (the backward below), all float64 [D, D].
+at::Tensor cholesky_of_gram_backward_loops(const at::Tensor& A, const at::Tensor& lc, const at::Tensor& grad) {
+    const int64_t D = A.size(0);
+    const at::Tensor lcT = lc.t().contiguous(), gT = grad.t().contiguous(), AT = A.t().contiguous();
+    const double *pl = lc.data_ptr<double>(), *plT = lcT.data_ptr<double>(), *pgT = gT.data_ptr<double>(),
+                 *pAT = AT.data_ptr<double>();
+    at::Tensor work = at::empty({D, D}, A.options());
+    double* w = work.data_ptr<double>();
+    // Φ = tril(lcᵀ·∂lc) with its diagonal halved: Φ_ij = Σ_{k ≥ i} lc_ki·∂lc_kj (lc_ki = 0 for k < i).
+    for (int64_t i = 0; i < D; ++i) {
+        for (int64_t j = 0; j <= i; ++j) w[i * D + j] = dot(plT + i * D + i, pgT + j * D + i, D - i);
+        w[i * D + i] *= 0.5;
+        for (int64_t j = i + 1; j < D; ++j) w[i * D + j] = 0.0;
+    }
+    solve_upper_transposed(pl, D, w);  // X = lc⁻ᵀ·Φ
+    at::Tensor XT = work.t().contiguous();
+    double* xt = XT.data_ptr<double>();
+    solve_upper_transposed(pl, D, xt);  // Gᵀ = lc⁻ᵀ·Xᵀ, i.e. G = X·lc⁻¹
+    // M = G + Gᵀ, symmetric (xt holds Gᵀ)
+    for (int64_t i = 0; i < D; ++i)
+        for (int64_t j = 0; j <= i; ++j) w[i * D + j] = w[j * D + i] = xt[i * D + j] + xt[j * D + i];
+    // ∂A_ij = Σ_{k ≥ j} M_ik·A_kj for j ≤ i, 0 above the diagonal
+    at::Tensor dA = at::zeros({D, D}, A.options());
+    double* pd = dA.data_ptr<double>();
+    for (int64_t i = 0; i < D; ++i)
+        for (int64_t j = 0; j <= i; ++j) pd[i * D + j] = dot(w + i * D + j, pAT + j * D + j, D - j);
+    return dA;
+}
+
+// Sigma = tril(L)·tril(L)ᵀ + eps·I and its Cholesky factor, float64 (A = tril(L), lc); the same
+// checks (and messages) as faim_kernels/transform.py metric_factor.
 std::pair<at::Tensor, at::Tensor> full_factor(const at::Tensor& L, double eps) {
-    const at::Tensor A = L.detach().to(at::kDouble).tril();
-    const at::Tensor sigma = at::addmm(at::eye(A.size(0), A.options()), A, A.t(), /*beta=*/eps, /*alpha=*/1.0);
+    const int64_t D = L.size(0);
+    if (D <= LOOP_CHOLESKY_MAX_D) {
+        const at::Tensor L64 = L.detach().to(at::kDouble).contiguous();
+        const double* pl = L64.data_ptr<double>();
+        at::Tensor A = at::empty({D, D}, L64.options()), factor = at::empty({D, D}, L64.options());
+        double* pa = A.data_ptr<double>();
+        for (int64_t i = 0; i < D; ++i)
+            for (int64_t j = 0; j < D; ++j) {
+                TORCH_CHECK_VALUE(std::isfinite(pl[i * D + j]), NON_FINITE_L);
+                pa[i * D + j] = j <= i ? pl[i * D + j] : 0.0;
+            }
+        cholesky_of_gram(pa, eps, D, factor.data_ptr<double>());
+        return {A, factor};
+    }
+    const at::Tensor A = L.detach().to(at::kDouble).tril().contiguous();
+    const at::Tensor sigma = at::addmm(at::eye(D, A.options()), A, A.t(), /*beta=*/eps, /*alpha=*/1.0);
     auto [factor, info] = at::linalg_cholesky_ex(sigma);
-    TORCH_CHECK_VALUE(at::isfinite(L).all().item<bool>(),
-                      "L holds non-finite values (NaN or Inf): Sigma = L Lᵀ + eps·I cannot be factorised");
-    TORCH_CHECK_VALUE(info.item<int64_t>() == 0,
-                      "Sigma = L Lᵀ + eps·I is not positive definite in float64 (eps = 0 with a singular L?): "
-                      "use eps > 0");
+    TORCH_CHECK_VALUE(at::isfinite(L).all().item<bool>(), NON_FINITE_L);
+    TORCH_CHECK_VALUE(info.item<int64_t>() == 0, NOT_POSITIVE_DEFINITE);
     return {A, factor};
 }
 
@@ -102,13 +196,17 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
         if (grads[0].defined() && ctx->needs_input_grad(0)) {
             const at::Tensor g = grads[0].to(at::kDouble);
             if (full) {
-                const at::Tensor A = sigma.detach().to(at::kDouble).tril();
-                at::Tensor phi = at::matmul(Lc.t(), g).tril();
-                phi.diagonal().mul_(0.5);
-                // G = Lc⁻ᵀ·Φ·Lc⁻¹: X = Lc⁻ᵀ·Φ (an upper solve), then G = X·Lc⁻¹ = (Lc⁻ᵀ·Xᵀ)ᵀ.
-                const at::Tensor X = at::linalg_solve_triangular(Lc.t(), phi, /*upper=*/true);
-                const at::Tensor G = at::linalg_solve_triangular(Lc.t(), X.t(), /*upper=*/true).t();
-                dsigma = at::matmul(G + G.t(), A).tril().to(sigma.scalar_type());
+                const at::Tensor A = sigma.detach().to(at::kDouble).tril().contiguous();
+                if (A.size(0) <= LOOP_CHOLESKY_MAX_D) {
+                    dsigma = cholesky_of_gram_backward_loops(A, Lc.contiguous(), g.contiguous()).to(sigma.scalar_type());
+                } else {
+                    at::Tensor phi = at::matmul(Lc.t(), g).tril();
+                    phi.diagonal().mul_(0.5);
+                    // G = Lc⁻ᵀ·Φ·Lc⁻¹: X = Lc⁻ᵀ·Φ (an upper solve), then G = X·Lc⁻¹ = (Lc⁻ᵀ·Xᵀ)ᵀ.
+                    const at::Tensor X = at::linalg_solve_triangular(Lc.t(), phi, /*upper=*/true);
+                    const at::Tensor G = at::linalg_solve_triangular(Lc.t(), X.t(), /*upper=*/true).t();
+                    dsigma = at::matmul(G + G.t(), A).tril().to(sigma.scalar_type());
+                }
             } else {
                 const at::Tensor e = at::exp(sigma.detach().to(at::kDouble));
                 dsigma = (g * e / (2.0 * at::sqrt(e + eps))).to(sigma.scalar_type());

@@ -77,6 +77,45 @@ def test_head_metric_op_gradcheck(full):
     torch.library.opcheck(contract.head_metric_op, (sigma.detach(), lmbda.detach(), scale.detach(), full, 1e-3))
 
 
+@pytest.mark.parametrize("D", [64, 129], ids=["loops", "lapack"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_head_metric_full_factor_matches_torch_cholesky(D, dtype):
+    """Both implementations of the full factor (plain float64 loops up to D = 128, LAPACK above:
+    csrc/head_metric.cpp LOOP_CHOLESKY_MAX_D), forward and backward, against torch.linalg.cholesky
+    and its autograd in float64, with an upper triangle in L that must be ignored."""
+    fk._cpp_loader.load()
+    torch.manual_seed(D)
+    L = (torch.eye(D, dtype=torch.float64) + 0.3 * torch.randn(D, D, dtype=torch.float64) / D ** 0.5).to(dtype)
+    L.requires_grad_()
+    lmbda, scale = torch.tensor(0.2, dtype=dtype), torch.tensor(3.0, dtype=dtype)
+    upstream = torch.randn(D, D, dtype=torch.float64)
+    lc, _, _, factor64 = contract.head_metric_op(L, lmbda, scale, True, 1e-3)
+    (grad,) = torch.autograd.grad((lc.double() * upstream).sum(), L)
+    L64 = L.detach().double().requires_grad_()
+    A = torch.tril(L64)
+    ref = torch.linalg.cholesky(A @ A.T + 1e-3 * torch.eye(D, dtype=torch.float64))
+    (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), L64)
+    assert lc.dtype == dtype and factor64.dtype == torch.float64
+    assert (factor64 - ref).abs().max().item() <= 1e-13
+    assert (lc.double() - ref).abs().max().item() <= (1e-13 if dtype == torch.float64 else 1e-6)
+    assert ((grad.double() - ref_grad).norm() / ref_grad.norm()).item() <= (1e-12 if dtype == torch.float64 else 1e-6)
+    assert torch.equal(torch.triu(grad, 1), torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("D", [8, 129], ids=["loops", "lapack"])
+def test_head_metric_full_factor_refusals(D):
+    fk._cpp_loader.load()
+    one = torch.tensor(1.0)
+    upper_nan = torch.eye(D)
+    upper_nan[0, D - 1] = float("nan")  # outside tril(L), but still a broken parameter
+    with pytest.raises(ValueError, match="non-finite"):
+        contract.head_metric_op(upper_nan, one, one, True, 1e-6)
+    singular = torch.eye(D)
+    singular[D // 2, D // 2] = 0.0
+    with pytest.raises(ValueError, match="not positive definite"):
+        contract.head_metric_op(singular, one, one, True, 0.0)
+
+
 def test_head_metric_derivative_of_abs_is_one_at_zero():
     fk._cpp_loader.load()
     lmbda = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
@@ -185,3 +224,49 @@ def test_backward_ops_return_empty_for_unneeded(family):
                                                    lse, x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0,
                                                    grad_mask=0b100010)
     assert [tuple(g.shape) for g in grads] == [(0,), tuple(mu.shape), (0,), (0,), (0,), ()]
+
+
+def test_full_metric_cache_follows_every_change_of_the_parameters():
+    """No_grad calls of a full head reuse the Cholesky factor while L, lmbda, scale and eps keep their
+    values (FAIMHead._cached_full_metric); every way of changing them is seen, `.data` included."""
+    torch.manual_seed(0)
+    head = fk.FAIMHead(6, 4, full_sigma=True)
+    x = torch.randn(5, 6, dtype=torch.float32)
+
+    def fresh():  # the same call with no cache
+        head.__dict__.pop("_full_metric_cache", None)
+        with torch.no_grad():
+            return head(x)
+
+    def cached():
+        with torch.no_grad():
+            return head(x)
+
+    assert torch.equal(cached(), fresh()) and torch.equal(cached(), fresh())
+    first = head.__dict__["_full_metric_cache"][-1][0]
+    cached()
+    assert head.__dict__["_full_metric_cache"][-1][0] is first  # reused, not recomputed
+    changes = [
+        lambda: head.L.data.mul_(1.5),  # bumps no version counter
+        lambda: torch.optim.SGD(head.parameters(), lr=0.1).step() if head.L.grad is not None else None,
+        lambda: head.lmbda.data.fill_(0.7),
+        lambda: head.scale.data.fill_(-3.0),
+        lambda: setattr(head, "eps", 1e-3),
+        lambda: head.load_state_dict({k: v + 0.01 for k, v in head.state_dict().items()}),
+    ]
+    F.cross_entropy(head(x), torch.tensor([0, 1, 2, 3, 0])).backward()  # grads for the SGD step
+    for change in changes:
+        before = cached()
+        with torch.no_grad():
+            change()
+        after = cached()
+        assert torch.equal(after, fresh())
+        assert not torch.equal(before, after)
+    # a frozen metric with features that need grad also reuses it, and the gradient is right
+    head.freeze_metric()
+    xg = x.clone().requires_grad_()
+    head(xg).sum().backward()
+    head.__dict__.pop("_full_metric_cache")
+    xr = x.clone().requires_grad_()
+    head(xr).sum().backward()
+    assert torch.allclose(xg.grad, xr.grad, rtol=0, atol=0)

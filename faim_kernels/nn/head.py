@@ -334,7 +334,33 @@ class FAIMHead(_MetricParams):
             return None
         if not dispatch.cpp_serves_cpu(self.backend):
             return None
-        return contract.head_metric_op(self.sigma_parameter(), self.lmbda, self.scale, self.full_sigma, self.eps)[:3]
+        sigma, lmbda, scale = self.sigma_parameter(), self.lmbda, self.scale
+        if not self.full_sigma or (torch.is_grad_enabled() and (
+                sigma.requires_grad or lmbda.requires_grad or scale.requires_grad)):
+            return contract.head_metric_op(sigma, lmbda, scale, self.full_sigma, self.eps)[:3]
+        return self._cached_full_metric(sigma, lmbda, scale)
+
+    def _cached_full_metric(self, sigma, lmbda, scale) -> tuple:
+        """head_metric's (lc, lam, gamma) for a full L, reused while L, lmbda, scale and eps keep their
+        values, where no graph is recorded through them (no_grad / inference, or a frozen metric): an
+        evaluation loop or a frozen-metric phase then pays the D×D Cholesky once, not on every call (at
+        (64, 10, 64) it was most of a no_grad call). The check compares values (one D×D equality and
+        two scalars, O(D²) against the factorisation's O(D³)), not version counters: an in-place
+        change through `.data` (as some EMA code does) bumps no counter. The diagonal head is not
+        cached: its head_metric costs what the check would."""
+        inference = torch.is_inference_mode_enabled()
+        lam_value, gamma_value = lmbda.item(), scale.item()
+        cache = self.__dict__.get("_full_metric_cache")
+        if cache is not None:
+            snapshot, eps, was_inference, lam_was, gamma_was, metric = cache
+            if (eps == self.eps and was_inference == inference and lam_was == lam_value and gamma_was == gamma_value
+                    and snapshot.dtype == sigma.dtype and snapshot.device == sigma.device
+                    and torch.equal(snapshot, sigma)):
+                return metric
+        metric = contract.head_metric_op(sigma, lmbda, scale, True, self.eps)[:3]
+        self.__dict__["_full_metric_cache"] = (sigma.detach().clone(), self.eps, inference, lam_value, gamma_value,
+                                               metric)
+        return metric
 
     def _tau(self) -> float:
         return transform.risk_threshold(self.in_features, self.mu.dtype)
