@@ -153,12 +153,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_cpu(const
         return {factor.to(ct).clone(), scalar(lmbda, std::abs(lam_value)), scalar(scale, std::abs(gamma_value)),
                 factor};
     }
-    const at::Tensor v = sigma.detach().to(at::kDouble).contiguous();
+    // Read in the parameter's own dtype (no float64 copy of it), each element widened to double.
+    const at::Tensor v = sigma.detach().contiguous();
     at::Tensor lc = at::empty({v.size(0)}, sigma.options().dtype(ct));
-    AT_DISPATCH_FLOATING_TYPES(ct, "head_metric", [&] {
-        const double* vp = v.data_ptr<double>();
-        scalar_t* out = lc.data_ptr<scalar_t>();
-        for (int64_t k = 0; k < v.size(0); ++k) out[k] = scalar_t(std::sqrt(std::exp(vp[k]) + eps));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "head_metric", [&] {
+        const scalar_t* vp = v.data_ptr<scalar_t>();
+        if (ct == at::kDouble) {
+            double* out = lc.data_ptr<double>();
+            for (int64_t k = 0; k < v.size(0); ++k) out[k] = std::sqrt(std::exp(double(vp[k])) + eps);
+        } else {
+            float* out = lc.data_ptr<float>();
+            for (int64_t k = 0; k < v.size(0); ++k) out[k] = float(std::sqrt(std::exp(double(vp[k])) + eps));
+        }
     });
     return {lc, scalar(lmbda, std::abs(lam_value)), scalar(scale, std::abs(gamma_value)),
             at::empty({0}, sigma.options().dtype(at::kDouble))};
