@@ -278,7 +278,12 @@ class FAIMHead(_MetricParams):
         # nn.Module.__getattr__ finds the parameters; this only adds an answer for code written for
         # an nn.Linear classifier (timm's train.py --head-init-scale / --head-init-bias) instead of a
         # bare "no attribute 'weight'".
-        if (name == "weight" or name == "bias") and name not in self.__dict__.get("_parameters", ()):
+        # Parameters first, straight from the dict: every `self.mu` in a forward lands here (a
+        # parameter is not an instance attribute), and a small head's call reads seven of them.
+        parameters = self.__dict__.get("_parameters")
+        if parameters is not None and name in parameters:
+            return parameters[name]
+        if name == "weight" or name == "bias":
             raise AttributeError(
                 f"FAIMHead has no {name!r}: it is not a linear layer (logits = -gamma * d_F(x, mu_c); "
                 f"parameters {', '.join(n for n, _ in self.named_parameters())}). Prototypes: head.mu "
@@ -326,15 +331,19 @@ class FAIMHead(_MetricParams):
         path takes CPU tensors of the parameters' dtype (float32/float64) on the C++ kernels, outside
         autocast, torch.compile and torch.func transforms; everything else takes the general path,
         which computes the same values (tests/test_nn_head_paths.py compares the two)."""
-        mu = self.mu
-        if not (type(x) is torch.Tensor and x.dtype == mu.dtype and x.device.type == "cpu"
-                and mu.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() >= 1
+        parameters = self._parameters
+        mu = parameters.get("mu")
+        if not (mu is not None and type(x) is torch.Tensor and x.is_cpu and mu.is_cpu and x.dtype is mu.dtype
+                and (x.dtype is torch.float32 or x.dtype is torch.float64) and x.dim() >= 1
                 and x.shape[-1] == self.in_features and not torch.is_autocast_enabled("cpu")
                 and not torch.compiler.is_compiling()):
             return None
         if not dispatch.cpp_serves_cpu(self.backend):
             return None
-        sigma, lmbda, scale = self.sigma_parameter(), self.lmbda, self.scale
+        sigma = parameters.get("L" if self.full_sigma else "log_sigma_diag")
+        lmbda, scale = parameters.get("lmbda"), parameters.get("scale")
+        if sigma is None or lmbda is None or scale is None or "beta" not in parameters:
+            return None  # a parameter replaced by a buffer or a plain tensor: the general path
         if not self.full_sigma or (torch.is_grad_enabled() and (
                 sigma.requires_grad or lmbda.requires_grad or scale.requires_grad)):
             return contract.head_metric_op(sigma, lmbda, scale, self.full_sigma, self.eps)[:3]
@@ -363,7 +372,11 @@ class FAIMHead(_MetricParams):
         return metric
 
     def _tau(self) -> float:
-        return transform.risk_threshold(self.in_features, self.mu.dtype)
+        # The near threshold depends on D only (transform.risk_threshold); computed once per head.
+        tau = self.__dict__.get("_near_tau")
+        if tau is None:
+            tau = self.__dict__["_near_tau"] = transform.risk_threshold(self.in_features, self.mu.dtype)
+        return tau
 
     def _prepare(self, x: torch.Tensor):
         self._check_features("x", x)
@@ -379,7 +392,9 @@ class FAIMHead(_MetricParams):
         if fast is not None:
             lc, lam, gamma = fast
             xf = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-            logits = contract.logits_op(xf, self.mu, lc, self.beta, lam, gamma, self.eps, self._tau())[0]
+            parameters = self._parameters
+            logits = contract.logits_op(xf, parameters["mu"], lc, parameters["beta"], lam, gamma, self.eps,
+                                        self._tau())[0]
             return logits if x.dim() == 2 else logits.reshape(*lead, self.num_classes)
         xf, mu, L, beta, lam, gamma = self._prepare(x)
         logits = _F.randers_logits(xf, mu, L, beta, lam, gamma, eps=self.eps, backend=self.backend)
