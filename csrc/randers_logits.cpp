@@ -62,7 +62,12 @@ template <typename T>
 void logits_epilogue(const Operands<T>& in, double gamma, T* out) {
     const int64_t B = in.B, C = in.C, D = in.D;
     const int64_t n_ct = ceil_div(C, kTileC);
-    at::parallel_for(0, B * n_ct, 16, [&](int64_t begin, int64_t end) {
+    // At least 16 full tiles' worth of pairs (4096) per task: with few classes a tile is narrow, and
+    // a grain counted in tiles sent a (64, 10) head through a parallel region for ~600 pairs, whose
+    // thread wake-up cost more than the work (a small head's call several times slower on 2 threads
+    // than on 1).
+    const int64_t grain = ceil_div(16 * kTileC, std::max<int64_t>(1, std::min(C, kTileC)));
+    at::parallel_for(0, B * n_ct, grain, [&](int64_t begin, int64_t end) {
         // Locals, not captured references: a store to the output could alias those, which keeps
         // the loop scalar (measured: 2.7x a bare GEMM at (256, 1000, 128) instead of ~1.2x).
         const T neg_gamma = T(-gamma), eps = T(in.eps), tau = T(in.tau), lam = T(in.lam);
