@@ -419,7 +419,7 @@ class FAIMHead(_MetricParams):
         own options. That path does three B×C×D products (the forward GEMM, then ∂x and ∂mu), the
         fused kernels four (they recompute the logits in the backward instead of keeping them), so
         where memory is no concern it is the faster one; where the logits are large the fused
-        kernels keep memory at O(B + C) extra, which is what they are for (README, module speed)."""
+        kernels keep memory at O(B + C) extra, which is what they are for (docs/design.md §2.4)."""
         if not (isinstance(x, torch.Tensor) and type(target) is torch.Tensor
                 and set(ce_options) <= {"weight", "label_smoothing", "ignore_index", "reduction"}):
             return False
