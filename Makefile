@@ -1,7 +1,7 @@
 # The two commands of the README. Each sets up what it needs first (scripts/bootstrap.sh).
 PY := .venv/bin/python
 
-.PHONY: bench test setup gpu-check clean demo test-timm
+.PHONY: bench test setup gpu-check clean demo test-timm docs docs-build
 
 # The CPU tables: the kernels against the einsum and the composite (cpu_bench), then the module
 # as users call it against nn.Linear, small heads to 100,000 classes (head_bench).
@@ -10,8 +10,17 @@ bench: setup
 	$(PY) -m bench.head_bench --all
 
 # TRITON_INTERPRET=1 makes the Triton kernels run on CPU tensors (set before anything imports triton).
+# The documentation is built first, with warnings as errors, so a broken link or API reference fails
+# the run that CI makes (about 20 s).
 test: setup
+	$(MAKE) --no-print-directory docs-build
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q
+
+# The documentation site (docs/, mkdocs.yml) into site/, with warnings as errors (mkdocs --strict).
+docs: setup docs-build
+
+docs-build:
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 # The digits demo: three heads trained on scikit-learn's bundled digits, a table and demo_curves.png.
 demo: setup
@@ -30,4 +39,4 @@ setup:
 	@bash scripts/bootstrap.sh
 
 clean:
-	rm -rf build dist *.egg-info faim_kernels/*.so faim_kernels/_C.build-info.json .pytest_cache
+	rm -rf build dist site *.egg-info faim_kernels/*.so faim_kernels/_C.build-info.json .pytest_cache

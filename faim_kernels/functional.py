@@ -53,6 +53,9 @@ def randers_distance(x, mu, L, beta, lam, eps: float = 1e-6, *, backend: str = "
 
     x [B, D], mu [C, D], L [D, D] (Sigma = L Lᵀ + eps·I) or [D] (Sigma = diag(L²) + eps·I),
     beta [D], lam >= 0 (float or 0-dim tensor). Differentiable in every tensor input.
+    eps >= 0: Sigma's ridge and the smoothing of both square roots. backend: "auto" (the C++ kernels
+    for CPU tensors, Triton for CUDA tensors, "torch" elsewhere), "cpp", "triton", "torch" (plain
+    PyTorch ops, any device) or "reference" (the einsum oracle); docs/design.md §2 gives the rule.
     """
     check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
     backend = _backend(backend, x, mu)

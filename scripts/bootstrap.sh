@@ -30,6 +30,19 @@ if ! "$VPY" -c "import triton, numpy, pytest, pytest_benchmark, tqdm, ninja, skl
         wheel onnx onnxruntime onnxscript
 fi
 "$VPY" -c "import torch" || { echo "[bootstrap] torch did not install" >&2; exit 1; }
+# The documentation tools (`make docs`, and `make test` builds the docs too), at the pins of
+# pyproject.toml's `docs` extra; the check reads installed metadata only (no imports: ~0.1 s).
+DOCS_PINS="mkdocs==1.6.1 mkdocs-material==9.8.1 mkdocstrings==1.0.8 mkdocstrings-python==2.0.11"
+if ! "$VPY" - $DOCS_PINS >/dev/null 2>&1 <<'PYEOF'
+import sys
+from importlib.metadata import version
+sys.exit(any(version(name) != want for name, want in (pin.split("==") for pin in sys.argv[1:])))
+PYEOF
+then
+    echo "[bootstrap] installing the documentation tools"
+    # shellcheck disable=SC2086
+    pipq $DOCS_PINS
+fi
 
 echo "[bootstrap] building the C++ kernels in place"
 export PATH="$PWD/$VENV/bin:$PATH"

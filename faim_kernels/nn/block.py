@@ -40,7 +40,8 @@ class FAIMBlock(nn.Module):
                     uses leaves parameters without gradients: use it (e.g. a regulariser on
                     `block.norm`), share it with a head the loss uses, or pass
                     find_unused_parameters=True.
-        device, dtype: for the shared p and the default module.
+        device:     for the shared p and the default module.
+        dtype:      for the shared p and the default module.
     """
 
     def __init__(self, dim: int, module: nn.Module | None = None, base_point: str | nn.Module = "shared",

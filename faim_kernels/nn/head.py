@@ -216,7 +216,9 @@ class FAIMHead(_MetricParams):
     """Randers (FAIM) metric classification head: logits_c = −γ·d_F(x, mu_c) (SPEC Eq. 2, 3).
 
     A drop-in for `nn.Linear(in_features, num_classes)` as a classifier: input [..., in_features],
-    output [..., num_classes]. Args:
+    output [..., num_classes].
+
+    Args:
         in_features:  feature dimension D.
         num_classes:  number of classes C.
         lambda_init:  initial λ (weight of the 1-form), >= 0.
@@ -226,9 +228,8 @@ class FAIMHead(_MetricParams):
                       relative to L 9x smaller under SGD (see below).
         full_sigma:   learn a full Sigma = tril(L)·tril(L)ᵀ + eps·I (D² parameters) instead of a diagonal one.
         eps:          Sigma's ridge and the smoothing of both square roots.
-        backend:      "auto" (the Triton kernels on CUDA, the C++ kernels on CPU), "cpp", "triton" or
-                      "reference" (the einsum oracle); an attribute, so `head.backend = ...` works too.
-
+        backend:      "auto" (the Triton kernels on CUDA, the C++ kernels on CPU), "cpp", "triton",
+                      "torch" (plain PyTorch ops) or "reference" (the einsum oracle); an attribute, so `head.backend = ...` works too.
         init:         "default": mu ~ U(−1/√D, 1/√D) (nn.Linear's weight init), beta ~ N(0, 1/D),
                       Sigma = I (full: see scale_init); "reference": the reference design's mu,
                       beta ~ N(0, 1), Sigma = I, γ = 10, to reproduce its experiments. λ = lambda_init.
@@ -238,8 +239,8 @@ class FAIMHead(_MetricParams):
     ~100x nn.Linear's, so SGD at lr 0.1, momentum 0.9 diverges to NaN (timm's recipe too). Prototypes
     as small as nn.Linear's weights start the logits near uniform, and the head then trained at least
     as fast as nn.Linear under SGD lr 0.1 momentum 0.9, AdamW lr 1e-3 and timm's train-script
-    defaults on a small CNN (bench/head_recipes.py; on a ResNet-18 under AdamW it is slower, README
-    "Training recipes"). γ = 10 was kept: γ = 3 trained slower than nn.Linear under AdamW, γ = 30
+    defaults on a small CNN (bench/head_recipes.py; on a ResNet-18 under AdamW it is slower,
+    docs/training.md). γ = 10 was kept: γ = 3 trained slower than nn.Linear under AdamW, γ = 30
     diverged under SGD. A full L starting at I learnt too fast under SGD lr 0.1 in minibatch training (the gradient of d in L is ~|x − mu| whatever L's scale, against
     ‖L‖ = √D; digits: loss 1.01 after 4 epochs, nn.Linear 0.185); L = 3·I, beta·3, γ = 10/3 gave 0.094
     (and 0.128 against 0.95 after init_from_features, whose fitted γ is capped by the start's).
@@ -459,7 +460,7 @@ class FAIMHead(_MetricParams):
         own options. That path does three B×C×D products (the forward GEMM, then ∂x and ∂mu), the
         fused kernels four (they recompute the logits in the backward instead of keeping them), so
         where memory is no concern it is the faster one; where the logits are large the fused
-        kernels keep memory at O(B + C) extra, which is what they are for (README, module speed)."""
+        kernels keep memory at O(B + C) extra, which is what they are for (docs/design.md §2.4)."""
         if not (isinstance(x, torch.Tensor) and type(target) is torch.Tensor
                 and set(ce_options) <= {"weight", "label_smoothing", "ignore_index", "reduction"}):
             return False
