@@ -231,7 +231,7 @@ T max_ignoring_nan(const T* v, int64_t n) {  // NaN never wins: it reaches lse t
     return std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
 }
 
-// Per-row scratch of one worker: the shared epilogue terms (a, r, s, d, at-risk flags) and the
+// Per-row scratch of one worker: the shared epilogue terms (a, r, s, d, near-pair flags) and the
 // backward's G, H, R.
 template <typename T>
 struct RowWork : RowTerms<T> {
@@ -266,7 +266,7 @@ inline int64_t target_column(const int64_t* target, int64_t K, int64_t b, int64_
 }
 
 // Row b's targets in the tile: is_t[j] = 1 on every target column (they carry the margin and take
-// the exact path), cols[k] = the k-th target's column or −1. is_t is all zero on return elsewhere.
+// the near-pair recompute), cols[k] = the k-th target's column or −1. is_t is all zero on return elsewhere.
 template <typename T>
 bool mark_targets(const CEProblem<T>& pb, int64_t b, int64_t c0, int64_t nc, std::vector<int64_t>& cols,
                   std::vector<char>& is_t) {
@@ -326,12 +326,12 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl, dou
                         row_terms(in, b, tile.c0, nc, dots.data() + i * nc, w);
                         T* l = w.logit.data();
                         for (int64_t j = 0; j < nc; ++j) l[j] = -g * w.d[j];  // Eq. 3
-                        // Pairs at risk, and the target pairs always, from the raw difference (SPEC §2.1):
+                        // Near pairs, and the target pairs always, from the raw difference (SPEC §2.1):
                         // the target logits and the margin, which dominate the loss, are exact.
                         mark_targets(pb, b, tile.c0, nc, cols, is_t);
                         for (int64_t j = 0; j < nc; ++j)
                             if (w.near[j] != T(0) || is_t[j])
-                                l[j] = -g * (pair_direct(in, b, tile.c0 + j, acc.data(), (T*)nullptr).d +
+                                l[j] = -g * (recompute_near_pair(in, b, tile.c0 + j, acc.data(), (T*)nullptr).d +
                                              (is_t[j] ? margin : T(0)));
                         for (int64_t k = 0; k < K; ++k)
                             if (cols[k] >= 0) tl[b * K + k] = double(l[cols[k]]);
@@ -456,12 +456,12 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse,
                         for (int64_t j = 0; j < nc; ++j) l[j] = T(double(-g * d[j]) - lse_b);
                         for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(l[j]);  // softmax_bc
                         backward_terms(nc, wl, ws, (const T*)linp, g, lam, e, a, r, sv, G, H, Prow, R);
-                        // Pairs at risk and the target pairs: exact terms from diff' (SPEC §2.1), and
+                        // Near pairs and the target pairs: exact terms from diff' (SPEC §2.1), and
                         // out of the GEMMs (P = 0 there).
                         mark_targets(pb, b, c0, nc, cols, is_t);
                         for (int64_t j = 0; j < nc; ++j) {
                             if (w.near[j] == T(0) && !is_t[j]) continue;
-                            const Pair<T> pr = pair_direct(in, b, c0 + j, acc.data(), diffp.data());
+                            const Pair<T> pr = recompute_near_pair(in, b, c0 + j, acc.data(), diffp.data());
                             const T dist = pr.d + (is_t[j] ? margin : T(0));
                             d[j] = dist;
                             T wt = T(0);  // Σ_k w_tl,bk over the targets in this column (repeats add up)

@@ -5,7 +5,7 @@
 // The k nearest (or farthest) prototypes of each row without the [B, C] distances: the classes are
 // cut into tiles of kTileC; each tile's mu' = (mu − m)·Lc is formed on the fly, multiplied with a
 // block of rows of x' (one BLAS GEMM into a scratch tile), turned into distances in place by the
-// epilogue of SPEC §1-2 (row_keys), the pairs at risk recomputed from the raw difference
+// epilogue of SPEC §1-2 (row_keys), the near pairs recomputed from the raw difference
 // (SPEC §2.1) BEFORE any comparison, and the row's candidates offered to a per-row partial top-k.
 //
 // Partial top-k per row: a buffer of (key, index) candidates and a threshold, the k-th best after
@@ -172,7 +172,7 @@ void compact(T* key, int64_t* idx, int64_t n, int64_t k, bool nan_first, std::ve
 }
 
 // The keys (±d, SPEC §1) of one row of a tile, in place over its GEMM entries, with what the
-// selection needs to skip the row: the smallest key, and counts of NaN keys and of pairs at risk
+// selection needs to skip the row: the smallest key, and counts of NaN keys and of near pairs
 // (flagged in `near`; their keys here come from the expansion and must be recomputed). The same
 // per-pair formulas as randers_common.h's row_terms, fused into one vectorised loop that keeps
 // only d (row_terms stores a, r, s and d for the backward passes): with row_terms the top-k took
@@ -197,7 +197,7 @@ RowSummary<T> row_keys(const Operands<T>& in, int64_t b, int64_t c0, int64_t nc,
         const T norms = xn + mn[j];
         const T q = norms - T(2) * key[j];
         const T s = (sxh - smh[j]) + (sxl - sml[j]);
-        near[j] = at_risk(q, norms, tau) || s_at_risk(s, sxh, smh[j]) ? T(1) : T(0);
+        near[j] = is_near_pair(q, norms, tau) || s_cancels(s, sxh, smh[j]) ? T(1) : T(0);
         n_near += near[j];
         const T v = sign * (std::sqrt((q < T(0) ? T(0) : q) + eps) + lam * std::sqrt(s * s + eps));
         key[j] = v;
@@ -257,11 +257,11 @@ void topk_cpu_impl(const TopkProblem<T>& pb, T* out_d, int64_t* out_i) {
                     if (sum.n_near == T(0) && sum.n_nan == T(0) && has_thr[slot] && thr[slot] == thr[slot] &&
                         !(sum.min_key < thr[slot]))
                         continue;
-                    // Pairs at risk take their exact distance before any comparison (SPEC §2.1).
+                    // Near pairs take their exact distance before any comparison (SPEC §2.1).
                     if (sum.n_near != T(0))
                         for (int64_t j = 0; j < nc; ++j)
                             if (near[j] != T(0))
-                                key_row[j] = sign * pair_direct(in, b, c0 + j, acc.data(), (T*)nullptr).d;
+                                key_row[j] = sign * recompute_near_pair(in, b, c0 + j, acc.data(), (T*)nullptr).d;
                     const T* d = key_row;
                     T* key = keys.data() + slot * cap;
                     int64_t* idx = idxs.data() + slot * cap;
