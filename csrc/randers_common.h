@@ -194,6 +194,29 @@ bool is_lower_triangular(const T* lc, int64_t D) {
     return true;
 }
 
+// The backward ops' grad_mask: bit k stands for gradient k of (x, mu, lc, beta, lam, gamma)
+// (faim_kernels/ops/contract.py). Skipped where a bit is 0: the ∂x GEMM for features without grad,
+// the ∂mu GEMM for frozen prototypes, the ∂Lc products for a frozen metric.
+enum GradBit : int64_t { kGradX = 0, kGradMu = 1, kGradLc = 2, kGradBeta = 3, kGradLam = 4, kGradGamma = 5 };
+constexpr int64_t kNumGrads = 6;
+
+inline bool wants_grad(int64_t mask, int64_t bit) { return (mask >> bit) & 1; }
+
+struct GradMask {
+    bool x, mu, lc, beta;
+    explicit GradMask(int64_t m)
+        : x(wants_grad(m, kGradX)), mu(wants_grad(m, kGradMu)), lc(wants_grad(m, kGradLc)),
+          beta(wants_grad(m, kGradBeta)) {}
+    bool xp() const { return x || lc; }  // ∂x' is needed for ∂x or ∂Lc
+    bool mup() const { return mu || lc; }
+};
+
+// ∂λ or ∂γ as the op returns it: the float64 sum the backward computes anyway, in the parameter's
+// dtype where its bit is set, else an empty tensor.
+inline at::Tensor scalar_grad(const at::Tensor& sum64, const at::Tensor& param, int64_t mask, int64_t bit) {
+    return wants_grad(mask, bit) ? sum64.to(param.scalar_type()) : at::empty({0}, param.options());
+}
+
 // The common argument checks of the ops (the Python layer validates user input; these guard the
 // contract itself: dtypes, shapes, device).
 inline void check_operands(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,

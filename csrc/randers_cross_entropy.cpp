@@ -1,12 +1,12 @@
 // Fused Randers cross-entropy on the CPU (SPEC §2.2). The forward returns per-row statistics of
 // the logits logit'_bc = −γ·(d_bc + margin·[c ∈ t_b]), with v_c the class weights (1 without) and
 // P an optional dense probability target [B, C] (read in place through its strides):
-//     lse_b = logsumexp_c logit'_bc,   tl_bk = logit'_b,t_bk (k targets per row),
+//     lse_b = logsumexp_c logit'_bc,   target_logit_bk = logit'_b,t_bk (k targets per row),
 //     sl_b = Σ_c v_c·logit'_bc,        pl_b = Σ_c v_c·P_bc·logit'_bc
 // from an online logsumexp over class tiles, and the backward takes per-row upstream weights
-// (∂loss/∂lse, ∂loss/∂tl, ∂loss/∂sl, ∂loss/∂pl) and recomputes each tile. No [B, C] array exists
-// at any point. The loss itself (reduction, ignore_index, class weights, label smoothing,
-// probability targets, z-loss) is O(B·k) work done in Python
+// (∂loss/∂lse, ∂loss/∂target_logit (the schema's w_tl), ∂loss/∂sl, ∂loss/∂pl) and recomputes each
+// tile. No [B, C] array exists at any point. The loss itself (reduction, ignore_index, class
+// weights, label smoothing, probability targets, z-loss) is O(B·k) work done in Python
 // (faim_kernels/ops/row_stats.py); the schemas and the autograd formula are in
 // faim_kernels/ops/contract.py.
 //
@@ -290,11 +290,11 @@ void clear_targets(const std::vector<int64_t>& cols, std::vector<char>& is_t) {
 // Forward: each chunk keeps, per row, an online logsumexp (running max and Σ exp(l − max), as in
 // flash attention) and Σ logits over its classes; chunks are merged in order at the end.
 template <typename T>
-void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl, double* pl) {
+void ce_forward(const CEProblem<T>& pb, double* lse, double* target_logit, double* sl, double* pl) {
     const Operands<T>& in = pb.in;
     const int64_t B = in.B, C = in.C, D = in.D, K = pb.K;
     const double inf = std::numeric_limits<double>::infinity();
-    std::fill(tl, tl + B * K, 0.0);
+    std::fill(target_logit, target_logit + B * K, 0.0);
     if (C == 0) {
         std::fill(lse, lse + B, -inf);
         std::fill(sl, sl + B, 0.0);
@@ -334,7 +334,7 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl, dou
                                 l[j] = -g * (recompute_near_pair(in, b, tile.c0 + j, acc.data(), (T*)nullptr).d +
                                              (is_t[j] ? margin : T(0)));
                         for (int64_t k = 0; k < K; ++k)
-                            if (cols[k] >= 0) tl[b * K + k] = double(l[cols[k]]);
+                            if (cols[k] >= 0) target_logit[b * K + k] = double(l[cols[k]]);
                         clear_targets<T>(cols, is_t);
                         const T mx = max_ignoring_nan(l, nc);
                         run_sl[cc * B + b] += pb.cw ? dot_to_double(l, pb.cw + tile.c0, nc) : sum_to_double(l, nc);
@@ -377,7 +377,7 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl, dou
     }
 }
 
-// The upstream weights of the backward, per row (float64): ∂loss/∂lse, ∂loss/∂tl [B, K],
+// The upstream weights of the backward, per row (float64): ∂loss/∂lse, ∂loss/∂target_logit [B, K],
 // ∂loss/∂sl, ∂loss/∂pl (or null), and the forward's lse.
 struct RowWeights {
     const double *w_lse, *w_tl, *w_sl, *w_pl, *lse;
@@ -388,15 +388,6 @@ struct RowWeights {
         for (int64_t k = 0; k < K; ++k) z = z && w_tl[b * K + k] == 0;
         return z;
     }
-};
-
-// Which gradients the backward computes. Bit k of grad_mask: gradient k of (x, mu, lc, beta, lam,
-// gamma) is wanted (ops/contract.py). ∂x' serves ∂x and ∂Lc, ∂mu' serves ∂mu and ∂Lc: the GEMM of
-// a side runs only when one is wanted.
-struct CEGradMask {
-    bool x, mu, lc, beta, xp, mup;
-    explicit CEGradMask(int64_t m)
-        : x(m & 1), mu(m & 2), lc(m & 4), beta(m & 8), xp(x || lc), mup(mu || lc) {}
 };
 
 // What the class chunks leave behind: ∂mu (each chunk writes its own classes' rows) and, per
@@ -535,7 +526,7 @@ bool ce_backward_row(const CEProblem<T>& pb, const RowWeights& rw, int64_t cc, i
 // ∂mu = ∂mu'·Lcᵀ + ∂smu·betaᵀ, ∂Lc += (mu − m)ᵀ·∂mu', ∂beta += Σ_c ∂smu_c·(mu_c − m) (centred, as
 // the x half in ce_chain_rows).
 template <typename T>
-void ce_chain_tile(const CEProblem<T>& pb, const CEGradMask& want, int64_t cc, CEBackwardScratch<T>& sc,
+void ce_chain_tile(const CEProblem<T>& pb, const GradMask& want, int64_t cc, CEBackwardScratch<T>& sc,
                    CEPartials<T>& parts) {
     const Operands<T>& in = pb.in;
     const int64_t D = in.D;
@@ -548,7 +539,7 @@ void ce_chain_tile(const CEProblem<T>& pb, const CEGradMask& want, int64_t cc, C
     at::Tensor dmup_t = at::from_blob(dmup, {nc, D}, opts);
     at::Tensor dmu_rows = parts.dmu.narrow(0, c0, nc);
     at::Tensor lcp = parts.dlc_part.select(0, cc);
-    if (!want.mup) {
+    if (!want.mup()) {
         dmu_rows.zero_();  // not returned; the ∂beta terms below still read the row
     } else if (in.full) {
         if (want.mu) at::mm_out(dmu_rows, dmup_t, pb.lc.t());
@@ -577,7 +568,7 @@ void ce_chain_tile(const CEProblem<T>& pb, const CEGradMask& want, int64_t cc, C
 // epilogue, and the two gradient GEMMs (skipped where P is exactly zero: every exp underflowed),
 // then ce_chain_tile.
 template <typename T>
-void ce_backward_tile(const CEProblem<T>& pb, const RowWeights& rw, const CEGradMask& want, int64_t cc, int64_t ct,
+void ce_backward_tile(const CEProblem<T>& pb, const RowWeights& rw, const GradMask& want, int64_t cc, int64_t ct,
                       CEBackwardScratch<T>& sc, CEPartials<T>& parts, ChunkSums& sums) {
     const Operands<T>& in = pb.in;
     const int64_t B = in.B, C = in.C, D = in.D;
@@ -601,8 +592,8 @@ void ce_backward_tile(const CEProblem<T>& pb, const RowWeights& rw, const CEGrad
         }
         if (any) {
             at::Tensor Pt = at::from_blob(sc.P.data(), {nr, nc}, opts);
-            if (want.xp) part.narrow(0, r0, nr).addmm_(Pt, mup_t, 1, -1);
-            if (want.mup) dmup_t.addmm_(Pt.t(), in.xp.narrow(0, r0, nr), 1, -1);
+            if (want.xp()) part.narrow(0, r0, nr).addmm_(Pt, mup_t, 1, -1);
+            if (want.mup()) dmup_t.addmm_(Pt.t(), in.xp.narrow(0, r0, nr), 1, -1);
         }
     }
     ce_chain_tile(pb, want, cc, sc, parts);
@@ -611,7 +602,7 @@ void ce_backward_tile(const CEProblem<T>& pb, const RowWeights& rw, const CEGrad
 // The chunks' partials summed in chunk order, then the chain rule for the rows:
 // ∂x' += rowsum(P)·x', ∂x = ∂x'·Lcᵀ + ∂sx·betaᵀ, ∂Lc += (x − m)ᵀ·∂x', ∂beta += Σ_b ∂sx_b·(x_b − m).
 template <typename T>
-std::vector<at::Tensor> ce_chain_rows(const CEProblem<T>& pb, const CEGradMask& want, CEPartials<T>& parts) {
+std::vector<at::Tensor> ce_chain_rows(const CEProblem<T>& pb, const GradMask& want, CEPartials<T>& parts) {
     const Operands<T>& in = pb.in;
     const int64_t B = in.B, D = in.D, n_cc = parts.n_cc;
     const auto opts = in.xp.options();
@@ -674,7 +665,7 @@ std::vector<at::Tensor> ce_chain_rows(const CEProblem<T>& pb, const CEGradMask& 
 // partial; the partials are summed in chunk order (ce_chain_rows).
 template <typename T>
 std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const RowWeights& rw, int64_t grad_mask) {
-    const CEGradMask want(grad_mask);
+    const GradMask want(grad_mask);
     const Operands<T>& in = pb.in;
     const int64_t B = in.B, C = in.C, D = in.D;
     const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
@@ -726,17 +717,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
     check_ce_args(x, mu, lc, beta, lam, gamma, target, class_weight, soft_target);
     at::NoGradGuard no_grad;  // the ATen calls below are part of this op, not of the autograd graph
     const auto f64 = x.options().dtype(at::kDouble);
-    at::Tensor lse = at::empty({x.size(0)}, f64), tl = at::empty(target.sizes(), f64), sl = at::empty({x.size(0)}, f64),
-               pl = at::empty({x.size(0)}, f64);
-    if (x.size(0) == 0) return {lse, tl, sl, pl};
+    at::Tensor lse = at::empty({x.size(0)}, f64), target_logit = at::empty(target.sizes(), f64);
+    at::Tensor sl = at::empty({x.size(0)}, f64), pl = at::empty({x.size(0)}, f64);
+    if (x.size(0) == 0) return {lse, target_logit, sl, pl};
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_fwd", [&] {
         const auto pb = setup<scalar_t>(x.detach().contiguous(), mu.detach().contiguous(), lc.detach().contiguous(),
                                         beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin,
                                         class_weight, soft_target);
-        ce_forward<scalar_t>(pb, lse.data_ptr<double>(), tl.data_ptr<double>(), sl.data_ptr<double>(),
+        ce_forward<scalar_t>(pb, lse.data_ptr<double>(), target_logit.data_ptr<double>(), sl.data_ptr<double>(),
                              pl.data_ptr<double>());
     });
-    return {lse, tl, sl, pl};
+    return {lse, target_logit, sl, pl};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_bwd_cpu(
@@ -763,9 +754,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                             wp.defined() ? wp.data_ptr<double>() : nullptr, l.data_ptr<double>()};
         res = ce_backward<scalar_t>(pb, rw, grad_mask);
     });
-    at::Tensor dlam = grad_mask >> 4 & 1 ? res[4].to(lam.scalar_type()) : at::empty({0}, lam.options());
-    at::Tensor dgamma = grad_mask >> 5 & 1 ? res[5].to(gamma.scalar_type()) : at::empty({0}, gamma.options());
-    return {res[0], res[1], res[2], res[3], dlam, dgamma};
+    return {res[0], res[1], res[2], res[3], scalar_grad(res[kGradLam], lam, grad_mask, kGradLam),
+            scalar_grad(res[kGradGamma], gamma, grad_mask, kGradGamma)};
 }
 
 }  // namespace

@@ -123,16 +123,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_l
     return {logits, xp, mup, sx, smu};
 }
 
-// Which gradients the backward computes: bit k of the op's grad_mask stands for gradient k of
-// (x, mu, lc, beta, lam, gamma) (faim_kernels/ops/contract.py). Skipped: the ∂x GEMM for features
-// without grad, the ∂mu GEMM for frozen prototypes, the ∂Lc products for a frozen metric.
-struct GradMask {
-    bool x, mu, lc, beta;
-    explicit GradMask(int64_t m) : x(m & 1), mu(m & 2), lc(m & 4), beta(m & 8) {}
-    bool xp() const { return x || lc; }   // ∂x' is needed for ∂x or ∂Lc
-    bool mup() const { return mu || lc; }
-};
-
 // The chain rule for one side (v = x or mu, with its ∂v' and ∂s): returns ∂v = ∂v'·Lcᵀ + ∂s·betaᵀ
 // (want_dv) and adds (v − m)ᵀ·∂v' to dlc (want_dlc) and Σ_i ∂s_i·(v_i − m) to dbeta (want_dbeta;
 // float64, centred, see centred_weighted_sum). A diagonal factor takes one fused pass over the
@@ -461,8 +451,8 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
     const at::Tensor m = center_of<T>(raw.mu);
     at::Tensor dlc = want.lc ? at::zeros_like(raw.lc) : at::empty({0}, opts);
     std::vector<double> dbeta64(D, 0.0);
-    at::Tensor dx = chain_rows<T>(raw, m, dxp, sums.dsx.template data_ptr<double>(), dlc, dbeta64, true, want.x, want.lc,
-                                  want.beta);
+    at::Tensor dx = chain_rows<T>(raw, m, dxp, sums.dsx.template data_ptr<double>(), dlc, dbeta64, true, want.x,
+                                  want.lc, want.beta);
     at::Tensor dmu = chain_rows<T>(raw, m, dmup, dsmu.data_ptr<double>(), dlc, dbeta64, false, want.mu, want.lc,
                                    want.beta);
     if (!want.x) dx = at::empty({0}, opts);
@@ -500,8 +490,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (B == 0 || C == 0) {
             res = {at::zeros_like(raw.x), at::zeros_like(raw.mu), at::zeros_like(raw.lc), at::zeros_like(raw.beta),
                    at::zeros({}, raw.x.options().dtype(at::kDouble)), at::zeros({}, raw.x.options().dtype(at::kDouble))};
-            for (int64_t k = 0; k < 4; ++k)
-                if (!(grad_mask >> k & 1)) res[k] = at::empty({0}, res[k].options());
+            for (int64_t bit : {kGradX, kGradMu, kGradLc, kGradBeta})
+                if (!wants_grad(grad_mask, bit)) res[bit] = at::empty({0}, res[bit].options());
             return;
         }
         const auto in = operands<scalar_t>(raw, xp.detach().contiguous(), mup.detach().contiguous(),
@@ -510,9 +500,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                         gamma.item<double>(), GradMask(grad_mask));
     });
     // ∂λ and ∂γ are scalar sums the pass computes anyway; the mask only decides what comes back.
-    at::Tensor dlam = grad_mask >> 4 & 1 ? res[4].to(lam.scalar_type()) : at::empty({0}, lam.options());
-    at::Tensor dgamma = grad_mask >> 5 & 1 ? res[5].to(gamma.scalar_type()) : at::empty({0}, gamma.options());
-    return {res[0], res[1], res[2], res[3], dlam, dgamma};
+    return {res[0], res[1], res[2], res[3], scalar_grad(res[kGradLam], lam, grad_mask, kGradLam),
+            scalar_grad(res[kGradGamma], gamma, grad_mask, kGradGamma)};
 }
 
 // The autograd formula of faim_kernels/ops/contract.py, also in C++ for CPU tensors: the same
@@ -548,14 +537,14 @@ class LogitsAutograd : public torch::autograd::Function<LogitsAutograd> {
         if (!grads[0].defined()) return torch::autograd::variable_list(8);
         const auto s = ctx->get_saved_variables();
         int64_t mask = 0;
-        for (int64_t k = 0; k < 6; ++k)
+        for (int64_t k = 0; k < kNumGrads; ++k)
             if (ctx->needs_input_grad(k)) mask |= int64_t(1) << k;
         auto [dx, dmu, dlc, dbeta, dlam, dgamma] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
                                                            s[8], s[9], s[10], ctx->saved_data["eps"].toDouble(),
                                                            ctx->saved_data["tau"].toDouble(), mask);
         torch::autograd::variable_list out{dx, dmu, dlc, dbeta, dlam, dgamma, at::Tensor(), at::Tensor()};
-        for (int64_t k = 0; k < 6; ++k)
-            if (!(mask >> k & 1)) out[k] = at::Tensor();  // unneeded: None, as the Python formula gives
+        for (int64_t k = 0; k < kNumGrads; ++k)
+            if (!wants_grad(mask, k)) out[k] = at::Tensor();  // unneeded: None, as the Python formula gives
         return out;
     }
 };
