@@ -294,14 +294,14 @@ def _cross_entropy_fn(backend, device):
     statistics of the contract op around the Triton launchers (conftest.interpreted_contract_ops)."""
     if backend != "triton" or device == "cuda":
         return lambda *a, **kw: fk.randers_cross_entropy(*a, backend=backend, **kw)
-    from faim_kernels.transform import metric_factor, risk_threshold
+    from faim_kernels.transform import metric_factor, near_threshold
     op, _ = interpreted_contract_ops("cross_entropy")
 
     def loss(x, mu, L, beta, lam, gamma, target, margin, label_smoothing):
         rows = ce_ops.loss_targets(target, mu.shape[0], -100, label_smoothing, None)
         stats = op(x, mu, metric_factor(L, 1e-6, torch.float32), beta, lam,
                    gamma, rows.kernel_target, 1e-6,
-                   risk_threshold(x.shape[1], torch.float32), margin)
+                   near_threshold(x.shape[1], torch.float32), margin)
         return ce_ops.loss_from_stats(*stats, rows, "mean", x.dtype)
     return loss
 
