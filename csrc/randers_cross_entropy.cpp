@@ -287,94 +287,129 @@ void clear_targets(const std::vector<int64_t>& cols, std::vector<char>& is_t) {
         if (j >= 0) is_t[j] = 0;
 }
 
-// Forward: each chunk keeps, per row, an online logsumexp (running max and Σ exp(l − max), as in
-// flash attention) and Σ logits over its classes; chunks are merged in order at the end.
+// The forward's per-chunk row statistics [n_cc, B]: each chunk keeps, per row, an online
+// logsumexp (running max and Σ exp(l − max), as in flash attention), Σ v·logits and (with a dense
+// soft target) Σ v·P·logits over its classes; ce_merge_chunks merges them in chunk order.
+struct CEForwardPartials {
+    std::vector<double> run_max, run_sum, run_sl, run_pl;
+    CEForwardPartials(int64_t n_cc, int64_t B, bool soft)
+        : run_max(n_cc * B, -std::numeric_limits<double>::infinity()), run_sum(n_cc * B, 0.0),
+          run_sl(n_cc * B, 0.0), run_pl(soft ? n_cc * B : 0, 0.0) {}
+};
+
+// One worker's scratch for the forward: the class tile, the row terms, the [rows, tile] dots,
+// v·P of one row, the near-pair recompute's accumulator, and the row's target columns.
+template <typename T>
+struct CEForwardScratch {
+    ClassTile<T> tile;
+    RowWork<T> w;
+    std::vector<T> dots, vp;
+    std::vector<double> acc;
+    std::vector<int64_t> cols;
+    std::vector<char> is_t;
+
+    explicit CEForwardScratch(const CEProblem<T>& pb)
+        : tile(pb.in.D), w(kTileC), dots(std::min(pb.in.B, kRowBlock) * kTileC), vp(pb.soft ? kTileC : 0),
+          acc(pb.in.D), cols(pb.K), is_t(kTileC, 0) {}
+};
+
+// The epilogue of row b over the tile in sc.tile (its dots in `dots`): the logits (Eq. 3), the
+// near pairs and the target pairs recomputed, the target logits written, and the row's
+// statistics added to chunk cc's partials.
+template <typename T>
+void ce_forward_row(const CEProblem<T>& pb, int64_t cc, int64_t b, const T* dots, CEForwardScratch<T>& sc,
+                    CEForwardPartials& parts, double* target_logit) {
+    const Operands<T>& in = pb.in;
+    const int64_t B = in.B, K = pb.K, c0 = sc.tile.c0, nc = sc.tile.nc;
+    const T g = T(pb.gamma), margin = T(pb.margin);
+    RowWork<T>& w = sc.w;
+    row_terms(in, b, c0, nc, dots, w);
+    T* l = w.logit.data();
+    for (int64_t j = 0; j < nc; ++j) l[j] = -g * w.d[j];  // Eq. 3
+    // Near pairs, and the target pairs always, from the raw difference (SPEC §2.1): the target
+    // logits and the margin, which dominate the loss, are exact.
+    mark_targets(pb, b, c0, nc, sc.cols, sc.is_t);
+    for (int64_t j = 0; j < nc; ++j)
+        if (w.near[j] != T(0) || sc.is_t[j])
+            l[j] = -g * (recompute_near_pair(in, b, c0 + j, sc.acc.data(), (T*)nullptr).d +
+                         (sc.is_t[j] ? margin : T(0)));
+    for (int64_t k = 0; k < K; ++k)
+        if (sc.cols[k] >= 0) target_logit[b * K + k] = double(l[sc.cols[k]]);
+    clear_targets<T>(sc.cols, sc.is_t);
+    const T mx = max_ignoring_nan(l, nc);
+    parts.run_sl[cc * B + b] += pb.cw ? dot_to_double(l, pb.cw + c0, nc) : sum_to_double(l, nc);
+    if (pb.soft) {  // Σ_c v_c·P_bc·logit'_bc over the tile
+        const T* prow = pb.soft + b * pb.soft_sb + c0 * pb.soft_sc;
+        for (int64_t j = 0; j < nc; ++j) sc.vp[j] = (pb.cw ? pb.cw[c0 + j] : T(1)) * prow[j * pb.soft_sc];
+        parts.run_pl[cc * B + b] += dot_to_double(l, sc.vp.data(), nc);
+    }
+    if (mx == -std::numeric_limits<T>::infinity()) return;  // nothing to add
+    double& m = parts.run_max[cc * B + b];
+    double& sum = parts.run_sum[cc * B + b];
+    if (double(mx) > m) {
+        sum *= std::exp(m - double(mx));
+        m = double(mx);
+    }
+    const T mt = T(m);  // m is a logit: exact in T
+    T* e = w.e.data();
+    for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(T(l[j] - mt));
+    sum += sum_to_double(e, nc);
+}
+
+// The chunks' partials merged row by row in chunk order: lse, Σ v·logits, Σ v·P·logits.
+template <typename T>
+void ce_merge_chunks(const CEProblem<T>& pb, int64_t n_cc, const CEForwardPartials& parts, double* lse, double* sl,
+                     double* pl) {
+    const int64_t B = pb.in.B;
+    const double inf = std::numeric_limits<double>::infinity();
+    for (int64_t b = 0; b < B; ++b) {
+        double M = -inf, total = 0, lsum = 0, psum = 0;
+        for (int64_t cc = 0; cc < n_cc; ++cc) {
+            M = std::max(M, parts.run_max[cc * B + b]);
+            lsum += parts.run_sl[cc * B + b];
+            if (pb.soft) psum += parts.run_pl[cc * B + b];
+        }
+        pl[b] = psum;
+        for (int64_t cc = 0; cc < n_cc; ++cc)
+            if (parts.run_max[cc * B + b] > -inf)
+                total += parts.run_sum[cc * B + b] * std::exp(parts.run_max[cc * B + b] - M);
+        sl[b] = lsum;
+        // M = ±inf: an infinite logit (γ < 0 with a class at distance +inf) or none: lse is M itself.
+        lse[b] = std::isnan(lsum) ? lsum : (std::isinf(M) ? M : M + std::log(total));
+    }
+}
+
+// Forward: the tile loop over class chunks (each tile's mu' formed on the fly, then one GEMM per
+// row block and each row's epilogue, ce_forward_row), then the chunks merged (ce_merge_chunks).
 template <typename T>
 void ce_forward(const CEProblem<T>& pb, double* lse, double* target_logit, double* sl, double* pl) {
     const Operands<T>& in = pb.in;
     const int64_t B = in.B, C = in.C, D = in.D, K = pb.K;
-    const double inf = std::numeric_limits<double>::infinity();
     std::fill(target_logit, target_logit + B * K, 0.0);
     if (C == 0) {
-        std::fill(lse, lse + B, -inf);
+        std::fill(lse, lse + B, -std::numeric_limits<double>::infinity());
         std::fill(sl, sl + B, 0.0);
         std::fill(pl, pl + B, 0.0);
         return;
     }
     const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
-    std::vector<double> run_max(n_cc * B, -inf), run_sum(n_cc * B, 0.0), run_sl(n_cc * B, 0.0);
-    std::vector<double> run_pl(pb.soft ? n_cc * B : 0, 0.0);
-    const T g = T(pb.gamma), margin = T(pb.margin);
-
+    CEForwardPartials parts(n_cc, B, pb.soft != nullptr);
     at::parallel_for(0, n_cc, 1, [&](int64_t begin, int64_t end) {
-        ClassTile<T> tile(D);
-        RowWork<T> w(kTileC);
-        std::vector<T> dots(std::min(B, kRowBlock) * kTileC), vp(pb.soft ? kTileC : 0);
-        std::vector<double> acc(D);
-        std::vector<int64_t> cols(K);
-        std::vector<char> is_t(kTileC, 0);
+        CEForwardScratch<T> sc(pb);
         for (int64_t cc = begin; cc < end; ++cc) {
             const auto [t0, t1] = chunk_tiles(cc, n_cc, n_ct);
             for (int64_t ct = t0; ct < t1; ++ct) {
-                tile.build(pb, ct * kTileC, std::min(kTileC, C - ct * kTileC));
-                const int64_t nc = tile.nc;
+                sc.tile.build(pb, ct * kTileC, std::min(kTileC, C - ct * kTileC));
                 for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
                     const int64_t nr = std::min(kRowBlock, B - r0);
-                    row_dots(pb, tile, r0, nr, dots.data());
-                    for (int64_t i = 0; i < nr; ++i) {
-                        const int64_t b = r0 + i;
-                        row_terms(in, b, tile.c0, nc, dots.data() + i * nc, w);
-                        T* l = w.logit.data();
-                        for (int64_t j = 0; j < nc; ++j) l[j] = -g * w.d[j];  // Eq. 3
-                        // Near pairs, and the target pairs always, from the raw difference (SPEC §2.1):
-                        // the target logits and the margin, which dominate the loss, are exact.
-                        mark_targets(pb, b, tile.c0, nc, cols, is_t);
-                        for (int64_t j = 0; j < nc; ++j)
-                            if (w.near[j] != T(0) || is_t[j])
-                                l[j] = -g * (recompute_near_pair(in, b, tile.c0 + j, acc.data(), (T*)nullptr).d +
-                                             (is_t[j] ? margin : T(0)));
-                        for (int64_t k = 0; k < K; ++k)
-                            if (cols[k] >= 0) target_logit[b * K + k] = double(l[cols[k]]);
-                        clear_targets<T>(cols, is_t);
-                        const T mx = max_ignoring_nan(l, nc);
-                        run_sl[cc * B + b] += pb.cw ? dot_to_double(l, pb.cw + tile.c0, nc) : sum_to_double(l, nc);
-                        if (pb.soft) {  // Σ_c v_c·P_bc·logit'_bc over the tile
-                            const T* prow = pb.soft + b * pb.soft_sb + tile.c0 * pb.soft_sc;
-                            for (int64_t j = 0; j < nc; ++j)
-                                vp[j] = (pb.cw ? pb.cw[tile.c0 + j] : T(1)) * prow[j * pb.soft_sc];
-                            run_pl[cc * B + b] += dot_to_double(l, vp.data(), nc);
-                        }
-                        if (mx == -std::numeric_limits<T>::infinity()) continue;  // nothing to add
-                        double& m = run_max[cc * B + b];
-                        double& sum = run_sum[cc * B + b];
-                        if (double(mx) > m) {
-                            sum *= std::exp(m - double(mx));
-                            m = double(mx);
-                        }
-                        const T mt = T(m);  // m is a logit: exact in T
-                        T* e = w.e.data();
-                        for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(T(l[j] - mt));
-                        sum += sum_to_double(e, nc);
-                    }
+                    row_dots(pb, sc.tile, r0, nr, sc.dots.data());
+                    for (int64_t i = 0; i < nr; ++i)
+                        ce_forward_row(pb, cc, r0 + i, sc.dots.data() + i * sc.tile.nc, sc, parts, target_logit);
                 }
             }
         }
     });
-
-    for (int64_t b = 0; b < B; ++b) {
-        double M = -inf, total = 0, lsum = 0, psum = 0;
-        for (int64_t cc = 0; cc < n_cc; ++cc) {
-            M = std::max(M, run_max[cc * B + b]);
-            lsum += run_sl[cc * B + b];
-            if (pb.soft) psum += run_pl[cc * B + b];
-        }
-        pl[b] = psum;
-        for (int64_t cc = 0; cc < n_cc; ++cc)
-            if (run_max[cc * B + b] > -inf) total += run_sum[cc * B + b] * std::exp(run_max[cc * B + b] - M);
-        sl[b] = lsum;
-        // M = ±inf: an infinite logit (γ < 0 with a class at distance +inf) or none: lse is M itself.
-        lse[b] = std::isnan(lsum) ? lsum : (std::isinf(M) ? M : M + std::log(total));
-    }
+    ce_merge_chunks(pb, n_cc, parts, lse, sl, pl);
 }
 
 // The upstream weights of the backward, per row (float64): ∂loss/∂lse, ∂loss/∂target_logit [B, K],
