@@ -3,11 +3,19 @@ PY := .venv/bin/python
 
 .PHONY: bench test setup gpu-check clean demo test-timm docs docs-build
 
-# The CPU tables: the kernels against the einsum and the composite (cpu_bench), then the module
-# as users call it against nn.Linear, small heads to 100,000 classes (head_bench).
+# The whole CPU table, each script rewriting its own sections of bench/RESULTS.md with the device,
+# the versions and the date (bench/results.py; every script times through bench/measure.py): the
+# logits kernels against the einsum and the composite (diagonal and full L), the fused
+# cross-entropy, the fused top-k, backend="torch", then the module as users call it against
+# nn.Linear, small heads to 100,000 classes. Long: the einsum baselines and the top-k at 10^6
+# classes dominate.
 bench: setup
-	$(PY) -m bench.cpu_bench
-	$(PY) -m bench.head_bench --all
+	$(PY) -m bench.cpu_bench --write-results
+	$(PY) -m bench.cpu_bench --full --write-results
+	$(PY) -m bench.ce_bench --write-results
+	$(PY) -m bench.topk_bench --write-results
+	$(PY) -m bench.torch_bench --write-results
+	$(PY) -m bench.head_bench --all --write-results
 
 # TRITON_INTERPRET=1 makes the Triton kernels run on CPU tensors (set before anything imports triton).
 # The documentation is built first, with warnings as errors, so a broken link or API reference fails

@@ -13,7 +13,8 @@ and the fused loss's options beside the hard label, with the floor of the soft-t
 
 Gradients are taken with respect to every input (x, mu, L, beta, lam, gamma; x, weight, bias).
 Time: torch.utils.benchmark on CPU, triton.testing.do_bench on CUDA (median); the implementations
-of a size are timed in turn, in rounds (--rounds, default 3), and each keeps its fastest round.
+of a size are timed in turn, in rounds (--rounds, default 3), and each keeps its fastest round
+(bench/measure.py).
 Peak memory: the peak beyond the inputs during one forward+backward, gradients included (they
 are allocated by the call). CPU: resident memory in a fresh process (bench/peak_memory.py);
 CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats().
@@ -28,11 +29,8 @@ From another script (e.g. the GPU check): `from bench.ce_bench import run, forma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
-import sys
 import time
 
 import torch
@@ -40,6 +38,10 @@ import torch.nn.functional as F
 
 import faim_kernels as fk
 from bench.impls import composite_logits, make_inputs
+from bench.measure import (MEASURE_ERRORS, cuda_peak_bytes, device_name, host_peak_bytes, median_seconds,
+                           emit_row, peak_bytes_in_fresh_process, print_probe, record_failure,
+                           parse_sizes, rounds_seconds)
+from bench.results import print_and_save
 
 CPU_SIZES = [(256, 1000, 128), (256, 100_000, 128)]
 GPU_SIZES = [(256, 1000, 512), (1024, 10_000, 512), (4096, 100_000, 256)]
@@ -94,44 +96,24 @@ def _problem(impl: str, B: int, C: int, D: int, device: str, full: bool, backend
 def time_ms(impl, B, C, D, device, full=False, min_run_time=1.0, backend=None) -> float:
     """Median forward+backward time in milliseconds."""
     fn, _ = _problem(impl, B, C, D, device, full, backend)
-    fn()  # first call: registration, autotuning, compilation
-    return _median_ms(fn, device, min_run_time)
-
-
-def _median_ms(fn, device, min_run_time) -> float:
-    if device == "cpu":
-        from torch.utils.benchmark import Timer
-        return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
-    import triton
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return median_seconds(fn, min_run_time, device) * 1e3  # the first call (untimed): registration, autotuning
 
 
 def peak_bytes(impl, B, C, D, device, full=False, backend=None) -> int:
     """Peak memory beyond the inputs of one forward+backward (gradients included); -1 if failed."""
     if device == "cpu":  # fresh process: one implementation's freed pages must not hide another's
-        cmd = ([sys.executable, "-m", "bench.ce_bench", "--probe", impl, str(B), str(C), str(D),
-                "--backend", backend or _default_backend(device)] + (["--full"] if full else []))
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            sys.stderr.write(res.stderr[-2000:])
-            return -1
-        return json.loads(res.stdout.strip().splitlines()[-1])["bytes"]
+        return peak_bytes_in_fresh_process(["bench.ce_bench", "--probe", impl, str(B), str(C), str(D), "--backend",
+                                            backend or _default_backend(device)] + (["--full"] if full else []))
     fn, _ = _problem(impl, B, C, D, device, full, backend)
     fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return cuda_peak_bytes(fn)
 
 
 def _probe(impl, B, C, D, full, backend):
-    from bench.peak_memory import measure_here
     small, _ = _problem(impl, 4, 8, D, "cpu", full, backend)
     small()  # import-time and first-call allocations on a tiny problem first
     fn, _ = _problem(impl, B, C, D, "cpu", full, backend)
-    print(json.dumps({"bytes": measure_here(fn)}))
+    print_probe(host_peak_bytes(fn))
 
 
 def run(device: str = "cpu", sizes=None, impls=IMPLS, full: bool = False, min_run_time: float = 1.0,
@@ -145,40 +127,32 @@ def run(device: str = "cpu", sizes=None, impls=IMPLS, full: bool = False, min_ru
     sizes = sizes or (CPU_SIZES if device == "cpu" else GPU_SIZES)
     rows = []
     for B, C, D in sizes:
-        size_rows, fns, times = {}, {}, {}
+        size_rows, fns = {}, {}
+
+        def failed(impl, e):  # e.g. out of memory for an unfused path
+            record_failure(size_rows[impl], e)
         for impl in impls:
             size_rows[impl] = dict(B=B, C=C, D=D, impl=impl, device=device, full=full,
                                    backend=backend or _default_backend(device))
             try:
                 fns[impl], _ = _problem(impl, B, C, D, device, full, backend)
-                fns[impl]()  # first call: registration, autotuning, compilation
-                times[impl] = []
-            except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. out of memory for an unfused path
-                size_rows[impl]["error"] = str(e).splitlines()[0][:120]
-        for _ in range(rounds):
-            for impl in list(fns):
-                try:
-                    times[impl].append(_median_ms(fns[impl], device, min_run_time / rounds))
-                except (RuntimeError, torch.OutOfMemoryError) as e:
-                    size_rows[impl]["error"] = str(e).splitlines()[0][:120]
-                    del fns[impl]
+            except MEASURE_ERRORS as e:
+                failed(impl, e)
+        # The first call of each (registration, autotuning, compilation) runs untimed in rounds_seconds.
+        times = rounds_seconds(fns, rounds, min_run_time / rounds, device, on_error=failed)
         fns.clear()
         if device == "cuda":
             torch.cuda.empty_cache()
         for impl in impls:
             row = size_rows[impl]
             if "error" not in row:
-                row["ms"] = min(times[impl])
-                row["rounds_ms"] = [round(t, 3) for t in times[impl]]
+                row["ms"] = min(times[impl]) * 1e3
+                row["rounds_ms"] = [round(t * 1e3, 3) for t in times[impl]]
                 try:
                     row["peak_bytes"] = peak_bytes(impl, B, C, D, device, full, backend)
-                except (RuntimeError, torch.OutOfMemoryError) as e:
-                    row["error"] = str(e).splitlines()[0][:120]
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-            rows.append(row)
-            if log:
-                log(json.dumps(row))
+                except MEASURE_ERRORS as e:
+                    record_failure(row, e, device)
+            emit_row(rows, row, log)
     return rows
 
 
@@ -226,21 +200,9 @@ def check_targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: str) -> str:
-    name = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     load = f"; load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
-    return (f"device: {name}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+    return (f"device: {device_name(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
             f"python {platform.python_version()}{load}")
 
 
@@ -263,13 +225,10 @@ def main(argv=None):
     if args.probe:
         impl, B, C, D = args.probe
         return _probe(impl, int(B), int(C), int(D), args.full, args.backend)
-    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else None
+    sizes = parse_sizes(args.sizes)
     rows = run(args.device, sizes, args.impls, args.full, args.min_time, args.backend, rounds=args.rounds)
     text = "\n".join([environment(args.device), "", format_table(rows), ""] + check_targets(rows))
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print_and_save(text, args.out)
     if args.write_results:
         from bench.results import write_section
         write_section(f"ce-{args.device}-{'full' if args.full else 'diag'}",

@@ -5,34 +5,24 @@ composite (eager and torch.compile) and nn.Linear + F.cross_entropy (SPEC §5).
     python -m bench.cpu_bench --write-results  # also rewrite the CPU section of bench/RESULTS.md
     python -m bench.cpu_bench --sizes 256,1000,128 --full
 
-Times are medians of torch.utils.benchmark (blocked_autorange); peak memory is the extra resident
-memory of one call in a fresh process (bench/peak_memory.py). Ratios are taken within one run.
+Times are medians of torch.utils.benchmark (blocked_autorange, bench/measure.py); peak memory is the
+extra resident memory of one call in a fresh process (bench/peak_memory.py). Ratios are taken within
+one run.
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
-from torch.utils import benchmark
 
 import faim_kernels as fk
 from bench import impls
+from bench.measure import environment, median_seconds, parse_sizes
 from bench.peak_memory import measure
 
 DEFAULT_SIZES = [(256, 1000, 128), (512, 4096, 256)]
 EINSUM_MAX_BYTES = 10 * 2 ** 30  # run the einsum reference only where its [B, C, D] tensors fit
-
-
-def time_call(fn, min_run_time: float) -> float:
-    """Median seconds per call."""
-    fn()
-    if min_run_time <= 0:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
 
 
 def near_case_error(f, full: bool) -> float:
@@ -71,8 +61,8 @@ def run(sizes, full: bool, min_run_time: float, memory: bool, progress: bool):
                 slow = name == "einsum" and B * C * D > 50_000_000
                 mrt = 0 if slow else min_run_time
                 with torch.no_grad():
-                    t_fwd = time_call(lambda: f(*inputs), mrt)
-                t_fb = time_call(lambda: torch.autograd.grad(f(*inputs), inputs, grad), mrt)
+                    t_fwd = median_seconds(lambda: f(*inputs), mrt)
+                t_fb = median_seconds(lambda: torch.autograd.grad(f(*inputs), inputs, grad), mrt)
                 mem = measure(name, B, C, D, "fwdbwd", full) if memory else None
                 res[name] = dict(fwd=t_fwd, fwdbwd=t_fb, mem=mem)
             if bar:
@@ -81,8 +71,8 @@ def run(sizes, full: bool, min_run_time: float, memory: bool, progress: bool):
         x = inputs[0].detach().requires_grad_()
         target = torch.randint(0, C, (B,))
         with torch.no_grad():
-            t_fwd = time_call(lambda: head(x, target), min_run_time)
-        t_fb = time_call(lambda: torch.autograd.grad(head(x, target), [x] + list(head.linear.parameters())),
+            t_fwd = median_seconds(lambda: head(x, target), min_run_time)
+        t_fb = median_seconds(lambda: torch.autograd.grad(head(x, target), [x] + list(head.linear.parameters())),
                          min_run_time)
         res["linear_ce"] = dict(fwd=t_fwd, fwdbwd=t_fb,
                                 mem=measure("linear_ce", B, C, D, "fwdbwd", full) if memory else None)
@@ -124,9 +114,12 @@ def render(rows, errors, full: bool) -> str:
     return "\n".join(lines)
 
 
-def environment() -> str:
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+def write_results(table: str, full: bool) -> None:
+    """Rewrites the CPU section of bench/RESULTS.md for this factor, with the device and the date."""
+    from bench.results import write_section
+    kind = "full" if full else "diagonal"
+    write_section(f"cpu-{'full' if full else 'diag'}",
+                  f"### CPU, {kind} L, float32\n\n{environment()}, {time.strftime('%Y-%m-%d')}.\n\n{table}\n")
 
 
 def main(argv=None):
@@ -137,16 +130,13 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--write-results", action="store_true", help="rewrite the CPU section of bench/RESULTS.md")
     args = p.parse_args(argv)
-    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else DEFAULT_SIZES
+    sizes = parse_sizes(args.sizes) or DEFAULT_SIZES
     rows, errors = run(sizes, args.full, args.min_run_time, not args.no_memory, progress=True)
     table = render(rows, errors, args.full)
     print(f"\nCPU benchmark ({environment()}), {'full' if args.full else 'diagonal'} L, float32\n")
     print(table)
     if args.write_results:
-        from bench.results import write_section
-        write_section(f"cpu-{'full' if args.full else 'diag'}",
-                      f"### CPU, {'full' if args.full else 'diagonal'} L, float32\n\n{environment()}, "
-                      f"{time.strftime('%Y-%m-%d')}.\n\n{table}\n")
+        write_results(table, args.full)
 
 
 if __name__ == "__main__":

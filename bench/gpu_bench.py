@@ -6,7 +6,8 @@ F.cross_entropy of the same B, C, D (the floor of any classification head).
     python -m bench.gpu_bench                    # CUDA: SPEC §5 sizes, bf16 and fp32; writes bench/RESULTS.md
     python -m bench.gpu_bench --smoke            # CPU, TRITON_INTERPRET=1: tiny sizes, checks the script runs
 
-Times are medians of triton.testing.do_bench (CUDA events; 20th/80th percentiles in the JSON log),
+Times are medians of triton.testing.do_bench (CUDA events; 20th/80th percentiles in the JSON log;
+bench/measure.py),
 forward under torch.no_grad() and forward+backward with every input requiring grad. Peak memory is
 the CUDA allocator's high-water mark during one forward+backward, beyond the inputs and the incoming
 gradient. Ratios are baseline time / Triton time (above 1: Triton is faster); for torch.mm the
@@ -18,46 +19,18 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 from bench.impls import LOGITS_IMPLS, LinearCE, composite_logits, einsum_bytes, make_inputs
+from bench.measure import cuda_peak_bytes, emit_row, quantiles_ms
 
 SIZES = [(256, 1000, 512), (1024, 10000, 512), (4096, 100000, 256)]
 SMOKE_SIZES = [(8, 24, 16), (13, 40, 33)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLS = ["triton", "mm", "composite", "composite_compiled", "linear_ce", "einsum"]
 TARGETS = "forward ≥ 0.8x torch.mm throughput; ≥ 3x the composite at (4096, 100000, 256); fwd+bwd ≥ 100x einsum at (256, 1000, 512)"
-
-
-def _time_ms(fn, cuda: bool):
-    """(median, p20, p80) in milliseconds."""
-    if cuda:
-        import triton.testing
-        return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
-    fn()
-    runs = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        runs.append((time.perf_counter() - t0) * 1e3)
-    runs.sort()
-    return statistics.median(runs), runs[0], runs[-1]
-
-
-def _peak_extra_mb(fn, cuda: bool):
-    if not cuda:
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
 def _factor(L, eps=1e-6):
@@ -117,19 +90,18 @@ def run(sizes, dtypes, device, full):
                         row["note"] = "does not fit"
                     else:
                         fwd, fwdbwd = case
-                        row["fwd_q"] = _time_ms(fwd, cuda)
+                        row["fwd_q"] = quantiles_ms(fwd, device)
                         row["fwd_ms"] = row["fwd_q"][0]
-                        row["fwdbwd_q"] = _time_ms(fwdbwd, cuda)
+                        row["fwdbwd_q"] = quantiles_ms(fwdbwd, device)
                         row["fwdbwd_ms"] = row["fwdbwd_q"][0]
-                        row["peak_mb"] = _peak_extra_mb(fwdbwd, cuda)
+                        row["peak_mb"] = cuda_peak_bytes(fwdbwd, empty_cache=True) / 2 ** 20 if cuda else None
                 except torch.cuda.OutOfMemoryError:
                     row["note"] = "out of memory"
                 except Exception as e:  # a baseline that fails must not hide the others
                     row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 if cuda:
                     torch.cuda.empty_cache()
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                emit_row(rows, row, lambda line: print(line, flush=True))
     return rows
 
 

@@ -16,7 +16,7 @@ prototypes' coordinate scale and σ = 0.3 and 0.05, against the same call on ind
 
 Times are medians of torch.utils.benchmark's blocked_autorange; the calls of one row are timed in
 turn, in rounds (--rounds), and each keeps its fastest round, so the ratios compare like with like
-on a noisy machine.
+on a noisy machine (bench/measure.py's best_of_rounds).
 
     python -m bench.head_bench                          # the module table (CPU, the C++ kernels)
     python -m bench.head_bench --clustered              # trained-model data against independent draws
@@ -27,36 +27,19 @@ on a noisy machine.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils import benchmark
 
 import faim_kernels as fk
+from bench.measure import (best_of_rounds, environment, host_peak_bytes, cuda_peak_bytes,
+                           peak_bytes_in_fresh_process, print_probe)
 
 SIZES = [(64, 10, 64), (64, 100, 128), (256, 1000, 128), (512, 4096, 256)]
 CLUSTER_SIZES = [(256, 1000, 128), (512, 4096, 256)]
 CLUSTER_SIGMAS = (0.3, 0.05)
 LARGE = (256, 100_000, 128)
-
-
-def median_seconds(fn, min_run_time: float) -> float:
-    fn()
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
-
-
-def best_of_rounds(calls: dict, rounds: int, min_run_time: float) -> dict:
-    """{name: fastest median over the rounds}, the calls timed in turn within each round."""
-    best = {name: float("inf") for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            best[name] = min(best[name], median_seconds(fn, min_run_time))
-    return best
 
 
 def train_step(module: torch.nn.Module, loss_of, x: torch.Tensor):
@@ -152,12 +135,7 @@ def render_clustered(rows) -> str:
 
 def _peak_probe(which: str, device: str) -> int:
     """Peak extra memory of one head.loss / Linear+CE training step at LARGE, in a fresh process."""
-    cmd = [sys.executable, "-m", "bench.head_bench", "--probe", which, "--device", device]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.stderr.write(res.stderr[-2000:])
-        return -1
-    return json.loads(res.stdout.strip().splitlines()[-1])["bytes"]
+    return peak_bytes_in_fresh_process(["bench.head_bench", "--probe", which, "--device", device])
 
 
 def _probe(which: str, device: str) -> None:
@@ -166,19 +144,13 @@ def _probe(which: str, device: str) -> None:
     step = (train_step(head, lambda: head.loss(x, y), x) if which == "head_loss"
             else train_step(linear, lambda: F.cross_entropy(linear(x), y), x))
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
+        peak = cuda_peak_bytes(step)
     else:
-        from bench.peak_memory import measure_here
         small_head, small_linear, sx, sy = make_problem(4, 3, D, False, device)  # first-call allocations
         train_step(small_head, lambda: small_head.loss(sx, sy), sx)()
         train_step(small_linear, lambda: F.cross_entropy(small_linear(sx), sy), sx)()
-        peak = measure_here(step)
-    print(json.dumps({"bytes": peak}))
+        peak = host_peak_bytes(step)
+    print_probe(peak)
 
 
 def large_row(device: str, rounds: int, min_run_time: float):
@@ -196,15 +168,6 @@ def render_large(r) -> str:
             f"{r['linear_ce'] * 1e3:.1f} ms for nn.Linear + F.cross_entropy ({r['head_loss'] / r['linear_ce']:.2f}x); "
             f"peak extra memory {mib(r['mem_head'])} MiB against {mib(r['mem_linear'])} MiB "
             f"({r['mem_head'] / max(r['mem_linear'], 1):.2f}x).")
-
-
-def environment(device: str = "cpu") -> str:
-    if device == "cuda":
-        import triton
-        return (f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}, "
-                f"Python {platform.python_version()}")
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def main(argv=None):

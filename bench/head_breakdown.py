@@ -7,32 +7,21 @@ where the head's own work is tiny (B, C, D = 64, 10, 64) so that everything arou
 Rows: `head(x)` under no_grad against `nn.Linear`; a training step (`F.cross_entropy(head(x), y)`
 and `head.loss(x, y)`, forward + backward, features requiring grad) against nn.Linear + CE; and
 the number of operators (ATen ops and custom ops dispatched from Python) and autograd nodes one
-call runs, from torch.profiler. Times are the best of several rounds of many calls.
+call runs, from torch.profiler. Times are the best of several rounds of many calls
+(bench/measure.py's per_call_seconds).
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
 import faim_kernels as fk
+from bench.measure import per_call_seconds, set_threads
 
 SIZE = (64, 10, 64)
-
-
-def per_call_us(fn, calls: int = 300, rounds: int = 7) -> float:
-    for _ in range(20):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
 
 
 def op_counts(fn) -> tuple[int, int]:
@@ -67,7 +56,7 @@ def rows(full: bool):
     }
     out = []
     for name, (ours, floor) in calls.items():
-        t_ours, t_floor = per_call_us(ours), per_call_us(floor)
+        t_ours, t_floor = per_call_seconds(ours) * 1e6, per_call_seconds(floor) * 1e6
         out.append((name, t_ours, t_floor, *op_counts(ours), *op_counts(floor)))
     return out
 
@@ -76,7 +65,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     print(f"B, C, D = {SIZE}, {args.threads} thread(s), torch {torch.__version__}\n")
     print("| Σ | call | head µs | nn.Linear µs | ratio | head ops / autograd nodes | nn.Linear ops / nodes |")
     print("|---|---|---|---|---|---|---|")

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import faim_kernels as fk
+from bench.measure import set_threads
 
 RECIPES = ("sgd", "adamw", "timm")
 FEATURES = 64
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-features-init", action="store_true", help="skip the init_from_features rows")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} thread(s), seed {args.seed}")
     start = time.perf_counter()
     for data_name in args.data:

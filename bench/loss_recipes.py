@@ -17,6 +17,7 @@ from torch import nn
 
 import faim_kernels as fk
 from bench.head_recipes import load_data
+from bench.measure import set_threads
 
 RECIPES = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3)}
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     data = load_data("digits")
     start = time.perf_counter()
     print(f"{'recipe':<6} {'loss':<9} {'value':>6}   first    last   1-NN test acc")

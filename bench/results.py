@@ -18,3 +18,10 @@ def write_section(key: str, body: str, path=None) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def print_and_save(text: str, out=None) -> None:
+    """Prints a table's text and, where `out` names a file (a script's --out), writes it there too."""
+    print(text)
+    if out:
+        pathlib.Path(out).write_text(text + "\n")

@@ -23,7 +23,6 @@ same backbone weights and sees the same batches.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import tempfile
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.measure import set_threads
 
 HEADS = ("linear", "diagonal", "full")
 RECIPES = ("timm", "adamw")
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     root = make_image_folder(args.data)
     results = {}
     t0 = time.perf_counter()

@@ -10,8 +10,8 @@ The einsum reference needs B·C·D·4 bytes per temporary (65 GB at (256, 10⁶,
 measured at C / EINSUM_SHRINK classes and its time and memory are scaled up linearly in C (both
 are proportional to B·C·D): those rows are marked "estimated".
 
-Time: torch.utils.benchmark on CPU, triton.testing.do_bench on CUDA (median), forward only (top-k
-has no backward). Peak memory: beyond the inputs, during one call; CPU: resident memory in a fresh
+Time: torch.utils.benchmark on CPU, triton.testing.do_bench on CUDA (median, bench/measure.py),
+forward only (top-k has no backward). Peak memory: beyond the inputs, during one call; CPU: resident memory in a fresh
 process (bench/peak_memory.py), CUDA: torch.cuda.max_memory_allocated().
 
     python -m bench.topk_bench                        # CPU at (1024, 10⁵, 128) and (256, 10⁶, 64), k = 10
@@ -22,9 +22,6 @@ process (bench/peak_memory.py), CUDA: torch.cuda.max_memory_allocated().
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
 
 import torch
@@ -32,6 +29,10 @@ import torch
 import faim_kernels as fk
 from bench.ce_bench import environment
 from bench.impls import make_inputs
+from bench.measure import (MEASURE_ERRORS, cuda_peak_bytes, host_peak_bytes, median_seconds,
+                           emit_row, parse_sizes, peak_bytes_in_fresh_process, print_probe,
+                           record_failure)
+from bench.results import print_and_save
 
 SIZES = [(1024, 100_000, 128), (256, 1_000_000, 64)]
 IMPLS = ["fused", "distance+topk", "einsum+topk"]
@@ -56,47 +57,27 @@ def _fn(impl: str, B: int, C: int, D: int, k: int, device: str, full: bool):
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_ms(impl, B, C, D, k, device, full=False, min_run_time=1.0) -> float:
     fn = _fn(impl, B, C, D, k, device, full)
-    with torch.no_grad():
-        fn()  # first call: kernel loading, compilation, autotuning
-        if device == "cpu":
-            from torch.utils.benchmark import Timer
-            return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
-        import triton
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    with torch.no_grad():  # the first call (untimed): kernel loading, compilation, autotuning
+        return median_seconds(fn, min_run_time, device) * 1e3
 
 
 def peak_bytes(impl, B, C, D, k, device, full=False) -> int:
     if device == "cpu":  # a fresh process: one implementation's freed pages must not hide another's
-        cmd = [sys.executable, "-m", "bench.topk_bench", "--probe", impl, str(B), str(C), str(D), str(k)]
-        res = subprocess.run(cmd + (["--full"] if full else []), capture_output=True, text=True)
-        if res.returncode != 0:
-            sys.stderr.write(res.stderr[-2000:])
-            return -1
-        return json.loads(res.stdout.strip().splitlines()[-1])["bytes"]
+        return peak_bytes_in_fresh_process(["bench.topk_bench", "--probe", impl, str(B), str(C), str(D), str(k)]
+                                           + (["--full"] if full else []))
     fn = _fn(impl, B, C, D, k, device, full)
     with torch.no_grad():
         fn()
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        _sync(device)
-    return torch.cuda.max_memory_allocated() - base
+        return cuda_peak_bytes(fn)
 
 
 def _probe(impl, B, C, D, k, full):
-    from bench.peak_memory import measure_here
     with torch.no_grad():
         _fn(impl, 4, 8, D, 2, "cpu", full)()  # import-time and first-call allocations on a tiny problem first
         fn = _fn(impl, B, C, D, k, "cpu", full)
-        print(json.dumps({"bytes": measure_here(fn)}))
+        print_probe(host_peak_bytes(fn))
 
 
 def run(device="cpu", sizes=None, ks=(10,), impls=IMPLS, full=False, min_run_time=1.0, log=print) -> list[dict]:
@@ -111,13 +92,9 @@ def run(device="cpu", sizes=None, ks=(10,), impls=IMPLS, full=False, min_run_tim
                     row["ms"] = time_ms(impl, B, measured_C, D, k, device, full, min_run_time) * scale
                     peak = peak_bytes(impl, B, measured_C, D, k, device, full)
                     row["peak_bytes"] = peak * scale if peak >= 0 else -1
-                except (RuntimeError, torch.OutOfMemoryError) as e:
-                    row["error"] = str(e).splitlines()[0][:120]
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                rows.append(row)
-                if log:
-                    log(json.dumps(row))
+                except MEASURE_ERRORS as e:
+                    record_failure(row, e, device)
+                emit_row(rows, row, log)
     return rows
 
 
@@ -171,13 +148,10 @@ def main(argv=None):
     if args.probe:
         impl, B, C, D, k = args.probe
         return _probe(impl, int(B), int(C), int(D), int(k), args.full)
-    sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes] if args.sizes else None
+    sizes = parse_sizes(args.sizes)
     rows = run(args.device, sizes, args.k, args.impls, args.full, args.min_time)
     text = "\n".join([environment(args.device), "", format_table(rows), ""] + check_targets(rows))
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print_and_save(text, args.out)
     if args.write_results:
         from bench.results import write_section
         kind = "full" if args.full else "diagonal"

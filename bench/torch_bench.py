@@ -18,7 +18,8 @@ import torch
 
 import faim_kernels as fk
 from bench import impls
-from bench.cpu_bench import environment, near_case_error, time_call
+from bench.cpu_bench import environment, near_case_error
+from bench.measure import median_seconds
 from bench.peak_memory import measure
 from bench.results import write_section
 
@@ -44,12 +45,12 @@ def run(min_run_time: float):
             for name in names:
                 f = impls.LOGITS_IMPLS[name]
                 with torch.no_grad():
-                    row[f"{name}_fwd"] = time_call(lambda: f(*inputs), min_run_time)
-                row[f"{name}_fwdbwd"] = time_call(lambda: torch.autograd.grad(f(*inputs), inputs, grad), min_run_time)
+                    row[f"{name}_fwd"] = median_seconds(lambda: f(*inputs), min_run_time)
+                row[f"{name}_fwdbwd"] = median_seconds(lambda: torch.autograd.grad(f(*inputs), inputs, grad), min_run_time)
                 row[f"{name}_mem"] = measure(name, B, C, D, "fwdbwd", full)
             for name in ("torch", "cpp"):
                 f = _ce(name)
-                row[f"{name}_ce"] = time_call(lambda: torch.autograd.grad(f(*inputs, target), inputs), min_run_time)
+                row[f"{name}_ce"] = median_seconds(lambda: torch.autograd.grad(f(*inputs, target), inputs), min_run_time)
             rows.append(row)
     errors = {(name, full): near_case_error(impls.LOGITS_IMPLS[name], full)
               for name in ("torch", "cpp", "composite") for full in (False, True)}
@@ -61,11 +62,11 @@ def big_auto_ce() -> str:
     kernels off, in a fresh process: seconds and peak extra memory in [B, C] float32 tensors."""
     code = (
         "import torch, time, json, faim_kernels as fk\n"
-        "from bench.impls import make_inputs\nfrom bench.peak_memory import measure_here\n"
+        "from bench.impls import make_inputs\nfrom bench.measure import host_peak_bytes\n"
         "B, C, D = 512, 100000, 256\ninp = make_inputs(B, C, D)\nt = torch.randint(0, C, (B,))\n"
         "from faim_kernels.ops.dispatch import resolve_backend\nassert resolve_backend('auto', inp[0].device) == 'torch'\n"
         "def run():\n    fk.randers_cross_entropy(*inp, t).backward()\n"
-        "t0 = time.perf_counter(); b = measure_here(run); s = time.perf_counter() - t0\n"
+        "t0 = time.perf_counter(); b = host_peak_bytes(run); s = time.perf_counter() - t0\n"
         "print(json.dumps({'s': s, 'bytes': b}))\n")
     env = dict(os.environ, FAIM_KERNELS_CPP="0")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

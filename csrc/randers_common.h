@@ -1,6 +1,6 @@
 // Pieces shared by the fused CPU kernels (randers_logits.cpp, randers_cross_entropy.cpp): the
 // preparation of the operands (centring, x·Lc, mu·Lc, the float64 s terms, the row norms), the
-// argument checks, the per-pair epilogue, and the exact recomputation of near pairs.
+// argument checks, the per-pair epilogue, and the near-pair recompute.
 // The math is SPEC §1-2; the exactness rule is SPEC §2.1. The op schemas are defined in Python
 // (faim_kernels/ops/contract.py); these files only register CPU kernels for them.
 #pragma once
@@ -194,6 +194,29 @@ bool is_lower_triangular(const T* lc, int64_t D) {
     return true;
 }
 
+// The backward ops' grad_mask: bit k stands for gradient k of (x, mu, lc, beta, lam, gamma)
+// (faim_kernels/ops/contract.py). Skipped where a bit is 0: the ∂x GEMM for features without grad,
+// the ∂mu GEMM for frozen prototypes, the ∂Lc products for a frozen metric.
+enum GradBit : int64_t { kGradX = 0, kGradMu = 1, kGradLc = 2, kGradBeta = 3, kGradLam = 4, kGradGamma = 5 };
+constexpr int64_t kNumGrads = 6;
+
+inline bool wants_grad(int64_t mask, int64_t bit) { return (mask >> bit) & 1; }
+
+struct GradMask {
+    bool x, mu, lc, beta;
+    explicit GradMask(int64_t m)
+        : x(wants_grad(m, kGradX)), mu(wants_grad(m, kGradMu)), lc(wants_grad(m, kGradLc)),
+          beta(wants_grad(m, kGradBeta)) {}
+    bool xp() const { return x || lc; }  // ∂x' is needed for ∂x or ∂Lc
+    bool mup() const { return mu || lc; }
+};
+
+// ∂λ or ∂γ as the op returns it: the float64 sum the backward computes anyway, in the parameter's
+// dtype where its bit is set, else an empty tensor.
+inline at::Tensor scalar_grad(const at::Tensor& sum64, const at::Tensor& param, int64_t mask, int64_t bit) {
+    return wants_grad(mask, bit) ? sum64.to(param.scalar_type()) : at::empty({0}, param.options());
+}
+
 // The common argument checks of the ops (the Python layer validates user input; these guard the
 // contract itself: dtypes, shapes, device).
 inline void check_operands(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
@@ -214,14 +237,14 @@ inline void check_operands(const at::Tensor& x, const at::Tensor& mu, const at::
 
 // q = |diff'|² with diff' = (x_b − mu_c)·Lc formed from the raw inputs: x_b − mu_c is nearly
 // exact when the pair is close, which is exactly when the GEMM expansion is not (SPEC §2.1).
-// O(D) for a diagonal factor, O(D²) for a full one; run only for the pairs at risk (and for pairs
+// O(D) for a diagonal factor, O(D²) for a full one; run only for the near pairs (and for pairs
 // whose expansion overflowed or is NaN). In float64 throughout, so float32 inputs near 1e30 give a
 // finite q where the float32 norms overflow. Non-finite differences take their limit: NaN if any
 // coordinate of x_b − mu_c is NaN (a NaN input, or Inf − Inf), else +Inf if any is infinite (Sigma
 // is positive definite, so q grows without bound; diff' itself would give Inf·0 = NaN).
 // diffp (optional) receives diff'; acc is scratch of D doubles.
 template <typename T>
-double direct_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
+double near_pair_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     const int64_t D = in.D;
     const T* xb = in.x + b * D;
     const T* mc = in.mu + c * D;
@@ -272,34 +295,34 @@ struct Pair {
     bool near; // recomputed from the raw difference
 };
 
-// Whether a pair's GEMM expansion q = norms − 2·dot cannot be trusted: at risk of cancellation
-// (q < tau·norms, SPEC §2.1), NaN (Inf − Inf from an infinite coordinate, or overflow), or the
-// norms overflowed (float32 inputs near 1e19 and beyond). Such pairs take the direct path, which
-// gives the limit (+Inf for an infinite coordinate) or the finite value; a NaN input stays NaN.
+// Whether a pair is a near pair: its GEMM expansion q = norms − 2·dot cannot be trusted because it
+// cancels (q < tau·norms, SPEC §2.1), is NaN (Inf − Inf from an infinite coordinate, or overflow),
+// or the norms overflowed (float32 inputs near 1e19 and beyond). The near-pair recompute gives the
+// limit (+Inf for an infinite coordinate) or the finite value; a NaN input stays NaN.
 template <typename T>
-inline bool at_risk(T q, T norms, T tau) {
+inline bool is_near_pair(T q, T norms, T tau) {
     return !(q >= tau * norms) || norms > std::numeric_limits<T>::max();
 }
 
 // Whether s = sx − smu cancels: |s| far below |sx| + |smu| (a sample near its prototype along beta,
 // both far from the origin), where the float64 difference keeps only ~u·(|sx| + |smu|) absolute
 // (3.5e-9 relative measured in float64 at |x| = 1e3, |x − mu| = 1e-6 when centring made the pair's
-// q safe). Such pairs take the direct path, which forms s from the difference. 2^-20: rare elsewhere.
+// q safe). Such pairs are near pairs too: the recompute forms s from the difference. 2^-20: rare elsewhere.
 template <typename T>
-inline bool s_at_risk(T s, T sx, T smu) {
+inline bool s_cancels(T s, T sx, T smu) {
     return std::abs(s) < T(9.5367431640625e-07) * (std::abs(sx) + std::abs(smu));
 }
 
-// A pair through the direct path (SPEC §2.1): q from the raw difference, never the expansion, and
+// The near-pair recompute of one pair (SPEC §2.1): q from the raw difference, never the expansion, and
 // the square roots in float64 (q may exceed T's range where the distance does not).
 // s = beta·(x_b − mu_c) from the difference too; at an exact hit (q = 0: x_b = mu_c in the metric)
 // s = 0 exactly: sx − smu, two different float64 dot products, would leave ±1e-16 there, and with eps = 0 the 1-form's gradient
 // λ·beta·s/|s| would jump to ±λ·beta instead of the convention 0 (README, Guarantees).
 template <typename T>
-inline Pair<T> pair_direct(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
+inline Pair<T> recompute_near_pair(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     Pair<T> p;
     p.near = true;
-    const double q = direct_q(in, b, c, acc, diffp);
+    const double q = near_pair_q(in, b, c, acc, diffp);
     double s;
     if (q == 0) {
         s = 0.0;
@@ -321,13 +344,13 @@ inline Pair<T> pair_direct(const Operands<T>& in, int64_t b, int64_t c, double* 
     return p;
 }
 
-// One pair from its GEMM entry dot = x'_b·mu'_c, through the direct path when it is at risk.
+// One pair from its GEMM entry dot = x'_b·mu'_c, through the near-pair recompute when it is a near pair.
 template <typename T>
 inline Pair<T> pair_from_dot(const Operands<T>& in, int64_t b, int64_t c, T dot, double* acc, T* diffp) {
     const T norms = in.xnorm[b] + in.munorm[c];
     T q = norms - T(2) * dot;
-    if (at_risk(q, norms, T(in.tau)) || s_at_risk(T(in.sx[b] - in.smu[c]), T(in.sx[b]), T(in.smu[c])))
-        return pair_direct(in, b, c, acc, diffp);
+    if (is_near_pair(q, norms, T(in.tau)) || s_cancels(T(in.sx[b] - in.smu[c]), T(in.sx[b]), T(in.smu[c])))
+        return recompute_near_pair(in, b, c, acc, diffp);
     Pair<T> p;
     p.near = false;
     if (q < T(0)) q = T(0);
@@ -339,13 +362,13 @@ inline Pair<T> pair_from_dot(const Operands<T>& in, int64_t b, int64_t c, T dot,
 }
 
 // The same quantities for one row of a tile (row b, classes c0 .. c0+nc), as plain loops that
-// the compiler vectorises (-O3 -fno-math-errno): about 3x faster than pair by pair. Pairs at
-// risk are only flagged in `near`; their a and d here come from the expansion and the caller
-// replaces them through pair_direct.
+// the compiler vectorises (-O3 -fno-math-errno): about 3x faster than pair by pair. Near
+// pairs are only flagged in `near`; their a and d here come from the expansion and the caller
+// replaces them through recompute_near_pair.
 template <typename T>
 struct RowTerms {
     std::vector<T> a, r, s, d;
-    std::vector<T> near;  // 1 where the pair is at risk, else 0 (T, not bool: one type per loop vectorises)
+    std::vector<T> near;  // 1 at a near pair, else 0 (T, not bool: one type per loop vectorises)
     explicit RowTerms(int64_t n) : a(n), r(n), s(n), d(n), near(n) {}
 };
 
@@ -365,7 +388,7 @@ void row_terms(const Operands<T>& in, int64_t b, int64_t c0, int64_t nc, const T
         const T norms = xn + mn[j];
         T q = norms - T(2) * dots[j];
         s[j] = (sxh - smh[j]) + (sxl - sml[j]);
-        near[j] = at_risk(q, norms, tau) || s_at_risk(s[j], sxh, smh[j]) ? T(1) : T(0);
+        near[j] = is_near_pair(q, norms, tau) || s_cancels(s[j], sxh, smh[j]) ? T(1) : T(0);
         q = q < T(0) ? T(0) : q;
         a[j] = std::sqrt(q + eps);
         r[j] = std::sqrt(s[j] * s[j] + eps);

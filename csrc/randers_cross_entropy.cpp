@@ -1,12 +1,12 @@
 // Fused Randers cross-entropy on the CPU (SPEC §2.2). The forward returns per-row statistics of
 // the logits logit'_bc = −γ·(d_bc + margin·[c ∈ t_b]), with v_c the class weights (1 without) and
 // P an optional dense probability target [B, C] (read in place through its strides):
-//     lse_b = logsumexp_c logit'_bc,   tl_bk = logit'_b,t_bk (k targets per row),
+//     lse_b = logsumexp_c logit'_bc,   target_logit_bk = logit'_b,t_bk (k targets per row),
 //     sl_b = Σ_c v_c·logit'_bc,        pl_b = Σ_c v_c·P_bc·logit'_bc
 // from an online logsumexp over class tiles, and the backward takes per-row upstream weights
-// (∂loss/∂lse, ∂loss/∂tl, ∂loss/∂sl, ∂loss/∂pl) and recomputes each tile. No [B, C] array exists
-// at any point. The loss itself (reduction, ignore_index, class weights, label smoothing,
-// probability targets, z-loss) is O(B·k) work done in Python
+// (∂loss/∂lse, ∂loss/∂target_logit (the schema's w_tl), ∂loss/∂sl, ∂loss/∂pl) and recomputes each
+// tile. No [B, C] array exists at any point. The loss itself (reduction, ignore_index, class
+// weights, label smoothing, probability targets, z-loss) is O(B·k) work done in Python
 // (faim_kernels/ops/row_stats.py); the schemas and the autograd formula are in
 // faim_kernels/ops/contract.py.
 //
@@ -231,7 +231,7 @@ T max_ignoring_nan(const T* v, int64_t n) {  // NaN never wins: it reaches lse t
     return std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
 }
 
-// Per-row scratch of one worker: the shared epilogue terms (a, r, s, d, at-risk flags) and the
+// Per-row scratch of one worker: the shared epilogue terms (a, r, s, d, near-pair flags) and the
 // backward's G, H, R.
 template <typename T>
 struct RowWork : RowTerms<T> {
@@ -266,7 +266,7 @@ inline int64_t target_column(const int64_t* target, int64_t K, int64_t b, int64_
 }
 
 // Row b's targets in the tile: is_t[j] = 1 on every target column (they carry the margin and take
-// the exact path), cols[k] = the k-th target's column or −1. is_t is all zero on return elsewhere.
+// the near-pair recompute), cols[k] = the k-th target's column or −1. is_t is all zero on return elsewhere.
 template <typename T>
 bool mark_targets(const CEProblem<T>& pb, int64_t b, int64_t c0, int64_t nc, std::vector<int64_t>& cols,
                   std::vector<char>& is_t) {
@@ -287,94 +287,406 @@ void clear_targets(const std::vector<int64_t>& cols, std::vector<char>& is_t) {
         if (j >= 0) is_t[j] = 0;
 }
 
-// Forward: each chunk keeps, per row, an online logsumexp (running max and Σ exp(l − max), as in
-// flash attention) and Σ logits over its classes; chunks are merged in order at the end.
+// The forward's per-chunk row statistics [n_cc, B]: each chunk keeps, per row, an online
+// logsumexp (running max and Σ exp(l − max), as in flash attention), Σ v·logits and (with a dense
+// soft target) Σ v·P·logits over its classes; ce_merge_chunks merges them in chunk order.
+struct CEForwardPartials {
+    std::vector<double> run_max, run_sum, run_sl, run_pl;
+    CEForwardPartials(int64_t n_cc, int64_t B, bool soft)
+        : run_max(n_cc * B, -std::numeric_limits<double>::infinity()), run_sum(n_cc * B, 0.0),
+          run_sl(n_cc * B, 0.0), run_pl(soft ? n_cc * B : 0, 0.0) {}
+};
+
+// One worker's scratch for the forward: the class tile, the row terms, the [rows, tile] dots,
+// v·P of one row, the near-pair recompute's accumulator, and the row's target columns.
 template <typename T>
-void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl, double* pl) {
+struct CEForwardScratch {
+    ClassTile<T> tile;
+    RowWork<T> w;
+    std::vector<T> dots, vp;
+    std::vector<double> acc;
+    std::vector<int64_t> cols;
+    std::vector<char> is_t;
+
+    explicit CEForwardScratch(const CEProblem<T>& pb)
+        : tile(pb.in.D), w(kTileC), dots(std::min(pb.in.B, kRowBlock) * kTileC), vp(pb.soft ? kTileC : 0),
+          acc(pb.in.D), cols(pb.K), is_t(kTileC, 0) {}
+};
+
+// The epilogue of row b over the tile in sc.tile (its dots in `dots`): the logits (Eq. 3), the
+// near pairs and the target pairs recomputed, the target logits written, and the row's
+// statistics added to chunk cc's partials.
+template <typename T>
+void ce_forward_row(const CEProblem<T>& pb, int64_t cc, int64_t b, const T* dots, CEForwardScratch<T>& sc,
+                    CEForwardPartials& parts, double* target_logit) {
+    const Operands<T>& in = pb.in;
+    const int64_t B = in.B, K = pb.K, c0 = sc.tile.c0, nc = sc.tile.nc;
+    const T g = T(pb.gamma), margin = T(pb.margin);
+    RowWork<T>& w = sc.w;
+    row_terms(in, b, c0, nc, dots, w);
+    T* l = w.logit.data();
+    for (int64_t j = 0; j < nc; ++j) l[j] = -g * w.d[j];  // Eq. 3
+    // Near pairs, and the target pairs always, from the raw difference (SPEC §2.1): the target
+    // logits and the margin, which dominate the loss, are exact.
+    mark_targets(pb, b, c0, nc, sc.cols, sc.is_t);
+    for (int64_t j = 0; j < nc; ++j)
+        if (w.near[j] != T(0) || sc.is_t[j])
+            l[j] = -g * (recompute_near_pair(in, b, c0 + j, sc.acc.data(), (T*)nullptr).d +
+                         (sc.is_t[j] ? margin : T(0)));
+    for (int64_t k = 0; k < K; ++k)
+        if (sc.cols[k] >= 0) target_logit[b * K + k] = double(l[sc.cols[k]]);
+    clear_targets<T>(sc.cols, sc.is_t);
+    const T mx = max_ignoring_nan(l, nc);
+    parts.run_sl[cc * B + b] += pb.cw ? dot_to_double(l, pb.cw + c0, nc) : sum_to_double(l, nc);
+    if (pb.soft) {  // Σ_c v_c·P_bc·logit'_bc over the tile
+        const T* prow = pb.soft + b * pb.soft_sb + c0 * pb.soft_sc;
+        for (int64_t j = 0; j < nc; ++j) sc.vp[j] = (pb.cw ? pb.cw[c0 + j] : T(1)) * prow[j * pb.soft_sc];
+        parts.run_pl[cc * B + b] += dot_to_double(l, sc.vp.data(), nc);
+    }
+    if (mx == -std::numeric_limits<T>::infinity()) return;  // nothing to add
+    double& m = parts.run_max[cc * B + b];
+    double& sum = parts.run_sum[cc * B + b];
+    if (double(mx) > m) {
+        sum *= std::exp(m - double(mx));
+        m = double(mx);
+    }
+    const T mt = T(m);  // m is a logit: exact in T
+    T* e = w.e.data();
+    for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(T(l[j] - mt));
+    sum += sum_to_double(e, nc);
+}
+
+// The chunks' partials merged row by row in chunk order: lse, Σ v·logits, Σ v·P·logits.
+template <typename T>
+void ce_merge_chunks(const CEProblem<T>& pb, int64_t n_cc, const CEForwardPartials& parts, double* lse, double* sl,
+                     double* pl) {
+    const int64_t B = pb.in.B;
+    const double inf = std::numeric_limits<double>::infinity();
+    for (int64_t b = 0; b < B; ++b) {
+        double M = -inf, total = 0, lsum = 0, psum = 0;
+        for (int64_t cc = 0; cc < n_cc; ++cc) {
+            M = std::max(M, parts.run_max[cc * B + b]);
+            lsum += parts.run_sl[cc * B + b];
+            if (pb.soft) psum += parts.run_pl[cc * B + b];
+        }
+        pl[b] = psum;
+        for (int64_t cc = 0; cc < n_cc; ++cc)
+            if (parts.run_max[cc * B + b] > -inf)
+                total += parts.run_sum[cc * B + b] * std::exp(parts.run_max[cc * B + b] - M);
+        sl[b] = lsum;
+        // M = ±inf: an infinite logit (γ < 0 with a class at distance +inf) or none: lse is M itself.
+        lse[b] = std::isnan(lsum) ? lsum : (std::isinf(M) ? M : M + std::log(total));
+    }
+}
+
+// Forward: the tile loop over class chunks (each tile's mu' formed on the fly, then one GEMM per
+// row block and each row's epilogue, ce_forward_row), then the chunks merged (ce_merge_chunks).
+template <typename T>
+void ce_forward(const CEProblem<T>& pb, double* lse, double* target_logit, double* sl, double* pl) {
     const Operands<T>& in = pb.in;
     const int64_t B = in.B, C = in.C, D = in.D, K = pb.K;
-    const double inf = std::numeric_limits<double>::infinity();
-    std::fill(tl, tl + B * K, 0.0);
+    std::fill(target_logit, target_logit + B * K, 0.0);
     if (C == 0) {
-        std::fill(lse, lse + B, -inf);
+        std::fill(lse, lse + B, -std::numeric_limits<double>::infinity());
         std::fill(sl, sl + B, 0.0);
         std::fill(pl, pl + B, 0.0);
         return;
     }
     const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
-    std::vector<double> run_max(n_cc * B, -inf), run_sum(n_cc * B, 0.0), run_sl(n_cc * B, 0.0);
-    std::vector<double> run_pl(pb.soft ? n_cc * B : 0, 0.0);
-    const T g = T(pb.gamma), margin = T(pb.margin);
-
+    CEForwardPartials parts(n_cc, B, pb.soft != nullptr);
     at::parallel_for(0, n_cc, 1, [&](int64_t begin, int64_t end) {
-        ClassTile<T> tile(D);
-        RowWork<T> w(kTileC);
-        std::vector<T> dots(std::min(B, kRowBlock) * kTileC), vp(pb.soft ? kTileC : 0);
-        std::vector<double> acc(D);
-        std::vector<int64_t> cols(K);
-        std::vector<char> is_t(kTileC, 0);
+        CEForwardScratch<T> sc(pb);
         for (int64_t cc = begin; cc < end; ++cc) {
             const auto [t0, t1] = chunk_tiles(cc, n_cc, n_ct);
             for (int64_t ct = t0; ct < t1; ++ct) {
-                tile.build(pb, ct * kTileC, std::min(kTileC, C - ct * kTileC));
-                const int64_t nc = tile.nc;
+                sc.tile.build(pb, ct * kTileC, std::min(kTileC, C - ct * kTileC));
                 for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
                     const int64_t nr = std::min(kRowBlock, B - r0);
-                    row_dots(pb, tile, r0, nr, dots.data());
-                    for (int64_t i = 0; i < nr; ++i) {
-                        const int64_t b = r0 + i;
-                        row_terms(in, b, tile.c0, nc, dots.data() + i * nc, w);
-                        T* l = w.logit.data();
-                        for (int64_t j = 0; j < nc; ++j) l[j] = -g * w.d[j];  // Eq. 3
-                        // Pairs at risk, and the target pairs always, from the raw difference (SPEC §2.1):
-                        // the target logits and the margin, which dominate the loss, are exact.
-                        mark_targets(pb, b, tile.c0, nc, cols, is_t);
-                        for (int64_t j = 0; j < nc; ++j)
-                            if (w.near[j] != T(0) || is_t[j])
-                                l[j] = -g * (pair_direct(in, b, tile.c0 + j, acc.data(), (T*)nullptr).d +
-                                             (is_t[j] ? margin : T(0)));
-                        for (int64_t k = 0; k < K; ++k)
-                            if (cols[k] >= 0) tl[b * K + k] = double(l[cols[k]]);
-                        clear_targets<T>(cols, is_t);
-                        const T mx = max_ignoring_nan(l, nc);
-                        run_sl[cc * B + b] += pb.cw ? dot_to_double(l, pb.cw + tile.c0, nc) : sum_to_double(l, nc);
-                        if (pb.soft) {  // Σ_c v_c·P_bc·logit'_bc over the tile
-                            const T* prow = pb.soft + b * pb.soft_sb + tile.c0 * pb.soft_sc;
-                            for (int64_t j = 0; j < nc; ++j)
-                                vp[j] = (pb.cw ? pb.cw[tile.c0 + j] : T(1)) * prow[j * pb.soft_sc];
-                            run_pl[cc * B + b] += dot_to_double(l, vp.data(), nc);
-                        }
-                        if (mx == -std::numeric_limits<T>::infinity()) continue;  // nothing to add
-                        double& m = run_max[cc * B + b];
-                        double& sum = run_sum[cc * B + b];
-                        if (double(mx) > m) {
-                            sum *= std::exp(m - double(mx));
-                            m = double(mx);
-                        }
-                        const T mt = T(m);  // m is a logit: exact in T
-                        T* e = w.e.data();
-                        for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(T(l[j] - mt));
-                        sum += sum_to_double(e, nc);
-                    }
+                    row_dots(pb, sc.tile, r0, nr, sc.dots.data());
+                    for (int64_t i = 0; i < nr; ++i)
+                        ce_forward_row(pb, cc, r0 + i, sc.dots.data() + i * sc.tile.nc, sc, parts, target_logit);
                 }
             }
         }
     });
+    ce_merge_chunks(pb, n_cc, parts, lse, sl, pl);
+}
 
-    for (int64_t b = 0; b < B; ++b) {
-        double M = -inf, total = 0, lsum = 0, psum = 0;
-        for (int64_t cc = 0; cc < n_cc; ++cc) {
-            M = std::max(M, run_max[cc * B + b]);
-            lsum += run_sl[cc * B + b];
-            if (pb.soft) psum += run_pl[cc * B + b];
-        }
-        pl[b] = psum;
-        for (int64_t cc = 0; cc < n_cc; ++cc)
-            if (run_max[cc * B + b] > -inf) total += run_sum[cc * B + b] * std::exp(run_max[cc * B + b] - M);
-        sl[b] = lsum;
-        // M = ±inf: an infinite logit (γ < 0 with a class at distance +inf) or none: lse is M itself.
-        lse[b] = std::isnan(lsum) ? lsum : (std::isinf(M) ? M : M + std::log(total));
+// The upstream weights of the backward, per row (float64): ∂loss/∂lse, ∂loss/∂target_logit [B, K],
+// ∂loss/∂sl, ∂loss/∂pl (or null), and the forward's lse.
+struct RowWeights {
+    const double *w_lse, *w_tl, *w_sl, *w_pl, *lse;
+
+    // A row whose every weight is 0 (e.g. an ignored target) adds nothing to any gradient.
+    bool zero(int64_t b, int64_t K) const {
+        bool z = w_lse[b] == 0 && w_sl[b] == 0 && (!w_pl || w_pl[b] == 0);
+        for (int64_t k = 0; k < K; ++k) z = z && w_tl[b * K + k] == 0;
+        return z;
     }
+};
+
+// What the class chunks leave behind: ∂mu (each chunk writes its own classes' rows) and, per
+// chunk, a ∂x' partial, a ∂Lc partial and the row and scalar sums, added in chunk order at the end
+// (ce_chain_rows) so that the result does not depend on thread timing.
+template <typename T>
+struct CEPartials {
+    int64_t n_cc;
+    at::Tensor dmu;                                   // [C, D]
+    at::Tensor dxp_part;                              // [n_cc, B, D]
+    at::Tensor dlc_part;                              // [n_cc, D] or [n_cc, D, D]
+    std::vector<double> rowsum_part, dsx_part;        // [n_cc, B] rowsum(P), rowsum(R)
+    std::vector<double> dbeta_part;                   // [n_cc, D] Σ_c ∂smu_c·(mu_c − m)
+    std::vector<double> dlam_part, dgam_part;         // [n_cc]
+
+    CEPartials(const CEProblem<T>& pb, int64_t n_cc_, const at::TensorOptions& opts)
+        : n_cc(n_cc_), dmu(at::empty({pb.in.C, pb.in.D}, opts)), dxp_part(at::zeros({n_cc_, pb.in.B, pb.in.D}, opts)),
+          rowsum_part(n_cc_ * pb.in.B, 0.0), dsx_part(n_cc_ * pb.in.B, 0.0), dbeta_part(n_cc_ * pb.in.D, 0.0),
+          dlam_part(n_cc_, 0.0), dgam_part(n_cc_, 0.0) {
+        std::vector<int64_t> lc_shape{n_cc_};
+        for (int64_t s : pb.lc.sizes()) lc_shape.push_back(s);
+        dlc_part = at::zeros(lc_shape, opts);
+    }
+};
+
+// One worker's scratch: the class tile, the row terms, the [rows, tile] dots that P overwrites,
+// the tile's ∂mu' and its column sums, the near-pair recompute's diff' and accumulator, and the
+// row's target columns.
+template <typename T>
+struct CEBackwardScratch {
+    ClassTile<T> tile;
+    RowWork<T> w;
+    std::vector<T> P, diffp, dmup;
+    std::vector<T> lin;  // v_c·(w_sl + w_pl·P_bc) of one row (only with class weights or a dense soft target)
+    std::vector<double> acc, colsum, dsmu;
+    std::vector<int64_t> cols;
+    std::vector<char> is_t;
+
+    CEBackwardScratch(const CEProblem<T>& pb)
+        : tile(pb.in.D), w(kTileC), P(std::min(pb.in.B, kRowBlock) * kTileC), diffp(pb.in.D),
+          dmup(kTileC * pb.in.D), lin(pb.cw || pb.soft ? kTileC : 0), acc(pb.in.D), colsum(kTileC), dsmu(kTileC),
+          cols(pb.K), is_t(kTileC, 0) {}
+};
+
+// The scalar sums of one chunk.
+struct ChunkSums {
+    double dlam = 0, dgam = 0;
+};
+
+// Row b's linear weights lin_j = v_j·(w_sl + w_pl·P_bj) over the tile, or null where they are the
+// constant w_sl (no class weights, no dense soft target).
+template <typename T>
+T* row_linear_weights(const CEProblem<T>& pb, int64_t b, int64_t c0, int64_t nc, T ws, T wp, std::vector<T>& lin) {
+    if (lin.empty()) return nullptr;
+    T* linp = lin.data();
+    const T* prow = pb.soft ? pb.soft + b * pb.soft_sb + c0 * pb.soft_sc : nullptr;
+    for (int64_t j = 0; j < nc; ++j)
+        linp[j] = (pb.cw ? pb.cw[c0 + j] : T(1)) * (ws + (prow ? wp * prow[j * pb.soft_sc] : T(0)));
+    return linp;
+}
+
+// The near pairs and the target pairs of row b (SPEC §2.1): exact terms from diff' added to the
+// row's ∂x' (dxrow) and the tile's ∂mu', and P = 0 there so the GEMMs leave them out. G, H, R and
+// d (then d + margin at a target) are replaced in the row's scratch.
+template <typename T>
+void ce_near_pairs(const CEProblem<T>& pb, const RowWeights& rw, int64_t b, int64_t c0, int64_t nc, T wl, T ws,
+                   const T* linp, T* Prow, T* dxrow, CEBackwardScratch<T>& sc) {
+    const Operands<T>& in = pb.in;
+    const int64_t D = in.D, K = pb.K;
+    const T g = T(pb.gamma), lam = T(in.lam), margin = T(pb.margin);
+    const double lse_b = rw.lse[b];
+    RowWork<T>& w = sc.w;
+    T *G = w.G.data(), *H = w.H.data(), *R = w.R.data(), *d = w.d.data();
+    mark_targets(pb, b, c0, nc, sc.cols, sc.is_t);
+    for (int64_t j = 0; j < nc; ++j) {
+        if (w.near[j] == T(0) && !sc.is_t[j]) continue;
+        const Pair<T> pr = recompute_near_pair(in, b, c0 + j, sc.acc.data(), sc.diffp.data());
+        const T dist = pr.d + (sc.is_t[j] ? margin : T(0));
+        d[j] = dist;
+        T wt = T(0);  // Σ_k w_tl,bk over the targets in this column (repeats add up)
+        for (int64_t k = 0; k < K; ++k)
+            if (sc.cols[k] == j) wt += T(rw.w_tl[b * K + k]);
+        G[j] = wl * exp_nonpositive(T(double(-g * dist) - lse_b)) + (linp ? linp[j] : ws) + wt;
+        H[j] = -g * G[j];
+        R[j] = pr.r == T(0) ? T(0) : H[j] * lam * pr.s / pr.r;
+        const T Pj = pr.a == T(0) ? T(0) : H[j] / pr.a;
+        T* dmrow = sc.dmup.data() + j * D;
+        for (int64_t k = 0; k < D && Pj != T(0); ++k) {  // diff' may be Inf where Pj = 0
+            dxrow[k] += Pj * sc.diffp[k];
+            dmrow[k] -= Pj * sc.diffp[k];
+        }
+        Prow[j] = T(0);
+    }
+    clear_targets<T>(sc.cols, sc.is_t);
+}
+
+// The epilogue of row b over the tile: Prow holds the dots on entry and P (far pairs; 0 at near
+// and target pairs) on return; the row's column sums go to the tile's colsum and ∂smu, its row
+// sums to the chunk's partials. Returns whether P has a nonzero (NaN counts) entry.
+template <typename T>
+bool ce_backward_row(const CEProblem<T>& pb, const RowWeights& rw, int64_t cc, int64_t b, int64_t c0, int64_t nc,
+                     T* Prow, T* dxrow, CEBackwardScratch<T>& sc, CEPartials<T>& parts, ChunkSums& sums) {
+    const Operands<T>& in = pb.in;
+    const int64_t B = in.B;
+    if (rw.zero(b, pb.K)) {
+        std::fill(Prow, Prow + nc, T(0));
+        return false;
+    }
+    const T g = T(pb.gamma), lam = T(in.lam);
+    const T wl = T(rw.w_lse[b]), ws = T(rw.w_sl[b]), wp = T(rw.w_pl ? rw.w_pl[b] : 0.0);
+    const T* linp = row_linear_weights(pb, b, c0, nc, ws, wp, sc.lin);
+    const double lse_b = rw.lse[b];
+    RowWork<T>& w = sc.w;
+    row_terms(in, b, c0, nc, Prow, w);  // Prow holds the dots until P overwrites it
+    T *l = w.logit.data(), *e = w.e.data(), *G = w.G.data(), *H = w.H.data(), *R = w.R.data();
+    T* d = w.d.data();  // becomes d + margin·[target] in ce_near_pairs
+    const T *a = w.a.data(), *r = w.r.data(), *sv = w.s.data();
+    for (int64_t j = 0; j < nc; ++j) l[j] = T(double(-g * d[j]) - lse_b);
+    for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(l[j]);  // softmax_bc
+    backward_terms(nc, wl, ws, linp, g, lam, e, a, r, sv, G, H, Prow, R);
+    ce_near_pairs(pb, rw, b, c0, nc, wl, ws, linp, Prow, dxrow, sc);
+    for (int64_t j = 0; j < nc; ++j) {
+        sc.dsmu[j] -= double(R[j]);
+        sc.colsum[j] += double(Prow[j]);
+    }
+    sums.dlam += dot_to_double(H, r, nc);
+    sums.dgam -= dot_to_double(G, d, nc);
+    parts.rowsum_part[cc * B + b] += sum_to_double(Prow, nc);
+    parts.dsx_part[cc * B + b] += sum_to_double(R, nc);
+    for (int64_t j = 0; j < nc; ++j)
+        if (Prow[j] != T(0)) return true;
+    return false;
+}
+
+// The end of a class tile: ∂mu' += colsum(P)·mu', then the chain rule for its classes:
+// ∂mu = ∂mu'·Lcᵀ + ∂smu·betaᵀ, ∂Lc += (mu − m)ᵀ·∂mu', ∂beta += Σ_c ∂smu_c·(mu_c − m) (centred, as
+// the x half in ce_chain_rows).
+template <typename T>
+void ce_chain_tile(const CEProblem<T>& pb, const GradMask& want, int64_t cc, CEBackwardScratch<T>& sc,
+                   CEPartials<T>& parts) {
+    const Operands<T>& in = pb.in;
+    const int64_t D = in.D;
+    const ClassTile<T>& tile = sc.tile;
+    const int64_t c0 = tile.c0, nc = tile.nc;
+    const auto opts = in.xp.options();
+    T* dmup = sc.dmup.data();
+    for (int64_t j = 0; j < nc; ++j)
+        for (int64_t k = 0; k < D; ++k) dmup[j * D + k] += T(sc.colsum[j]) * tile.mup[j * D + k];
+    at::Tensor dmup_t = at::from_blob(dmup, {nc, D}, opts);
+    at::Tensor dmu_rows = parts.dmu.narrow(0, c0, nc);
+    at::Tensor lcp = parts.dlc_part.select(0, cc);
+    if (!want.mup()) {
+        dmu_rows.zero_();  // not returned; the ∂beta terms below still read the row
+    } else if (in.full) {
+        if (want.mu) at::mm_out(dmu_rows, dmup_t, pb.lc.t());
+        else dmu_rows.zero_();
+        if (want.lc) lcp.addmm_(at::from_blob(const_cast<T*>(tile.cent.data()), {nc, D}, opts).t(), dmup_t);
+    } else {
+        T* lcpp = lcp.data_ptr<T>();
+        T* out = dmu_rows.data_ptr<T>();
+        for (int64_t j = 0; j < nc; ++j)
+            for (int64_t k = 0; k < D; ++k) {
+                out[j * D + k] = dmup[j * D + k] * in.lc[k];
+                lcpp[k] += tile.cent[j * D + k] * dmup[j * D + k];
+            }
+    }
+    T* out = dmu_rows.data_ptr<T>();
+    for (int64_t j = 0; j < nc; ++j) {
+        const T* murow = in.mu + (c0 + j) * D;
+        for (int64_t k = 0; k < D; ++k) {
+            out[j * D + k] += T(sc.dsmu[j]) * pb.beta[k];
+            parts.dbeta_part[cc * D + k] += sc.dsmu[j] * (double(murow[k]) - double(pb.center[k]));
+        }
+    }
+}
+
+// One class tile of chunk cc: the tile loop over row blocks, each a GEMM of dots, the rows'
+// epilogue, and the two gradient GEMMs (skipped where P is exactly zero: every exp underflowed),
+// then ce_chain_tile.
+template <typename T>
+void ce_backward_tile(const CEProblem<T>& pb, const RowWeights& rw, const GradMask& want, int64_t cc, int64_t ct,
+                      CEBackwardScratch<T>& sc, CEPartials<T>& parts, ChunkSums& sums) {
+    const Operands<T>& in = pb.in;
+    const int64_t B = in.B, C = in.C, D = in.D;
+    const auto opts = in.xp.options();
+    at::Tensor part = parts.dxp_part.select(0, cc);
+    T* partp = part.data_ptr<T>();
+    sc.tile.build(pb, ct * kTileC, std::min(kTileC, C - ct * kTileC));
+    const int64_t c0 = sc.tile.c0, nc = sc.tile.nc;
+    std::fill(sc.dmup.begin(), sc.dmup.end(), T(0));
+    std::fill(sc.colsum.begin(), sc.colsum.end(), 0.0);
+    std::fill(sc.dsmu.begin(), sc.dsmu.end(), 0.0);
+    at::Tensor mup_t = sc.tile.mup_tensor(opts);
+    at::Tensor dmup_t = at::from_blob(sc.dmup.data(), {nc, D}, opts);
+    for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
+        const int64_t nr = std::min(kRowBlock, B - r0);
+        row_dots(pb, sc.tile, r0, nr, sc.P.data());  // dots, overwritten by P in place
+        bool any = false;
+        for (int64_t i = 0; i < nr; ++i) {
+            const int64_t b = r0 + i;
+            any = ce_backward_row(pb, rw, cc, b, c0, nc, sc.P.data() + i * nc, partp + b * D, sc, parts, sums) || any;
+        }
+        if (any) {
+            at::Tensor Pt = at::from_blob(sc.P.data(), {nr, nc}, opts);
+            if (want.xp()) part.narrow(0, r0, nr).addmm_(Pt, mup_t, 1, -1);
+            if (want.mup()) dmup_t.addmm_(Pt.t(), in.xp.narrow(0, r0, nr), 1, -1);
+        }
+    }
+    ce_chain_tile(pb, want, cc, sc, parts);
+}
+
+// The chunks' partials summed in chunk order, then the chain rule for the rows:
+// ∂x' += rowsum(P)·x', ∂x = ∂x'·Lcᵀ + ∂sx·betaᵀ, ∂Lc += (x − m)ᵀ·∂x', ∂beta += Σ_b ∂sx_b·(x_b − m).
+template <typename T>
+std::vector<at::Tensor> ce_chain_rows(const CEProblem<T>& pb, const GradMask& want, CEPartials<T>& parts) {
+    const Operands<T>& in = pb.in;
+    const int64_t B = in.B, D = in.D, n_cc = parts.n_cc;
+    const auto opts = in.xp.options();
+    at::Tensor dxp = parts.dxp_part.select(0, 0).clone();
+    at::Tensor dlc = parts.dlc_part.select(0, 0).clone();
+    for (int64_t cc = 1; cc < n_cc; ++cc) {
+        dxp.add_(parts.dxp_part.select(0, cc));
+        dlc.add_(parts.dlc_part.select(0, cc));
+    }
+    at::Tensor rowsum = at::empty({B}, opts), dsx = at::empty({B}, opts.dtype(at::kDouble));
+    T* rs = rowsum.data_ptr<T>();
+    double* dsxp = dsx.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b) {
+        double r = 0, s = 0;
+        for (int64_t cc = 0; cc < n_cc; ++cc) {
+            r += parts.rowsum_part[cc * B + b];
+            s += parts.dsx_part[cc * B + b];
+        }
+        rs[b] = T(r);
+        dsxp[b] = s;
+    }
+    dxp.addcmul_(rowsum.unsqueeze(1), in.xp);
+    at::Tensor beta_t = at::from_blob(const_cast<T*>(pb.beta), {D}, opts);
+    at::Tensor dx = at::empty({0}, opts);
+    if (want.x) {
+        dx = in.full ? at::mm(dxp, pb.lc.t()) : dxp * pb.lc;
+        dx.addcmul_(dsx.to(opts.dtype()).unsqueeze(1), beta_t.unsqueeze(0));
+    }
+    if (!want.lc)
+        dlc = at::empty({0}, opts);
+    else if (in.full)
+        dlc.addmm_(pb.xc.t(), dxp);
+    else
+        dlc.add_((pb.xc * dxp).sum(0));
+    std::vector<double> db = centred_weighted_sum<T>(at::from_blob(const_cast<T*>(in.x), {B, D}, opts), pb.center,
+                                                     dsxp);
+    for (int64_t cc = 0; cc < n_cc; ++cc)
+        for (int64_t k = 0; k < D; ++k) db[k] += parts.dbeta_part[cc * D + k];
+    at::Tensor dbeta = at::empty({want.beta ? D : 0}, opts);
+    if (want.beta)
+        for (int64_t k = 0; k < D; ++k) dbeta.data_ptr<T>()[k] = T(db[k]);
+    double dlam = 0, dgam = 0;
+    for (int64_t cc = 0; cc < n_cc; ++cc) {
+        dlam += parts.dlam_part[cc];
+        dgam += parts.dgam_part[cc];
+    }
+    const auto f64 = opts.dtype(at::kDouble);
+    at::Tensor dmu = want.mu ? parts.dmu : at::empty({0}, opts);
+    return {dx, dmu, dlc, dbeta, at::scalar_tensor(dlam, f64), at::scalar_tensor(dgam, f64)};
 }
 
 // Backward. With G_bc = ∂loss/∂logit'_bc = w_lse,b·exp(logit'_bc − lse_b) + v_c·(w_sl,b + w_pl,b·P_bc)
@@ -384,204 +696,26 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* tl, double* sl, dou
 //   ± P·diff' for pairs recomputed from the raw difference (near pairs and every target pair),
 //   ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·(d + margin·[c = t]),
 // then chained to the raw inputs: x' = (x − m)·Lc, mu' = (mu − m)·Lc, sx = x·beta, smu = mu·beta.
-// Each chunk owns its classes' ∂mu rows (finished tile by tile) and a ∂x' partial; the partials
-// are summed in chunk order. A tile whose P is exactly zero (every exp underflowed) skips its GEMMs.
+// Each chunk owns its classes' ∂mu rows (finished tile by tile, ce_backward_tile) and a ∂x'
+// partial; the partials are summed in chunk order (ce_chain_rows).
 template <typename T>
-std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const double* w_lse, const double* w_tl,
-                                    const double* w_sl, const double* w_pl, const double* lse, int64_t grad_mask) {
-    // Bit k of grad_mask: gradient k of (x, mu, lc, beta, lam, gamma) is wanted (ops/contract.py).
-    // ∂x' serves ∂x and ∂Lc, ∂mu' serves ∂mu and ∂Lc: the GEMM of a side runs only when one is wanted.
-    const bool want_x = grad_mask & 1, want_mu = grad_mask & 2, want_lc = grad_mask & 4, want_beta = grad_mask & 8;
-    const bool want_xp = want_x || want_lc, want_mup = want_mu || want_lc;
+std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const RowWeights& rw, int64_t grad_mask) {
+    const GradMask want(grad_mask);
     const Operands<T>& in = pb.in;
-    const int64_t B = in.B, C = in.C, D = in.D, K = pb.K;
-    const auto opts = in.xp.options();
+    const int64_t B = in.B, C = in.C, D = in.D;
     const int64_t n_ct = ceil_div(C, kTileC), n_cc = num_chunks(B, C, D, sizeof(T));
-    at::Tensor dmu = at::empty({C, D}, opts);  // every row is written by its chunk
-    at::Tensor dxp_part = at::zeros({n_cc, B, D}, opts);
-    std::vector<int64_t> lc_shape{n_cc};
-    for (int64_t s : pb.lc.sizes()) lc_shape.push_back(s);
-    at::Tensor dlc_part = at::zeros(lc_shape, opts);
-    std::vector<double> rowsum_part(n_cc * B, 0.0), dsx_part(n_cc * B, 0.0), dbeta_part(n_cc * D, 0.0);
-    std::vector<double> dlam_part(n_cc, 0.0), dgam_part(n_cc, 0.0);
-    const T g = T(pb.gamma), lam = T(in.lam), margin = T(pb.margin);
-
+    CEPartials<T> parts(pb, n_cc, in.xp.options());
     at::parallel_for(0, C > 0 ? n_cc : 0, 1, [&](int64_t begin, int64_t end) {
-        ClassTile<T> tile(D);
-        RowWork<T> w(kTileC);
-        std::vector<T> P(std::min(B, kRowBlock) * kTileC), diffp(D), dmup(kTileC * D);
-        std::vector<T> lin(pb.cw || pb.soft ? kTileC : 0);  // v_c·(w_sl + w_pl·P_bc) of one row
-        std::vector<double> acc(D), colsum(kTileC), dsmu(kTileC);
-        std::vector<int64_t> cols(K);
-        std::vector<char> is_t(kTileC, 0);
+        CEBackwardScratch<T> sc(pb);
         for (int64_t cc = begin; cc < end; ++cc) {
-            at::Tensor part = dxp_part.select(0, cc);
-            T* partp = part.data_ptr<T>();
-            double dlam = 0, dgam = 0;
+            ChunkSums sums;
             const auto [t0, t1] = chunk_tiles(cc, n_cc, n_ct);
-            for (int64_t ct = t0; ct < t1; ++ct) {
-                tile.build(pb, ct * kTileC, std::min(kTileC, C - ct * kTileC));
-                const int64_t c0 = tile.c0, nc = tile.nc;
-                std::fill(dmup.begin(), dmup.end(), T(0));
-                std::fill(colsum.begin(), colsum.end(), 0.0);
-                std::fill(dsmu.begin(), dsmu.end(), 0.0);
-                at::Tensor mup_t = tile.mup_tensor(opts);
-                at::Tensor dmup_t = at::from_blob(dmup.data(), {nc, D}, opts);
-                for (int64_t r0 = 0; r0 < B; r0 += kRowBlock) {
-                    const int64_t nr = std::min(kRowBlock, B - r0);
-                    row_dots(pb, tile, r0, nr, P.data());  // dots, overwritten by P in place
-                    bool any = false;
-                    for (int64_t i = 0; i < nr; ++i) {
-                        const int64_t b = r0 + i;
-                        T* Prow = P.data() + i * nc;
-                        bool zero_row = w_lse[b] == 0 && w_sl[b] == 0 && (!w_pl || w_pl[b] == 0);
-                        for (int64_t k = 0; k < K; ++k) zero_row = zero_row && w_tl[b * K + k] == 0;
-                        if (zero_row) {  // e.g. an ignored target
-                            std::fill(Prow, Prow + nc, T(0));
-                            continue;
-                        }
-                        const T wl = T(w_lse[b]), ws = T(w_sl[b]), wp = T(w_pl ? w_pl[b] : 0.0);
-                        T* linp = nullptr;
-                        if (!lin.empty()) {
-                            linp = lin.data();
-                            const T* prow = pb.soft ? pb.soft + b * pb.soft_sb + c0 * pb.soft_sc : nullptr;
-                            for (int64_t j = 0; j < nc; ++j)
-                                linp[j] = (pb.cw ? pb.cw[c0 + j] : T(1)) * (ws + (prow ? wp * prow[j * pb.soft_sc] : T(0)));
-                        }
-                        const double lse_b = lse[b];
-                        row_terms(in, b, c0, nc, Prow, w);  // Prow holds the dots until P overwrites it
-                        T *l = w.logit.data(), *e = w.e.data(), *G = w.G.data(), *H = w.H.data(), *R = w.R.data();
-                        T* d = w.d.data();  // becomes d + margin·[target] below
-                        const T *a = w.a.data(), *r = w.r.data(), *sv = w.s.data();
-                        for (int64_t j = 0; j < nc; ++j) l[j] = T(double(-g * d[j]) - lse_b);
-                        for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(l[j]);  // softmax_bc
-                        backward_terms(nc, wl, ws, (const T*)linp, g, lam, e, a, r, sv, G, H, Prow, R);
-                        // Pairs at risk and the target pairs: exact terms from diff' (SPEC §2.1), and
-                        // out of the GEMMs (P = 0 there).
-                        mark_targets(pb, b, c0, nc, cols, is_t);
-                        for (int64_t j = 0; j < nc; ++j) {
-                            if (w.near[j] == T(0) && !is_t[j]) continue;
-                            const Pair<T> pr = pair_direct(in, b, c0 + j, acc.data(), diffp.data());
-                            const T dist = pr.d + (is_t[j] ? margin : T(0));
-                            d[j] = dist;
-                            T wt = T(0);  // Σ_k w_tl,bk over the targets in this column (repeats add up)
-                            for (int64_t k = 0; k < K; ++k)
-                                if (cols[k] == j) wt += T(w_tl[b * K + k]);
-                            G[j] = wl * exp_nonpositive(T(double(-g * dist) - lse_b)) + (linp ? linp[j] : ws) + wt;
-                            H[j] = -g * G[j];
-                            R[j] = pr.r == T(0) ? T(0) : H[j] * lam * pr.s / pr.r;
-                            const T Pj = pr.a == T(0) ? T(0) : H[j] / pr.a;
-                            T* dxrow = partp + b * D;
-                            T* dmrow = dmup.data() + j * D;
-                            for (int64_t k = 0; k < D && Pj != T(0); ++k) {  // diff' may be Inf where Pj = 0
-                                dxrow[k] += Pj * diffp[k];
-                                dmrow[k] -= Pj * diffp[k];
-                            }
-                            Prow[j] = T(0);
-                        }
-                        clear_targets<T>(cols, is_t);
-                        for (int64_t j = 0; j < nc; ++j) {
-                            dsmu[j] -= double(R[j]);
-                            colsum[j] += double(Prow[j]);
-                        }
-                        dlam += dot_to_double(H, r, nc);
-                        dgam -= dot_to_double(G, d, nc);
-                        const double rsum = sum_to_double(Prow, nc);
-                        rowsum_part[cc * B + b] += rsum;
-                        dsx_part[cc * B + b] += sum_to_double(R, nc);
-                        if (!any)
-                            for (int64_t j = 0; j < nc; ++j) any = any || Prow[j] != T(0);  // NaN counts
-                    }
-                    if (any) {
-                        at::Tensor Pt = at::from_blob(P.data(), {nr, nc}, opts);
-                        if (want_xp) part.narrow(0, r0, nr).addmm_(Pt, mup_t, 1, -1);
-                        if (want_mup) dmup_t.addmm_(Pt.t(), in.xp.narrow(0, r0, nr), 1, -1);
-                    }
-                }
-                for (int64_t j = 0; j < nc; ++j)
-                    for (int64_t k = 0; k < D; ++k) dmup[j * D + k] += T(colsum[j]) * tile.mup[j * D + k];
-                // Chain rule for this tile: ∂mu = ∂mu'·Lcᵀ + ∂smu·betaᵀ, ∂Lc += (mu − m)ᵀ·∂mu',
-                // ∂beta += muᵀ·∂smu.
-                at::Tensor dmu_rows = dmu.narrow(0, c0, nc);
-                at::Tensor lcp = dlc_part.select(0, cc);
-                if (!want_mup) {
-                    dmu_rows.zero_();  // not returned; the ∂beta terms below still read the row
-                } else if (in.full) {
-                    if (want_mu) at::mm_out(dmu_rows, dmup_t, pb.lc.t());
-                    else dmu_rows.zero_();
-                    if (want_lc) lcp.addmm_(at::from_blob(tile.cent.data(), {nc, D}, opts).t(), dmup_t);
-                } else {
-                    T* lcpp = lcp.data_ptr<T>();
-                    T* out = dmu_rows.data_ptr<T>();
-                    for (int64_t j = 0; j < nc; ++j)
-                        for (int64_t k = 0; k < D; ++k) {
-                            out[j * D + k] = dmup[j * D + k] * in.lc[k];
-                            lcpp[k] += tile.cent[j * D + k] * dmup[j * D + k];
-                        }
-                }
-                // ∂beta += Σ_c ∂smu_c·(mu_c − m), centred (the x half below likewise).
-                T* out = dmu_rows.data_ptr<T>();
-                for (int64_t j = 0; j < nc; ++j) {
-                    const T* murow = in.mu + (c0 + j) * D;
-                    for (int64_t k = 0; k < D; ++k) {
-                        out[j * D + k] += T(dsmu[j]) * pb.beta[k];
-                        dbeta_part[cc * D + k] += dsmu[j] * (double(murow[k]) - double(pb.center[k]));
-                    }
-                }
-            }
-            dlam_part[cc] = dlam;
-            dgam_part[cc] = dgam;
+            for (int64_t ct = t0; ct < t1; ++ct) ce_backward_tile(pb, rw, want, cc, ct, sc, parts, sums);
+            parts.dlam_part[cc] = sums.dlam;
+            parts.dgam_part[cc] = sums.dgam;
         }
     });
-
-    // Partials summed in chunk order: the result does not depend on thread timing.
-    at::Tensor dxp = dxp_part.select(0, 0).clone();
-    at::Tensor dlc = dlc_part.select(0, 0).clone();
-    for (int64_t cc = 1; cc < n_cc; ++cc) {
-        dxp.add_(dxp_part.select(0, cc));
-        dlc.add_(dlc_part.select(0, cc));
-    }
-    at::Tensor rowsum = at::empty({B}, opts), dsx = at::empty({B}, opts.dtype(at::kDouble));
-    T* rs = rowsum.data_ptr<T>();
-    double* dsxp = dsx.data_ptr<double>();
-    for (int64_t b = 0; b < B; ++b) {
-        double r = 0, s = 0;
-        for (int64_t cc = 0; cc < n_cc; ++cc) {
-            r += rowsum_part[cc * B + b];
-            s += dsx_part[cc * B + b];
-        }
-        rs[b] = T(r);
-        dsxp[b] = s;
-    }
-    dxp.addcmul_(rowsum.unsqueeze(1), in.xp);
-    // Chain rule for the rows: ∂x = ∂x'·Lcᵀ + ∂sx·betaᵀ, ∂Lc += (x − m)ᵀ·∂x', ∂beta += xᵀ·∂sx.
-    at::Tensor beta_t = at::from_blob(const_cast<T*>(pb.beta), {D}, opts);
-    at::Tensor dx = at::empty({0}, opts);
-    if (want_x) {
-        dx = in.full ? at::mm(dxp, pb.lc.t()) : dxp * pb.lc;
-        dx.addcmul_(dsx.to(opts.dtype()).unsqueeze(1), beta_t.unsqueeze(0));
-    }
-    if (!want_lc)
-        dlc = at::empty({0}, opts);
-    else if (in.full)
-        dlc.addmm_(pb.xc.t(), dxp);
-    else
-        dlc.add_((pb.xc * dxp).sum(0));
-    std::vector<double> db = centred_weighted_sum<T>(at::from_blob(const_cast<T*>(in.x), {B, D}, opts), pb.center,
-                                                     dsxp);
-    for (int64_t cc = 0; cc < n_cc; ++cc)
-        for (int64_t k = 0; k < D; ++k) db[k] += dbeta_part[cc * D + k];
-    at::Tensor dbeta = at::empty({want_beta ? D : 0}, opts);
-    if (want_beta)
-        for (int64_t k = 0; k < D; ++k) dbeta.data_ptr<T>()[k] = T(db[k]);
-    double dlam = 0, dgam = 0;
-    for (int64_t cc = 0; cc < n_cc; ++cc) {
-        dlam += dlam_part[cc];
-        dgam += dgam_part[cc];
-    }
-    const auto f64 = opts.dtype(at::kDouble);
-    if (!want_mu) dmu = at::empty({0}, opts);
-    return {dx, dmu, dlc, dbeta, at::scalar_tensor(dlam, f64), at::scalar_tensor(dgam, f64)};
+    return ce_chain_rows(pb, want, parts);
 }
 
 void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
@@ -618,17 +752,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
     check_ce_args(x, mu, lc, beta, lam, gamma, target, class_weight, soft_target);
     at::NoGradGuard no_grad;  // the ATen calls below are part of this op, not of the autograd graph
     const auto f64 = x.options().dtype(at::kDouble);
-    at::Tensor lse = at::empty({x.size(0)}, f64), tl = at::empty(target.sizes(), f64), sl = at::empty({x.size(0)}, f64),
-               pl = at::empty({x.size(0)}, f64);
-    if (x.size(0) == 0) return {lse, tl, sl, pl};
+    at::Tensor lse = at::empty({x.size(0)}, f64), target_logit = at::empty(target.sizes(), f64);
+    at::Tensor sl = at::empty({x.size(0)}, f64), pl = at::empty({x.size(0)}, f64);
+    if (x.size(0) == 0) return {lse, target_logit, sl, pl};
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_fwd", [&] {
         const auto pb = setup<scalar_t>(x.detach().contiguous(), mu.detach().contiguous(), lc.detach().contiguous(),
                                         beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin,
                                         class_weight, soft_target);
-        ce_forward<scalar_t>(pb, lse.data_ptr<double>(), tl.data_ptr<double>(), sl.data_ptr<double>(),
+        ce_forward<scalar_t>(pb, lse.data_ptr<double>(), target_logit.data_ptr<double>(), sl.data_ptr<double>(),
                              pl.data_ptr<double>());
     });
-    return {lse, tl, sl, pl};
+    return {lse, target_logit, sl, pl};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_bwd_cpu(
@@ -651,12 +785,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const auto pb = setup<scalar_t>(x.detach().contiguous(), mu.detach().contiguous(), lc.detach().contiguous(),
                                         beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin,
                                         class_weight, soft_target);
-        res = ce_backward<scalar_t>(pb, wl.data_ptr<double>(), wt.data_ptr<double>(), ws.data_ptr<double>(),
-                                    wp.defined() ? wp.data_ptr<double>() : nullptr, l.data_ptr<double>(), grad_mask);
+        const RowWeights rw{wl.data_ptr<double>(), wt.data_ptr<double>(), ws.data_ptr<double>(),
+                            wp.defined() ? wp.data_ptr<double>() : nullptr, l.data_ptr<double>()};
+        res = ce_backward<scalar_t>(pb, rw, grad_mask);
     });
-    at::Tensor dlam = grad_mask >> 4 & 1 ? res[4].to(lam.scalar_type()) : at::empty({0}, lam.options());
-    at::Tensor dgamma = grad_mask >> 5 & 1 ? res[5].to(gamma.scalar_type()) : at::empty({0}, gamma.options());
-    return {res[0], res[1], res[2], res[3], dlam, dgamma};
+    return {res[0], res[1], res[2], res[3], scalar_grad(res[kGradLam], lam, grad_mask, kGradLam),
+            scalar_grad(res[kGradGamma], gamma, grad_mask, kGradGamma)};
 }
 
 }  // namespace

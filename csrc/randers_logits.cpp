@@ -4,7 +4,7 @@
 //       -> (dx, dmu, dlc, dbeta, dlam, dgamma)
 // whose schemas, fake kernels and autograd formula are in faim_kernels/ops/contract.py.
 // Forward: the preparation (centre, x', mu', norms, float64 s), ONE GEMM x'·mu'ᵀ into the output,
-// the epilogue in place row by row, and the pairs at risk recomputed from the raw difference.
+// the epilogue in place row by row, and the near pairs recomputed from the raw difference.
 // Backward: a = sqrt(q + eps) comes back from the logits, so the two gradient GEMMs are the only
 // B×C×D products (as in nn.Linear's backward); no [B, C, D] is ever formed.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -56,7 +56,7 @@ Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const 
 
 // out holds the GEMM x'·mu'ᵀ on entry and the logits −γ·d (Eq. 3) on return: one vectorised
 // loop per row segment, everything in T (the shared row_terms also stores a, r, s, d for the
-// cross-entropy), then the pairs at risk (about one per row: a sample's
+// cross-entropy), then the near pairs (about one per row: a sample's
 // own prototype) recomputed from the raw difference.
 template <typename T>
 void logits_epilogue(const Operands<T>& in, double gamma, T* out) {
@@ -87,13 +87,13 @@ void logits_epilogue(const Operands<T>& in, double gamma, T* out) {
                 const T norms = xn + mn[j];
                 const T q = norms - T(2) * row[j];
                 const T s = (sxh - smh[j]) + (sxl - sml[j]);
-                near[j] = at_risk(q, norms, tau) || s_at_risk(s, sxh, smh[j]) ? T(1) : T(0);
+                near[j] = is_near_pair(q, norms, tau) || s_cancels(s, sxh, smh[j]) ? T(1) : T(0);
                 n_near += near[j];
                 row[j] = neg_gamma * (std::sqrt((q < T(0) ? T(0) : q) + eps) + lam * std::sqrt(s * s + eps));
             }
             if (n_near == T(0)) continue;
             for (int64_t j = 0; j < nc; ++j)
-                if (near[j] != T(0)) row[j] = neg_gamma * pair_direct(in, b, c0 + j, acc.data(), (T*)nullptr).d;
+                if (near[j] != T(0)) row[j] = neg_gamma * recompute_near_pair(in, b, c0 + j, acc.data(), (T*)nullptr).d;
         }
     });
 }
@@ -127,16 +127,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_l
     });
     return {logits, xp, mup, sx, smu};
 }
-
-// Which gradients the backward computes: bit k of the op's grad_mask stands for gradient k of
-// (x, mu, lc, beta, lam, gamma) (faim_kernels/ops/contract.py). Skipped: the ∂x GEMM for features
-// without grad, the ∂mu GEMM for frozen prototypes, the ∂Lc products for a frozen metric.
-struct GradMask {
-    bool x, mu, lc, beta;
-    explicit GradMask(int64_t m) : x(m & 1), mu(m & 2), lc(m & 4), beta(m & 8) {}
-    bool xp() const { return x || lc; }   // ∂x' is needed for ∂x or ∂Lc
-    bool mup() const { return mu || lc; }
-};
 
 // The chain rule for one side (v = x or mu, with its ∂v' and ∂s): returns ∂v = ∂v'·Lcᵀ + ∂s·betaᵀ
 // (want_dv) and adds (v − m)ᵀ·∂v' to dlc (want_dlc) and Σ_i ∂s_i·(v_i − m) to dbeta (want_dbeta;
@@ -206,197 +196,280 @@ at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tenso
     return want_dv ? dv : at::Tensor();
 }
 
-// A pair at risk: its ∂x', ∂mu' terms are added from diff' directly instead of through
+// A near pair: its ∂x', ∂mu' terms are added from diff' directly instead of through
 // rowsum(P)·x' − P·mu', which cancels there (SPEC §2.1).
 struct NearTerm {
     int64_t b, c;
     double p;
 };
 
-// Backward (SPEC §2), with H = −γ·G, P = H/a, R = H·λ·s/r:
-//   ∂x' = rowsum(P)·x' − P·mu',  ∂mu' = colsum(P)·mu' − Pᵀ·x'   (far pairs: two BLAS GEMMs)
-//   ± P·diff' for the pairs at risk; ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·d,
-// then the chain to the raw inputs: ∂x = ∂x'·Lcᵀ + ∂sx·betaᵀ, ∂mu likewise,
-// ∂Lc = (x − m)ᵀ∂x' + (mu − m)ᵀ∂mu', ∂beta = Σ ∂sx_b·(x_b − m) + Σ ∂smu_c·(mu_c − m).
-// d comes from the logits (d = −logits/γ: one rounding, so a = d − λ·r is within a few units of
-// round-off of the forward's a wherever λ·r is not much larger than a, i.e. wherever the metric is
-// a Randers metric, λ·|beta|_{Sigma⁻¹} < 1), and the pair at-risk test q = a² − eps < tau·(|x'|² +
-// |mu'|²) picks the pairs recomputed from the raw difference. With γ = 0 the logits carry no d, and
-// with a tiny γ they are subnormal: the distances are recomputed (one forward) then.
-// One pass, parallel over row tiles, writes P (far pairs; 0 at pairs at risk) into the backward's
-// one [B, C] temporary; colsum(R) is kept per row tile and summed in tile order, so the results do
-// not depend on thread timing.
+// Where the backward reads the distances: d_bc = scale·src_bc. The logits carry d only where γ·d
+// is a normal number of T: with a tiny γ (float32 γ = 1e-40, say) they are subnormal or 0 and hold
+// a few bits of d, or none, so d is recomputed then (one forward, gamma = −1), as for γ = 0. (With
+// |γ| >= 1 a subnormal logit means d < the smallest normal number, an absolute error below any
+// distance that matters; such a pair is a near pair anyway.)
 template <typename T>
-std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& raw, const at::Tensor& grad,
-                                        const at::Tensor& logits, double gamma, const GradMask& want) {
-    const int64_t B = in.B, C = in.C, D = in.D;
-    const auto opts = in.xp.options();
-    const T* G = grad.data_ptr<T>();
-    const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);  // expanded grads (stride 0) are fine
-    // d_bc = dscale·src_bc. The logits carry d only where γ·d is a normal number of T: with a tiny
-    // γ (float32 γ = 1e-40, say) they are subnormal or 0 and hold a few bits of d, or none, so d is
-    // recomputed then, as for γ = 0. (With |γ| >= 1 a subnormal logit means d < the smallest normal
-    // number, an absolute error below any distance that matters; such a pair is at risk anyway.)
+struct DistanceSource {
+    at::Tensor src;  // [B, C], any strides
+    T scale;
+};
+
+template <typename T>
+DistanceSource<T> distance_source(const Operands<T>& in, const at::Tensor& logits, double gamma) {
     const bool logits_hold_d =
         gamma != 0 && (std::abs(gamma) >= 1 ||
                        !at::lt(logits.abs(), double(std::numeric_limits<T>::min())).any().item<bool>());
-    at::Tensor src = logits_hold_d ? logits : logits_of(in, -1.0);
-    const T* L = src.data_ptr<T>();
-    const int64_t ls0 = src.stride(0), ls1 = src.stride(1);
-    const T dscale = logits_hold_d ? T(-1.0 / gamma) : T(1);
+    if (logits_hold_d) return {logits, T(-1.0 / gamma)};
+    return {logits_of(in, -1.0), T(1)};
+}
 
-    at::Tensor P = at::empty({B, C}, opts);
-    T* Pp = P.data_ptr<T>();
-    at::Tensor row_p = at::empty({B}, opts);
-    at::Tensor dsx = at::empty({B}, opts.dtype(at::kDouble));
-    T* row_pp = row_p.data_ptr<T>();
-    double* dsxp = dsx.data_ptr<double>();
+// What the backward's pass over the pairs leaves for the gradient GEMMs and the chain rule.
+// Column sums and scalar sums are kept per row tile and added in tile order afterwards, so the
+// results do not depend on thread timing.
+template <typename T>
+struct PairSums {
+    at::Tensor P;                                 // [B, C] P of the far pairs, 0 at near pairs
+    at::Tensor row_p;                             // [B] rowsum(P) (far pairs)
+    at::Tensor dsx;                               // [B] float64 rowsum(R) = ∂sx
+    int64_t n_bt;                                 // row tiles of kTileBBackward rows
+    std::vector<T> col_p, col_r;                  // [n_bt, C] column sums of P and R per row tile
+    std::vector<double> dlam_part, dgam_part;     // [n_bt] Σ H·r and −Σ G·d per row tile
+    std::vector<std::vector<NearTerm>> near;      // per row tile: the near pairs' p
+    std::vector<std::vector<T>> near_diff;        // per row tile: their diff' rows [D] each
 
-    // Column sums of P and R per row tile (in T over the tile's rows), added in tile order below.
-    const int64_t n_bt = ceil_div(B, kTileBBackward);
-    std::vector<double> dlam_part(n_bt, 0.0), dgam_part(n_bt, 0.0);
-    std::vector<T> col_p(n_bt * C, T(0)), col_r(n_bt * C, T(0));
-    std::vector<std::vector<NearTerm>> near(n_bt);
-    std::vector<std::vector<T>> near_diff(n_bt);
-    at::parallel_for(0, n_bt, 1, [&](int64_t begin, int64_t end) {
-        const T g = T(gamma), lam = T(in.lam), eps = T(in.eps), tau = T(in.tau), ds = dscale;  // locals: see the forward
-        std::vector<T> diffp(D), gr(kTileC), lr(kTileC), near_flags(kTileC);
-        std::vector<double> acc(D);
-        for (int64_t bt = begin; bt < end; ++bt) {
-            const int64_t b0 = bt * kTileBBackward, nb = std::min(kTileBBackward, B - b0);
-            double dlam = 0, dgam = 0;
-            for (int64_t i = 0; i < nb; ++i) {
-                const int64_t b = b0 + i;
-                const T xn = in.xnorm[b], sxh = in.sx_hi[b], sxl = in.sx_lo[b];
-                double sum_p = 0, sum_r = 0;
-                for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
-                    const int64_t nc = std::min(kTileC, C - c0);
-                    // Rows with unit column stride are read in place; others (e.g. an expanded
-                    // gradient, stride 0) are gathered into a row buffer first.
-                    const T* gsrc = G + b * gs0 + c0 * gs1;
-                    const T* lsrc = L + b * ls0 + c0 * ls1;
-                    if (gs1 != 1) {
-                        for (int64_t j = 0; j < nc; ++j) gr[j] = gsrc[j * gs1];
-                        gsrc = gr.data();
-                    }
-                    if (ls1 != 1) {
-                        for (int64_t j = 0; j < nc; ++j) lr[j] = lsrc[j * ls1];
-                        lsrc = lr.data();
-                    }
-                    const T* __restrict__ mn = in.munorm.data() + c0;
-                    const T* __restrict__ smh = in.smu_hi.data() + c0;
-                    const T* __restrict__ sml = in.smu_lo.data() + c0;
-                    const T* __restrict__ gv = gsrc;
-                    const T* __restrict__ lv = lsrc;
-                    T* __restrict__ prow = Pp + b * C + c0;
-                    T* __restrict__ cp = col_p.data() + bt * C + c0;
-                    T* __restrict__ cr = col_r.data() + bt * C + c0;
-                    T* __restrict__ nf = near_flags.data();
-                    T sp = 0, sr = 0, shr = 0, sgd = 0, n_near = 0;
-                    // Reductions need the pragma: without it the compiler may not reorder float sums.
+    PairSums(int64_t B, int64_t C, const at::TensorOptions& opts)
+        : P(at::empty({B, C}, opts)), row_p(at::empty({B}, opts)), dsx(at::empty({B}, opts.dtype(at::kDouble))),
+          n_bt(ceil_div(B, kTileBBackward)), col_p(n_bt * C, T(0)), col_r(n_bt * C, T(0)),
+          dlam_part(n_bt, 0.0), dgam_part(n_bt, 0.0), near(n_bt), near_diff(n_bt) {}
+};
+
+// The scalars of the backward's epilogue, as locals of each worker: a store to an output could
+// alias captured references, which keeps the loops scalar (see the forward).
+template <typename T>
+struct BackwardScalars {
+    T g, lam, eps, tau, dscale;
+};
+
+// One worker's scratch: diff' of a near pair, the gathered rows of strided inputs, the near-pair
+// flags of one row segment, and the near-pair recompute's float64 accumulator.
+template <typename T>
+struct BackwardScratch {
+    std::vector<T> diffp, gr, lr, near_flags;
+    std::vector<double> acc;
+    explicit BackwardScratch(int64_t D) : diffp(D), gr(kTileC), lr(kTileC), near_flags(kTileC), acc(D) {}
+};
+
+// The sums of one row segment's far pairs (in T over the segment).
+template <typename T>
+struct SegmentSums {
+    T sp, sr, shr, sgd, n_near;
+};
+
+// The epilogue of one row segment (row b, classes c0 .. c0+nc), one vectorised loop: d from the
+// logits, a = d − λ·r, the near-pair test q = a² − eps < tau·(|x'|² + |mu'|²), and for the far
+// pairs P = H/a, R = H·λ·s/r written to prow and added to the tile's column sums cp, cr. Near pairs
+// get P = R = 0 here and are flagged in nf for near_pair_terms.
+template <typename T>
+SegmentSums<T> far_pair_terms(const Operands<T>& in, const BackwardScalars<T>& k, int64_t b, int64_t c0, int64_t nc,
+                              const T* __restrict__ gv, const T* __restrict__ lv, T* __restrict__ prow,
+                              T* __restrict__ cp, T* __restrict__ cr, T* __restrict__ nf) {
+    const T g = k.g, lam = k.lam, eps = k.eps, tau = k.tau, ds = k.dscale;
+    const T xn = in.xnorm[b], sxh = in.sx_hi[b], sxl = in.sx_lo[b];
+    const T* __restrict__ mn = in.munorm.data() + c0;
+    const T* __restrict__ smh = in.smu_hi.data() + c0;
+    const T* __restrict__ sml = in.smu_lo.data() + c0;
+    T sp = 0, sr = 0, shr = 0, sgd = 0, n_near = 0;
+    // Reductions need the pragma: without it the compiler may not reorder float sums.
 #pragma omp simd reduction(+ : sp, sr, shr, sgd, n_near)
-                    for (int64_t j = 0; j < nc; ++j) {
-                        const T s = (sxh - smh[j]) + (sxl - sml[j]);
-                        const T r = std::sqrt(s * s + eps);
-                        const T d = ds * lv[j];
-                        const T a = d - lam * r;
-                        nf[j] = at_risk(a * a - eps, xn + mn[j], tau) || s_at_risk(s, sxh, smh[j]) ? T(1) : T(0);
-                        const T H = -g * gv[j];
-                        const T p = a > T(0) ? H / a : T(0);  // eps = 0 at an exact hit: subgradient 0
-                        const T R = r > T(0) ? H * lam * s / r : T(0);
-                        // Pairs at risk take all their a, s, r terms from the direct path below.
-                        const bool far = nf[j] == T(0);
-                        const T pf = far ? p : T(0);
-                        const T Rf = far ? R : T(0);
-                        prow[j] = pf;
-                        cp[j] += pf;
-                        cr[j] += Rf;
-                        sp += pf;
-                        sr += Rf;
-                        shr += far ? H * r : T(0);
-                        sgd += gv[j] * d;
-                        n_near += nf[j];
-                    }
-                    sum_p += sp;
-                    sum_r += sr;
-                    dlam += shr;
-                    dgam -= sgd;
-                    if (n_near == T(0)) continue;
-                    for (int64_t j = 0; j < nc; ++j) {
-                        if (nf[j] == T(0)) continue;
-                        const Pair<T> pr = pair_direct(in, b, c0 + j, acc.data(), diffp.data());
-                        const T H = -g * gv[j];
-                        const T p = pr.a > T(0) ? H / pr.a : T(0);
-                        const T R = pr.r > T(0) ? H * lam * pr.s / pr.r : T(0);
-                        sum_r += double(R);
-                        col_r[bt * C + c0 + j] += R;
-                        dlam += double(H * pr.r);
-                        // p = 0 exactly (an infinite distance, or no gradient) adds nothing: diff'
-                        // may hold Inf there.
-                        if (p == T(0)) continue;
-                        near[bt].push_back({b, c0 + j, double(p)});
-                        near_diff[bt].insert(near_diff[bt].end(), diffp.begin(), diffp.end());
-                    }
-                }
-                row_pp[b] = T(sum_p);
-                dsxp[b] = sum_r;
-            }
-            dlam_part[bt] = dlam;
-            dgam_part[bt] = dgam;
-        }
-    });
+    for (int64_t j = 0; j < nc; ++j) {
+        const T s = (sxh - smh[j]) + (sxl - sml[j]);
+        const T r = std::sqrt(s * s + eps);
+        const T d = ds * lv[j];
+        const T a = d - lam * r;
+        nf[j] = is_near_pair(a * a - eps, xn + mn[j], tau) || s_cancels(s, sxh, smh[j]) ? T(1) : T(0);
+        const T H = -g * gv[j];
+        const T p = a > T(0) ? H / a : T(0);  // eps = 0 at an exact hit: subgradient 0
+        const T R = r > T(0) ? H * lam * s / r : T(0);
+        // Near pairs take all their a, s, r terms from the near-pair recompute.
+        const bool far = nf[j] == T(0);
+        const T pf = far ? p : T(0);
+        const T Rf = far ? R : T(0);
+        prow[j] = pf;
+        cp[j] += pf;
+        cr[j] += Rf;
+        sp += pf;
+        sr += Rf;
+        shr += far ? H * r : T(0);
+        sgd += gv[j] * d;
+        n_near += nf[j];
+    }
+    return {sp, sr, shr, sgd, n_near};
+}
 
-    at::Tensor dsmu = at::empty({C}, opts.dtype(at::kDouble));
-    at::Tensor colsum_p = at::empty({C}, opts);
-    double* dsmup = dsmu.data_ptr<double>();
-    T* colsum_pp = colsum_p.data_ptr<T>();
+// The near-pair recompute of one row segment: each flagged pair's a, s, r from the raw difference
+// (recompute_near_pair), its R added to the row and column sums, its p and diff' kept for the GEMMs' results.
+template <typename T>
+void near_pair_terms(const Operands<T>& in, const BackwardScalars<T>& k, int64_t b, int64_t c0, int64_t nc,
+                     const T* gv, const T* nf, BackwardScratch<T>& w, T* cr, double& sum_r, double& dlam,
+                     std::vector<NearTerm>& near, std::vector<T>& near_diff) {
+    for (int64_t j = 0; j < nc; ++j) {
+        if (nf[j] == T(0)) continue;
+        const Pair<T> pr = recompute_near_pair(in, b, c0 + j, w.acc.data(), w.diffp.data());
+        const T H = -k.g * gv[j];
+        const T p = pr.a > T(0) ? H / pr.a : T(0);
+        const T R = pr.r > T(0) ? H * k.lam * pr.s / pr.r : T(0);
+        sum_r += double(R);
+        cr[j] += R;
+        dlam += double(H * pr.r);
+        // p = 0 exactly (an infinite distance, or no gradient) adds nothing: diff' may hold Inf there.
+        if (p == T(0)) continue;
+        near.push_back({b, c0 + j, double(p)});
+        near_diff.insert(near_diff.end(), w.diffp.begin(), w.diffp.end());
+    }
+}
+
+// The pass over the pairs of row tile bt (rows b0 .. b0+nb), class tile by class tile.
+template <typename T>
+void backward_row_tile(const Operands<T>& in, const BackwardScalars<T>& k, int64_t bt, const T* G, int64_t gs0,
+                       int64_t gs1, const T* L, int64_t ls0, int64_t ls1, PairSums<T>& out, BackwardScratch<T>& w) {
+    const int64_t B = in.B, C = in.C;
+    const int64_t b0 = bt * kTileBBackward, nb = std::min(kTileBBackward, B - b0);
+    T* Pp = out.P.template data_ptr<T>();
+    T* row_pp = out.row_p.template data_ptr<T>();
+    double* dsxp = out.dsx.template data_ptr<double>();
+    double dlam = 0, dgam = 0;
+    for (int64_t i = 0; i < nb; ++i) {
+        const int64_t b = b0 + i;
+        double sum_p = 0, sum_r = 0;
+        for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
+            const int64_t nc = std::min(kTileC, C - c0);
+            // Rows with unit column stride are read in place; others (e.g. an expanded gradient,
+            // stride 0) are gathered into a row buffer first.
+            const T* gsrc = G + b * gs0 + c0 * gs1;
+            const T* lsrc = L + b * ls0 + c0 * ls1;
+            if (gs1 != 1) {
+                for (int64_t j = 0; j < nc; ++j) w.gr[j] = gsrc[j * gs1];
+                gsrc = w.gr.data();
+            }
+            if (ls1 != 1) {
+                for (int64_t j = 0; j < nc; ++j) w.lr[j] = lsrc[j * ls1];
+                lsrc = w.lr.data();
+            }
+            T* cr = out.col_r.data() + bt * C + c0;
+            const SegmentSums<T> s = far_pair_terms(in, k, b, c0, nc, gsrc, lsrc, Pp + b * C + c0,
+                                                    out.col_p.data() + bt * C + c0, cr, w.near_flags.data());
+            sum_p += s.sp;
+            sum_r += s.sr;
+            dlam += s.shr;
+            dgam -= s.sgd;
+            if (s.n_near == T(0)) continue;
+            near_pair_terms(in, k, b, c0, nc, gsrc, w.near_flags.data(), w, cr, sum_r, dlam, out.near[bt],
+                            out.near_diff[bt]);
+        }
+        row_pp[b] = T(sum_p);
+        dsxp[b] = sum_r;
+    }
+    out.dlam_part[bt] = dlam;
+    out.dgam_part[bt] = dgam;
+}
+
+// colsum(P) [C] and ∂smu = −colsum(R) [C] (float64) from the per-row-tile partials, in tile order.
+template <typename T>
+void column_sums(const PairSums<T>& sums, int64_t C, T* colsum_p, double* dsmu) {
+    const int64_t n_bt = sums.n_bt;
     at::parallel_for(0, C, 4096, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
             double tp = 0, tr = 0;
             for (int64_t bt = 0; bt < n_bt; ++bt) {
-                tp += double(col_p[bt * C + c]);
-                tr += double(col_r[bt * C + c]);
+                tp += double(sums.col_p[bt * C + c]);
+                tr += double(sums.col_r[bt * C + c]);
             }
-            colsum_pp[c] = T(tp);
-            dsmup[c] = -tr;
+            colsum_p[c] = T(tp);
+            dsmu[c] = -tr;
         }
     });
+}
 
-    // In place after each GEMM: no [C, D] temporary besides the result. Only the GEMMs of the
-    // wanted gradients run (∂x' serves ∂x and ∂Lc, ∂mu' serves ∂mu and ∂Lc).
+// The gradient GEMMs ∂x' = rowsum(P)·x' − P·mu' and ∂mu' = colsum(P)·mu' − Pᵀ·x' (in place after
+// each GEMM: no [C, D] temporary besides the result; only the wanted sides run), then ± p·diff'
+// for the near pairs. P is released as soon as both GEMMs are done.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> gradient_gemms(const Operands<T>& in, PairSums<T>& sums, const at::Tensor& colsum_p,
+                                                 bool want_xp, bool want_mup) {
+    const int64_t D = in.D;
     at::Tensor dxp, dmup;
-    if (want.xp()) dxp = at::mm(P, in.mup).neg_().addcmul_(row_p.unsqueeze(1), in.xp);
-    if (want.mup()) dmup = at::mm(P.t(), in.xp).neg_().addcmul_(colsum_p.unsqueeze(1), in.mup);
-    P.reset();
-    T* dx_ = want.xp() ? dxp.data_ptr<T>() : nullptr;
-    T* dm_ = want.mup() ? dmup.data_ptr<T>() : nullptr;
-    for (int64_t bt = 0; bt < n_bt; ++bt) {
-        for (size_t n = 0; n < near[bt].size(); ++n) {
-            const NearTerm& t = near[bt][n];
-            const T* df = near_diff[bt].data() + n * D;
+    if (want_xp) dxp = at::mm(sums.P, in.mup).neg_().addcmul_(sums.row_p.unsqueeze(1), in.xp);
+    if (want_mup) dmup = at::mm(sums.P.t(), in.xp).neg_().addcmul_(colsum_p.unsqueeze(1), in.mup);
+    sums.P.reset();
+    T* dx_ = want_xp ? dxp.data_ptr<T>() : nullptr;
+    T* dm_ = want_mup ? dmup.data_ptr<T>() : nullptr;
+    for (int64_t bt = 0; bt < sums.n_bt; ++bt) {
+        for (size_t n = 0; n < sums.near[bt].size(); ++n) {
+            const NearTerm& t = sums.near[bt][n];
+            const T* df = sums.near_diff[bt].data() + n * D;
             for (int64_t k = 0; k < D; ++k) {
                 if (dx_) dx_[t.b * D + k] += T(t.p) * df[k];
                 if (dm_) dm_[t.c * D + k] -= T(t.p) * df[k];
             }
         }
     }
+    return {dxp, dmup};
+}
+
+// Backward (SPEC §2), with H = −γ·G, P = H/a, R = H·λ·s/r:
+//   ∂x' = rowsum(P)·x' − P·mu',  ∂mu' = colsum(P)·mu' − Pᵀ·x'   (far pairs: two BLAS GEMMs)
+//   ± P·diff' for the near pairs; ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·d,
+// then the chain to the raw inputs: ∂x = ∂x'·Lcᵀ + ∂sx·betaᵀ, ∂mu likewise,
+// ∂Lc = (x − m)ᵀ∂x' + (mu − m)ᵀ∂mu', ∂beta = Σ ∂sx_b·(x_b − m) + Σ ∂smu_c·(mu_c − m).
+// d comes from the logits (d = −logits/γ: one rounding, so a = d − λ·r is within a few units of
+// round-off of the forward's a wherever λ·r is not much larger than a, i.e. wherever the metric is
+// a Randers metric, λ·|beta|_{Sigma⁻¹} < 1), and the near-pair test q = a² − eps < tau·(|x'|² +
+// |mu'|²) picks the pairs recomputed from the raw difference. With γ = 0 the logits carry no d, and
+// with a tiny γ they are subnormal: the distances are recomputed (one forward) then
+// (distance_source). One pass, parallel over row tiles (backward_row_tile), writes P (far pairs;
+// 0 at near pairs) into the backward's one [B, C] temporary; then the column sums, the gradient
+// GEMMs, and the chain rule.
+template <typename T>
+std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& raw, const at::Tensor& grad,
+                                        const at::Tensor& logits, double gamma, const GradMask& want) {
+    const int64_t B = in.B, C = in.C, D = in.D;
+    const auto opts = in.xp.options();
+    const DistanceSource<T> dist = distance_source(in, logits, gamma);
+    const T* G = grad.data_ptr<T>();
+    const int64_t gs0 = grad.stride(0), gs1 = grad.stride(1);  // expanded grads (stride 0) are fine
+    const T* L = dist.src.template data_ptr<T>();
+    const int64_t ls0 = dist.src.stride(0), ls1 = dist.src.stride(1);
+
+    PairSums<T> sums(B, C, opts);
+    const BackwardScalars<T> k{T(gamma), T(in.lam), T(in.eps), T(in.tau), dist.scale};
+    at::parallel_for(0, sums.n_bt, 1, [&](int64_t begin, int64_t end) {
+        BackwardScratch<T> w(D);
+        for (int64_t bt = begin; bt < end; ++bt) backward_row_tile(in, k, bt, G, gs0, gs1, L, ls0, ls1, sums, w);
+    });
+
+    at::Tensor dsmu = at::empty({C}, opts.dtype(at::kDouble));
+    at::Tensor colsum_p = at::empty({C}, opts);
+    column_sums(sums, C, colsum_p.data_ptr<T>(), dsmu.data_ptr<double>());
+    auto [dxp, dmup] = gradient_gemms(in, sums, colsum_p, want.xp(), want.mup());
 
     // The chain to the raw inputs (x' = (x − m)·Lc, sx = x·beta, and the same for mu).
     const at::Tensor m = center_of<T>(raw.mu);
     at::Tensor dlc = want.lc ? at::zeros_like(raw.lc) : at::empty({0}, opts);
     std::vector<double> dbeta64(D, 0.0);
-    at::Tensor dx = chain_rows<T>(raw, m, dxp, dsxp, dlc, dbeta64, true, want.x, want.lc, want.beta);
-    at::Tensor dmu = chain_rows<T>(raw, m, dmup, dsmup, dlc, dbeta64, false, want.mu, want.lc, want.beta);
+    at::Tensor dx = chain_rows<T>(raw, m, dxp, sums.dsx.template data_ptr<double>(), dlc, dbeta64, true, want.x,
+                                  want.lc, want.beta);
+    at::Tensor dmu = chain_rows<T>(raw, m, dmup, dsmu.data_ptr<double>(), dlc, dbeta64, false, want.mu, want.lc,
+                                   want.beta);
     if (!want.x) dx = at::empty({0}, opts);
     if (!want.mu) dmu = at::empty({0}, opts);
     at::Tensor dbeta = at::empty({want.beta ? D : 0}, opts);
     if (want.beta)
-        for (int64_t k = 0; k < D; ++k) dbeta.data_ptr<T>()[k] = T(dbeta64[k]);
+        for (int64_t j = 0; j < D; ++j) dbeta.data_ptr<T>()[j] = T(dbeta64[j]);
 
     double dlam = 0, dgam = 0;
-    for (int64_t bt = 0; bt < n_bt; ++bt) {
-        dlam += dlam_part[bt];
-        dgam += dgam_part[bt];
+    for (int64_t bt = 0; bt < sums.n_bt; ++bt) {
+        dlam += sums.dlam_part[bt];
+        dgam += sums.dgam_part[bt];
     }
     const auto f64 = opts.dtype(at::kDouble);
     return {dx, dmu, dlc, dbeta, at::scalar_tensor(dlam, f64), at::scalar_tensor(dgam, f64)};
@@ -422,8 +495,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (B == 0 || C == 0) {
             res = {at::zeros_like(raw.x), at::zeros_like(raw.mu), at::zeros_like(raw.lc), at::zeros_like(raw.beta),
                    at::zeros({}, raw.x.options().dtype(at::kDouble)), at::zeros({}, raw.x.options().dtype(at::kDouble))};
-            for (int64_t k = 0; k < 4; ++k)
-                if (!(grad_mask >> k & 1)) res[k] = at::empty({0}, res[k].options());
+            for (int64_t bit : {kGradX, kGradMu, kGradLc, kGradBeta})
+                if (!wants_grad(grad_mask, bit)) res[bit] = at::empty({0}, res[bit].options());
             return;
         }
         const auto in = operands<scalar_t>(raw, xp.detach().contiguous(), mup.detach().contiguous(),
@@ -432,9 +505,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                         gamma.item<double>(), GradMask(grad_mask));
     });
     // ∂λ and ∂γ are scalar sums the pass computes anyway; the mask only decides what comes back.
-    at::Tensor dlam = grad_mask >> 4 & 1 ? res[4].to(lam.scalar_type()) : at::empty({0}, lam.options());
-    at::Tensor dgamma = grad_mask >> 5 & 1 ? res[5].to(gamma.scalar_type()) : at::empty({0}, gamma.options());
-    return {res[0], res[1], res[2], res[3], dlam, dgamma};
+    return {res[0], res[1], res[2], res[3], scalar_grad(res[kGradLam], lam, grad_mask, kGradLam),
+            scalar_grad(res[kGradGamma], gamma, grad_mask, kGradGamma)};
 }
 
 // The autograd formula of faim_kernels/ops/contract.py, also in C++ for CPU tensors: the same
@@ -470,14 +542,14 @@ class LogitsAutograd : public torch::autograd::Function<LogitsAutograd> {
         if (!grads[0].defined()) return torch::autograd::variable_list(8);
         const auto s = ctx->get_saved_variables();
         int64_t mask = 0;
-        for (int64_t k = 0; k < 6; ++k)
+        for (int64_t k = 0; k < kNumGrads; ++k)
             if (ctx->needs_input_grad(k)) mask |= int64_t(1) << k;
         auto [dx, dmu, dlc, dbeta, dlam, dgamma] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
                                                            s[8], s[9], s[10], ctx->saved_data["eps"].toDouble(),
                                                            ctx->saved_data["tau"].toDouble(), mask);
         torch::autograd::variable_list out{dx, dmu, dlc, dbeta, dlam, dgamma, at::Tensor(), at::Tensor()};
-        for (int64_t k = 0; k < 6; ++k)
-            if (!(mask >> k & 1)) out[k] = at::Tensor();  // unneeded: None, as the Python formula gives
+        for (int64_t k = 0; k < kNumGrads; ++k)
+            if (!wants_grad(mask, k)) out[k] = at::Tensor();  // unneeded: None, as the Python formula gives
         return out;
     }
 };

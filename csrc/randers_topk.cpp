@@ -5,7 +5,7 @@
 // The k nearest (or farthest) prototypes of each row without the [B, C] distances: the classes are
 // cut into tiles of kTileC; each tile's mu' = (mu − m)·Lc is formed on the fly, multiplied with a
 // block of rows of x' (one BLAS GEMM into a scratch tile), turned into distances in place by the
-// epilogue of SPEC §1-2 (row_keys), the pairs at risk recomputed from the raw difference
+// epilogue of SPEC §1-2 (row_keys), the near pairs recomputed from the raw difference
 // (SPEC §2.1) BEFORE any comparison, and the row's candidates offered to a per-row partial top-k.
 //
 // Partial top-k per row: a buffer of (key, index) candidates and a threshold, the k-th best after
@@ -172,7 +172,7 @@ void compact(T* key, int64_t* idx, int64_t n, int64_t k, bool nan_first, std::ve
 }
 
 // The keys (±d, SPEC §1) of one row of a tile, in place over its GEMM entries, with what the
-// selection needs to skip the row: the smallest key, and counts of NaN keys and of pairs at risk
+// selection needs to skip the row: the smallest key, and counts of NaN keys and of near pairs
 // (flagged in `near`; their keys here come from the expansion and must be recomputed). The same
 // per-pair formulas as randers_common.h's row_terms, fused into one vectorised loop that keeps
 // only d (row_terms stores a, r, s and d for the backward passes): with row_terms the top-k took
@@ -197,7 +197,7 @@ RowSummary<T> row_keys(const Operands<T>& in, int64_t b, int64_t c0, int64_t nc,
         const T norms = xn + mn[j];
         const T q = norms - T(2) * key[j];
         const T s = (sxh - smh[j]) + (sxl - sml[j]);
-        near[j] = at_risk(q, norms, tau) || s_at_risk(s, sxh, smh[j]) ? T(1) : T(0);
+        near[j] = is_near_pair(q, norms, tau) || s_cancels(s, sxh, smh[j]) ? T(1) : T(0);
         n_near += near[j];
         const T v = sign * (std::sqrt((q < T(0) ? T(0) : q) + eps) + lam * std::sqrt(s * s + eps));
         key[j] = v;
@@ -207,102 +207,125 @@ RowSummary<T> row_keys(const Operands<T>& in, int64_t b, int64_t c0, int64_t nc,
     return {min_key, n_nan, n_near};
 }
 
+// The per-row partial top-k buffers of every class group: for slot = g·B + b, `cap` (key, index)
+// slots, a count, and the threshold (the k-th best key after the last compaction) once there is one.
 template <typename T>
-void topk_cpu_impl(const TopkProblem<T>& pb, T* out_d, int64_t* out_i) {
-    const Operands<T>& in = pb.in;
-    const int64_t B = in.B, C = in.C, D = in.D, k = pb.k;
-    const bool largest = pb.largest, nan_first = pb.largest;
+struct Candidates {
+    int64_t G, cap, full_at;  // groups; slots per row and group; the count that triggers a compaction
+    std::vector<T> keys;
+    std::vector<int64_t> idxs;
+    std::vector<int64_t> counts;
+    std::vector<T> thr;
+    std::vector<uint8_t> has_thr;
+
+    Candidates(int64_t G_, int64_t B, int64_t k)
+        : G(G_), cap(2 * k + kTileC), full_at(2 * k), keys(G_ * B * cap), idxs(G_ * B * cap), counts(G_ * B, 0),
+          thr(G_ * B), has_thr(G_ * B, 0) {}
+};
+
+// Class groups: enough units for the threads, but each group long enough that its buffers spend
+// most of its tiles in the fast path (its first tiles, with no or a loose threshold, do not), and
+// their buffers within kStateBytes. From the shapes only (deterministic).
+template <typename T>
+int64_t num_groups(int64_t B, int64_t k, int64_t n_ct, int64_t n_rb) {
     // Slots per row and group: 2k candidates before a compaction, plus one tile's worth of slack
-    // for the branchless append below.
-    const int64_t full_at = 2 * k, cap = full_at + kTileC;
-    const int64_t kRows = rows_per_block(in.full, D);
-    const int64_t n_ct = ceil_div(C, kTileC), n_rb = ceil_div(B, kRows);
-    const int64_t per_group = B * cap * int64_t(sizeof(T) + sizeof(int64_t));
+    // for the branchless append (offer_row).
+    const int64_t per_group = B * (2 * k + kTileC) * int64_t(sizeof(T) + sizeof(int64_t));
     const int64_t by_memory = std::max<int64_t>(1, kStateBytes / std::max<int64_t>(1, per_group));
-    // Class groups: enough units for the threads, but each group long enough that its buffers spend
-    // most of its tiles in the fast path (its first tiles, with no or a loose threshold, do not).
-    const int64_t G = std::max<int64_t>(
-        1, std::min({n_ct / kMinTilesPerGroup, ceil_div(kUnits, n_rb), by_memory}));
+    return std::max<int64_t>(1, std::min({n_ct / kMinTilesPerGroup, ceil_div(kUnits, n_rb), by_memory}));
+}
 
-    std::vector<T> keys(G * B * cap);
-    std::vector<int64_t> idxs(G * B * cap);
-    std::vector<int64_t> counts(G * B, 0);
-    std::vector<T> thr(G * B);
-    std::vector<uint8_t> has_thr(G * B, 0);
+// One worker's scratch: a mu' tile (and its centred rows for a full factor), the GEMM's dots,
+// the near-pair flags, the near-pair recompute's accumulator, and compact()'s buffers.
+template <typename T>
+struct TopkScratch {
+    std::vector<T> cent, mup, dots, near;
+    std::vector<double> acc;
+    std::vector<int64_t> order;
+    std::vector<T> tmp_key;
+    std::vector<int64_t> tmp_idx;
 
-    at::parallel_for(0, G * n_rb, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> cent(in.full ? kTileC * D : 0), mup(kTileC * D), dots(std::min(B, kRows) * kTileC);
-        std::vector<T> near(kTileC);
-        const T sign = largest ? T(-1) : T(1);
-        std::vector<double> acc(D);
-        std::vector<int64_t> order;
-        std::vector<T> tmp_key;
-        std::vector<int64_t> tmp_idx;
-        for (int64_t u = begin; u < end; ++u) {
-            const int64_t g = u / n_rb, rb = u % n_rb;
-            const int64_t t0 = g * n_ct / G, t1 = (g + 1) * n_ct / G;
-            const int64_t r0 = rb * kRows, nr = std::min(kRows, B - r0);
-            for (int64_t ct = t0; ct < t1; ++ct) {
-                const int64_t c0 = ct * kTileC, nc = std::min(kTileC, C - c0);
-                project_tile(pb, c0, nc, cent.data(), mup.data());
-                at::Tensor out = at::from_blob(dots.data(), {nr, nc}, in.xp.options());
-                at::mm_out(out, in.xp.narrow(0, r0, nr), at::from_blob(mup.data(), {nc, D}, in.xp.options()).t());
-                for (int64_t i = 0; i < nr; ++i) {
-                    const int64_t b = r0 + i;
-                    T* __restrict__ key_row = dots.data() + i * nc;
-                    const RowSummary<T> sum = row_keys(in, b, c0, nc, sign, key_row, near.data());
-                    const int64_t slot = g * B + b;
-                    // Most row segments hold nothing better than the row's threshold (after the first
-                    // tiles, about k·tile/c of them do): one comparison skips them.
-                    if (sum.n_near == T(0) && sum.n_nan == T(0) && has_thr[slot] && thr[slot] == thr[slot] &&
-                        !(sum.min_key < thr[slot]))
-                        continue;
-                    // Pairs at risk take their exact distance before any comparison (SPEC §2.1).
-                    if (sum.n_near != T(0))
-                        for (int64_t j = 0; j < nc; ++j)
-                            if (near[j] != T(0))
-                                key_row[j] = sign * pair_direct(in, b, c0 + j, acc.data(), (T*)nullptr).d;
-                    const T* d = key_row;
-                    T* key = keys.data() + slot * cap;
-                    int64_t* idx = idxs.data() + slot * cap;
-                    int64_t n = counts[slot];
-                    const T t = thr[slot];
-                    if (has_thr[slot] && t == t && sum.n_nan == T(0)) {
-                        // The common case, branchless: every key is written, the count advances for
-                        // those under the threshold (a tie loses: indices grow within a group).
-                        // Branches here mispredict for as long as the threshold is loose (with k = 10
-                        // and 256-wide tiles, until a group has seen a few thousand classes): the
-                        // top-k's time over the distance kernel's went from 3.6x to 1.6x at
-                        // (256, 20000, 64), k = 10, two threads (ratios within one run each).
-                        for (int64_t j = 0; j < nc; ++j) {
-                            key[n] = d[j];
-                            idx[n] = c0 + j;
-                            n += d[j] < t ? 1 : 0;
-                        }
-                    } else {
-                        // Filling the buffer (no threshold yet), or NaN keys or a NaN threshold.
-                        for (int64_t j = 0; j < nc; ++j) {
-                            const T v = d[j];
-                            const bool take = !has_thr[slot] ||
-                                              (nan_first ? (v < t || (v != v && t == t)) : (t != t ? v == v : v < t));
-                            if (!take) continue;
-                            key[n] = v;
-                            idx[n++] = c0 + j;
-                        }
-                    }
-                    if (n >= full_at) {
-                        compact(key, idx, n, k, nan_first, order, tmp_key, tmp_idx);
-                        n = k;
-                        thr[slot] = key[0];
-                        has_thr[slot] = 1;
-                    }
-                    counts[slot] = n;
-                }
-            }
+    TopkScratch(const Operands<T>& in, int64_t rows)
+        : cent(in.full ? kTileC * in.D : 0), mup(kTileC * in.D), dots(std::min(in.B, rows) * kTileC),
+          near(kTileC), acc(in.D) {}
+};
+
+// Offer row b's keys of one tile (classes c0 .. c0+nc, near pairs already recomputed) to its
+// partial top-k in `slot`, compacting the buffer to its k best when it holds 2k.
+template <typename T>
+void offer_row(Candidates<T>& cand, int64_t slot, const T* d, int64_t c0, int64_t nc, bool any_nan, int64_t k,
+               bool nan_first, TopkScratch<T>& sc) {
+    T* key = cand.keys.data() + slot * cand.cap;
+    int64_t* idx = cand.idxs.data() + slot * cand.cap;
+    int64_t n = cand.counts[slot];
+    const T t = cand.thr[slot];
+    const bool has_thr = cand.has_thr[slot];
+    if (has_thr && t == t && !any_nan) {
+        // The common case, branchless: every key is written, the count advances for those under
+        // the threshold (a tie loses: indices grow within a group). Branches here mispredict for as
+        // long as the threshold is loose (with k = 10 and 256-wide tiles, until a group has seen a
+        // few thousand classes): the top-k's time over the distance kernel's went from 3.6x to 1.6x
+        // at (256, 20000, 64), k = 10, two threads (ratios within one run each).
+        for (int64_t j = 0; j < nc; ++j) {
+            key[n] = d[j];
+            idx[n] = c0 + j;
+            n += d[j] < t ? 1 : 0;
         }
-    });
+    } else {
+        // Filling the buffer (no threshold yet), or NaN keys or a NaN threshold.
+        for (int64_t j = 0; j < nc; ++j) {
+            const T v = d[j];
+            const bool take = !has_thr || (nan_first ? (v < t || (v != v && t == t)) : (t != t ? v == v : v < t));
+            if (!take) continue;
+            key[n] = v;
+            idx[n++] = c0 + j;
+        }
+    }
+    if (n >= cand.full_at) {
+        compact(key, idx, n, k, nan_first, sc.order, sc.tmp_key, sc.tmp_idx);
+        n = k;
+        cand.thr[slot] = key[0];
+        cand.has_thr[slot] = 1;
+    }
+    cand.counts[slot] = n;
+}
 
-    // Merge the groups row by row: sort the union of their candidates, keep the first k.
+// One class tile for the rows r0 .. r0+nr of group g: the tile of mu', one GEMM into the dots,
+// then each row's keys (the epilogue, row_keys), its near pairs recomputed, and its offer.
+template <typename T>
+void topk_tile(const TopkProblem<T>& pb, Candidates<T>& cand, int64_t g, int64_t ct, int64_t r0, int64_t nr,
+               TopkScratch<T>& sc) {
+    const Operands<T>& in = pb.in;
+    const int64_t B = in.B, C = in.C, D = in.D;
+    const T sign = pb.largest ? T(-1) : T(1);
+    const int64_t c0 = ct * kTileC, nc = std::min(kTileC, C - c0);
+    project_tile(pb, c0, nc, sc.cent.data(), sc.mup.data());
+    at::Tensor out = at::from_blob(sc.dots.data(), {nr, nc}, in.xp.options());
+    at::mm_out(out, in.xp.narrow(0, r0, nr), at::from_blob(sc.mup.data(), {nc, D}, in.xp.options()).t());
+    for (int64_t i = 0; i < nr; ++i) {
+        const int64_t b = r0 + i;
+        T* __restrict__ key_row = sc.dots.data() + i * nc;
+        const RowSummary<T> sum = row_keys(in, b, c0, nc, sign, key_row, sc.near.data());
+        const int64_t slot = g * B + b;
+        // Most row segments hold nothing better than the row's threshold (after the first tiles,
+        // about k·tile/c of them do): one comparison skips them.
+        if (sum.n_near == T(0) && sum.n_nan == T(0) && cand.has_thr[slot] && cand.thr[slot] == cand.thr[slot] &&
+            !(sum.min_key < cand.thr[slot]))
+            continue;
+        // Near pairs take their exact distance before any comparison (SPEC §2.1).
+        if (sum.n_near != T(0))
+            for (int64_t j = 0; j < nc; ++j)
+                if (sc.near[j] != T(0))
+                    key_row[j] = sign * recompute_near_pair(in, b, c0 + j, sc.acc.data(), (T*)nullptr).d;
+        offer_row(cand, slot, key_row, c0, nc, sum.n_nan != T(0), pb.k, pb.largest, sc);
+    }
+}
+
+// Merge the groups row by row: sort the union of their candidates, keep the first k.
+template <typename T>
+void merge_groups(const TopkProblem<T>& pb, const Candidates<T>& cand, T* out_d, int64_t* out_i) {
+    const int64_t B = pb.in.B, k = pb.k, G = cand.G, cap = cand.cap;
+    const bool largest = pb.largest, nan_first = pb.largest;
     at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
         std::vector<int64_t> order;
         std::vector<T> ck;
@@ -312,8 +335,8 @@ void topk_cpu_impl(const TopkProblem<T>& pb, T* out_d, int64_t* out_i) {
             ci.clear();
             for (int64_t g = 0; g < G; ++g) {
                 const int64_t slot = g * B + b;
-                ck.insert(ck.end(), keys.begin() + slot * cap, keys.begin() + slot * cap + counts[slot]);
-                ci.insert(ci.end(), idxs.begin() + slot * cap, idxs.begin() + slot * cap + counts[slot]);
+                ck.insert(ck.end(), cand.keys.begin() + slot * cap, cand.keys.begin() + slot * cap + cand.counts[slot]);
+                ci.insert(ci.end(), cand.idxs.begin() + slot * cap, cand.idxs.begin() + slot * cap + cand.counts[slot]);
             }
             const int64_t n = int64_t(ck.size());
             TORCH_CHECK(n >= k, "randers_topk: internal error, fewer candidates than k");
@@ -329,6 +352,28 @@ void topk_cpu_impl(const TopkProblem<T>& pb, T* out_d, int64_t* out_i) {
             }
         }
     });
+}
+
+// Work units are (class group, row block); each unit runs its group's class tiles over its rows
+// (topk_tile), then the groups are merged (merge_groups).
+template <typename T>
+void topk_cpu_impl(const TopkProblem<T>& pb, T* out_d, int64_t* out_i) {
+    const Operands<T>& in = pb.in;
+    const int64_t B = in.B, C = in.C;
+    const int64_t kRows = rows_per_block(in.full, in.D);
+    const int64_t n_ct = ceil_div(C, kTileC), n_rb = ceil_div(B, kRows);
+    const int64_t G = num_groups<T>(B, pb.k, n_ct, n_rb);
+    Candidates<T> cand(G, B, pb.k);
+    at::parallel_for(0, G * n_rb, 1, [&](int64_t begin, int64_t end) {
+        TopkScratch<T> sc(in, kRows);
+        for (int64_t u = begin; u < end; ++u) {
+            const int64_t g = u / n_rb, rb = u % n_rb;
+            const int64_t t0 = g * n_ct / G, t1 = (g + 1) * n_ct / G;
+            const int64_t r0 = rb * kRows, nr = std::min(kRows, B - r0);
+            for (int64_t ct = t0; ct < t1; ++ct) topk_tile(pb, cand, g, ct, r0, nr, sc);
+        }
+    });
+    merge_groups(pb, cand, out_d, out_i);
 }
 
 std::tuple<at::Tensor, at::Tensor> randers_topk_cpu(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc,

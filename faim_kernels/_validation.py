@@ -53,8 +53,7 @@ def _check_scalar(name: str, v, device: torch.device, nonnegative: bool) -> None
             raise ValueError(f"{name} must be a Python float or a 0-dim tensor, got shape {tuple(v.shape)}")
         if not v.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
-        if v.device != device:
-            raise ValueError(f"{name} is on {v.device} but x is on {device}: all inputs must be on one device")
+        check_same_device(name, v, device)
         # Reading a CUDA value would synchronise the stream on every call; the check is done where it is free.
         if readable(v):
             value = float(v.detach())
@@ -88,8 +87,7 @@ def check_inputs(x, mu, L, beta, lam, gamma=NO_GAMMA, eps: float = 1e-6) -> None
     if tuple(beta.shape) != (D,):
         raise ValueError(f"beta must have shape [D] with D = {D} (from x), got {tuple(beta.shape)}")
     for name, t in (("mu", mu), ("L", L), ("beta", beta)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: all inputs must be on one device")
+        check_same_device(name, t, x.device)
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}: all inputs must share one dtype")
     _check_scalar("lam", lam, x.device, nonnegative=True)
@@ -101,15 +99,28 @@ def check_inputs(x, mu, L, beta, lam, gamma=NO_GAMMA, eps: float = 1e-6) -> None
         raise ValueError(f"eps must be >= 0 and finite, got {eps}")
 
 
+def check_same_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}: all inputs must be on one device")
+
+
+def _check_index_tensor(name: str, t, shape: str, shape_ok: bool, shape_rule: str, what: str,
+                        device: torch.device) -> None:
+    """What every tensor of class indices must be: a tensor of the given shape (shape_ok), int64 or
+    int32, on x's device. `shape` and `shape_rule` word the messages, `what` names the contents."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t).__name__}")
+    if not shape_ok:
+        raise ValueError(f"{name} must have shape {shape_rule}, got {tuple(t.shape)}")
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 (or int32) tensor{what}, got {t.dtype}")
+    check_same_device(name, t, device)
+
+
 def check_target(target, B: int, C: int, ignore_index: int, device: torch.device) -> None:
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of shape [B], got {type(target).__name__}")
-    if target.dim() != 1 or target.shape[0] != B:
-        raise ValueError(f"target must have shape [B] = [{B}], got {tuple(target.shape)}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must be an int64 (or int32) tensor of class indices, got {target.dtype}")
-    if target.device != device:
-        raise ValueError(f"target is on {target.device} but x is on {device}: all inputs must be on one device")
+    is_tensor = isinstance(target, torch.Tensor)
+    _check_index_tensor("target", target, "[B]", is_tensor and target.dim() == 1 and target.shape[0] == B,
+                        f"[B] = [{B}]", " of class indices", device)
     if B > 0 and readable(target):
         valid = target[target != ignore_index]
         if valid.numel() and (bool((valid < 0).any()) or bool((valid >= C).any())):
@@ -143,8 +154,7 @@ def check_class_weight(weight, C: int, x: torch.Tensor) -> None:
         raise ValueError(f"weight must have shape [C] = [{C}], got {tuple(weight.shape)}")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device} but x is on {x.device}: all inputs must be on one device")
+    check_same_device("weight", weight, x.device)
 
 
 def check_ce_target(target, B: int, C: int, ignore_index: int, margin, x: torch.Tensor) -> None:
@@ -178,8 +188,7 @@ def check_ce_target(target, B: int, C: int, ignore_index: int, margin, x: torch.
                             f"of class probabilities [B, C]; got {target.dtype} of shape {tuple(target.shape)}")
         if tuple(target.shape) != (B, C):
             raise ValueError(f"a probability target must have shape [B, C] = [{B}, {C}], got {tuple(target.shape)}")
-        if target.device != x.device:
-            raise ValueError(f"target is on {target.device} but x is on {x.device}: all inputs must be on one device")
+        check_same_device("target", target, x.device)
         if target.requires_grad:
             raise ValueError("target requires grad: the fused loss does not differentiate probability targets "
                              "(detach it, or use backend='reference')")
@@ -212,14 +221,9 @@ def check_topk(k, C: int, largest) -> None:
 
 def check_indices(indices, B: int, C: int, device: torch.device) -> None:
     """Class indices [B, k] (int64 or int32) in [0, C), on x's device."""
-    if not isinstance(indices, torch.Tensor):
-        raise TypeError(f"indices must be a torch.Tensor of shape [B, k], got {type(indices).__name__}")
-    if indices.dim() != 2 or indices.shape[0] != B:
-        raise ValueError(f"indices must have shape [B, k] with B = {B}, got {tuple(indices.shape)}")
-    if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"indices must be an int64 (or int32) tensor, got {indices.dtype}")
-    if indices.device != device:
-        raise ValueError(f"indices is on {indices.device} but x is on {device}: all inputs must be on one device")
+    is_tensor = isinstance(indices, torch.Tensor)
+    _check_index_tensor("indices", indices, "[B, k]", is_tensor and indices.dim() == 2 and indices.shape[0] == B,
+                        f"[B, k] with B = {B}", "", device)
     if indices.numel() and readable(indices):
         if bool((indices < 0).any()) or bool((indices >= C).any()):
             raise ValueError(f"indices must lie in [0, {C}) (C = mu.shape[0])")

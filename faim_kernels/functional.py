@@ -121,7 +121,7 @@ def randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, *, largest: boo
     in randers_distance; 0 <= k <= C.
 
     The fused kernels never form the [B, C] distances: per class tile, one GEMM and the epilogue,
-    pairs at risk recomputed from the raw difference (SPEC §2.1), then a per-row partial top-k,
+    near pairs recomputed from the raw difference (SPEC §2.1), then a per-row partial top-k,
     merged (extra memory O(B·k + C) on the CPU). The distances are within the exactness bounds of
     randers_distance, and the indices those of the float64 reference except among true ties.
 

@@ -92,12 +92,12 @@ def _seed():
 _INTERPRETED_OPS: dict = {}
 
 
-def interpreted_contract_ops(family: str):
+def interpreted_contract_ops(op_family: str):
     """(forward op, backward op) of `family` ("logits" or "cross_entropy") for torch.library.opcheck
     under Triton's interpreter: the contract's schemas, fake kernels and autograd formula, with the
     Triton launchers as their CPU kernels, in a test-only namespace (the contract's own ops send CPU
     tensors to the C++ kernels)."""
-    if family not in _INTERPRETED_OPS:
+    if op_family not in _INTERPRETED_OPS:
         from faim_kernels.ops import contract
         from faim_kernels.ops import triton as tri
         launchers, (fwd, bwd), fakes = {
@@ -105,7 +105,7 @@ def interpreted_contract_ops(family: str):
                        (contract._logits_fake, contract._logits_backward_fake)),
             "cross_entropy": (tri.cross_entropy, (contract.cross_entropy_op, contract.cross_entropy_backward_op),
                               (contract._cross_entropy_fake, contract._cross_entropy_backward_fake)),
-        }[family]
+        }[op_family]
         ns = "faim_kernels_interpreted"
         lib = torch.library.Library(ns, "FRAGMENT")
         ops = []
@@ -116,10 +116,10 @@ def interpreted_contract_ops(family: str):
             lib.impl(name, kernel, "CPU")
             torch.library.register_fake(f"{ns}::{name}", fake, lib=lib)
             ops.append(getattr(getattr(torch.ops, ns), name).default)
-        setup_context, backward_with = contract._FORMULAS[family]
+        setup_context, backward_with = contract._FORMULAS[op_family]
         torch.library.register_autograd(ops[0], backward_with(ops[1]), setup_context=setup_context, lib=lib)
-        _INTERPRETED_OPS[family] = (lib, ops[0], ops[1])
-    return _INTERPRETED_OPS[family][1:]
+        _INTERPRETED_OPS[op_family] = (lib, ops[0], ops[1])
+    return _INTERPRETED_OPS[op_family][1:]
 
 
 # ---- backends: one test function per behaviour, the backend a fixture ----
@@ -199,7 +199,7 @@ def device(backend):
     return device_of(backend)
 
 
-def triton_contract_ops(family: str):
+def triton_contract_ops(op_family: str):
     """(forward, backward) of `family` on the Triton kernels: the registered contract ops on CUDA;
     under the interpreter the same schemas, fake kernels and autograd formula around the launchers."""
     from faim_kernels.ops import contract
@@ -207,21 +207,21 @@ def triton_contract_ops(family: str):
         from faim_kernels.ops import triton as tri
         tri.register()
         return {"logits": (contract.logits_op, contract.logits_backward_op),
-                "cross_entropy": (contract.cross_entropy_op, contract.cross_entropy_backward_op)}[family]
-    return interpreted_contract_ops(family)
+                "cross_entropy": (contract.cross_entropy_op, contract.cross_entropy_backward_op)}[op_family]
+    return interpreted_contract_ops(op_family)
 
 
-def contract_ops(family: str, backend: str):
+def contract_ops(op_family: str, backend: str):
     """(forward, backward) contract ops of `family` whose kernels are `backend`'s."""
     if backend == "torch":
         pytest.skip("backend='torch' is plain PyTorch ops: it has no contract ops to check")
     if backend == "triton":
-        return triton_contract_ops(family)
+        return triton_contract_ops(op_family)
     import faim_kernels as fk
     fk._cpp_loader.load()  # the C++ kernels register on first use; op-level tests call the ops directly
     ops = torch.ops.faim_kernels
     return {"logits": (ops.randers_logits.default, ops.randers_logits_backward.default),
-            "cross_entropy": (ops.randers_cross_entropy.default, ops.randers_cross_entropy_backward.default)}[family]
+            "cross_entropy": (ops.randers_cross_entropy.default, ops.randers_cross_entropy_backward.default)}[op_family]
 
 
 # ---- the family checks against the float64 oracle (shared by the family files and the internals) ----

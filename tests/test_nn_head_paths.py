@@ -1,4 +1,4 @@
-"""The head's fast paths give what the general path gives: the direct path to the C++ kernels (one
+"""The head's fast paths give what the general path gives: the fast path straight to the C++ kernels (one
 head_metric op, then the logits or cross-entropy op), head.loss through the logits where they are
 small, and the backward ops' grad_mask (gradients only where needed)."""
 from __future__ import annotations
@@ -39,10 +39,10 @@ def test_direct_path_matches_general_path(full, dtype):
     head = randomised_head(16, 7, full, dtype)
     x = torch.randn(5, 3, 16, dtype=dtype, requires_grad=True)
     with torch.no_grad():
-        x[0, 0] = head.mu[2]  # a sample on its prototype: the exact path
+        x[0, 0] = head.mu[2]  # a sample on its prototype: a near pair
     y = torch.randint(0, 7, (5, 3))
     y[0, 0], y[1, 1] = 2, -100
-    assert head._fast_metric(x) is not None  # the direct path is taken here
+    assert head._fast_metric(x) is not None  # the fast path is taken here
 
     def total():
         return head(x).square().sum() * 1e-3 + head.loss(x, y) + head.loss(x, y, reduction="sum")
@@ -181,10 +181,10 @@ def test_loss_through_logits_keeps_shape_checks_and_probability_targets():
 
 
 @pytest.mark.parametrize("backend", backends("cpp", "triton"), indirect=True)
-@pytest.mark.parametrize("family", ["logits", "cross_entropy"])
+@pytest.mark.parametrize("op_family", ["logits", "cross_entropy"])
 @pytest.mark.parametrize("frozen", [("x",), ("mu",), ("L", "beta", "lam", "gamma"), ("x", "L", "beta")],
                          ids=["features", "prototypes", "metric", "probe"])
-def test_gradients_only_where_needed(backend, device, family, frozen):
+def test_gradients_only_where_needed(backend, device, op_family, frozen):
     """Inputs without grad get None and the work of their gradient is skipped (grad_mask); the
     others are unchanged: the same values as with every input requiring grad."""
     full = "L" in frozen
@@ -193,7 +193,7 @@ def test_gradients_only_where_needed(backend, device, family, frozen):
 
     def run(requires):
         ins = [t.detach().clone().requires_grad_(n in requires) for n, t in zip(NAMES, inputs)]
-        if family == "logits":
+        if op_family == "logits":
             out = fk.randers_logits(*ins, backend=backend)
             out = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=device).reshape(out.shape)).sum()
         else:
@@ -206,14 +206,14 @@ def test_gradients_only_where_needed(backend, device, family, frozen):
         assert_norm_close(g, everything[name], GRAD_TOL[torch.float64], name)
 
 
-@pytest.mark.parametrize("family", ["logits", "cross_entropy"])
-def test_backward_ops_return_empty_for_unneeded(family):
+@pytest.mark.parametrize("op_family", ["logits", "cross_entropy"])
+def test_backward_ops_return_empty_for_unneeded(op_family):
     """The op contract itself: bits outside grad_mask come back as empty tensors (C++ kernels)."""
     fk._cpp_loader.load()
     x, mu, L, beta, lam, gamma = make_inputs(4, 3, 5, dtype=torch.float64)
     lc = fk.transform.metric_factor(L, 1e-6, torch.float64)
-    tau = fk.transform.risk_threshold(5, torch.float64)
-    if family == "logits":
+    tau = fk.transform.near_threshold(5, torch.float64)
+    if op_family == "logits":
         logits, xp, mup, sx, smu = contract.logits_op(x, mu, lc, beta, lam, gamma, 1e-6, tau)
         grads = contract.logits_backward_op(torch.ones_like(logits), logits, x, mu, lc, beta, lam, gamma, xp, mup,
                                             sx, smu, 1e-6, tau, grad_mask=0b100010)

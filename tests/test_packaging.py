@@ -92,7 +92,7 @@ def test_sdist_contents(sdist):
     for f in sorted(ROOT.glob("csrc/*.cpp")) + sorted(ROOT.glob("csrc/*.h")):
         assert f"csrc/{f.name}" in names, f"{f.name} is not in the sdist"
     for need in ["LICENSE", "README.md", "setup.py", "pyproject.toml", "faim_kernels/py.typed",
-                 "faim_kernels/_cpp_loader.py", "tests/conftest.py", "bench/peak_memory.py"]:
+                 "faim_kernels/_cpp_loader.py", "tests/conftest.py", "bench/peak_memory.py", "bench/measure.py"]:
         assert need in names, f"{need} is not in the sdist"
     assert not [n for n in names if n.endswith((".so", ".pyc")) or "build-info" in n]
 

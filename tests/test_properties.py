@@ -94,7 +94,7 @@ def draw(case: int, small: bool):
     beta = torch.randn(D, generator=g, dtype=torch.float64) / D ** 0.5
     lam = rng.choice([0.0, 0.1, 0.7])
     gamma = rng.choice([1.0, 3.0, -0.5])
-    family = rng.choice(["distance", "logits", "cross_entropy", "cross_entropy"])
+    op_family = rng.choice(["distance", "logits", "cross_entropy", "cross_entropy"])
     nonfinite = rng.random() < 0.12
     if nonfinite:  # one infinite prototype coordinate (that class at distance +inf)
         mu[rng.randrange(C), rng.randrange(D)] = rng.choice([math.inf, -math.inf])
@@ -103,10 +103,10 @@ def draw(case: int, small: bool):
     target = torch.randint(0, C, (B,), generator=g)
     if rng.random() < 0.3 and B > 1:
         target[rng.randrange(B)] = -100
-    if nonfinite and family == "cross_entropy":
+    if nonfinite and op_family == "cross_entropy":
         ce["label_smoothing"] = 0.0  # smoothing over a −inf logit is +inf by definition: nothing to compare
     params = dict(case=case, B=B, C=C, D=D, dtype=str(dtype).split(".")[1], full=full, eps=eps, offset=offset,
-                  pairing=pairing, lam=lam, gamma=gamma, family=family, nonfinite=nonfinite, **ce)
+                  pairing=pairing, lam=lam, gamma=gamma, op_family=op_family, nonfinite=nonfinite, **ce)
     tensors = [t.to(dtype) for t in (x, mu, L, beta)]
     return params, tensors, lam, gamma, target, ce
 
@@ -141,7 +141,7 @@ def norm_err(got, want, floor):
 def run_case(case: int, backend: str, small: bool):
     """Returns None, or a description of what failed."""
     params, (x, mu, L, beta), lam, gamma, target, ce = draw(case, small)
-    dtype, eps, family = x.dtype, params["eps"], params["family"]
+    dtype, eps, op_family = x.dtype, params["eps"], params["op_family"]
     if eps == 0.0 and full_singular(L):
         return None
     inputs = [t.clone().requires_grad_() for t in (x, mu, L, beta)]
@@ -149,10 +149,10 @@ def run_case(case: int, backend: str, small: bool):
     gamma_t = torch.tensor(gamma, dtype=dtype, requires_grad=True)
     all_in = inputs + [lam_t, gamma_t]
     d_want = oracle_distance(x, mu, L, beta, lam, eps)
-    if family == "distance":
+    if op_family == "distance":
         out = fk.randers_distance(*inputs, lam_t, eps, backend=backend)
         want = d_want
-    elif family == "logits":
+    elif op_family == "logits":
         out = fk.randers_logits(*inputs, lam_t, gamma_t, eps, backend=backend)
         want = -gamma * d_want
     else:
@@ -162,7 +162,7 @@ def run_case(case: int, backend: str, small: bool):
     if out.dtype != dtype:
         problems.append(f"dtype {out.dtype}")
     # A loss is a logsumexp: its rounding is relative to max(|loss|, 1) (F.cross_entropy's own, in float32).
-    err = rel_err(out, want, floor=1.0 if family == "cross_entropy" else 0.0)
+    err = rel_err(out, want, floor=1.0 if op_family == "cross_entropy" else 0.0)
     # Forward bound: per dtype, on every finite entry; an infinite distance must be exactly +inf.
     bound = FWD[dtype]
     if err > bound:
@@ -174,9 +174,9 @@ def run_case(case: int, backend: str, small: bool):
         got = torch.autograd.grad((out.double() * w).sum(), all_in, allow_unused=True)
         ref = [t.detach().double().requires_grad_() for t in all_in]
         d_ref = oracle_distance_autograd(*ref[:5], eps)
-        if family == "distance":
+        if op_family == "distance":
             r_out = d_ref
-        elif family == "logits":
+        elif op_family == "logits":
             r_out = -ref[5] * d_ref
         else:
             r_out = oracle_cross_entropy(d_ref, ref[5], target, **ce)

@@ -294,14 +294,14 @@ def _cross_entropy_fn(backend, device):
     statistics of the contract op around the Triton launchers (conftest.interpreted_contract_ops)."""
     if backend != "triton" or device == "cuda":
         return lambda *a, **kw: fk.randers_cross_entropy(*a, backend=backend, **kw)
-    from faim_kernels.transform import metric_factor, risk_threshold
+    from faim_kernels.transform import metric_factor, near_threshold
     op, _ = interpreted_contract_ops("cross_entropy")
 
     def loss(x, mu, L, beta, lam, gamma, target, margin, label_smoothing):
         rows = ce_ops.loss_targets(target, mu.shape[0], -100, label_smoothing, None)
         stats = op(x, mu, metric_factor(L, 1e-6, torch.float32), beta, lam,
                    gamma, rows.kernel_target, 1e-6,
-                   risk_threshold(x.shape[1], torch.float32), margin)
+                   near_threshold(x.shape[1], torch.float32), margin)
         return ce_ops.loss_from_stats(*stats, rows, "mean", x.dtype)
     return loss
 
@@ -333,7 +333,7 @@ def test_torch_compile_fullgraph_matches_eager(backend, device):
 # each probe's own fwd_bwd, the measurement against one [B, C] float32 matrix.
 _PROBE_INPUTS = textwrap.dedent("""
     import json, torch, faim_kernels as fk
-    from bench.peak_memory import measure_here
+    from bench.measure import host_peak_bytes
     B, C, D = 256, 200_000, 128
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(B, D, generator=g), torch.randn(C, D, generator=g), 0.5 + torch.rand(D, generator=g),
@@ -342,9 +342,9 @@ _PROBE_INPUTS = textwrap.dedent("""
         t.requires_grad_()
 """)
 _PROBE_MEASURE = textwrap.dedent("""
-    fused = measure_here(fwd_bwd)
+    fused = host_peak_bytes(fwd_bwd)
     grads = sum(t.grad.numel() * t.grad.element_size() for t in inputs)
-    logits = measure_here(lambda: torch.ones(B, C))  # the probe must see a [B, C] float32 matrix
+    logits = host_peak_bytes(lambda: torch.ones(B, C))  # the probe must see a [B, C] float32 matrix
     print(json.dumps({"fused": fused, "grads": grads, "logits": logits}))
 """)
 
@@ -378,7 +378,7 @@ _MEMORY_PROBE = _PROBE_INPUTS + textwrap.dedent("""
 def test_memory_far_below_one_logits_matrix():
     """C++ on CPU, B = 256, D = 128, C = 200,000: the forward+backward's peak resident memory beyond
     the inputs and their gradients, measured in a fresh process (VmHWM after resetting it, see
-    bench/peak_memory.py), stays far below one [B, C] float32 matrix (204.8 MB)."""
+    bench/measure.py), stays far below one [B, C] float32 matrix (204.8 MB)."""
     _assert_far_below_one_logits_matrix(_MEMORY_PROBE)
 
 

@@ -111,10 +111,10 @@ def test_gradcheck_float64(backend, device, full):
 
 @pytest.mark.parametrize("tau", ["default", "all"])
 def test_gradcheck_near_pairs_float64(monkeypatch, backend, device, tau):
-    """A pair well inside the near-pair threshold: the exact path's gradient is the derivative of its
-    own output, with the default threshold and with tau = 1 (most pairs on the exact path)."""
+    """A pair well inside the near threshold: the near-pair recompute's gradient is the derivative of
+    its own output, with the default threshold and with tau = 1 (most pairs near pairs)."""
     if tau == "all":
-        monkeypatch.setattr(fk.transform, "risk_threshold", lambda D, dtype, operand_eps=None: 1.0)
+        monkeypatch.setattr(fk.transform, "near_threshold", lambda D, dtype, operand_eps=None: 1.0)
     inputs = make_inputs(4, 5, 6, full=True, dtype=torch.float64, near=True, device=device)
     with torch.no_grad():
         inputs[0][1] = inputs[1][2] + 1e-7
@@ -221,14 +221,14 @@ def test_auto_backend(backend, where):
 
 def _op_args(full, device, dtype=torch.float64, requires_grad=False):
     """The logits op's arguments (x, mu, lc, beta, lam, gamma, eps, tau) as the dispatch layer forms them."""
-    from faim_kernels.transform import compute_dtype, metric_factor, risk_threshold
+    from faim_kernels.transform import compute_dtype, metric_factor, near_threshold
     x, mu, L, beta, lam, gamma = make_inputs(7, 11, 5, full=full, dtype=dtype, device=device)
     acc = compute_dtype(dtype)
     args = [x, mu, metric_factor(L, 1e-6, acc), beta.to(acc), lam,
             gamma]
     if requires_grad:
         args = [a.detach().requires_grad_() for a in args]
-    return (*args, 1e-6, risk_threshold(5, acc))
+    return (*args, 1e-6, near_threshold(5, acc))
 
 
 @FULL
@@ -284,11 +284,11 @@ def _logits_fn(backend, device):
     there runs an autograd.Function that Dynamo cannot trace into the interpreter)."""
     if backend != "triton" or device == "cuda":
         return lambda *a: fk.randers_logits(*a, backend=backend)
-    from faim_kernels.transform import metric_factor, risk_threshold
+    from faim_kernels.transform import metric_factor, near_threshold
     op, _ = interpreted_contract_ops("logits")
     return lambda x, mu, L, beta, lam, gamma: op(x, mu, metric_factor(L, 1e-6, torch.float32), beta,
                                                  lam, gamma,
-                                                 1e-6, risk_threshold(x.shape[1], torch.float32))[0]
+                                                 1e-6, near_threshold(x.shape[1], torch.float32))[0]
 
 
 def test_torch_compile_fullgraph_matches_eager(backend, device):

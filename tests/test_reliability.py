@@ -15,29 +15,29 @@ from faim_kernels.ops import contract
 from conftest import (assert_device_assert_in_subprocess, assert_norm_close, assert_rel_close, contract_ops,
                       make_inputs, reference64)
 
-FAMILIES = ("logits", "distance", "cross_entropy")
+OP_FAMILIES = ("logits", "distance", "cross_entropy")
 
 
-def _call(family, inputs, backend, target=None, **kw):
+def _call(op_family, inputs, backend, target=None, **kw):
     x, mu, L, beta, lam, gamma = inputs
-    if family == "logits":
+    if op_family == "logits":
         return fk.randers_logits(x, mu, L, beta, lam, gamma, backend=backend, **kw)
-    if family == "distance":
+    if op_family == "distance":
         return fk.randers_distance(x, mu, L, beta, lam, backend=backend, **kw)
     return fk.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, backend=backend, **kw)
 
 
 # ---- second derivatives: refused with the way out, never a wrong number ----
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("op_family", OP_FAMILIES)
 @pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
-def test_double_backward_raises_naming_the_reference_backend(backend, device, family, full):
+def test_double_backward_raises_naming_the_reference_backend(backend, device, op_family, full):
     inputs = make_inputs(3, 4, 5, full=full, dtype=torch.float64, device=device, requires_grad=True)
     target = torch.tensor([0, 3, 1], device=device)
-    out = _call(family, inputs, backend, target)
+    out = _call(op_family, inputs, backend, target)
     first = torch.autograd.grad(out.square().sum(), inputs[0], create_graph=True)[0]
     # The first derivative with create_graph=True is still the right one.
-    plain = torch.autograd.grad(_call(family, inputs, backend, target).square().sum(), inputs[0])[0]
+    plain = torch.autograd.grad(_call(op_family, inputs, backend, target).square().sum(), inputs[0])[0]
     torch.testing.assert_close(first.detach(), plain, rtol=1e-12, atol=0)
     for wrt in (inputs[0], inputs[1], inputs[2], inputs[4]):
         with pytest.raises(RuntimeError, match="backend='reference'"):
@@ -271,7 +271,7 @@ def test_float32_pairs_just_above_the_near_threshold_are_within_1e_5(backend, de
         direction /= direction.norm(dim=1, keepdim=True)
         L = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
         # q / (|x'|² + |mu'|²) from tau/2 to 8·tau, with |x'| ≈ |mu'| (centred by the mean prototype)
-        tau = fk.transform.risk_threshold(D, torch.float32)
+        tau = fk.transform.near_threshold(D, torch.float32)
         ratio = tau * torch.exp(torch.empty(B, dtype=torch.float64).uniform_(-0.7, 2.1, generator=g))
         size = (((mu[t] - mu.mean(0)) * L) ** 2).sum(1)
         x = mu[t] + direction / L * torch.sqrt(2 * ratio * size)[:, None]

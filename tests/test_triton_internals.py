@@ -59,7 +59,7 @@ def test_backward_chunks_and_splits(monkeypatch, configs, full):
 
 
 def test_near_list_overflow(monkeypatch, configs):
-    """More pairs at risk than the lists hold: the forward's fix-up recomputes every pair exactly,
+    """More near pairs than the lists hold: the forward's near-pair recompute takes every pair,
     and the backward runs its second launch, which handles them inside the loop one at a time."""
     monkeypatch.setattr(configs, "NEAR_CAPACITY", 3)
     monkeypatch.setattr(configs, "BWD_NEAR_CAP", 2)
@@ -68,7 +68,7 @@ def test_near_list_overflow(monkeypatch, configs):
 
 
 def test_near_pairs_per_tile_overflow(monkeypatch, configs):
-    """A forward tile with more pairs at risk than it notes one by one marks the list overflowed."""
+    """A forward tile with more near pairs than it notes one by one marks the list overflowed."""
     monkeypatch.setattr(configs, "NEAR_PER_TILE", 1)
     inputs = _near(12, 20, 16, seed=17)
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_near_pairs_per_tile_overflow(monkeypatch, configs):
 def test_overfull_tile_is_recomputed_alone(monkeypatch, configs):
     """A forward tile with more near pairs than it lists is recomputed exactly, and only that tile:
     every other logit is bitwise what the call without the overfull tile gives (the whole call's
-    pairs are not sent through the exact path)."""
+    pairs are not sent through the near-pair recompute)."""
     inputs = _inputs(70, 90, 16, seed=26)
     with torch.no_grad():
         inputs[0][:4] = inputs[1][3] + 1e-3 * torch.randn(4, 16, device=DEVICE)  # four near pairs in one tile
@@ -101,9 +101,9 @@ def test_overfull_tile_is_recomputed_alone(monkeypatch, configs):
 @pytest.mark.parametrize("bwd_cap", [None, 4], ids=["noted", "inline"])
 @FULL
 def test_every_close_pair_recomputed(monkeypatch, configs, full, bwd_cap):
-    """tau = 1: about half of all pairs take the exact path, mixed with GEMM pairs in the same
+    """tau = 1: about half of all pairs are near pairs, mixed with GEMM pairs in the same
     tiles: in the forward list, and in the backward's noted pairs or (small cap) inline path."""
-    monkeypatch.setattr(fk.transform, "risk_threshold", lambda D, dtype, operand_eps=None: 1.0)
+    monkeypatch.setattr(fk.transform, "near_threshold", lambda D, dtype, operand_eps=None: 1.0)
     if bwd_cap:
         monkeypatch.setattr(configs, "BWD_NEAR_CAP", bwd_cap)
     check_logits(_inputs(9, 14, 12, full=full, seed=10), "triton")
@@ -111,7 +111,7 @@ def test_every_close_pair_recomputed(monkeypatch, configs, full, bwd_cap):
 
 @pytest.mark.parametrize("bwd_cap", [None, 1], ids=["noted", "inline"])
 def test_cross_entropy_near_pairs_noted_inline_and_chunked(monkeypatch, configs, bwd_cap):
-    """The shared backward kernel's paths for the cross-entropy: pairs at risk and targets noted and
+    """The shared backward kernel's paths for the cross-entropy: near pairs and targets noted and
     handled after the loop, or (cap 1: every program overflows) the INLINE second launch; narrow D
     chunks, so each row block spans several programs."""
     monkeypatch.setattr(configs, "BWD_BLOCK_D", {k: 16 for k in configs.BWD_BLOCK_D})
@@ -124,7 +124,7 @@ def test_cross_entropy_near_pairs_noted_inline_and_chunked(monkeypatch, configs,
 
 def test_tf32_is_opt_in():
     """float32 GEMMs are IEEE by default; where PyTorch's matmuls may use TF32 the operands are
-    rounded to TF32 (the result changes, within about 1e-3) and the pairs at risk stay exact."""
+    rounded to TF32 (the result changes, within about 1e-3) and the near pairs stay exact."""
     inputs = _inputs(23, 31, 40, seed=13)
     ieee = fk.randers_logits(*inputs, backend="triton")
     ref = reference64(fk.reference.randers_logits, inputs)
@@ -141,8 +141,8 @@ def test_tf32_is_opt_in():
     assert_rel_close(tf32, ref, 2e-3, "tf32 forward")
     ref = reference64(fk.reference.randers_logits, near)
     rows = torch.arange(16, device=DEVICE)
-    target = ref.argmax(1)  # each sample's own prototype, the pair at risk
-    assert_rel_close(near_out[rows, target], ref[rows, target], 1e-4, "tf32 pairs at risk")
+    target = ref.argmax(1)  # each sample's own prototype, the near pair
+    assert_rel_close(near_out[rows, target], ref[rows, target], 1e-4, "tf32 near pairs")
 
 
 @needs_interpreter
@@ -161,7 +161,7 @@ def test_cpu_without_interpreter_is_a_clear_error():
 
 
 @pytest.mark.slow
-@needs_interpreter  # on a GPU the family tests build every kernel they run
+@needs_interpreter  # on a GPU the op_family tests build every kernel they run
 def test_kernels_build_for_sm90():
     """The interpreter never runs Triton's compiler: build each code path for sm_90 (H100/H200)
     with the ptxas that ships with triton, no GPU needed (bench/compile_check.py)."""
@@ -254,8 +254,8 @@ def test_tiny_gamma_backward_recomputes_the_tiles(gamma):
         assert_rel_close(gmu.double(), rmu, 1e-4, f"mu.grad at gamma = {gamma}")
 
 
-@pytest.mark.parametrize("family", ["logits", "cross_entropy"])
-def test_grad_mask_skips_unneeded_gradients(family):
+@pytest.mark.parametrize("op_family", ["logits", "cross_entropy"])
+def test_grad_mask_skips_unneeded_gradients(op_family):
     """Gradients only where needed: an input without requires_grad gets None, the others are the
     full backward's, for a frozen backbone (x), frozen prototypes, a frozen metric, and only x;
     the launchers return an empty tensor for a gradient grad_mask does not ask for."""
@@ -265,7 +265,7 @@ def test_grad_mask_skips_unneeded_gradients(family):
 
     def grads(needs):
         leaves = [t.detach().clone().requires_grad_(n) for t, n in zip(inputs, needs)]
-        if family == "logits":
+        if op_family == "logits":
             out = fk.randers_logits(*leaves, backend="triton")
             out = (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum()
         else:
@@ -283,7 +283,7 @@ def test_grad_mask_skips_unneeded_gradients(family):
                 torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6, msg=f"{name} with {needs}")
             else:
                 assert g is None, name
-    o = (tri.logits.backward if family == "logits" else tri.cross_entropy.backward)
+    o = (tri.logits.backward if op_family == "logits" else tri.cross_entropy.backward)
     assert o.__defaults__[-1] == 63  # grad_mask: every gradient unless told otherwise
 
 
@@ -297,7 +297,7 @@ def test_grad_mask_at_the_launchers():
     from faim_kernels.ops import triton as tri
     x, mu, L, beta, lam, gamma = _near(9, 17, 12, full=True, seed=27)
     lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
-    tau = fk.transform.risk_threshold(12, torch.float32)
+    tau = fk.transform.near_threshold(12, torch.float32)
     logits, xp, mup, sx, smu = tri.logits.forward(x, mu, lc, beta, lam, gamma, 1e-6, tau)
     grad = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     full = tri.logits.backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, 1e-6, tau)

@@ -35,7 +35,7 @@ import torch
 from pytorch_metric_learning.distances import BaseDistance
 from pytorch_metric_learning.utils.inference import return_results
 
-from .. import functional as _F
+from .. import functional as faim_functional
 
 __all__ = ["RandersDistance", "RandersKNN"]
 
@@ -104,7 +104,7 @@ class RandersKNN:
         dtype = m._common_dtype(query, reference)
         query, reference = query.to(dtype), reference.to(dtype)
         L, beta, lam = m.metric_args(dtype)
-        return _F.randers_topk(query, reference, L, beta, lam, k, eps=m.eps, backend=m.backend)
+        return faim_functional.randers_topk(query, reference, L, beta, lam, k, eps=m.eps, backend=m.backend)
 
     @torch.no_grad()
     def __call__(self, query: torch.Tensor, k: int, reference: torch.Tensor | None = None,

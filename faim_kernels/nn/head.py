@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import transform
-from .. import functional as _F
+from .. import functional as faim_functional
 from .._validation import check_backend
 from ..ops import contract, dispatch
 from ..targets import SoftTargets
@@ -120,15 +120,17 @@ class _MetricParams(nn.Module):
     def sigma_parameter(self) -> nn.Parameter:
         return self.L if self.full_sigma else self.log_sigma_diag
 
-    def metric_factor(self) -> torch.Tensor:
-        """The functional API's L: tril(L) [D, D], or exp(log_sigma_diag / 2) [D] (Sigma = diag(L²) + eps·I)."""
+    def metric_L(self) -> torch.Tensor:
+        """The metric parameter L of the functional API: tril(L) [D, D], or exp(log_sigma_diag / 2) [D]
+        (Sigma = L·Lᵀ + eps·I, or diag(L²) + eps·I). Not the metric factor Lc the kernels use
+        (transform.metric_factor)."""
         if self.full_sigma:
             return torch.tril(self.L)
         return torch.exp(0.5 * self.log_sigma_diag)
 
     def metric_args(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(L, beta, lam) for fk.randers_distance & co., cast to `dtype` when given."""
-        L, beta, lam = self.metric_factor(), self.beta, self.lam
+        L, beta, lam = self.metric_L(), self.beta, self.lam
         if dtype is not None:
             L, beta, lam = L.to(dtype), beta.to(dtype), lam.to(dtype)
         return L, beta, lam
@@ -136,7 +138,7 @@ class _MetricParams(nn.Module):
     def sigma(self) -> torch.Tensor:
         """Sigma [D, D] (as the reference design's _sigma())."""
         from ..reference import sigma
-        return sigma(self.metric_factor(), self.eps)
+        return sigma(self.metric_L(), self.eps)
 
     # -- distances ---------------------------------------------------------------------------------
     def _check_features(self, name: str, t: torch.Tensor) -> None:
@@ -166,8 +168,8 @@ class _MetricParams(nn.Module):
         self._check_features("x", x)
         self._check_features("y", y)
         dtype = self._common_dtype(x, y)
-        return _F.randers_distance(x.to(dtype), y.to(dtype), *self.metric_args(dtype), eps=self.eps,
-                                   backend=self.backend)
+        return faim_functional.randers_distance(x.to(dtype), y.to(dtype), *self.metric_args(dtype), eps=self.eps,
+                                                backend=self.backend)
 
     def paired_distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """d_F(a_i, b_i) for matching rows -> [...] (plain PyTorch, O(N·D²) full, O(N·D) diagonal)."""
@@ -323,7 +325,7 @@ class FAIMHead(_MetricParams):
     # -- forward and loss --------------------------------------------------------------------------
     def _fast_metric(self, x) -> tuple | None:
         """(lc, lam, gamma) through one C++ op (faim_kernels::head_metric) where the call can take the
-        direct path to the C++ kernels, else None (the general path through the functional API).
+        fast path straight to the C++ kernels, else None (the general path through the functional API).
 
         Why: a small head's forward was mostly the ~12 small ATen ops (and autograd nodes) that form
         exp(log σ / 2), sqrt(L² + eps), |lmbda|, |scale|, the casts, and the functional API's checks
@@ -373,10 +375,10 @@ class FAIMHead(_MetricParams):
         return metric
 
     def _tau(self) -> float:
-        # The near threshold depends on D only (transform.risk_threshold); computed once per head.
+        # The near threshold depends on D only (transform.near_threshold); computed once per head.
         tau = self.__dict__.get("_near_tau")
         if tau is None:
-            tau = self.__dict__["_near_tau"] = transform.risk_threshold(self.in_features, self.mu.dtype)
+            tau = self.__dict__["_near_tau"] = transform.near_threshold(self.in_features, self.mu.dtype)
         return tau
 
     def _prepare(self, x: torch.Tensor):
@@ -398,14 +400,14 @@ class FAIMHead(_MetricParams):
                                         self._tau())[0]
             return logits if x.dim() == 2 else logits.reshape(*lead, self.num_classes)
         xf, mu, L, beta, lam, gamma = self._prepare(x)
-        logits = _F.randers_logits(xf, mu, L, beta, lam, gamma, eps=self.eps, backend=self.backend)
+        logits = faim_functional.randers_logits(xf, mu, L, beta, lam, gamma, eps=self.eps, backend=self.backend)
         return logits.reshape(*lead, self.num_classes)
 
     def distance(self, x: torch.Tensor) -> torch.Tensor:
         """d_F(x, mu_c) [..., C]: the distances behind the logits."""
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
         xf, mu, L, beta, lam, _ = self._prepare(x)
-        return _F.randers_distance(xf, mu, L, beta, lam, eps=self.eps, backend=self.backend).reshape(
+        return faim_functional.randers_distance(xf, mu, L, beta, lam, eps=self.eps, backend=self.backend).reshape(
             *lead, self.num_classes)
 
     def loss(self, x: torch.Tensor, target, **ce_options):
@@ -427,8 +429,8 @@ class FAIMHead(_MetricParams):
         flat = self._flat_target(target, lead)
         reduction = ce_options.get("reduction", "mean")
         xf, mu, L, beta, lam, gamma = self._prepare(x)
-        out = _F.randers_cross_entropy(xf, mu, L, beta, lam, gamma, flat, eps=self.eps, backend=self.backend,
-                                       **ce_options)
+        out = faim_functional.randers_cross_entropy(xf, mu, L, beta, lam, gamma, flat, eps=self.eps,
+                                                    backend=self.backend, **ce_options)
         loss, lse = out if ce_options.get("return_lse", False) else (out, None)
         if reduction == "none" and lead is not None:
             loss = loss.reshape(lead)
@@ -483,7 +485,7 @@ class FAIMHead(_MetricParams):
         return loss.reshape(lead) if ce_options.get("reduction", "mean") == "none" else loss
 
     def _fast_loss(self, x, target, ce_options: dict):
-        """head.loss on the direct path (see _fast_metric) for the common call: class indices of x's
+        """head.loss on the fast path (see _fast_metric) for the common call: class indices of x's
         leading shape, reduction 'mean' or 'sum', ignore_index, and no other option; None otherwise.
         The loss is F.cross_entropy's: Σ over counted rows of lse_b − logit_b,t_b, divided by their
         number for 'mean' (NaN when there is none). The range of the targets is checked inside the
@@ -527,7 +529,8 @@ class FAIMHead(_MetricParams):
         distances with fk.randers_distance_at(x, head.mu, *head.metric_args(), indices)."""
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
         xf, mu, L, beta, lam, _ = self._prepare(x)
-        d, idx = _F.randers_topk(xf, mu, L, beta, lam, k, eps=self.eps, largest=largest, backend=self.backend)
+        d, idx = faim_functional.randers_topk(xf, mu, L, beta, lam, k, eps=self.eps, largest=largest,
+                                              backend=self.backend)
         return d.reshape(*lead, k), idx.reshape(*lead, k)
 
     # -- training schedules ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import functional as _F
+from .. import functional as faim_functional
 from .._validation import REDUCTIONS, _check_scalar
 from ..transform import compute_dtype, norm_sqrt
 
@@ -105,8 +105,8 @@ def randers_info_nce(anchors: torch.Tensor, positives: torch.Tensor, L, beta, la
     target = torch.arange(anchors.shape[0], device=anchors.device)
 
     def ce(x, mu):
-        return _F.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps, margin=margin,
-                                        reduction=reduction, backend=backend)
+        return faim_functional.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps, margin=margin,
+                                                     reduction=reduction, backend=backend)
 
     loss = ce(anchors, positives)
     if symmetric:
@@ -122,7 +122,7 @@ def randers_nt_xent(z1: torch.Tensor, z2: torch.Tensor, L, beta, lam, gamma, *, 
     _check_reduction(reduction)
     n = z1.shape[0]
     z = torch.cat([z1, z2])
-    logits = _F.randers_logits(z, z, L, beta, lam, gamma, eps, backend=backend)
+    logits = faim_functional.randers_logits(z, z, L, beta, lam, gamma, eps, backend=backend)
     self_pair = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_pair, float("-inf"))
     idx = torch.arange(n, device=z.device)
@@ -157,7 +157,7 @@ def randers_batch_hard_triplet_loss(embeddings: torch.Tensor, labels: torch.Tens
             or labels.is_floating_point() or labels.device != embeddings.device):
         raise ValueError(f"labels must be an integer tensor of shape [{embeddings.shape[0]}] on {embeddings.device}")
     _check_reduction(reduction)
-    dist = _F.randers_distance(embeddings, embeddings, L, beta, lam, eps, backend=backend)
+    dist = faim_functional.randers_distance(embeddings, embeddings, L, beta, lam, eps, backend=backend)
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
     pos = same & ~torch.eye(labels.shape[0], dtype=torch.bool, device=labels.device)
     neg = ~same

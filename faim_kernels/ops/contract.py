@@ -17,7 +17,7 @@ autograd chains ∂Lc to L.
         -> (dx, dmu, dlc, dbeta, dlam, dgamma)
         No GEMM is recomputed: a = sqrt(q + eps) comes back from the logits (a = −logits/γ − λ·r,
         r = sqrt(s² + eps) from the rank-one s), so the backward costs the two gradient GEMMs of
-        SPEC §2 like nn.Linear's. Pairs at risk (SPEC §2.1) are recomputed from the raw difference.
+        SPEC §2 like nn.Linear's. Near pairs (SPEC §2.1) are recomputed from the raw difference.
 
 Cross-entropy (SPEC §2.2): the kernels never form [B, C]; the forward returns per-row statistics of
 the margin logits logit'_bc = −γ·(d_bc + margin·[c = t_b]) and the loss is an O(B) function of them
@@ -47,7 +47,7 @@ x, else float32: the near-pair recomputation needs Lc at full precision); lam, g
 floating tensors of any dtype (read as float64; their gradients come back in their dtype); target int64 [B]
 or [B, k]; class_weight [C] in the compute dtype; soft_target [B, C] any strides (the compute dtype for the
 C++ kernels, any floating dtype for Triton's); eps, tau, margin
-Python floats; tau is the near-pair threshold of transform.risk_threshold. Gradients come back in
+Python floats; tau is the near threshold of transform.near_threshold. Gradients come back in
 their input's dtype.
 """
 from __future__ import annotations
@@ -203,17 +203,17 @@ torch.library.register_autograd(cross_entropy_op, _ce_backward_with(cross_entrop
 # calls the backward op through the dispatcher, so this reaches it too.)
 # ----------------------------------------------------------------------------------------------
 
-def double_backward_error(family: str) -> RuntimeError:
-    fn = "randers_logits / randers_distance" if family == "logits" else "randers_cross_entropy"
+def double_backward_error(op_family: str) -> RuntimeError:
+    fn = "randers_logits / randers_distance" if op_family == "logits" else "randers_cross_entropy"
     return RuntimeError(
         f"faim_kernels: second derivatives (double backward) of {fn} are not implemented by the fused kernels "
         f"(their backward is a closed form). Pass backend='reference' (the einsum formula under plain autograd, "
         f"memory B*C*D) to differentiate twice, e.g. for a gradient penalty.")
 
 
-def _refuse_double_backward(family: str):
+def _refuse_double_backward(op_family: str):
     def _backward(ctx, *grads):
-        raise double_backward_error(family)
+        raise double_backward_error(op_family)
     return _backward
 
 
@@ -221,7 +221,7 @@ torch.library.register_autograd(logits_backward_op, _refuse_double_backward("log
 torch.library.register_autograd(cross_entropy_backward_op, _refuse_double_backward("cross_entropy"))
 
 
-def _once_differentiable(family: str, kernel):
+def _once_differentiable(op_family: str, kernel):
     """`kernel` (a backward launcher called directly, as under the interpreter) with the same
     refusal: its outputs carry a node that raises if anything differentiates through them."""
     class _Backward(torch.autograd.Function):
@@ -232,7 +232,7 @@ def _once_differentiable(family: str, kernel):
 
         @staticmethod
         def backward(ctx, *grads):
-            raise double_backward_error(family)
+            raise double_backward_error(op_family)
 
     def call(*args, **kwargs):
         return _Backward.apply(tuple(kwargs), *args, *kwargs.values())
@@ -255,14 +255,14 @@ _FORMULAS = {
 }
 
 
-def autograd_function(family: str, forward, backward):
-    """The op `family` ("logits" or "cross_entropy") as a callable with the contract's autograd
-    formula, running the given forward and backward kernels directly instead of through the
+def autograd_function(op_family: str, forward, backward):
+    """The op family `op_family` ("logits" or "cross_entropy") as a callable with the contract's
+    autograd formula, running the given forward and backward kernels directly instead of through the
     dispatcher. Used for the Triton kernels on CPU tensors under Triton's interpreter (tests)."""
-    setup_context, backward_with = _FORMULAS[family]
+    setup_context, backward_with = _FORMULAS[op_family]
     # (grad_mask: the Python launchers take it; the ops' schemas gain it with the C++ kernels. The
     # class body below rebinds the name `backward`.)
-    backward_formula = backward_with(_once_differentiable(family, backward))
+    backward_formula = backward_with(_once_differentiable(op_family, backward))
 
     class _Op(torch.autograd.Function):
         @staticmethod
@@ -272,12 +272,12 @@ def autograd_function(family: str, forward, backward):
         @staticmethod
         def setup_context(ctx, inputs, output):
             setup_context(ctx, inputs, output)
-            if family == "logits":
+            if op_family == "logits":
                 ctx.mark_non_differentiable(*output[1:])
 
         backward = staticmethod(backward_formula)
 
-    _Op.__name__ = f"{family}_{getattr(forward, '__name__', 'kernel')}"
+    _Op.__name__ = f"{op_family}_{getattr(forward, '__name__', 'kernel')}"
     return _Op.apply
 
 

@@ -149,7 +149,7 @@ def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, i
 
 def cpp_serves_cpu(backend: str) -> bool:
     """Whether a call on CPU tensors with `backend` runs the C++ kernels now: resolve_backend's
-    answer, with its cheap checks first (FAIMHead's direct path asks on every call, and the full
+    answer, with its cheap checks first (FAIMHead's fast path asks on every call, and the full
     rule, export checks and all, costs several µs, a tenth of a small head's call). Tracing
     (torch.jit.trace, the TorchScript ONNX export) and transforms take resolve_backend's own way."""
     if backend not in ("auto", "cpp") or torch.jit.is_tracing() or torch.compiler.is_exporting():
@@ -176,9 +176,9 @@ def _scalar(v, device) -> torch.Tensor:
     return v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
 
 
-def _kernel_dtype(backend: str, dtype: torch.dtype, family: str) -> torch.dtype:
+def _kernel_dtype(backend: str, dtype: torch.dtype, op_family: str) -> torch.dtype:
     """The dtype x and mu reach the op in. The C++ kernels compute half inputs in float32; the
-    Triton kernels of both families take them as they are (half GEMM operands on the tensor cores,
+    Triton kernels of both op families take them as they are (half GEMM operands on the tensor cores,
     fp32 accumulation, the near threshold raised for the operands' rounding). The metric factor,
     beta and the options always arrive in the compute dtype (float32 for half inputs)."""
     if backend == "triton":
@@ -194,7 +194,7 @@ def fused_logits(x, mu, L, beta, lam, gamma, eps: float, backend: str) -> torch.
     logits_op, _ = _ops(backend, x.device)
     out = logits_op(x.to(dtype), mu.to(dtype), metric_factor(L, eps, acc), beta.to(acc),
                     _scalar(lam, x.device), _scalar(gamma, x.device), float(eps),
-                    transform.risk_threshold(x.shape[1], acc))
+                    transform.near_threshold(x.shape[1], acc))
     return out[0].to(x.dtype)
 
 
@@ -219,7 +219,7 @@ def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: floa
                    None if soft_target is None else soft_target.detach())
     return ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(acc), _scalar(lam, x.device),
                  _scalar(gamma, x.device), target.to(torch.int64), float(eps),
-                 transform.risk_threshold(x.shape[1], acc), float(margin), *options)
+                 transform.near_threshold(x.shape[1], acc), float(margin), *options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def fused_topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool, backend: 
             dtype = compute_dtype(x.dtype)
         acc = compute_dtype(x.dtype)
         args = (x.to(dtype), mu.to(dtype), metric_factor(L, eps, acc), beta.to(acc), _scalar(lam, x.device),
-                float(eps), transform.risk_threshold(x.shape[1], acc), int(k), bool(largest))
+                float(eps), transform.near_threshold(x.shape[1], acc), int(k), bool(largest))
         if backend == "triton" and x.device.type != "cuda":
             dist, index = triton_topk.forward(*args)  # the interpreter: CPU tensors belong to the C++ kernel
         else:
