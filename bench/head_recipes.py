@@ -1,5 +1,5 @@
 """FAIMHead against nn.Linear under the training recipes people use, on a small CNN: the loss table
-behind the head's default initialisation (README, "Training recipes").
+behind the head's default initialisation (docs/training.md).
 
     python -m bench.head_recipes                  # both data sets, every head and recipe (~3 min, 1 thread)
     python -m bench.head_recipes --data random    # only the memorisation task

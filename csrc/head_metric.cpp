@@ -8,7 +8,7 @@
 // the parameters' dtype; factor64 is the float64 Cholesky factor (full; empty for the diagonal), which
 // the backward reuses instead of factorising again. Why an op: the head's forward used to form these with ~12 small ATen ops
 // and as many autograd nodes, which cost more than the fused logits themselves on a small head
-// (the module-speed section of README). The schema and fake kernel are in ops/contract.py; the
+// (docs/usage.md, "What a module call costs"). The schema and fake kernel are in ops/contract.py; the
 // Python composite (faim_kernels/nn/head.py, _MetricParams.metric_args) is the oracle in the tests
 // and serves other devices.
 #include <ATen/ATen.h>

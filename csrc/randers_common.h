@@ -317,7 +317,7 @@ inline bool s_cancels(T s, T sx, T smu) {
 // the square roots in float64 (q may exceed T's range where the distance does not).
 // s = beta·(x_b − mu_c) from the difference too; at an exact hit (q = 0: x_b = mu_c in the metric)
 // s = 0 exactly: sx − smu, two different float64 dot products, would leave ±1e-16 there, and with eps = 0 the 1-form's gradient
-// λ·beta·s/|s| would jump to ±λ·beta instead of the convention 0 (README, Guarantees).
+// λ·beta·s/|s| would jump to ±λ·beta instead of the convention 0 (docs/guarantees.md, the convention at an exact hit).
 template <typename T>
 inline Pair<T> recompute_near_pair(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     Pair<T> p;

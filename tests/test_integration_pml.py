@@ -274,7 +274,7 @@ def train_metric_on_clusters(steps: int = 40, seed: int = 0):
 
 def test_a_learned_randers_metric_beats_euclidean_on_noisy_clusters():
     euclid, randers = train_metric_on_clusters()
-    # measured (40 steps): precision@1 0.14 Euclidean, 0.88 learned; MAP@R 0.03 and 0.53 (README)
+    # measured (40 steps): precision@1 0.14 Euclidean, 0.88 learned; MAP@R 0.03 and 0.53 (docs/integrations.md)
     assert randers["precision_at_1"] > euclid["precision_at_1"] + 0.3, (euclid, randers)
     assert randers["mean_average_precision_at_r"] > euclid["mean_average_precision_at_r"] + 0.2, (euclid, randers)
 

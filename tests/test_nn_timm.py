@@ -114,7 +114,7 @@ def test_resnet18_with_faim_head_trains_like_linear(recipe):
     default head must pass tests/test_nn_training.py's criterion against nn.Linear, with and without
     init_from_features (given the recipe's label smoothing, as its docstring asks).
 
-    One exception, a known gap (README, "Training recipes"): under AdamW the default head's logits
+    One exception, a known gap (docs/training.md): under AdamW the default head's logits
     move at about γ/|x| of nn.Linear's speed, and ResNet-18's untrained features have norm ~16 > γ = 10;
     measured: nn.Linear 2.44 -> 0.069, FAIMHead 2.28 -> 0.31 in 8 steps (monotone). That case is held
     to 5x nn.Linear's last loss instead of 1.25x. (scale_init=22.6 gave 0.024 there but diverged under

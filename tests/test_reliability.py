@@ -209,7 +209,7 @@ def test_float32_inputs_whose_squared_norms_overflow_stay_finite_and_exact(backe
 
 def _closed_form_grad_x(x, mu, L, beta, lam, w, eps):
     """∂(Σ w·d)/∂x in float64 from Eq. 4, with s = betaᵀ(x_b − mu_c) formed from the difference (exactly
-    0 at a hit) and the convention of the README: each norm's gradient is 0 where the norm is 0."""
+    0 at a hit) and the convention of docs/guarantees.md: each norm's gradient is 0 where the norm is 0."""
     S = fk.reference.sigma(L, eps)
     diff = x[:, None, :] - mu[None, :, :]
     Sd = diff @ S

@@ -42,7 +42,7 @@ __all__ = ["RandersMetric", "FAIMHead", "swap_classifier", "attach_head", "ledoi
 
 METRIC_GROUPS = ("sigma", "one_form", "scale")
 HEAD_INITS = ("default", "reference")
-DEFAULT_SCALE = 10.0    # γ at the start (the reference design's; measured: README "Training recipes")
+DEFAULT_SCALE = 10.0    # γ at the start (the reference design's; measured: docs/training.md)
 FULL_SIGMA_INIT = 3.0   # a full head's default L = 3·I, with beta·3 and γ = DEFAULT_SCALE / 3
 # head.loss forms the [B, C] logits and calls F.cross_entropy up to this size (one [B, C] array in
 # the compute dtype), and runs the fused cross-entropy beyond it (FAIMHead._loss_through_logits).
@@ -314,7 +314,7 @@ class FAIMHead(_MetricParams):
         with torch.no_grad():
             if self.init == "reference":  # the reference design's: mu, beta ~ N(0, 1)
                 self.mu.normal_()
-            else:  # see the class docstring and README "Training recipes" for the measurements
+            else:  # see the class docstring and docs/training.md for the measurements
                 nn.init.kaiming_uniform_(self.mu, a=math.sqrt(5))  # nn.Linear's weight: U(−1/√D, 1/√D)
                 self.beta.div_(math.sqrt(self.in_features))
             if self.full_sigma:  # L = k·I with beta·k and γ/k: the logits of Sigma = I, beta, γ
