@@ -245,21 +245,18 @@ def chunk_classes(B: int, C: int):
 
 
 
-ROWS_PER_DOT = 4096
-
-
-def dot_wide(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """v·w [n] in w's (wide) dtype, v [n, D] cast block by block: no float64 copy of a large v."""
-    if v.shape[0] <= ROWS_PER_DOT:
+def dot_wide(v: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
+    """v·w [n] in w's (wide) dtype, v [n, D] cast `rows` rows at a time: no wide copy of a large v."""
+    if v.shape[0] <= rows:
         return v.to(w.dtype) @ w
-    return torch.cat([v[i:i + ROWS_PER_DOT].to(w.dtype) @ w for i in range(0, v.shape[0], ROWS_PER_DOT)])
+    return torch.cat([v[i:i + rows].to(w.dtype) @ w for i in range(0, v.shape[0], rows)])
 
 
-def tdot_wide(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Σ_i g_i·v_i [D] in g's (wide) dtype, v [n, D] cast block by block (dot_wide's transpose)."""
+def tdot_wide(v: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ_i g_i·v_i [D] in g's (wide) dtype, v [n, D] cast `rows` rows at a time (dot_wide's transpose)."""
     out = g.new_zeros(v.shape[1])
-    for i in range(0, v.shape[0], ROWS_PER_DOT):
-        out += v[i:i + ROWS_PER_DOT].to(g.dtype).T @ g[i:i + ROWS_PER_DOT]
+    for i in range(0, v.shape[0], rows):
+        out += v[i:i + rows].to(g.dtype).T @ g[i:i + rows]
     return out
 
 
@@ -283,22 +280,51 @@ class Eager:
         self.metric = Metric(L, eps, self.compute, wide_form=False)
         self.eps, self.lam = eps, float(lam)
         self.x, self.mu = x, mu
-        self.m = transform.center_of(mu.to(self.compute))
+        self.mu_c = mu if mu.dtype == self.compute else mu.to(self.compute)
+        self.m = transform.center_of(self.mu_c)
         width = x.shape[1] if self.metric.diagonal else self.metric.factor.shape[1]
         self.xp_aug = _with_ones_column(x.shape[0], width, self.metric.factor)
         self.xp = self.xp_aug[:, :width]
         self._project(x.to(self.compute) - self.m, self.xp)
-        self.xn = torch.square(self.xp).sum(dim=1)
+        self.xn = torch.linalg.vecdot(self.xp, self.xp)
+        self.xn_col = self.xn[:, None]
         self.beta_wide = beta.to(self.wide)
-        self.sx = dot_wide(x, self.beta_wide)
-        self.smu = dot_wide(mu, self.beta_wide)
+        self.chunks = chunk_classes(x.shape[0], mu.shape[0])
+        step = self.chunks[0][1] - self.chunks[0][0] if self.chunks else 1
+        # one [mu'_c | 1] buffer for every chunk (each chunk's class side is consumed before the next)
+        self.mup_buf = _with_ones_column(step, width, self.metric.factor)
+        # rows of x or mu cast to the wide dtype at once: no more than one [B, chunk] temporary's bytes
+        self.wide_rows = max(16, x.shape[0] * step * x.element_size() // max(1, 8 * x.shape[1]))
+        self.sx = dot_wide(x, self.beta_wide, self.wide_rows)
+        self.sx_col = self.sx[:, None]
+        self.smu = dot_wide(mu, self.beta_wide, self.wide_rows)
         self.tau = transform.risk_threshold(x.shape[1], self.compute)
         self.s_risk = S_RISK[self.wide]
         # the near test's row term, eps folded in: q + eps >= tau·|x'|² + tau·|mu'|² + eps
         self.row_threshold = (self.tau * self.xn + eps)[:, None]
-        self.root_eps = torch.tensor(eps ** 0.5, dtype=self.compute, device=x.device)
-        self.x_norms_finite = bool(torch.isfinite(self.xn.max())) if self.xn.numel() else True
-        self.band = self._s_band()
+        self.eps_c = torch.tensor(eps, dtype=self.compute, device=x.device)
+        self.plain = self._plain_inputs()
+        self._band = False  # not searched yet (`band`)
+
+    def _plain_inputs(self) -> bool:
+        """Whether every input is finite and no norm can overflow (a bound from max |mu|, max |x'|²
+        and |Lc|): then q cannot be NaN or lose the norms to overflow, and each chunk's near test is
+        one comparison. Otherwise (NaN, ±inf, or huge values) the chunks run the full test."""
+        if not self.xn.numel() or not self.mu.numel():
+            return True
+        lo, hi = torch.aminmax(self.mu_c)
+        f = self.metric.factor
+        bound = torch.stack([(2 * torch.maximum(-lo, hi)) ** 2 * self.mu.shape[1] * torch.square(f).sum()
+                             .to(lo.dtype), self.xn.max()]).to(self.wide)
+        fin = torch.isfinite(self.sx).all() & torch.isfinite(self.smu).all()
+        return bool(fin & (4 * bound.sum() < torch.finfo(self.compute).max))
+
+    @property
+    def band(self):
+        """The s test's pairs, searched on first use (the logits' backward never needs them)."""
+        if self._band is False:
+            self._band = self._s_band()
+        return self._band
 
     def _project(self, v: torch.Tensor, out: torch.Tensor) -> None:
         """out = v·Lc, written into out (a view beside a column of ones)."""
@@ -308,12 +334,13 @@ class Eager:
             torch.mm(v, self.metric.factor, out=out)
 
     def classes(self, c0: int, c1: int):
-        """(mu_c − m [c, D], [mu'_c | 1] [c, D' + 1], |mu'_c|² [c], smu_c [c] wide) of classes [c0, c1)."""
-        muc = self.mu[c0:c1].to(self.compute) - self.m
-        mup_aug = _with_ones_column(c1 - c0, self.xp.shape[1], muc)
+        """(mu_c − m [c, D], [mu'_c | 1] [c, D' + 1] (a view of the shared buffer), |mu'_c|² [c],
+        smu_c [c] wide) of classes [c0, c1)."""
+        muc = torch.sub(self.mu_c[c0:c1], self.m)
+        mup_aug = self.mup_buf[:c1 - c0]
         mup = mup_aug[:, :-1]
         self._project(muc, mup)
-        return muc, mup_aug, torch.square(mup).sum(dim=1), self.smu[c0:c1]
+        return muc, mup_aug, torch.linalg.vecdot(mup, mup), self.smu[c0:c1]
 
     def _s_band(self):
         """The pairs (b, c) of the kernels' s test |s| < S_RISK·(|sx| + |smu|) (s = sx − smu lost too
@@ -336,11 +363,12 @@ class Eager:
 
     def s(self, smu_c: torch.Tensor) -> torch.Tensor:
         """s = sx − smu [B, c]: the difference in the wide dtype, then rounded to the compute dtype."""
-        return torch.sub(self.sx[:, None], smu_c[None, :]).to(self.compute)
+        s = torch.sub(self.sx_col, smu_c)
+        return s if s.dtype == self.compute else s.to(self.compute)
 
     def r(self, s: torch.Tensor) -> torch.Tensor:
-        """r = sqrt(s² + eps) in one pass (hypot also keeps s² from overflowing)."""
-        return torch.hypot(s, self.root_eps)
+        """r = sqrt(s² + eps) in two passes (torch.hypot is one, but unvectorised: 10x slower on CPU)."""
+        return torch.addcmul(self.eps_c, s, s).sqrt_()
 
     def chunk(self, cls, c0: int, want_s: bool = False):
         """(a, r, s, near) of one chunk from the expansion, no graph: a = sqrt(q + eps) [B, c], r (None
@@ -348,11 +376,14 @@ class Eager:
         whose a and r are NOT exact (`recompute` gives theirs). The near test is the kernels'
         (csrc/randers_common.h at_risk and s_at_risk, with the same tau)."""
         muc, mup_aug, mn, smu = cls
-        a = torch.addmm((mn + self.eps)[None, :], self.xp, mup_aug[:, :-1].T, alpha=-2)  # |mu'|² + eps − 2·x'·mu'
-        a.add_(self.xn[:, None])                                                          # q + eps
-        near = torch.ge(a, torch.add(self.row_threshold, self.tau * mn[None, :])).logical_not_()  # NaN: near
-        if not (self.x_norms_finite and (not mn.numel() or bool(torch.isfinite(mn.max())))):
-            near |= ~((self.xn[:, None] + mn[None, :]) <= torch.finfo(a.dtype).max)  # overflowing norms
+        a = torch.addmm(mn + self.eps, self.xp, mup_aug[:, :-1].T, alpha=-2)  # |mu'|² + eps − 2·x'·mu'
+        a.add_(self.xn_col)                                                    # q + eps
+        threshold = torch.add(self.row_threshold, mn, alpha=self.tau)
+        if self.plain:  # (no NaN, no overflow possible: _plain_inputs)
+            near = torch.lt(a, threshold)
+        else:
+            near = torch.ge(a, threshold).logical_not_()  # NaN: near
+            near |= ~((self.xn_col + mn[None, :]) <= torch.finfo(a.dtype).max)  # overflowing norms
         if self.band is not None:
             bb, bc = self.band
             here = (bc >= c0) & (bc < c0 + a.shape[1])
@@ -435,7 +466,7 @@ class ClosedFormBackward:
             P.masked_fill_(a == 0, 0.0)
         if bi.numel():
             P.index_put_((bi, ci), P.new_zeros(()))
-        dsmu = None
+        colsum_R = None
         if lam != 0.0:
             u = s.div_(r)                                           # s/r
             if ev.eps == 0.0:
@@ -444,15 +475,15 @@ class ClosedFormBackward:
             Gr = r.mul_(G)
             if bi.numel():
                 Gr.index_put_((bi, ci), Gr.new_zeros(()))
-            self.dlam -= g * Gr.sum(dtype=ev.wide)
+            self.dlam.sub_(Gr.sum(dtype=ev.wide), alpha=g)
         if lam != 0.0:
             R = u.mul_(G)
             if bi.numel():
                 R.index_put_((bi, ci), R.new_zeros(()))
-            self.dsx -= (g * lam) * R.sum(dim=1, dtype=ev.wide)
-            dsmu = (g * lam) * R.sum(dim=0, dtype=ev.wide)
+            self.dsx.sub_(R.sum(dim=1, dtype=ev.wide), alpha=g * lam)      # ∂sx = rowsum(R) = −γλ·rowsum(R')
+            colsum_R = R.sum(dim=0)                                         # ∂smu = −colsum(R) = γλ·colsum(R')
             if self.dsmu is not None:
-                self.dsmu[c0:c1] = dsmu
+                self.dsmu[c0:c1] = colsum_R
         if self.want_xp:
             self.dxp_aug.addmm_(P, mup_aug, alpha=g)
         if self.want_mup:
@@ -460,15 +491,18 @@ class ClosedFormBackward:
             width = PX.shape[1] - 1
             dmup = torch.addcmul(PX[:, :width], PX[:, width:], mup_aug[:, :width], value=-1)  # ∂mu'/γ
             if self.dfactor is not None:
-                self.dfactor += (muc * dmup).sum(dim=0) if ev.metric.diagonal else muc.T @ dmup
+                if ev.metric.diagonal:
+                    self.dfactor += torch.linalg.vecdot(muc.T, dmup.T)
+                else:
+                    self.dfactor.addmm_(muc.T, dmup)
             if self.dmu is not None:
                 dmu = self.dmu[c0:c1]
                 if ev.metric.diagonal:
                     torch.mul(dmup, self.g_factor, out=dmu)
                 else:
                     torch.mm(dmup, self.g_factor, out=dmu)
-                if dsmu is not None:
-                    dmu.addr_(dsmu.to(dmu.dtype), self.beta_c)
+                if colsum_R is not None:
+                    dmu.addr_(colsum_R, self.beta_c, alpha=g * lam)
 
     def finish(self, dgamma):
         """The gradients of (x, mu, L, beta, lam, gamma) in their dtypes (None where not needed)."""
@@ -489,7 +523,7 @@ class ClosedFormBackward:
                 dfactor.add_(self.dfactor, alpha=self.g)
         dbeta = None
         if want_beta:
-            dbeta = tdot_wide(x, self.dsx) + tdot_wide(mu, self.dsmu)
+            dbeta = tdot_wide(x, self.dsx, ev.wide_rows) + tdot_wide(mu, self.dsmu, ev.wide_rows) * (self.g * ev.lam)
         dL, dlam = None, self.dlam
         with torch.enable_grad():
             outputs, weights = [], []
@@ -595,9 +629,10 @@ class _Logits(torch.autograd.Function):
         out = x.new_empty((B, C))
         ev = Eager(x, mu, L, beta, lam, eps)
         g, lam_f = float(gamma), ev.lam
-        near_b, near_c = [], []
-        for c0, c1 in chunk_classes(B, C):
+        near_b, near_c, counts = [], [], []
+        for c0, c1 in ev.chunks:
             a, r, _, (bi, ci) = ev.chunk(ev.classes(c0, c1), c0)
+            counts.append(bi.numel())
             o = out[:, c0:c1]
             if lam_f != 0.0:  # −γ·(a + λ·r), written straight into the output's columns
                 torch.add(a.mul_(-g), r, alpha=-g * lam_f, out=o)
@@ -611,7 +646,7 @@ class _Logits(torch.autograd.Function):
         empty = x.new_zeros(0, dtype=torch.long)
         near = (torch.cat(near_b), torch.cat(near_c)) if near_b else (empty, empty)
         ctx.save_for_backward(x, mu, L, beta, lam, gamma, out, *near)
-        ctx.eps = eps
+        ctx.eps, ctx.near_counts = eps, counts
         return out
 
     @staticmethod
@@ -627,17 +662,19 @@ class _Logits(torch.autograd.Function):
         whole = readback and needs[5] and grad.dtype == out.dtype and grad.is_contiguous() and out.is_contiguous()
         if whole:
             dgamma += torch.dot(grad.view(-1), out.view(-1)).to(ev.wide) / g
-        for c0, c1 in chunk_classes(x.shape[0], mu.shape[0]):
+        counts, n1 = iter(ctx.near_counts), 0
+        for c0, c1 in ev.chunks:
             cls = ev.classes(c0, c1)
-            G = grad[:, c0:c1].to(compute)
+            G = grad[:, c0:c1]
+            G = G if G.dtype == compute else G.to(compute)
             if readback:  # a = d − λ·r with d = −logit/γ: no GEMM (the near pairs' a is not used: P = 0 there)
                 s = ev.s(cls[3])
                 r = ev.r(s)
                 a = torch.div(out[:, c0:c1], -g)
                 if ev.lam != 0.0:
                     a.sub_(r, alpha=ev.lam)
-                here = (near_c >= c0) & (near_c < c1)
-                near = (near_b[here], near_c[here] - c0)
+                n0, n1 = n1, n1 + next(counts)  # this chunk's near pairs, saved in chunk order
+                near = (near_b[n0:n1], near_c[n0:n1] - c0)
                 if needs[5] and not whole:  # ∂γ = Σ G·∂logit/∂γ = Σ G·logit/γ
                     dgamma += torch.mul(G, out[:, c0:c1]).sum(dtype=ev.wide) / g
             else:
@@ -736,7 +773,7 @@ class _RowStats(torch.autograd.Function):
         tl = torch.zeros(t2.shape, dtype=wide, device=x.device)
         sl, pl = x.new_zeros(B, dtype=wide), x.new_zeros(B, dtype=wide)
         maxes, sums = [], []
-        for c0, c1 in chunk_classes(B, C):
+        for c0, c1 in ev.chunks:
             lg, (b, k, c), _ = _margin_chunk_logits(ev, ev.classes(c0, c1), c0, c1, g, t2, margin)
             if b.numel():
                 tl[b, k] = lg[b, c].to(wide)
@@ -773,7 +810,7 @@ class _RowStats(torch.autograd.Function):
         lse_lo = torch.where(finite, lse - lse_hi.to(wide), 0.0).to(compute)
         w_lse_c = None if w_lse is None else w_lse.to(compute)[:, None]
         dgamma = torch.zeros((), dtype=wide, device=x.device)
-        for c0, c1 in chunk_classes(x.shape[0], mu.shape[0]):
+        for c0, c1 in ev.chunks:
             cls = ev.classes(c0, c1)
             lg, (b, k, c), (d, near, (a, r, s)) = _margin_chunk_logits(ev, cls, c0, c1, g, t2, ctx.margin, True)
             if w_lse_c is not None:
@@ -845,7 +882,7 @@ def topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool):
         ev = Eager(x, mu, L, beta, lam, eps)
         values = x.new_empty((B, 0), dtype=ev.compute)
         index = torch.empty((B, 0), dtype=torch.int64, device=x.device)
-        for c0, c1 in chunk_classes(B, C):
+        for c0, c1 in ev.chunks:
             d, _ = ev.distance(ev.classes(c0, c1), c0)
             ids = torch.arange(c0, c1, device=x.device).expand(B, -1)
             v, pos = topk_by_sort(torch.cat([values, d], dim=1), k, largest)
