@@ -133,7 +133,8 @@ def big_auto_ce() -> str:
         "from bench.impls import make_inputs\nfrom bench.peak_memory import measure_here\n"
         "from bench.torch_bench import live_peak_bytes\n"
         "B, C, D = 512, 100000, 256\ninp = make_inputs(B, C, D)\nt = torch.randint(0, C, (B,))\n"
-        "from faim_kernels.ops.dispatch import resolve_backend\nassert resolve_backend('auto', inp[0].device) == 'torch'\n"
+        "from faim_kernels.ops.dispatch import resolve_backend\n"
+        "assert resolve_backend('auto', inp[0].device) == 'torch'\n"
         "def run():\n    torch.autograd.grad(fk.randers_cross_entropy(*inp, t), inp)\n"
         "t0 = time.perf_counter(); b = measure_here(run); s = time.perf_counter() - t0\n"
         "live = live_peak_bytes(run)\n"
@@ -187,7 +188,8 @@ def render(rows, errors, big: str, load) -> str:
             f"| {'full' if r['full'] else 'diag'} | {B}, {C}, {D} | {o['torch', 'logits']} / {o['cpp', 'logits']} "
             f"| {o['torch', 'ce']} / {o['cpp', 'ce']} | {r['live']['torch', 'logits'] / bc(r):.2f} / "
             f"{r['rss']['torch'] / bc(r):.2f} | {r['live']['cpp', 'logits'] / bc(r):.2f} / {r['rss']['cpp'] / bc(r):.2f} |")
-    lines += ["", "Near-prototype case (docs/design.md §2.1, float32, max relative error of the logits): " + ", ".join(
+    lines += ["", "Near-prototype case (docs/design.md §2.1, float32, max relative error of the logits): "
+              + ", ".join(
         f"{n} {'full' if f else 'diag'} {e:.1e}" for (n, f), e in errors.items()) + ".", "", big]
     return "\n".join(lines)
 

@@ -256,7 +256,8 @@ def test_static_form_bound_on_near_pairs_per_row(monkeypatch):
     cluster = spot + 1e-3 * torch.randn(3 * k, D, generator=g, dtype=torch.float64)
     x = (spot + 1e-3 * torch.randn(D, generator=g, dtype=torch.float64))[None]
     mu = torch.cat([cluster, others])
-    L, beta = 0.5 + torch.rand(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64) / 16
+    L = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
+    beta = torch.randn(D, generator=g, dtype=torch.float64) / 16
     args64 = (x, mu, L, beta, torch.tensor(0.3, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
     args = [t.float() for t in args64]
     ref = fk.reference.randers_logits(*[t.double() for t in args])[0, :3 * k]  # of the float32 inputs
@@ -267,7 +268,7 @@ def test_static_form_bound_on_near_pairs_per_row(monkeypatch):
     assert errors().max() <= 1e-5  # eager: every near pair recomputed
     monkeypatch.setattr(torch_ops, "static_shapes", lambda: True)
     err = errors()
-    assert (err <= 1e-5).sum() >= k  # the k pairs most at risk: exact
+    assert (err <= 1e-5).sum() >= k  # the k pairs nearest to cancellation: exact
     assert err.max() > 1e-3  # beyond them: the plain expansion's accuracy
 
 

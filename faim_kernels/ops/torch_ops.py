@@ -4,9 +4,9 @@ MPS, XPU, ...), under torch.func transforms and in exported graphs (torch.export
 
 The algorithm is the kernels' (SPEC §2): x' = (x − m)·Lc and mu' = (mu − m)·Lc (m the detached mean
 prototype), one GEMM for x'·mu'ᵀ, q = |x'|² + |mu'|² − 2·x'·mu', s = x·beta − mu·beta in float64,
-then the epilogue as elementwise ops. The pairs whose expansion cannot be trusted (the kernels' rule:
-transform.risk_threshold's tau and the s-cancellation test: `_expansion`, `eager_chunk`) are recomputed from the
-raw difference x_b − mu_c in float64, so near-prototype pairs are exact, gradients included: the
+then the epilogue as elementwise ops. The near pairs, whose expansion cannot be trusted (the kernels'
+rule: transform.risk_threshold's tau and the s-cancellation test: `_expansion`, `Eager.chunk`), are
+recomputed from the raw difference x_b − mu_c in float64, so they are exact, gradients included: the
 expansion's backward (which cancels on near pairs just as its forward does, SPEC §2.1) never sees
 those pairs (masked before the square roots, or P = R = 0 in the closed form); the recomputed pairs
 get theirs from the raw difference.
@@ -14,18 +14,26 @@ get theirs from the raw difference.
 Two ways to run the same math (gradients: autograd through the ops below, or the closed form):
 
 - Eager (the default): an autograd.Function per call that works class chunk by class chunk
-  (`chunk_classes`), the epilogue as in-place passes over the chunk. The forward keeps no graph;
-  the backward is SPEC §2's closed form (ClosedFormBackward: two gradient GEMMs), d read back from
-  the saved logits as the kernels do (the cross-entropy recomputes each chunk: it keeps no [B, C]).
-  Memory: the [B, C] output (none for the cross-entropy) plus one chunk's temporaries. Near pairs
-  are found with nonzero() and recomputed pair by pair (O(D) each, O(D²) with a full L); their
-  gradients come from autograd over the gathered raw differences.
+  (`chunk_classes`: each [B, chunk] temporary at most 1/8 of [B, C]), the class side formed per
+  chunk too, the epilogue as in-place passes over the chunk. The forward keeps no graph; the
+  backward is docs/design.md §2's closed form (ClosedFormBackward: two gradient GEMMs per chunk), d
+  read back from the saved logits as the kernels do (the cross-entropy recomputes each chunk: it
+  keeps no [B, C]). Memory: the [B, C] output (none for the cross-entropy), the returned gradients
+  and one chunk's temporaries: at most 3 [B, C] float32 tensors in all for the logits at the
+  benchmark's shapes with a diagonal Σ (bench/RESULTS.md, "torch-cpu"). Near pairs are found with
+  nonzero() and recomputed pair by pair (O(D) each, O(D²) with a full L); their gradients come from
+  autograd over the gathered raw differences. The CPU cost beyond the GEMMs is the per-operator
+  overhead (~40 operators per chunk): fewer, larger operators are the lever.
 - Static (under torch.func transforms, torch.compile, torch.export and ONNX export, where a
   data-dependent shape cannot exist): plain differentiable ops over all classes at once, so every
-  transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs most
-  at risk are recomputed (a top-k with a static k, gathered, recomputed, scattered back); a row with
-  more pairs at risk than that keeps the expansion's value for the rest (the plain GEMM's accuracy,
-  e.g. for many prototypes all within a few percent of one sample). Under export and torch.func a
+  transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs nearest
+  to cancellation are recomputed (a top-k with a static k, gathered, recomputed, scattered back); a
+  row with more near pairs than that keeps the expansion's value for the rest (the plain GEMM's
+  accuracy, e.g. for many prototypes all within a few percent of one sample far from the prototypes'
+  mean: test_static_form_bound_on_near_pairs_per_row). The bound is kept on purpose: recomputing
+  every pair from the raw difference, the only static-shape way to be exact for any count, is
+  B·C·D work and memory (the einsum reference's cost) in every exported or transformed call, where
+  these shapes are what deployment runs. Under export and torch.func a
   full L enters as [x·L, sqrt(eps)·x] (q = |diff·L|² + eps·|diff|²: a GEMM twice as wide, but no Cholesky, which
   ONNX lacks, and no positive-definiteness check that would read a value under vmap).
 
@@ -156,7 +164,7 @@ class Rows:
 
 def _direct_pairs(rows: Rows, xb: torch.Tensor, mc: torch.Tensor, eps: float):
     """(a, r) of pairs from their raw difference xb − mc (each [..., D] in the wide dtype): q and s
-    from the difference itself, as the kernels' direct path (csrc/randers_common.h, pair_direct):
+    from the difference itself, as the kernels' near-pair recompute (csrc/randers_common.h, pair_direct):
     an infinite coordinate (and no NaN) gives q = +inf."""
     diff = xb - mc
     dp = rows.metric.project(diff)
@@ -196,7 +204,7 @@ def _distance_from_near(rows: Rows, a, r):
 
 
 def distance_static(rows: Rows, mu: torch.Tensor, eps: float) -> torch.Tensor:
-    """d [B, C] (compute dtype) with static shapes: per row the STATIC_NEAR_PAIRS pairs most at risk
+    """d [B, C] (compute dtype) with static shapes: per row the STATIC_NEAR_PAIRS pairs nearest to cancellation
     (ranked by q / (tau·norms) and the s test's ratio; NaN first) recomputed from the raw difference."""
     wide_mu = mu.to(rows.wide)
     q, s, _ = _expansion(rows, mu, wide_mu)
@@ -293,8 +301,8 @@ class Eager:
         step = self.chunks[0][1] - self.chunks[0][0] if self.chunks else 1
         # one [mu'_c | 1] buffer for every chunk (each chunk's class side is consumed before the next)
         self.mup_buf = _with_ones_column(step, width, self.metric.factor)
-        # rows of x or mu cast to the wide dtype at once: no more than one [B, chunk] temporary's bytes
-        self.wide_rows = max(16, x.shape[0] * step * x.element_size() // max(1, 8 * x.shape[1]))
+        # rows of x or mu cast to the wide dtype at once: no more than two [B, chunk] temporaries' bytes
+        self.wide_rows = max(16, 2 * x.shape[0] * step * x.element_size() // max(1, 8 * x.shape[1]))
         self.sx = dot_wide(x, self.beta_wide, self.wide_rows)
         self.sx_col = self.sx[:, None]
         self.smu = dot_wide(mu, self.beta_wide, self.wide_rows)
@@ -647,13 +655,21 @@ class _Logits(torch.autograd.Function):
         near = (torch.cat(near_b), torch.cat(near_c)) if near_b else (empty, empty)
         ctx.save_for_backward(x, mu, L, beta, lam, gamma, out, *near)
         ctx.eps, ctx.near_counts = eps, counts
+        ctx.eager = ev  # (the row side, mu·beta and the chunk grid: [B, D] and [C], reused by the backward)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, mu, L, beta, lam, gamma, out, near_b, near_c = ctx.saved_tensors
+        inputs = (x, mu, L, beta, lam, gamma)
+        with torch.no_grad():  # (under create_graph=True too: _once refuses a second derivative)
+            grads = _Logits._gradients(ctx, grad.detach(), *[t.detach() for t in ctx.saved_tensors])
+        return (*_once(grads, inputs), None)
+
+    @staticmethod
+    def _gradients(ctx, grad, x, mu, L, beta, lam, gamma, out, near_b, near_c):
         inputs, needs = (x, mu, L, beta, lam, gamma), list(ctx.needs_input_grad[:6])
-        ev = Eager(x, mu, L, beta, lam, ctx.eps)
+        ev = ctx.eager
         g, compute = float(gamma), ev.compute
         bw = ClosedFormBackward(ev, inputs, needs, g)
         readback = out.dtype == compute and abs(g) >= GAMMA_READBACK_MIN
@@ -662,7 +678,7 @@ class _Logits(torch.autograd.Function):
         whole = readback and needs[5] and grad.dtype == out.dtype and grad.is_contiguous() and out.is_contiguous()
         if whole:
             dgamma += torch.dot(grad.view(-1), out.view(-1)).to(ev.wide) / g
-        counts, n1 = iter(ctx.near_counts), 0
+        counts, n1, no_pairs = iter(ctx.near_counts), 0, (near_b[:0], near_c[:0])
         for c0, c1 in ev.chunks:
             cls = ev.classes(c0, c1)
             G = grad[:, c0:c1]
@@ -674,7 +690,7 @@ class _Logits(torch.autograd.Function):
                 if ev.lam != 0.0:
                     a.sub_(r, alpha=ev.lam)
                 n0, n1 = n1, n1 + next(counts)  # this chunk's near pairs, saved in chunk order
-                near = (near_b[n0:n1], near_c[n0:n1] - c0)
+                near = (near_b[n0:n1], near_c[n0:n1] - c0) if n1 > n0 else no_pairs
                 if needs[5] and not whole:  # ∂γ = Σ G·∂logit/∂γ = Σ G·logit/γ
                     dgamma += torch.mul(G, out[:, c0:c1]).sum(dtype=ev.wide) / g
             else:
@@ -682,7 +698,7 @@ class _Logits(torch.autograd.Function):
                 if needs[5]:  # ∂γ = −Σ G·d
                     dgamma -= torch.mul(G, d).sum(dtype=ev.wide)
             bw.chunk(c0, c1, cls, G, a, r, s, near)
-        return (*_once(bw.finish(dgamma), inputs), None)
+        return bw.finish(dgamma)
 
 
 def logits(x, mu, L, beta, lam, gamma, eps: float) -> torch.Tensor:
@@ -793,13 +809,21 @@ class _RowStats(torch.autograd.Function):
             lse = torch.logsumexp(torch.stack(maxes, 1) + torch.log(torch.stack(sums, 1)), dim=1)
         ctx.save_for_backward(x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target)
         ctx.eps, ctx.margin = eps, margin
+        ctx.eager = ev  # (the row side, mu·beta, the s test's pairs and the chunk grid, reused by the backward)
         return lse, tl.reshape(target.shape), sl, pl
 
     @staticmethod
-    def backward(ctx, w_lse, w_tl, w_sl, w_pl):
-        x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target = ctx.saved_tensors
+    def backward(ctx, *weights):
+        inputs = ctx.saved_tensors[:6]
+        with torch.no_grad():  # (under create_graph=True too: _once refuses a second derivative)
+            grads = _RowStats._gradients(ctx, *[None if w is None else w.detach() for w in weights],
+                                         *[None if t is None else t.detach() for t in ctx.saved_tensors])
+        return (*_once(grads, inputs), None, None, None, None, None)
+
+    @staticmethod
+    def _gradients(ctx, w_lse, w_tl, w_sl, w_pl, x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target):
         inputs, needs = (x, mu, L, beta, lam, gamma), list(ctx.needs_input_grad[:6])
-        ev = Eager(x, mu, L, beta, lam, ctx.eps)
+        ev = ctx.eager
         compute, wide, g, t2 = ev.compute, ev.wide, float(gamma), _as_2d(target)
         bw = ClosedFormBackward(ev, inputs, needs, g)
         wt = None if w_tl is None else _as_2d(w_tl).to(compute)
@@ -824,11 +848,12 @@ class _RowStats(torch.autograd.Function):
             if w_sl is not None:
                 lin = w_sl.to(compute)[:, None]
             if w_pl is not None and p is not None:
-                lin = torch.mul(p, w_pl.to(compute)[:, None]) if lin is None else torch.addcmul(lin, p, w_pl.to(compute)[:, None])
+                wp = w_pl.to(compute)[:, None]
+                lin = torch.mul(p, wp) if lin is None else torch.addcmul(lin, p, wp)
             if lin is not None:
                 G.add_(lin if v is None else lin * v[None, :])
             if needs[5]:
-                # ∂/∂γ of logit' = −γ·(d + margin·[c = t]) is logit'/γ (γ ≠ 0), else −(d + margin·[c = t])
+                # ∂/∂γ of logit' = −γ·(d + margin·[c = t]): logit'/γ (γ ≠ 0), else −(d + margin·[c = t])
                 if g != 0.0:
                     dgamma += torch.mul(G, lg).sum(dtype=wide) / g
                 else:
@@ -837,8 +862,7 @@ class _RowStats(torch.autograd.Function):
                         dm = dm.index_put((b, c), dm[b, c] + ctx.margin)
                     dgamma -= torch.mul(G, dm).sum(dtype=wide)
             bw.chunk(c0, c1, cls, G, a, r, s, near)
-        grads = _once(bw.finish(dgamma), inputs)
-        return (*grads, None, None, None, None, None)
+        return bw.finish(dgamma)
 
 
 def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, class_weight=None, soft_target=None):
