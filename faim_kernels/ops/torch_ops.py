@@ -56,6 +56,9 @@ STATIC_NEAR_PAIRS = 16
 # (the memory target), and at least MIN_CHUNK_CLASSES classes unless CHUNK_ELEMENTS says less.
 CHUNK_ELEMENTS = 2 ** 18
 CHUNKS_PER_CALL = 8
+# The forwards hold fewer [B, chunk] temporaries than the backwards (no P, R, G), so they run half
+# as many, twice larger chunks for the same peak: half the per-operator cost.
+FORWARD_CHUNKS_PER_CALL = 4
 MIN_CHUNK_CLASSES = 64
 # Near pairs recomputed at once in eager mode: bounds their [P, D] temporaries.
 NEAR_GROUP = 2 ** 14
@@ -240,13 +243,15 @@ def _prepare(x, mu, L, beta, lam, eps, static):
 # Eager form: class-chunked autograd.Functions (no graph in the forward; closed-form backward)
 # ----------------------------------------------------------------------------------------------
 
-def chunk_classes(B: int, C: int):
+def chunk_classes(B: int, C: int, parts: int | None = None):
     """Class ranges [c0, c1) of the eager form's chunks. A chunk's [B, c] temporaries (about six live
     at once in the backward) are kept to 1/CHUNKS_PER_CALL of [B, C] each, so that they add up to
     under one [B, C] whatever the shape (the memory target: 3 [B, C] with the output), and to at most
     CHUNK_ELEMENTS elements (a chunk stays in cache); at least MIN_CHUNK_CLASSES wide, so that the
-    per-chunk GEMMs stay efficient and the per-op overhead stays small against the work."""
-    step = min(CHUNK_ELEMENTS // max(B, 1), max(MIN_CHUNK_CLASSES, -(-C // CHUNKS_PER_CALL)))
+    per-chunk GEMMs stay efficient and the per-op overhead stays small against the work. `parts`
+    replaces CHUNKS_PER_CALL (the forwards' FORWARD_CHUNKS_PER_CALL)."""
+    parts = CHUNKS_PER_CALL if parts is None else parts
+    step = min(CHUNK_ELEMENTS // max(B, 1), max(MIN_CHUNK_CLASSES, -(-C // parts)))
     step = max(step, 16)
     return [(c0, min(C, c0 + step)) for c0 in range(0, C, step)]
 
@@ -283,7 +288,7 @@ class Eager:
     a = sqrt(q + eps), r = sqrt(s² + eps), s and near pairs (`chunk`). The class side is formed chunk
     by chunk, so that no [C, D] temporary exists besides the returned gradient."""
 
-    def __init__(self, x, mu, L, beta, lam, eps: float):
+    def __init__(self, x, mu, L, beta, lam, eps: float, parts: int | None = None):
         self.compute, self.wide = transform.compute_dtype(x.dtype), _wide_dtype(x.device)
         self.metric = Metric(L, eps, self.compute, wide_form=False)
         self.eps, self.lam = eps, float(lam)
@@ -297,12 +302,15 @@ class Eager:
         self.xn = torch.linalg.vecdot(self.xp, self.xp)
         self.xn_col = self.xn[:, None]
         self.beta_wide = beta.to(self.wide)
-        self.chunks = chunk_classes(x.shape[0], mu.shape[0])
+        self.chunks = chunk_classes(x.shape[0], mu.shape[0], parts)  # (the backwards take their own grid)
         step = self.chunks[0][1] - self.chunks[0][0] if self.chunks else 1
         # one [mu'_c | 1] buffer for every chunk (each chunk's class side is consumed before the next)
         self.mup_buf = _with_ones_column(step, width, self.metric.factor)
         # rows of x or mu cast to the wide dtype at once: no more than two [B, chunk] temporaries' bytes
-        self.wide_rows = max(16, 2 * x.shape[0] * step * x.element_size() // max(1, 8 * x.shape[1]))
+        # of the backward's (smaller) chunks
+        grid = chunk_classes(x.shape[0], mu.shape[0])
+        small = grid[0][1] - grid[0][0] if grid else 1
+        self.wide_rows = max(16, 2 * x.shape[0] * small * x.element_size() // max(1, 8 * x.shape[1]))
         self.sx = dot_wide(x, self.beta_wide, self.wide_rows)
         self.sx_col = self.sx[:, None]
         self.smu = dot_wide(mu, self.beta_wide, self.wide_rows)
@@ -635,12 +643,11 @@ class _Logits(torch.autograd.Function):
     def forward(ctx, x, mu, L, beta, lam, gamma, eps):
         B, C = x.shape[0], mu.shape[0]
         out = x.new_empty((B, C))
-        ev = Eager(x, mu, L, beta, lam, eps)
+        ev = Eager(x, mu, L, beta, lam, eps, FORWARD_CHUNKS_PER_CALL)
         g, lam_f = float(gamma), ev.lam
-        near_b, near_c, counts = [], [], []
+        near_b, near_c = [], []
         for c0, c1 in ev.chunks:
             a, r, _, (bi, ci) = ev.chunk(ev.classes(c0, c1), c0)
-            counts.append(bi.numel())
             o = out[:, c0:c1]
             if lam_f != 0.0:  # −γ·(a + λ·r), written straight into the output's columns
                 torch.add(a.mul_(-g), r, alpha=-g * lam_f, out=o)
@@ -651,10 +658,11 @@ class _Logits(torch.autograd.Function):
                 o.index_put_((bi, ci), ((na + lam_f * nr) * -g).to(o.dtype))
                 near_b.append(bi)
                 near_c.append(ci + c0)
+            del a, r  # (before the next chunk's temporaries exist: the peak is one chunk's)
         empty = x.new_zeros(0, dtype=torch.long)
         near = (torch.cat(near_b), torch.cat(near_c)) if near_b else (empty, empty)
         ctx.save_for_backward(x, mu, L, beta, lam, gamma, out, *near)
-        ctx.eps, ctx.near_counts = eps, counts
+        ctx.eps = eps
         ctx.eager = ev  # (the row side, mu·beta and the chunk grid: [B, D] and [C], reused by the backward)
         return out
 
@@ -678,8 +686,14 @@ class _Logits(torch.autograd.Function):
         whole = readback and needs[5] and grad.dtype == out.dtype and grad.is_contiguous() and out.is_contiguous()
         if whole:
             dgamma += torch.dot(grad.view(-1), out.view(-1)).to(ev.wide) / g
-        counts, n1, no_pairs = iter(ctx.near_counts), 0, (near_b[:0], near_c[:0])
-        for c0, c1 in ev.chunks:
+        grid = chunk_classes(x.shape[0], mu.shape[0])
+        no_pairs, ends = (near_b[:0], near_c[:0]), [0] * len(grid)
+        if readback and near_c.numel():  # the saved near pairs by class, and where each chunk's end
+            order = torch.argsort(near_c, stable=True)
+            near_b, near_c = near_b[order], near_c[order]
+            ends = torch.searchsorted(near_c, torch.tensor([c1 for _, c1 in grid], device=x.device)).tolist()
+        n1 = 0
+        for (c0, c1), end in zip(grid, ends):
             cls = ev.classes(c0, c1)
             G = grad[:, c0:c1]
             G = G if G.dtype == compute else G.to(compute)
@@ -689,7 +703,7 @@ class _Logits(torch.autograd.Function):
                 a = torch.div(out[:, c0:c1], -g)
                 if ev.lam != 0.0:
                     a.sub_(r, alpha=ev.lam)
-                n0, n1 = n1, n1 + next(counts)  # this chunk's near pairs, saved in chunk order
+                n0, n1 = n1, end
                 near = (near_b[n0:n1], near_c[n0:n1] - c0) if n1 > n0 else no_pairs
                 if needs[5] and not whole:  # ∂γ = Σ G·∂logit/∂γ = Σ G·logit/γ
                     dgamma += torch.mul(G, out[:, c0:c1]).sum(dtype=ev.wide) / g
@@ -698,6 +712,7 @@ class _Logits(torch.autograd.Function):
                 if needs[5]:  # ∂γ = −Σ G·d
                     dgamma -= torch.mul(G, d).sum(dtype=ev.wide)
             bw.chunk(c0, c1, cls, G, a, r, s, near)
+            del cls, G, a, r, s  # (before the next chunk's temporaries exist)
         return bw.finish(dgamma)
 
 
@@ -784,7 +799,7 @@ class _RowStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target):
         B, C = x.shape[0], mu.shape[0]
-        ev = Eager(x, mu, L, beta, lam, eps)
+        ev = Eager(x, mu, L, beta, lam, eps, FORWARD_CHUNKS_PER_CALL)
         wide, g, t2 = ev.wide, float(gamma), _as_2d(target)
         tl = torch.zeros(t2.shape, dtype=wide, device=x.device)
         sl, pl = x.new_zeros(B, dtype=wide), x.new_zeros(B, dtype=wide)
@@ -803,6 +818,7 @@ class _RowStats(torch.autograd.Function):
             shift = torch.where(torch.isfinite(mx), mx, 0.0)
             maxes.append(shift.to(wide))
             sums.append(lg.sub_(shift[:, None]).exp_().sum(dim=1, dtype=wide))
+            del lg  # (before the next chunk's temporaries exist)
         if C == 0:
             lse = x.new_full((B,), float("-inf"), dtype=wide)
         else:
@@ -834,7 +850,7 @@ class _RowStats(torch.autograd.Function):
         lse_lo = torch.where(finite, lse - lse_hi.to(wide), 0.0).to(compute)
         w_lse_c = None if w_lse is None else w_lse.to(compute)[:, None]
         dgamma = torch.zeros((), dtype=wide, device=x.device)
-        for c0, c1 in ev.chunks:
+        for c0, c1 in chunk_classes(x.shape[0], mu.shape[0]):  # (the backward's grid: smaller chunks)
             cls = ev.classes(c0, c1)
             lg, (b, k, c), (d, near, (a, r, s)) = _margin_chunk_logits(ev, cls, c0, c1, g, t2, ctx.margin, True)
             if w_lse_c is not None:
@@ -862,6 +878,7 @@ class _RowStats(torch.autograd.Function):
                         dm = dm.index_put((b, c), dm[b, c] + ctx.margin)
                     dgamma -= torch.mul(G, dm).sum(dtype=wide)
             bw.chunk(c0, c1, cls, G, a, r, s, near)
+            del cls, G, a, r, s, lg, d, lin  # (before the next chunk's temporaries exist)
         return bw.finish(dgamma)
 
 
