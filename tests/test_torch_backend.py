@@ -52,6 +52,47 @@ def test_missing_triton_kernels_fall_back_with_the_cause(monkeypatch):
         assert dispatch.resolve_backend("auto", torch.device("cuda")) == "torch"
 
 
+def test_triton_launch_failure_falls_back_with_the_cause(monkeypatch):
+    """A CUDA user whose Triton kernels fail to compile at their first launch (ptxas rejecting the GPU's
+    architecture) gets backend='torch' with one warning naming the cause; later calls resolve to
+    'torch' at once. Simulated on CPU tensors: the launchers raise what Triton raises there. A forced
+    backend='triton' raises the error itself."""
+    pytest.importorskip("triton")
+    from triton.runtime.errors import PTXASError
+
+    from faim_kernels.ops import triton as triton_backend
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(dispatch, "_triton_launch_error", None)
+    monkeypatch.setattr(dispatch, "_triton_kernels_error", lambda: None)
+    launches = []
+
+    def failing_launch(*args):
+        launches.append(args)
+        raise PTXASError("ptxas fatal   : Value 'sm_999' is not defined for option 'gpu-name'")
+    monkeypatch.setattr(triton_backend, "interpreted_logits", failing_launch)
+    monkeypatch.setattr(triton_backend, "interpreted_cross_entropy", failing_launch)
+    x, mu, L, beta, lam, gamma = make_inputs(8, 40, 16, near=True, seed=6)
+    auto = dispatch.resolve_backend("auto", torch.device("cuda"))
+    assert auto == "triton" and isinstance(auto, dispatch.AutoChoice)
+    with pytest.warns(UserWarning, match="PTXASError: PTXAS error: ptxas fatal.*sm_999") as record:
+        out = dispatch.fused_logits(x, mu, L, beta, lam, gamma, 1e-6, auto)
+    assert len(record) == 1 and "backend='torch'" in str(record[0].message)
+    assert len(launches) == 1
+    ref = fk.reference.randers_logits(*[t.double() for t in (x, mu, L, beta, lam, gamma)])
+    assert_rel_close(out, ref, 1e-5, "logits after the failed launch")
+    target = nearest_targets([x, mu, L, beta, lam])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per cause: the cross-entropy falls back silently
+        stats = dispatch.fused_row_stats(x, mu, L, beta, lam, gamma, target, 1e-6, 0.0, auto)
+        assert dispatch.resolve_backend("auto", torch.device("cuda")) == "torch"  # later calls: torch at once
+    want = torch_ops.row_stats(x, mu, L, beta, lam, gamma, target, 1e-6, 0.0)
+    for got, w in zip(stats, want):
+        torch.testing.assert_close(got, w)
+    assert len(launches) == 2
+    with pytest.raises(PTXASError):  # a forced backend is not replaced
+        dispatch.fused_logits(x, mu, L, beta, lam, gamma, 1e-6, "triton")
+
+
 def test_large_problem_without_cpp_runs_the_torch_path(no_cpp_kernels):
     """(256, 4096, 128): where the einsum fallback was refused (its [B, C, D] temporaries ~2 GB), auto
     now runs the torch path: exact, [B, C] memory."""
@@ -200,6 +241,35 @@ def test_static_form_recomputes_near_pairs_in_float32(monkeypatch, full):
     monkeypatch.setattr(torch_ops, "STATIC_NEAR_PAIRS", 0)  # nothing recomputed: the plain expansion
     plain = fk.randers_logits(*inputs, backend="torch")
     assert ((plain.double() - ref).abs() / ref.abs()).max() > 1e-2
+
+
+def test_static_form_bound_on_near_pairs_per_row(monkeypatch):
+    """The static form recomputes at most STATIC_NEAR_PAIRS pairs per row (a top-k with a static k):
+    a row with more near pairs keeps the plain expansion's accuracy for the rest (here far off), while
+    the eager form recomputes every one. The bound is documented (module docstring, README), shown
+    here: one sample with 3·STATIC_NEAR_PAIRS prototypes around it, far from the prototypes' mean."""
+    k = torch_ops.STATIC_NEAR_PAIRS
+    g = torch.Generator().manual_seed(4)
+    D = 256
+    others = 5 + 10 * torch.randn(64, D, generator=g, dtype=torch.float64)
+    spot = 40 + 10 * torch.randn(D, generator=g, dtype=torch.float64)
+    cluster = spot + 1e-3 * torch.randn(3 * k, D, generator=g, dtype=torch.float64)
+    x = (spot + 1e-3 * torch.randn(D, generator=g, dtype=torch.float64))[None]
+    mu = torch.cat([cluster, others])
+    L = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
+    beta = torch.randn(D, generator=g, dtype=torch.float64) / 16
+    args64 = (x, mu, L, beta, torch.tensor(0.3, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))
+    args = [t.float() for t in args64]
+    ref = fk.reference.randers_logits(*[t.double() for t in args])[0, :3 * k]  # of the float32 inputs
+
+    def errors():
+        out = fk.randers_logits(*args, backend="torch")[0, :3 * k].double()
+        return (out - ref).abs() / ref.abs()
+    assert errors().max() <= 1e-5  # eager: every near pair recomputed
+    monkeypatch.setattr(torch_ops, "static_shapes", lambda: True)
+    err = errors()
+    assert (err <= 1e-5).sum() >= k  # the k pairs nearest to cancellation: exact
+    assert err.max() > 1e-3  # beyond them: the plain expansion's accuracy
 
 
 # ---- ONNX export ----

@@ -9,7 +9,8 @@ Triton is imported only when a call needs it.
 
 backend="auto": the C++ kernels for CPU tensors, Triton for CUDA tensors, "torch" for every other
 device. Where the chosen kernels cannot run (no compiler or a failed build; triton missing or its
-kernels failing to import), "auto" runs "torch" instead, with one warning per cause. Under torch.func
+kernels failing to import, or failing to compile at their first launch: an unsupported GPU, a
+ptxas error), "auto" runs "torch" instead, with one warning per cause. Under torch.func
 transforms "auto" is always "torch" (the custom ops have no functorch rules), and a forced "cpp" or
 "triton" is refused with the way out. Under torch.export and ONNX export "auto" is "torch" too: the
 exported graph is then plain ATen ops, which any runtime (onnxruntime, ExecuTorch) can run without
@@ -29,6 +30,14 @@ from ..transform import compute_dtype, metric_factor
 from . import contract, torch_ops
 
 _warned: set[str] = set()
+# Why the Triton kernels failed at launch in this process (None until one did): "auto" then runs
+# "torch" for CUDA tensors from the next call on (the failing call itself already fell back).
+_triton_launch_error: str | None = None
+
+
+class AutoChoice(str):
+    """A backend name that backend="auto" chose (compares equal to the plain name). Only such a choice
+    falls back to "torch" when the kernels fail at launch; a backend the caller forced raises."""
 
 
 def _triton_importable() -> bool:
@@ -119,8 +128,11 @@ def resolve_backend(backend: str, device: torch.device, shape: tuple[int, int, i
         if transforming or torch_ops.exporting():
             return "torch"
         if device.type == "cuda":
-            why = _triton_kernels_error()
-            return "triton" if why is None else _fallback(why)
+            why = _triton_kernels_error() or _triton_launch_error
+            if why is not None:
+                return _fallback(why)
+            # (compiled code keeps the plain name: Dynamo traces no str subclass; a launch failure there raises)
+            return "triton" if torch.compiler.is_compiling() else AutoChoice("triton")
         if device.type == "cpu":
             if cpp_disabled():
                 return "torch"
@@ -159,6 +171,24 @@ def cpp_serves_cpu(backend: str) -> bool:
     return resolve_backend(backend, torch.device("cpu")) == "cpp"
 
 
+def _torch_if_launch_fails(backend: str, run_fused, run_torch):
+    """run_fused(), or where "auto" chose Triton and its kernels fail to compile or launch (a
+    triton.errors.TritonError: CompilationError, PTXASError, OutOfResources), run_torch() with one
+    warning naming the cause; later calls then resolve to "torch" (resolve_backend). Only the
+    forward launch is covered: a backward kernel failing after a successful forward raises."""
+    if not isinstance(backend, AutoChoice) or backend != "triton":
+        return run_fused()
+    from triton.errors import TritonError
+    try:
+        return run_fused()
+    except TritonError as e:
+        global _triton_launch_error
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        _triton_launch_error = f"the Triton kernels failed to compile or launch ({type(e).__name__}: {first})"
+        _fallback(_triton_launch_error)
+        return run_torch()
+
+
 def _ops(backend: str, device: torch.device):
     """(logits op, cross-entropy op) for a fused backend: the registered custom ops, or for Triton
     on CPU tensors the interpreter's stand-ins with the same autograd formula."""
@@ -191,11 +221,14 @@ def fused_logits(x, mu, L, beta, lam, gamma, eps: float, backend: str) -> torch.
     if backend == "torch":
         return torch_ops.logits(x, mu, L, beta, lam, gamma, eps)
     dtype, acc = _kernel_dtype(backend, x.dtype, "logits"), compute_dtype(x.dtype)
-    logits_op, _ = _ops(backend, x.device)
-    out = logits_op(x.to(dtype), mu.to(dtype), metric_factor(L, eps, acc), beta.to(acc),
-                    _scalar(lam, x.device), _scalar(gamma, x.device), float(eps),
-                    transform.near_threshold(x.shape[1], acc))
-    return out[0].to(x.dtype)
+
+    def run_fused():
+        logits_op, _ = _ops(backend, x.device)
+        out = logits_op(x.to(dtype), mu.to(dtype), metric_factor(L, eps, acc), beta.to(acc),
+                        _scalar(lam, x.device), _scalar(gamma, x.device), float(eps),
+                        transform.near_threshold(x.shape[1], acc))
+        return out[0].to(x.dtype)
+    return _torch_if_launch_fails(backend, run_fused, lambda: torch_ops.logits(x, mu, L, beta, lam, gamma, eps))
 
 
 def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, backend: str,
@@ -217,9 +250,12 @@ def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: floa
             soft_target = soft_target.to(acc)
         options = (None if class_weight is None else class_weight.detach().to(acc),
                    None if soft_target is None else soft_target.detach())
-    return ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(acc), _scalar(lam, x.device),
-                 _scalar(gamma, x.device), target.to(torch.int64), float(eps),
-                 transform.near_threshold(x.shape[1], acc), float(margin), *options)
+    return _torch_if_launch_fails(
+        backend,
+        lambda: ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(acc), _scalar(lam, x.device),
+                      _scalar(gamma, x.device), target.to(torch.int64), float(eps),
+                      transform.near_threshold(x.shape[1], acc), float(margin), *options),
+        lambda: torch_ops.row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,6 +278,9 @@ def fused_topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool, backend: 
     # are computed outside them, and differentiating the distances is refused there.)
     if backend == "torch":
         return torch_ops.topk(x, mu, L, beta, lam, eps, k, largest)
+    if isinstance(backend, AutoChoice):
+        return _torch_if_launch_fails(backend, lambda: fused_topk(x, mu, L, beta, lam, eps, k, largest, str(backend)),
+                                      lambda: torch_ops.topk(x, mu, L, beta, lam, eps, k, largest))
     with torch.no_grad():
         x, mu, L, beta = x.detach(), mu.detach(), L.detach(), beta.detach()
         lam = lam.detach() if isinstance(lam, torch.Tensor) else lam

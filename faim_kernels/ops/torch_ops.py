@@ -4,9 +4,9 @@ MPS, XPU, ...), under torch.func transforms and in exported graphs (torch.export
 
 The algorithm is the kernels' (SPEC §2): x' = (x − m)·Lc and mu' = (mu − m)·Lc (m the detached mean
 prototype), one GEMM for x'·mu'ᵀ, q = |x'|² + |mu'|² − 2·x'·mu', s = x·beta − mu·beta in float64,
-then the epilogue as elementwise ops. The pairs whose expansion cannot be trusted (the kernels' rule:
-transform.risk_threshold's tau and the s-cancellation test: `_expansion`, `eager_chunk`) are recomputed from the
-raw difference x_b − mu_c in float64, so near-prototype pairs are exact, gradients included: the
+then the epilogue as elementwise ops. The near pairs, whose expansion cannot be trusted (the kernels'
+rule: transform.risk_threshold's tau and the s-cancellation test: `_expansion`, `Eager.chunk`), are
+recomputed from the raw difference x_b − mu_c in float64, so they are exact, gradients included: the
 expansion's backward (which cancels on near pairs just as its forward does, SPEC §2.1) never sees
 those pairs (masked before the square roots, or P = R = 0 in the closed form); the recomputed pairs
 get theirs from the raw difference.
@@ -14,18 +14,26 @@ get theirs from the raw difference.
 Two ways to run the same math (gradients: autograd through the ops below, or the closed form):
 
 - Eager (the default): an autograd.Function per call that works class chunk by class chunk
-  (`chunk_classes`), the epilogue as in-place passes over the chunk. The forward keeps no graph;
-  the backward is SPEC §2's closed form (ClosedFormBackward: two gradient GEMMs), d read back from
-  the saved logits as the kernels do (the cross-entropy recomputes each chunk: it keeps no [B, C]).
-  Memory: the [B, C] output (none for the cross-entropy) plus one chunk's temporaries. Near pairs
-  are found with nonzero() and recomputed pair by pair (O(D) each, O(D²) with a full L); their
-  gradients come from autograd over the gathered raw differences.
+  (`chunk_classes`: each [B, chunk] temporary at most 1/8 of [B, C]), the class side formed per
+  chunk too, the epilogue as in-place passes over the chunk. The forward keeps no graph; the
+  backward is docs/design.md §2's closed form (ClosedFormBackward: two gradient GEMMs per chunk), d
+  read back from the saved logits as the kernels do (the cross-entropy recomputes each chunk: it
+  keeps no [B, C]). Memory: the [B, C] output (none for the cross-entropy), the returned gradients
+  and one chunk's temporaries: at most 3 [B, C] float32 tensors in all for the logits at the
+  benchmark's shapes with a diagonal Σ (bench/RESULTS.md, "torch-cpu"). Near pairs are found with
+  nonzero() and recomputed pair by pair (O(D) each, O(D²) with a full L); their gradients come from
+  autograd over the gathered raw differences. The CPU cost beyond the GEMMs is the per-operator
+  overhead (~40 operators per chunk): fewer, larger operators are the lever.
 - Static (under torch.func transforms, torch.compile, torch.export and ONNX export, where a
   data-dependent shape cannot exist): plain differentiable ops over all classes at once, so every
-  transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs most
-  at risk are recomputed (a top-k with a static k, gathered, recomputed, scattered back); a row with
-  more pairs at risk than that keeps the expansion's value for the rest (the plain GEMM's accuracy,
-  e.g. for many prototypes all within a few percent of one sample). Under export and torch.func a
+  transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs nearest
+  to cancellation are recomputed (a top-k with a static k, gathered, recomputed, scattered back); a
+  row with more near pairs than that keeps the expansion's value for the rest (the plain GEMM's
+  accuracy, e.g. for many prototypes all within a few percent of one sample far from the prototypes'
+  mean: test_static_form_bound_on_near_pairs_per_row). The bound is kept on purpose: recomputing
+  every pair from the raw difference, the only static-shape way to be exact for any count, is
+  B·C·D work and memory (the einsum reference's cost) in every exported or transformed call, where
+  these shapes are what deployment runs. Under export and torch.func a
   full L enters as [x·L, sqrt(eps)·x] (q = |diff·L|² + eps·|diff|²: a GEMM twice as wide, but no Cholesky, which
   ONNX lacks, and no positive-definiteness check that would read a value under vmap).
 
@@ -43,9 +51,15 @@ from .. import transform
 
 # Per-row pairs recomputed from the raw difference where shapes must be static (module docstring).
 STATIC_NEAR_PAIRS = 16
-# Elements of one class chunk's [B, chunk] temporaries (eager): 2^18 keeps a chunk's working set
-# under one [512, 512] float32 block and the GEMMs at least 128 classes wide.
+# The eager form's class chunks (chunk_classes): at most CHUNK_ELEMENTS elements per [B, chunk]
+# temporary (2^18: one [512, 512] float32 block, cache-sized), at most 1/CHUNKS_PER_CALL of [B, C]
+# (the memory target), and at least MIN_CHUNK_CLASSES classes unless CHUNK_ELEMENTS says less.
 CHUNK_ELEMENTS = 2 ** 18
+CHUNKS_PER_CALL = 8
+# The forwards hold fewer [B, chunk] temporaries than the backwards (no P, R, G), so they run half
+# as many, twice larger chunks for the same peak: half the per-operator cost.
+FORWARD_CHUNKS_PER_CALL = 4
+MIN_CHUNK_CLASSES = 64
 # Near pairs recomputed at once in eager mode: bounds their [P, D] temporaries.
 NEAR_GROUP = 2 ** 14
 # |s| < S_RISK·(|x·beta| + |mu·beta|): s = sx − smu lost too many digits (the kernels' 2^-20 for a
@@ -153,7 +167,7 @@ class Rows:
 
 def _direct_pairs(rows: Rows, xb: torch.Tensor, mc: torch.Tensor, eps: float):
     """(a, r) of pairs from their raw difference xb − mc (each [..., D] in the wide dtype): q and s
-    from the difference itself, as the kernels' direct path (csrc/randers_common.h, pair_direct):
+    from the difference itself, as the kernels' near-pair recompute (csrc/randers_common.h, pair_direct):
     an infinite coordinate (and no NaN) gives q = +inf."""
     diff = xb - mc
     dp = rows.metric.project(diff)
@@ -192,79 +206,8 @@ def _distance_from_near(rows: Rows, a, r):
     return (a + rows.lam * r) if not isinstance(rows.lam, torch.Tensor) else a + rows.lam.to(a.dtype) * r
 
 
-def eager_chunk(rows: Rows, mup_c: torch.Tensor, mn_c: torch.Tensor, smu_c: torch.Tensor, mu_c: torch.Tensor,
-                eps: float, lam: float, parts: bool = False):
-    """No graph: d [B, c] (compute dtype) of one class chunk, and the chunk's pairs at risk (b, c local)
-    that were recomputed from the raw difference (nonzero(), in groups of NEAR_GROUP). The same
-    rule as _expansion, written as in-place passes over the chunk (the CPU time is in these passes,
-    not the GEMM). parts=True returns (d, a, r, s, near) for the closed-form backward."""
-    tau = rows.tau
-    q = torch.addmm(mn_c[None, :], rows.xp, mup_c.T, alpha=-2)          # |mu'|² − 2·x'·mu'
-    risk = ~torch.ge(q - tau * mn_c, tau * rows.xn[:, None])             # q < tau·norms, or NaN
-    q.add_(rows.xn[:, None])
-    big = rows.xn.max() + mn_c.max() if q.numel() else q.new_zeros(())
-    if not bool(torch.isfinite(big)):  # norms that overflow (or NaN): those pairs take the direct path
-        risk |= ~((rows.xn[:, None] + mn_c[None, :]) <= torch.finfo(q.dtype).max)
-    s = (rows.sx[:, None] - smu_c[None, :]).to(rows.compute)
-    risk |= s.abs() < torch.add((rows.s_risk * rows.sx.abs()).to(rows.compute)[:, None],
-                                (rows.s_risk * smu_c.abs()).to(rows.compute)[None, :])
-    r = torch.square(s).add_(eps).sqrt_()
-    a = q.clamp_min_(0).add_(eps).sqrt_()
-    d = a.clone() if parts else a
-    if lam != 0.0:
-        d.add_(r, alpha=lam)
-    bi, ci = risk.nonzero(as_tuple=True)
-    for start in range(0, bi.numel(), NEAR_GROUP):
-        b, c = bi[start:start + NEAR_GROUP], ci[start:start + NEAR_GROUP]
-        na, nr = _direct_pairs(rows, rows.x_wide.index_select(0, b), mu_c.index_select(0, c).to(rows.wide), eps)
-        nd = na if lam == 0.0 else na + lam * nr
-        d.index_put_((b, c), nd.to(d.dtype))
-        if parts:
-            a.index_put_((b, c), na.to(a.dtype))
-            r.index_put_((b, c), nr.to(r.dtype))
-    return (d, a, r, s, (bi, ci)) if parts else (d, (bi, ci))
-
-
-ROWS_PER_DOT = 4096
-
-
-def dot_wide(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """v·w [n] in w's (wide) dtype, v [n, D] cast block by block: no float64 copy of a large mu."""
-    if v.shape[0] <= ROWS_PER_DOT:
-        return v.to(w.dtype) @ w
-    return torch.cat([v[i:i + ROWS_PER_DOT].to(w.dtype) @ w for i in range(0, v.shape[0], ROWS_PER_DOT)])
-
-
-def tdot_wide(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Σ_i g_i·v_i [D] in g's (wide) dtype, v [n, D] cast block by block (dot_wide's transpose)."""
-    out = g.new_zeros(v.shape[1])
-    for i in range(0, v.shape[0], ROWS_PER_DOT):
-        out += v[i:i + ROWS_PER_DOT].to(g.dtype).T @ g[i:i + ROWS_PER_DOT]
-    return out
-
-
-class Cols:
-    """The class side of the eager form, no graph: mu' [C, D'], |mu'|² [C], smu = mu·beta [C] (wide)."""
-
-    def __init__(self, rows: Rows, mu: torch.Tensor, beta_wide: torch.Tensor):
-        self.mu = mu
-        self.mup = rows.metric.project(mu.to(rows.compute) - rows.m)
-        self.mn = torch.square(self.mup).sum(dim=1)
-        self.smu = dot_wide(mu, beta_wide)
-
-    @classmethod
-    def from_parts(cls, mu, mup, smu):
-        cols = cls.__new__(cls)
-        cols.mu, cols.mup, cols.smu = mu, mup, smu
-        cols.mn = torch.square(mup).sum(dim=1)
-        return cols
-
-    def chunk(self, rows, c0, c1, eps, lam, parts=False):
-        return eager_chunk(rows, self.mup[c0:c1], self.mn[c0:c1], self.smu[c0:c1], self.mu[c0:c1], eps, lam, parts)
-
-
 def distance_static(rows: Rows, mu: torch.Tensor, eps: float) -> torch.Tensor:
-    """d [B, C] (compute dtype) with static shapes: per row the STATIC_NEAR_PAIRS pairs most at risk
+    """d [B, C] (compute dtype) with static shapes: per row the STATIC_NEAR_PAIRS pairs nearest to cancellation
     (ranked by q / (tau·norms) and the s test's ratio; NaN first) recomputed from the raw difference."""
     wide_mu = mu.to(rows.wide)
     q, s, _ = _expansion(rows, mu, wide_mu)
@@ -295,119 +238,354 @@ def _prepare(x, mu, L, beta, lam, eps, static):
     return Rows(x, mu, Metric(L, eps, compute, wide_form), beta, lam, compute, _wide_dtype(x.device))
 
 
-def chunk_classes(B: int, C: int):
-    """Class ranges [c0, c1) of the eager form's chunks (CHUNK_ELEMENTS per [B, chunk] temporary)."""
-    step = max(128, CHUNK_ELEMENTS // max(B, 1))
-    return [(c0, min(C, c0 + step)) for c0 in range(0, C, step)]
-
 
 # ----------------------------------------------------------------------------------------------
 # Eager form: class-chunked autograd.Functions (no graph in the forward; closed-form backward)
 # ----------------------------------------------------------------------------------------------
 
+def chunk_classes(B: int, C: int, parts: int | None = None):
+    """Class ranges [c0, c1) of the eager form's chunks. A chunk's [B, c] temporaries (about six live
+    at once in the backward) are kept to 1/CHUNKS_PER_CALL of [B, C] each, so that they add up to
+    under one [B, C] whatever the shape (the memory target: 3 [B, C] with the output), and to at most
+    CHUNK_ELEMENTS elements (a chunk stays in cache); at least MIN_CHUNK_CLASSES wide, so that the
+    per-chunk GEMMs stay efficient and the per-op overhead stays small against the work. `parts`
+    replaces CHUNKS_PER_CALL (the forwards' FORWARD_CHUNKS_PER_CALL)."""
+    parts = CHUNKS_PER_CALL if parts is None else parts
+    step = min(CHUNK_ELEMENTS // max(B, 1), max(MIN_CHUNK_CLASSES, -(-C // parts)))
+    step = max(step, 16)
+    return [(c0, min(C, c0 + step)) for c0 in range(0, C, step)]
+
+
+
+
+def dot_wide(v: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
+    """v·w [n] in w's (wide) dtype, v [n, D] cast `rows` rows at a time: no wide copy of a large v."""
+    if v.shape[0] <= rows:
+        return v.to(w.dtype) @ w
+    return torch.cat([v[i:i + rows].to(w.dtype) @ w for i in range(0, v.shape[0], rows)])
+
+
+def tdot_wide(v: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ_i g_i·v_i [D] in g's (wide) dtype, v [n, D] cast `rows` rows at a time (dot_wide's transpose)."""
+    out = g.new_zeros(v.shape[1])
+    for i in range(0, v.shape[0], rows):
+        out += v[i:i + rows].to(g.dtype).T @ g[i:i + rows]
+    return out
+
+
+def _with_ones_column(n: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """An [n, width + 1] buffer whose last column is 1: a GEMM with it also returns the row sums
+    (P·[mu' | 1] = [P·mu' | rowsum(P)]), one operator instead of two."""
+    buf = like.new_empty((n, width + 1))
+    buf[:, width] = 1
+    return buf
+
+
+class Eager:
+    """The eager form's view of one call, formed once without a graph: the row side (x' [B, D'] with
+    a column of ones beside it, |x'|² [B], sx = x·beta [B] in the wide dtype), smu = mu·beta [C] (wide)
+    and the pairs of the s test; per class chunk the class side (`classes`), and the chunk's
+    a = sqrt(q + eps), r = sqrt(s² + eps), s and near pairs (`chunk`). The class side is formed chunk
+    by chunk, so that no [C, D] temporary exists besides the returned gradient."""
+
+    def __init__(self, x, mu, L, beta, lam, eps: float, parts: int | None = None):
+        self.compute, self.wide = transform.compute_dtype(x.dtype), _wide_dtype(x.device)
+        self.metric = Metric(L, eps, self.compute, wide_form=False)
+        self.eps, self.lam = eps, float(lam)
+        self.x, self.mu = x, mu
+        self.mu_c = mu if mu.dtype == self.compute else mu.to(self.compute)
+        self.m = transform.center_of(self.mu_c)
+        width = x.shape[1] if self.metric.diagonal else self.metric.factor.shape[1]
+        self.xp_aug = _with_ones_column(x.shape[0], width, self.metric.factor)
+        self.xp = self.xp_aug[:, :width]
+        self._project(x.to(self.compute) - self.m, self.xp)
+        self.xn = torch.linalg.vecdot(self.xp, self.xp)
+        self.xn_col = self.xn[:, None]
+        self.beta_wide = beta.to(self.wide)
+        self.chunks = chunk_classes(x.shape[0], mu.shape[0], parts)  # (the backwards take their own grid)
+        step = self.chunks[0][1] - self.chunks[0][0] if self.chunks else 1
+        # one [mu'_c | 1] buffer for every chunk (each chunk's class side is consumed before the next)
+        self.mup_buf = _with_ones_column(step, width, self.metric.factor)
+        # rows of x or mu cast to the wide dtype at once: no more than two [B, chunk] temporaries' bytes
+        # of the backward's (smaller) chunks
+        grid = chunk_classes(x.shape[0], mu.shape[0])
+        small = grid[0][1] - grid[0][0] if grid else 1
+        self.wide_rows = max(16, 2 * x.shape[0] * small * x.element_size() // max(1, 8 * x.shape[1]))
+        self.sx = dot_wide(x, self.beta_wide, self.wide_rows)
+        self.sx_col = self.sx[:, None]
+        self.smu = dot_wide(mu, self.beta_wide, self.wide_rows)
+        self.tau = transform.risk_threshold(x.shape[1], self.compute)
+        self.s_risk = S_RISK[self.wide]
+        # the near test's row term, eps folded in: q + eps >= tau·|x'|² + tau·|mu'|² + eps
+        self.row_threshold = (self.tau * self.xn + eps)[:, None]
+        self.eps_c = torch.tensor(eps, dtype=self.compute, device=x.device)
+        self.plain = self._plain_inputs()
+        self._band = False  # not searched yet (`band`)
+
+    def _plain_inputs(self) -> bool:
+        """Whether every input is finite and no norm can overflow (a bound from max |mu|, max |x'|²
+        and |Lc|): then q cannot be NaN or lose the norms to overflow, and each chunk's near test is
+        one comparison. Otherwise (NaN, ±inf, or huge values) the chunks run the full test."""
+        if not self.xn.numel() or not self.mu.numel():
+            return True
+        lo, hi = torch.aminmax(self.mu_c)
+        f = self.metric.factor
+        bound = torch.stack([(2 * torch.maximum(-lo, hi)) ** 2 * self.mu.shape[1] * torch.square(f).sum()
+                             .to(lo.dtype), self.xn.max()]).to(self.wide)
+        fin = torch.isfinite(self.sx).all() & torch.isfinite(self.smu).all()
+        return bool(fin & (4 * bound.sum() < torch.finfo(self.compute).max))
+
+    @property
+    def band(self):
+        """The s test's pairs, searched on first use (the logits' backward never needs them)."""
+        if self._band is False:
+            self._band = self._s_band()
+        return self._band
+
+    def _project(self, v: torch.Tensor, out: torch.Tensor) -> None:
+        """out = v·Lc, written into out (a view beside a column of ones)."""
+        if self.metric.diagonal:
+            torch.mul(v, self.metric.factor, out=out)
+        else:
+            torch.mm(v, self.metric.factor, out=out)
+
+    def classes(self, c0: int, c1: int):
+        """(mu_c − m [c, D], [mu'_c | 1] [c, D' + 1] (a view of the shared buffer), |mu'_c|² [c],
+        smu_c [c] wide) of classes [c0, c1)."""
+        muc = torch.sub(self.mu_c[c0:c1], self.m)
+        mup_aug = self.mup_buf[:c1 - c0]
+        mup = mup_aug[:, :-1]
+        self._project(muc, mup)
+        return muc, mup_aug, torch.linalg.vecdot(mup, mup), self.smu[c0:c1]
+
+    def _s_band(self):
+        """The pairs (b, c) of the kernels' s test |s| < S_RISK·(|sx| + |smu|) (s = sx − smu lost too
+        many digits), found once per call without a [B, C] pass: the test holds only where sx and smu
+        have the same sign and |smu|/|sx| lies in ((1 − k)/(1 + k), (1 + k)/(1 − k)), so a search in
+        the sorted smu gives each row's band (NaN and ±inf give none, as the test does). The band is
+        widened to 2k so that rounding at its edges can only add pairs (a pair recomputed from the raw
+        difference is exact: one more costs O(D)). None when no pair passes (the usual case)."""
+        k = 2 * self.s_risk
+        sorted_smu, order = torch.sort(self.smu)
+        ends = torch.stack([self.sx * ((1 - k) / (1 + k)), self.sx * ((1 + k) / (1 - k))])
+        start = torch.searchsorted(sorted_smu, ends.amin(dim=0), right=True)
+        count = (torch.searchsorted(sorted_smu, ends.amax(dim=0)) - start).clamp_min_(0)
+        total = int(count.sum())
+        if total == 0:
+            return None
+        b = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
+        within = torch.arange(total, device=count.device) - (torch.cumsum(count, 0) - count)[b]
+        return b, order[start[b] + within]
+
+    def s(self, smu_c: torch.Tensor) -> torch.Tensor:
+        """s = sx − smu [B, c]: the difference in the wide dtype, then rounded to the compute dtype."""
+        s = torch.sub(self.sx_col, smu_c)
+        return s if s.dtype == self.compute else s.to(self.compute)
+
+    def r(self, s: torch.Tensor) -> torch.Tensor:
+        """r = sqrt(s² + eps) in two passes (torch.hypot is one, but unvectorised: 10x slower on CPU)."""
+        return torch.addcmul(self.eps_c, s, s).sqrt_()
+
+    def chunk(self, cls, c0: int, want_s: bool = False):
+        """(a, r, s, near) of one chunk from the expansion, no graph: a = sqrt(q + eps) [B, c], r (None
+        when λ = 0 and s is not asked for), s (None unless asked for), and the near pairs (b, c local),
+        whose a and r are NOT exact (`recompute` gives theirs). The near test is the kernels'
+        (csrc/randers_common.h at_risk and s_at_risk, with the same tau)."""
+        muc, mup_aug, mn, smu = cls
+        a = torch.addmm(mn + self.eps, self.xp, mup_aug[:, :-1].T, alpha=-2)  # |mu'|² + eps − 2·x'·mu'
+        a.add_(self.xn_col)                                                    # q + eps
+        threshold = torch.add(self.row_threshold, mn, alpha=self.tau)
+        if self.plain:  # (no NaN, no overflow possible: _plain_inputs)
+            near = torch.lt(a, threshold)
+        else:
+            near = torch.ge(a, threshold).logical_not_()  # NaN: near
+            near |= ~((self.xn_col + mn[None, :]) <= torch.finfo(a.dtype).max)  # overflowing norms
+        if self.band is not None:
+            bb, bc = self.band
+            here = (bc >= c0) & (bc < c0 + a.shape[1])
+            near[bb[here], bc[here] - c0] = True
+        a.clamp_min_(self.eps).sqrt_()
+        s = self.s(smu) if want_s or self.lam != 0.0 else None
+        r = self.r(s) if s is not None else None
+        return a, r, (s if want_s else None), near.nonzero(as_tuple=True)
+
+    def recompute(self, c0: int, bi: torch.Tensor, ci: torch.Tensor):
+        """(a, r) of near pairs (b, c0 + c) from their raw difference, in the wide dtype, in groups
+        of NEAR_GROUP pairs (their [P, D] temporaries)."""
+        parts = []
+        for start in range(0, bi.numel(), NEAR_GROUP):
+            b, c = bi[start:start + NEAR_GROUP], ci[start:start + NEAR_GROUP] + c0
+            parts.append(_direct_pairs(self, self.x.index_select(0, b).to(self.wide),
+                                       self.mu.index_select(0, c).to(self.wide), self.eps))
+        if not parts:
+            empty = self.sx.new_zeros(0)
+            return empty, empty
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def distance(self, cls, c0: int, want_parts: bool = False):
+        """d [B, c] of one chunk, its near pairs exact (compute dtype); with want_parts also (a, r, s)
+        for the backward, whose near entries do not matter (the backward zeroes P and R there)."""
+        a, r, s, (bi, ci) = self.chunk(cls, c0, want_s=want_parts)
+        d = a.clone() if want_parts else a
+        if self.lam != 0.0:
+            d.add_(r, alpha=self.lam)
+        if bi.numel():
+            na, nr = self.recompute(c0, bi, ci)
+            d.index_put_((bi, ci), (na + self.lam * nr).to(d.dtype))
+        return (d, (bi, ci), (a, r, s)) if want_parts else (d, (bi, ci))
+
+
 class ClosedFormBackward:
-    """The backward of SPEC §2 for the eager form, chunk by chunk: given G = ∂loss/∂logit over a
-    chunk and its exact d, a, r, s, with H = −γ·G, P = H/a and R = H·λ·s/r (both 0 on the pairs
-    recomputed from the raw difference):
+    """The backward of SPEC §2 for the eager form, chunk by chunk. Given G = ∂loss/∂logit over a
+    chunk and its a, r, s, with H = −γ·G, P = H/a and R = H·λ·s/r (both 0 on near pairs):
 
         ∂x' = rowsum(P)·x' − P·mu'    ∂mu' = colsum(P)·mu' − Pᵀ·x'    (two GEMMs, as nn.Linear's)
-        ∂sx = rowsum(R)    ∂smu = −colsum(R)    ∂λ = Σ H·r    ∂γ: given by the caller
+        ∂sx = rowsum(R)    ∂smu = −colsum(R)    ∂λ = Σ H·r
 
-    The recomputed pairs are differentiated from their raw difference (autograd over the gathered
-    pairs: exact where the expansion's backward cancels, SPEC §2.1). `finish` takes x', sx, mu',
-    smu and those pairs back to x, mu, L, beta, lam through autograd of the row and class sides
-    (the metric factor's Cholesky and x·Lc differentiated once per call)."""
+    The code forms P' = G/a and R' = G·s/r and folds −γ and λ into the GEMMs' scalars and the
+    reductions; the GEMMs run against [mu' | 1] and [x' | 1], so that they return rowsum(P') and
+    colsum(P') too. Each chunk's ∂mu' is taken to ∂mu (·Lcᵀ, plus ∂smu·beta) and ∂Lc at once, so
+    that the only [C, D] tensor is the returned ∂mu. ∂γ is the caller's (it knows d). The near pairs
+    are differentiated from their raw difference (autograd over the gathered pairs, exact where the
+    expansion's backward cancels, SPEC §2.1); `finish` chains Lc to L (autograd over the metric
+    factor alone: a [D] or [D, D] graph) and adds the near pairs' gradients."""
 
-    def __init__(self, inputs, needs, eps: float):
-        self.inputs, self.needs, self.eps = inputs, needs, eps
+    def __init__(self, ev: Eager, inputs, needs, gamma: float):
+        self.ev, self.inputs, self.needs, self.g = ev, inputs, needs, gamma
         x, mu = inputs[0], inputs[1]
-        with torch.enable_grad():
-            self.leaves = [t.detach().requires_grad_(n) for t, n in zip(inputs, needs)]
-            lx, lmu, lL, lbeta, llam, _ = self.leaves
-            self.rows = _prepare(lx, lmu, lL, lbeta, llam, eps, static=False)
-            self.mup = self.rows.metric.project(lmu.to(self.rows.compute) - self.rows.m)
-        # smu = mu·beta without a graph (autograd would keep a float64 copy of mu): finish() applies
-        # its two derivatives (∂mu = dsmu ⊗ beta, ∂beta = Σ_c dsmu_c·mu_c) itself.
-        self.smu = dot_wide(inputs[1].detach(), self.rows.beta_wide.detach())
-        rows = self.rows
-        self.plain = copy.copy(rows)  # the same values without a graph, for the chunks
-        for name in ("xp", "xn", "sx", "x_wide", "beta_wide"):
-            setattr(self.plain, name, getattr(rows, name).detach())
-        self.plain.metric = copy.copy(rows.metric)
-        self.plain.metric.factor = rows.metric.factor.detach()
-        self.cols = Cols.from_parts(mu, self.mup.detach(), self.smu)
-        self.lam = float(inputs[4])
-        compute, wide = rows.compute, rows.wide
-        self.dxp = torch.zeros_like(self.plain.xp)
-        self.rowsum = torch.zeros(x.shape[0], dtype=compute, device=x.device)
-        self.dmup = torch.zeros_like(self.cols.mup)
+        want_x, want_mu, want_L, want_beta, want_lam = needs[:5]
+        self.want_xp, self.want_mup = want_x or want_L, want_mu or want_L
+        compute, wide = ev.compute, ev.wide
+        f = ev.metric.factor
+        self.dxp_aug = torch.zeros_like(ev.xp_aug)      # [g·P'·mu' | g·rowsum(P')], summed over chunks
         self.dsx = torch.zeros(x.shape[0], dtype=wide, device=x.device)
-        self.dsmu = torch.zeros(mu.shape[0], dtype=wide, device=x.device)
+        self.dsmu = torch.zeros(mu.shape[0], dtype=wide, device=x.device) if want_beta else None
+        self.dmu = torch.empty(mu.shape, dtype=compute, device=x.device) if want_mu else None
+        self.g_factor = f * gamma if ev.metric.diagonal else (f * gamma).T  # ∂mu = (∂mu'/γ)·(γ·Lcᵀ)
+        self.dfactor = torch.zeros_like(f) if want_L else None     # ∂Lc from the class side, /γ
+        self.beta_c = ev.beta_wide.to(compute)
         self.dlam = torch.zeros((), dtype=wide, device=x.device)
-        self.dgamma = torch.zeros((), dtype=wide, device=x.device)
-        self.near_b, self.near_c, self.near_h = [], [], []
+        self.near_b, self.near_c, self.near_g = [], [], []
 
-    def chunk(self, c0, c1, G, a, r, s, near, gamma: torch.Tensor):
-        """Accumulates one chunk: G [B, c] (compute dtype, may be overwritten), a, r, s as eager_chunk's
-        parts (overwritten), near its recomputed pairs (local indices)."""
+    def chunk(self, c0, c1, cls, G, a, r, s, near):
+        """Accumulates one chunk: G [B, c] (the caller's, read only), a, r, s as Eager.chunk's (all
+        overwritten), near its near pairs (local indices)."""
+        ev, g, lam = self.ev, self.g, self.ev.lam
+        muc, mup_aug, _, _ = cls
         bi, ci = near
-        H = G.mul_(-gamma.to(G.dtype))
         if bi.numel():
             self.near_b.append(bi)
             self.near_c.append(ci + c0)
-            self.near_h.append(H[bi, ci].to(self.rows.wide))
-            H.index_put_((bi, ci), H.new_zeros(()))
-            a.index_put_((bi, ci), a.new_ones(()))
-            r.index_put_((bi, ci), r.new_ones(()))
-        if self.eps == 0.0:  # an exact hit's P and R are 0 by convention (README, Guarantees)
-            a.masked_fill_(a == 0, float("inf"))
-            r.masked_fill_(r == 0, float("inf"))
-        self.dlam += torch.vdot(H.flatten(), r.flatten())
-        P = H / a
-        R = H.mul_(s).div_(r).mul_(self.lam)
-        self.rowsum += P.sum(dim=1)
-        mup_c = self.cols.mup[c0:c1]
-        self.dxp.addmm_(P, mup_c, alpha=-1)
-        self.dmup[c0:c1] = torch.addmm(P.sum(dim=0)[:, None] * mup_c, P.T, self.plain.xp, alpha=-1)
-        self.dsx += R.sum(dim=1).to(self.dsx.dtype)
-        self.dsmu[c0:c1] = -R.sum(dim=0).to(self.dsmu.dtype)
+            self.near_g.append(G[bi, ci].to(ev.wide))
+        P = torch.div(G, a)
+        if ev.eps == 0.0:  # an exact hit's P and R are 0 by convention (README, Guarantees)
+            P.masked_fill_(a == 0, 0.0)
+        if bi.numel():
+            P.index_put_((bi, ci), P.new_zeros(()))
+        colsum_R = None
+        if lam != 0.0:
+            u = s.div_(r)                                           # s/r
+            if ev.eps == 0.0:
+                u.masked_fill_(r == 0, 0.0)
+        if self.needs[4]:                                           # ∂λ = Σ H·r = −γ·Σ G·r
+            Gr = r.mul_(G)
+            if bi.numel():
+                Gr.index_put_((bi, ci), Gr.new_zeros(()))
+            self.dlam.sub_(Gr.sum(dtype=ev.wide), alpha=g)
+        if lam != 0.0:
+            R = u.mul_(G)
+            if bi.numel():
+                R.index_put_((bi, ci), R.new_zeros(()))
+            self.dsx.sub_(R.sum(dim=1, dtype=ev.wide), alpha=g * lam)      # ∂sx = rowsum(R) = −γλ·rowsum(R')
+            colsum_R = R.sum(dim=0)                                         # ∂smu = −colsum(R) = γλ·colsum(R')
+            if self.dsmu is not None:
+                self.dsmu[c0:c1] = colsum_R
+        if self.want_xp:
+            self.dxp_aug.addmm_(P, mup_aug, alpha=g)
+        if self.want_mup:
+            PX = torch.mm(P.T, ev.xp_aug)                           # [P'ᵀ·x' | colsum(P')]
+            width = PX.shape[1] - 1
+            dmup = torch.addcmul(PX[:, :width], PX[:, width:], mup_aug[:, :width], value=-1)  # ∂mu'/γ
+            if self.dfactor is not None:
+                if ev.metric.diagonal:
+                    self.dfactor += torch.linalg.vecdot(muc.T, dmup.T)
+                else:
+                    self.dfactor.addmm_(muc.T, dmup)
+            if self.dmu is not None:
+                dmu = self.dmu[c0:c1]
+                if ev.metric.diagonal:
+                    torch.mul(dmup, self.g_factor, out=dmu)
+                else:
+                    torch.mm(dmup, self.g_factor, out=dmu)
+                if colsum_R is not None:
+                    dmu.addr_(colsum_R, self.beta_c, alpha=g * lam)
 
-    def finish(self):
+    def finish(self, dgamma):
         """The gradients of (x, mu, L, beta, lam, gamma) in their dtypes (None where not needed)."""
-        rows, eps = self.rows, self.eps
-        lx, lmu, lL, lbeta, llam, lgamma = self.leaves
-        self.dxp += self.rowsum[:, None] * self.plain.xp
-        outputs, grads = [rows.xp, rows.sx, self.mup], [self.dxp, self.dsx, self.dmup]
+        ev = self.ev
+        x, mu, L, beta, lam, gamma = self.inputs
+        want_x, want_mu, want_L, want_beta, want_lam, want_gamma = self.needs
+        f = ev.metric.factor
+        dx, dfactor = None, None
+        if self.want_xp:
+            width = ev.xp.shape[1]
+            dxp = torch.addcmul(self.dxp_aug[:, :width], self.dxp_aug[:, width:], ev.xp, value=-1)
+            if want_x:
+                dx = dxp * f if ev.metric.diagonal else dxp @ f.T
+                dx += (self.dsx[:, None] * ev.beta_wide).to(dx.dtype)
+            if want_L:
+                xc = x.to(ev.compute) - ev.m
+                dfactor = (xc * dxp).sum(dim=0) if ev.metric.diagonal else xc.T @ dxp
+                dfactor.add_(self.dfactor, alpha=self.g)
+        dbeta = None
+        if want_beta:
+            dbeta = tdot_wide(x, self.dsx, ev.wide_rows) + tdot_wide(mu, self.dsmu, ev.wide_rows) * (self.g * ev.lam)
+        dL, dlam = None, self.dlam
         with torch.enable_grad():
+            outputs, weights = [], []
+            lL = L.detach().requires_grad_(want_L)
+            metric = Metric(lL, ev.eps, ev.compute, wide_form=False) if want_L else ev.metric
+            if want_L:
+                outputs.append(metric.factor)
+                weights.append(dfactor)
+            near = None
             if self.near_b:
                 b, c = torch.cat(self.near_b), torch.cat(self.near_c)
-                # index_select, not x[b]: its backward is index_add_, deterministic on the CPU, where the
-                # accumulating index_put_ of x[b]'s backward adds duplicates in a varying order.
-                na, nr = _direct_pairs(rows, rows.x_wide.index_select(0, b), lmu.index_select(0, c).to(rows.wide), eps)
-                lam = llam.to(rows.wide)
-                outputs.append(na + lam * nr)
-                grads.append(torch.cat(self.near_h))
-            sources = [t for t in (lx, lmu, lL, lbeta, llam) if t.requires_grad]
-            keep = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
-            got = torch.autograd.grad([o for o, _ in keep], sources, [g.to(o.dtype) for o, g in keep],
+                # index_select, not x[b]: deterministic gathers; the gradients come back per pair and
+                # are added with index_add_ below
+                xb = x.detach().index_select(0, b).to(ev.wide).requires_grad_(want_x)
+                mc = mu.detach().index_select(0, c).to(ev.wide).requires_grad_(want_mu)
+                lbeta = beta.detach().to(ev.wide).requires_grad_(want_beta)
+                llam = lam.detach().to(ev.wide).requires_grad_(want_lam)
+                side = copy.copy(ev)
+                side.metric, side.beta_wide = metric, lbeta
+                na, nr = _direct_pairs(side, xb, mc, ev.eps)
+                outputs.append(na + llam * nr)
+                weights.append(torch.cat(self.near_g) * (-self.g))
+                near = (b, c, xb, mc, lbeta, llam)
+            sources = [t for t in ([lL] + list(near[2:] if near else [])) if t.requires_grad]
+            keep = [(o, w) for o, w in zip(outputs, weights) if o.requires_grad]
+            got = torch.autograd.grad([o for o, _ in keep], sources, [w.to(o.dtype) for o, w in keep],
                                       allow_unused=True) if keep and sources else [None] * len(sources)
-        result = dict(zip(map(id, sources), got))
-        for leaf, extra in ((lmu, lambda: self.dsmu.to(rows.compute)[:, None] * self.rows.beta_wide.detach().to(rows.compute)),
-                            (lbeta, lambda: tdot_wide(self.inputs[1], self.dsmu))):
-            if leaf.requires_grad:
-                g = extra()
-                result[id(leaf)] = g if result.get(id(leaf)) is None else result[id(leaf)] + g
+        got = dict(zip(map(id, sources), got))
+        if want_L:
+            dL = got.get(id(lL))
+        if near is not None:
+            b, c, xb, mc, lbeta, llam = near
+            if got.get(id(xb)) is not None:
+                dx.index_add_(0, b, got[id(xb)].to(dx.dtype))
+            if got.get(id(mc)) is not None:
+                self.dmu.index_add_(0, c, got[id(mc)].to(self.dmu.dtype))
+            if got.get(id(lbeta)) is not None:
+                dbeta = dbeta + got[id(lbeta)]
+            if got.get(id(llam)) is not None:
+                dlam = dlam + got[id(llam)]
         out = []
-        for i, (t, leaf, n) in enumerate(zip(self.inputs, self.leaves, self.needs)):
+        for t, n, gr in zip(self.inputs, self.needs, (dx, self.dmu, dL, dbeta, dlam, dgamma)):
             if not n:
                 out.append(None)
-                continue
-            g = result.get(id(leaf))
-            if i == 4:
-                g = self.dlam if g is None else g + self.dlam
-            if i == 5:
-                g = self.dgamma
-            out.append(torch.zeros_like(t) if g is None else g.to(t.dtype).reshape(t.shape))
+            else:
+                out.append(torch.zeros_like(t) if gr is None else gr.to(t.dtype).reshape(t.shape))
         return out
 
 
@@ -465,42 +643,77 @@ class _Logits(torch.autograd.Function):
     def forward(ctx, x, mu, L, beta, lam, gamma, eps):
         B, C = x.shape[0], mu.shape[0]
         out = x.new_empty((B, C))
-        rows = _prepare(x, mu, L, beta, lam, eps, static=False)
-        cols = Cols(rows, mu, rows.beta_wide)
-        g, lam_f = gamma.to(rows.compute), float(lam)
+        ev = Eager(x, mu, L, beta, lam, eps, FORWARD_CHUNKS_PER_CALL)
+        g, lam_f = float(gamma), ev.lam
         near_b, near_c = [], []
-        for c0, c1 in chunk_classes(B, C):
-            d, (bi, ci) = cols.chunk(rows, c0, c1, eps, lam_f)
-            out[:, c0:c1] = d.mul_(-g)
-            near_b.append(bi)
-            near_c.append(ci + c0)
-        near = (torch.cat(near_b), torch.cat(near_c)) if near_b else (x.new_zeros(0, dtype=torch.long),) * 2
+        for c0, c1 in ev.chunks:
+            a, r, _, (bi, ci) = ev.chunk(ev.classes(c0, c1), c0)
+            o = out[:, c0:c1]
+            if lam_f != 0.0:  # −γ·(a + λ·r), written straight into the output's columns
+                torch.add(a.mul_(-g), r, alpha=-g * lam_f, out=o)
+            else:
+                torch.mul(a, -g, out=o)
+            if bi.numel():
+                na, nr = ev.recompute(c0, bi, ci)
+                o.index_put_((bi, ci), ((na + lam_f * nr) * -g).to(o.dtype))
+                near_b.append(bi)
+                near_c.append(ci + c0)
+            del a, r  # (before the next chunk's temporaries exist: the peak is one chunk's)
+        empty = x.new_zeros(0, dtype=torch.long)
+        near = (torch.cat(near_b), torch.cat(near_c)) if near_b else (empty, empty)
         ctx.save_for_backward(x, mu, L, beta, lam, gamma, out, *near)
         ctx.eps = eps
+        ctx.eager = ev  # (the row side, mu·beta and the chunk grid: [B, D] and [C], reused by the backward)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, mu, L, beta, lam, gamma, out, near_b, near_c = ctx.saved_tensors
         inputs = (x, mu, L, beta, lam, gamma)
-        bw = ClosedFormBackward(inputs, list(ctx.needs_input_grad[:6]), ctx.eps)
-        rows, compute = bw.plain, bw.rows.compute
-        g = gamma.to(compute)
-        readback = out.dtype == compute and abs(float(gamma)) >= GAMMA_READBACK_MIN
-        for c0, c1 in chunk_classes(x.shape[0], mu.shape[0]):
-            G = grad[:, c0:c1].to(compute, copy=True)  # (bw.chunk overwrites it)
-            if readback:
-                d = out[:, c0:c1] / (-g)
-                s = (rows.sx[:, None] - bw.cols.smu[c0:c1][None, :]).to(compute)
-                r = torch.square(s).add_(ctx.eps).sqrt_()
-                a = d - bw.lam * r if bw.lam != 0.0 else d.clone()
-                here = (near_c >= c0) & (near_c < c1)  # (their a, r, s do not matter: P = R = 0 there)
-                near = (near_b[here], near_c[here] - c0)
+        with torch.no_grad():  # (under create_graph=True too: _once refuses a second derivative)
+            grads = _Logits._gradients(ctx, grad.detach(), *[t.detach() for t in ctx.saved_tensors])
+        return (*_once(grads, inputs), None)
+
+    @staticmethod
+    def _gradients(ctx, grad, x, mu, L, beta, lam, gamma, out, near_b, near_c):
+        inputs, needs = (x, mu, L, beta, lam, gamma), list(ctx.needs_input_grad[:6])
+        ev = ctx.eager
+        g, compute = float(gamma), ev.compute
+        bw = ClosedFormBackward(ev, inputs, needs, g)
+        readback = out.dtype == compute and abs(g) >= GAMMA_READBACK_MIN
+        dgamma = torch.zeros((), dtype=ev.wide, device=x.device)
+        # ∂γ from the read-back logits in one dot product where both are contiguous (no temporary)
+        whole = readback and needs[5] and grad.dtype == out.dtype and grad.is_contiguous() and out.is_contiguous()
+        if whole:
+            dgamma += torch.dot(grad.view(-1), out.view(-1)).to(ev.wide) / g
+        grid = chunk_classes(x.shape[0], mu.shape[0])
+        no_pairs, ends = (near_b[:0], near_c[:0]), [0] * len(grid)
+        if readback and near_c.numel():  # the saved near pairs by class, and where each chunk's end
+            order = torch.argsort(near_c, stable=True)
+            near_b, near_c = near_b[order], near_c[order]
+            ends = torch.searchsorted(near_c, torch.tensor([c1 for _, c1 in grid], device=x.device)).tolist()
+        n1 = 0
+        for (c0, c1), end in zip(grid, ends):
+            cls = ev.classes(c0, c1)
+            G = grad[:, c0:c1]
+            G = G if G.dtype == compute else G.to(compute)
+            if readback:  # a = d − λ·r with d = −logit/γ: no GEMM (the near pairs' a is not used: P = 0 there)
+                s = ev.s(cls[3])
+                r = ev.r(s)
+                a = torch.div(out[:, c0:c1], -g)
+                if ev.lam != 0.0:
+                    a.sub_(r, alpha=ev.lam)
+                n0, n1 = n1, end
+                near = (near_b[n0:n1], near_c[n0:n1] - c0) if n1 > n0 else no_pairs
+                if needs[5] and not whole:  # ∂γ = Σ G·∂logit/∂γ = Σ G·logit/γ
+                    dgamma += torch.mul(G, out[:, c0:c1]).sum(dtype=ev.wide) / g
             else:
-                d, a, r, s, near = bw.cols.chunk(rows, c0, c1, ctx.eps, bw.lam, parts=True)
-            bw.dgamma -= torch.vdot(G.flatten(), d.flatten()).to(bw.dgamma.dtype)
-            bw.chunk(c0, c1, G, a, r, s, near, g)
-        return (*_once(bw.finish(), inputs), None)
+                d, near, (a, r, s) = ev.distance(cls, c0, want_parts=True)
+                if needs[5]:  # ∂γ = −Σ G·d
+                    dgamma -= torch.mul(G, d).sum(dtype=ev.wide)
+            bw.chunk(c0, c1, cls, G, a, r, s, near)
+            del cls, G, a, r, s  # (before the next chunk's temporaries exist)
+        return bw.finish(dgamma)
 
 
 def logits(x, mu, L, beta, lam, gamma, eps: float) -> torch.Tensor:
@@ -523,7 +736,8 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
 
 
 def _margin_logits(rows, d, gamma, target, c0, c1, margin):
-    """logit'_bc = −γ·(d_bc + margin·[c = t_b]) over classes [c0, c1), in float64 (the wide dtype)."""
+    """logit'_bc = −γ·(d_bc + margin·[c = t_b]) over classes [c0, c1), in float64 (the wide dtype):
+    the static form's."""
     g = gamma.to(rows.wide) if isinstance(gamma, torch.Tensor) else gamma
     lg = -g * d.to(rows.wide)
     if margin != 0.0:
@@ -535,7 +749,8 @@ def _margin_logits(rows, d, gamma, target, c0, c1, margin):
 
 
 def _chunk_stats(lg, target, c0, c1, class_weight, soft_target):
-    """(lse, tl, sl, pl) of one chunk's logits' [B, c] (tl over the chunk's targets, 0 elsewhere)."""
+    """(lse, tl, sl, pl) of one chunk's logits' [B, c] (tl over the chunk's targets, 0 elsewhere): the
+    static form's."""
     B = lg.shape[0]
     t = _as_2d(target)
     here = (t >= c0) & (t < c1)
@@ -551,77 +766,120 @@ def _chunk_stats(lg, target, c0, c1, class_weight, soft_target):
     return lse, tl, sl, pl
 
 
+def _target_cells(t2: torch.Tensor, c0: int, c1: int):
+    """(b, k, c): the targets t2[b, k] among classes [c0, c1), c local."""
+    b, k = ((t2 >= c0) & (t2 < c1)).nonzero(as_tuple=True)
+    return b, k, t2[b, k] - c0
+
+
+def _margin_chunk_logits(ev: Eager, cls, c0, c1, g, t2, margin, want_parts=False):
+    """logit' = −γ·(d + margin·[c = t]) [B, c] in the compute dtype, its target cells, and (with
+    want_parts) d's parts for the backward. A row's repeated target gets the margin once."""
+    got = ev.distance(cls, c0, want_parts)
+    lg = got[0].mul_(-g) if g != 0.0 else torch.zeros_like(got[0])  # (γ = 0: d kept for ∂γ)
+    cells = _target_cells(t2, c0, c1)
+    b, _, c = cells
+    if margin != 0.0 and b.numel():
+        lg.index_put_((b, c), lg[b, c] - g * margin)
+    return lg, cells, got
+
+
+def _row_weights(lg, c0, c1, class_weight, soft_target):
+    """v [c] (None without class weights) and the dense soft target's columns [B, c] (or None)."""
+    v = None if class_weight is None else class_weight[c0:c1].to(lg.dtype)
+    p = None if soft_target is None else soft_target[:, c0:c1].to(lg.dtype)
+    return v, p
+
+
 class _RowStats(torch.autograd.Function):
-    """(lse, tl, sl, pl) class chunk by class chunk, O(B) memory besides one chunk (eager form); the
+    """(lse, tl, sl, pl) class chunk by class chunk, O(B) memory besides one chunk (eager form): the
+    logits in the compute dtype, every row statistic summed in the wide dtype (as the kernels); the
     backward recomputes each chunk's d (no [B, C] is kept) and applies the closed form."""
 
     @staticmethod
     def forward(ctx, x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target):
         B, C = x.shape[0], mu.shape[0]
-        rows = _prepare(x, mu, L, beta, lam, eps, static=False)
-        cols = Cols(rows, mu, rows.beta_wide)
-        lam_f = float(lam)
-        lse_parts, tl, sl, pl = [], None, None, None
-        for c0, c1 in chunk_classes(B, C):
-            d, _ = cols.chunk(rows, c0, c1, eps, lam_f)
-            lg = _margin_logits(rows, d, gamma, target, c0, c1, margin)
-            stats = _chunk_stats(lg, target, c0, c1, class_weight, soft_target)
-            lse_parts.append(stats[0])
-            tl, sl, pl = stats[1:] if tl is None else (tl + stats[1], sl + stats[2], pl + stats[3])
+        ev = Eager(x, mu, L, beta, lam, eps, FORWARD_CHUNKS_PER_CALL)
+        wide, g, t2 = ev.wide, float(gamma), _as_2d(target)
+        tl = torch.zeros(t2.shape, dtype=wide, device=x.device)
+        sl, pl = x.new_zeros(B, dtype=wide), x.new_zeros(B, dtype=wide)
+        maxes, sums = [], []
+        for c0, c1 in ev.chunks:
+            lg, (b, k, c), _ = _margin_chunk_logits(ev, ev.classes(c0, c1), c0, c1, g, t2, margin)
+            if b.numel():
+                tl[b, k] = lg[b, c].to(wide)
+            v, p = _row_weights(lg, c0, c1, class_weight, soft_target)
+            sl += lg.sum(dim=1, dtype=wide) if v is None else (lg @ v).to(wide)
+            if p is not None:
+                pw = torch.mul(p, lg)
+                pl += pw.sum(dim=1, dtype=wide) if v is None else (pw @ v).to(wide)
+            # logsumexp of the chunk: its max (a logit, exact), Σ exp(logit − max) summed in the wide dtype
+            mx = lg.amax(dim=1)
+            shift = torch.where(torch.isfinite(mx), mx, 0.0)
+            maxes.append(shift.to(wide))
+            sums.append(lg.sub_(shift[:, None]).exp_().sum(dim=1, dtype=wide))
+            del lg  # (before the next chunk's temporaries exist)
         if C == 0:
-            wide = rows.wide
             lse = x.new_full((B,), float("-inf"), dtype=wide)
-            tl, sl, pl = torch.zeros(target.shape, dtype=wide, device=x.device), x.new_zeros(B, dtype=wide), \
-                x.new_zeros(B, dtype=wide)
         else:
-            lse = torch.logsumexp(torch.stack(lse_parts, dim=1), dim=1)
+            lse = torch.logsumexp(torch.stack(maxes, 1) + torch.log(torch.stack(sums, 1)), dim=1)
         ctx.save_for_backward(x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target)
         ctx.eps, ctx.margin = eps, margin
-        return lse, tl, sl, pl
+        ctx.eager = ev  # (the row side, mu·beta, the s test's pairs and the chunk grid, reused by the backward)
+        return lse, tl.reshape(target.shape), sl, pl
 
     @staticmethod
-    def backward(ctx, w_lse, w_tl, w_sl, w_pl):
-        x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target = ctx.saved_tensors
-        inputs = (x, mu, L, beta, lam, gamma)
-        bw = ClosedFormBackward(inputs, list(ctx.needs_input_grad[:6]), ctx.eps)
-        rows, compute = bw.plain, bw.rows.compute
-        t = _as_2d(target)
-        wt = None if w_tl is None else _as_2d(w_tl)
-        g = gamma.to(rows.wide)
-        for c0, c1 in chunk_classes(x.shape[0], mu.shape[0]):
-            d, a, r, s, near = bw.cols.chunk(rows, c0, c1, ctx.eps, bw.lam, parts=True)
-            lg = _margin_logits(rows, d, gamma, target, c0, c1, ctx.margin)   # wide dtype
-            G = torch.zeros_like(lg)
-            if w_lse is not None:
-                G += w_lse[:, None] * torch.exp(lg - lse[:, None])
-            if wt is not None:
-                here = (t >= c0) & (t < c1)
-                G.scatter_add_(1, torch.where(here, t - c0, 0), torch.where(here, wt.to(G.dtype), 0.0))
-            v = None if class_weight is None else class_weight[c0:c1].to(G.dtype)
-            row_w = None
+    def backward(ctx, *weights):
+        inputs = ctx.saved_tensors[:6]
+        with torch.no_grad():  # (under create_graph=True too: _once refuses a second derivative)
+            grads = _RowStats._gradients(ctx, *[None if w is None else w.detach() for w in weights],
+                                         *[None if t is None else t.detach() for t in ctx.saved_tensors])
+        return (*_once(grads, inputs), None, None, None, None, None)
+
+    @staticmethod
+    def _gradients(ctx, w_lse, w_tl, w_sl, w_pl, x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target):
+        inputs, needs = (x, mu, L, beta, lam, gamma), list(ctx.needs_input_grad[:6])
+        ev = ctx.eager
+        compute, wide, g, t2 = ev.compute, ev.wide, float(gamma), _as_2d(target)
+        bw = ClosedFormBackward(ev, inputs, needs, g)
+        wt = None if w_tl is None else _as_2d(w_tl).to(compute)
+        # lse as hi + lo in the compute dtype: logit − lse_hi − lse_lo keeps the softmax's exponent
+        # to the compute dtype's precision where it matters (logit near lse), without a wide [B, c] pass
+        finite = torch.isfinite(lse)
+        lse_hi = lse.to(compute)
+        lse_lo = torch.where(finite, lse - lse_hi.to(wide), 0.0).to(compute)
+        w_lse_c = None if w_lse is None else w_lse.to(compute)[:, None]
+        dgamma = torch.zeros((), dtype=wide, device=x.device)
+        for c0, c1 in chunk_classes(x.shape[0], mu.shape[0]):  # (the backward's grid: smaller chunks)
+            cls = ev.classes(c0, c1)
+            lg, (b, k, c), (d, near, (a, r, s)) = _margin_chunk_logits(ev, cls, c0, c1, g, t2, ctx.margin, True)
+            if w_lse_c is not None:
+                G = torch.sub(lg, lse_hi[:, None]).sub_(lse_lo[:, None]).exp_().mul_(w_lse_c)
+            else:
+                G = torch.zeros_like(lg)
+            if wt is not None and b.numel():
+                G.index_put_((b, c), wt[b, k], accumulate=True)
+            v, p = _row_weights(lg, c0, c1, class_weight, soft_target)
+            lin = None
             if w_sl is not None:
-                row_w = w_sl[:, None].expand_as(G)
-            if w_pl is not None and soft_target is not None:
-                pw = w_pl[:, None] * soft_target[:, c0:c1].to(G.dtype)
-                row_w = pw if row_w is None else row_w + pw
-            if row_w is not None:
-                G += row_w if v is None else row_w * v[None, :]
-            # ∂/∂γ of logit' = −γ·(d + margin·[c = t]) is −(d + margin·[c = t]) = logit'/γ
-            bw.dgamma -= torch.vdot(G.flatten(), (lg / -g).flatten() if bool(g != 0) else
-                                    _margin_distance(d, target, c0, c1, ctx.margin).flatten().to(G.dtype))
-            bw.chunk(c0, c1, G.to(compute), a, r, s, near, gamma)
-        grads = _once(bw.finish(), inputs)
-        return (*grads, None, None, None, None, None)
-
-
-def _margin_distance(d, target, c0, c1, margin):
-    """d + margin·[c = t] over a chunk (the ∂γ weight when γ = 0, where logit'/γ is undefined)."""
-    if margin == 0.0:
-        return d
-    t = _as_2d(target)
-    here = (t >= c0) & (t < c1)
-    hit = torch.zeros_like(d, dtype=torch.bool).scatter(1, torch.where(here, t - c0, 0), here)
-    return d + margin * hit.to(d.dtype)
+                lin = w_sl.to(compute)[:, None]
+            if w_pl is not None and p is not None:
+                wp = w_pl.to(compute)[:, None]
+                lin = torch.mul(p, wp) if lin is None else torch.addcmul(lin, p, wp)
+            if lin is not None:
+                G.add_(lin if v is None else lin * v[None, :])
+            if needs[5]:
+                # ∂/∂γ of logit' = −γ·(d + margin·[c = t]): logit'/γ (γ ≠ 0), else −(d + margin·[c = t])
+                if g != 0.0:
+                    dgamma += torch.mul(G, lg).sum(dtype=wide) / g
+                else:
+                    dm = d  # d is a's clone with the near pairs exact (λ·r added)
+                    if ctx.margin != 0.0 and b.numel():
+                        dm = dm.index_put((b, c), dm[b, c] + ctx.margin)
+                    dgamma -= torch.mul(G, dm).sum(dtype=wide)
+            bw.chunk(c0, c1, cls, G, a, r, s, near)
+            del cls, G, a, r, s, lg, d, lin  # (before the next chunk's temporaries exist)
+        return bw.finish(dgamma)
 
 
 def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, class_weight=None, soft_target=None):
@@ -662,13 +920,11 @@ def topk(x, mu, L, beta, lam, eps: float, k: int, largest: bool):
             rows = _prepare(x, mu, L, beta, lam, eps, static=True)
             values, index = topk_by_sort(distance_static(rows, mu, eps), k, largest)
             return values.to(x.dtype), index
-        rows = _prepare(x, mu, L, beta, lam, eps, static=False)
-        cols, lam_f = Cols(rows, mu, rows.beta_wide), float(lam)
-        compute = rows.compute
-        values = x.new_empty((B, 0), dtype=compute)
+        ev = Eager(x, mu, L, beta, lam, eps)
+        values = x.new_empty((B, 0), dtype=ev.compute)
         index = torch.empty((B, 0), dtype=torch.int64, device=x.device)
-        for c0, c1 in chunk_classes(B, C):
-            d, _ = cols.chunk(rows, c0, c1, eps, lam_f)
+        for c0, c1 in ev.chunks:
+            d, _ = ev.distance(ev.classes(c0, c1), c0)
             ids = torch.arange(c0, c1, device=x.device).expand(B, -1)
             v, pos = topk_by_sort(torch.cat([values, d], dim=1), k, largest)
             values, index = v, torch.cat([index, ids], dim=1).gather(1, pos)
