@@ -59,7 +59,7 @@ def test_backward_chunks_and_splits(monkeypatch, configs, full):
 
 
 def test_near_list_overflow(monkeypatch, configs):
-    """More pairs at risk than the lists hold: the forward's fix-up recomputes every pair exactly,
+    """More near pairs than the lists hold: the forward's near-pair kernel recomputes every pair exactly,
     and the backward runs its second launch, which handles them inside the loop one at a time."""
     monkeypatch.setattr(configs, "NEAR_CAPACITY", 3)
     monkeypatch.setattr(configs, "BWD_NEAR_CAP", 2)
@@ -68,7 +68,7 @@ def test_near_list_overflow(monkeypatch, configs):
 
 
 def test_near_pairs_per_tile_overflow(monkeypatch, configs):
-    """A forward tile with more pairs at risk than it notes one by one marks the list overflowed."""
+    """A forward tile with more near pairs than it notes one by one marks the list overflowed."""
     monkeypatch.setattr(configs, "NEAR_PER_TILE", 1)
     inputs = _near(12, 20, 16, seed=17)
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_near_pairs_per_tile_overflow(monkeypatch, configs):
 def test_overfull_tile_is_recomputed_alone(monkeypatch, configs):
     """A forward tile with more near pairs than it lists is recomputed exactly, and only that tile:
     every other logit is bitwise what the call without the overfull tile gives (the whole call's
-    pairs are not sent through the exact path)."""
+    pairs are not sent through the near-pair recompute)."""
     inputs = _inputs(70, 90, 16, seed=26)
     with torch.no_grad():
         inputs[0][:4] = inputs[1][3] + 1e-3 * torch.randn(4, 16, device=DEVICE)  # four near pairs in one tile
@@ -101,7 +101,7 @@ def test_overfull_tile_is_recomputed_alone(monkeypatch, configs):
 @pytest.mark.parametrize("bwd_cap", [None, 4], ids=["noted", "inline"])
 @FULL
 def test_every_close_pair_recomputed(monkeypatch, configs, full, bwd_cap):
-    """tau = 1: about half of all pairs take the exact path, mixed with GEMM pairs in the same
+    """tau = 1: about half of all pairs are near pairs, mixed with GEMM pairs in the same
     tiles: in the forward list, and in the backward's noted pairs or (small cap) inline path."""
     monkeypatch.setattr(fk.transform, "risk_threshold", lambda D, dtype, operand_eps=None: 1.0)
     if bwd_cap:
@@ -111,7 +111,7 @@ def test_every_close_pair_recomputed(monkeypatch, configs, full, bwd_cap):
 
 @pytest.mark.parametrize("bwd_cap", [None, 1], ids=["noted", "inline"])
 def test_cross_entropy_near_pairs_noted_inline_and_chunked(monkeypatch, configs, bwd_cap):
-    """The shared backward kernel's paths for the cross-entropy: pairs at risk and targets noted and
+    """The shared backward kernel's paths for the cross-entropy: near pairs and targets noted and
     handled after the loop, or (cap 1: every program overflows) the INLINE second launch; narrow D
     chunks, so each row block spans several programs."""
     monkeypatch.setattr(configs, "BWD_BLOCK_D", {k: 16 for k in configs.BWD_BLOCK_D})
@@ -124,7 +124,7 @@ def test_cross_entropy_near_pairs_noted_inline_and_chunked(monkeypatch, configs,
 
 def test_tf32_is_opt_in():
     """float32 GEMMs are IEEE by default; where PyTorch's matmuls may use TF32 the operands are
-    rounded to TF32 (the result changes, within about 1e-3) and the pairs at risk stay exact."""
+    rounded to TF32 (the result changes, within about 1e-3) and the near pairs stay exact."""
     inputs = _inputs(23, 31, 40, seed=13)
     ieee = fk.randers_logits(*inputs, backend="triton")
     ref = reference64(fk.reference.randers_logits, inputs)
@@ -141,8 +141,8 @@ def test_tf32_is_opt_in():
     assert_rel_close(tf32, ref, 2e-3, "tf32 forward")
     ref = reference64(fk.reference.randers_logits, near)
     rows = torch.arange(16, device=DEVICE)
-    target = ref.argmax(1)  # each sample's own prototype, the pair at risk
-    assert_rel_close(near_out[rows, target], ref[rows, target], 1e-4, "tf32 pairs at risk")
+    target = ref.argmax(1)  # each sample's own prototype, the near pair
+    assert_rel_close(near_out[rows, target], ref[rows, target], 1e-4, "tf32 near pairs")
 
 
 @needs_interpreter
@@ -309,3 +309,29 @@ def test_grad_mask_at_the_launchers():
                 torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6)
             else:
                 assert g.numel() == 0 and g.dtype == t.dtype, (mask, k)
+
+
+def test_dense_soft_target_by_name_and_by_the_older_keyword():
+    """The cross-entropy launchers take the dense [B, C] probability target as dense_soft_target,
+    positionally or by keyword, and under the op schema's older keyword soft_target (the same
+    numbers bitwise); both at once is refused."""
+    from faim_kernels.ops import triton as tri
+    x, mu, L, beta, lam, gamma = _near(7, 11, 10, seed=28)
+    lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
+    tau = fk.transform.risk_threshold(10, torch.float32)
+    target = torch.full((7, 1), -1, dtype=torch.int64, device=DEVICE)
+    dense = torch.softmax(torch.randn(7, 11, generator=torch.Generator().manual_seed(3)), 1).to(DEVICE)
+    args = (x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0)
+    by_name = tri.cross_entropy.forward(*args, dense_soft_target=dense)
+    for other in (tri.cross_entropy.forward(*args, None, dense), tri.cross_entropy.forward(*args, soft_target=dense)):
+        for a, b in zip(by_name, other):
+            assert torch.equal(a, b)
+    assert not torch.equal(by_name[3], tri.cross_entropy.forward(*args)[3])  # the target is read
+    with pytest.raises(TypeError):
+        tri.cross_entropy.forward(*args, dense_soft_target=dense, soft_target=dense)
+    w = [torch.rand(7, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    w_tl = torch.rand(7, 1, dtype=torch.float64, device=DEVICE)
+    bwd = (w[0], w_tl, w[1], by_name[0], x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0, w[2])
+    for a, b in zip(tri.cross_entropy.backward(*bwd, dense_soft_target=dense),
+                    tri.cross_entropy.backward(*bwd, soft_target=dense)):
+        assert torch.equal(a, b)
