@@ -51,10 +51,15 @@ FWD_CONFIGS = {
     "fp64": [_fwd_cfg(32, 32, 8, 4, 1)],
     INTERPRETER_MODE: [_fwd_cfg(32, 32, 16, 4, 1, group=2)],
 }
+# The backward's pinned configs (first entries) and BWD_BLOCK_D below: chosen so that no variant of
+# the kernel (op family, Σ mode, side, target form) spills more than 64 B per thread in sm_90
+# builds where one could be found (bench/compile_check.py --defaults; before/after in bench/TUNING.md).
+# 8 warps halve the per-thread share of each [BLOCK_O, BLOCK_T] epilogue tile and of the
+# [BLOCK_O, BLOCK_D] accumulator: IEEE 32x32 with 4 warps spilled 208-1032 B, with 8 warps at most 64.
 BWD_CONFIGS = {
-    "half": [_bwd_cfg(64, 64, 64, 8, 2), _bwd_cfg(64, 64, 64, 8, 3), _bwd_cfg(32, 64, 64, 4, 2)],
+    "half": [_bwd_cfg(64, 32, 64, 8, 2), _bwd_cfg(64, 64, 64, 8, 2), _bwd_cfg(32, 64, 64, 4, 2)],
     "tf32": [_bwd_cfg(64, 64, 32, 8, 2), _bwd_cfg(64, 32, 32, 4, 2)],
-    "ieee": [_bwd_cfg(32, 32, 32, 4, 2), _bwd_cfg(32, 32, 32, 4, 3)],
+    "ieee": [_bwd_cfg(32, 32, 32, 8, 2), _bwd_cfg(32, 32, 32, 4, 3)],
     "fp64": [_bwd_cfg(16, 16, 16, 4, 1)],
     INTERPRETER_MODE: [_bwd_cfg(16, 32, 32, 4, 1)],
 }
@@ -66,22 +71,25 @@ def chunk_of_d(widest: int, D: int) -> int:
 
 
 # Widest chunk of D a backward program accumulates ([BLOCK_O, BLOCK_D] in registers); wider D is
-# split across programs, each recomputing the GEMM tiles. Chosen with the configs above so that
-# sm_90 builds spill at most ~100 bytes per thread (wider chunks spilled 0.5-3 KB).
-BWD_BLOCK_D = {"half": 128, "tf32": 64, "ieee": 128, "fp64": 32, INTERPRETER_MODE: 256}
+# split across programs, each recomputing the GEMM tiles (where q does not come from the logits).
+# 64 for half and IEEE: with 128 the half backward spilled 456-880 B per thread, IEEE 208-1032 B
+# (sm_90); the price is twice the D chunks, hence twice the GEMM recomputation of the
+# cross-entropy and half-logits backward (bench/TUNING.md: the remedy is to split the pass).
+BWD_BLOCK_D = {"half": 64, "tf32": 64, "ieee": 64, "fp64": 32, INTERPRETER_MODE: 256}
 
 # The cross-entropy forward's tiles per precision mode (not autotuned; its inputs arrive in float32 or
 # float64): small, wide steps under the interpreter, which pays per operation; register-sized
 # tiles for fp32 (IEEE or TF32) on the GPU; small ones for float64's broadcast products.
 # Its near pairs take configs.NEAR_TILES like the other kernels'. warps_soft: the warps of the variants
-# that read a dense probability target tile or carry k > 1 targets per row: with 4 warps their
-# sm_90 builds spilled 576 B (dense target) and 264 B (k = 2) per thread, 696 B both, against
-# 144 B for class labels; with 8 warps, 24 B (bench/compile_check.py; unmeasured on a GPU so far).
+# that read a dense probability target tile or carry k > 1 targets per row. sm_90 builds
+# (bench/compile_check.py): with 4 warps class labels spilled 184 B (half) and 288 B (IEEE, full L),
+# and 64x64 fp32 tiles with both options 112 B even with 8 warps; 8 warps everywhere and 64x32
+# fp32 tiles spill nothing. Unmeasured on a GPU so far.
 CE_FWD_BLOCKS = {
     INTERPRETER_MODE: dict(BLOCK_B=16, BLOCK_C=32, BLOCK_K=32, warps=1, warps_soft=1, stages=1),
-    "half": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=64, warps=4, warps_soft=8, stages=2),
-    "ieee": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, warps=4, warps_soft=8, stages=2),
-    "tf32": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=32, warps=4, warps_soft=8, stages=2),
+    "half": dict(BLOCK_B=64, BLOCK_C=64, BLOCK_K=64, warps=8, warps_soft=8, stages=2),
+    "ieee": dict(BLOCK_B=64, BLOCK_C=32, BLOCK_K=32, warps=8, warps_soft=8, stages=2),
+    "tf32": dict(BLOCK_B=64, BLOCK_C=32, BLOCK_K=32, warps=8, warps_soft=8, stages=2),
     "fp64": dict(BLOCK_B=16, BLOCK_C=16, BLOCK_K=16, warps=4, warps_soft=4, stages=2),
 }
 
