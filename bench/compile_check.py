@@ -223,7 +223,9 @@ def variants(quick, defaults=False):
                     ptrs = dict(raw_ptr=acc, m_ptr=acc, ds_ptr="fp64", dbeta_ptr="fp64")
                     if diag:
                         ptrs.update(dvp_ptr=acc, dlc_ptr="fp64")
-                    consts = dict(DIAG=diag, BLOCK_R=32, BLOCK_D=64, **({} if diag else dict(dvp_ptr=None, dlc_ptr=None)))
+                    consts = dict(DIAG=diag, BLOCK_R=32, BLOCK_D=64)
+                    if not diag:  # absent inputs are None, as the launcher passes them
+                        consts.update(dvp_ptr=None, dlc_ptr=None)
                     out.append((f"side_grad {acc} diag={diag}", common._side_grad_kernel, ptrs, consts, 4, 2, ()))
     return out + topk_variants(quick, defaults)
 

@@ -112,8 +112,8 @@ def _near_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D,
     j_keep = d0
     if not NEED_DP:
         j_keep = -1
-    q, diff, s_near = _recompute_near_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, j_keep, D, FULL, NP,
-                                      NEAR_K, BLOCK_D, NEAR_DOT)
+    q, diff, s_near = _recompute_near_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, j_keep, D,
+                                            FULL, NP, NEAR_K, BLOCK_D, NEAR_DOT)
     acc_t = diff.dtype  # the compute dtype (q itself is float64)
     s = ((tl.load(s_own_hi_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_hi_ptr + j_v, mask=em, other=0.0))
          + (tl.load(s_own_lo_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_lo_ptr + j_v, mask=em, other=0.0)))

@@ -399,6 +399,7 @@ class Operands:
         xn, mn     |x'|², |mu'|² from those operands
         sx, smu    (hi, lo) parts of x·beta, mu·beta; sx64, smu64 the float64 values
         tau        the near-pair threshold, raised where the operands are rounded
+        precision_mode, impl, prec   the config family of configs.py and the GEMM's mode (gemm_mode)
 
     `Operands(...)` prepares from the op's raw inputs (forwards, the cross-entropy backward);
     `Operands.saved(...)` takes x', mu', sx, smu as the logits forward returned them."""
@@ -461,7 +462,8 @@ class Operands:
             with device_ctx(self.device):
                 _side_prep_kernel[(triton.cdiv(n, BLOCK_R),)](
                     v_ptr=v, raw_ptr=raw, beta_ptr=self.beta, s_ptr=s, norm_ptr=norm, hi_ptr=hi, lo_ptr=lo, n=n,
-                    D=self.D, S_FROM_RAW=s_from_raw, BLOCK_R=BLOCK_R, BLOCK_D=64)  # one build for every D (O(n·D) work: not a hot spot)
+                    D=self.D, S_FROM_RAW=s_from_raw, BLOCK_R=BLOCK_R,
+                    BLOCK_D=64)  # one build for every D (O(n·D) work: not a hot spot)
         return norm, (hi, lo), s
 
     def near_tiles(self):

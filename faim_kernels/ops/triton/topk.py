@@ -266,9 +266,9 @@ def forward(x, mu, lc, beta, lam, eps: float, tau: float, k: int, largest: bool)
             xp_ptr=o.xp, mup_ptr=o.mup, xn_ptr=o.xn, mn_ptr=o.mn, sx_hi_ptr=o.sx[0], sx_lo_ptr=o.sx[1],
             smu_hi_ptr=o.smu[0], smu_lo_ptr=o.smu[1], lam_ptr=o.lam, x_ptr=o.x, mu_ptr=o.mu, lc_ptr=o.lc,
             beta_ptr=o.beta, out_ptr=keys, B=B, C=C, D=o.D, eps_hi=o.eps_hi, eps_lo=o.eps_lo, tau=o.tau,
-            tiles_per_split=per_split, LARGEST=bool(largest), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, KP=KP, BLOCK_K=BLOCK_K, IMPL=o.impl,
-            PREC=o.prec, FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_KN=BLOCK_KN, BLOCK_J=BLOCK_J, USE_DOT=use_dot,
-            num_warps=warps)
+            tiles_per_split=per_split, LARGEST=bool(largest), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, KP=KP,
+            BLOCK_K=BLOCK_K, IMPL=o.impl, PREC=o.prec, FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_KN=BLOCK_KN, BLOCK_J=BLOCK_J,
+            USE_DOT=use_dot, num_warps=warps)
     # Keys are unique (the index is part of each), so this order is the contract's; only the first
     # k are real classes (C >= k, and padding keys are the largest).
     merged = keys.permute(1, 0, 2).reshape(B, splits * KP).sort(dim=1).values[:, :k]
