@@ -5,6 +5,12 @@ compiler, so this is where layout, type and resource problems show up before a G
 
     python -m bench.compile_check            # every config of every kernel variant for sm_90
     python -m bench.compile_check --quick    # the pinned config of each code path (CI runs this)
+    python -m bench.compile_check --defaults --strict   # the configs the launchers run by default;
+                                             # exit 2 on a spill above --max-spill (64 B/thread) or
+                                             # a TF32/half GEMM kernel without mma/wgmma
+
+The summary at the end lists every variant whose stack (spilled registers, bytes per thread) passes
+--max-spill, and every TF32/half variant of a GEMM kernel whose SASS holds no HGMMA/HMMA.
 
 Run it without TRITON_INTERPRET (the interpreter stands in for the compiler when that is set).
 """
@@ -65,11 +71,20 @@ def build(fn, ptr_types, constexprs, num_warps, num_stages, arch, int64_args=())
     line = next((ln.strip() for ln in usage.splitlines() if "REG:" in ln), "?")
     fields = dict(kv.split(":") for kv in line.split() if ":" in kv)
     counts = {op: sass.count(op) for op in ("HGMMA", "HMMA", "LDL", "STL")}
+    counts["stack"] = int(fields["STACK"]) if fields.get("STACK", "").isdigit() else -1
     return seconds, f"regs {fields.get('REG', '?')}, stack {fields.get('STACK', '?')} B", counts
 
 
-# family -> (GEMM operand dtypes, compute dtype, IMPL, PREC)
-FAMILIES = {
+# The GEMM kernels: in TF32 and half precision modes their tiles must reach the tensor cores.
+GEMM_KERNELS = ("fwd ", "bwd ", "ce_fwd ", "topk ")
+
+
+def needs_mma(name: str) -> bool:
+    return name.startswith(GEMM_KERNELS) and ("tf32" in name.split()[1] or "half" in name.split()[1])
+
+
+# precision mode -> (GEMM operand dtypes, compute dtype, IMPL, PREC)
+PRECISION_MODES = {
     "half": (("bf16", "fp16"), "fp32", common.DOT, "ieee"),
     "ieee": (("fp32",), "fp32", common.DOT, "ieee"),
     "tf32": (("fp32",), "fp32", common.DOT, "tf32"),
@@ -103,7 +118,7 @@ BWD_OPTIONAL = ("g_ptr", "lg_ptr", "tgt_ptr", "w_lse_ptr", "w_tl_ptr", "w_sl_ptr
                 "soft_ptr")
 
 
-def fixup_ptrs(op, acc):
+def near_kernel_ptrs(op, acc):
     return dict(x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, sx_hi_ptr=acc, sx_lo_ptr=acc, smu_hi_ptr=acc, smu_lo_ptr=acc,
                 lam_ptr="fp64", gamma_ptr="fp64", out_ptr=op, count_ptr="i32", near_b_ptr="i32", near_c_ptr="i32",
                 near_tile_ptr="i32")
@@ -128,9 +143,9 @@ def _ce_option_sets(ce, full, quick):
     return [CE_OPTIONS if full else CE_HARD] if quick else [CE_HARD, CE_OPTIONS]
 
 
-# The backward variants of a quick build, per family: (CE, FROM_LOGITS, FULL). Every variant holds
+# The backward variants of a quick build, per precision mode: (CE, FROM_LOGITS, FULL). Every variant holds
 # both walks (noting, and the recomputing one an overflow or logits without d take). Half logits
-# recompute their tiles; the cross-entropy runs in every family.
+# recompute their tiles; the cross-entropy runs in every precision mode.
 _QUICK_BWD = {
     "half": [(False, False, False), (True, False, True)],
     "ieee": [(False, True, False), (False, True, True), (True, False, False), (True, False, True)],
@@ -148,21 +163,23 @@ def _bwd_variants(fam, quick):
     return out
 
 
-def variants(quick):
-    """(name, fn, ptr types, constexprs, warps, stages, int64 args) for every variant to build."""
+def variants(quick, defaults=False):
+    """(name, fn, ptr types, constexprs, warps, stages, int64 args) for every variant to build: every
+    config of every code path, the pinned config of each (defaults), or fewer paths (quick)."""
     out = []
-    for fam, (ops, acc, impl, prec) in FAMILIES.items():
+    for fam, (ops, acc, impl, prec) in PRECISION_MODES.items():
         if quick and fam == "tf32":
             continue
-        near_p, near_k = (16, 16) if acc == "fp64" else (16, 32)
+        pinned = quick or defaults
+        near_p, near_k, near_j = configs.NEAR_TILES[fam]
         for op in (ops[:1] if quick else ops):
-            fwd_cfgs = configs.FWD_CONFIGS[fam][:1] if quick else configs.FWD_CONFIGS[fam]
+            fwd_cfgs = configs.FWD_CONFIGS[fam][:1] if pinned else configs.FWD_CONFIGS[fam]
             for cfg in fwd_cfgs:
                 consts = dict(cfg.kwargs, IMPL=impl, PREC=prec, BF16_BY_HAND=False,
                               NEAR_PER_TILE=configs.NEAR_PER_TILE, LOCAL64=False)
                 out.append((f"fwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages}",
                             logits._logits_fwd_kernel, fwd_ptrs(op, acc), consts, cfg.num_warps, cfg.num_stages, ()))
-            bwd_cfgs = configs.BWD_CONFIGS[fam][:1] if quick else configs.BWD_CONFIGS[fam]
+            bwd_cfgs = configs.BWD_CONFIGS[fam][:1] if pinned else configs.BWD_CONFIGS[fam]
             for cfg in bwd_cfgs:
                 for ce, from_logits, full in _bwd_variants(fam, quick):
                     for own_is_x, ce_opts in itertools.product((True,) if quick else (True, False),
@@ -178,34 +195,39 @@ def variants(quick):
                                     f"own_is_x={own_is_x}"
                                     + (f" {ce_opts}" if ce else ""), backward._backward_kernel,
                                     ptrs, consts, cfg.num_warps, cfg.num_stages, ()))
-            if fam in CE_FAMILIES:
+            if fam in CE_MODES:
                 bl = configs.CE_FWD_BLOCKS[fam]
                 for full, ce_opts in itertools.product((True,) if quick else (False, True), (CE_HARD, CE_OPTIONS)):
                     consts = dict(BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
-                                  BLOCK_D=bl["BLOCK_D"], NEAR_K=near_k, FULL=full, IMPL=impl, PREC=prec,
+                                  NEAR_P=near_p, NEAR_K=near_k, NEAR_J=near_j, NEAR_DOT=acc == "fp32",
+                                  FULL=full, IMPL=impl, PREC=prec,
                                   TGT_P=triton.next_power_of_2(ce_opts["N_TGT"]), **ce_opts)
                     consts.update({name: None for name, flag in (("cw_ptr", "HAS_WEIGHT"), ("soft_ptr", "HAS_SOFT"))
                                    if not ce_opts[flag]})
                     warps = configs.ce_fwd_warps(bl, ce_opts["N_TGT"], ce_opts["HAS_SOFT"])
                     out.append((f"ce_fwd {fam} full={full} {ce_opts} w{warps}", cross_entropy._ce_fwd_kernel,
-                                ce_fwd_ptrs(op, acc), consts, warps, 2, ()))
+                                ce_fwd_ptrs(op, acc), consts, warps, bl["stages"], ()))
             if fam in ("half", "ieee", "fp64"):
                 for full in ((True,) if quick else (False, True)):
-                    consts = dict(FULL=full, BLOCK_P=16, BLOCK_K=near_k, BLOCK_J=32 if acc == "fp64" else 64,
-                                  USE_DOT=acc == "fp32", BF16_BY_HAND=False)
-                    out.append((f"fixup {op} full={full}", logits._logits_fixup_kernel, fixup_ptrs(op, acc), consts,
-                                4, 2, ()))
+                    consts = dict(FULL=full, BLOCK_P=near_p, BLOCK_K=near_k, BLOCK_J=near_j, USE_DOT=acc == "fp32",
+                                  BF16_BY_HAND=False)
+                    out.append((f"near_pairs {op} full={full}", logits._logits_near_pairs_kernel,
+                                near_kernel_ptrs(op, acc), consts, 4, 2, ()))
                 for from_raw in (True, False):
-                    consts = dict(S_FROM_RAW=from_raw, BLOCK_R=32, BLOCK_D=128)
+                    consts = dict(S_FROM_RAW=from_raw, BLOCK_R=32, BLOCK_D=64)  # as Operands._prep_side
                     out.append((f"side_prep {op} s_from_raw={from_raw}", common._side_prep_kernel,
                                 dict(v_ptr=op, raw_ptr=acc, beta_ptr=acc, s_ptr="fp64", norm_ptr=acc, hi_ptr=acc,
                                      lo_ptr=acc), consts, 4, 2, ()))
             if fam in ("ieee", "fp64"):
                 for diag in (True, False):
-                    out.append((f"side_grad {acc} diag={diag}", common._side_grad_kernel,
-                                dict(raw_ptr=acc, m_ptr=acc, dvp_ptr=acc, ds_ptr="fp64", dbeta_ptr="fp64",
-                                     dlc_ptr="fp64"), dict(DIAG=diag, BLOCK_R=32, BLOCK_D=64), 4, 2, ()))
-    return out + topk_variants(quick)
+                    ptrs = dict(raw_ptr=acc, m_ptr=acc, ds_ptr="fp64", dbeta_ptr="fp64")
+                    if diag:
+                        ptrs.update(dvp_ptr=acc, dlc_ptr="fp64")
+                    consts = dict(DIAG=diag, BLOCK_R=32, BLOCK_D=64)
+                    if not diag:  # absent inputs are None, as the launcher passes them
+                        consts.update(dvp_ptr=None, dlc_ptr=None)
+                    out.append((f"side_grad {acc} diag={diag}", common._side_grad_kernel, ptrs, consts, 4, 2, ()))
+    return out + topk_variants(quick, defaults)
 
 
 def topk_ptrs(op, acc):
@@ -213,14 +235,14 @@ def topk_ptrs(op, acc):
                 smu_lo_ptr=acc, lam_ptr="fp64", x_ptr=acc, mu_ptr=acc, lc_ptr=acc, beta_ptr=acc, out_ptr="i64")
 
 
-def topk_variants(quick):
+def topk_variants(quick, defaults=False):
     """The top-k kernel (float16/bfloat16/float32 inputs) at KP = 8 (k = 1) up to its limit, 1024. The quick
     build stops at KP = 64: KP = 1024 took 200 s (fp32) and 410 s (bf16) to build here, and spills
     about 3 KB per thread (the [16, 1024] running best and tile keys do not fit in registers)."""
     out = []
     for fam in (("ieee", "half") if quick else ("ieee", "tf32", "half")):
-        ops, acc, impl, prec = FAMILIES[fam]
-        for KP in ((8, 64) if quick else (8, 64, 256, 1024)):
+        ops, acc, impl, prec = PRECISION_MODES[fam]
+        for KP in ((8, 64) if quick else (8, 64, 256) if defaults else (8, 64, 256, 1024)):
             for full in ((True,) if quick else (False, True)):
                 for largest in ((False,) if quick else (False, True)):
                     BLOCK_B, BLOCK_C, BLOCK_K, warps = topk._blocks(fam, KP)
@@ -233,24 +255,38 @@ def topk_variants(quick):
 
 
 # The cross-entropy's forward runs on float32 (IEEE or TF32) and float64 inputs.
-CE_FAMILIES = ("half", "ieee", "tf32", "fp64")
+CE_MODES = ("half", "ieee", "tf32", "fp64")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     ap.add_argument("--quick", action="store_true", help="the pinned config of each code path only")
+    ap.add_argument("--defaults", action="store_true",
+                    help="every code path with the configs the launchers run by default (the first of each list)")
+    ap.add_argument("--max-spill", type=int, default=64, help="bytes of stack per thread a variant may use")
+    ap.add_argument("--strict", action="store_true", help="exit 2 on a spill above --max-spill or a missing mma")
     args = ap.parse_args(argv)
     failures = 0
-    for name, fn, ptrs, consts, warps, stages, int64_args in variants(args.quick):
+    spills, no_mma = [], []
+    todo = variants(args.quick, args.defaults)
+    for name, fn, ptrs, consts, warps, stages, int64_args in todo:
         try:
             seconds, usage, counts = build(fn, ptrs, consts, warps, stages, args.arch, int64_args)
             print(f"ok    {name}: {usage}, {counts} ({seconds:.1f} s)", flush=True)
+            if counts["stack"] > args.max_spill:
+                spills.append(f"{counts['stack']:5d} B  {name}")
+            if needs_mma(name) and counts["HGMMA"] + counts["HMMA"] == 0:
+                no_mma.append(name)
         except Exception as e:  # report every failing variant, not just the first
             failures += 1
             print(f"FAIL  {name}: {type(e).__name__}: {str(e).strip()[-1500:]}", flush=True)
-    print(f"{failures} of {len(variants(args.quick))} variants failed to build for sm_{args.arch}")
-    return 1 if failures else 0
+    print(f"{failures} of {len(todo)} variants failed to build for sm_{args.arch}")
+    print(f"{len(spills)} variants spill more than {args.max_spill} B/thread" + "".join(f"\n  {s}" for s in spills))
+    print(f"{len(no_mma)} TF32/half GEMM variants without mma/wgmma" + "".join(f"\n  {s}" for s in no_mma))
+    if failures:
+        return 1
+    return 2 if args.strict and (spills or no_mma) else 0
 
 
 if __name__ == "__main__":

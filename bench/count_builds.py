@@ -9,7 +9,8 @@ variants), so this number bounds the compile time of the GPU test run before a G
     TRITON_INTERPRET=1 python -m bench.count_builds                     # bench/gpu_tests.txt, limit 150
     TRITON_INTERPRET=1 python -m bench.count_builds --by-kernel -- tests/test_x.py -k triton
 
-Approximations: the interpreter runs the "interpret" config family where a GPU runs the family of
+Approximations: the interpreter runs its own precision mode ("interpret", see
+faim_kernels/ops/triton/interpreter.py) where a GPU runs the precision mode of
 the dtype (one pinned config each, as on the GPU with FAIM_TRITON_AUTOTUNE=0), so the variant
 count matches but the block sizes differ; tests marked for CUDA only (gpu_only) do not run here,
 and their builds are not counted.

@@ -59,7 +59,7 @@ def test_backward_chunks_and_splits(monkeypatch, configs, full):
 
 
 def test_near_list_overflow(monkeypatch, configs):
-    """More near pairs than the lists hold: the forward's near-pair recompute takes every pair,
+    """More near pairs than the lists hold: the forward's near-pair kernel recomputes every pair exactly,
     and the backward runs its second launch, which handles them inside the loop one at a time."""
     monkeypatch.setattr(configs, "NEAR_CAPACITY", 3)
     monkeypatch.setattr(configs, "BWD_NEAR_CAP", 2)
@@ -103,7 +103,7 @@ def test_overfull_tile_is_recomputed_alone(monkeypatch, configs):
 def test_every_close_pair_recomputed(monkeypatch, configs, full, bwd_cap):
     """tau = 1: about half of all pairs are near pairs, mixed with GEMM pairs in the same
     tiles: in the forward list, and in the backward's noted pairs or (small cap) inline path."""
-    monkeypatch.setattr(fk.transform, "near_threshold", lambda D, dtype, operand_eps=None: 1.0)
+    monkeypatch.setattr(fk.transform, "risk_threshold", lambda D, dtype, operand_eps=None: 1.0)
     if bwd_cap:
         monkeypatch.setattr(configs, "BWD_NEAR_CAP", bwd_cap)
     check_logits(_inputs(9, 14, 12, full=full, seed=10), "triton")
@@ -161,7 +161,7 @@ def test_cpu_without_interpreter_is_a_clear_error():
 
 
 @pytest.mark.slow
-@needs_interpreter  # on a GPU the op_family tests build every kernel they run
+@needs_interpreter  # on a GPU the family tests build every kernel they run
 def test_kernels_build_for_sm90():
     """The interpreter never runs Triton's compiler: build each code path for sm_90 (H100/H200)
     with the ptxas that ships with triton, no GPU needed (bench/compile_check.py)."""
@@ -254,8 +254,8 @@ def test_tiny_gamma_backward_recomputes_the_tiles(gamma):
         assert_rel_close(gmu.double(), rmu, 1e-4, f"mu.grad at gamma = {gamma}")
 
 
-@pytest.mark.parametrize("op_family", ["logits", "cross_entropy"])
-def test_grad_mask_skips_unneeded_gradients(op_family):
+@pytest.mark.parametrize("family", ["logits", "cross_entropy"])
+def test_grad_mask_skips_unneeded_gradients(family):
     """Gradients only where needed: an input without requires_grad gets None, the others are the
     full backward's, for a frozen backbone (x), frozen prototypes, a frozen metric, and only x;
     the launchers return an empty tensor for a gradient grad_mask does not ask for."""
@@ -265,7 +265,7 @@ def test_grad_mask_skips_unneeded_gradients(op_family):
 
     def grads(needs):
         leaves = [t.detach().clone().requires_grad_(n) for t, n in zip(inputs, needs)]
-        if op_family == "logits":
+        if family == "logits":
             out = fk.randers_logits(*leaves, backend="triton")
             out = (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum()
         else:
@@ -283,7 +283,7 @@ def test_grad_mask_skips_unneeded_gradients(op_family):
                 torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6, msg=f"{name} with {needs}")
             else:
                 assert g is None, name
-    o = (tri.logits.backward if op_family == "logits" else tri.cross_entropy.backward)
+    o = (tri.logits.backward if family == "logits" else tri.cross_entropy.backward)
     assert o.__defaults__[-1] == 63  # grad_mask: every gradient unless told otherwise
 
 
@@ -297,7 +297,7 @@ def test_grad_mask_at_the_launchers():
     from faim_kernels.ops import triton as tri
     x, mu, L, beta, lam, gamma = _near(9, 17, 12, full=True, seed=27)
     lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
-    tau = fk.transform.near_threshold(12, torch.float32)
+    tau = fk.transform.risk_threshold(12, torch.float32)
     logits, xp, mup, sx, smu = tri.logits.forward(x, mu, lc, beta, lam, gamma, 1e-6, tau)
     grad = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     full = tri.logits.backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, 1e-6, tau)
@@ -309,3 +309,29 @@ def test_grad_mask_at_the_launchers():
                 torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-6)
             else:
                 assert g.numel() == 0 and g.dtype == t.dtype, (mask, k)
+
+
+def test_dense_soft_target_by_name_and_by_the_older_keyword():
+    """The cross-entropy launchers take the dense [B, C] probability target as dense_soft_target,
+    positionally or by keyword, and under the op schema's older keyword soft_target (the same
+    numbers bitwise); both at once is refused."""
+    from faim_kernels.ops import triton as tri
+    x, mu, L, beta, lam, gamma = _near(7, 11, 10, seed=28)
+    lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
+    tau = fk.transform.risk_threshold(10, torch.float32)
+    target = torch.full((7, 1), -1, dtype=torch.int64, device=DEVICE)
+    dense = torch.softmax(torch.randn(7, 11, generator=torch.Generator().manual_seed(3)), 1).to(DEVICE)
+    args = (x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0)
+    by_name = tri.cross_entropy.forward(*args, dense_soft_target=dense)
+    for other in (tri.cross_entropy.forward(*args, None, dense), tri.cross_entropy.forward(*args, soft_target=dense)):
+        for a, b in zip(by_name, other):
+            assert torch.equal(a, b)
+    assert not torch.equal(by_name[3], tri.cross_entropy.forward(*args)[3])  # the target is read
+    with pytest.raises(TypeError):
+        tri.cross_entropy.forward(*args, dense_soft_target=dense, soft_target=dense)
+    w = [torch.rand(7, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    w_tl = torch.rand(7, 1, dtype=torch.float64, device=DEVICE)
+    bwd = (w[0], w_tl, w[1], by_name[0], x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0, w[2])
+    for a, b in zip(tri.cross_entropy.backward(*bwd, dense_soft_target=dense),
+                    tri.cross_entropy.backward(*bwd, soft_target=dense)):
+        assert torch.equal(a, b)

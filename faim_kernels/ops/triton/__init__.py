@@ -2,7 +2,8 @@
 launchers for CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before import: the tests).
 
     common.py         shared @triton.jit pieces, side kernels, the GEMM precision mode, `Operands`
-    configs.py        launch configurations of both families, with their reasons
+    configs.py        launch configurations per precision mode, with their reasons
+    interpreter.py    what differs under TRITON_INTERPRET=1 (CPU tensors, the tests), and why
     backward.py       the one backward kernel of both families (constexpr variants) and its launcher
     logits.py         the logits forward kernels; the logits op's launchers (forward, backward)
     cross_entropy.py  the cross-entropy forward kernel; the cross-entropy op's launchers

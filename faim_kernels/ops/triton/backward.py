@@ -10,7 +10,7 @@ cut-cross-entropy specialises its kernels), and its launcher.
             take the recomputed tile (their rounding would put a off by ~4e-3).
     cross-entropy family (tgt_ptr given): nothing of size [B, C] exists; each tile recomputes q and
             G = w_lse·exp(logit' − lse) + v_c·(w_sl + w_pl·P_bc) + Σ_k w_tl,k·[c = t_k],
-            logit' = −γ·(d + margin·[c ∈ t]), with every target pair taken through the exact path
+            logit' = −γ·(d + margin·[c ∈ t]), with every target pair taken through the near-pair recompute
             (the margin sits on it); class weights v and the dense probability target P (read
             through its strides) are optional (None when absent), N_TGT targets per row.
 
@@ -46,9 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common, configs
-from .common import (_at_risk, _cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _mm, _pair_distance, _pair_s,
-                     _s_at_risk, _tile_dot)
+from . import common, configs, interpreter
+from .common import DOT, FMA
+from .common import (_cast, _gemm_q, _load_eps, _mm, _near_pair_distance, _pair_distance, _pair_s, _q_is_near,
+                     _recompute_near_pairs, _s_is_near, _tile_dot)
 
 
 @triton.jit
@@ -98,7 +99,7 @@ def _logits_carry_d(gamma):
 
 
 @triton.jit
-def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D,
+def _near_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D,
                  s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
                  tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                  w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
@@ -111,12 +112,12 @@ def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D
     j_keep = d0
     if not NEED_DP:
         j_keep = -1
-    q, diff, s_direct = _direct_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, j_keep, D, FULL, NP,
-                                      NEAR_K, BLOCK_D, NEAR_DOT)
+    q, diff, s_near = _recompute_near_pairs(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, j_keep, D,
+                                            FULL, NP, NEAR_K, BLOCK_D, NEAR_DOT)
     acc_t = diff.dtype  # the compute dtype (q itself is float64)
     s = ((tl.load(s_own_hi_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_hi_ptr + j_v, mask=em, other=0.0))
          + (tl.load(s_own_lo_ptr + b_v, mask=em, other=0.0) - tl.load(s_oth_lo_ptr + j_v, mask=em, other=0.0)))
-    a, r, d, ia, ir, s = _direct_distance(q, s_direct, s, lam, eps)
+    a, r, d, ia, ir, s = _near_pair_distance(q, s_near, s, lam, eps)
     if CE:
         if OWN_IS_X:
             row, cls = b_v, j_v
@@ -142,11 +143,11 @@ def _exact_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D
 @triton.jit
 def _add_to_rows(pm_acc, rsum, hr, gd, rloc, i_v, em, pd, R_e, hr_e, gd_e,
                  IMPL: tl.constexpr, NEED_DP: tl.constexpr, SCAL: tl.constexpr):
-    """The accumulators with a block of near pairs' terms (_exact_terms) added to their rows i_v
+    """The accumulators with a block of near pairs' terms (_near_terms) added to their rows i_v
     (em masks the block): the rows of pd through a one-hot product, the rest by row."""
     onehot = (rloc[:, None] == i_v[None, :]) & em[None, :]
     if NEED_DP:
-        pm_acc = _mm(onehot.to(pm_acc.dtype), -pd, pm_acc, 2 if IMPL == 2 else 0, "ieee")
+        pm_acc = _mm(onehot.to(pm_acc.dtype), -pd, pm_acc, FMA if IMPL == FMA else DOT, "ieee")
     rsum += tl.sum(tl.where(onehot, R_e[None, :], 0.0), axis=1).to(tl.float64)
     if SCAL:
         hr += tl.sum(tl.where(onehot, hr_e[None, :], 0.0), axis=1).to(tl.float64)
@@ -162,7 +163,7 @@ def _tile_q(own_block, oth_block, lo, lt, om, tm, valid, own_n, oth_n, s, lg_ptr
     if FROM_LOGITS:
         # a from the logits (d = a + λ·r) in correctly rounded division and square root (the
         # GPU's defaults are approximate); a < 0 from rounding clamps to 0, which puts
-        # q = −eps under the near bound: such a pair takes the exact path.
+        # q = −eps under the near bound: such a pair is recomputed as a near pair.
         lg_block = lg_ptr + (o0.to(tl.int64) * stride_lg_own + tl.cast(t0, tl.int64) * stride_lg_oth)
         lg = tl.load(lg_block + lg_rows + lt[None, :] * stride_lg_oth, mask=valid, other=0.0).to(zero.dtype)
         if lg.dtype == tl.float64:  # float64 division and square root are correctly rounded already
@@ -175,6 +176,76 @@ def _tile_q(own_block, oth_block, lo, lt, om, tm, valid, own_n, oth_n, s, lg_ptr
         q, _ = _gemm_q(_tile_dot(own_block, oth_block, lo, lt, om, tm, D, zero, BLOCK_K, IMPL, PREC),
                        own_n, oth_n, tau)
     return q
+
+
+@triton.jit
+def _tile_grad(q, s, valid, om, tm, ro, rt, lt, o0, t0, own_n, oth_n, s_own_hi, s_oth_hi, g_ptr, g_rows,
+               stride_g_own, stride_g_oth, tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr,
+               stride_sb, stride_sc, w_lse_o, lse_o, lam, gamma, eps, margin, tau, zero,
+               OWN_IS_X: tl.constexpr, N_TGT: tl.constexpr, CE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               HAS_SOFT: tl.constexpr):
+    """The tile's epilogue before the sums: (a, r, ia, ir, G, dist, near) with G = ∂loss/∂logit
+    (read from the gradient, or the cross-entropy's from the recomputed logits), dist the distance
+    that multiplies −γ, and near the near pairs (and every CE target pair: the margin sits on it)."""
+    acc_t = zero.dtype
+    near = (_q_is_near(q, own_n[:, None] + oth_n[None, :], tau) | _s_is_near(s, s_own_hi, s_oth_hi)) & valid
+    a, r, d, ia, ir = _pair_distance(q, s, lam, eps)
+    if CE:
+        if OWN_IS_X:  # batch rows down the tile, classes across
+            ce_row, ce_cls, row_m, cls_m = ro[:, None], rt[None, :], om[:, None], tm[None, :]
+            w_lse, lse = w_lse_o[:, None], lse_o[:, None]
+        else:
+            ce_row, ce_cls, row_m, cls_m = rt[None, :], ro[:, None], tm[None, :], om[:, None]
+            w_lse = tl.load(w_lse_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
+            lse = tl.load(lse_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
+        is_t, w_t, lin = _ce_pair_data(ce_row, ce_cls, row_m, cls_m, valid, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr,
+                                       cw_ptr, soft_ptr, stride_sb, stride_sc, acc_t, N_TGT, HAS_WEIGHT, HAS_SOFT)
+        near = near | is_t  # the target pairs carry the margin: always recomputed
+        G, dist = _ce_grad(d, is_t, w_t, w_lse + zero, lin, lse + zero, gamma, margin)
+    else:
+        g_block = g_ptr + (o0.to(tl.int64) * stride_g_own + tl.cast(t0, tl.int64) * stride_g_oth)
+        G = tl.load(g_block + g_rows + lt[None, :] * stride_g_oth, mask=valid, other=0.0).to(acc_t)
+        dist = d
+    return a, r, ia, ir, G, dist, near
+
+
+@triton.jit
+def _add_far_terms(pm_acc, rowsum, rsum, hr, gd, a, r, ia, ir, s, G, dist, far, oth_block, lt, tm, rd, dm, lam,
+                   gamma, D, op_t: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr,
+                   BF16_BY_HAND: tl.constexpr, NEED_DP: tl.constexpr, SCAL: tl.constexpr):
+    """The accumulators with the tile's far pairs added: H = −γ·G, P = H/a into rowsum and
+    pm_acc (+= P·oth'[:, chunk], one tl.dot), R = H·λ·s/r into rsum, H·r and G·dist into hr, gd."""
+    G = tl.where(far, G, 0.0)
+    H = -gamma * G
+    R = tl.where(far & (r != 0), H * lam * s * ir, 0.0)
+    rsum += tl.sum(R, axis=1).to(tl.float64)
+    if NEED_DP:
+        # The chunk of oth' this program's output needs (read again: it is in L2 after the GEMM).
+        oth = tl.load(oth_block + lt[:, None] * D + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        P = tl.where(far & (a != 0), H * ia, 0.0)
+        rowsum += tl.sum(P, axis=1)
+        pm_acc = _mm(_cast(P, op_t, BF16_BY_HAND), oth, pm_acc, IMPL, PREC)
+    if SCAL:
+        hr += tl.sum(tl.where(far, H * r, 0.0), axis=1).to(tl.float64)
+        gd += tl.sum(tl.where(far, G * dist, 0.0), axis=1).to(tl.float64)
+    return pm_acc, rowsum, rsum, hr, gd
+
+
+@triton.jit
+def _note_near(near, flat, near_ptr, note_base, n_noted, n_near, near_cap, t0, overflowed,
+               BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Notes the tile's near pairs (code j·BLOCK_O + i, in tile order) for after the loop, typically
+    zero to two per tile: (n_noted, overflowed). Past near_cap nothing more is noted and the
+    program is marked overflowed (it walks again with INLINE)."""
+    if n_noted + n_near > near_cap:
+        overflowed = n_near >= 0
+    else:
+        for _k in range(0, n_near):
+            f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
+            near = near & (flat != f)
+            tl.store(near_ptr + note_base + n_noted + _k, (t0 + f % BLOCK_T).to(tl.int64) * BLOCK_O + f // BLOCK_T)
+        n_noted += n_near
+    return n_noted, overflowed
 
 
 @triton.jit
@@ -193,7 +264,6 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
     INLINE = 0 notes the near pairs (near_cap at most; more: overflowed, the sums incomplete) and
     adds them after the loop; INLINE = 1 adds them tile by tile, any number."""
     acc_t = own_n.dtype
-    op_t = own_ptr.dtype.element_ty
     rowsum = tl.zeros((BLOCK_O,), dtype=acc_t)              # Σ_j P_ij over far pairs
     pm_acc = tl.zeros((BLOCK_O, BLOCK_D), dtype=acc_t)      # Σ_j P_ij·oth'_j − near terms
     rsum = tl.zeros((BLOCK_O,), dtype=tl.float64)           # Σ_j R_ij
@@ -207,7 +277,6 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
     for t0 in range(t_begin, t_end, BLOCK_T):
         lt = tl.arange(0, BLOCK_T)
         tm = lt < t_end - t0
-        rt = tl.cast(t0, tl.int64) + lt
         oth_block = oth_ptr + tl.cast(t0, tl.int64) * D
         valid = om[:, None] & tm[None, :]
         oth_n = tl.load(oth_n_ptr + t0 + lt, mask=tm, other=0.0)
@@ -215,39 +284,14 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
         s = _pair_s(s_own_hi, s_own_lo, s_oth_hi, tl.load(s_oth_lo_ptr + t0 + lt, mask=tm, other=0.0))
         q = _tile_q(own_block, oth_block, lo, lt, om, tm, valid, own_n, oth_n, s, lg_ptr, lg_rows, stride_lg_own,
                     stride_lg_oth, o0, t0, lam, gamma, eps, tau, zero, D, BLOCK_K, IMPL, PREC, FROM_LOGITS)
-        near = (_at_risk(q, own_n[:, None] + oth_n[None, :], tau) | _s_at_risk(s, s_own_hi, s_oth_hi)) & valid
-        a, r, d, ia, ir = _pair_distance(q, s, lam, eps)
-        if CE:
-            if OWN_IS_X:  # batch rows down the tile, classes across
-                ce_row, ce_cls, row_m, cls_m = ro[:, None], rt[None, :], om[:, None], tm[None, :]
-                w_lse, lse = w_lse_o[:, None], lse_o[:, None]
-            else:
-                ce_row, ce_cls, row_m, cls_m = rt[None, :], ro[:, None], tm[None, :], om[:, None]
-                w_lse = tl.load(w_lse_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
-                lse = tl.load(lse_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
-            is_t, w_t, lin = _ce_pair_data(ce_row, ce_cls, row_m, cls_m, valid, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr,
-                                           cw_ptr, soft_ptr, stride_sb, stride_sc, acc_t, N_TGT, HAS_WEIGHT,
-                                           HAS_SOFT)
-            near = near | is_t  # the target pairs carry the margin: always exact
-            G, dist = _ce_grad(d, is_t, w_t, w_lse + zero, lin, lse + zero, gamma, margin)
-        else:
-            g_block = g_ptr + (o0.to(tl.int64) * stride_g_own + tl.cast(t0, tl.int64) * stride_g_oth)
-            G = tl.load(g_block + g_rows + lt[None, :] * stride_g_oth, mask=valid, other=0.0).to(acc_t)
-            dist = d
-        far = valid & (near == 0)
-        G = tl.where(far, G, 0.0)
-        H = -gamma * G
-        R = tl.where(far & (r != 0), H * lam * s * ir, 0.0)
-        rsum += tl.sum(R, axis=1).to(tl.float64)
-        if NEED_DP:
-            # The chunk of oth' this program's output needs (read again: it is in L2 after the GEMM).
-            oth = tl.load(oth_block + lt[:, None] * D + rd[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
-            P = tl.where(far & (a != 0), H * ia, 0.0)
-            rowsum += tl.sum(P, axis=1)
-            pm_acc = _mm(_cast(P, op_t, BF16_BY_HAND), oth, pm_acc, IMPL, PREC)
-        if SCAL:
-            hr += tl.sum(tl.where(far, H * r, 0.0), axis=1).to(tl.float64)
-            gd += tl.sum(tl.where(far, G * dist, 0.0), axis=1).to(tl.float64)
+        a, r, ia, ir, G, dist, near = _tile_grad(
+            q, s, valid, om, tm, ro, tl.cast(t0, tl.int64) + lt, lt, o0, t0, own_n, oth_n, s_own_hi, s_oth_hi, g_ptr,
+            g_rows, stride_g_own, stride_g_oth, tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr,
+            soft_ptr, stride_sb, stride_sc, w_lse_o, lse_o, lam, gamma, eps, margin, tau, zero, OWN_IS_X, N_TGT, CE,
+            HAS_WEIGHT, HAS_SOFT)
+        pm_acc, rowsum, rsum, hr, gd = _add_far_terms(
+            pm_acc, rowsum, rsum, hr, gd, a, r, ia, ir, s, G, dist, valid & (near == 0), oth_block, lt, tm, rd, dm,
+            lam, gamma, D, own_ptr.dtype.element_ty, IMPL, PREC, BF16_BY_HAND, NEED_DP, SCAL)
 
         n_near = tl.sum(near.to(tl.int32))
         if INLINE:
@@ -261,7 +305,7 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
                     code = tl.where(tl.arange(0, NEAR_P) == k, f, code)
                 em = e0 + tl.arange(0, NEAR_P) < n_near
                 i_v = code // BLOCK_T
-                pd, R_e, hr_e, gd_e = _exact_terms(
+                pd, R_e, hr_e, gd_e = _near_terms(
                     own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, o0.to(tl.int64) + i_v,
                     t0 + (code % BLOCK_T).to(tl.int64), em, pid_d * BLOCK_D, D,
                     s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
@@ -271,16 +315,8 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
                 pm_acc, rsum, hr, gd = _add_to_rows(pm_acc, rsum, hr, gd, rloc, i_v, em, pd, R_e, hr_e, gd_e,
                                                     IMPL, NEED_DP, SCAL)
         else:
-            # Note them (code j·BLOCK_O + i) for after the loop; typically zero to two per tile.
-            if n_noted + n_near > near_cap:
-                overflowed = n_near >= 0
-            else:
-                for _k in range(0, n_near):
-                    f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
-                    near = near & (flat != f)
-                    tl.store(near_ptr + note_base + n_noted + _k,
-                             (t0 + f % BLOCK_T).to(tl.int64) * BLOCK_O + f // BLOCK_T)
-                n_noted += n_near
+            n_noted, overflowed = _note_near(near, flat, near_ptr, note_base, n_noted, n_near, near_cap, t0,
+                                             overflowed, BLOCK_O, BLOCK_T)
 
     if not INLINE:
         # The noted pairs, NEAR_P at a time, added to their rows through a one-hot product.
@@ -290,7 +326,7 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
             em = e < n_noted
             code = tl.load(near_ptr + note_base + e, mask=em, other=0)
             i_v = (code % BLOCK_O).to(tl.int32)
-            pd, R_e, hr_e, gd_e = _exact_terms(
+            pd, R_e, hr_e, gd_e = _near_terms(
                 own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, o0.to(tl.int64) + i_v, code // BLOCK_O, em,
                 pid_d * BLOCK_D, D,
                 s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
@@ -301,6 +337,35 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
                                                 IMPL, NEED_DP, SCAL)
 
     return pm_acc, rowsum, rsum, hr, gd, overflowed
+
+
+@triton.jit
+def _own_ce_rows(w_lse_ptr, lse_ptr, ro, om, acc_t: tl.constexpr, BLOCK_O: tl.constexpr, LOAD: tl.constexpr):
+    """(w_lse, lse) of the own rows where they are batch rows of the cross-entropy (LOAD), else zeros."""
+    w_lse_o = tl.zeros((BLOCK_O,), dtype=acc_t)
+    lse_o = w_lse_o
+    if LOAD:
+        w_lse_o = tl.load(w_lse_ptr + ro, mask=om, other=0.0).to(acc_t)
+        lse_o = tl.load(lse_ptr + ro, mask=om, other=0.0).to(acc_t)
+    return w_lse_o, lse_o
+
+
+@triton.jit
+def _store_partials(dp_ptr, ds_ptr, scal_ptr, own_block, pm_acc, rowsum, rsum, hr, gd, pid_o, pid_s, pid_d, n_own,
+                    o0, lo, om, rd, dm, D, NEED_DP: tl.constexpr, SCAL: tl.constexpr):
+    """The program's outputs: ∂own'[rows, chunk] = rowsum·own' − pm_acc (NEED_DP), and from the
+    first chunk ∂s_own and the (Σ H·r, −Σ G·dist) of its row block (SCAL)."""
+    out_row0 = pid_s.to(tl.int64) * n_own + o0
+    if NEED_DP:
+        own = tl.load(own_block + lo[:, None] * D + rd[None, :], mask=om[:, None] & dm[None, :], other=0.0)
+        d_own = rowsum[:, None] * own.to(pm_acc.dtype) - pm_acc
+        tl.store(dp_ptr + out_row0 * D + lo[:, None] * D + rd[None, :], d_own, mask=om[:, None] & dm[None, :])
+    if pid_d == 0:
+        tl.store(ds_ptr + out_row0 + lo, rsum, mask=om)
+        if SCAL:
+            slot = (pid_s.to(tl.int64) * tl.num_programs(0) + pid_o) * 2
+            tl.store(scal_ptr + slot, tl.sum(hr))
+            tl.store(scal_ptr + slot + 1, -tl.sum(gd))
 
 
 @triton.heuristics({
@@ -336,7 +401,7 @@ def _backward_kernel(
       own_ptr, oth_ptr [n, D]            x', mu' (or mu', x') as the GEMM takes them (operand dtype)
       own_n_ptr, oth_n_ptr [n]           their squared norms (compute dtype)
       s_*_hi_ptr, s_*_lo_ptr [n]         s = raw·beta in hi + lo parts (common._pair_s)
-      own_raw_ptr, oth_raw_ptr [n, D]    the raw rows (compute dtype), for the exact path
+      own_raw_ptr, oth_raw_ptr [n, D]    the raw rows (compute dtype), for the near-pair recompute
       lc_ptr [D] or [D, D], beta_ptr [D] the metric factor and the 1-form; lam_ptr, gamma_ptr 0-dim f64
       g_ptr, stride_g_*                  logits family: ∂loss/∂logits [B, C], strides in own/other order
       lg_ptr, stride_lg_*                the forward's logits (FROM_LOGITS), or None: recompute tiles
@@ -355,7 +420,7 @@ def _backward_kernel(
       BLOCK_D                            the chunk of D a program accumulates (grid axis 2)
       OWN_IS_X                           own side is x' (the CE row data belongs to it; scal written)
       FULL, IMPL, PREC                   full Lc; how the GEMM tiles multiply (common.DOT/DOT_UPCAST/FMA)
-      NEAR_P, NEAR_K, NEAR_DOT           the exact path's block of pairs, K step, tl.dot use
+      NEAR_P, NEAR_K, NEAR_DOT           the near-pair recompute's block of pairs, K step, tl.dot use
       BF16_BY_HAND, LOCAL64              interpreter bf16 rounding; int64 offsets inside a block
       N_TGT                              targets per row (CE)
       CE .. HAS_SCAL                     derived from which pointers are None (triton.heuristics)
@@ -389,24 +454,16 @@ def _backward_kernel(
     s_own_hi = tl.load(s_own_hi_ptr + o0 + lo, mask=om, other=0.0)
     s_own_lo = tl.load(s_own_lo_ptr + o0 + lo, mask=om, other=0.0)
     own_block = own_ptr + o0.to(tl.int64) * D
+    rows = lo
     if LOCAL64:
-        g_rows = lo.to(tl.int64)[:, None] * stride_g_own
-        lg_rows = lo.to(tl.int64)[:, None] * stride_lg_own
-    else:
-        g_rows = lo[:, None] * stride_g_own
-        lg_rows = lo[:, None] * stride_lg_own
+        rows = lo.to(tl.int64)
+    g_rows = rows[:, None] * stride_g_own
+    lg_rows = rows[:, None] * stride_lg_own
     lam = tl.load(lam_ptr).to(acc_t)
     gamma = tl.load(gamma_ptr).to(acc_t)
     eps = _load_eps(eps_hi, eps_lo, acc_t)
-    margin = 0.0
-    if CE:
-        margin = _load_eps(margin_hi, margin_lo, acc_t)
-    w_lse_o = tl.zeros((BLOCK_O,), dtype=acc_t)
-    lse_o = w_lse_o
-    if CE:
-        if OWN_IS_X:
-            w_lse_o = tl.load(w_lse_ptr + ro, mask=om, other=0.0).to(acc_t)
-            lse_o = tl.load(lse_ptr + ro, mask=om, other=0.0).to(acc_t)
+    margin = _load_eps(margin_hi, margin_lo, acc_t)  # 0 for the logits family
+    w_lse_o, lse_o = _own_ce_rows(w_lse_ptr, lse_ptr, ro, om, acc_t, BLOCK_O, CE and OWN_IS_X)
     program = (pid_o.to(tl.int64) * tl.num_programs(1) + pid_s) * tl.num_programs(2) + pid_d
     SCAL: tl.constexpr = OWN_IS_X and HAS_SCAL
 
@@ -440,20 +497,11 @@ def _backward_kernel(
             w_lse_o, lse_o, BLOCK_O, BLOCK_T, BLOCK_K, BLOCK_D, OWN_IS_X, True, FULL, IMPL, PREC, NEAR_P,
             NEAR_K, NEAR_DOT, BF16_BY_HAND, N_TGT, CE, False, HAS_WEIGHT, HAS_SOFT, NEED_DP, SCAL)
 
-    out_row0 = pid_s.to(tl.int64) * n_own + o0
-    if NEED_DP:
-        own = tl.load(own_block + lo[:, None] * D + rd[None, :], mask=om[:, None] & dm[None, :], other=0.0)
-        d_own = rowsum[:, None] * own.to(acc_t) - pm_acc
-        tl.store(dp_ptr + out_row0 * D + lo[:, None] * D + rd[None, :], d_own, mask=om[:, None] & dm[None, :])
-    if pid_d == 0:
-        tl.store(ds_ptr + out_row0 + lo, rsum, mask=om)
-        if SCAL:
-            slot = (pid_s.to(tl.int64) * tl.num_programs(0) + pid_o) * 2
-            tl.store(scal_ptr + slot, tl.sum(hr))
-            tl.store(scal_ptr + slot + 1, -tl.sum(gd))
+    _store_partials(dp_ptr, ds_ptr, scal_ptr, own_block, pm_acc, rowsum, rsum, hr, gd, pid_o, pid_s, pid_d, n_own,
+                    o0, lo, om, rd, dm, D, NEED_DP, SCAL)
 
 
-# The kernel, autotuned per family. The key names the variants that change the work (the dtypes of
+# The kernel, autotuned per precision mode. The key names the variants that change the work (the dtypes of
 # the tensor arguments, and which are None, join it automatically). Nothing needs a reset between
 # trials: each trial writes every output it owns, and accumulates into none.
 _TUNED = configs.Tuned(_backward_kernel, "BWD_CONFIGS", key=["KEY_O", "KEY_T", "D", "OWN_IS_X", "FULL", "N_TGT"])
@@ -472,17 +520,16 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None, need_dp: b
     else:
         own, oth, own_n, oth_n, s_own, s_oth, own_raw, oth_raw = o.mup, o.xp, o.mn, o.xn, o.smu, o.sx, o.mu, o.x
     n_own, n_oth, D = own.shape[0], oth.shape[0], o.D
-    family = o.family
-    block_d = configs.chunk_of_d(configs.BWD_BLOCK_D[family], D)
+    mode = o.precision_mode
+    block_d = configs.chunk_of_d(configs.BWD_BLOCK_D[mode], D)
     # D = 0 still needs ds and the scalars; without ∂own' one chunk computes everything else.
     n_chunks = max(1, triton.cdiv(D, block_d)) if need_dp else 1
     # Split the other side when the own side alone would leave the device idle; each split's
     # partial sums are added afterwards in a fixed order.
-    min_rows = min(c.kwargs["BLOCK_O"] for c in configs.BWD_CONFIGS[family])
+    min_rows = min(c.kwargs["BLOCK_O"] for c in configs.BWD_CONFIGS[mode])
     programs = triton.cdiv(n_own, 64) * n_chunks
     splits = max(1, min(triton.cdiv(common.parallel_width(o.device), programs), triton.cdiv(n_oth, 256)))
-    if family == "interpret":
-        splits = max(1, min(2, triton.cdiv(n_oth, 32)))
+    splits = interpreter.backward_splits(splits, n_oth)
     per_split = triton.cdiv(triton.cdiv(n_oth, splits), 32) * 32
     splits = triton.cdiv(n_oth, per_split)
     dp = common._empty((splits, n_own, D), o.acc, o.device) if need_dp else None
@@ -521,7 +568,7 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None, need_dp: b
     if logits is not None:
         args.update(lg_ptr=logits, stride_lg_own=stride_lg[0], stride_lg_oth=stride_lg[1])
     with common.device_ctx(o.device):
-        _TUNED[family][grid](**args, **meta)
+        _TUNED[mode][grid](**args, **meta)
     d_own = None if dp is None else (dp.view(n_own, D) if splits == 1 else dp.sum(0))
     ds_own = ds.view(n_own) if splits == 1 else ds.sum(0)
     scalar_sums = (scal[..., 0].sum(), scal[..., 1].sum()) if scal is not None else None

@@ -1,5 +1,5 @@
-"""What both Triton kernel families share: the @triton.jit pieces (GEMM tiles, the at-risk test,
-the pair epilogue, the exact recomputation from the raw difference, casts, eps), the side kernels
+"""What both Triton kernel families share: the @triton.jit pieces (GEMM tiles, the near-pair test,
+the pair epilogue, the near-pair recompute from the raw difference, casts, eps), the side kernels
 of the preparation and the chain rule, the GEMM precision mode, device helpers, and `Operands`:
 the prepared operands of one op call.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 from typing import Optional
 
 import torch
@@ -25,14 +24,14 @@ import triton
 import triton.language as tl
 
 from ... import transform
+from . import configs, interpreter
+from .interpreter import INTERPRET  # noqa: F401  (re-exported: the tests ask common.INTERPRET)
 
-# Read when this module is imported, like Triton itself reads it when the kernels are decorated.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# How the GEMM tiles are multiplied (constexpr IMPL).
-DOT = 0         # tl.dot on the operands as stored: fp32 (IEEE or TF32), fp16, bf16
-DOT_UPCAST = 1  # tl.dot on fp32 copies: bf16 under the interpreter, whose bf16 dot is wrong
-FMA = 2         # broadcast-multiply-sum: float64
+# How the GEMM tiles are multiplied (constexpr IMPL). tl.constexpr values, so that the kernels
+# compare against the names (`IMPL == FMA`) and the launchers pass the same objects.
+DOT = tl.constexpr(0)         # tl.dot on the operands as stored: fp32 (IEEE or TF32), fp16, bf16
+DOT_UPCAST = tl.constexpr(1)  # tl.dot on fp32 copies: bf16 under the interpreter (interpreter.py, item 2)
+FMA = tl.constexpr(2)         # broadcast-multiply-sum: float64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,9 +41,9 @@ FMA = 2         # broadcast-multiply-sum: float64
 @triton.jit
 def _mm(a, b, acc, IMPL: tl.constexpr, PREC: tl.constexpr):
     """acc + a @ b, accumulated in acc's dtype (fp32, or fp64 for IMPL == FMA)."""
-    if IMPL == 2:
+    if IMPL == FMA:
         return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-    elif IMPL == 1:
+    elif IMPL == DOT_UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision=PREC)
@@ -55,51 +54,43 @@ def _mm(a, b, acc, IMPL: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _tile_dot(a_ptr, b_ptr, ra, rb, a_mask, b_mask, D, acc,
               BLOCK_K: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr):
-    """acc + A[ra, :]·B[rb, :]ᵀ for row-major A, B with D columns: the GEMM of SPEC §2.
-    (The product is spelled out rather than calling _mm: the interpreter pays per call.)"""
+    """acc + A[ra, :]·B[rb, :]ᵀ for row-major A, B with D columns: the GEMM of SPEC §2."""
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + ra[:, None] * D + rk[None, :]
     b_ptrs = b_ptr + rb[None, :] * D + rk[:, None]
     for k0 in range(0, D, BLOCK_K):
         a = tl.load(a_ptrs, mask=a_mask[:, None] & (rk[None, :] < D - k0), other=0.0)
         b = tl.load(b_ptrs, mask=b_mask[None, :] & (rk[:, None] < D - k0), other=0.0)
-        if IMPL == 2:
-            acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
-        elif IMPL == 1:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif a.dtype == tl.float32:
-            acc = tl.dot(a, b, acc, input_precision=PREC)
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _mm(a, b, acc, IMPL, PREC)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     return acc
 
 
 @triton.jit
-def _at_risk(q, norms, tau):
-    """Whether a pair's expansion q = norms − 2·dot cannot be trusted: at risk of cancellation
-    (q < tau·norms, SPEC §2.1), NaN (Inf − Inf from an infinite coordinate, or overflow), or its
-    norms overflowed (float32 inputs near 1e19 and beyond). Such pairs take the direct path, which
+def _q_is_near(q, norms, tau):
+    """Whether a pair is a near pair by its q: the expansion q = norms − 2·dot cancels
+    (q < tau·norms, SPEC §2.1), is NaN (Inf − Inf from an infinite coordinate, or overflow), or its
+    norms overflowed (float32 inputs near 1e19 and beyond). Near pairs are recomputed, which
     gives the limit (+Inf for an infinite coordinate) or the finite value; a NaN input stays NaN."""
     return (q < tau * norms) | (q != q) | (norms == float("inf"))
 
 
 @triton.jit
-def _s_at_risk(s, s_row_hi, s_col_hi):
+def _s_is_near(s, s_row_hi, s_col_hi):
     """Whether s = sx − smu cancels: |s| far below |sx| + |smu| (a sample near its prototype along
     beta, both far from the origin), where the float64 difference keeps only ~u·(|sx| + |smu|)
-    absolute. Such pairs take the direct path, which forms s from the difference (as the C++ kernels).
+    absolute. Such pairs are near pairs too: the recompute forms s from the difference (as the C++ kernels).
     2^-20: rare elsewhere."""
     return tl.abs(s) < 9.5367431640625e-07 * (tl.abs(s_row_hi)[:, None] + tl.abs(s_col_hi)[None, :])
 
 
 @triton.jit
 def _gemm_q(dot, n_row, n_col, tau):
-    """q = |x'|² + |mu'|² − 2x'·mu' and the at-risk mask (_at_risk)."""
+    """q = |x'|² + |mu'|² − 2x'·mu' and the near-pair mask (_q_is_near)."""
     norms = n_row[:, None] + n_col[None, :]
     q = norms - 2.0 * dot
-    return q, _at_risk(q, norms, tau)
+    return q, _q_is_near(q, norms, tau)
 
 
 @triton.jit
@@ -129,14 +120,14 @@ def _pair_distance(q, s, lam, eps):
 
 
 @triton.jit
-def _direct_distance(q64, s_direct, s_gemm, lam, eps):
-    """_pair_distance for q and s from _direct_pairs (float64: q may exceed float32's range where the
+def _near_pair_distance(q64, s_near, s_gemm, lam, eps):
+    """_pair_distance for q and s from _recompute_near_pairs (float64: q may exceed float32's range where the
     distance does not), returned in s_gemm's dtype (the compute dtype), with s. s is the direct one
     where q is finite (s_gemm = sx − smu where the difference is not: Inf or NaN), and exactly 0 at
     an exact hit (q = 0: x_b = mu_c in the metric), where sx − smu would leave ±1e-16 and, with
     eps = 0, the 1-form's gradient λ·beta·s/|s| would be ±λ·beta instead of the convention 0."""
     acc_t = s_gemm.dtype
-    s64 = tl.where(tl.abs(q64) < float("inf"), s_direct, s_gemm.to(tl.float64))
+    s64 = tl.where(tl.abs(q64) < float("inf"), s_near, s_gemm.to(tl.float64))
     s64 = tl.where(q64 == 0, 0.0, s64)
     s = s64.to(acc_t)
     eps64 = eps.to(tl.float64)
@@ -161,7 +152,7 @@ def _pair_s(s_row_hi, s_row_lo, s_col_hi, s_col_lo):
 
 
 @triton.jit
-def _direct_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, b, c, pmask, j_keep, D,
+def _recompute_near_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, b, c, pmask, j_keep, D,
                   FULL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_J: tl.constexpr, USE_DOT: tl.constexpr):
     """Exact q for a block of pairs (b_p, c_p), from the raw rows x, mu [*, D] (row-major) and
@@ -254,7 +245,11 @@ def _side_prep_kernel(v_ptr, raw_ptr, beta_ptr, s_ptr, norm_ptr, hi_ptr, lo_ptr,
     stored (the GEMM's operands), and the float64 s[i] split into hi + lo in norm's dtype (see
     _pair_s; for float64, hi = s and lo = 0). With S_FROM_RAW, s[i] = Σ_k raw[i, k]·beta[k] is
     formed here in float64 and written to s_ptr (no float64 copy of the side exists); else s is
-    read from s_ptr (the forward's, saved for the backward)."""
+    read from s_ptr (the forward's, saved for the backward).
+
+    Parameters: v_ptr [n, D] the side's GEMM operand; raw_ptr [n, D] its raw rows and beta_ptr [D]
+    (compute dtype); s_ptr [n] float64 (out with S_FROM_RAW, else in); norm_ptr, hi_ptr, lo_ptr [n]
+    out (compute dtype); n, D sizes; BLOCK_R rows per program, BLOCK_D the step of D. grid = (row blocks,)."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < n
     acc = tl.zeros((BLOCK_R,), dtype=norm_ptr.dtype.element_ty)
@@ -279,6 +274,7 @@ def _side_prep_kernel(v_ptr, raw_ptr, beta_ptr, s_ptr, norm_ptr, hi_ptr, lo_ptr,
     tl.store(lo_ptr + r, lo.to(acc.dtype), mask=rm)
 
 
+@triton.heuristics({"DIAG": lambda a: a["dlc_ptr"] is not None})
 @triton.jit(do_not_specialize=["n", "D", "rows_per_split"])
 def _side_grad_kernel(raw_ptr, m_ptr, dvp_ptr, ds_ptr, dbeta_ptr, dlc_ptr, n, D, rows_per_split,
                       DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -286,7 +282,12 @@ def _side_grad_kernel(raw_ptr, m_ptr, dvp_ptr, ds_ptr, dbeta_ptr, dlc_ptr, n, D,
     dbeta[split, k] = Σ_i ds_i·(raw_ik − m_k) and, with DIAG (diagonal Lc),
     dlc[split, k] = Σ_i (raw_ik − m_k)·dv'_ik. Centred: in exact arithmetic Σ dsx + Σ dsmu = 0,
     and centring keeps the x and mu halves of dbeta from cancelling where prototypes lie far from
-    the origin. grid = (chunks of D, splits of the rows); the launcher adds the splits in order."""
+    the origin. grid = (chunks of D, splits of the rows); the launcher adds the splits in order.
+
+    Parameters: raw_ptr [n, D] the side's raw rows, m_ptr [D] the centre (compute dtype); dvp_ptr
+    [n, D] ∂v' (DIAG only, else None); ds_ptr [n] ∂s; dbeta_ptr, dlc_ptr [splits, D] float64 out
+    (dlc_ptr None: DIAG off, derived); n, D sizes; rows_per_split the rows of one split (grid axis
+    1); BLOCK_R rows per step, BLOCK_D the chunk of D (grid axis 0)."""
     rd = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = rd < D
     m = tl.load(m_ptr + rd, mask=dm, other=0.0).to(tl.float64)
@@ -328,10 +329,10 @@ def _sm_count(index: int) -> int:
 
 def parallel_width(device: torch.device) -> int:
     """Programs that fill the device: twice the multiprocessors on CUDA; a few under the
-    interpreter (which runs programs one after another)."""
+    interpreter (interpreter.PARALLEL_WIDTH)."""
     if device.type == "cuda":
         return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 2
+    return interpreter.PARALLEL_WIDTH
 
 
 def device_ctx(device):
@@ -339,11 +340,13 @@ def device_ctx(device):
 
 
 def gemm_mode(op_dtype: torch.dtype):
-    """(config family, IMPL, PREC, operand unit round-off or None) for GEMM operands of op_dtype."""
+    """(precision mode, IMPL, PREC, operand unit round-off or None) for GEMM operands of op_dtype.
+    The precision mode names the config family of configs.py ("half", "tf32", "ieee", "fp64";
+    the interpreter runs its own: interpreter.precision_mode)."""
     if op_dtype == torch.float64:
         return "fp64", FMA, "ieee", None
     if op_dtype in (torch.float16, torch.bfloat16):
-        impl = DOT_UPCAST if (INTERPRET and op_dtype == torch.bfloat16) else DOT
+        impl = DOT_UPCAST if interpreter.upcast_dot(op_dtype) else DOT
         return "half", impl, "ieee", torch.finfo(op_dtype).eps / 2
     if op_dtype != torch.float32:
         raise TypeError(f"the Triton kernels take float16, bfloat16, float32 or float64 inputs, got {op_dtype}")
@@ -390,19 +393,20 @@ class Operands:
     """The prepared operands of one op call, formed once and shared by its kernels (SPEC §2):
 
         m          the centre (transform.center_of of mu in the compute dtype)
-        x, mu      the raw rows in the compute dtype (the exact path's inputs), lc, beta likewise
+        x, mu      the raw rows in the compute dtype (the near-pair recompute's inputs), lc, beta likewise
         xp, mup    x' = (x − m)·Lc, mu' = (mu − m)·Lc as the GEMM takes them (TF32-rounded in
                    TF32 mode, in the half type for half inputs)
         xn, mn     |x'|², |mu'|² from those operands
         sx, smu    (hi, lo) parts of x·beta, mu·beta; sx64, smu64 the float64 values
         tau        the near-pair threshold, raised where the operands are rounded
+        precision_mode, impl, prec   the config family of configs.py and the GEMM's mode (gemm_mode)
 
     `Operands(...)` prepares from the op's raw inputs (forwards, the cross-entropy backward);
     `Operands.saved(...)` takes x', mu', sx, smu as the logits forward returned them."""
 
     def __init__(self, x, mu, lc, beta, lam, gamma, eps: float, tau: float, _saved=None):
         device = x.device
-        if device.type != "cuda" and not INTERPRET:
+        if not interpreter.runs_on(device):
             raise RuntimeError("the Triton kernels run on CUDA tensors, or on CPU tensors through Triton's "
                                "interpreter when TRITON_INTERPRET=1 is set before triton is imported; got tensors "
                                f"on {device}")
@@ -412,16 +416,15 @@ class Operands:
         self.device = device
         self.B, self.D = x.shape
         self.C = mu.shape[0]
-        self.family, self.impl, self.prec, operand_eps = gemm_mode(x.dtype)
-        if INTERPRET:
-            self.family = "interpret"
+        mode, self.impl, self.prec, operand_eps = gemm_mode(x.dtype)
+        self.precision_mode = interpreter.precision_mode(mode)  # the config family (configs.py)
         self.acc = acc = transform.compute_dtype(x.dtype)
         self.x = x.detach().to(acc).contiguous()
         self.mu = mu.detach().to(acc).contiguous()
         self.lc = lc.detach().to(acc).contiguous()
         self.beta = beta.detach().to(acc).contiguous()
         self.full = lc.dim() == 2
-        self.bf16_by_hand = INTERPRET and x.dtype == torch.bfloat16
+        self.bf16_by_hand = interpreter.bf16_by_hand(x.dtype)
         self.lam = lam.detach().to(torch.float64).reshape(())
         self.gamma = gamma.detach().to(torch.float64).reshape(())
         # A kernel that rounds its operands below the compute precision must recompute more pairs.
@@ -458,17 +461,14 @@ class Operands:
             BLOCK_R = 32
             with device_ctx(self.device):
                 _side_prep_kernel[(triton.cdiv(n, BLOCK_R),)](
-                    v, raw, self.beta, s, norm, hi, lo, n, self.D, S_FROM_RAW=s_from_raw,
-                    BLOCK_R=BLOCK_R, BLOCK_D=64)  # one build for every D (O(n·D) work: not a hot spot)
+                    v_ptr=v, raw_ptr=raw, beta_ptr=self.beta, s_ptr=s, norm_ptr=norm, hi_ptr=hi, lo_ptr=lo, n=n,
+                    D=self.D, S_FROM_RAW=s_from_raw, BLOCK_R=BLOCK_R,
+                    BLOCK_D=64)  # one build for every D (O(n·D) work: not a hot spot)
         return norm, (hi, lo), s
 
     def near_tiles(self):
-        """Block sizes for the exact recomputation: (BLOCK_P, BLOCK_K, BLOCK_J, tl.dot usable)."""
-        if self.family == "interpret":  # few, wide steps: the interpreter pays per operation
-            return 16, 128, 64, self.acc == torch.float32
-        if self.acc == torch.float64:
-            return 16, 16, 32, False
-        return 16, 32, 64, True
+        """Block sizes of the near-pair recompute: (BLOCK_P, BLOCK_K, BLOCK_J, tl.dot usable)."""
+        return (*configs.NEAR_TILES[self.precision_mode], self.acc == torch.float32)
 
     def chain(self, dxp, dmup, dsx, dsmu, want=(True,) * 4):
         """(∂x, ∂mu, ∂lc, ∂beta) in the compute dtype from the kernels' ∂x', ∂mu' (compute dtype)
@@ -503,11 +503,12 @@ class Operands:
         per_split = triton.cdiv(triton.cdiv(n, splits), BLOCK_R) * BLOCK_R
         splits = triton.cdiv(n, per_split)
         dbeta = _empty((splits, D), torch.float64, self.device)
-        dlc = _empty((splits, D), torch.float64, self.device) if diag else dbeta
+        dlc = _empty((splits, D), torch.float64, self.device) if diag else None
         with device_ctx(self.device):
-            _side_grad_kernel[(n_chunks, splits)](raw, self.m, dvp.contiguous() if diag else dbeta, ds.contiguous(),
-                                                  dbeta, dlc, n, D, per_split, DIAG=diag, BLOCK_R=BLOCK_R,
-                                                  BLOCK_D=BLOCK_D)
+            _side_grad_kernel[(n_chunks, splits)](
+                raw_ptr=raw, m_ptr=self.m, dvp_ptr=dvp.contiguous() if diag else None, ds_ptr=ds.contiguous(),
+                dbeta_ptr=dbeta, dlc_ptr=dlc if diag else None, n=n, D=D, rows_per_split=per_split,
+                BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
         return dbeta.sum(0), (dlc.sum(0) if diag else None)
 
 
@@ -526,14 +527,14 @@ class CrossEntropyRows:
         target        [B, N_TGT] int64, contiguous: the row's target classes (−1: none here)
         margin        the distance added at a target pair (a Python float: the kernels take it
                       as two fp32 halves, like eps, so no host-to-device copy is made per call)
-        class_weight  [C] or None; soft_target [B, C] (any strides) or None: the dense target
+        class_weight  [C] or None; dense_soft_target [B, C] (any strides) or None
         w_lse, w_tl, w_sl, w_pl, lse   the backward's per-row weights and the forward's lse
                       (float64; None in the forward; w_pl None without a dense target)
     """
     target: torch.Tensor
     margin: float
     class_weight: Optional[torch.Tensor] = None
-    soft_target: Optional[torch.Tensor] = None
+    dense_soft_target: Optional[torch.Tensor] = None
     w_lse: Optional[torch.Tensor] = None
     w_tl: Optional[torch.Tensor] = None
     w_sl: Optional[torch.Tensor] = None
@@ -546,7 +547,7 @@ class CrossEntropyRows:
 
     def soft_args(self) -> dict:
         """The class weights and the dense target with its strides (None and 0 when absent)."""
-        soft = self.soft_target
+        soft = self.dense_soft_target
         return dict(cw_ptr=self.class_weight, soft_ptr=soft, stride_sb=0 if soft is None else soft.stride(0),
                     stride_sc=0 if soft is None else soft.stride(1))
 
@@ -554,7 +555,7 @@ class CrossEntropyRows:
         """The backward kernel's CE arguments."""
         return dict(tgt_ptr=self.target, w_lse_ptr=self.w_lse, w_tl_ptr=self.w_tl, w_sl_ptr=self.w_sl,
                     lse_ptr=self.lse, **split_float("margin", self.margin),
-                    w_pl_ptr=self.w_pl if self.soft_target is not None else None, **self.soft_args())
+                    w_pl_ptr=self.w_pl if self.dense_soft_target is not None else None, **self.soft_args())
 
     @staticmethod
     def none_args() -> dict:

@@ -17,7 +17,8 @@ float64) runs once per op call.
 
 Exactness (SPEC §2.1): a pair is recomputed from the raw difference (x_b − mu_c)·Lc when
 q < tau·(|x'_b|² + |mu'_c|²), and every target pair is, so the target logit and the margin are
-exact. The forward takes those pairs one at a time in a fixed order inside the program.
+exact. The forward recomputes those pairs inside the program, a block of them at a time in tile
+order (_recompute_tile_near_pairs), before the tile's logits enter the row statistics.
 """
 from __future__ import annotations
 
@@ -27,17 +28,42 @@ import triton.language as tl
 
 from . import common, configs
 from .backward import backward_both_sides, zero_grads
-from .common import _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk, _tile_dot
+from .common import (_gemm_q, _load_eps, _near_pair_distance, _pair_distance, _pair_s, _recompute_near_pairs,
+                     _s_is_near, _tile_dot)
 
 
 @triton.jit
-def _exact_q(raw_a, raw_b, lc_ptr, beta_ptr, i, j, D, FULL: tl.constexpr, NEAR_K: tl.constexpr,
-             BLOCK_D: tl.constexpr):
-    """The exact (q, s) of the single pair (i, j) from the raw rows: _direct_pairs with a block of one."""
-    one = tl.full((1,), 1, dtype=tl.int1)
-    q, _, s = _direct_pairs(raw_a, raw_b, lc_ptr, beta_ptr, tl.zeros((1,), dtype=tl.int64) + i,
-                            tl.zeros((1,), dtype=tl.int64) + j, one, -1, D, FULL, 1, NEAR_K, BLOCK_D, False)
-    return tl.sum(q, axis=0), tl.sum(s, axis=0)
+def _recompute_tile_near_pairs(d, near, flat, b0, c0, x_ptr, mu_ptr, lc_ptr, beta_ptr, sx_hi_ptr, sx_lo_ptr,
+                               smu_hi_ptr, smu_lo_ptr, lam, eps, D, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                               NEAR_P: tl.constexpr, NEAR_K: tl.constexpr, NEAR_J: tl.constexpr,
+                               NEAR_DOT: tl.constexpr, FULL: tl.constexpr):
+    """d of the tile with its near pairs (and targets) replaced by their recomputed distance, NEAR_P
+    pairs per recompute in tile order: with a full Lc each block reads Lc once for NEAR_P pairs (one
+    tl.dot of their differences with a [NEAR_K, NEAR_J] block of Lc at a time), not once per pair
+    (64 MB per pair at D = 4096, more than L2). The C++ kernel recomputes from the same raw
+    difference (x_b − mu_c)·Lc: x' − mu' would cost O(D) per pair but carries the rounding of the
+    GEMM's operands (TF32, half), which the near pairs exist to avoid."""
+    lp = tl.arange(0, NEAR_P)
+    n_near = tl.sum(near.to(tl.int32))
+    for start in range(0, n_near, NEAR_P):
+        n_here = tl.minimum(n_near - start, NEAR_P)
+        picked = tl.full((NEAR_P,), BLOCK_B * BLOCK_C, dtype=tl.int32)
+        for k in range(0, n_here):
+            f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
+            near = near & (flat != f)
+            picked = tl.where(lp == k, f, picked)
+        pm = picked < BLOCK_B * BLOCK_C
+        pb = b0 + (picked // BLOCK_C).to(tl.int64)
+        pc = c0 + (picked % BLOCK_C).to(tl.int64)
+        q_e, _, s_near = _recompute_near_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, pb, pc, pm, -1, D, FULL, NEAR_P,
+                                               NEAR_K, NEAR_J, NEAR_DOT)
+        s_e = ((tl.load(sx_hi_ptr + pb, mask=pm, other=0.0) - tl.load(smu_hi_ptr + pc, mask=pm, other=0.0))
+               + (tl.load(sx_lo_ptr + pb, mask=pm, other=0.0) - tl.load(smu_lo_ptr + pc, mask=pm, other=0.0)))
+        _, _, d_e, _, _, _ = _near_pair_distance(q_e, s_near, s_e, lam, eps)  # float64: q_e may overflow
+        for k in range(0, n_here):
+            f = tl.sum(tl.where(lp == k, picked, 0))
+            d = tl.where(flat == f, tl.sum(tl.where(lp == k, d_e, 0.0)), d)
+    return d
 
 
 @triton.heuristics({"HAS_WEIGHT": lambda a: a["cw_ptr"] is not None, "HAS_SOFT": lambda a: a["soft_ptr"] is not None})
@@ -47,12 +73,30 @@ def _ce_fwd_kernel(
         x_ptr, mu_ptr, lc_ptr, beta_ptr, tgt_ptr, lam_ptr, gamma_ptr, margin_hi, margin_lo, part_ptr,
         cw_ptr, soft_ptr, stride_sb, stride_sc,
         B, C, D, eps_hi, eps_lo, tau, cols_per_split,
-        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-        NEAR_K: tl.constexpr, FULL: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr,
-        N_TGT: tl.constexpr, TGT_P: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SOFT: tl.constexpr):
+        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, NEAR_P: tl.constexpr,
+        NEAR_K: tl.constexpr, NEAR_J: tl.constexpr, NEAR_DOT: tl.constexpr, FULL: tl.constexpr, IMPL: tl.constexpr,
+        PREC: tl.constexpr, N_TGT: tl.constexpr, TGT_P: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+        HAS_SOFT: tl.constexpr):
     """Per-row statistics over one split of the classes: part[0..3 + N_TGT, split, row] = running
-    max, Σ exp(logit' − max), Σ v·logit', Σ v·P·logit', the logit' of each target (float64).
-    tgt [B, N_TGT] (TGT_P: N_TGT rounded up to a power of two)."""
+    max, Σ exp(logit' − max), Σ v·logit', Σ v·P·logit', the target logit of each target (float64).
+
+    Parameters (`forward` passes them by keyword):
+      xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_*_ptr, smu_*_ptr, lam_ptr, gamma_ptr
+                                           as in logits._logits_fwd_kernel
+      x_ptr, mu_ptr, lc_ptr, beta_ptr      the raw rows, metric factor and 1-form (near-pair recompute)
+      tgt_ptr [B, N_TGT] int64             the row's target classes (−1: none among these classes)
+      margin_hi + margin_lo                the margin added to the distance at a target pair
+      part_ptr [4 + N_TGT, splits, B]      out: the per-row statistics above, float64
+      cw_ptr [C]                           class weights v, or None (HAS_WEIGHT, derived)
+      soft_ptr, stride_sb, stride_sc       the dense soft target P [B, C] read through its strides,
+                                           or None (HAS_SOFT, derived)
+      B, C, D; eps_hi + eps_lo = eps; tau  sizes; the epsilon; the near threshold
+      cols_per_split                       classes per split (grid axis 1)
+      BLOCK_B, BLOCK_C, BLOCK_K            tile rows, columns and the GEMM's K step (configs.CE_FWD_BLOCKS)
+      NEAR_P, NEAR_K, NEAR_J, NEAR_DOT     the near-pair recompute's blocks (configs.NEAR_TILES)
+      FULL, IMPL, PREC                     full Lc; the GEMM's mode
+      N_TGT, TGT_P                         targets per row; N_TGT rounded up to a power of two
+    grid = (row blocks, class splits)."""
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     acc_t = xn_ptr.dtype.element_ty
@@ -87,16 +131,11 @@ def _ce_fwd_kernel(
             is_t = is_t | ((tl.load(tgt_ptr + rb * N_TGT + k, mask=bm, other=-1)[:, None] == rc[None, :]) & valid)
         smu_hi = tl.load(smu_hi_ptr + rc, mask=cm, other=0.0)
         s = _pair_s(sx_hi, sx_lo, smu_hi, tl.load(smu_lo_ptr + rc, mask=cm, other=0.0))
-        near = (near | is_t | _s_at_risk(s, sx_hi, smu_hi)) & valid
+        near = (near | is_t | _s_is_near(s, sx_hi, smu_hi)) & valid
         _, _, d, _, _ = _pair_distance(q, s, lam, eps)
-        for _ in range(0, tl.sum(near.to(tl.int32))):  # pairs at risk and targets, in tile order
-            f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
-            near = near & (flat != f)
-            q_e, s_direct = _exact_q(x_ptr, mu_ptr, lc_ptr, beta_ptr, pid_b.to(tl.int64) * BLOCK_B + f // BLOCK_C,
-                                     c0 + f % BLOCK_C, D, FULL, NEAR_K, BLOCK_D)
-            s_e = tl.sum(tl.sum(tl.where(flat == f, s, 0.0), axis=1), axis=0)
-            _, _, d_e, _, _, _ = _direct_distance(q_e, s_direct, s_e, lam, eps)  # float64: q_e may overflow
-            d = tl.where(flat == f, d_e, d)
+        d = _recompute_tile_near_pairs(d, near, flat, pid_b.to(tl.int64) * BLOCK_B, c0, x_ptr, mu_ptr, lc_ptr,
+                                       beta_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam, eps, D, BLOCK_B,
+                                       BLOCK_C, NEAR_P, NEAR_K, NEAR_J, NEAR_DOT, FULL)
         logit = -gamma * (d + tl.where(is_t, margin, 0.0))
         masked = tl.where(valid, logit, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(masked, axis=1))
@@ -143,16 +182,25 @@ def _check_targets(target, C: int) -> None:
         raise ValueError(f"target holds a class index out of range [0, {C}) that is not ignore_index")
 
 
-def _rows(target, margin, class_weight, soft_target, **backward_weights):
+def _rows(target, margin, class_weight, dense_soft_target, **backward_weights):
     """common.CrossEntropyRows for the kernels: the target as [B, N_TGT] contiguous."""
     return common.CrossEntropyRows(target=target.reshape(target.shape[0], -1).contiguous(), margin=float(margin),
                                    class_weight=None if class_weight is None else class_weight.contiguous(),
-                                   soft_target=soft_target, **backward_weights)
+                                   dense_soft_target=dense_soft_target, **backward_weights)
+
+
+def _dense_soft_target(dense_soft_target, soft_target):
+    """The dense [B, C] probability target, given under its name or under the op schema's older
+    keyword `soft_target` (accepted until the schema takes the name dense_soft_target too)."""
+    if soft_target is not None and dense_soft_target is not None:
+        raise TypeError("pass dense_soft_target or soft_target, not both")
+    return soft_target if dense_soft_target is None else dense_soft_target
 
 
 def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float, class_weight=None,
-            soft_target=None):
-    """(lse, tl, sl, pl), float64: the randers_cross_entropy op of the contract."""
+            dense_soft_target=None, *, soft_target=None):
+    """(lse, target_logit, sl, pl), float64: the randers_cross_entropy op of the contract."""
+    dense_soft_target = _dense_soft_target(dense_soft_target, soft_target)
     B, C = x.shape[0], mu.shape[0]
     f64 = dict(dtype=torch.float64, device=x.device)
     if B == 0 or C == 0:
@@ -160,9 +208,9 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
                 torch.zeros(B, **f64))
     _check_targets(target, C)
     o = _operands(x, mu, lc, beta, lam, gamma, eps, tau)
-    rows = _rows(target, margin, class_weight, soft_target)
-    bl = dict(configs.CE_FWD_BLOCKS[o.family])
-    bl["BLOCK_D"] = configs.chunk_of_d(bl["BLOCK_D"], o.D)
+    rows = _rows(target, margin, class_weight, dense_soft_target)
+    bl = configs.CE_FWD_BLOCKS[o.precision_mode]
+    near_p, near_k, near_j, near_dot = o.near_tiles()
     n_rb, n_tiles = triton.cdiv(B, bl["BLOCK_B"]), triton.cdiv(C, bl["BLOCK_C"])
     splits = max(1, min(triton.cdiv(common.parallel_width(o.device), n_rb), n_tiles))
     per_split = triton.cdiv(n_tiles, splits) * bl["BLOCK_C"]
@@ -175,25 +223,27 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
             tgt_ptr=rows.target, lam_ptr=o.lam, gamma_ptr=o.gamma, **common.split_float("margin", rows.margin),
             part_ptr=part, **rows.soft_args(), B=B, C=C, D=o.D, eps_hi=o.eps_hi, eps_lo=o.eps_lo, tau=o.tau,
             cols_per_split=per_split, BLOCK_B=bl["BLOCK_B"], BLOCK_C=bl["BLOCK_C"], BLOCK_K=bl["BLOCK_K"],
-            BLOCK_D=bl["BLOCK_D"], NEAR_K=o.near_tiles()[1], FULL=o.full, IMPL=o.impl, PREC=o.prec,
+            NEAR_P=near_p, NEAR_K=near_k, NEAR_J=near_j, NEAR_DOT=near_dot, FULL=o.full, IMPL=o.impl, PREC=o.prec,
             N_TGT=rows.n_tgt, TGT_P=triton.next_power_of_2(max(1, rows.n_tgt)),
-            num_warps=configs.ce_fwd_warps(bl, rows.n_tgt, soft_target is not None))
+            num_warps=configs.ce_fwd_warps(bl, rows.n_tgt, dense_soft_target is not None), num_stages=bl["stages"])
     # Merge the splits' online logsumexps in split order.
     run_max, run_sum, sl, pl = part[:4].unbind(0)
-    tl_ = part[4:].sum(1).t().reshape(target.shape).contiguous()
+    target_logit = part[4:].sum(1).t().reshape(target.shape).contiguous()
     M = run_max.max(dim=0).values
     scaled = torch.where(run_max == float("-inf"), 0.0, run_sum * torch.exp(run_max - M))
     lse = torch.where(torch.isinf(M), M, M + torch.log(scaled.sum(0)))  # M = +inf: an infinite logit
     sl = sl.sum(0)
     lse = torch.where(torch.isnan(sl), sl, lse)  # a NaN logit anywhere in the row
-    return lse, tl_, sl, pl.sum(0)
+    return lse, target_logit, sl, pl.sum(0)
 
 
 def backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float,
-             w_pl=None, class_weight=None, soft_target=None, grad_mask: int = 63):
+             w_pl=None, class_weight=None, dense_soft_target=None, grad_mask: int = 63, *, soft_target=None):
     """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes for the per-row weights
-    w = ∂loss/∂(lse, tl, sl, pl): the randers_cross_entropy_backward op. Bit k of grad_mask asks
-    for gradient k (x, mu, lc, beta, lam, gamma); an unasked one is an empty tensor (backward.backward_both_sides)."""
+    w = ∂loss/∂(lse, target_logit, sl, pl): the randers_cross_entropy_backward op. Bit k of grad_mask
+    asks for gradient k (x, mu, lc, beta, lam, gamma); an unasked one is an empty tensor
+    (backward.backward_both_sides). `soft_target=`: the older keyword of dense_soft_target."""
+    dense_soft_target = _dense_soft_target(dense_soft_target, soft_target)
     B, C = x.shape[0], mu.shape[0]
     if B == 0 or C == 0:
         return zero_grads((x, mu, lc, beta, lam, gamma), grad_mask)
@@ -202,5 +252,5 @@ def backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: f
         w_pl = torch.zeros_like(w_sl)
     w = dict(zip(("w_lse", "w_tl", "w_sl", "w_pl", "lse"),
                  (t.detach().to(torch.float64).contiguous() for t in (w_lse, w_tl, w_sl, w_pl, lse))))
-    rows = _rows(target, margin, class_weight, soft_target, **w)
+    rows = _rows(target, margin, class_weight, dense_soft_target, **w)
     return backward_both_sides(o, (x, mu, lc, beta, lam, gamma), grad_mask, ce=rows)

@@ -4,12 +4,12 @@ kernels and the launchers of both directions, with the contract of faim_kernels/
 Forward, four launches after the preparation (common.Operands: centre, x', mu' with ATen, then one
 side-prep launch per side for the norms and the float64 s = v·beta):
   _logits_fwd_kernel     tiles of x'·mu'ᵀ (tl.dot over D, grouped launch order) with the epilogue
-                         fused: q = |x'|² + |mu'|² − 2x'·mu', the at-risk test of SPEC §2.1, s, d,
-                         −γ·d, written once. Pairs at risk go to a short list (atomic counter).
-  _logits_fixup_kernel   recomputes the listed pairs from the raw difference (x_b − mu_c)·Lc and
+                         fused: q = |x'|² + |mu'|² − 2x'·mu', the near-pair test of SPEC §2.1, s, d,
+                         −γ·d, written once. Near pairs go to a short list (atomic counter).
+  _logits_near_pairs_kernel   recomputes the listed pairs from the raw difference (x_b − mu_c)·Lc and
                          overwrites them, and every pair of each listed tile (a tile with more near
                          pairs than it lists one by one, or past the list's capacity): an overfull
-                         tile costs its own pairs' exact path, never the whole call's.
+                         tile costs its own pairs' near-pair recompute, never the whole call's.
 Backward: backward.py's kernel once per side (float32/float64 logits give a back without a GEMM),
 then the chain rule to the raw inputs (common.Operands.chain).
 """
@@ -21,8 +21,8 @@ import triton.language as tl
 
 from . import common, configs
 from .backward import backward_both_sides, zero_grads
-from .common import (_cast, _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk,
-                     _tile_dot)
+from .common import (_cast, _gemm_q, _load_eps, _near_pair_distance, _pair_distance, _pair_s, _recompute_near_pairs,
+                     _s_is_near, _tile_dot)
 
 
 @triton.jit(do_not_specialize=["B", "capacity", "KEY_B", "KEY_C"])
@@ -34,7 +34,26 @@ def _logits_fwd_kernel(
         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_B: tl.constexpr,
         IMPL: tl.constexpr, PREC: tl.constexpr, BF16_BY_HAND: tl.constexpr, NEAR_PER_TILE: tl.constexpr,
         LOCAL64: tl.constexpr):
-    """One [BLOCK_B, BLOCK_C] tile of logits = −γ·d from one GEMM tile and the fused epilogue."""
+    """One [BLOCK_B, BLOCK_C] tile of logits = −γ·d from one GEMM tile and the fused epilogue.
+
+    Parameters (`forward` passes them by keyword):
+      xp_ptr, mup_ptr [B, D], [C, D]       x', mu' as the GEMM takes them (operand dtype)
+      xn_ptr, mn_ptr [B], [C]              |x'|², |mu'|² (compute dtype)
+      sx_*_ptr, smu_*_ptr [B], [C]         s = raw·beta in hi + lo parts (common._pair_s)
+      lam_ptr, gamma_ptr                   0-dim float64
+      out_ptr [B, C]                       out: the logits (x's dtype)
+      count_ptr [2] int32                  out: listed near pairs, listed tiles (zeroed before)
+      near_b_ptr, near_c_ptr [capacity]    out: the listed near pairs (b, c)
+      near_tile_ptr [tiles]                out: the listed tiles (row-major tile index)
+      B, C, D; eps_hi + eps_lo = eps; tau  sizes; the epsilon; the near threshold
+      capacity                             slots of the near-pair list
+      KEY_B, KEY_C                         power-of-two buckets of B, C: the autotuning key only
+      BLOCK_B, BLOCK_C, BLOCK_K, GROUP_B   the config: tile, K step, grouped launch order
+      IMPL, PREC                           how the GEMM tiles multiply (common.DOT/DOT_UPCAST/FMA; PREC)
+      BF16_BY_HAND                         round to bf16 by hand (interpreter.py, item 3)
+      NEAR_PER_TILE                        near pairs a tile lists one by one (more: the tile is listed)
+      LOCAL64                              int64 offsets inside a tile (BLOCK_B·C may pass 2³¹)
+    grid = (tiles,), in grouped order."""
     # Grouped launch order (Triton's matmul tutorial): GROUP_B row tiles sweep the column tiles
     # together, so each mu' tile is read from L2 rather than DRAM by the whole group.
     pid = tl.program_id(0)
@@ -64,7 +83,7 @@ def _logits_fwd_kernel(
     smu_hi = tl.load(smu_hi_ptr + c0 + lc, mask=cm, other=0.0)
     s = _pair_s(sx_hi, tl.load(sx_lo_ptr + b0 + lb, mask=bm, other=0.0),
                 smu_hi, tl.load(smu_lo_ptr + c0 + lc, mask=cm, other=0.0))
-    near = near | _s_at_risk(s, sx_hi, smu_hi)
+    near = near | _s_is_near(s, sx_hi, smu_hi)
     lam = tl.load(lam_ptr).to(acc_t)
     gamma = tl.load(gamma_ptr).to(acc_t)
     a, r, d, ia, ir = _pair_distance(q, s, lam, _load_eps(eps_hi, eps_lo, acc_t))
@@ -79,7 +98,7 @@ def _logits_fwd_kernel(
     # Near pairs: append (b, c) to the list (typically about one per row, a sample's own
     # prototype, so zero to two per tile), one atomic per tile to reserve their slots. A tile
     # with more than NEAR_PER_TILE of them, or whose slots pass the list's capacity, is listed
-    # itself instead (count_ptr[1], near_tile_ptr): the fix-up recomputes that tile's pairs, and
+    # itself instead (count_ptr[1], near_tile_ptr): the near-pair kernel recomputes that tile's pairs, and
     # only that tile's, exactly.
     near = near & mask
     n_near = tl.sum(near.to(tl.int32))
@@ -100,7 +119,7 @@ def _logits_fwd_kernel(
 
 # Nothing here is specialised on sizes (one build per dtype and Σ mode): its loads are per pair.
 @triton.jit(do_not_specialize=["B", "C", "D", "capacity", "tile_b", "tile_c"])
-def _logits_fixup_kernel(
+def _logits_near_pairs_kernel(
         x_ptr, mu_ptr, lc_ptr, beta_ptr, sx_hi_ptr, sx_lo_ptr, smu_hi_ptr, smu_lo_ptr, lam_ptr, gamma_ptr, out_ptr,
         count_ptr, near_b_ptr, near_c_ptr, near_tile_ptr,
         B, C, D, eps_hi, eps_lo, capacity, tile_b, tile_c,
@@ -108,7 +127,17 @@ def _logits_fixup_kernel(
         USE_DOT: tl.constexpr, BF16_BY_HAND: tl.constexpr):
     """Overwrites the listed pairs, and every pair of the listed tiles ([tile_b, tile_c] tiles of
     the forward's grid, row-major tile index), with logits from the exact q. A persistent grid:
-    program p takes blocks p, p + P, p + 2P, ... of BLOCK_P pairs."""
+    program p takes blocks p, p + P, p + 2P, ... of BLOCK_P pairs.
+
+    Parameters (`forward` passes them by keyword):
+      x_ptr, mu_ptr [B, D], [C, D]         the raw rows (compute dtype)
+      lc_ptr [D] or [D, D], beta_ptr [D]   the metric factor and the 1-form
+      sx_*_ptr, smu_*_ptr, lam_ptr, gamma_ptr, out_ptr, count_ptr, near_*_ptr, B, C, D, eps_*,
+      capacity                             as in _logits_fwd_kernel (out_ptr, count_ptr, near_*: read here)
+      tile_b, tile_c                       the forward's tile (its config's BLOCK_B, BLOCK_C)
+      FULL                                 full Lc ([D, D]) rather than diagonal
+      BLOCK_P, BLOCK_K, BLOCK_J, USE_DOT   the near-pair recompute's blocks (configs.NEAR_TILES)
+      BF16_BY_HAND                         as in _logits_fwd_kernel"""
     n_listed = tl.minimum(tl.load(count_ptr), capacity)
     per_tile = tile_b * tile_c
     n_items = n_listed + tl.load(count_ptr + 1).to(tl.int64) * per_tile
@@ -127,11 +156,11 @@ def _logits_fixup_kernel(
         b = tl.where(from_list, lb, (tile // n_c) * tile_b + (j % per_tile) // tile_c)
         c = tl.where(from_list, lcol, (tile % n_c) * tile_c + j % tile_c)
         pm = (idx < n_items) & (b < B) & (c < C)
-        q, _, s_direct = _direct_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, b, c, pm, -1, D, FULL, BLOCK_P, BLOCK_K,
+        q, _, s_near = _recompute_near_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, b, c, pm, -1, D, FULL, BLOCK_P, BLOCK_K,
                                        BLOCK_J, USE_DOT)
         s = ((tl.load(sx_hi_ptr + b, mask=pm, other=0.0) - tl.load(smu_hi_ptr + c, mask=pm, other=0.0))
              + (tl.load(sx_lo_ptr + b, mask=pm, other=0.0) - tl.load(smu_lo_ptr + c, mask=pm, other=0.0)))
-        a, r, d, _, _, _ = _direct_distance(q, s_direct, s, lam, eps)
+        a, r, d, _, _, _ = _near_pair_distance(q, s_near, s, lam, eps)
         tl.store(out_ptr + b * C + c, _cast(-gamma * d, out_ptr.dtype.element_ty, BF16_BY_HAND), mask=pm)
 
 
@@ -151,21 +180,21 @@ def forward(x, mu, lc, beta, lam, gamma, eps: float, tau: float):
             near_b = torch.empty(capacity, dtype=torch.int32, device=o.device)
             near_c = torch.empty(capacity, dtype=torch.int32, device=o.device)
             n_tiles = max(triton.cdiv(B, c.kwargs["BLOCK_B"]) * triton.cdiv(C, c.kwargs["BLOCK_C"])
-                          for c in configs.FWD_CONFIGS[o.family])
+                          for c in configs.FWD_CONFIGS[o.precision_mode])
             near_tile = torch.empty(n_tiles, dtype=torch.int32, device=o.device)
             grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(C, meta["BLOCK_C"]),)  # noqa: E731
             sides = dict(sx_hi_ptr=o.sx[0], sx_lo_ptr=o.sx[1], smu_hi_ptr=o.smu[0], smu_lo_ptr=o.smu[1],
                          lam_ptr=o.lam, gamma_ptr=o.gamma, out_ptr=out, count_ptr=count, near_b_ptr=near_b,
                          near_c_ptr=near_c, near_tile_ptr=near_tile, B=B, C=C, D=o.D, eps_hi=o.eps_hi,
                          eps_lo=o.eps_lo, capacity=capacity, BF16_BY_HAND=o.bf16_by_hand)
-            tuned = _FWD[o.family]
+            tuned = _FWD[o.precision_mode]
             tuned[grid](
                 xp_ptr=o.xp, mup_ptr=o.mup, xn_ptr=o.xn, mn_ptr=o.mn, tau=o.tau,
                 KEY_B=triton.next_power_of_2(B), KEY_C=triton.next_power_of_2(C), IMPL=o.impl, PREC=o.prec,
                 NEAR_PER_TILE=configs.NEAR_PER_TILE, LOCAL64=256 * C >= 2 ** 31, **sides)
             BLOCK_P, BLOCK_K, BLOCK_J, use_dot = o.near_tiles()
             n_prog = max(1, min(triton.cdiv(B * C, BLOCK_P), 2 * common.parallel_width(o.device)))
-            _logits_fixup_kernel[(n_prog,)](
+            _logits_near_pairs_kernel[(n_prog,)](
                 x_ptr=o.x, mu_ptr=o.mu, lc_ptr=o.lc, beta_ptr=o.beta, tile_b=tuned.best_config.kwargs["BLOCK_B"],
                 tile_c=tuned.best_config.kwargs["BLOCK_C"], FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K,
                 BLOCK_J=BLOCK_J, USE_DOT=use_dot, **sides)

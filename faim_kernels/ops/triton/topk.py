@@ -3,7 +3,7 @@ launcher, with the contract of faim_kernels/ops/contract.py (randers_topk: forwa
 
 One launch after the preparation (common.Operands: centre, x', mu', norms, float64 s):
   _topk_kernel   program (row block, class split) sweeps its split's class tiles: a GEMM tile of
-                 x'·mu'ᵀ with the epilogue of SPEC §1-2, the pairs at risk of SPEC §2.1 recomputed
+                 x'·mu'ᵀ with the epilogue of SPEC §1-2, the near pairs of SPEC §2.1 recomputed
                  from the raw difference inside the tile BEFORE any comparison, then the tile's KP
                  best merged into the program's running KP best (registers, sorted).
 Each (distance, class) pair travels as one int64 key: the distance's float32 bits mapped to an
@@ -35,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
-from .common import _direct_distance, _direct_pairs, _gemm_q, _load_eps, _pair_distance, _pair_s, _s_at_risk, _tile_dot
+from . import common, interpreter
+from .common import (_gemm_q, _load_eps, _near_pair_distance, _pair_distance, _pair_s, _recompute_near_pairs,
+                     _s_is_near, _tile_dot)
 
 # The bitonic network below uses two private helpers of triton.language.standard whose current
 # forms (_indicator(n_dims, j)) exist since Triton 3.4. On older Triton the top-k kernel is off
@@ -137,7 +138,20 @@ def _topk_kernel(
         LARGEST: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr,
         BLOCK_K: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr, FULL: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_KN: tl.constexpr, BLOCK_J: tl.constexpr, USE_DOT: tl.constexpr):
-    """out[split, b, :] = the KP best keys of row b over the split's classes, ascending."""
+    """out[split, b, :] = the KP best keys of row b over the split's classes, ascending.
+
+    Parameters (`forward` passes them by keyword):
+      xp_ptr, mup_ptr, xn_ptr, mn_ptr, sx_*_ptr, smu_*_ptr, lam_ptr   as in logits._logits_fwd_kernel
+      x_ptr, mu_ptr, lc_ptr, beta_ptr      the raw rows, metric factor and 1-form (near-pair recompute)
+      out_ptr [splits, B, KP] int64        out: the keys (_order_keys)
+      B, C, D; eps_hi + eps_lo = eps; tau  sizes; the epsilon; the near threshold
+      tiles_per_split                      class tiles per split (grid axis 1)
+      LARGEST                              the k largest distances rather than the k smallest
+      BLOCK_B, BLOCK_C, BLOCK_K            tile rows, columns (>= KP) and the GEMM's K step (_blocks)
+      KP                                   keys kept per row: a power of two >= k
+      IMPL, PREC, FULL                     the GEMM's mode; full Lc
+      BLOCK_P, BLOCK_KN, BLOCK_J, USE_DOT  the near-pair recompute's blocks (configs.NEAR_TILES)
+    grid = (row blocks, class splits)."""
     pid_b = tl.program_id(0)
     pid_s = tl.program_id(1)
     acc_t = xn_ptr.dtype.element_ty
@@ -165,11 +179,11 @@ def _topk_kernel(
         q, near = _gemm_q(dot, xn, tl.load(mn_ptr + c0 + lcol, mask=cm, other=0.0), tau)
         smh = tl.load(smu_hi_ptr + c0 + lcol, mask=cm, other=0.0)
         s = _pair_s(sxh, sxl, smh, tl.load(smu_lo_ptr + c0 + lcol, mask=cm, other=0.0))
-        near = near | _s_at_risk(s, sxh, smh)
+        near = near | _s_is_near(s, sxh, smh)
         _a, _r, d, _ia, _ir = _pair_distance(q, s, lam, eps)
 
-        # Pairs at risk: their exact distance (from the raw difference) replaces the expansion's
-        # before the tile is ranked, BLOCK_P pairs per call of the exact path (typically zero or
+        # Near pairs: their exact distance (from the raw difference) replaces the expansion's
+        # before the tile is ranked, BLOCK_P pairs per call of the near-pair recompute (typically zero or
         # one per row: a sample's own prototype).
         near = near & bm[:, None] & cm[None, :]
         n_near = tl.sum(near.to(tl.int32))
@@ -183,11 +197,11 @@ def _topk_kernel(
             pm = picked < BLOCK_B * BLOCK_C
             pb = (b0 + picked // BLOCK_C).to(tl.int64)
             pc = (c0 + picked % BLOCK_C).to(tl.int64)
-            qd, _kept, s_direct = _direct_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, pb, pc, pm, -1, D, FULL, BLOCK_P,
+            qd, _kept, s_near = _recompute_near_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, pb, pc, pm, -1, D, FULL, BLOCK_P,
                                                 BLOCK_KN, BLOCK_J, USE_DOT)
             sd = ((tl.load(sx_hi_ptr + pb, mask=pm, other=0.0) - tl.load(smu_hi_ptr + pc, mask=pm, other=0.0))
                   + (tl.load(sx_lo_ptr + pb, mask=pm, other=0.0) - tl.load(smu_lo_ptr + pc, mask=pm, other=0.0)))
-            _a2, _r2, dd, _ia2, _ir2, _s2 = _direct_distance(qd, s_direct, sd, lam, eps)
+            _a2, _r2, dd, _ia2, _ir2, _s2 = _near_pair_distance(qd, s_near, sd, lam, eps)
             for it in range(0, n_here):
                 f = tl.sum(tl.where(lp == it, picked, 0))
                 d = tl.where(flat == f, tl.sum(tl.where(lp == it, dd, 0.0)), d)
@@ -206,15 +220,17 @@ def _topk_kernel(
     tl.store(out, best, mask=bm[:, None])
 
 
-def _blocks(family: str, KP: int):
+def _blocks(precision_mode: str, KP: int):
     """(BLOCK_B, BLOCK_C, BLOCK_K, num_warps) for KP kept keys per row. The tile is at least KP
     wide; the running best and the tile's keys ([BLOCK_B, KP] int64 each) live in registers, so the
     rows per program shrink as KP grows."""
-    if family == "interpret":
-        return 16, max(32, KP), 32, 4
+    if precision_mode == interpreter.MODE:
+        return interpreter.topk_blocks(KP)
     BLOCK_C = max(64, KP)
     BLOCK_B = max(16, min(64, 4096 // BLOCK_C))
-    return BLOCK_B, BLOCK_C, (16 if family == "fp64" else 32), (4 if BLOCK_C <= 128 else 8)
+    # 8 warps: with 4, the 64x64 tiles spilled 120 B (fp32) and 200 B (bf16, KP = 64) per thread
+    # in sm_90 builds; with 8, 0 and 16 B.
+    return BLOCK_B, BLOCK_C, (16 if precision_mode == "fp64" else 32), 8
 
 
 def decode(keys: torch.Tensor, largest: bool):
@@ -237,7 +253,7 @@ def forward(x, mu, lc, beta, lam, eps: float, tau: float, k: int, largest: bool)
     if B == 0 or k == 0:
         return (common._empty((B, k), o.acc, o.device), torch.empty((B, k), dtype=torch.int64, device=o.device))
     KP = max(8, triton.next_power_of_2(k))
-    BLOCK_B, BLOCK_C, BLOCK_K, warps = _blocks(o.family, KP)
+    BLOCK_B, BLOCK_C, BLOCK_K, warps = _blocks(o.precision_mode, KP)
     n_b, n_tiles = triton.cdiv(B, BLOCK_B), triton.cdiv(C, BLOCK_C)
     splits = SPLITS if SPLITS is not None else max(1, triton.cdiv(2 * common.parallel_width(o.device), n_b))
     splits = max(1, min(splits, n_tiles))
@@ -247,11 +263,12 @@ def forward(x, mu, lc, beta, lam, eps: float, tau: float, k: int, largest: bool)
     BLOCK_P, BLOCK_KN, BLOCK_J, use_dot = o.near_tiles()
     with common.device_ctx(o.device):
         _topk_kernel[(n_b, splits)](
-            o.xp, o.mup, o.xn, o.mn, *o.sx, *o.smu, o.lam, o.x, o.mu, o.lc, o.beta, keys,
-            B, C, o.D, o.eps_hi, o.eps_lo, o.tau, per_split,
-            LARGEST=bool(largest), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, KP=KP, BLOCK_K=BLOCK_K, IMPL=o.impl,
-            PREC=o.prec, FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_KN=BLOCK_KN, BLOCK_J=BLOCK_J, USE_DOT=use_dot,
-            num_warps=warps)
+            xp_ptr=o.xp, mup_ptr=o.mup, xn_ptr=o.xn, mn_ptr=o.mn, sx_hi_ptr=o.sx[0], sx_lo_ptr=o.sx[1],
+            smu_hi_ptr=o.smu[0], smu_lo_ptr=o.smu[1], lam_ptr=o.lam, x_ptr=o.x, mu_ptr=o.mu, lc_ptr=o.lc,
+            beta_ptr=o.beta, out_ptr=keys, B=B, C=C, D=o.D, eps_hi=o.eps_hi, eps_lo=o.eps_lo, tau=o.tau,
+            tiles_per_split=per_split, LARGEST=bool(largest), BLOCK_B=BLOCK_B, BLOCK_C=BLOCK_C, KP=KP,
+            BLOCK_K=BLOCK_K, IMPL=o.impl, PREC=o.prec, FULL=o.full, BLOCK_P=BLOCK_P, BLOCK_KN=BLOCK_KN, BLOCK_J=BLOCK_J,
+            USE_DOT=use_dot, num_warps=warps)
     # Keys are unique (the index is part of each), so this order is the contract's; only the first
     # k are real classes (C >= k, and padding keys are the largest).
     merged = keys.permute(1, 0, 2).reshape(B, splits * KP).sort(dim=1).values[:, :k]
