@@ -1,4 +1,4 @@
-"""Forward+backward time and peak memory of the fused Randers cross-entropy (SPEC §2.2) against
+"""Forward+backward time and peak memory of the fused Randers cross-entropy (docs/design.md §2.2, the fused cross-entropy) against
 the unfused paths and the cost floor of a classification head:
 
     fused          fk.randers_cross_entropy (C++ kernel on CPU, Triton on CUDA): no [B, C] logits
@@ -20,7 +20,7 @@ are allocated by the call). CPU: resident memory in a fresh process (bench/peak_
 CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats().
 
     python -m bench.ce_bench                          # CPU at (256, 1000, 128), (256, 100000, 128)
-    python -m bench.ce_bench --device cuda            # CUDA at SPEC §5's sizes
+    python -m bench.ce_bench --device cuda            # CUDA at docs/benchmarks.md's sizes
     python -m bench.ce_bench --sizes 512,4096,256 --out ce.md
     TRITON_INTERPRET=1 python -m bench.ce_bench --backend triton --sizes 8,50,16 --min-time 0.1   # smoke
 
@@ -209,7 +209,7 @@ def environment(device: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--sizes", nargs="*", default=None, help="B,C,D triples (default: the device's SPEC sizes)")
+    p.add_argument("--sizes", nargs="*", default=None, help="B,C,D triples (default: the device's sizes in docs/benchmarks.md)")
     p.add_argument("--impls", nargs="*", default=IMPLS, choices=IMPLS)
     p.add_argument("--full", action="store_true", help="full [D, D] L (default: diagonal)")
     p.add_argument("--backend", default=None, choices=["cpp", "triton"],

@@ -1,5 +1,5 @@
 """CPU benchmark of the fused C++ kernel against the einsum reference, the plain-PyTorch GEMM
-composite (eager and torch.compile) and nn.Linear + F.cross_entropy (SPEC §5).
+composite (eager and torch.compile) and nn.Linear + F.cross_entropy (docs/benchmarks.md).
 
     python -m bench.cpu_bench                  # default sizes, table on the terminal
     python -m bench.cpu_bench --write-results  # also rewrite the CPU section of bench/RESULTS.md
@@ -26,7 +26,7 @@ EINSUM_MAX_BYTES = 10 * 2 ** 30  # run the einsum reference only where its [B, C
 
 
 def near_case_error(f, full: bool) -> float:
-    """Max relative error of f on SPEC §2.1's near-prototype case (float32 in, float64 truth)."""
+    """Max relative error of f on docs/design.md §2.1's near-prototype case (float32 in, float64 truth)."""
     g = torch.Generator().manual_seed(0)
     B, C, D = 32, 64, 256
     mu = 5 + 10 * torch.randn(C, D, generator=g)
@@ -109,7 +109,7 @@ def render(rows, errors, full: bool) -> str:
             lines.append(f"| {B}, {C}, {D} | {name} | {_fmt_ms(r['fwd'])} | {_fmt_ms(r['fwdbwd'])} | "
                          f"{_fmt_mb(r['mem'])} | {r['fwdbwd'] / cpp['fwdbwd']:.2f}x | {memr} |")
     lines.append("")
-    lines.append(f"Near-prototype case (SPEC §2.1, float32, D = 256, {'full' if full else 'diagonal'} L), "
+    lines.append(f"Near-prototype case (docs/design.md §2.1, near pairs, float32, D = 256, {'full' if full else 'diagonal'} L), "
                  f"max relative error vs float64: composite {errors['composite']:.2e}, cpp {errors['cpp']:.2e}.")
     return "\n".join(lines)
 
@@ -124,7 +124,7 @@ def write_results(table: str, full: bool) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="*", help="B,C,D triples (default: SPEC §5's CPU sizes)")
+    p.add_argument("--sizes", nargs="*", help="B,C,D triples (default: docs/benchmarks.md's CPU sizes)")
     p.add_argument("--full", action="store_true", help="full L [D, D] instead of diagonal")
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds per timing (default 1)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")

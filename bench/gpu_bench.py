@@ -1,9 +1,9 @@
-"""GPU benchmark of the fused logits (SPEC §5): the Triton kernel against the einsum reference (where
+"""GPU benchmark of the fused logits (docs/benchmarks.md): the Triton kernel against the einsum reference (where
 it fits), the plain-PyTorch GEMM composite (eager and torch.compile), torch.mm(x', mu'ᵀ) of the
 same shape and dtype (the GEMM alone, the floor of any fused kernel), and nn.Linear +
 F.cross_entropy of the same B, C, D (the floor of any classification head).
 
-    python -m bench.gpu_bench                    # CUDA: SPEC §5 sizes, bf16 and fp32; writes bench/RESULTS.md
+    python -m bench.gpu_bench                    # CUDA: docs/benchmarks.md sizes, bf16 and fp32; writes bench/RESULTS.md
     python -m bench.gpu_bench --smoke            # CPU, TRITON_INTERPRET=1: tiny sizes, checks the script runs
 
 Times are medians of triton.testing.do_bench (CUDA events; 20th/80th percentiles in the JSON log;
@@ -126,7 +126,7 @@ def table(rows):
 
 
 def targets(rows):
-    """The SPEC targets, each as (what, measured, goal, met)."""
+    """The targets of docs/benchmarks.md, each as (what, measured, goal, met)."""
     out = []
 
     def get(impl, B, C, D, dname):

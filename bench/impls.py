@@ -25,8 +25,8 @@ def make_inputs(B, C, D, *, full=False, dtype=torch.float32, device="cpu", requi
 
 
 def composite_logits(x, mu, L, beta, lam, gamma, eps=EPS):
-    """What a careful user writes in plain PyTorch (SPEC §5): transform, one addmm, sqrt. Fast,
-    and wrong near a prototype (SPEC §2.1)."""
+    """What a careful user writes in plain PyTorch (docs/benchmarks.md): transform, one addmm, sqrt. Fast,
+    and wrong near a prototype (docs/design.md §2.1, near pairs)."""
     if L.dim() == 2:
         lc = torch.linalg.cholesky(L @ L.T + eps * torch.eye(L.shape[0], dtype=L.dtype, device=L.device))
         xp, mup = x @ lc, mu @ lc

@@ -4,7 +4,7 @@ write without it, in one run:
     fused            fk.randers_topk(x, mu, L, beta, lam, k): no [B, C] distances
     distance+topk    torch.topk(fk.randers_distance(...), k, largest=False): our fused distance
                      kernel, then torch's top-k over the [B, C] matrix
-    einsum+topk      torch.topk over the einsum reference's distances (SPEC §1: [B, C, D] temporaries)
+    einsum+topk      torch.topk over the einsum reference's distances (docs/design.md §1, the function: [B, C, D] temporaries)
 
 The einsum reference needs B·C·D·4 bytes per temporary (65 GB at (256, 10⁶, 64)), so it is
 measured at C / EINSUM_SHRINK classes and its time and memory are scaled up linearly in C (both

@@ -1,7 +1,7 @@
 // Pieces shared by the fused CPU kernels (randers_logits.cpp, randers_cross_entropy.cpp): the
 // preparation of the operands (centring, x·Lc, mu·Lc, the float64 s terms, the row norms), the
 // argument checks, the per-pair epilogue, and the near-pair recompute.
-// The math is SPEC §1-2; the exactness rule is SPEC §2.1. The op schemas are defined in Python
+// The math is docs/design.md §1 (the function)-2; the exactness rule is docs/design.md §2.1 (near pairs). The op schemas are defined in Python
 // (faim_kernels/ops/contract.py); these files only register CPU kernels for them.
 #pragma once
 
@@ -118,7 +118,7 @@ at::Tensor center_of(const at::Tensor& mu) {
     return m;
 }
 
-// s[i] = v_i·beta in float64 (s = sx − smu then cancels harmlessly, SPEC §2.1), row by row: no
+// s[i] = v_i·beta in float64 (s = sx − smu then cancels harmlessly, docs/design.md §2.1 (near pairs)), row by row: no
 // float64 copy of v. Eight independent accumulators in a fixed order (deterministic), a shape the
 // compiler turns into full-width vector code (the plain loop became a gather across rows).
 template <typename T>
@@ -236,7 +236,7 @@ inline void check_operands(const at::Tensor& x, const at::Tensor& mu, const at::
 }
 
 // q = |diff'|² with diff' = (x_b − mu_c)·Lc formed from the raw inputs: x_b − mu_c is nearly
-// exact when the pair is close, which is exactly when the GEMM expansion is not (SPEC §2.1).
+// exact when the pair is close, which is exactly when the GEMM expansion is not (docs/design.md §2.1, near pairs).
 // O(D) for a diagonal factor, O(D²) for a full one; run only for the near pairs (and for pairs
 // whose expansion overflowed or is NaN). In float64 throughout, so float32 inputs near 1e30 give a
 // finite q where the float32 norms overflow. Non-finite differences take their limit: NaN if any
@@ -285,7 +285,7 @@ double near_pair_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* 
     return q;
 }
 
-// The per-pair quantities of SPEC §1.
+// The per-pair quantities of docs/design.md §1 (the function).
 template <typename T>
 struct Pair {
     T a;       // sqrt(q + eps)
@@ -296,7 +296,7 @@ struct Pair {
 };
 
 // Whether a pair is a near pair: its GEMM expansion q = norms − 2·dot cannot be trusted because it
-// cancels (q < tau·norms, SPEC §2.1), is NaN (Inf − Inf from an infinite coordinate, or overflow),
+// cancels (q < tau·norms, docs/design.md §2.1 (near pairs)), is NaN (Inf − Inf from an infinite coordinate, or overflow),
 // or the norms overflowed (float32 inputs near 1e19 and beyond). The near-pair recompute gives the
 // limit (+Inf for an infinite coordinate) or the finite value; a NaN input stays NaN.
 template <typename T>
@@ -313,7 +313,7 @@ inline bool s_cancels(T s, T sx, T smu) {
     return std::abs(s) < T(9.5367431640625e-07) * (std::abs(sx) + std::abs(smu));
 }
 
-// The near-pair recompute of one pair (SPEC §2.1): q from the raw difference, never the expansion, and
+// The near-pair recompute of one pair (docs/design.md §2.1, near pairs): q from the raw difference, never the expansion, and
 // the square roots in float64 (q may exceed T's range where the distance does not).
 // s = beta·(x_b − mu_c) from the difference too; at an exact hit (q = 0: x_b = mu_c in the metric)
 // s = 0 exactly: sx − smu, two different float64 dot products, would leave ±1e-16 there, and with eps = 0 the 1-form's gradient

@@ -1,4 +1,4 @@
-// Fused Randers cross-entropy on the CPU (SPEC §2.2). The forward returns per-row statistics of
+// Fused Randers cross-entropy on the CPU (docs/design.md §2.2, the fused cross-entropy). The forward returns per-row statistics of
 // the logits logit'_bc = −γ·(d_bc + margin·[c ∈ t_b]), with v_c the class weights (1 without) and
 // P an optional dense probability target [B, C] (read in place through its strides):
 //     lse_b = logsumexp_c logit'_bc,   target_logit_bk = logit'_b,t_bk (k targets per row),
@@ -67,7 +67,7 @@ template <typename T>
 CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
                    const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau,
                    double margin, const std::optional<at::Tensor>& class_weight,
-                   const std::optional<at::Tensor>& soft_target) {
+                   const std::optional<at::Tensor>& dense_soft_target) {
     CEProblem<T> pb;
     Operands<T>& in = pb.in;
     in.B = x.size(0);
@@ -109,11 +109,11 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
         pb.owned.push_back(class_weight->contiguous());
         pb.cw = pb.owned.back().template data_ptr<T>();
     }
-    if (soft_target.has_value()) {  // read in place: no copy of the [B, C] target
-        pb.owned.push_back(*soft_target);
-        pb.soft = soft_target->template data_ptr<T>();
-        pb.soft_sb = soft_target->stride(0);
-        pb.soft_sc = soft_target->stride(1);
+    if (dense_soft_target.has_value()) {  // read in place: no copy of the [B, C] target
+        pb.owned.push_back(*dense_soft_target);
+        pb.soft = dense_soft_target->template data_ptr<T>();
+        pb.soft_sb = dense_soft_target->stride(0);
+        pb.soft_sc = dense_soft_target->stride(1);
     }
     return pb;
 }
@@ -239,7 +239,7 @@ struct RowWork : RowTerms<T> {
     explicit RowWork(int64_t n) : RowTerms<T>(n), logit(n), e(n), G(n), H(n), R(n) {}
 };
 
-// The backward's per-pair terms of one row (SPEC §2): G = w_lse·softmax + lin (lin_j = w_sl·v_j +
+// The backward's per-pair terms of one row (docs/design.md §2, the algorithm): G = w_lse·softmax + lin (lin_j = w_sl·v_j +
 // w_pl·v_j·P_bj, or the constant w_sl where lin is null; the targets' w_tl are added by the caller),
 // H = −γ·G, P = H/a, R = H·λ·s/r. a = 0 only at an exact hit with eps = 0: subgradient 0 there (NaN
 // stays NaN). Divide first, select after: the loop vectorises.
@@ -326,7 +326,7 @@ void ce_forward_row(const CEProblem<T>& pb, int64_t cc, int64_t b, const T* dots
     row_terms(in, b, c0, nc, dots, w);
     T* l = w.logit.data();
     for (int64_t j = 0; j < nc; ++j) l[j] = -g * w.d[j];  // Eq. 3
-    // Near pairs, and the target pairs always, from the raw difference (SPEC §2.1): the target
+    // Near pairs, and the target pairs always, from the raw difference (docs/design.md §2.1, near pairs): the target
     // logits and the margin, which dominate the loss, are exact.
     mark_targets(pb, b, c0, nc, sc.cols, sc.is_t);
     for (int64_t j = 0; j < nc; ++j)
@@ -484,7 +484,7 @@ T* row_linear_weights(const CEProblem<T>& pb, int64_t b, int64_t c0, int64_t nc,
     return linp;
 }
 
-// The near pairs and the target pairs of row b (SPEC §2.1): exact terms from diff' added to the
+// The near pairs and the target pairs of row b (docs/design.md §2.1, near pairs): exact terms from diff' added to the
 // row's ∂x' (dxrow) and the tile's ∂mu', and P = 0 there so the GEMMs leave them out. G, H, R and
 // d (then d + margin at a target) are replaced in the row's scratch.
 template <typename T>
@@ -691,7 +691,7 @@ std::vector<at::Tensor> ce_chain_rows(const CEProblem<T>& pb, const GradMask& wa
 
 // Backward. With G_bc = ∂loss/∂logit'_bc = w_lse,b·exp(logit'_bc − lse_b) + v_c·(w_sl,b + w_pl,b·P_bc)
 //                                          + Σ_k w_tl,bk·[c = t_bk],
-// H = −γ·G, P = H/a and R = H·λ·s/r (SPEC §2):
+// H = −γ·G, P = H/a and R = H·λ·s/r (docs/design.md §2, the algorithm):
 //   ∂x'_b  = rowsum(P)_b·x'_b − (P·mu')_b,  ∂mu'_c = colsum(P)_c·mu'_c − (Pᵀ·x')_c   (far pairs, GEMMs)
 //   ± P·diff' for pairs recomputed from the raw difference (near pairs and every target pair),
 //   ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·(d + margin·[c = t]),
@@ -720,7 +720,7 @@ std::vector<at::Tensor> ce_backward(const CEProblem<T>& pb, const RowWeights& rw
 
 void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
                    const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target,
-                   const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& soft_target) {
+                   const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& dense_soft_target) {
     check_operands(x, mu, lc, beta, lam, gamma);
     TORCH_CHECK(target.scalar_type() == at::kLong && (target.dim() == 1 || target.dim() == 2) &&
                     target.size(0) == x.size(0),
@@ -730,11 +730,11 @@ void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
         TORCH_CHECK(class_weight->dim() == 1 && class_weight->size(0) == mu.size(0) &&
                         class_weight->scalar_type() == x.scalar_type() && class_weight->device().is_cpu(),
                     "class_weight must be a CPU tensor [C] of x's dtype");
-    if (soft_target.has_value())
-        TORCH_CHECK(soft_target->dim() == 2 && soft_target->size(0) == x.size(0) &&
-                        soft_target->size(1) == mu.size(0) && soft_target->scalar_type() == x.scalar_type() &&
-                        soft_target->device().is_cpu(),
-                    "soft_target must be a CPU tensor [B, C] of x's dtype");
+    if (dense_soft_target.has_value())
+        TORCH_CHECK(dense_soft_target->dim() == 2 && dense_soft_target->size(0) == x.size(0) &&
+                        dense_soft_target->size(1) == mu.size(0) && dense_soft_target->scalar_type() == x.scalar_type() &&
+                        dense_soft_target->device().is_cpu(),
+                    "dense_soft_target must be a CPU tensor [B, C] of x's dtype");
     // The range check inside the op, so that it holds where the Python one does not run (torch.compile):
     // −1 means "no target among these classes"; −2 marks a target out of range (row_stats.local_targets).
     const at::Tensor t = target.contiguous();
@@ -748,8 +748,8 @@ void check_ce_args(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
     const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau, double margin,
-    const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& soft_target) {
-    check_ce_args(x, mu, lc, beta, lam, gamma, target, class_weight, soft_target);
+    const std::optional<at::Tensor>& class_weight, const std::optional<at::Tensor>& dense_soft_target) {
+    check_ce_args(x, mu, lc, beta, lam, gamma, target, class_weight, dense_soft_target);
     at::NoGradGuard no_grad;  // the ATen calls below are part of this op, not of the autograd graph
     const auto f64 = x.options().dtype(at::kDouble);
     at::Tensor lse = at::empty({x.size(0)}, f64), target_logit = at::empty(target.sizes(), f64);
@@ -758,7 +758,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_fwd", [&] {
         const auto pb = setup<scalar_t>(x.detach().contiguous(), mu.detach().contiguous(), lc.detach().contiguous(),
                                         beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin,
-                                        class_weight, soft_target);
+                                        class_weight, dense_soft_target);
         ce_forward<scalar_t>(pb, lse.data_ptr<double>(), target_logit.data_ptr<double>(), sl.data_ptr<double>(),
                              pl.data_ptr<double>());
     });
@@ -770,8 +770,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
     const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau, double margin,
     const std::optional<at::Tensor>& w_pl, const std::optional<at::Tensor>& class_weight,
-    const std::optional<at::Tensor>& soft_target, int64_t grad_mask) {
-    check_ce_args(x, mu, lc, beta, lam, gamma, target, class_weight, soft_target);
+    const std::optional<at::Tensor>& dense_soft_target, int64_t grad_mask) {
+    check_ce_args(x, mu, lc, beta, lam, gamma, target, class_weight, dense_soft_target);
     at::NoGradGuard no_grad;
     for (const at::Tensor* t : {&w_lse, &w_sl, &lse})
         TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0), "the row weights and lse must be [B]");
@@ -784,7 +784,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "randers_cross_entropy_bwd", [&] {
         const auto pb = setup<scalar_t>(x.detach().contiguous(), mu.detach().contiguous(), lc.detach().contiguous(),
                                         beta.detach().contiguous(), lam, gamma, target.contiguous(), eps, tau, margin,
-                                        class_weight, soft_target);
+                                        class_weight, dense_soft_target);
         const RowWeights rw{wl.data_ptr<double>(), wt.data_ptr<double>(), ws.data_ptr<double>(),
                             wp.defined() ? wp.data_ptr<double>() : nullptr, l.data_ptr<double>()};
         res = ce_backward<scalar_t>(pb, rw, grad_mask);

@@ -1,4 +1,4 @@
-// Fused Randers logits on the CPU (SPEC §2): the CPU kernels of the ops
+// Fused Randers logits on the CPU (docs/design.md §2, the algorithm): the CPU kernels of the ops
 //   faim_kernels::randers_logits(x, mu, lc, beta, lam, gamma, eps, tau) -> (logits, xp, mup, sx, smu)
 //   faim_kernels::randers_logits_backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau)
 //       -> (dx, dmu, dlc, dbeta, dlam, dgamma)
@@ -197,7 +197,7 @@ at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tenso
 }
 
 // A near pair: its ∂x', ∂mu' terms are added from diff' directly instead of through
-// rowsum(P)·x' − P·mu', which cancels there (SPEC §2.1).
+// rowsum(P)·x' − P·mu', which cancels there (docs/design.md §2.1, near pairs).
 struct NearTerm {
     int64_t b, c;
     double p;
@@ -416,7 +416,7 @@ std::pair<at::Tensor, at::Tensor> gradient_gemms(const Operands<T>& in, PairSums
     return {dxp, dmup};
 }
 
-// Backward (SPEC §2), with H = −γ·G, P = H/a, R = H·λ·s/r:
+// Backward (docs/design.md §2, the algorithm), with H = −γ·G, P = H/a, R = H·λ·s/r:
 //   ∂x' = rowsum(P)·x' − P·mu',  ∂mu' = colsum(P)·mu' − Pᵀ·x'   (far pairs: two BLAS GEMMs)
 //   ± P·diff' for the near pairs; ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·d,
 // then the chain to the raw inputs: ∂x = ∂x'·Lcᵀ + ∂sx·betaᵀ, ∂mu likewise,

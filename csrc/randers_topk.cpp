@@ -5,8 +5,8 @@
 // The k nearest (or farthest) prototypes of each row without the [B, C] distances: the classes are
 // cut into tiles of kTileC; each tile's mu' = (mu − m)·Lc is formed on the fly, multiplied with a
 // block of rows of x' (one BLAS GEMM into a scratch tile), turned into distances in place by the
-// epilogue of SPEC §1-2 (row_keys), the near pairs recomputed from the raw difference
-// (SPEC §2.1) BEFORE any comparison, and the row's candidates offered to a per-row partial top-k.
+// epilogue of docs/design.md §1 (the function)-2 (row_keys), the near pairs recomputed from the raw difference
+// (docs/design.md §2.1, near pairs) BEFORE any comparison, and the row's candidates offered to a per-row partial top-k.
 //
 // Partial top-k per row: a buffer of (key, index) candidates and a threshold, the k-th best after
 // the last compaction; a candidate enters only if it beats the threshold; a buffer holding 2k is
@@ -171,7 +171,7 @@ void compact(T* key, int64_t* idx, int64_t n, int64_t k, bool nan_first, std::ve
     std::copy(tmp_idx.begin(), tmp_idx.end(), idx);
 }
 
-// The keys (±d, SPEC §1) of one row of a tile, in place over its GEMM entries, with what the
+// The keys (±d, docs/design.md §1 (the function)) of one row of a tile, in place over its GEMM entries, with what the
 // selection needs to skip the row: the smallest key, and counts of NaN keys and of near pairs
 // (flagged in `near`; their keys here come from the expansion and must be recomputed). The same
 // per-pair formulas as randers_common.h's row_terms, fused into one vectorised loop that keeps
@@ -312,7 +312,7 @@ void topk_tile(const TopkProblem<T>& pb, Candidates<T>& cand, int64_t g, int64_t
         if (sum.n_near == T(0) && sum.n_nan == T(0) && cand.has_thr[slot] && cand.thr[slot] == cand.thr[slot] &&
             !(sum.min_key < cand.thr[slot]))
             continue;
-        // Near pairs take their exact distance before any comparison (SPEC §2.1).
+        // Near pairs take their exact distance before any comparison (docs/design.md §2.1, near pairs).
         if (sum.n_near != T(0))
             for (int64_t j = 0; j < nc; ++j)
                 if (sc.near[j] != T(0))

@@ -1,4 +1,4 @@
-"""Input checks shared by every public function (SPEC §4): one place, clear messages that name
+"""Input checks shared by every public function (docs/guarantees.md): one place, clear messages that name
 the argument and what was expected."""
 from __future__ import annotations
 

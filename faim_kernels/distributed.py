@@ -161,7 +161,7 @@ def sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float
         # ranks, as x's is; the rest of the loss reads it identically on every rank (counted once).
         rows = dataclasses.replace(rows, class_weight=_Replicated.apply(group, weight)[0][offset:offset + mu.shape[0]])
     lse_r, tl_r, sl_r, pl_r = row_stats(x, mu, L, beta, lam, gamma, rows.kernel_target, eps, margin, backend,
-                                        rows.class_weight, rows.soft_target)
+                                        rows.class_weight, rows.dense_soft_target)
     M = lse_r.detach().clone()
     dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # a row with no class anywhere: −inf

@@ -1,4 +1,4 @@
-"""The public functions of SPEC §3, with the `backend=` switch (faim_kernels/ops/dispatch.py says
+"""The public functions of docs/design.md §3 (the public API), with the `backend=` switch (faim_kernels/ops/dispatch.py says
 how "auto" chooses). Inputs are validated once here; each fused call is then one custom op forward
 and one backward.
 """
@@ -25,7 +25,7 @@ def _float32_in_autocast(fn):
     """Autocast as PyTorch's float32-list ops (cdist, cross_entropy) have it: inside an autocast region
     for x's device, the floating inputs (half or float32, e.g. bfloat16 activations beside float32
     parameters) are computed in float32 (float64 stays float64) with autocast off, and the results
-    are float32. Distances near a prototype cancel (SPEC §2.1): in a half type the target pair's
+    are float32. Distances near a prototype cancel (docs/design.md §2.1, near pairs): in a half type the target pair's
     distance would carry ~1e-2 of error, so no half GEMM is chosen for the user."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -67,7 +67,7 @@ def randers_distance(x, mu, L, beta, lam, eps: float = 1e-6, *, backend: str = "
 
 @_float32_in_autocast
 def randers_logits(x, mu, L, beta, lam, gamma, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
-    """logits_bc = −gamma·d_bc (SPEC Eq. 3) -> [B, C]; see randers_distance for the arguments."""
+    """logits_bc = −gamma·d_bc (docs/design.md Eq. 3) -> [B, C]; see randers_distance for the arguments."""
     check_inputs(x, mu, L, beta, lam, gamma, eps)
     backend = _backend(backend, x, mu)
     if backend == "reference":
@@ -81,7 +81,7 @@ def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6,
                           *, weight=None, lse_square_scale: float = 0.0, return_lse: bool = False,
                           backend: str = "auto"):
     """F.cross_entropy(logits', target, weight, ...) with logits' the Randers logits whose target entry
-    is −γ·(d_bt + margin) (SPEC §2.2); weight, label_smoothing, ignore_index and reduction as in
+    is −γ·(d_bt + margin) (docs/design.md §2.2, the fused cross-entropy); weight, label_smoothing, ignore_index and reduction as in
     F.cross_entropy.
 
     target: class indices [B] (int64 or int32); a probability target [B, C] (F.cross_entropy's
@@ -108,7 +108,7 @@ def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6,
                                                lse_square_scale=lse_square_scale, return_lse=return_lse)
     rows = loss_targets(target, mu.shape[0], ignore_index, label_smoothing, weight)
     lse, tl, sl, pl = row_stats(x, mu, L, beta, lam, gamma, rows.kernel_target, eps, margin, backend,
-                                rows.class_weight, rows.soft_target)
+                                rows.class_weight, rows.dense_soft_target)
     loss = loss_from_stats(lse, tl, sl, pl, rows, reduction, x.dtype, lse_square_scale)
     return (loss, lse.to(x.dtype)) if return_lse else loss
 
@@ -121,7 +121,7 @@ def randers_topk(x, mu, L, beta, lam, k: int, eps: float = 1e-6, *, largest: boo
     in randers_distance; 0 <= k <= C.
 
     The fused kernels never form the [B, C] distances: per class tile, one GEMM and the epilogue,
-    near pairs recomputed from the raw difference (SPEC §2.1), then a per-row partial top-k,
+    near pairs recomputed from the raw difference (docs/design.md §2.1, near pairs), then a per-row partial top-k,
     merged (extra memory O(B·k + C) on the CPU). The distances are within the exactness bounds of
     randers_distance, and the indices those of the float64 reference except among true ties.
 
@@ -218,7 +218,7 @@ class _RefuseTopkGradient(torch.autograd.Function):
 def randers_distance_at(x, mu, L, beta, lam, indices, eps: float = 1e-6) -> torch.Tensor:
     """d(x_b, mu_{indices[b, j]}) [B, k]: the distances of the given (row, class) pairs only, e.g. those
     randers_topk returned, differentiable in every tensor input (O(B·k·D) memory, or B·k·D² work
-    for a full L). Formed from the raw differences x_b − mu_c, so near pairs are exact (SPEC §2.1).
+    for a full L). Formed from the raw differences x_b − mu_c, so near pairs are exact (docs/design.md §2.1, near pairs).
     """
     check_inputs(x, mu, L, beta, lam, NO_GAMMA, eps)
     check_indices(indices, x.shape[0], mu.shape[0], x.device)

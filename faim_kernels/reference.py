@@ -1,4 +1,4 @@
-"""The einsum reference (SPEC §1): the oracle for the tests and the baseline of the benchmarks.
+"""The einsum reference (docs/design.md §1, the function): the oracle for the tests and the baseline of the benchmarks.
 
 It materialises diff = x_b - mu_c as a [B, C, D] tensor and evaluates the seed formula
 einsum('bcd,df,bcf->bc', diff, Sigma, diff): memory B·C·D, work B·C·D². Never the production
@@ -22,7 +22,7 @@ def sigma(L: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def randers_distance(x, mu, L, beta, lam, eps: float = 1e-6) -> torch.Tensor:
-    """d_bc = sqrt(diffᵀ Sigma diff + eps) + lam·sqrt((betaᵀ diff)² + eps)   (SPEC Eq. 2)."""
+    """d_bc = sqrt(diffᵀ Sigma diff + eps) + lam·sqrt((betaᵀ diff)² + eps)   (docs/design.md Eq. 2)."""
     S = sigma(L, eps)
     diff = x.unsqueeze(1) - mu.unsqueeze(0)  # [B, C, D]
     quad = torch.einsum("bcd,df,bcf->bc", diff, S, diff)
@@ -35,7 +35,7 @@ def randers_distance(x, mu, L, beta, lam, eps: float = 1e-6) -> torch.Tensor:
 
 
 def randers_logits(x, mu, L, beta, lam, gamma, eps: float = 1e-6) -> torch.Tensor:
-    """logits_bc = -gamma · d_bc   (SPEC Eq. 3)."""
+    """logits_bc = -gamma · d_bc   (docs/design.md Eq. 3)."""
     return -gamma * randers_distance(x, mu, L, beta, lam, eps)
 
 
@@ -44,7 +44,7 @@ def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6,
                           reduction: str = "mean", *, weight=None, lse_square_scale: float = 0.0,
                           return_lse: bool = False):
     """F.cross_entropy over the reference logits, the target logit moved by an additive distance
-    margin: logit_bt' = -gamma·(d_bt + margin)   (SPEC §2.2). target: class indices [B], a float
+    margin: logit_bt' = -gamma·(d_bt + margin)   (docs/design.md §2.2, the fused cross-entropy). target: class indices [B], a float
     probability target [B, C], or faim_kernels.targets.SoftTargets (made dense here); weight as
     F.cross_entropy's. lse_square_scale adds s·logsumexp(logits')² per counted row ('mean': averaged
     over those rows, unweighted); return_lse returns (loss, logsumexp(logits') [B]) as well."""

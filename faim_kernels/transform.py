@@ -1,4 +1,4 @@
-"""The pieces of SPEC §2's preparation that every backend shares (the bottom of the package):
+"""The pieces of docs/design.md §2's preparation that every backend shares (the bottom of the package):
 
     Lc  = cholesky(Sigma) (full L) or sqrt(L² + eps) (diagonal L)      metric_factor, ATen
     x'  = (x − m)·Lc,  mu' = (mu − m)·Lc           q_bc = |x'_b − mu'_c|²     inside the kernels
@@ -7,7 +7,7 @@
 the near threshold tau (near_threshold), the centre m (center_of: the kernels implement the
 same rule), and the dtype the kernels compute in.
 
-Exactness choices (SPEC §2.1), each cheap next to the GEMM:
+Exactness choices (docs/design.md §2.1, near pairs), each cheap next to the GEMM:
 - m is the mean prototype, detached: q is invariant to a common shift, so the gradient is
   unchanged, and centering shrinks |x'|² + |mu'|², the scale of the expansion's error.
   Non-finite coordinates of m are zeroed so a NaN in one prototype cannot poison every pair.
@@ -62,15 +62,10 @@ def near_threshold(D: int, dtype: torch.dtype, operand_eps: float | None = None)
     return min(1.0, tau)
 
 
-# The old name, kept until the remaining callers move (ops/torch_ops.py, ops/triton/common.py). It
-# forwards at call time, so that a test which patches near_threshold reaches those callers too.
-risk_threshold = lambda *args, **kwargs: near_threshold(*args, **kwargs)  # noqa: E731
-
-
 def metric_factor(L: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """Lc with Lc·Lcᵀ = Sigma: cholesky(L Lᵀ + eps·I) computed in float64, or sqrt(L² + eps)
     (in `dtype` directly: two roundings, and the fewest steps on the hot path)."""
-    # Never under autocast: Sigma and its factor are float64 math (SPEC §2.1), whatever the region
+    # Never under autocast: Sigma and its factor are float64 math (docs/design.md §2.1, near pairs), whatever the region
     # (meta tensors, for deferred initialisation, have no autocast).
     no_autocast = torch.autocast(L.device.type, enabled=False) if torch.amp.is_autocast_available(L.device.type) \
         else nullcontext()

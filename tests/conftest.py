@@ -1,4 +1,4 @@
-"""Shared test helpers: input generators (random and the hard cases of SPEC §2.1), the float64
+"""Shared test helpers: input generators (random and the hard cases of docs/design.md §2.1 (near pairs)), the float64
 oracle, and comparisons whose failures explain themselves."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
 
-# Relative tolerances per input dtype (SPEC §2.1 goals; fp32 accumulation for the half types).
+# Relative tolerances per input dtype (docs/design.md §2.1, near pairs goals; fp32 accumulation for the half types).
 FWD_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 3e-2}
 
@@ -21,7 +21,7 @@ def make_inputs(B, C, D, *, full=False, dtype=torch.float32, device="cpu", seed=
                 lam=0.3, gamma=2.0, requires_grad=False):
     """Returns [x, mu, L, beta, lam, gamma] (lam and gamma as 0-dim tensors).
 
-    near=True builds SPEC §2.1's hard case: prototypes with a common offset 5 and scale 10, each
+    near=True builds docs/design.md §2.1's hard case: prototypes with a common offset 5 and scale 10, each
     sample 1e-3 from a prototype (its target), sample 0 exactly on prototype 0.
     """
     g = torch.Generator().manual_seed(seed)

@@ -128,7 +128,7 @@ def _gathered_batch(rank, world):
     assert_norm_close(feats.grad, dx1[4 * rank:4 * rank + 4], 1e-11, f"own rows of dx (rank {rank})")
 
 
-# Top-k cases. Each rank's kernel centres its own slice (SPEC §2.1), so its distances can differ
+# Top-k cases. Each rank's kernel centres its own slice (docs/design.md §2.1, near pairs), so its distances can differ
 # from the single-process ones in the last bits: distances are compared within the float32/float64
 # bounds and indices exactly, except among true ties. With "periodic" prototypes (period 2, and
 # every slice a whole number of periods) each rank holds the same rows, so copies on different

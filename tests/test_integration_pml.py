@@ -128,7 +128,7 @@ def test_learned_metric_matrix_equals_the_oracle(full, dtype):
     metric = learned_metric(full, dtype=dtype)
     q, _ = batch(17, dtype=dtype, seed=1)
     r, _ = batch(23, dtype=dtype, seed=2)
-    r[:5] = q[:5] + 1e-4 * torch.randn(5, 6, dtype=dtype)  # near pairs (SPEC §2.1)
+    r[:5] = q[:5] + 1e-4 * torch.randn(5, 6, dtype=dtype)  # near pairs (docs/design.md §2.1, near pairs)
     r[5] = q[5]                                             # an exact hit
     mat = RandersDistance(metric)(q, r)
     want = oracle_mat(metric, q, r)

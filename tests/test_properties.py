@@ -25,7 +25,7 @@ import torch
 import faim_kernels as fk
 
 CASES = int(os.environ.get("FAIM_PROPERTY_CASES", "360"))
-# Relative bounds per dtype: forward per entry, gradients in relative norm (SPEC §2.1 goals).
+# Relative bounds per dtype: forward per entry, gradients in relative norm (docs/design.md §2.1, near pairs goals).
 FWD = {torch.float32: 1e-4, torch.float64: 1e-10}
 GRAD = {torch.float32: 1e-3, torch.float64: 1e-8}
 

@@ -1,4 +1,4 @@
-"""The fused cross-entropy family (SPEC §2.2) on every backend against F.cross_entropy over the
+"""The fused cross-entropy family (docs/design.md §2.2, the fused cross-entropy) on every backend against F.cross_entropy over the
 float64 einsum logits: value and the six gradients, every option, edge cases, cross-backend
 agreement, the contract ops (opcheck, the statistics they return, fake kernels, torch.compile), and
 the memory it saves.
@@ -80,7 +80,7 @@ def test_dtypes(backend, device, dtype):
 
 @FULL
 def test_near_prototype_float32(backend, device, full):
-    """SPEC §2.1's hard case with each sample's own prototype as its target: the target pair
+    """docs/design.md §2.1's hard case with each sample's own prototype as its target: the target pair
     (1e-3 away, sample 0 exactly on it) carries the loss and the gradient. gamma = 0.05 keeps the
     other classes in play. Goals: loss within 1e-4, all six gradients within 1e-3."""
     B, C, D = {"cpp": (24, 64, 256), "triton": (10, 20, 48)}[shape_key(backend)]
@@ -550,7 +550,7 @@ def test_memory_compact_soft_targets_no_logits_matrix():
 
 @pytest.mark.parametrize("form", ["index", "dense", "pairs"])
 def test_near_prototype_options_float32(backend, device, form):
-    """SPEC §2.1's hard case in float32 with class weights, smoothing and each target form, the
+    """docs/design.md §2.1's hard case in float32 with class weights, smoothing and each target form, the
     target mass on each sample's own prototype (1e-3 away): loss within 1e-4, gradients within 1e-3
     of the float64 reference."""
     B, C, D = {"cpp": (24, 64, 256), "triton": (10, 20, 48)}[shape_key(backend)]

@@ -1,4 +1,4 @@
-"""The logits/distance family (SPEC §1-2.1, §4) on every backend against the float64 einsum oracle:
+"""The logits/distance family (docs/design.md §1, the function-2.1, §4) on every backend against the float64 einsum oracle:
 forward and closed-form backward on odd shapes, full and diagonal L, the near-prototype and
 exact-hit cases, every dtype, edge cases, cross-backend agreement, and the contract ops
 (opcheck, fake kernels, gradcheck on their own inputs, torch.compile).
@@ -57,7 +57,7 @@ def test_distance(backend, device, full):
 
 @FULL
 def test_near_prototype_float32(backend, device, full):
-    """SPEC §2.1: samples 1e-3 from prototypes offset by 5, scale 10, D = 256 (sample 0 exactly on
+    """docs/design.md §2.1 (near pairs): samples 1e-3 from prototypes offset by 5, scale 10, D = 256 (sample 0 exactly on
     prototype 0). The plain GEMM expansion misses by ~800 % here; every pair within 1e-4 and the
     six gradients within 1e-3 is the goal."""
     inputs = make_inputs(32, 64, 256, full=full, near=True, lam=0.1, gamma=10.0, seed=11, device=device)
@@ -187,7 +187,7 @@ def test_deterministic(backend, device):
 
 def test_agrees_with_reference_same_dtype(backend, device):
     """Cross-backend agreement in float32: the fused kernels and the float32 einsum reference,
-    forward and gradients, on a random problem with a full L (both far inside SPEC §2.1's bounds)."""
+    forward and gradients, on a random problem with a full L (both far inside docs/design.md §2.1's bounds)."""
     inputs = make_inputs(19, 37, 12, full=True, seed=8, requires_grad=True, device=device)
     a = fk.randers_logits(*inputs, backend=backend)
     b = fk.randers_logits(*inputs, backend="reference")

@@ -1,6 +1,6 @@
 """The top-k family (fk.randers_topk) on every backend against the float64 einsum oracle (distances
 and a stable sort): odd shapes, full and diagonal L, k from 1 to C and up to 1024, largest, the
-near-prototype hard case of SPEC §2.1 (the right prototype first), exact ties (lower index first),
+near-prototype hard case of docs/design.md §2.1 (near pairs) (the right prototype first), exact ties (lower index first),
 NaN, every dtype, edge cases, determinism, the op contract (opcheck), the Triton fallback above its
 limit, FAIMHead.predict / FAIMHead.topk, and the differentiable recomputation randers_distance_at.
 """
@@ -79,7 +79,7 @@ def test_compaction_of_the_candidate_buffers():
 @FULL
 @pytest.mark.parametrize("k", [1, 3])
 def test_near_prototype_float32(backend, device, full, k):
-    """SPEC §2.1's hard case (samples 1e-3 from prototypes offset by 5, scale 10, D = 256; sample 0
+    """docs/design.md §2.1's hard case (samples 1e-3 from prototypes offset by 5, scale 10, D = 256; sample 0
     exactly on prototype 0): the plain expansion is 800 % off there and would rank the wrong
     prototype; each sample's own prototype must come first, at its exact distance."""
     inputs = make_inputs(32, 64, 256, full=full, near=True, lam=0.1, seed=11, device=device)

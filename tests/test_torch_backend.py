@@ -231,7 +231,7 @@ def test_topk_refuses_grad_but_runs_under_vmap():
 
 @FULL
 def test_static_form_recomputes_near_pairs_in_float32(monkeypatch, full):
-    """The static form (transforms, compile, export) in float32 on SPEC §2.1's hard case: within the
+    """The static form (transforms, compile, export) in float32 on docs/design.md §2.1's hard case: within the
     kernels' bound, where the plain expansion is far off."""
     monkeypatch.setattr(torch_ops, "static_shapes", lambda: True)
     inputs = make_inputs(16, 64, 256, full=full, near=True, seed=2)
@@ -246,7 +246,7 @@ def test_static_form_recomputes_near_pairs_in_float32(monkeypatch, full):
 def test_static_form_bound_on_near_pairs_per_row(monkeypatch):
     """The static form recomputes at most STATIC_NEAR_PAIRS pairs per row (a top-k with a static k):
     a row with more near pairs keeps the plain expansion's accuracy for the rest (here far off), while
-    the eager form recomputes every one. The bound is documented (module docstring, README), shown
+    the eager form recomputes every one. The bound is documented (module docstring, docs/status.md), shown
     here: one sample with 3·STATIC_NEAR_PAIRS prototypes around it, far from the prototypes' mean."""
     k = torch_ops.STATIC_NEAR_PAIRS
     g = torch.Generator().manual_seed(4)

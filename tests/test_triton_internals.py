@@ -103,7 +103,7 @@ def test_overfull_tile_is_recomputed_alone(monkeypatch, configs):
 def test_every_close_pair_recomputed(monkeypatch, configs, full, bwd_cap):
     """tau = 1: about half of all pairs are near pairs, mixed with GEMM pairs in the same
     tiles: in the forward list, and in the backward's noted pairs or (small cap) inline path."""
-    monkeypatch.setattr(fk.transform, "risk_threshold", lambda D, dtype, operand_eps=None: 1.0)
+    monkeypatch.setattr(fk.transform, "near_threshold", lambda D, dtype, operand_eps=None: 1.0)
     if bwd_cap:
         monkeypatch.setattr(configs, "BWD_NEAR_CAP", bwd_cap)
     check_logits(_inputs(9, 14, 12, full=full, seed=10), "triton")
@@ -297,7 +297,7 @@ def test_grad_mask_at_the_launchers():
     from faim_kernels.ops import triton as tri
     x, mu, L, beta, lam, gamma = _near(9, 17, 12, full=True, seed=27)
     lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
-    tau = fk.transform.risk_threshold(12, torch.float32)
+    tau = fk.transform.near_threshold(12, torch.float32)
     logits, xp, mup, sx, smu = tri.logits.forward(x, mu, lc, beta, lam, gamma, 1e-6, tau)
     grad = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     full = tri.logits.backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, 1e-6, tau)
@@ -311,27 +311,23 @@ def test_grad_mask_at_the_launchers():
                 assert g.numel() == 0 and g.dtype == t.dtype, (mask, k)
 
 
-def test_dense_soft_target_by_name_and_by_the_older_keyword():
+def test_dense_soft_target_by_position_and_by_name():
     """The cross-entropy launchers take the dense [B, C] probability target as dense_soft_target,
-    positionally or by keyword, and under the op schema's older keyword soft_target (the same
-    numbers bitwise); both at once is refused."""
+    positionally or by keyword (the same numbers bitwise), and read it."""
     from faim_kernels.ops import triton as tri
     x, mu, L, beta, lam, gamma = _near(7, 11, 10, seed=28)
     lc = fk.transform.metric_factor(L, 1e-6, torch.float32)
-    tau = fk.transform.risk_threshold(10, torch.float32)
+    tau = fk.transform.near_threshold(10, torch.float32)
     target = torch.full((7, 1), -1, dtype=torch.int64, device=DEVICE)
     dense = torch.softmax(torch.randn(7, 11, generator=torch.Generator().manual_seed(3)), 1).to(DEVICE)
     args = (x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0)
     by_name = tri.cross_entropy.forward(*args, dense_soft_target=dense)
-    for other in (tri.cross_entropy.forward(*args, None, dense), tri.cross_entropy.forward(*args, soft_target=dense)):
-        for a, b in zip(by_name, other):
-            assert torch.equal(a, b)
+    for a, b in zip(by_name, tri.cross_entropy.forward(*args, None, dense)):
+        assert torch.equal(a, b)
     assert not torch.equal(by_name[3], tri.cross_entropy.forward(*args)[3])  # the target is read
-    with pytest.raises(TypeError):
-        tri.cross_entropy.forward(*args, dense_soft_target=dense, soft_target=dense)
     w = [torch.rand(7, dtype=torch.float64, device=DEVICE) for _ in range(3)]
     w_tl = torch.rand(7, 1, dtype=torch.float64, device=DEVICE)
     bwd = (w[0], w_tl, w[1], by_name[0], x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0, w[2])
     for a, b in zip(tri.cross_entropy.backward(*bwd, dense_soft_target=dense),
-                    tri.cross_entropy.backward(*bwd, soft_target=dense)):
+                    tri.cross_entropy.backward(*bwd, None, dense)):
         assert torch.equal(a, b)

@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the argument (SPEC §4)."""
+"""Bad input gets a clear error naming the argument (docs/guarantees.md)."""
 from __future__ import annotations
 
 import pytest

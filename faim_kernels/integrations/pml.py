@@ -11,7 +11,7 @@ and `InferenceModel` on a learned Finsler metric.
     loss = loss_fn(emb, labels, miner(emb, labels))     # gradients reach emb and the metric
 
 pml's conventions, as they apply here:
-- `mat[i, j] = d_F(query_i, ref_j) = F(query_i − ref_j)` (SPEC Eq. 2), through the fused kernels
+- `mat[i, j] = d_F(query_i, ref_j) = F(query_i − ref_j)` (docs/design.md Eq. 2), through the fused kernels
   (`randers_distance`), exact on near pairs. F is even here (the 1-form enters as
   λ·sqrt((βᵀv)² + eps)), so d_F(q, r) = d_F(r, q): the direction is stated for completeness and the
   matrix of a set against itself is symmetric.

@@ -1,4 +1,4 @@
-"""The modules users put in their models (SPEC §3; the reference design's three integrations):
+"""The modules users put in their models (docs/design.md §3, the public API; the reference design's three integrations):
 
 - A, the head:   FAIMHead (a drop-in for nn.Linear as a classifier), swap_classifier
 - B, the losses: FAIMInfoNCELoss, FAIMNTXentLoss, FAIMTripletLoss and their functional forms

@@ -11,7 +11,7 @@ curved manifold). In a normed space straight segments are geodesics, so
 and the block computes x_out = p + f(x − p): the inner module f applied in coordinates centred at p
 (with f linear, an affine map whose fixed point is p). Nothing in it depends on Sigma, beta or λ;
 the metric, when one is given, measures tangent vectors (`norm`) and steps (`distance`), e.g. for a
-regulariser. (With the eps smoothing of SPEC Eq. 2, F(v) = sqrt(vᵀSigma v + eps) + λ·sqrt((βᵀv)² + eps)
+regulariser. (With the eps smoothing of docs/design.md Eq. 2, F(v) = sqrt(vᵀSigma v + eps) + λ·sqrt((βᵀv)² + eps)
 and the identity d_F(p, exp_p(v)) = F(v) holds for that F.) A metric whose Sigma or beta varied
 with the position would make these maps genuinely curved; that is not what this package computes.
 """

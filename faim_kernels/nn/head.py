@@ -19,7 +19,7 @@ checkpoint of the reference design trained sensibly) the logits are exactly the 
 derivative of |v| is taken as +1 at v = 0, so a head started at λ = 0 can still learn λ.
 
 The diagonal mode maps onto the functional API's diagonal factor as L = exp(log_sigma_diag / 2)
-(Sigma = diag(L²) + eps·I), the full mode passes tril(L) (SPEC §1).
+(Sigma = diag(L²) + eps·I), the full mode passes tril(L) (docs/design.md §1, the function).
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _nonneg(v: torch.Tensor) -> torch.Tensor:
 class _MetricParams(nn.Module):
     """The metric's parameters (Sigma's factor, beta, lmbda) and what can be computed from them alone.
 
-    F(v) = sqrt(vᵀ·Sigma·v + eps) + λ·sqrt((βᵀv)² + eps) and d_F(x, y) = F(x − y) (SPEC Eq. 2).
+    F(v) = sqrt(vᵀ·Sigma·v + eps) + λ·sqrt((βᵀv)² + eps) and d_F(x, y) = F(x − y) (docs/design.md Eq. 2).
     """
 
     def _init_metric(self, dim: int, full_sigma: bool, lambda_init: float, eps: float, backend: str,
@@ -215,7 +215,7 @@ class RandersMetric(_MetricParams):
 
 
 class FAIMHead(_MetricParams):
-    """Randers (FAIM) metric classification head: logits_c = −γ·d_F(x, mu_c) (SPEC Eq. 2, 3).
+    """Randers (FAIM) metric classification head: logits_c = −γ·d_F(x, mu_c) (docs/design.md Eq. 2, 3).
 
     A drop-in for `nn.Linear(in_features, num_classes)` as a classifier: input [..., in_features],
     output [..., num_classes].

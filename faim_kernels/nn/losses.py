@@ -1,7 +1,7 @@
 """Metric-learning losses on the Randers distance (the reference design's integration B: swap the
 Euclidean/cosine distance of a contrastive loss for d_F).
 
-    d_F(a, b) = F(a − b),  F(v) = sqrt(vᵀ·Sigma·v + eps) + λ·sqrt((βᵀv)² + eps)     (SPEC Eq. 2)
+    d_F(a, b) = F(a − b),  F(v) = sqrt(vᵀ·Sigma·v + eps) + λ·sqrt((βᵀv)² + eps)     (docs/design.md Eq. 2)
 
 Functions take the metric as the functional API does (L, beta, lam; see fk.randers_distance); the
 modules take a `metric` module (a RandersMetric, or a FAIMHead to share its metric) and read

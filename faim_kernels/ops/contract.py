@@ -4,27 +4,27 @@ by the backends: the C++ extension for CPU tensors (`TORCH_LIBRARY_IMPL(faim_ker
 csrc/), the Triton launchers for CUDA tensors (faim_kernels/ops/triton/). Nothing here imports a
 backend.
 
-Logits (SPEC §2): one call forward, one backward, each doing its own preparation (centring, x·Lc,
+Logits (docs/design.md §2, the algorithm): one call forward, one backward, each doing its own preparation (centring, x·Lc,
 mu·Lc, the float64 s terms, the near-pair recomputation) inside the kernels. Only the metric factor
 Lc (cholesky(L Lᵀ + eps·I), or sqrt(L² + eps) for a diagonal L) is formed outside, by ATen, so that
 autograd chains ∂Lc to L.
 
     randers_logits(x, mu, lc, beta, lam, gamma, eps, tau) -> (logits, xp, mup, sx, smu)
         logits [B, C] = −γ·d in x's dtype; xp = (x − m)·Lc [B, D] and mup = (mu − m)·Lc [C, D] as the
-        GEMM used them (x's dtype; m the centre of the prototypes, SPEC §2.1); sx = x·beta [B] and
+        GEMM used them (x's dtype; m the centre of the prototypes, docs/design.md §2.1 (near pairs)); sx = x·beta [B] and
         smu = mu·beta [C] in float64. The last four are what the backward needs besides the logits.
     randers_logits_backward(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, eps, tau)
         -> (dx, dmu, dlc, dbeta, dlam, dgamma)
         No GEMM is recomputed: a = sqrt(q + eps) comes back from the logits (a = −logits/γ − λ·r,
         r = sqrt(s² + eps) from the rank-one s), so the backward costs the two gradient GEMMs of
-        SPEC §2 like nn.Linear's. Near pairs (SPEC §2.1) are recomputed from the raw difference.
+        docs/design.md §2 (the algorithm) like nn.Linear's. Near pairs (docs/design.md §2.1, near pairs) are recomputed from the raw difference.
 
-Cross-entropy (SPEC §2.2): the kernels never form [B, C]; the forward returns per-row statistics of
+Cross-entropy (docs/design.md §2.2, the fused cross-entropy): the kernels never form [B, C]; the forward returns per-row statistics of
 the margin logits logit'_bc = −γ·(d_bc + margin·[c = t_b]) and the loss is an O(B) function of them
 (faim_kernels/ops/row_stats.py).
 
     randers_cross_entropy(x, mu, lc, beta, lam, gamma, target, eps, tau, margin,
-                          class_weight=None, soft_target=None) -> (lse, tl, sl, pl)
+                          class_weight=None, dense_soft_target=None) -> (lse, tl, sl, pl)
         float64 each: lse [B] = logsumexp_c logit'_bc; tl (target's shape, [B] or [B, k]) the logits
         at the target classes (0 where an index is −1: no target among these classes); with v_c the
         class weights (1 without them) and P the dense probability target [B, C] (read in place,
@@ -32,7 +32,7 @@ the margin logits logit'_bc = −γ·(d_bc + margin·[c = t_b]) and the loss is 
         without P). The margin sits on every class listed in target (the loss allows it with one
         class per row only).
     randers_cross_entropy_backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps,
-                                   tau, margin, w_pl=None, class_weight=None, soft_target=None)
+                                   tau, margin, w_pl=None, class_weight=None, dense_soft_target=None)
         -> (dx, dmu, dlc, dbeta, dlam, dgamma)
         for the per-row weights w = ∂loss/∂(lse, tl, sl, pl), so that ∂loss/∂logit'_bc =
         w_lse,b·softmax_bc + Σ_k w_tl,bk·[c = t_bk] + v_c·(w_sl,b + w_pl,b·P_bc); recomputes each
@@ -45,7 +45,7 @@ the Triton cross-entropy (the dispatch layer computes half inputs in float32 the
 four for the Triton logits kernels; lc and beta come in the compute dtype (float64 for float64
 x, else float32: the near-pair recomputation needs Lc at full precision); lam, gamma are 0-dim
 floating tensors of any dtype (read as float64; their gradients come back in their dtype); target int64 [B]
-or [B, k]; class_weight [C] in the compute dtype; soft_target [B, C] any strides (the compute dtype for the
+or [B, k]; class_weight [C] in the compute dtype; dense_soft_target [B, C] any strides (the compute dtype for the
 C++ kernels, any floating dtype for Triton's); eps, tau, margin
 Python floats; tau is the near threshold of transform.near_threshold. Gradients come back in
 their input's dtype.
@@ -64,10 +64,10 @@ _LIB.define("randers_logits_backward(Tensor grad, Tensor logits, Tensor x, Tenso
             "int grad_mask=63) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("randers_cross_entropy(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, "
             "Tensor target, float eps, float tau, float margin, Tensor? class_weight=None, "
-            "Tensor? soft_target=None) -> (Tensor, Tensor, Tensor, Tensor)")
+            "Tensor? dense_soft_target=None) -> (Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_tl, Tensor w_sl, Tensor lse, Tensor x, "
             "Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
-            "float margin, Tensor? w_pl=None, Tensor? class_weight=None, Tensor? soft_target=None, "
+            "float margin, Tensor? w_pl=None, Tensor? class_weight=None, Tensor? dense_soft_target=None, "
             "int grad_mask=63) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps) "
             "-> (Tensor, Tensor, Tensor, Tensor)")
@@ -121,14 +121,14 @@ def _logits_backward_fake(grad, logits, x, mu, lc, beta, lam, gamma, xp, mup, sx
 
 
 @torch.library.register_fake(cross_entropy_op)
-def _cross_entropy_fake(x, mu, lc, beta, lam, gamma, target, eps, tau, margin, class_weight=None, soft_target=None):
+def _cross_entropy_fake(x, mu, lc, beta, lam, gamma, target, eps, tau, margin, class_weight=None, dense_soft_target=None):
     row = x.new_empty((x.shape[0],), dtype=torch.float64)
     return row, x.new_empty(target.shape, dtype=torch.float64), row.new_empty(row.shape), row.new_empty(row.shape)
 
 
 @torch.library.register_fake(cross_entropy_backward_op)
 def _cross_entropy_backward_fake(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps, tau, margin,
-                                 w_pl=None, class_weight=None, soft_target=None, grad_mask=ALL_GRADS):
+                                 w_pl=None, class_weight=None, dense_soft_target=None, grad_mask=ALL_GRADS):
     return _like(x, mu, lc, beta, lam, gamma, grad_mask=grad_mask)
 
 
@@ -166,21 +166,21 @@ def _logits_backward_with(backward):
 
 def _ce_setup_context(ctx, inputs, output):
     x, mu, lc, beta, lam, gamma, target, eps, tau, margin, *options = inputs
-    class_weight, soft_target = (options + [None, None])[:2]
-    ctx.save_for_backward(output[0], x, mu, lc, beta, lam, gamma, target, class_weight, soft_target)
+    class_weight, dense_soft_target = (options + [None, None])[:2]
+    ctx.save_for_backward(output[0], x, mu, lc, beta, lam, gamma, target, class_weight, dense_soft_target)
     ctx.eps, ctx.tau, ctx.margin = eps, tau, margin
     ctx.num_inputs = len(inputs)
 
 
 def _ce_backward_with(backward):
     def _backward(ctx, w_lse, w_tl, w_sl, w_pl):
-        lse, x, mu, lc, beta, lam, gamma, target, class_weight, soft_target = ctx.saved_tensors
+        lse, x, mu, lc, beta, lam, gamma, target, class_weight, dense_soft_target = ctx.saved_tensors
         w_lse, w_sl = [torch.zeros_like(lse) if g is None else g for g in (w_lse, w_sl)]
         w_tl = torch.zeros(target.shape, dtype=lse.dtype, device=lse.device) if w_tl is None else w_tl
         # The targets, weights and the margin are not differentiated (F.cross_entropy's class weights
         # are not either; probability targets that require grad are refused by the loss).
-        options = {} if w_pl is None and class_weight is None and soft_target is None else dict(
-            w_pl=w_pl, class_weight=class_weight, soft_target=soft_target)
+        options = {} if w_pl is None and class_weight is None and dense_soft_target is None else dict(
+            w_pl=w_pl, class_weight=class_weight, dense_soft_target=dense_soft_target)
         mask = grad_mask(ctx.needs_input_grad)
         grads = backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, ctx.eps, ctx.tau, ctx.margin,
                          **options, grad_mask=mask)
@@ -241,7 +241,7 @@ def _once_differentiable(op_family: str, kernel):
 
 # ----------------------------------------------------------------------------------------------
 # Autocast: the forward ops are on autocast's float32 list, like PyTorch's cdist and cross_entropy
-# (distances cancel, SPEC §2.1): in an autocast region half inputs are cast to float32 (float64
+# (distances cancel, docs/design.md §2.1 (near pairs)): in an autocast region half inputs are cast to float32 (float64
 # stays float64) and the op runs with autocast off, returning float32.
 # ----------------------------------------------------------------------------------------------
 

@@ -232,30 +232,30 @@ def fused_logits(x, mu, L, beta, lam, gamma, eps: float, backend: str) -> torch.
 
 
 def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, backend: str,
-                    class_weight=None, soft_target=None):
+                    class_weight=None, dense_soft_target=None):
     """(lse, tl, sl, pl) float64 through `backend`'s fused cross-entropy op; target holds class
     indices local to mu's rows ([B] or [B, k]), −1 where the row has none of them; class_weight [C]
-    and the dense probability target soft_target [B, C] are optional (ops/row_stats.py)."""
+    and the dense probability target dense_soft_target [B, C] are optional (ops/row_stats.py)."""
     if backend == "torch":
-        return torch_ops.row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target)
+        return torch_ops.row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, dense_soft_target)
     dtype = _kernel_dtype(backend, x.dtype, "cross_entropy")
     acc = compute_dtype(x.dtype)
     _, ce_op = _ops(backend, x.device)
     lc = metric_factor(L, eps, acc)
     options = ()
-    if class_weight is not None or soft_target is not None:
+    if class_weight is not None or dense_soft_target is not None:
         # The Triton kernels read the target in any floating dtype through its strides; the C++
         # kernels read it in the compute dtype (a copy only where the dtypes differ).
-        if soft_target is not None and (backend == "cpp" or soft_target.dtype not in (torch.float32, torch.float64)):
-            soft_target = soft_target.to(acc)
+        if dense_soft_target is not None and (backend == "cpp" or dense_soft_target.dtype not in (torch.float32, torch.float64)):
+            dense_soft_target = dense_soft_target.to(acc)
         options = (None if class_weight is None else class_weight.detach().to(acc),
-                   None if soft_target is None else soft_target.detach())
+                   None if dense_soft_target is None else dense_soft_target.detach())
     return _torch_if_launch_fails(
         backend,
         lambda: ce_op(x.to(dtype), mu.to(dtype), lc, beta.to(acc), _scalar(lam, x.device),
                       _scalar(gamma, x.device), target.to(torch.int64), float(eps),
                       transform.near_threshold(x.shape[1], acc), float(margin), *options),
-        lambda: torch_ops.row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target))
+        lambda: torch_ops.row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, dense_soft_target))
 
 
 # ----------------------------------------------------------------------------------------------

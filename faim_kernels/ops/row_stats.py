@@ -1,4 +1,4 @@
-"""The fused cross-entropy's row statistics (SPEC §2.2) and the loss assembled from them, shared by
+"""The fused cross-entropy's row statistics (docs/design.md §2.2, the fused cross-entropy) and the loss assembled from them, shared by
 the single-process loss (faim_kernels.functional) and the class-sharded one
 (faim_kernels.distributed). The op itself is in contract.py.
 
@@ -50,7 +50,7 @@ class LossTargets:
 
     kind: str                              # "index" | "dense" | "pairs"
     kernel_target: torch.Tensor            # int64 [B] or [B, k]: local class, −1 = not among the op's classes
-    soft_target: torch.Tensor | None       # dense [B, C_local] view of the user's tensor (no copy)
+    dense_soft_target: torch.Tensor | None       # dense [B, C_local] view of the user's tensor (no copy)
     class_weight: torch.Tensor | None      # [C_local]
     valid: torch.Tensor                    # bool [B]: rows that count
     target_weight: torch.Tensor | None     # index form with weights: v_t [B] float64 (0 on ignored rows)
@@ -100,7 +100,7 @@ def loss_targets(target, num_classes: int, ignore_index: int, label_smoothing: f
                        num_classes)
 
 
-def reference_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight=None, soft_target=None):
+def reference_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight=None, dense_soft_target=None):
     """(lse, tl, sl, pl) from the einsum logits: the oracle of the statistics (and the sharded
     reference path). Forms [B, C]. target [B] or [B, k] local class indices (−1: none here)."""
     logits = reference.randers_logits(x, mu, L, beta, lam, gamma, eps).to(torch.float64)
@@ -116,24 +116,24 @@ def reference_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weigh
     tl = torch.where(here, logits.gather(1, idx), 0.0) if C else logits.new_zeros(tgt.shape)
     v = logits.new_ones(C) if class_weight is None else class_weight.to(torch.float64)
     sl = logits @ v
-    pl = logits.new_zeros(B) if soft_target is None else (soft_target.to(torch.float64) * logits) @ v
+    pl = logits.new_zeros(B) if dense_soft_target is None else (dense_soft_target.to(torch.float64) * logits) @ v
     return lse, tl.reshape(target.shape), sl, pl
 
 
 def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, backend: str, class_weight=None,
-              soft_target=None):
+              dense_soft_target=None):
     """(lse, tl, sl, pl), float64, differentiable in x, mu, L, beta, lam, gamma.
 
     target: int64 [B] or [B, k] class indices local to mu's rows, −1 where the row has no target
-    among them; class_weight [C] or None; soft_target [B, C] or None (module docstring).
+    among them; class_weight [C] or None; dense_soft_target [B, C] or None (module docstring).
     backend: "cpp" or "triton" (the fused ops) or "reference" (the einsum logits)."""
     if backend == "reference":
-        return reference_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target)
+        return reference_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, dense_soft_target)
     lse, tl, sl, pl = dispatch.fused_row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, backend,
-                                               class_weight, soft_target)
+                                               class_weight, dense_soft_target)
     if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
         sl, pl = _ClassWeightGradient.apply(sl, pl, class_weight, (x, mu, L, beta, lam, gamma, target, eps, margin,
-                                                                   backend, soft_target))
+                                                                   backend, dense_soft_target))
     return lse, tl, sl, pl
 
 
@@ -159,20 +159,20 @@ class _ClassWeightGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_sl, g_pl):
-        x, mu, L, beta, lam, gamma, target, eps, margin, backend, soft_target = ctx.problem
+        x, mu, L, beta, lam, gamma, target, eps, margin, backend, dense_soft_target = ctx.problem
         B, C = x.shape[0], mu.shape[0]
         with torch.no_grad():
             detach = (lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
             x, mu, L, beta, lam, gamma = map(detach, (x, mu, L, beta, lam, gamma))
             u = torch.zeros(B, dtype=torch.float64, device=x.device) if g_sl is None else g_sl.to(torch.float64)
             none = torch.full((C,), -1, dtype=torch.int64, device=x.device)
-            if soft_target is None or g_pl is None:
+            if dense_soft_target is None or g_pl is None:
                 _, _, dv, _ = dispatch.fused_row_stats(mu, x, L, beta, lam, gamma, none, eps, 0.0, backend,
                                                        class_weight=u)
             else:
-                q = (u.unsqueeze(1) + g_pl.to(torch.float64).unsqueeze(1) * soft_target.to(torch.float64)).T
+                q = (u.unsqueeze(1) + g_pl.to(torch.float64).unsqueeze(1) * dense_soft_target.to(torch.float64)).T
                 _, _, _, dv = dispatch.fused_row_stats(mu, x, L, beta, lam, gamma, none, eps, 0.0, backend,
-                                                       soft_target=q)
+                                                       dense_soft_target=q)
             dv = dv.to(torch.float64)
             if margin != 0.0 and C and target.dim() == 1:
                 here = target >= 0

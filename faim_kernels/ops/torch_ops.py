@@ -2,12 +2,12 @@
 so the same code runs on every device PyTorch runs on (CPU without a compiler, CUDA without Triton,
 MPS, XPU, ...), under torch.func transforms and in exported graphs (torch.export, ONNX).
 
-The algorithm is the kernels' (SPEC §2): x' = (x − m)·Lc and mu' = (mu − m)·Lc (m the detached mean
+The algorithm is the kernels' (docs/design.md §2, the algorithm): x' = (x − m)·Lc and mu' = (mu − m)·Lc (m the detached mean
 prototype), one GEMM for x'·mu'ᵀ, q = |x'|² + |mu'|² − 2·x'·mu', s = x·beta − mu·beta in float64,
 then the epilogue as elementwise ops. The near pairs, whose expansion cannot be trusted (the kernels'
-rule: transform.risk_threshold's tau and the s-cancellation test: `_expansion`, `Eager.chunk`), are
+rule: transform.near_threshold's tau and the s-cancellation test: `_expansion`, `Eager.chunk`), are
 recomputed from the raw difference x_b − mu_c in float64, so they are exact, gradients included: the
-expansion's backward (which cancels on near pairs just as its forward does, SPEC §2.1) never sees
+expansion's backward (which cancels on near pairs just as its forward does, docs/design.md §2.1 (near pairs)) never sees
 those pairs (masked before the square roots, or P = R = 0 in the closed form); the recomputed pairs
 get theirs from the raw difference.
 
@@ -111,7 +111,7 @@ def _wide_dtype(device: torch.device) -> torch.dtype:
 
 def _sqrt0(v: torch.Tensor) -> torch.Tensor:
     """sqrt(v) whose gradient at v = 0 is 0 rather than inf (0·inf = NaN downstream): the package's
-    convention at an exact hit with eps = 0 (README, Guarantees). NaN stays NaN."""
+    convention at an exact hit with eps = 0 (docs/guarantees.md, the convention at an exact hit). NaN stays NaN."""
     zero = v == 0
     return torch.where(zero, torch.zeros_like(v), torch.sqrt(torch.where(zero, torch.ones_like(v), v)))
 
@@ -161,7 +161,7 @@ class Rows:
         self.x_wide = x.to(wide)
         self.sx = self.x_wide @ self.beta_wide
         self.lam = lam.to(compute) if isinstance(lam, torch.Tensor) else lam
-        self.tau = transform.risk_threshold(x.shape[1], compute)
+        self.tau = transform.near_threshold(x.shape[1], compute)
         self.s_risk = S_RISK[wide]
 
 
@@ -314,7 +314,7 @@ class Eager:
         self.sx = dot_wide(x, self.beta_wide, self.wide_rows)
         self.sx_col = self.sx[:, None]
         self.smu = dot_wide(mu, self.beta_wide, self.wide_rows)
-        self.tau = transform.risk_threshold(x.shape[1], self.compute)
+        self.tau = transform.near_threshold(x.shape[1], self.compute)
         self.s_risk = S_RISK[self.wide]
         # the near test's row term, eps folded in: q + eps >= tau·|x'|² + tau·|mu'|² + eps
         self.row_threshold = (self.tau * self.xn + eps)[:, None]
@@ -436,7 +436,7 @@ class Eager:
 
 
 class ClosedFormBackward:
-    """The backward of SPEC §2 for the eager form, chunk by chunk. Given G = ∂loss/∂logit over a
+    """The backward of docs/design.md §2 (the algorithm) for the eager form, chunk by chunk. Given G = ∂loss/∂logit over a
     chunk and its a, r, s, with H = −γ·G, P = H/a and R = H·λ·s/r (both 0 on near pairs):
 
         ∂x' = rowsum(P)·x' − P·mu'    ∂mu' = colsum(P)·mu' − Pᵀ·x'    (two GEMMs, as nn.Linear's)
@@ -447,7 +447,7 @@ class ClosedFormBackward:
     colsum(P') too. Each chunk's ∂mu' is taken to ∂mu (·Lcᵀ, plus ∂smu·beta) and ∂Lc at once, so
     that the only [C, D] tensor is the returned ∂mu. ∂γ is the caller's (it knows d). The near pairs
     are differentiated from their raw difference (autograd over the gathered pairs, exact where the
-    expansion's backward cancels, SPEC §2.1); `finish` chains Lc to L (autograd over the metric
+    expansion's backward cancels, docs/design.md §2.1 (near pairs)); `finish` chains Lc to L (autograd over the metric
     factor alone: a [D] or [D, D] graph) and adds the near pairs' gradients."""
 
     def __init__(self, ev: Eager, inputs, needs, gamma: float):
@@ -478,7 +478,7 @@ class ClosedFormBackward:
             self.near_c.append(ci + c0)
             self.near_g.append(G[bi, ci].to(ev.wide))
         P = torch.div(G, a)
-        if ev.eps == 0.0:  # an exact hit's P and R are 0 by convention (README, Guarantees)
+        if ev.eps == 0.0:  # an exact hit's P and R are 0 by convention (docs/guarantees.md, the convention at an exact hit)
             P.masked_fill_(a == 0, 0.0)
         if bi.numel():
             P.index_put_((bi, ci), P.new_zeros(()))
@@ -748,7 +748,7 @@ def _margin_logits(rows, d, gamma, target, c0, c1, margin):
     return lg
 
 
-def _chunk_stats(lg, target, c0, c1, class_weight, soft_target):
+def _chunk_stats(lg, target, c0, c1, class_weight, dense_soft_target):
     """(lse, tl, sl, pl) of one chunk's logits' [B, c] (tl over the chunk's targets, 0 elsewhere): the
     static form's."""
     B = lg.shape[0]
@@ -758,10 +758,10 @@ def _chunk_stats(lg, target, c0, c1, class_weight, soft_target):
     lse = torch.logsumexp(lg, dim=1) if lg.shape[1] else lg.new_full((B,), float("-inf"))
     v = None if class_weight is None else class_weight[c0:c1].to(lg.dtype)
     sl = lg.sum(dim=1) if v is None else lg @ v
-    if soft_target is None:
+    if dense_soft_target is None:
         pl = torch.zeros_like(sl)
     else:
-        pw = soft_target[:, c0:c1].to(lg.dtype) * lg
+        pw = dense_soft_target[:, c0:c1].to(lg.dtype) * lg
         pl = pw.sum(dim=1) if v is None else pw @ v
     return lse, tl, sl, pl
 
@@ -784,10 +784,10 @@ def _margin_chunk_logits(ev: Eager, cls, c0, c1, g, t2, margin, want_parts=False
     return lg, cells, got
 
 
-def _row_weights(lg, c0, c1, class_weight, soft_target):
+def _row_weights(lg, c0, c1, class_weight, dense_soft_target):
     """v [c] (None without class weights) and the dense soft target's columns [B, c] (or None)."""
     v = None if class_weight is None else class_weight[c0:c1].to(lg.dtype)
-    p = None if soft_target is None else soft_target[:, c0:c1].to(lg.dtype)
+    p = None if dense_soft_target is None else dense_soft_target[:, c0:c1].to(lg.dtype)
     return v, p
 
 
@@ -797,7 +797,7 @@ class _RowStats(torch.autograd.Function):
     backward recomputes each chunk's d (no [B, C] is kept) and applies the closed form."""
 
     @staticmethod
-    def forward(ctx, x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, soft_target):
+    def forward(ctx, x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, dense_soft_target):
         B, C = x.shape[0], mu.shape[0]
         ev = Eager(x, mu, L, beta, lam, eps, FORWARD_CHUNKS_PER_CALL)
         wide, g, t2 = ev.wide, float(gamma), _as_2d(target)
@@ -808,7 +808,7 @@ class _RowStats(torch.autograd.Function):
             lg, (b, k, c), _ = _margin_chunk_logits(ev, ev.classes(c0, c1), c0, c1, g, t2, margin)
             if b.numel():
                 tl[b, k] = lg[b, c].to(wide)
-            v, p = _row_weights(lg, c0, c1, class_weight, soft_target)
+            v, p = _row_weights(lg, c0, c1, class_weight, dense_soft_target)
             sl += lg.sum(dim=1, dtype=wide) if v is None else (lg @ v).to(wide)
             if p is not None:
                 pw = torch.mul(p, lg)
@@ -823,7 +823,7 @@ class _RowStats(torch.autograd.Function):
             lse = x.new_full((B,), float("-inf"), dtype=wide)
         else:
             lse = torch.logsumexp(torch.stack(maxes, 1) + torch.log(torch.stack(sums, 1)), dim=1)
-        ctx.save_for_backward(x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target)
+        ctx.save_for_backward(x, mu, L, beta, lam, gamma, target, lse, class_weight, dense_soft_target)
         ctx.eps, ctx.margin = eps, margin
         ctx.eager = ev  # (the row side, mu·beta, the s test's pairs and the chunk grid, reused by the backward)
         return lse, tl.reshape(target.shape), sl, pl
@@ -837,7 +837,7 @@ class _RowStats(torch.autograd.Function):
         return (*_once(grads, inputs), None, None, None, None, None)
 
     @staticmethod
-    def _gradients(ctx, w_lse, w_tl, w_sl, w_pl, x, mu, L, beta, lam, gamma, target, lse, class_weight, soft_target):
+    def _gradients(ctx, w_lse, w_tl, w_sl, w_pl, x, mu, L, beta, lam, gamma, target, lse, class_weight, dense_soft_target):
         inputs, needs = (x, mu, L, beta, lam, gamma), list(ctx.needs_input_grad[:6])
         ev = ctx.eager
         compute, wide, g, t2 = ev.compute, ev.wide, float(gamma), _as_2d(target)
@@ -859,7 +859,7 @@ class _RowStats(torch.autograd.Function):
                 G = torch.zeros_like(lg)
             if wt is not None and b.numel():
                 G.index_put_((b, c), wt[b, k], accumulate=True)
-            v, p = _row_weights(lg, c0, c1, class_weight, soft_target)
+            v, p = _row_weights(lg, c0, c1, class_weight, dense_soft_target)
             lin = None
             if w_sl is not None:
                 lin = w_sl.to(compute)[:, None]
@@ -882,20 +882,20 @@ class _RowStats(torch.autograd.Function):
         return bw.finish(dgamma)
 
 
-def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, class_weight=None, soft_target=None):
+def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, class_weight=None, dense_soft_target=None):
     """(lse, tl, sl, pl) in the wide dtype, differentiable in x, mu, L, beta, lam, gamma (contract of
     ops/row_stats.py). target: local class indices [B] or [B, k], −1 where a row has none here."""
     if not static_shapes() and target.numel() and bool((target == -2).any()):
         raise ValueError("faim_kernels: target holds a class index out of range [0, C)")
     class_weight = None if class_weight is None else class_weight.detach()
-    soft_target = None if soft_target is None else soft_target.detach()
+    dense_soft_target = None if dense_soft_target is None else dense_soft_target.detach()
     if static_shapes():
         rows = _prepare(x, mu, L, beta, lam, eps, static=True)
         lg = _margin_logits(rows, distance_static(rows, mu, eps), gamma, target, 0, mu.shape[0], margin)
-        return _chunk_stats(lg, target, 0, mu.shape[0], class_weight, soft_target)
+        return _chunk_stats(lg, target, 0, mu.shape[0], class_weight, dense_soft_target)
     target = target.to(torch.int64)
     return _RowStats.apply(x, mu, L, beta, _scalar_tensor(lam, x), _scalar_tensor(gamma, x), target, eps,
-                           margin, class_weight, soft_target)
+                           margin, class_weight, dense_soft_target)
 
 
 # ----------------------------------------------------------------------------------------------

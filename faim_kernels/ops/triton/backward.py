@@ -25,7 +25,7 @@ P = H/a, R = H·λ·s/r accumulates
     ∂own'_i = rowsum(P)_i·own'_i − (P·oth')_i      (far pairs: one tl.dot per tile)
             + Σ_j P_ij·((own_i − oth_j)·Lc)         (near pairs: from the raw difference)
     ∂s_own  = rowsum(R);   ∂λ = Σ H·r,  ∂γ = −Σ G·dist  (x side only; dist = d + margin·[c = t])
-Near pairs (q < tau·(|own'|² + |oth'|²), SPEC §2.1, and every CE target) contribute nothing to
+Near pairs (q < tau·(|own'|² + |oth'|²), docs/design.md §2.1 (near pairs), and every CE target) contribute nothing to
 the tile sums: the loop notes them and all their terms are added after it from the exact q, in the
 order met, so every sum runs in the same order on every call with the same launch configuration
 (no float atomics). A program meeting more than `configs.BWD_NEAR_CAP` of them walks the other side

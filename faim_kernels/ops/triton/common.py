@@ -54,7 +54,7 @@ def _mm(a, b, acc, IMPL: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _tile_dot(a_ptr, b_ptr, ra, rb, a_mask, b_mask, D, acc,
               BLOCK_K: tl.constexpr, IMPL: tl.constexpr, PREC: tl.constexpr):
-    """acc + A[ra, :]·B[rb, :]ᵀ for row-major A, B with D columns: the GEMM of SPEC §2."""
+    """acc + A[ra, :]·B[rb, :]ᵀ for row-major A, B with D columns: the GEMM of docs/design.md §2 (the algorithm)."""
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + ra[:, None] * D + rk[None, :]
     b_ptrs = b_ptr + rb[None, :] * D + rk[:, None]
@@ -70,7 +70,7 @@ def _tile_dot(a_ptr, b_ptr, ra, rb, a_mask, b_mask, D, acc,
 @triton.jit
 def _q_is_near(q, norms, tau):
     """Whether a pair is a near pair by its q: the expansion q = norms − 2·dot cancels
-    (q < tau·norms, SPEC §2.1), is NaN (Inf − Inf from an infinite coordinate, or overflow), or its
+    (q < tau·norms, docs/design.md §2.1 (near pairs)), is NaN (Inf − Inf from an infinite coordinate, or overflow), or its
     norms overflowed (float32 inputs near 1e19 and beyond). Near pairs are recomputed, which
     gives the limit (+Inf for an infinite coordinate) or the finite value; a NaN input stays NaN."""
     return (q < tau * norms) | (q != q) | (norms == float("inf"))
@@ -105,7 +105,7 @@ def _rsqrt_no_flush(v):
 
 @triton.jit
 def _pair_distance(q, s, lam, eps):
-    """(a, r, d, 1/a, 1/r) with a = sqrt(q + eps), r = sqrt(s² + eps), d = a + λ·r (SPEC Eq. 2).
+    """(a, r, d, 1/a, 1/r) with a = sqrt(q + eps), r = sqrt(s² + eps), d = a + λ·r (docs/design.md Eq. 2).
     q < 0 (rounding) counts as 0; NaN stays NaN; a = 0 (or r = 0) where eps = 0 at a hit.
     Two reciprocal square roots serve both the forward and the backward (P = H/a, R = H·λ·s/r):
     half the special-function operations of two square roots and two divisions, and those run
@@ -147,7 +147,7 @@ def _near_pair_distance(q64, s_near, s_gemm, lam, eps):
 def _pair_s(s_row_hi, s_row_lo, s_col_hi, s_col_lo):
     """s = sx_b − smu_c from float64 sx, smu split into fp32 hi + lo parts: the hi difference is
     exact when they are close (Sterbenz), so s keeps its relative accuracy without fp64 math per
-    pair (SPEC §2.1). For float64 kernels lo is zero and hi is the float64 value."""
+    pair (docs/design.md §2.1, near pairs). For float64 kernels lo is zero and hi is the float64 value."""
     return (s_row_hi[:, None] - s_col_hi[None, :]) + (s_row_lo[:, None] - s_col_lo[None, :])
 
 
@@ -158,7 +158,7 @@ def _recompute_near_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, b, c, pmask, j_keep, 
     """Exact q for a block of pairs (b_p, c_p), from the raw rows x, mu [*, D] (row-major) and
     Lc ([D], or row-major [D, D]): q_p = |diff'_p|², diff' = (x[b_p] − mu[c_p])·Lc.
     x_b − mu_c is nearly exact when the pair is close, which is when the GEMM expansion is not
-    (SPEC §2.1). O(D) per pair for a diagonal Lc, O(D²) for a full one.
+    (docs/design.md §2.1, near pairs). O(D) per pair for a diagonal Lc, O(D²) for a full one.
 
     q is summed in float64 (float32 inputs near 1e30 have a finite distance whose square is not a
     float32). Non-finite differences take their limit: q is NaN if a coordinate of x_b − mu_c is NaN
@@ -390,7 +390,7 @@ def _apply_t(v, lc):
 
 
 class Operands:
-    """The prepared operands of one op call, formed once and shared by its kernels (SPEC §2):
+    """The prepared operands of one op call, formed once and shared by its kernels (docs/design.md §2, the algorithm):
 
         m          the centre (transform.center_of of mu in the compute dtype)
         x, mu      the raw rows in the compute dtype (the near-pair recompute's inputs), lc, beta likewise
@@ -428,7 +428,7 @@ class Operands:
         self.lam = lam.detach().to(torch.float64).reshape(())
         self.gamma = gamma.detach().to(torch.float64).reshape(())
         # A kernel that rounds its operands below the compute precision must recompute more pairs.
-        self.tau = (max(float(tau), transform.risk_threshold(self.D, acc, operand_eps)) if operand_eps
+        self.tau = (max(float(tau), transform.near_threshold(self.D, acc, operand_eps)) if operand_eps
                     else float(tau))
         self.eps_hi = float(torch.tensor(eps, dtype=torch.float32))
         self.eps_lo = float(eps) - self.eps_hi

@@ -1,4 +1,4 @@
-"""The fused cross-entropy op (SPEC §2.2) for CUDA tensors (and CPU tensors through Triton's
+"""The fused cross-entropy op (docs/design.md §2.2, the fused cross-entropy) for CUDA tensors (and CPU tensors through Triton's
 interpreter): its forward kernel and the launchers of both directions, with the contract of
 faim_kernels/ops/contract.py. x and mu arrive in float16, bfloat16 (half GEMM operands, fp32
 accumulation), float32 or float64; the preparation (common.Operands: centre, x', mu', norms, s = v·beta in
@@ -15,7 +15,7 @@ float64) runs once per op call.
   backward         backward.py's kernel with CE = 1, once per side, which recomputes each tile's
                    logits and G; then the chain rule to the raw inputs (common.Operands.chain).
 
-Exactness (SPEC §2.1): a pair is recomputed from the raw difference (x_b − mu_c)·Lc when
+Exactness (docs/design.md §2.1, near pairs): a pair is recomputed from the raw difference (x_b − mu_c)·Lc when
 q < tau·(|x'_b|² + |mu'_c|²), and every target pair is, so the target logit and the margin are
 exact. The forward recomputes those pairs inside the program, a block of them at a time in tile
 order (_recompute_tile_near_pairs), before the tile's logits enter the row statistics.
@@ -189,18 +189,9 @@ def _rows(target, margin, class_weight, dense_soft_target, **backward_weights):
                                    dense_soft_target=dense_soft_target, **backward_weights)
 
 
-def _dense_soft_target(dense_soft_target, soft_target):
-    """The dense [B, C] probability target, given under its name or under the op schema's older
-    keyword `soft_target` (accepted until the schema takes the name dense_soft_target too)."""
-    if soft_target is not None and dense_soft_target is not None:
-        raise TypeError("pass dense_soft_target or soft_target, not both")
-    return soft_target if dense_soft_target is None else dense_soft_target
-
-
 def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float, class_weight=None,
-            dense_soft_target=None, *, soft_target=None):
+            dense_soft_target=None):
     """(lse, target_logit, sl, pl), float64: the randers_cross_entropy op of the contract."""
-    dense_soft_target = _dense_soft_target(dense_soft_target, soft_target)
     B, C = x.shape[0], mu.shape[0]
     f64 = dict(dtype=torch.float64, device=x.device)
     if B == 0 or C == 0:
@@ -238,12 +229,11 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
 
 
 def backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float,
-             w_pl=None, class_weight=None, dense_soft_target=None, grad_mask: int = 63, *, soft_target=None):
+             w_pl=None, class_weight=None, dense_soft_target=None, grad_mask: int = 63):
     """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes for the per-row weights
     w = ∂loss/∂(lse, target_logit, sl, pl): the randers_cross_entropy_backward op. Bit k of grad_mask
     asks for gradient k (x, mu, lc, beta, lam, gamma); an unasked one is an empty tensor
-    (backward.backward_both_sides). `soft_target=`: the older keyword of dense_soft_target."""
-    dense_soft_target = _dense_soft_target(dense_soft_target, soft_target)
+    (backward.backward_both_sides)."""
     B, C = x.shape[0], mu.shape[0]
     if B == 0 or C == 0:
         return zero_grads((x, mu, lc, beta, lam, gamma), grad_mask)

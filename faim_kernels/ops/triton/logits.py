@@ -4,7 +4,7 @@ kernels and the launchers of both directions, with the contract of faim_kernels/
 Forward, four launches after the preparation (common.Operands: centre, x', mu' with ATen, then one
 side-prep launch per side for the norms and the float64 s = v·beta):
   _logits_fwd_kernel     tiles of x'·mu'ᵀ (tl.dot over D, grouped launch order) with the epilogue
-                         fused: q = |x'|² + |mu'|² − 2x'·mu', the near-pair test of SPEC §2.1, s, d,
+                         fused: q = |x'|² + |mu'|² − 2x'·mu', the near-pair test of docs/design.md §2.1 (near pairs), s, d,
                          −γ·d, written once. Near pairs go to a short list (atomic counter).
   _logits_near_pairs_kernel   recomputes the listed pairs from the raw difference (x_b − mu_c)·Lc and
                          overwrites them, and every pair of each listed tile (a tile with more near

@@ -3,7 +3,7 @@ launcher, with the contract of faim_kernels/ops/contract.py (randers_topk: forwa
 
 One launch after the preparation (common.Operands: centre, x', mu', norms, float64 s):
   _topk_kernel   program (row block, class split) sweeps its split's class tiles: a GEMM tile of
-                 x'·mu'ᵀ with the epilogue of SPEC §1-2, the near pairs of SPEC §2.1 recomputed
+                 x'·mu'ᵀ with the epilogue of docs/design.md §1 (the function)-2, the near pairs of docs/design.md §2.1 (near pairs) recomputed
                  from the raw difference inside the tile BEFORE any comparison, then the tile's KP
                  best merged into the program's running KP best (registers, sorted).
 Each (distance, class) pair travels as one int64 key: the distance's float32 bits mapped to an
