@@ -104,7 +104,7 @@ def bwd_ptrs(op, acc, ce, from_logits, opts):
                 s_oth_hi_ptr=acc, s_oth_lo_ptr=acc, own_raw_ptr=acc, oth_raw_ptr=acc, lc_ptr=acc, beta_ptr=acc,
                 lam_ptr="fp64", gamma_ptr="fp64", dp_ptr=acc, ds_ptr="fp64", scal_ptr="fp64", near_ptr="i64")
     if ce:
-        ptrs.update(tgt_ptr="i64", w_lse_ptr="fp64", w_tl_ptr="fp64", w_sl_ptr="fp64", lse_ptr="fp64")
+        ptrs.update(tgt_ptr="i64", w_lse_ptr="fp64", w_target_logit_ptr="fp64", w_sl_ptr="fp64", lse_ptr="fp64")
         if opts["HAS_SOFT"]:
             ptrs.update(w_pl_ptr="fp64", soft_ptr=acc)
         if opts["HAS_WEIGHT"]:
@@ -114,7 +114,7 @@ def bwd_ptrs(op, acc, ce, from_logits, opts):
     return ptrs
 
 
-BWD_OPTIONAL = ("g_ptr", "lg_ptr", "tgt_ptr", "w_lse_ptr", "w_tl_ptr", "w_sl_ptr", "lse_ptr", "w_pl_ptr", "cw_ptr",
+BWD_OPTIONAL = ("g_ptr", "lg_ptr", "tgt_ptr", "w_lse_ptr", "w_target_logit_ptr", "w_sl_ptr", "lse_ptr", "w_pl_ptr", "cw_ptr",
                 "soft_ptr")
 
 

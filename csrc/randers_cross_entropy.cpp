@@ -4,7 +4,7 @@
 //     lse_b = logsumexp_c logit'_bc,   target_logit_bk = logit'_b,t_bk (k targets per row),
 //     sl_b = Σ_c v_c·logit'_bc,        pl_b = Σ_c v_c·P_bc·logit'_bc
 // from an online logsumexp over class tiles, and the backward takes per-row upstream weights
-// (∂loss/∂lse, ∂loss/∂target_logit (the schema's w_tl), ∂loss/∂sl, ∂loss/∂pl) and recomputes each
+// (∂loss/∂lse, ∂loss/∂target_logit (the schema's w_target_logit), ∂loss/∂sl, ∂loss/∂pl) and recomputes each
 // tile. No [B, C] array exists at any point. The loss itself (reduction, ignore_index, class
 // weights, label smoothing, probability targets, z-loss) is O(B·k) work done in Python
 // (faim_kernels/ops/row_stats.py); the schemas and the autograd formula are in
@@ -240,7 +240,7 @@ struct RowWork : RowTerms<T> {
 };
 
 // The backward's per-pair terms of one row (docs/design.md §2, the algorithm): G = w_lse·softmax + lin (lin_j = w_sl·v_j +
-// w_pl·v_j·P_bj, or the constant w_sl where lin is null; the targets' w_tl are added by the caller),
+// w_pl·v_j·P_bj, or the constant w_sl where lin is null; the targets' w_target_logit are added by the caller),
 // H = −γ·G, P = H/a, R = H·λ·s/r. a = 0 only at an exact hit with eps = 0: subgradient 0 there (NaN
 // stays NaN). Divide first, select after: the loop vectorises.
 template <typename T>
@@ -415,12 +415,12 @@ void ce_forward(const CEProblem<T>& pb, double* lse, double* target_logit, doubl
 // The upstream weights of the backward, per row (float64): ∂loss/∂lse, ∂loss/∂target_logit [B, K],
 // ∂loss/∂sl, ∂loss/∂pl (or null), and the forward's lse.
 struct RowWeights {
-    const double *w_lse, *w_tl, *w_sl, *w_pl, *lse;
+    const double *w_lse, *w_target_logit, *w_sl, *w_pl, *lse;
 
     // A row whose every weight is 0 (e.g. an ignored target) adds nothing to any gradient.
     bool zero(int64_t b, int64_t K) const {
         bool z = w_lse[b] == 0 && w_sl[b] == 0 && (!w_pl || w_pl[b] == 0);
-        for (int64_t k = 0; k < K; ++k) z = z && w_tl[b * K + k] == 0;
+        for (int64_t k = 0; k < K; ++k) z = z && w_target_logit[b * K + k] == 0;
         return z;
     }
 };
@@ -502,9 +502,9 @@ void ce_near_pairs(const CEProblem<T>& pb, const RowWeights& rw, int64_t b, int6
         const Pair<T> pr = recompute_near_pair(in, b, c0 + j, sc.acc.data(), sc.diffp.data());
         const T dist = pr.d + (sc.is_t[j] ? margin : T(0));
         d[j] = dist;
-        T wt = T(0);  // Σ_k w_tl,bk over the targets in this column (repeats add up)
+        T wt = T(0);  // Σ_k w_target_logit,bk over the targets in this column (repeats add up)
         for (int64_t k = 0; k < K; ++k)
-            if (sc.cols[k] == j) wt += T(rw.w_tl[b * K + k]);
+            if (sc.cols[k] == j) wt += T(rw.w_target_logit[b * K + k]);
         G[j] = wl * exp_nonpositive(T(double(-g * dist) - lse_b)) + (linp ? linp[j] : ws) + wt;
         H[j] = -g * G[j];
         R[j] = pr.r == T(0) ? T(0) : H[j] * lam * pr.s / pr.r;
@@ -690,7 +690,7 @@ std::vector<at::Tensor> ce_chain_rows(const CEProblem<T>& pb, const GradMask& wa
 }
 
 // Backward. With G_bc = ∂loss/∂logit'_bc = w_lse,b·exp(logit'_bc − lse_b) + v_c·(w_sl,b + w_pl,b·P_bc)
-//                                          + Σ_k w_tl,bk·[c = t_bk],
+//                                          + Σ_k w_target_logit,bk·[c = t_bk],
 // H = −γ·G, P = H/a and R = H·λ·s/r (docs/design.md §2, the algorithm):
 //   ∂x'_b  = rowsum(P)_b·x'_b − (P·mu')_b,  ∂mu'_c = colsum(P)_c·mu'_c − (Pᵀ·x')_c   (far pairs, GEMMs)
 //   ± P·diff' for pairs recomputed from the raw difference (near pairs and every target pair),
@@ -766,7 +766,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_fwd_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_ce_bwd_cpu(
-    const at::Tensor& w_lse, const at::Tensor& w_tl, const at::Tensor& w_sl, const at::Tensor& lse,
+    const at::Tensor& w_lse, const at::Tensor& w_target_logit, const at::Tensor& w_sl, const at::Tensor& lse,
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
     const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& target, double eps, double tau, double margin,
     const std::optional<at::Tensor>& w_pl, const std::optional<at::Tensor>& class_weight,
@@ -775,9 +775,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::NoGradGuard no_grad;
     for (const at::Tensor* t : {&w_lse, &w_sl, &lse})
         TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0), "the row weights and lse must be [B]");
-    TORCH_CHECK(w_tl.sizes() == target.sizes(), "w_tl must have the target's shape");
+    TORCH_CHECK(w_target_logit.sizes() == target.sizes(), "w_target_logit must have the target's shape");
     if (w_pl.has_value()) TORCH_CHECK(w_pl->dim() == 1 && w_pl->size(0) == x.size(0), "w_pl must be [B]");
-    const at::Tensor wl = w_lse.to(at::kDouble).contiguous(), wt = w_tl.to(at::kDouble).contiguous(),
+    const at::Tensor wl = w_lse.to(at::kDouble).contiguous(), wt = w_target_logit.to(at::kDouble).contiguous(),
                      ws = w_sl.to(at::kDouble).contiguous(), l = lse.to(at::kDouble).contiguous();
     const at::Tensor wp = w_pl.has_value() ? w_pl->to(at::kDouble).contiguous() : at::Tensor();
     std::vector<at::Tensor> res;

@@ -5,13 +5,13 @@ Each rank of a process group holds a contiguous slice of the prototypes mu (rank
 [offset_r, offset_r + C_r), slices in rank order; `shard_range` gives an even split) and the same
 x, target, L, beta, lam, gamma as every other rank (x is typically the all-gathered batch). Each
 rank runs the fused kernel on its slice only, which yields per-row statistics of its logits
-(faim_kernels/ops/row_stats.py): lse^r, the target logits tl^r (0 unless a target is one of its
+(faim_kernels/ops/row_stats.py): lse^r, the target logits target_logit^r (0 unless a target is one of its
 classes), Σ v·logits sl^r and Σ v·P·logits pl^r (class weights v, dense probability target P: the
 rank's columns of both, views). Two all-reduces combine them into the statistics of the full
 softmax,
 
     M_b = max_r lse^r_b                                            (all_reduce MAX, no gradient)
-    lse_b = M_b + log Σ_r exp(lse^r_b − M_b),  tl = Σ_r tl^r,  sl = Σ_r sl^r,  pl = Σ_r pl^r
+    lse_b = M_b + log Σ_r exp(lse^r_b − M_b),  target_logit = Σ_r target_logit^r,  sl = Σ_r sl^r,  pl = Σ_r pl^r
                                                                    (all_reduce SUM)
 
 so every rank computes the same loss, equal to the single-process loss. Backward: the sum's
@@ -160,18 +160,18 @@ def sharded_randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float
         # A learned class weight: its gradient through this rank's classes (sl, pl) is summed over
         # ranks, as x's is; the rest of the loss reads it identically on every rank (counted once).
         rows = dataclasses.replace(rows, class_weight=_Replicated.apply(group, weight)[0][offset:offset + mu.shape[0]])
-    lse_r, tl_r, sl_r, pl_r = row_stats(x, mu, L, beta, lam, gamma, rows.kernel_target, eps, margin, backend,
+    lse_r, target_logit_r, sl_r, pl_r = row_stats(x, mu, L, beta, lam, gamma, rows.kernel_target, eps, margin, backend,
                                         rows.class_weight, rows.dense_soft_target)
     M = lse_r.detach().clone()
     dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
     M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))  # a row with no class anywhere: −inf
     B = x.shape[0]
-    packed = torch.cat([torch.stack([torch.exp(lse_r - M), sl_r, pl_r], dim=1), tl_r.reshape(B, -1)], dim=1)
+    packed = torch.cat([torch.stack([torch.exp(lse_r - M), sl_r, pl_r], dim=1), target_logit_r.reshape(B, -1)], dim=1)
     sums = _AllReduceSum.apply(packed, group)
     # sums[:, 0] >= 1 on any row with a class (the maximising rank adds exp(0)); the clamp only keeps
     # log finite on rows with none (all ignored, C = 0), whose loss is masked anyway.
     lse = M + torch.log(sums[:, 0].clamp_min(torch.finfo(torch.float64).tiny))
-    loss = loss_from_stats(lse, sums[:, 3:].reshape(tl_r.shape), sums[:, 1], sums[:, 2], rows, reduction, x.dtype,
+    loss = loss_from_stats(lse, sums[:, 3:].reshape(target_logit_r.shape), sums[:, 1], sums[:, 2], rows, reduction, x.dtype,
                            lse_square_scale)
     return (loss, lse.to(x.dtype)) if return_lse else loss
 

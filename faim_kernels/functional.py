@@ -107,9 +107,9 @@ def randers_cross_entropy(x, mu, L, beta, lam, gamma, target, eps: float = 1e-6,
                                                ignore_index, reduction, weight=weight,
                                                lse_square_scale=lse_square_scale, return_lse=return_lse)
     rows = loss_targets(target, mu.shape[0], ignore_index, label_smoothing, weight)
-    lse, tl, sl, pl = row_stats(x, mu, L, beta, lam, gamma, rows.kernel_target, eps, margin, backend,
+    lse, target_logit, sl, pl = row_stats(x, mu, L, beta, lam, gamma, rows.kernel_target, eps, margin, backend,
                                 rows.class_weight, rows.dense_soft_target)
-    loss = loss_from_stats(lse, tl, sl, pl, rows, reduction, x.dtype, lse_square_scale)
+    loss = loss_from_stats(lse, target_logit, sl, pl, rows, reduction, x.dtype, lse_square_scale)
     return (loss, lse.to(x.dtype)) if return_lse else loss
 
 

@@ -219,8 +219,8 @@ def test_backward_ops_return_empty_for_unneeded(op_family):
                                             sx, smu, 1e-6, tau, grad_mask=0b100010)
     else:
         target = torch.tensor([0, 1, 2, -1])
-        lse, tl, sl, pl = contract.cross_entropy_op(x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0)
-        grads = contract.cross_entropy_backward_op(torch.ones_like(lse), -torch.ones_like(tl), torch.zeros_like(sl),
+        lse, target_logit, sl, pl = contract.cross_entropy_op(x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0)
+        grads = contract.cross_entropy_backward_op(torch.ones_like(lse), -torch.ones_like(target_logit), torch.zeros_like(sl),
                                                    lse, x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0,
                                                    grad_mask=0b100010)
     assert [tuple(g.shape) for g in grads] == [(0,), tuple(mu.shape), (0,), (0,), (0,), ()]

@@ -249,8 +249,8 @@ def test_opcheck(backend, device, full):
     soft = torch.rand(C, B, dtype=torch.float64, device=device).t()
     opt_args = plain[:6] + (pairs,) + plain[7:9] + (0.0, cw, soft)
     torch.library.opcheck(fwd, args[:6] + opt_args[6:])
-    w_tl = torch.randn(B, 2, dtype=torch.float64, device=device)
-    torch.library.opcheck(bwd, (w[0], w_tl, w[2], lse) + opt_args[:10] + (w[1], cw, soft))
+    w_target_logit = torch.randn(B, 2, dtype=torch.float64, device=device)
+    torch.library.opcheck(bwd, (w[0], w_target_logit, w[2], lse) + opt_args[:10] + (w[1], cw, soft))
 
 
 def test_op_statistics_against_reference(backend, device):
@@ -262,7 +262,7 @@ def test_op_statistics_against_reference(backend, device):
     got = fwd(*args)
     inputs = make_inputs(7, 11, 5, full=True, dtype=torch.float64, device=device)
     want = ce_ops.reference_stats(*inputs, target, eps, margin)
-    for name, g, w in zip(["lse", "tl", "sl"], got, want):
+    for name, g, w in zip(["lse", "target_logit", "sl"], got, want):
         assert g.dtype == torch.float64
         assert_rel_close(g, w, 1e-12, name)
     assert got[1][2] == 0

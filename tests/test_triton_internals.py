@@ -326,8 +326,8 @@ def test_dense_soft_target_by_position_and_by_name():
         assert torch.equal(a, b)
     assert not torch.equal(by_name[3], tri.cross_entropy.forward(*args)[3])  # the target is read
     w = [torch.rand(7, dtype=torch.float64, device=DEVICE) for _ in range(3)]
-    w_tl = torch.rand(7, 1, dtype=torch.float64, device=DEVICE)
-    bwd = (w[0], w_tl, w[1], by_name[0], x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0, w[2])
+    w_target_logit = torch.rand(7, 1, dtype=torch.float64, device=DEVICE)
+    bwd = (w[0], w_target_logit, w[1], by_name[0], x, mu, lc, beta, lam, gamma, target, 1e-6, tau, 0.0, w[2])
     for a, b in zip(tri.cross_entropy.backward(*bwd, dense_soft_target=dense),
                     tri.cross_entropy.backward(*bwd, None, dense)):
         assert torch.equal(a, b)

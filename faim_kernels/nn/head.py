@@ -506,10 +506,10 @@ class FAIMHead(_MetricParams):
         # −1 is the kernels' "no target here": an ignored row; a −1 that is not ignore_index is out of
         # range and must be refused, so it becomes −2, which the kernel refuses.
         kernel_target = t if ignore_index == -1 else t.masked_fill(t == -1, -2)
-        lse, tl, _, _ = contract.cross_entropy_op(x.reshape(-1, self.in_features), self.mu, lc, self.beta, lam,
+        lse, target_logit, _, _ = contract.cross_entropy_op(x.reshape(-1, self.in_features), self.mu, lc, self.beta, lam,
                                                   gamma, kernel_target.masked_fill(ignored, -1), self.eps,
                                                   self._tau(), 0.0)
-        total = (lse - tl).masked_fill(ignored, 0.0).sum()
+        total = (lse - target_logit).masked_fill(ignored, 0.0).sum()
         if reduction == "mean":
             total = total / (ignored.numel() - ignored.sum())
         return total.to(x.dtype)

@@ -24,18 +24,18 @@ the margin logits logit'_bc = −γ·(d_bc + margin·[c = t_b]) and the loss is 
 (faim_kernels/ops/row_stats.py).
 
     randers_cross_entropy(x, mu, lc, beta, lam, gamma, target, eps, tau, margin,
-                          class_weight=None, dense_soft_target=None) -> (lse, tl, sl, pl)
-        float64 each: lse [B] = logsumexp_c logit'_bc; tl (target's shape, [B] or [B, k]) the logits
+                          class_weight=None, dense_soft_target=None) -> (lse, target_logit, sl, pl)
+        float64 each: lse [B] = logsumexp_c logit'_bc; target_logit (target's shape, [B] or [B, k]) the logits
         at the target classes (0 where an index is −1: no target among these classes); with v_c the
         class weights (1 without them) and P the dense probability target [B, C] (read in place,
         through its strides), sl [B] = Σ_c v_c·logit'_bc and pl [B] = Σ_c v_c·P_bc·logit'_bc (0
         without P). The margin sits on every class listed in target (the loss allows it with one
         class per row only).
-    randers_cross_entropy_backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps,
+    randers_cross_entropy_backward(w_lse, w_target_logit, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps,
                                    tau, margin, w_pl=None, class_weight=None, dense_soft_target=None)
         -> (dx, dmu, dlc, dbeta, dlam, dgamma)
-        for the per-row weights w = ∂loss/∂(lse, tl, sl, pl), so that ∂loss/∂logit'_bc =
-        w_lse,b·softmax_bc + Σ_k w_tl,bk·[c = t_bk] + v_c·(w_sl,b + w_pl,b·P_bc); recomputes each
+        for the per-row weights w = ∂loss/∂(lse, target_logit, sl, pl), so that ∂loss/∂logit'_bc =
+        w_lse,b·softmax_bc + Σ_k w_target_logit,bk·[c = t_bk] + v_c·(w_sl,b + w_pl,b·P_bc); recomputes each
         tile (no [B, C] exists).
         Every option of the loss (class weights, label smoothing, probability targets in both
         forms, z-loss) is a combination of these O(B·k) statistics (faim_kernels/ops/row_stats.py).
@@ -65,7 +65,7 @@ _LIB.define("randers_logits_backward(Tensor grad, Tensor logits, Tensor x, Tenso
 _LIB.define("randers_cross_entropy(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, "
             "Tensor target, float eps, float tau, float margin, Tensor? class_weight=None, "
             "Tensor? dense_soft_target=None) -> (Tensor, Tensor, Tensor, Tensor)")
-_LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_tl, Tensor w_sl, Tensor lse, Tensor x, "
+_LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_target_logit, Tensor w_sl, Tensor lse, Tensor x, "
             "Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
             "float margin, Tensor? w_pl=None, Tensor? class_weight=None, Tensor? dense_soft_target=None, "
             "int grad_mask=63) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
@@ -127,7 +127,7 @@ def _cross_entropy_fake(x, mu, lc, beta, lam, gamma, target, eps, tau, margin, c
 
 
 @torch.library.register_fake(cross_entropy_backward_op)
-def _cross_entropy_backward_fake(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps, tau, margin,
+def _cross_entropy_backward_fake(w_lse, w_target_logit, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps, tau, margin,
                                  w_pl=None, class_weight=None, dense_soft_target=None, grad_mask=ALL_GRADS):
     return _like(x, mu, lc, beta, lam, gamma, grad_mask=grad_mask)
 
@@ -173,16 +173,16 @@ def _ce_setup_context(ctx, inputs, output):
 
 
 def _ce_backward_with(backward):
-    def _backward(ctx, w_lse, w_tl, w_sl, w_pl):
+    def _backward(ctx, w_lse, w_target_logit, w_sl, w_pl):
         lse, x, mu, lc, beta, lam, gamma, target, class_weight, dense_soft_target = ctx.saved_tensors
         w_lse, w_sl = [torch.zeros_like(lse) if g is None else g for g in (w_lse, w_sl)]
-        w_tl = torch.zeros(target.shape, dtype=lse.dtype, device=lse.device) if w_tl is None else w_tl
+        w_target_logit = torch.zeros(target.shape, dtype=lse.dtype, device=lse.device) if w_target_logit is None else w_target_logit
         # The targets, weights and the margin are not differentiated (F.cross_entropy's class weights
         # are not either; probability targets that require grad are refused by the loss).
         options = {} if w_pl is None and class_weight is None and dense_soft_target is None else dict(
             w_pl=w_pl, class_weight=class_weight, dense_soft_target=dense_soft_target)
         mask = grad_mask(ctx.needs_input_grad)
-        grads = backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, ctx.eps, ctx.tau, ctx.margin,
+        grads = backward(w_lse, w_target_logit, w_sl, lse, x, mu, lc, beta, lam, gamma, target, ctx.eps, ctx.tau, ctx.margin,
                          **options, grad_mask=mask)
         return unneeded(grads, mask) + (None,) * (ctx.num_inputs - 6)
     return _backward

@@ -233,7 +233,7 @@ def fused_logits(x, mu, L, beta, lam, gamma, eps: float, backend: str) -> torch.
 
 def fused_row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, backend: str,
                     class_weight=None, dense_soft_target=None):
-    """(lse, tl, sl, pl) float64 through `backend`'s fused cross-entropy op; target holds class
+    """(lse, target_logit, sl, pl) float64 through `backend`'s fused cross-entropy op; target holds class
     indices local to mu's rows ([B] or [B, k]), −1 where the row has none of them; class_weight [C]
     and the dense probability target dense_soft_target [B, C] are optional (ops/row_stats.py)."""
     if backend == "torch":

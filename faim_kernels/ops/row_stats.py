@@ -19,12 +19,12 @@ smoothing and W = Σ_c v_c:
     k pairs (t_bk, p_bk):   as the dense form with P_bc = Σ_k p_bk·[c = t_bk], so that
                             Σ_c v_c P_bc = Σ_k p_bk·v_t_bk and pl_b = Σ_k p_bk·v_t_bk·tl_bk: O(B·k)
 
-and the z-loss adds s·lse_b². Their backward takes the per-row weights w = ∂loss/∂(lse, tl, sl, pl),
-so that ∂loss/∂logit'_bc = w_lse,b·softmax_bc + Σ_k w_tl,bk·[c = t_bk] + v_c·(w_sl,b + w_pl,b·P_bc),
+and the z-loss adds s·lse_b². Their backward takes the per-row weights w = ∂loss/∂(lse, target_logit, sl, pl),
+so that ∂loss/∂logit'_bc = w_lse,b·softmax_bc + Σ_k w_target_logit,bk·[c = t_bk] + v_c·(w_sl,b + w_pl,b·P_bc),
 and recomputes each tile. Reduction, ignore_index, weights and smoothing thus live in plain PyTorch
 (autograd handles them), and the same statistics combine across processes for class-sharded heads.
 target holds class indices local to the op's classes, −1 where the row's target is not among them
-(ignored rows, or another shard's classes); tl = 0 there.
+(ignored rows, or another shard's classes); target_logit = 0 there.
 
 Reductions follow F.cross_entropy: with class indices 'mean' divides by Σ v_t over the rows not
 ignored (their count without weights; NaN when there are none); with probability targets it
@@ -101,7 +101,7 @@ def loss_targets(target, num_classes: int, ignore_index: int, label_smoothing: f
 
 
 def reference_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight=None, dense_soft_target=None):
-    """(lse, tl, sl, pl) from the einsum logits: the oracle of the statistics (and the sharded
+    """(lse, target_logit, sl, pl) from the einsum logits: the oracle of the statistics (and the sharded
     reference path). Forms [B, C]. target [B] or [B, k] local class indices (−1: none here)."""
     logits = reference.randers_logits(x, mu, L, beta, lam, gamma, eps).to(torch.float64)
     B, C = logits.shape
@@ -113,28 +113,28 @@ def reference_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weigh
         hit = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, here)
         logits = logits - (gamma64 * margin) * hit.to(logits.dtype)
     lse = torch.logsumexp(logits, dim=1) if C else logits.new_full((B,), float("-inf"))
-    tl = torch.where(here, logits.gather(1, idx), 0.0) if C else logits.new_zeros(tgt.shape)
+    target_logit = torch.where(here, logits.gather(1, idx), 0.0) if C else logits.new_zeros(tgt.shape)
     v = logits.new_ones(C) if class_weight is None else class_weight.to(torch.float64)
     sl = logits @ v
     pl = logits.new_zeros(B) if dense_soft_target is None else (dense_soft_target.to(torch.float64) * logits) @ v
-    return lse, tl.reshape(target.shape), sl, pl
+    return lse, target_logit.reshape(target.shape), sl, pl
 
 
 def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, backend: str, class_weight=None,
               dense_soft_target=None):
-    """(lse, tl, sl, pl), float64, differentiable in x, mu, L, beta, lam, gamma.
+    """(lse, target_logit, sl, pl), float64, differentiable in x, mu, L, beta, lam, gamma.
 
     target: int64 [B] or [B, k] class indices local to mu's rows, −1 where the row has no target
     among them; class_weight [C] or None; dense_soft_target [B, C] or None (module docstring).
     backend: "cpp" or "triton" (the fused ops) or "reference" (the einsum logits)."""
     if backend == "reference":
         return reference_stats(x, mu, L, beta, lam, gamma, target, eps, margin, class_weight, dense_soft_target)
-    lse, tl, sl, pl = dispatch.fused_row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, backend,
+    lse, target_logit, sl, pl = dispatch.fused_row_stats(x, mu, L, beta, lam, gamma, target, eps, margin, backend,
                                                class_weight, dense_soft_target)
     if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
         sl, pl = _ClassWeightGradient.apply(sl, pl, class_weight, (x, mu, L, beta, lam, gamma, target, eps, margin,
                                                                    backend, dense_soft_target))
-    return lse, tl, sl, pl
+    return lse, target_logit, sl, pl
 
 
 class _ClassWeightGradient(torch.autograd.Function):
@@ -183,19 +183,19 @@ class _ClassWeightGradient(torch.autograd.Function):
         return g_sl, g_pl, dv.to(ctx.weight_dtype), None
 
 
-def loss_from_stats(lse, tl, sl, pl, rows: LossTargets, reduction: str, out_dtype: torch.dtype,
+def loss_from_stats(lse, target_logit, sl, pl, rows: LossTargets, reduction: str, out_dtype: torch.dtype,
                     lse_square_scale: float = 0.0) -> torch.Tensor:
     """F.cross_entropy's loss (plus the z-loss) from the row statistics: the one place that
     defines it (module docstring). Rows that do not count give 0."""
     eps, C, W = rows.smoothing, rows.num_classes, rows.weight_sum
     if rows.kind == "index":
-        loss = lse - tl if rows.target_weight is None else rows.target_weight * (lse - tl)
+        loss = lse - target_logit if rows.target_weight is None else rows.target_weight * (lse - target_logit)
         if eps > 0.0 and C > 0:
             loss = (1.0 - eps) * loss + (eps / C) * (W * lse - sl)
         count = rows.valid.sum() if rows.target_weight is None else rows.target_weight.sum()
     else:
         if rows.kind == "pairs":
-            mass, dot = rows.pair_weight.sum(dim=1), (rows.pair_weight * tl).sum(dim=1)
+            mass, dot = rows.pair_weight.sum(dim=1), (rows.pair_weight * target_logit).sum(dim=1)
         else:
             mass, dot = rows.soft_mass, pl
         if eps > 0.0 and C > 0:

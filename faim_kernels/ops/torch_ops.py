@@ -727,7 +727,7 @@ def logits(x, mu, L, beta, lam, gamma, eps: float) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# The cross-entropy's row statistics (ops/row_stats.py's contract: (lse, tl, sl, pl), float64)
+# The cross-entropy's row statistics (ops/row_stats.py's contract: (lse, target_logit, sl, pl), float64)
 # ----------------------------------------------------------------------------------------------
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -749,12 +749,12 @@ def _margin_logits(rows, d, gamma, target, c0, c1, margin):
 
 
 def _chunk_stats(lg, target, c0, c1, class_weight, dense_soft_target):
-    """(lse, tl, sl, pl) of one chunk's logits' [B, c] (tl over the chunk's targets, 0 elsewhere): the
+    """(lse, target_logit, sl, pl) of one chunk's logits' [B, c] (target_logit over the chunk's targets, 0 elsewhere): the
     static form's."""
     B = lg.shape[0]
     t = _as_2d(target)
     here = (t >= c0) & (t < c1)
-    tl = torch.where(here, lg.gather(1, torch.where(here, t - c0, 0)), 0.0).reshape(target.shape)
+    target_logit = torch.where(here, lg.gather(1, torch.where(here, t - c0, 0)), 0.0).reshape(target.shape)
     lse = torch.logsumexp(lg, dim=1) if lg.shape[1] else lg.new_full((B,), float("-inf"))
     v = None if class_weight is None else class_weight[c0:c1].to(lg.dtype)
     sl = lg.sum(dim=1) if v is None else lg @ v
@@ -763,7 +763,7 @@ def _chunk_stats(lg, target, c0, c1, class_weight, dense_soft_target):
     else:
         pw = dense_soft_target[:, c0:c1].to(lg.dtype) * lg
         pl = pw.sum(dim=1) if v is None else pw @ v
-    return lse, tl, sl, pl
+    return lse, target_logit, sl, pl
 
 
 def _target_cells(t2: torch.Tensor, c0: int, c1: int):
@@ -792,7 +792,7 @@ def _row_weights(lg, c0, c1, class_weight, dense_soft_target):
 
 
 class _RowStats(torch.autograd.Function):
-    """(lse, tl, sl, pl) class chunk by class chunk, O(B) memory besides one chunk (eager form): the
+    """(lse, target_logit, sl, pl) class chunk by class chunk, O(B) memory besides one chunk (eager form): the
     logits in the compute dtype, every row statistic summed in the wide dtype (as the kernels); the
     backward recomputes each chunk's d (no [B, C] is kept) and applies the closed form."""
 
@@ -801,13 +801,13 @@ class _RowStats(torch.autograd.Function):
         B, C = x.shape[0], mu.shape[0]
         ev = Eager(x, mu, L, beta, lam, eps, FORWARD_CHUNKS_PER_CALL)
         wide, g, t2 = ev.wide, float(gamma), _as_2d(target)
-        tl = torch.zeros(t2.shape, dtype=wide, device=x.device)
+        target_logit = torch.zeros(t2.shape, dtype=wide, device=x.device)
         sl, pl = x.new_zeros(B, dtype=wide), x.new_zeros(B, dtype=wide)
         maxes, sums = [], []
         for c0, c1 in ev.chunks:
             lg, (b, k, c), _ = _margin_chunk_logits(ev, ev.classes(c0, c1), c0, c1, g, t2, margin)
             if b.numel():
-                tl[b, k] = lg[b, c].to(wide)
+                target_logit[b, k] = lg[b, c].to(wide)
             v, p = _row_weights(lg, c0, c1, class_weight, dense_soft_target)
             sl += lg.sum(dim=1, dtype=wide) if v is None else (lg @ v).to(wide)
             if p is not None:
@@ -826,7 +826,7 @@ class _RowStats(torch.autograd.Function):
         ctx.save_for_backward(x, mu, L, beta, lam, gamma, target, lse, class_weight, dense_soft_target)
         ctx.eps, ctx.margin = eps, margin
         ctx.eager = ev  # (the row side, mu·beta, the s test's pairs and the chunk grid, reused by the backward)
-        return lse, tl.reshape(target.shape), sl, pl
+        return lse, target_logit.reshape(target.shape), sl, pl
 
     @staticmethod
     def backward(ctx, *weights):
@@ -837,12 +837,12 @@ class _RowStats(torch.autograd.Function):
         return (*_once(grads, inputs), None, None, None, None, None)
 
     @staticmethod
-    def _gradients(ctx, w_lse, w_tl, w_sl, w_pl, x, mu, L, beta, lam, gamma, target, lse, class_weight, dense_soft_target):
+    def _gradients(ctx, w_lse, w_target_logit, w_sl, w_pl, x, mu, L, beta, lam, gamma, target, lse, class_weight, dense_soft_target):
         inputs, needs = (x, mu, L, beta, lam, gamma), list(ctx.needs_input_grad[:6])
         ev = ctx.eager
         compute, wide, g, t2 = ev.compute, ev.wide, float(gamma), _as_2d(target)
         bw = ClosedFormBackward(ev, inputs, needs, g)
-        wt = None if w_tl is None else _as_2d(w_tl).to(compute)
+        wt = None if w_target_logit is None else _as_2d(w_target_logit).to(compute)
         # lse as hi + lo in the compute dtype: logit − lse_hi − lse_lo keeps the softmax's exponent
         # to the compute dtype's precision where it matters (logit near lse), without a wide [B, c] pass
         finite = torch.isfinite(lse)
@@ -883,7 +883,7 @@ class _RowStats(torch.autograd.Function):
 
 
 def row_stats(x, mu, L, beta, lam, gamma, target, eps: float, margin: float, class_weight=None, dense_soft_target=None):
-    """(lse, tl, sl, pl) in the wide dtype, differentiable in x, mu, L, beta, lam, gamma (contract of
+    """(lse, target_logit, sl, pl) in the wide dtype, differentiable in x, mu, L, beta, lam, gamma (contract of
     ops/row_stats.py). target: local class indices [B] or [B, k], −1 where a row has none here."""
     if not static_shapes() and target.numel() and bool((target == -2).any()):
         raise ValueError("faim_kernels: target holds a class index out of range [0, C)")

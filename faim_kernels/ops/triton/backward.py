@@ -9,7 +9,7 @@ cut-cross-entropy specialises its kernels), and its launcher.
             −γ·d is subnormal: `_logits_carry_d`) the program recomputes the tiles. Half logits
             take the recomputed tile (their rounding would put a off by ~4e-3).
     cross-entropy family (tgt_ptr given): nothing of size [B, C] exists; each tile recomputes q and
-            G = w_lse·exp(logit' − lse) + v_c·(w_sl + w_pl·P_bc) + Σ_k w_tl,k·[c = t_k],
+            G = w_lse·exp(logit' − lse) + v_c·(w_sl + w_pl·P_bc) + Σ_k w_target_logit,k·[c = t_k],
             logit' = −γ·(d + margin·[c ∈ t]), with every target pair taken through the near-pair recompute
             (the margin sits on it); class weights v and the dense probability target P (read
             through its strides) are optional (None when absent), N_TGT targets per row.
@@ -49,25 +49,25 @@ import triton.language as tl
 from . import common, configs, interpreter
 from .common import DOT, FMA
 from .common import (_cast, _gemm_q, _load_eps, _mm, _near_pair_distance, _pair_distance, _pair_s, _q_is_near,
-                     _recompute_near_pairs, _s_is_near, _tile_dot)
+                     _recompute_near_pairs, _s_is_near, _take_near, _tile_dot)
 
 
 @triton.jit
 def _ce_grad(d, is_t, w_t, w_lse, lin, lse, gamma, margin):
     """(G, dist) of the cross-entropy: dist = d + margin·[target], logit' = −γ·dist,
     G = ∂loss/∂logit' = w_lse·exp(logit' − lse) + lin + w_t, with lin = v·(w_sl + w_pl·P) and w_t
-    the summed w_tl of the row's targets on this class."""
+    the summed w_target_logit of the row's targets on this class."""
     dist = d + tl.where(is_t, margin, 0.0)
     G = w_lse * tl.exp(-gamma * dist - lse) + lin + w_t
     return G, dist
 
 
 @triton.jit
-def _ce_pair_data(row, cls, row_m, cls_m, m, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr, cw_ptr, soft_ptr,
+def _ce_pair_data(row, cls, row_m, cls_m, m, tgt_ptr, w_target_logit_ptr, w_sl_ptr, w_pl_ptr, cw_ptr, soft_ptr,
                   stride_sb, stride_sc, acc_t: tl.constexpr, N_TGT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                   HAS_SOFT: tl.constexpr):
     """(is_t, w_t, lin) of _ce_grad for the pairs (row, cls), masked by m: is_t, cls is one of the
-    row's targets; w_t = Σ_k w_tl[row, k]·[cls = t_k]; lin = v_cls·(w_sl[row] + w_pl[row]·P[row, cls]).
+    row's targets; w_t = Σ_k w_target_logit[row, k]·[cls = t_k]; lin = v_cls·(w_sl[row] + w_pl[row]·P[row, cls]).
     row and cls broadcast to m's shape ([O, 1] and [1, T] in a tile: the per-row data is loaded once
     per row, masked by row_m, the per-class data once per class, by cls_m)."""
     is_t = (row < 0) & m
@@ -75,7 +75,7 @@ def _ce_pair_data(row, cls, row_m, cls_m, m, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_p
     for k in tl.static_range(N_TGT):
         hit = (tl.load(tgt_ptr + row * N_TGT + k, mask=row_m, other=-1) == cls) & m
         is_t = is_t | hit
-        w_t += tl.where(hit, tl.load(w_tl_ptr + row * N_TGT + k, mask=row_m, other=0.0).to(acc_t), 0.0)
+        w_t += tl.where(hit, tl.load(w_target_logit_ptr + row * N_TGT + k, mask=row_m, other=0.0).to(acc_t), 0.0)
     lin = tl.load(w_sl_ptr + row, mask=row_m, other=0.0).to(acc_t)
     if HAS_SOFT:
         p = tl.load(soft_ptr + row * stride_sb + cls * stride_sc, mask=m, other=0.0).to(acc_t)
@@ -101,7 +101,7 @@ def _logits_carry_d(gamma):
 @triton.jit
 def _near_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D,
                  s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
-                 tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
+                 tgt_ptr, w_lse_ptr, w_target_logit_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                  w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
                  CE: tl.constexpr, OWN_IS_X: tl.constexpr, FULL: tl.constexpr, NP: tl.constexpr,
                  NEAR_K: tl.constexpr, BLOCK_D: tl.constexpr, NEAR_DOT: tl.constexpr,
@@ -123,7 +123,7 @@ def _near_terms(own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, b_v, j_v, em, d0, D,
             row, cls = b_v, j_v
         else:
             row, cls = j_v, b_v
-        is_t, w_t, lin = _ce_pair_data(row, cls, em, em, em, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr, cw_ptr,
+        is_t, w_t, lin = _ce_pair_data(row, cls, em, em, em, tgt_ptr, w_target_logit_ptr, w_sl_ptr, w_pl_ptr, cw_ptr,
                                        soft_ptr, stride_sb, stride_sc, acc_t, N_TGT, HAS_WEIGHT, HAS_SOFT)
         G, dist = _ce_grad(d, is_t, w_t, tl.load(w_lse_ptr + row, mask=em, other=0.0).to(acc_t), lin,
                            tl.load(lse_ptr + row, mask=em, other=0.0).to(acc_t), gamma, margin)
@@ -180,7 +180,7 @@ def _tile_q(own_block, oth_block, lo, lt, om, tm, valid, own_n, oth_n, s, lg_ptr
 
 @triton.jit
 def _tile_grad(q, s, valid, om, tm, ro, rt, lt, o0, t0, own_n, oth_n, s_own_hi, s_oth_hi, g_ptr, g_rows,
-               stride_g_own, stride_g_oth, tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr,
+               stride_g_own, stride_g_oth, tgt_ptr, w_lse_ptr, w_target_logit_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr,
                stride_sb, stride_sc, w_lse_o, lse_o, lam, gamma, eps, margin, tau, zero,
                OWN_IS_X: tl.constexpr, N_TGT: tl.constexpr, CE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                HAS_SOFT: tl.constexpr):
@@ -198,7 +198,7 @@ def _tile_grad(q, s, valid, om, tm, ro, rt, lt, o0, t0, own_n, oth_n, s_own_hi, 
             ce_row, ce_cls, row_m, cls_m = rt[None, :], ro[:, None], tm[None, :], om[:, None]
             w_lse = tl.load(w_lse_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
             lse = tl.load(lse_ptr + rt, mask=tm, other=0.0).to(acc_t)[None, :]
-        is_t, w_t, lin = _ce_pair_data(ce_row, ce_cls, row_m, cls_m, valid, tgt_ptr, w_tl_ptr, w_sl_ptr, w_pl_ptr,
+        is_t, w_t, lin = _ce_pair_data(ce_row, ce_cls, row_m, cls_m, valid, tgt_ptr, w_target_logit_ptr, w_sl_ptr, w_pl_ptr,
                                        cw_ptr, soft_ptr, stride_sb, stride_sc, acc_t, N_TGT, HAS_WEIGHT, HAS_SOFT)
         near = near | is_t  # the target pairs carry the margin: always recomputed
         G, dist = _ce_grad(d, is_t, w_t, w_lse + zero, lin, lse + zero, gamma, margin)
@@ -251,7 +251,7 @@ def _note_near(near, flat, near_ptr, note_base, n_noted, n_near, near_cap, t0, o
 @triton.jit
 def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, own_raw_ptr, oth_raw_ptr,
           lc_ptr, beta_ptr, g_ptr, stride_g_own, stride_g_oth, lg_ptr, stride_lg_own, stride_lg_oth,
-          tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
+          tgt_ptr, w_lse_ptr, w_target_logit_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
           near_ptr, note_base, near_cap, t_begin, t_end, D, tau, pid_d, o0, lo, om, ro, rd, dm, own_n, s_own_hi,
           s_own_lo, own_block, g_rows, lg_rows, lam, gamma, eps, margin, w_lse_o, lse_o,
           BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -286,7 +286,7 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
                     stride_lg_oth, o0, t0, lam, gamma, eps, tau, zero, D, BLOCK_K, IMPL, PREC, FROM_LOGITS)
         a, r, ia, ir, G, dist, near = _tile_grad(
             q, s, valid, om, tm, ro, tl.cast(t0, tl.int64) + lt, lt, o0, t0, own_n, oth_n, s_own_hi, s_oth_hi, g_ptr,
-            g_rows, stride_g_own, stride_g_oth, tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr,
+            g_rows, stride_g_own, stride_g_oth, tgt_ptr, w_lse_ptr, w_target_logit_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr,
             soft_ptr, stride_sb, stride_sc, w_lse_o, lse_o, lam, gamma, eps, margin, tau, zero, OWN_IS_X, N_TGT, CE,
             HAS_WEIGHT, HAS_SOFT)
         pm_acc, rowsum, rsum, hr, gd = _add_far_terms(
@@ -298,18 +298,14 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
             # This program overflowed its notes: its near pairs are handled tile by tile, NEAR_P
             # at a time in increasing tile position, as the noted ones are after the loop.
             for e0 in range(0, n_near, NEAR_P):
-                code = tl.zeros((NEAR_P,), dtype=tl.int32)
-                for k in tl.static_range(NEAR_P):
-                    f = tl.min(tl.where(near, flat, BLOCK_O * BLOCK_T))
-                    near = near & (flat != f)
-                    code = tl.where(tl.arange(0, NEAR_P) == k, f, code)
+                code, near = _take_near(near, flat, tl.minimum(n_near - e0, NEAR_P), NEAR_P, BLOCK_O * BLOCK_T)
                 em = e0 + tl.arange(0, NEAR_P) < n_near
                 i_v = code // BLOCK_T
                 pd, R_e, hr_e, gd_e = _near_terms(
                     own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, o0.to(tl.int64) + i_v,
                     t0 + (code % BLOCK_T).to(tl.int64), em, pid_d * BLOCK_D, D,
                     s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
-                    tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
+                    tgt_ptr, w_lse_ptr, w_target_logit_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                     w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
                     CE, OWN_IS_X, FULL, NEAR_P, NEAR_K, BLOCK_D, NEAR_DOT, N_TGT, HAS_WEIGHT, HAS_SOFT, NEED_DP)
                 pm_acc, rsum, hr, gd = _add_to_rows(pm_acc, rsum, hr, gd, rloc, i_v, em, pd, R_e, hr_e, gd_e,
@@ -320,7 +316,10 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
 
     if not INLINE:
         # The noted pairs, NEAR_P at a time, added to their rows through a one-hot product.
-        # (After an overflow the kernel walks again and these sums are dropped.)
+        # (After an overflow the kernel walks again and these sums are dropped.) The call below passes
+        # the same kernel parameters as the inline one above: Triton functions take no structs, so
+        # the two sources of near pairs (this program's notes, a tile's mask) share the callee, not
+        # its argument list.
         for e0 in range(0, n_noted, NEAR_P):
             e = e0 + tl.arange(0, NEAR_P)
             em = e < n_noted
@@ -330,7 +329,7 @@ def _walk(own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr,
                 own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, o0.to(tl.int64) + i_v, code // BLOCK_O, em,
                 pid_d * BLOCK_D, D,
                 s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, g_ptr, stride_g_own, stride_g_oth,
-                tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
+                tgt_ptr, w_lse_ptr, w_target_logit_ptr, w_sl_ptr, lse_ptr, lam, gamma, eps, margin,
                 w_pl_ptr, cw_ptr, soft_ptr, stride_sb, stride_sc,
                 CE, OWN_IS_X, FULL, NEAR_P, NEAR_K, BLOCK_D, NEAR_DOT, N_TGT, HAS_WEIGHT, HAS_SOFT, NEED_DP)
             pm_acc, rsum, hr, gd = _add_to_rows(pm_acc, rsum, hr, gd, rloc, i_v, em, pd, R_e, hr_e, gd_e,
@@ -385,7 +384,7 @@ def _backward_kernel(
         own_ptr, oth_ptr, own_n_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr,
         own_raw_ptr, oth_raw_ptr, lc_ptr, beta_ptr, lam_ptr, gamma_ptr,
         g_ptr, stride_g_own, stride_g_oth, lg_ptr, stride_lg_own, stride_lg_oth,
-        tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, margin_hi, margin_lo, w_pl_ptr, cw_ptr, soft_ptr, stride_sb,
+        tgt_ptr, w_lse_ptr, w_target_logit_ptr, w_sl_ptr, lse_ptr, margin_hi, margin_lo, w_pl_ptr, cw_ptr, soft_ptr, stride_sb,
         stride_sc,
         dp_ptr, ds_ptr, scal_ptr, near_ptr,
         n_own, n_oth, D, eps_hi, eps_lo, tau, oth_per_split, near_cap, KEY_O, KEY_T,
@@ -405,7 +404,7 @@ def _backward_kernel(
       lc_ptr [D] or [D, D], beta_ptr [D] the metric factor and the 1-form; lam_ptr, gamma_ptr 0-dim f64
       g_ptr, stride_g_*                  logits family: ∂loss/∂logits [B, C], strides in own/other order
       lg_ptr, stride_lg_*                the forward's logits (FROM_LOGITS), or None: recompute tiles
-      tgt_ptr [B, N_TGT]                 CE family: targets; w_lse, w_tl, w_sl, lse [B] f64
+      tgt_ptr [B, N_TGT]                 CE family: targets; w_lse, w_target_logit, w_sl, lse [B] f64
       margin_hi, margin_lo               CE: the margin as two fp32 halves
       w_pl_ptr, soft_ptr, stride_s*      CE: the dense probability target's weight [B] and P [B, C], or None
       cw_ptr [C]                         CE: class weights, or None
@@ -480,7 +479,7 @@ def _backward_kernel(
     pm_acc, rowsum, rsum, hr, gd, redo = _walk(
         own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, own_raw_ptr,
         oth_raw_ptr, lc_ptr, beta_ptr, g_ptr, stride_g_own, stride_g_oth, lg_ptr, stride_lg_own,
-        stride_lg_oth, tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr,
+        stride_lg_oth, tgt_ptr, w_lse_ptr, w_target_logit_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr,
         stride_sb, stride_sc, near_ptr, program * near_cap, near_cap, t_begin, t_first, D, tau, pid_d, o0,
         lo, om, ro, rd, dm, own_n, s_own_hi, s_own_lo, own_block, g_rows, lg_rows, lam, gamma, eps, margin,
         w_lse_o, lse_o, BLOCK_O, BLOCK_T, BLOCK_K, BLOCK_D, OWN_IS_X, False, FULL, IMPL, PREC, NEAR_P,
@@ -491,7 +490,7 @@ def _backward_kernel(
         pm_acc, rowsum, rsum, hr, gd, _ = _walk(
             own_ptr, oth_ptr, oth_n_ptr, s_own_hi_ptr, s_own_lo_ptr, s_oth_hi_ptr, s_oth_lo_ptr, own_raw_ptr,
             oth_raw_ptr, lc_ptr, beta_ptr, g_ptr, stride_g_own, stride_g_oth, lg_ptr, stride_lg_own,
-            stride_lg_oth, tgt_ptr, w_lse_ptr, w_tl_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr,
+            stride_lg_oth, tgt_ptr, w_lse_ptr, w_target_logit_ptr, w_sl_ptr, lse_ptr, w_pl_ptr, cw_ptr, soft_ptr,
             stride_sb, stride_sc, near_ptr, program * near_cap, near_cap, t_begin, t_end, D, tau, pid_d, o0, lo,
             om, ro, rd, dm, own_n, s_own_hi, s_own_lo, own_block, g_rows, lg_rows, lam, gamma, eps, margin,
             w_lse_o, lse_o, BLOCK_O, BLOCK_T, BLOCK_K, BLOCK_D, OWN_IS_X, True, FULL, IMPL, PREC, NEAR_P,

@@ -152,6 +152,20 @@ def _pair_s(s_row_hi, s_row_lo, s_col_hi, s_col_lo):
 
 
 @triton.jit
+def _take_near(near, flat, n_take, TAKE: tl.constexpr, NONE: tl.constexpr):
+    """(picked, near): the n_take (<= TAKE) smallest flat tile positions flagged in `near`, in
+    increasing order (NONE in the slots left over), and `near` without them. How every kernel walks a
+    tile's near pairs a block at a time, in tile order (so sums over them keep a fixed order)."""
+    slot = tl.arange(0, TAKE)
+    picked = tl.full((TAKE,), NONE, dtype=tl.int32)
+    for k in range(0, n_take):
+        f = tl.min(tl.where(near, flat, NONE))
+        near = near & (flat != f)
+        picked = tl.where(slot == k, f, picked)
+    return picked, near
+
+
+@triton.jit
 def _recompute_near_pairs(x_ptr, mu_ptr, lc_ptr, beta_ptr, b, c, pmask, j_keep, D,
                   FULL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                   BLOCK_J: tl.constexpr, USE_DOT: tl.constexpr):
@@ -528,7 +542,7 @@ class CrossEntropyRows:
         margin        the distance added at a target pair (a Python float: the kernels take it
                       as two fp32 halves, like eps, so no host-to-device copy is made per call)
         class_weight  [C] or None; dense_soft_target [B, C] (any strides) or None
-        w_lse, w_tl, w_sl, w_pl, lse   the backward's per-row weights and the forward's lse
+        w_lse, w_target_logit, w_sl, w_pl, lse   the backward's per-row weights and the forward's lse
                       (float64; None in the forward; w_pl None without a dense target)
     """
     target: torch.Tensor
@@ -536,7 +550,7 @@ class CrossEntropyRows:
     class_weight: Optional[torch.Tensor] = None
     dense_soft_target: Optional[torch.Tensor] = None
     w_lse: Optional[torch.Tensor] = None
-    w_tl: Optional[torch.Tensor] = None
+    w_target_logit: Optional[torch.Tensor] = None
     w_sl: Optional[torch.Tensor] = None
     w_pl: Optional[torch.Tensor] = None
     lse: Optional[torch.Tensor] = None
@@ -553,12 +567,12 @@ class CrossEntropyRows:
 
     def kernel_args(self) -> dict:
         """The backward kernel's CE arguments."""
-        return dict(tgt_ptr=self.target, w_lse_ptr=self.w_lse, w_tl_ptr=self.w_tl, w_sl_ptr=self.w_sl,
+        return dict(tgt_ptr=self.target, w_lse_ptr=self.w_lse, w_target_logit_ptr=self.w_target_logit, w_sl_ptr=self.w_sl,
                     lse_ptr=self.lse, **split_float("margin", self.margin),
                     w_pl_ptr=self.w_pl if self.dense_soft_target is not None else None, **self.soft_args())
 
     @staticmethod
     def none_args() -> dict:
         """The backward kernel's CE arguments for the logits family: all absent."""
-        return dict(tgt_ptr=None, w_lse_ptr=None, w_tl_ptr=None, w_sl_ptr=None, lse_ptr=None, margin_hi=0.0,
+        return dict(tgt_ptr=None, w_lse_ptr=None, w_target_logit_ptr=None, w_sl_ptr=None, lse_ptr=None, margin_hi=0.0,
                     margin_lo=0.0, w_pl_ptr=None, cw_ptr=None, soft_ptr=None, stride_sb=0, stride_sc=0)

@@ -29,7 +29,7 @@ import triton.language as tl
 from . import common, configs
 from .backward import backward_both_sides, zero_grads
 from .common import (_gemm_q, _load_eps, _near_pair_distance, _pair_distance, _pair_s, _recompute_near_pairs,
-                     _s_is_near, _tile_dot)
+                     _s_is_near, _take_near, _tile_dot)
 
 
 @triton.jit
@@ -47,11 +47,7 @@ def _recompute_tile_near_pairs(d, near, flat, b0, c0, x_ptr, mu_ptr, lc_ptr, bet
     n_near = tl.sum(near.to(tl.int32))
     for start in range(0, n_near, NEAR_P):
         n_here = tl.minimum(n_near - start, NEAR_P)
-        picked = tl.full((NEAR_P,), BLOCK_B * BLOCK_C, dtype=tl.int32)
-        for k in range(0, n_here):
-            f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
-            near = near & (flat != f)
-            picked = tl.where(lp == k, f, picked)
+        picked, near = _take_near(near, flat, n_here, NEAR_P, BLOCK_B * BLOCK_C)
         pm = picked < BLOCK_B * BLOCK_C
         pb = b0 + (picked // BLOCK_C).to(tl.int64)
         pc = c0 + (picked % BLOCK_C).to(tl.int64)
@@ -228,7 +224,7 @@ def forward(x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin:
     return lse, target_logit, sl, pl.sum(0)
 
 
-def backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float,
+def backward(w_lse, w_target_logit, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: float, tau: float, margin: float,
              w_pl=None, class_weight=None, dense_soft_target=None, grad_mask: int = 63):
     """(dx, dmu, dlc, dbeta, dlam, dgamma) in the inputs' dtypes for the per-row weights
     w = ∂loss/∂(lse, target_logit, sl, pl): the randers_cross_entropy_backward op. Bit k of grad_mask
@@ -240,7 +236,7 @@ def backward(w_lse, w_tl, w_sl, lse, x, mu, lc, beta, lam, gamma, target, eps: f
     o = _operands(x, mu, lc, beta, lam, gamma, eps, tau)
     if w_pl is None:
         w_pl = torch.zeros_like(w_sl)
-    w = dict(zip(("w_lse", "w_tl", "w_sl", "w_pl", "lse"),
-                 (t.detach().to(torch.float64).contiguous() for t in (w_lse, w_tl, w_sl, w_pl, lse))))
+    w = dict(zip(("w_lse", "w_target_logit", "w_sl", "w_pl", "lse"),
+                 (t.detach().to(torch.float64).contiguous() for t in (w_lse, w_target_logit, w_sl, w_pl, lse))))
     rows = _rows(target, margin, class_weight, dense_soft_target, **w)
     return backward_both_sides(o, (x, mu, lc, beta, lam, gamma), grad_mask, ce=rows)

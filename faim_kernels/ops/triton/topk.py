@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import common, interpreter
 from .common import (_gemm_q, _load_eps, _near_pair_distance, _pair_distance, _pair_s, _recompute_near_pairs,
-                     _s_is_near, _tile_dot)
+                     _s_is_near, _take_near, _tile_dot)
 
 # The bitonic network below uses two private helpers of triton.language.standard whose current
 # forms (_indicator(n_dims, j)) exist since Triton 3.4. On older Triton the top-k kernel is off
@@ -189,11 +189,7 @@ def _topk_kernel(
         n_near = tl.sum(near.to(tl.int32))
         for start in range(0, n_near, BLOCK_P):
             n_here = tl.minimum(n_near - start, BLOCK_P)
-            picked = tl.full((BLOCK_P,), BLOCK_B * BLOCK_C, dtype=tl.int32)
-            for it in range(0, n_here):
-                f = tl.min(tl.where(near, flat, BLOCK_B * BLOCK_C))
-                near = near & (flat != f)
-                picked = tl.where(lp == it, f, picked)
+            picked, near = _take_near(near, flat, n_here, BLOCK_P, BLOCK_B * BLOCK_C)
             pm = picked < BLOCK_B * BLOCK_C
             pb = (b0 + picked // BLOCK_C).to(tl.int64)
             pc = (c0 + picked % BLOCK_C).to(tl.int64)
