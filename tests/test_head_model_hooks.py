@@ -63,10 +63,11 @@ def test_reset_classifier_keeps_the_faim_head_and_its_configuration():
     model.reset_classifier(2)
     assert isinstance(model.head.fc, fk.FAIMHead) and model(torch.randn(5, 4)).shape == (5, 2)
     default_full = TimmLike()
-    fk.swap_classifier(default_full, full_sigma=True)  # the full default start: L = 3·I, γ = 10/3
+    fk.swap_classifier(default_full, full_sigma=True)  # the full default start: L = 3·I stored, Sigma = I, γ = 10
     default_full.reset_classifier(4)
     torch.testing.assert_close(default_full.head.fc.L.detach(), 3 * torch.eye(6))
-    assert default_full.head.fc.gamma.item() == pytest.approx(10 / 3)
+    torch.testing.assert_close(default_full.head.fc.metric_L().detach(), torch.eye(6))
+    assert default_full.head.fc.gamma.item() == pytest.approx(10)
     ema = copy.deepcopy(model)  # timm's ModelEma: the copy's hooks act on the copy
     ema.reset_classifier(7)
     assert ema.head.fc.num_classes == 7 and model.head.fc.num_classes == 2

@@ -83,6 +83,13 @@ def _seed_params(head):
     return names, [getattr(head, n) for n in names]
 
 
+def _metric_grad(head, name):
+    """The gradient of `name` in the seed's parametrisation: a full FAIMHead stores L times L_scale
+    (its metric is tril(L) / L_scale), so the seed's ∂/∂L is the head's times L_scale."""
+    grad = getattr(head, name).grad
+    return grad * head.L_scale if name == "L" else grad
+
+
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -107,7 +114,7 @@ def test_head_matches_seed_logits_and_gradients(backend, full, dtype):
     assert_norm_close(xh.grad, xs.grad, tol_g, "d/dx")
     names, seed_params = _seed_params(seed)
     for name, p in zip(names, seed_params):
-        assert_norm_close(getattr(head, name).grad, p.grad, tol_g, f"d/d{name}")
+        assert_norm_close(_metric_grad(head, name), p.grad, tol_g, f"d/d{name}")
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
@@ -139,7 +146,7 @@ def test_head_loss_matches_seed_cross_entropy(full, options):
     assert_norm_close(xh.grad, xs.grad, 1e-9, "d/dx")
     names, seed_params = _seed_params(seed)
     for name, p in zip(names, seed_params):
-        assert_norm_close(getattr(head, name).grad, p.grad, 1e-9, f"d/d{name}")
+        assert_norm_close(_metric_grad(head, name), p.grad, 1e-9, f"d/d{name}")
 
 
 def test_head_loss_equals_cross_entropy_of_forward_and_leading_dims():
@@ -180,7 +187,10 @@ def test_state_dict_round_trip_and_seed_checkpoint():
         x = torch.randn(5, 6)
         assert torch.equal(head(x), other(x))
         seed = SeedFAIMHead(6, 4, full_sigma=full)
-        assert list(seed.state_dict()) == list(head.state_dict())  # same names, same order
+        # the reference design's names, in its order; a full head adds the L_scale buffer (its L is
+        # stored L_scale times the metric's; a dict without it loads as the metric's own L)
+        assert list(seed.state_dict()) == [k for k in head.state_dict() if k != "L_scale"]
+        assert ("L_scale" in head.state_dict()) == full
         with pytest.raises(RuntimeError):  # the other sigma mode's checkpoint does not load silently
             fk.FAIMHead(6, 4, full_sigma=not full).load_state_dict(head.state_dict())
 

@@ -122,19 +122,73 @@ def test_reference_init_is_kept_and_fails_the_criterion_under_sgd(linear_losses)
     assert default.mu.abs().max().item() <= bound and default.mu.std().item() > 0.4 * bound
     assert 0.5 / math.sqrt(D) < default.beta.std().item() < 1.5 / math.sqrt(D)
     assert default.scale.item() == 10.0 and default.lmbda.item() == pytest.approx(0.1)
-    # A full head starts at L = 3·I, beta·3, γ = 10/3: the diagonal head's logits (L's SGD steps 9x
-    # smaller relative to L); an explicit scale_init means γ = scale_init with Sigma = I.
+    # A full head stores L 3x the metric's (L_scale = 3): it starts at L = 3·I, Sigma = I, with the
+    # diagonal head's γ = 10 and beta; an explicit scale_init sets γ alone.
     torch.manual_seed(2)
     diag = fk.FAIMHead(D, C)
     torch.manual_seed(2)
     full = fk.FAIMHead(D, C, full_sigma=True)
-    assert torch.equal(full.L, 3 * torch.eye(D)) and full.scale.item() == pytest.approx(10 / 3)
+    assert torch.equal(full.L, 3 * torch.eye(D)) and full.L_scale.item() == 3.0 and full.scale.item() == 10.0
+    assert torch.equal(full.metric_L(), torch.eye(D)) and torch.equal(full.beta, diag.beta)
     x = torch.randn(16, D)
-    # equal but for the eps smoothing: λ·sqrt(s² + eps) differs by up to γ·λ·√eps·(1 − 1/3) = 6.7e-4
-    torch.testing.assert_close(full(x), diag(x), rtol=1e-5, atol=1e-3)
-    explicit = fk.FAIMHead(D, C, full_sigma=True, scale_init=10.0)
-    assert torch.equal(explicit.L, torch.eye(D)) and explicit.scale.item() == 10.0
+    torch.testing.assert_close(full(x), diag(x), rtol=1e-5, atol=1e-5)
+    explicit = fk.FAIMHead(D, C, full_sigma=True, scale_init=4.0)
+    assert torch.equal(explicit.metric_L(), torch.eye(D)) and explicit.scale.item() == 4.0
+    reference = fk.FAIMHead(D, C, full_sigma=True, init="reference")
+    assert reference.L_scale.item() == 1.0 and torch.equal(reference.L, torch.eye(D))
     losses = train("faim", "sgd", init="reference", steps=15)
     assert trains_like_linear(losses, linear_losses["sgd"], math.log(C) + 0.6) is not None, losses
     with pytest.raises(ValueError, match="init must be one of"):
         fk.FAIMHead(D, C, init="xavier")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_the_full_head_starts_as_the_diagonal_head_in_every_shared_parameter(backend):
+    """The full head differs from the diagonal one in Sigma's parametrisation only: at the start the
+    same logits and the same gradients in mu, beta, lmbda, scale and the features, so that an optimizer
+    moves those alike in both modes. The metric parameter's gradient reaches the stored L divided by
+    L_scale (the optimizer's steps on the metric 3x smaller under Adam, 9x under SGD)."""
+    D, C = 12, 5
+    torch.manual_seed(4)
+    diag = fk.FAIMHead(D, C, backend=backend).double()
+    torch.manual_seed(4)
+    full = fk.FAIMHead(D, C, full_sigma=True, backend=backend).double()
+    x = torch.randn(9, D, dtype=torch.float64)
+    y = torch.randint(0, C, (9,))
+    grads = {}
+    for name, head in (("diag", diag), ("full", full)):
+        xr = x.clone().requires_grad_(True)
+        torch.nn.functional.cross_entropy(head(xr), y).backward()
+        grads[name] = {"x": xr.grad, **{n: p.grad for n, p in head.named_parameters()}}
+    for n in ("x", "mu", "beta", "lmbda", "scale"):
+        torch.testing.assert_close(grads["full"][n], grads["diag"][n], rtol=1e-6, atol=1e-9)
+    # d loss / d L_m (metric) by autograd through an unscaled copy: the stored L's gradient is 1/3 of it
+    L_m = torch.eye(D, dtype=torch.float64, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(
+        fk.randers_logits(x, full.mu, L_m, full.beta, full.lam, full.gamma, eps=full.eps, backend=backend), y)
+    (g_metric,) = torch.autograd.grad(loss, L_m)
+    torch.testing.assert_close(grads["full"]["L"], torch.tril(g_metric) / 3, rtol=1e-6, atol=1e-12)
+
+
+def test_a_full_head_checkpoint_from_before_the_scaled_L_loads_with_its_logits():
+    """A state dict without L_scale holds the metric's own L (the earlier parametrisation): loading it
+    stores L times L_scale, and the head computes the checkpoint's logits (strict loading passes)."""
+    D, C = 8, 4
+    torch.manual_seed(5)
+    head = fk.FAIMHead(D, C, full_sigma=True).double()
+    L_old = torch.eye(D, dtype=torch.float64) * 2 + 0.3 * torch.randn(D, D, dtype=torch.float64)
+    old = {k: v.clone() for k, v in head.state_dict().items() if k != "L_scale"}
+    old["L"] = L_old
+    fresh = fk.FAIMHead(D, C, full_sigma=True).double()
+    fresh.load_state_dict(old)
+    assert fresh.L_scale.item() == 3.0
+    torch.testing.assert_close(fresh.metric_L(), torch.tril(L_old))
+    x = torch.randn(6, D, dtype=torch.float64)
+    expected = fk.randers_logits(x, old["mu"], torch.tril(L_old), old["beta"], old["lmbda"].abs(), old["scale"].abs(),
+                                 eps=head.eps, backend="reference")
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-10, atol=1e-10)
+    # a state dict of this version (L_scale present) loads as it is, into a head of any L_scale
+    reference = fk.FAIMHead(D, C, full_sigma=True, init="reference").double()
+    reference.load_state_dict(fresh.state_dict())
+    assert reference.L_scale.item() == 3.0
+    torch.testing.assert_close(reference(x), fresh(x), rtol=0, atol=0)

@@ -43,7 +43,10 @@ __all__ = ["RandersMetric", "FAIMHead", "swap_classifier", "attach_head", "ledoi
 METRIC_GROUPS = ("sigma", "one_form", "scale")
 HEAD_INITS = ("default", "reference")
 DEFAULT_SCALE = 10.0    # γ at the start (the reference design's; measured: docs/training.md)
-FULL_SIGMA_INIT = 3.0   # a full head's default L = 3·I, with beta·3 and γ = DEFAULT_SCALE / 3
+# A full FAIMHead (init="default") stores its L parameter 3x the metric's: the metric parameter is
+# tril(L) / FULL_L_SCALE, so it starts at Sigma = I with L = 3·I, and the optimizer's steps on L move
+# the metric 3x (Adam) to 9x (SGD) less than on an unscaled L (FAIMHead's docstring says why).
+FULL_L_SCALE = 3.0
 # head.loss forms the [B, C] logits and calls F.cross_entropy up to this size (one [B, C] array in
 # the compute dtype), and runs the fused cross-entropy beyond it (FAIMHead._loss_through_logits).
 # 32 MiB: (512, 4096) and (1024, 8192) float32 logits take the faster path; (256, 100000) keeps the
@@ -121,11 +124,12 @@ class _MetricParams(nn.Module):
         return self.L if self.full_sigma else self.log_sigma_diag
 
     def metric_L(self) -> torch.Tensor:
-        """The metric parameter L of the functional API: tril(L) [D, D], or exp(log_sigma_diag / 2) [D]
-        (Sigma = L·Lᵀ + eps·I, or diag(L²) + eps·I). Not the metric factor Lc the kernels use
-        (transform.metric_factor)."""
+        """The metric parameter L of the functional API: tril(L) [D, D] (divided by the L_scale buffer of
+        a FAIMHead that has one: FULL_L_SCALE), or exp(log_sigma_diag / 2) [D] (Sigma = L·Lᵀ + eps·I, or
+        diag(L²) + eps·I). Not the metric factor Lc the kernels use (transform.metric_factor)."""
         if self.full_sigma:
-            return torch.tril(self.L)
+            l_scale = self._buffers.get("L_scale")
+            return torch.tril(self.L) if l_scale is None else torch.tril(self.L) / l_scale
         return torch.exp(0.5 * self.log_sigma_diag)
 
     def metric_args(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,11 +228,11 @@ class FAIMHead(_MetricParams):
         in_features:  feature dimension D.
         num_classes:  number of classes C.
         lambda_init:  initial λ (weight of the 1-form), >= 0.
-        scale_init:   initial γ (logit scale), > 0, with Sigma = I. None (the default): γ = 10, except
-                      for full_sigma with init="default", which starts at L = 3·I (Sigma = 9·I), beta
-                      3x larger and γ = 10/3: the diagonal head's initial logits, with L's steps
-                      relative to L 9x smaller under SGD (see below).
-        full_sigma:   learn a full Sigma = tril(L)·tril(L)ᵀ + eps·I (D² parameters) instead of a diagonal one.
+        scale_init:   initial γ (logit scale), > 0; None (the default): γ = 10. Sigma starts at I.
+        full_sigma:   learn a full Sigma = L_m·L_mᵀ + eps·I (D² parameters) instead of a diagonal one,
+                      where the metric parameter L_m = tril(L) / L_scale (metric_L()): with init="default"
+                      the parameter L is stored 3x the metric's (the buffer L_scale = 3, L = 3·I at the
+                      start; see below), with init="reference" as the metric's (L_scale = 1).
         eps:          Sigma's ridge and the smoothing of both square roots.
         backend:      "auto" (the Triton kernels on CUDA, the C++ kernels on CPU), "cpp", "triton",
                       "torch" (plain PyTorch ops) or "reference" (the einsum oracle); an attribute, so `head.backend = ...` works too.
@@ -243,9 +247,14 @@ class FAIMHead(_MetricParams):
     as fast as nn.Linear under SGD lr 0.1 momentum 0.9, AdamW lr 1e-3 and timm's train-script
     defaults on a small CNN (bench/head_recipes.py; on a ResNet-18 under AdamW it is slower,
     docs/training.md). γ = 10 was kept: γ = 3 trained slower than nn.Linear under AdamW, γ = 30
-    diverged under SGD. A full L starting at I learnt too fast under SGD lr 0.1 in minibatch training (the gradient of d in L is ~|x − mu| whatever L's scale, against
-    ‖L‖ = √D; digits: loss 1.01 after 4 epochs, nn.Linear 0.185); L = 3·I, beta·3, γ = 10/3 gave 0.094
-    (and 0.128 against 0.95 after init_from_features, whose fitted γ is capped by the start's).
+    diverged under SGD. A full L starting at I learnt too fast under SGD lr 0.1 in minibatch training (the
+    gradient of d in L is ~|x − mu| whatever L's scale, against ‖L‖ = √D; digits: loss 1.01 after 4
+    epochs, nn.Linear 0.185). Storing L 3x the metric's (L_m = L / 3) slows the metric's steps by 3
+    (Adam) to 9 (SGD) and leaves every other parameter as the diagonal head's: the same γ = 10 and
+    beta, the same gradients in mu, beta, λ, γ and the features at the start (tests/test_nn_training.py).
+    The earlier way to slow L, L = 3·I as the metric itself with beta·3 and γ = 10/3, gave the same
+    logits but moved γ 9x and beta 1/9x as fast relative to their values under SGD, and trailed
+    nn.Linear on ResNet-18 (docs/training.md, the timm recipes).
 
     A better start is `head.init_from_features(features, labels)`. Warm-up schedules:
     `freeze_metric()` / `unfreeze_metric()` and `param_groups()`.
@@ -264,13 +273,16 @@ class FAIMHead(_MetricParams):
             raise ValueError(f"scale_init must be None or a float > 0, got {scale_init!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
-        # The full default start: L = 3·I, γ = 10/3 (the class docstring says why); else Sigma = I.
-        self._sigma_init = FULL_SIGMA_INIT if scale_init is None and full_sigma and init == "default" else 1.0
-        self._scale_init = DEFAULT_SCALE / self._sigma_init if scale_init is None else float(scale_init)
+        self._scale_init = DEFAULT_SCALE if scale_init is None else float(scale_init)
         self.mu = nn.Parameter(torch.empty(num_classes, in_features, **factory))
         self._init_metric(in_features, full_sigma, lambda_init, eps, backend, factory)
         self.scale = nn.Parameter(torch.empty((), **factory))
         self._init_sigma(factory)  # parameter order as in the reference design: mu, beta, lmbda, scale, Sigma's
+        if self.full_sigma:
+            # The metric is tril(L) / L_scale. A buffer, not a constant: it travels with the state dict
+            # (its absence marks a checkpoint from before the scaled L, which _load_from_state_dict converts).
+            l_scale = FULL_L_SCALE if init == "default" else 1.0
+            self.register_buffer("L_scale", torch.tensor(l_scale, **factory))
         self.reset_parameters()
 
     @property
@@ -300,9 +312,7 @@ class FAIMHead(_MetricParams):
         """The constructor's options (not the sizes) that give a head initialised as this one was:
         a new classifier of another size keeps the configuration (timm's reset_classifier)."""
         return {"lambda_init": self._lambda_init, "full_sigma": self.full_sigma, "eps": self.eps,
-                "init": self.init, "backend": self.backend,
-                # None: the full default start (L = 3·I, γ = 10/3); else the γ it started with
-                "scale_init": None if self._sigma_init != 1.0 else self._scale_init}
+                "init": self.init, "backend": self.backend, "scale_init": self._scale_init}
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -317,10 +327,19 @@ class FAIMHead(_MetricParams):
             else:  # see the class docstring and docs/training.md for the measurements
                 nn.init.kaiming_uniform_(self.mu, a=math.sqrt(5))  # nn.Linear's weight: U(−1/√D, 1/√D)
                 self.beta.div_(math.sqrt(self.in_features))
-            if self.full_sigma:  # L = k·I with beta·k and γ/k: the logits of Sigma = I, beta, γ
-                self.L.mul_(self._sigma_init)
-                self.beta.mul_(self._sigma_init)
+            if self.full_sigma:  # Sigma = I: the metric tril(L) / L_scale = I
+                self.L.mul_(self.L_scale)
             self.scale.fill_(self._scale_init)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A full head's checkpoint without L_scale predates the scaled L: its L is the metric's, so it is
+        # stored times this head's L_scale (the logits are unchanged; test_nn_head.py loads such dicts).
+        if self.full_sigma and prefix + "L" in state_dict and prefix + "L_scale" not in state_dict:
+            state_dict[prefix + "L"] = state_dict[prefix + "L"] * self.L_scale.to(state_dict[prefix + "L"].dtype)
+            state_dict[prefix + "L_scale"] = self.L_scale.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # -- forward and loss --------------------------------------------------------------------------
     def _fast_metric(self, x) -> tuple | None:
@@ -347,31 +366,35 @@ class FAIMHead(_MetricParams):
         lmbda, scale = parameters.get("lmbda"), parameters.get("scale")
         if sigma is None or lmbda is None or scale is None or "beta" not in parameters:
             return None  # a parameter replaced by a buffer or a plain tensor: the general path
-        if not self.full_sigma or (torch.is_grad_enabled() and (
-                sigma.requires_grad or lmbda.requires_grad or scale.requires_grad)):
-            return contract.head_metric_op(sigma, lmbda, scale, self.full_sigma, self.eps)[:3]
-        return self._cached_full_metric(sigma, lmbda, scale)
+        if not self.full_sigma:
+            return contract.head_metric_op(sigma, lmbda, scale, False, self.eps)[:3]
+        l_scale = self._buffers.get("L_scale")
+        if l_scale is None or l_scale.dtype is not sigma.dtype or not l_scale.is_cpu:
+            return None
+        if torch.is_grad_enabled() and (sigma.requires_grad or lmbda.requires_grad or scale.requires_grad):
+            return contract.head_metric_op(sigma / l_scale, lmbda, scale, True, self.eps)[:3]
+        return self._cached_full_metric(sigma, l_scale, lmbda, scale)
 
-    def _cached_full_metric(self, sigma, lmbda, scale) -> tuple:
-        """head_metric's (lc, lam, gamma) for a full L, reused while L, lmbda, scale and eps keep their
-        values, where no graph is recorded through them (no_grad / inference, or a frozen metric): an
+    def _cached_full_metric(self, sigma, l_scale, lmbda, scale) -> tuple:
+        """head_metric's (lc, lam, gamma) for a full L, reused while L, L_scale, lmbda, scale and eps keep
+        their values, where no graph is recorded through them (no_grad / inference, or a frozen metric): an
         evaluation loop or a frozen-metric phase then pays the D×D Cholesky once, not on every call (at
         (64, 10, 64) it was most of a no_grad call). The check compares values (one D×D equality and
         two scalars, O(D²) against the factorisation's O(D³)), not version counters: an in-place
         change through `.data` (as some EMA code does) bumps no counter. The diagonal head is not
         cached: its head_metric costs what the check would."""
         inference = torch.is_inference_mode_enabled()
-        lam_value, gamma_value = lmbda.item(), scale.item()
+        lam_value, gamma_value, l_scale_value = lmbda.item(), scale.item(), l_scale.item()
         cache = self.__dict__.get("_full_metric_cache")
         if cache is not None:
-            snapshot, eps, was_inference, lam_was, gamma_was, metric = cache
-            if (eps == self.eps and was_inference == inference and lam_was == lam_value and gamma_was == gamma_value
+            snapshot, eps, was_inference, scalars_were, metric = cache
+            if (eps == self.eps and was_inference == inference and scalars_were == (lam_value, gamma_value, l_scale_value)
                     and snapshot.dtype == sigma.dtype and snapshot.device == sigma.device
                     and torch.equal(snapshot, sigma)):
                 return metric
-        metric = contract.head_metric_op(sigma, lmbda, scale, True, self.eps)[:3]
-        self.__dict__["_full_metric_cache"] = (sigma.detach().clone(), self.eps, inference, lam_value, gamma_value,
-                                               metric)
+        metric = contract.head_metric_op(sigma / l_scale, lmbda, scale, True, self.eps)[:3]
+        self.__dict__["_full_metric_cache"] = (sigma.detach().clone(), self.eps, inference,
+                                               (lam_value, gamma_value, l_scale_value), metric)
         return metric
 
     def _tau(self) -> float:
@@ -641,7 +664,8 @@ class FAIMHead(_MetricParams):
             target = (inv - eps).clamp_min(1e-6 * float(inv.max()))
             sigma = (evecs * inv) @ evecs.T
             L = torch.linalg.cholesky((evecs * target) @ evecs.T)
-            self.L.copy_(L)
+            l_scale = self._buffers.get("L_scale")
+            self.L.copy_(L if l_scale is None else L * l_scale.to(L))
             lc = torch.linalg.cholesky(sigma)
         else:
             inv = c / torch.diagonal(S)
