@@ -189,12 +189,13 @@ def variants(quick, defaults=False):
                     for own_is_x, ce_opts in itertools.product((True,) if quick else (True, False),
                                                                _ce_option_sets(ce, full, quick)):
                         ptrs = bwd_ptrs(op, acc, ce, from_logits, ce_opts)
-                        consts = dict(cfg.kwargs, BLOCK_D=configs.BWD_BLOCK_D[fam], CE=ce, OWN_IS_X=own_is_x,
+                        block_d = configs.BWD_BLOCK_D[fam][1 if full else 0]
+                        consts = dict(cfg.kwargs, BLOCK_D=block_d, CE=ce, OWN_IS_X=own_is_x,
                                       FROM_LOGITS=from_logits, FULL=full, IMPL=impl, PREC=prec,
                                       NEAR_P=near_p, NEAR_K=near_k, NEAR_DOT=acc == "fp32", BF16_BY_HAND=False,
                                       LOCAL64=False, NEED_DP=True, HAS_SCAL=own_is_x, **ce_opts,
                                       **{name: None for name in BWD_OPTIONAL if name not in ptrs})
-                        out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} "
+                        out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} d{block_d} "
                                     f"{'ce' if ce else 'logits'} from_logits={from_logits} full={full} "
                                     f"own_is_x={own_is_x}"
                                     + (f" {ce_opts}" if ce else ""), backward._backward_kernel,

@@ -79,12 +79,21 @@ def chunk_of_d(widest: int, D: int) -> int:
     return min(widest, 64) if D <= 64 else widest
 
 
-# Widest chunk of D a backward program accumulates ([BLOCK_O, BLOCK_D] in registers); wider D is
-# split across programs, each recomputing the GEMM tiles (where q does not come from the logits).
-# 64 for half and IEEE: with 128 the half backward spilled 456-880 B per thread, IEEE 208-1032 B
-# (sm_90); the price is twice the D chunks, hence twice the GEMM recomputation of the
-# cross-entropy and half-logits backward (bench/TUNING.md: the remedy is to split the pass).
-BWD_BLOCK_D = {"half": 64, "tf32": 64, "ieee": 64, "fp64": 32, INTERPRETER_MODE: 256}
+# Widest chunk of D a backward program accumulates ([BLOCK_O, BLOCK_D] in registers), per precision
+# mode as (diagonal L, full L); wider D is split across programs, each recomputing the full-D GEMM
+# tile where q does not come from the logits (the cross-entropy, half logits, logits without d):
+# D/BLOCK_D + 1 GEMM-equivalents per side there (bench/TUNING.md). sm_90 builds with the pinned
+# tiles: with a diagonal L, chunks of 128 spill at most 48 B (256: 0.8-1 KB); with a full L, whose
+# near-pair recompute multiplies by Lc, 128 spilled 88-664 B (TF32) and 144-568 B (half), so a
+# full L keeps 64. float64 keeps 32. The interpreter takes one wide chunk.
+BWD_BLOCK_D = {"half": (128, 64), "tf32": (128, 64), "ieee": (128, 64), "fp64": (32, 32),
+               INTERPRETER_MODE: (256, 256)}
+
+
+def bwd_block_d(precision_mode: str, full: bool, D: int) -> int:
+    """The backward's chunk of D for a precision mode, a full or diagonal L and D (BWD_BLOCK_D)."""
+    return chunk_of_d(BWD_BLOCK_D[precision_mode][1 if full else 0], D)
+
 
 # The cross-entropy forward's tiles per precision mode (not autotuned; its inputs arrive in float32 or
 # float64): small, wide steps under the interpreter, which pays per operation; register-sized
