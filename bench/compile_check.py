@@ -8,6 +8,7 @@ compiler, so this is where layout, type and resource problems show up before a G
     python -m bench.compile_check --defaults --strict   # the configs the launchers run by default;
                                              # exit 2 on a spill above --max-spill (64 B/thread) or
                                              # a TF32/half GEMM kernel without mma/wgmma
+    python -m bench.compile_check --defaults -j 2 --only "bwd tf32"   # 2 builds at a time, a subset
 
 The summary at the end lists every variant whose stack (spilled registers, bytes per thread) passes
 --max-spill, and every TF32/half variant of a GEMM kernel whose SASS holds no HGMMA/HMMA.
@@ -17,8 +18,11 @@ Run it without TRITON_INTERPRET (the interpreter stands in for the compiler when
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
+import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -185,12 +189,13 @@ def variants(quick, defaults=False):
                     for own_is_x, ce_opts in itertools.product((True,) if quick else (True, False),
                                                                _ce_option_sets(ce, full, quick)):
                         ptrs = bwd_ptrs(op, acc, ce, from_logits, ce_opts)
-                        consts = dict(cfg.kwargs, BLOCK_D=configs.BWD_BLOCK_D[fam], CE=ce, OWN_IS_X=own_is_x,
+                        block_d = configs.BWD_BLOCK_D[fam][1 if full else 0]
+                        consts = dict(cfg.kwargs, BLOCK_D=block_d, CE=ce, OWN_IS_X=own_is_x,
                                       FROM_LOGITS=from_logits, FULL=full, IMPL=impl, PREC=prec,
                                       NEAR_P=near_p, NEAR_K=near_k, NEAR_DOT=acc == "fp32", BF16_BY_HAND=False,
                                       LOCAL64=False, NEED_DP=True, HAS_SCAL=own_is_x, **ce_opts,
                                       **{name: None for name in BWD_OPTIONAL if name not in ptrs})
-                        out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} "
+                        out.append((f"bwd {fam}/{op} {cfg.kwargs} w{cfg.num_warps}s{cfg.num_stages} d{block_d} "
                                     f"{'ce' if ce else 'logits'} from_logits={from_logits} full={full} "
                                     f"own_is_x={own_is_x}"
                                     + (f" {ce_opts}" if ce else ""), backward._backward_kernel,
@@ -258,6 +263,23 @@ def topk_variants(quick, defaults=False):
 CE_MODES = ("half", "ieee", "tf32", "fp64")
 
 
+def _build_one(job):
+    """(instruction counts or None on failure, the line to print) for one variant."""
+    (name, fn, ptrs, consts, warps, stages, int64_args), arch = job
+    try:
+        seconds, usage, counts = build(fn, ptrs, consts, warps, stages, arch, int64_args)
+        return counts, f"ok    {name}: {usage}, {counts} ({seconds:.1f} s)"
+    except Exception as e:
+        return None, f"FAIL  {name}: {type(e).__name__}: {str(e).strip()[-1500:]}"
+
+
+_TODO = []
+
+
+def _build_nth(i, arch):
+    return _build_one((_TODO[i], arch))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
@@ -266,21 +288,31 @@ def main(argv=None):
                     help="every code path with the configs the launchers run by default (the first of each list)")
     ap.add_argument("--max-spill", type=int, default=64, help="bytes of stack per thread a variant may use")
     ap.add_argument("--strict", action="store_true", help="exit 2 on a spill above --max-spill or a missing mma")
+    ap.add_argument("--only", metavar="REGEX", help="only the variants whose name matches REGEX (re.search)")
+    ap.add_argument("--jobs", "-j", type=int, default=1, help="variants built in parallel (processes)")
     args = ap.parse_args(argv)
     failures = 0
     spills, no_mma = [], []
     todo = variants(args.quick, args.defaults)
-    for name, fn, ptrs, consts, warps, stages, int64_args in todo:
-        try:
-            seconds, usage, counts = build(fn, ptrs, consts, warps, stages, args.arch, int64_args)
-            print(f"ok    {name}: {usage}, {counts} ({seconds:.1f} s)", flush=True)
-            if counts["stack"] > args.max_spill:
-                spills.append(f"{counts['stack']:5d} B  {name}")
-            if needs_mma(name) and counts["HGMMA"] + counts["HMMA"] == 0:
-                no_mma.append(name)
-        except Exception as e:  # report every failing variant, not just the first
+    if args.only:
+        todo = [v for v in todo if re.search(args.only, v[0])]
+    if args.jobs > 1:
+        global _TODO
+        _TODO = todo  # the forked workers inherit it (kernels do not pickle)
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            results = [(v[0], r) for v, r in zip(todo, pool.map(_build_nth, range(len(todo)), [args.arch] * len(todo)))]
+    else:
+        results = ((v[0], _build_one((v, args.arch))) for v in todo)
+    for name, (counts, message) in results:
+        print(message, flush=True)
+        if counts is None:  # report every failing variant, not just the first
             failures += 1
-            print(f"FAIL  {name}: {type(e).__name__}: {str(e).strip()[-1500:]}", flush=True)
+            continue
+        if counts["stack"] > args.max_spill:
+            spills.append(f"{counts['stack']:5d} B  {name}")
+        if needs_mma(name) and counts["HGMMA"] + counts["HMMA"] == 0:
+            no_mma.append(name)
     print(f"{failures} of {len(todo)} variants failed to build for sm_{args.arch}")
     print(f"{len(spills)} variants spill more than {args.max_spill} B/thread" + "".join(f"\n  {s}" for s in spills))
     print(f"{len(no_mma)} TF32/half GEMM variants without mma/wgmma" + "".join(f"\n  {s}" for s in no_mma))

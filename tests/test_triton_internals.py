@@ -53,7 +53,7 @@ def _near(*shape, **kw):
 def test_backward_chunks_and_splits(monkeypatch, configs, full):
     """Narrow backward chunks: D is split over programs (each recomputing the GEMM tiles) and the
     other side over splits whose partial sums are added afterwards."""
-    monkeypatch.setattr(configs, "BWD_BLOCK_D", {k: 16 for k in configs.BWD_BLOCK_D})
+    monkeypatch.setattr(configs, "BWD_BLOCK_D", {k: (16, 16) for k in configs.BWD_BLOCK_D})
     check_logits(_inputs(23, 34, 33, full=full, seed=7), "triton")
     check_logits(_near(10, 36, 40, full=full, seed=8), "triton", fwd_tol=1e-4, grad_tol=1e-3)
 
@@ -114,7 +114,7 @@ def test_cross_entropy_near_pairs_noted_inline_and_chunked(monkeypatch, configs,
     """The shared backward kernel's paths for the cross-entropy: near pairs and targets noted and
     handled after the loop, or (cap 1: every program overflows) the INLINE second launch; narrow D
     chunks, so each row block spans several programs."""
-    monkeypatch.setattr(configs, "BWD_BLOCK_D", {k: 16 for k in configs.BWD_BLOCK_D})
+    monkeypatch.setattr(configs, "BWD_BLOCK_D", {k: (16, 16) for k in configs.BWD_BLOCK_D})
     if bwd_cap:
         monkeypatch.setattr(configs, "BWD_NEAR_CAP", bwd_cap)
     inputs = _inputs(10, 20, 40, full=True, near=True, gamma=0.05, seed=9)

@@ -520,7 +520,7 @@ def backward_side(o, own_is_x: bool, grad=None, logits=None, ce=None, need_dp: b
         own, oth, own_n, oth_n, s_own, s_oth, own_raw, oth_raw = o.mup, o.xp, o.mn, o.xn, o.smu, o.sx, o.mu, o.x
     n_own, n_oth, D = own.shape[0], oth.shape[0], o.D
     mode = o.precision_mode
-    block_d = configs.chunk_of_d(configs.BWD_BLOCK_D[mode], D)
+    block_d = configs.bwd_block_d(mode, o.full, D)
     # D = 0 still needs ds and the scalars; without ∂own' one chunk computes everything else.
     n_chunks = max(1, triton.cdiv(D, block_d)) if need_dp else 1
     # Split the other side when the own side alone would leave the device idle; each split's

@@ -40,12 +40,15 @@ def _bwd_cfg(bo, bt, bk, warps, stages):
 # (FAIM_TRITON_AUTOTUNE=0). Chosen from sm_90 builds made with Triton's own ptxas (registers and
 # spills read with cuobjdump --dump-resource-usage): the fused epilogue holds the GEMM tile plus
 # several per-pair tiles, so 128x256 tiles (the matmul tutorial's best fp16 config on H100)
-# spilled 0.4-3 KB per thread; at most 64 accumulators per thread (128x128 with 8 warps, 64x256
-# with 8 warps) spill little or nothing. Not yet timed on a GPU.
+# spilled 0.4-3 KB per thread. The pinned forwards hold 32 accumulators per thread (128x64 with
+# 8 warps, 0 B spilled): 128x128 with 8 warps spilled 72 B (half) and 200 B (TF32), 64x256 with
+# 8 warps 120 B (half) and 200 B (TF32). The wider tiles stay in the autotuning lists. Not yet
+# timed on a GPU.
 FWD_CONFIGS = {
-    "half": [_fwd_cfg(128, 128, 64, 8, 4), _fwd_cfg(128, 128, 64, 8, 3), _fwd_cfg(64, 256, 64, 8, 3),
-             _fwd_cfg(256, 64, 64, 8, 3), _fwd_cfg(128, 64, 64, 4, 4)],
-    "tf32": [_fwd_cfg(128, 128, 32, 8, 3), _fwd_cfg(64, 256, 32, 8, 3), _fwd_cfg(128, 64, 32, 4, 4)],
+    "half": [_fwd_cfg(128, 64, 64, 8, 4), _fwd_cfg(128, 128, 64, 8, 4), _fwd_cfg(128, 128, 64, 8, 3),
+             _fwd_cfg(64, 256, 64, 8, 3), _fwd_cfg(256, 64, 64, 8, 3), _fwd_cfg(128, 64, 64, 4, 4)],
+    "tf32": [_fwd_cfg(128, 64, 32, 8, 3), _fwd_cfg(128, 128, 32, 8, 3), _fwd_cfg(64, 256, 32, 8, 3),
+             _fwd_cfg(128, 64, 32, 4, 4)],
     "ieee": [_fwd_cfg(128, 128, 32, 8, 3), _fwd_cfg(64, 128, 32, 8, 3), _fwd_cfg(128, 64, 32, 4, 3),
              _fwd_cfg(64, 64, 32, 4, 4)],
     "fp64": [_fwd_cfg(32, 32, 8, 4, 1)],
@@ -53,16 +56,22 @@ FWD_CONFIGS = {
 }
 # The backward's pinned configs (first entries) and BWD_BLOCK_D below: chosen so that no variant of
 # the kernel (op family, Σ mode, side, target form) spills more than 64 B per thread in sm_90
-# builds where one could be found (bench/compile_check.py --defaults; before/after in bench/TUNING.md).
+# builds (bench/compile_check.py --defaults --strict; before/after in bench/TUNING.md).
 # 8 warps halve the per-thread share of each [BLOCK_O, BLOCK_T] epilogue tile and of the
 # [BLOCK_O, BLOCK_D] accumulator: IEEE 32x32 with 4 warps spilled 208-1032 B, with 8 warps at most 64.
+# TF32 and half: 64x32 tiles with K steps of 32 (wgmma on 64-row blocks, 0-32 B): TF32 64x64
+# spilled 72-424 B, 32x64 (mma.sync) 16-24 B; half 64x32 with K steps of 64 spilled 88 B in the
+# cross-entropy with full L, k = 2, class weights and a dense target.
 BWD_CONFIGS = {
-    "half": [_bwd_cfg(64, 32, 64, 8, 2), _bwd_cfg(64, 64, 64, 8, 2), _bwd_cfg(32, 64, 64, 4, 2)],
-    "tf32": [_bwd_cfg(64, 64, 32, 8, 2), _bwd_cfg(64, 32, 32, 4, 2)],
+    "half": [_bwd_cfg(64, 32, 32, 8, 2), _bwd_cfg(64, 32, 64, 8, 2), _bwd_cfg(64, 64, 64, 8, 2),
+             _bwd_cfg(32, 64, 64, 4, 2)],
+    "tf32": [_bwd_cfg(64, 32, 32, 8, 2), _bwd_cfg(64, 64, 32, 8, 2), _bwd_cfg(64, 32, 32, 4, 2)],
     "ieee": [_bwd_cfg(32, 32, 32, 8, 2), _bwd_cfg(32, 32, 32, 4, 3)],
     "fp64": [_bwd_cfg(16, 16, 16, 4, 1)],
     INTERPRETER_MODE: [_bwd_cfg(16, 32, 32, 4, 1)],
 }
+
+
 def chunk_of_d(widest: int, D: int) -> int:
     """The chunk of D for a kernel whose widest chunk is `widest`: 64 where D <= 64, else the widest.
     Two values, not one per power of two: each value is another build of the kernel (compile time
@@ -70,12 +79,21 @@ def chunk_of_d(widest: int, D: int) -> int:
     return min(widest, 64) if D <= 64 else widest
 
 
-# Widest chunk of D a backward program accumulates ([BLOCK_O, BLOCK_D] in registers); wider D is
-# split across programs, each recomputing the GEMM tiles (where q does not come from the logits).
-# 64 for half and IEEE: with 128 the half backward spilled 456-880 B per thread, IEEE 208-1032 B
-# (sm_90); the price is twice the D chunks, hence twice the GEMM recomputation of the
-# cross-entropy and half-logits backward (bench/TUNING.md: the remedy is to split the pass).
-BWD_BLOCK_D = {"half": 64, "tf32": 64, "ieee": 64, "fp64": 32, INTERPRETER_MODE: 256}
+# Widest chunk of D a backward program accumulates ([BLOCK_O, BLOCK_D] in registers), per precision
+# mode as (diagonal L, full L); wider D is split across programs, each recomputing the full-D GEMM
+# tile where q does not come from the logits (the cross-entropy, half logits, logits without d):
+# D/BLOCK_D + 1 GEMM-equivalents per side there (bench/TUNING.md). sm_90 builds with the pinned
+# tiles: with a diagonal L, chunks of 128 spill at most 48 B (256: 0.8-1 KB); with a full L, whose
+# near-pair recompute multiplies by Lc, 128 spilled 88-664 B (TF32) and 144-568 B (half), so a
+# full L keeps 64. float64 keeps 32. The interpreter takes one wide chunk.
+BWD_BLOCK_D = {"half": (128, 64), "tf32": (128, 64), "ieee": (128, 64), "fp64": (32, 32),
+               INTERPRETER_MODE: (256, 256)}
+
+
+def bwd_block_d(precision_mode: str, full: bool, D: int) -> int:
+    """The backward's chunk of D for a precision mode, a full or diagonal L and D (BWD_BLOCK_D)."""
+    return chunk_of_d(BWD_BLOCK_D[precision_mode][1 if full else 0], D)
+
 
 # The cross-entropy forward's tiles per precision mode (not autotuned; its inputs arrive in float32 or
 # float64): small, wide steps under the interpreter, which pays per operation; register-sized
