@@ -44,6 +44,7 @@ with a stricter s test).
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -56,9 +57,12 @@ STATIC_NEAR_PAIRS = 16
 # (the memory target), and at least MIN_CHUNK_CLASSES classes unless CHUNK_ELEMENTS says less.
 CHUNK_ELEMENTS = 2 ** 18
 CHUNKS_PER_CALL = 8
-# The forwards hold fewer [B, chunk] temporaries than the backwards (no P, R, G), so they run half
-# as many, twice larger chunks for the same peak: half the per-operator cost.
-FORWARD_CHUNKS_PER_CALL = 4
+# The forwards hold two [B, chunk] temporaries (a, and s then r in one buffer) beside the output,
+# so they run a quarter as many, four times larger chunks (GEMMs run faster wide, and the per-operator
+# cost is paid per chunk). The logits' read-back backward holds two as well, beside the output and
+# the returned gradients: half as many chunks.
+FORWARD_CHUNKS_PER_CALL = 2
+READBACK_CHUNKS_PER_CALL = 4
 MIN_CHUNK_CLASSES = 64
 # Near pairs recomputed at once in eager mode: bounds their [P, D] temporaries.
 NEAR_GROUP = 2 ** 14
@@ -313,18 +317,21 @@ class Eager:
         self.beta_wide = beta.to(self.wide)
         self.chunks = chunk_classes(x.shape[0], mu.shape[0], parts)  # (the backwards take their own grid)
         step = self.chunks[0][1] - self.chunks[0][0] if self.chunks else 1
-        # one class-side buffer for every chunk (each chunk's class side is consumed before the next)
-        self.mup_buf = self.metric.factor.new_zeros((step, width + 2))  # (the norm column stays finite)
-        self.mup_buf[:, width + 1] = 1
+        # one class-side buffer for every chunk of a loop (each chunk's class side is consumed before
+        # the next), formed on first use and released after the loop (`release`)
+        self._side_rows, self._side = step, None
         self.factor_m2 = -2 * self.metric.factor  # (×−2 is exact: the GEMM's −2·x'·mu' costs no pass)
         # rows of x or mu cast to the wide dtype at once: no more than two [B, chunk] temporaries' bytes
         # of the backward's (smaller) chunks
         grid = chunk_classes(x.shape[0], mu.shape[0])
         small = grid[0][1] - grid[0][0] if grid else 1
         self.wide_rows = max(16, 2 * x.shape[0] * small * x.element_size() // max(1, 8 * x.shape[1]))
-        self.sx = dot_wide(x, self.beta_wide, self.wide_rows)
+        # here, before any chunk exists, the wide casts may take up to one [B, C] float32 tensor's
+        # bytes (and 8 MiB): usually one cast each
+        rows = max(self.wide_rows, min(x.shape[0] * mu.shape[0] * 4, 2 ** 23) // max(1, 8 * x.shape[1]))
+        self.sx = dot_wide(x, self.beta_wide, rows)
         self.sx_col = self.sx[:, None]
-        self.smu = dot_wide(mu, self.beta_wide, self.wide_rows)
+        self.smu = dot_wide(mu, self.beta_wide, rows)
         if self.wide != self.compute:  # sx and smu as hi + lo pairs of the compute dtype (`s`)
             self.sx_hi, self.sx_lo = _split(self.sx, self.compute)
             self.smu_hi, self.smu_lo = _split(self.smu, self.compute)
@@ -333,7 +340,7 @@ class Eager:
         self.s_risk = S_RISK[self.wide]
         # the near test's row term, eps folded in: q + eps >= tau·|x'|² + tau·|mu'|² + eps
         self.row_threshold = (self.tau * self.xn + eps)[:, None]
-        self.max_row_threshold = float(self.row_threshold.max()) if self.xn.numel() else 0.0
+        self.max_row_threshold = 0.0  # (set by _plain_inputs where it matters)
         self.eps_c = torch.tensor(eps, dtype=self.compute, device=x.device)
         self.plain = self._plain_inputs()
         self._band = False  # not searched yet (`band`)
@@ -345,11 +352,13 @@ class Eager:
         if not self.xn.numel() or not self.mu.numel():
             return True
         lo, hi = torch.aminmax(self.mu_c)
-        f = self.metric.factor
-        bound = torch.stack([(2 * torch.maximum(-lo, hi)) ** 2 * self.mu.shape[1] * torch.square(f).sum()
-                             .to(lo.dtype), self.xn.max()]).to(self.wide)
-        fin = torch.isfinite(self.sx).all() & torch.isfinite(self.smu).all()
-        return bool(fin & (4 * bound.sum() < torch.finfo(self.compute).max))
+        # one read-back: max |mu|, |Lc|², max |x'|², and Σ sx + Σ smu (finite only if every sx and smu is)
+        m, fsq, xmax = torch.stack([torch.maximum(-lo, hi), torch.square(self.metric.factor).sum(),
+                                    self.xn.max()]).to(self.wide).tolist()
+        total = float(self.sx.sum() + self.smu.sum())
+        self.max_row_threshold = self.tau * xmax + self.eps
+        bound = (2 * m) * (2 * m) * self.mu.shape[1] * fsq + xmax  # (NaN compares False)
+        return math.isfinite(total) and 4 * bound < torch.finfo(self.compute).max
 
     @property
     def band(self):
@@ -371,7 +380,11 @@ class Eager:
         buffer), |mu'_c|² [c], smu_c [c] wide) of classes [c0, c1). norms=False (the read-back
         backward, whose GEMMs do not use that column) leaves the norm column as it is and gives None."""
         muc = torch.sub(self.mu_c[c0:c1], self.m)
-        side = self.mup_buf[:c1 - c0]
+        if self._side is None or self._side.shape[0] < c1 - c0:
+            rows = max(self._side_rows, c1 - c0)
+            self._side = self.metric.factor.new_zeros((rows, self.width + 2))  # (the norm column stays finite)
+            self._side[:, self.width + 1] = 1
+        side = self._side[:c1 - c0]
         mup2 = side[:, :self.width]
         self._project(muc, mup2, self.factor_m2)
         mn = None
@@ -379,6 +392,10 @@ class Eager:
             mn = torch.linalg.vecdot(mup2, mup2).mul_(0.25)  # |−2·mu'|²/4, exact
             torch.add(mn, self.eps, out=side[:, self.width])
         return muc, side, mn, self.smu[c0:c1]
+
+    def release(self):
+        """Frees the class-side buffer after a loop over the chunks (the backward's end holds the most)."""
+        self._side = None
 
     def _s_band(self):
         """The pairs (b, c) of the kernels' s test |s| < S_RISK·(|sx| + |smu|) (s = sx − smu lost too
@@ -602,6 +619,17 @@ class ClosedFormBackward:
                 if colsum_R is not None:
                     dmu.addr_(colsum_R, self.beta_c, alpha=g * lam)
 
+    def _chain_to_L(self, L, dfactor):
+        """∂L from ∂Lc: by hand for a diagonal L (Lc = sqrt(L² + eps): ∂L = ∂Lc·L/Lc), through
+        autograd over the Cholesky of docs/design.md §2 (Eq. 5) for a full one."""
+        ev = self.ev
+        if ev.metric.diagonal:
+            return dfactor.mul_(L.to(ev.compute)).div_(ev.metric.factor)
+        with torch.enable_grad():
+            lL = L.detach().requires_grad_(True)
+            factor = transform.metric_factor(lL, ev.eps, ev.compute)
+            return torch.autograd.grad(factor, lL, dfactor.to(factor.dtype))[0]
+
     def finish(self, dgamma):
         """The gradients of (x, mu, L, beta, lam, gamma) in their dtypes (None where not needed)."""
         ev = self.ev
@@ -614,26 +642,29 @@ class ClosedFormBackward:
             # g·(P'·mu' − rowsum(P')·x') from g·[−2·P'·mu' | P'·(|mu'|² + eps) | rowsum(P')]
             dxp = torch.mul(self.dxp_aug[:, :width], -0.5)
             dxp.addcmul_(self.dxp_aug[:, width + 1:], ev.xp, value=-1)
-            if want_x:
-                dx = dxp * f if ev.metric.diagonal else dxp @ f.T
-                dx += (self.dsx[:, None] * ev.beta_wide).to(dx.dtype)
+            self.dxp_aug = self.g_factor = None
+            # (each [B, D] temporary freed as soon as it is spent: the Cholesky's backward comes next)
             if want_L:
-                xc = x.to(ev.compute) - ev.m
-                dfactor = (xc * dxp).sum(dim=0) if ev.metric.diagonal else xc.T @ dxp
+                xc = torch.sub(x, ev.m) if x.dtype == ev.compute else x.to(ev.compute) - ev.m
+                dfactor = xc.mul_(dxp).sum(dim=0) if ev.metric.diagonal else xc.T @ dxp
+                del xc
                 dfactor.add_(self.dfactor, alpha=self.g)
+                self.dfactor = None
+            if want_x:
+                dx = dxp.mul_(f) if ev.metric.diagonal else dxp @ f.T
+                dx.addr_(self.dsx.to(dx.dtype), self.beta_c)
+            del dxp
         dbeta = None
         if want_beta:
             dbeta = tdot_wide(x, self.dsx, ev.wide_rows) + tdot_wide(mu, self.dsmu, ev.wide_rows) * (self.g * ev.lam)
         dL, dlam = None, self.dlam
-        with torch.enable_grad():
-            outputs, weights = [], []
-            lL = L.detach().requires_grad_(want_L)
-            metric = Metric(lL, ev.eps, ev.compute, wide_form=False) if want_L else ev.metric
-            if want_L:
-                outputs.append(metric.factor)
-                weights.append(dfactor)
-            near = None
-            if self.near_b:
+        near, sources, got, lf = None, [], [], None
+        if self.near_b:
+            with torch.enable_grad():
+                # the metric factor as a leaf: the near pairs' ∂Lc joins the GEMMs' before the chain to L
+                lf = f.detach().requires_grad_(want_L)
+                metric = copy.copy(ev.metric)
+                metric.factor = lf
                 b, c = torch.cat(self.near_b), torch.cat(self.near_c)
                 # index_select, not x[b]: deterministic gathers; the gradients come back per pair and
                 # are added with index_add_ below
@@ -644,16 +675,17 @@ class ClosedFormBackward:
                 side = copy.copy(ev)
                 side.metric, side.beta_wide = metric, lbeta
                 na, nr = _direct_pairs(side, xb, mc, ev.eps)
-                outputs.append(na + llam * nr)
-                weights.append(torch.cat(self.near_g) * (-self.g))
+                pairs = na + llam * nr
                 near = (b, c, xb, mc, lbeta, llam)
-            sources = [t for t in ([lL] + list(near[2:] if near else [])) if t.requires_grad]
-            keep = [(o, w) for o, w in zip(outputs, weights) if o.requires_grad]
-            got = torch.autograd.grad([o for o, _ in keep], sources, [w.to(o.dtype) for o, w in keep],
-                                      allow_unused=True) if keep and sources else [None] * len(sources)
+                sources = [t for t in (lf, xb, mc, lbeta, llam) if t.requires_grad]
+                if sources and pairs.requires_grad:
+                    weight = torch.cat(self.near_g) * (-self.g)
+                    got = torch.autograd.grad(pairs, sources, weight.to(pairs.dtype), allow_unused=True)
         got = dict(zip(map(id, sources), got))
         if want_L:
-            dL = got.get(id(lL))
+            if lf is not None and got.get(id(lf)) is not None:
+                dfactor += got[id(lf)].to(dfactor.dtype)
+            dL = self._chain_to_L(L, dfactor)
         if near is not None:
             b, c, xb, mc, lbeta, llam = near
             if got.get(id(xb)) is not None:
@@ -743,6 +775,7 @@ class _Logits(torch.autograd.Function):
                 near_b.append(bi)
                 near_c.append(ci + c0)
             del a, r  # (before the next chunk's temporaries exist: the peak is one chunk's)
+        ev.release()
         empty = x.new_zeros(0, dtype=torch.long)
         near = (torch.cat(near_b), torch.cat(near_c)) if near_b else (empty, empty)
         ctx.save_for_backward(x, mu, L, beta, lam, gamma, out, *near)
@@ -771,7 +804,7 @@ class _Logits(torch.autograd.Function):
         if whole:
             dgamma += torch.dot(grad.view(-1), out.view(-1)).to(ev.wide) / g
         # the read-back holds as few [B, c] temporaries as the forward: the forward's chunks
-        grid = ev.chunks if readback else chunk_classes(x.shape[0], mu.shape[0])
+        grid = chunk_classes(x.shape[0], mu.shape[0], READBACK_CHUNKS_PER_CALL if readback else None)
         no_pairs, ends = (near_b[:0], near_c[:0]), [0] * len(grid)
         if readback and near_c.numel():  # the saved near pairs by class, and where each chunk's end
             order = torch.argsort(near_c, stable=True)
@@ -798,6 +831,7 @@ class _Logits(torch.autograd.Function):
                 del a, r, s  # (handed over: bw.chunk frees each as soon as it is spent)
             bw.chunk(c0, c1, cls, G, parts, near, logits)
             del cls, G  # (before the next chunk's temporaries exist)
+        ev.release()
         return bw.finish(dgamma)
 
 
@@ -967,6 +1001,7 @@ class _RowStats(torch.autograd.Function):
             del a, r, s  # (handed over: bw.chunk frees each as soon as it is spent)
             bw.chunk(c0, c1, cls, G, parts, near)
             del cls, G  # (before the next chunk's temporaries exist)
+        ev.release()
         return bw.finish(dgamma)
 
 
