@@ -305,11 +305,10 @@ class Eager:
         width = self.width = x.shape[1] if self.metric.diagonal else self.metric.factor.shape[1]
         # The row side [x' | 1 | |x'|²] against the class side [−2·mu' | |mu'|² + eps | 1] (`classes`):
         # one GEMM returns q + eps of Eq. 7 (docs/design.md §2) with both norms added inside it, no
-        # [B, c] pass for them; [x' | 1] is the backward's right operand of Pᵀ·[x' | 1] as it is.
+        # [B, c] pass for them.
         self.xs = self.metric.factor.new_empty((x.shape[0], width + 2))
         self.xs[:, width] = 1
         self.xp = self.xs[:, :width]
-        self.xp_aug = self.xs[:, :width + 1]
         self._project(x.to(self.compute) - self.m, self.xp)
         self.xn = torch.linalg.vecdot(self.xp, self.xp)
         self.xs[:, width + 1] = self.xn
@@ -511,8 +510,7 @@ class ClosedFormBackward:
 
     The code forms P' = G/a (from a or from a multiple k·a of it, the scale folded back into the
     GEMMs) and R' = G·s/r and folds −γ and λ into the GEMMs' scalars and the reductions; the GEMMs
-    run against the forward's class side [−2·mu' | |mu'|² + eps | 1] and [x' | 1], so that they
-    return rowsum(P') and colsum(P') too. Each chunk's ∂mu' is taken to ∂mu (·Lcᵀ, plus ∂smu·beta) and ∂Lc at once, so
+    run against the forward's −2·mu' (the class-side buffer) and x'. Each chunk's ∂mu' is taken to ∂mu (·Lcᵀ, plus ∂smu·beta) and ∂Lc at once, so
     that the only [C, D] tensor is the returned ∂mu. ∂γ is the caller's (it knows d). The near pairs
     are differentiated from their raw difference (autograd over the gathered pairs, exact where the
     expansion's backward cancels, docs/design.md §2.1 (near pairs)); `finish` chains Lc to L (autograd over the metric
@@ -525,7 +523,10 @@ class ClosedFormBackward:
         self.want_xp, self.want_mup = want_x or want_L, want_mu or want_L
         compute, wide = ev.compute, ev.wide
         f = ev.metric.factor
-        self.dxp_aug = torch.zeros_like(ev.xs)  # g·P'·[−2·mu' | |mu'|² + eps | 1], summed over chunks
+        # g·P'·(−2·mu') and g·rowsum(P'), summed over chunks (the GEMMs run D' wide: a width that is a
+        # multiple of the vector length is faster than D' + 1 plus the ones column's sums)
+        self.dxp_acc = ev.xp.new_zeros(ev.xp.shape)
+        self.rowsum_P = ev.xp.new_zeros(x.shape[0])
         self.dsx = torch.zeros(x.shape[0], dtype=wide, device=x.device)
         self.dsmu = torch.zeros(mu.shape[0], dtype=wide, device=x.device) if want_beta else None
         self.dmu = torch.empty(mu.shape, dtype=compute, device=x.device) if want_mu else None
@@ -597,14 +598,15 @@ class ClosedFormBackward:
             P.index_put_((bi, ci), self.zero)
         muc, side, _, _ = ev.classes(c0, c1, norms=False) if cls is None else cls
         del cls
+        width = ev.width
         if self.want_xp:
-            self.dxp_aug.addmm_(P, side, alpha=g * scale)
+            self.dxp_acc.addmm_(P, side[:, :width], alpha=g * scale)
+            self.rowsum_P.add_(P.sum(dim=1), alpha=g * scale)
         if self.want_mup:
-            # [P'ᵀ·x' | colsum(P')] (beta = 0: the input is not read)
-            PX = torch.addmm(self.zero, P.T, ev.xp_aug, beta=0, alpha=scale)
+            colsum_P = P.sum(dim=0)[:, None]
+            dmup = torch.addmm(self.zero, P.T, ev.xp, beta=0, alpha=scale)  # P'ᵀ·x' (beta = 0: the input is not read)
             del P
-            width = PX.shape[1] - 1
-            dmup = PX[:, :width].addcmul_(PX[:, width:], side[:, :width], value=0.5)  # ∂mu'/γ (mu' = −side/2)
+            dmup.addcmul_(colsum_P, side[:, :width], value=0.5 * scale)  # ∂mu'/γ = P'ᵀ·x' − colsum(P')·mu', mu' = −side/2
             if self.dfactor is not None:
                 if ev.metric.diagonal:
                     self.dfactor += muc.mul_(dmup).sum(dim=0)  # (muc is spent: no [c, D] temporary)
@@ -639,10 +641,10 @@ class ClosedFormBackward:
         dx, dfactor = None, None
         if self.want_xp:
             width = ev.width
-            # g·(P'·mu' − rowsum(P')·x') from g·[−2·P'·mu' | P'·(|mu'|² + eps) | rowsum(P')]
-            dxp = torch.mul(self.dxp_aug[:, :width], -0.5)
-            dxp.addcmul_(self.dxp_aug[:, width + 1:], ev.xp, value=-1)
-            self.dxp_aug = self.g_factor = None
+            # g·(P'·mu' − rowsum(P')·x') from g·P'·(−2·mu') and g·rowsum(P')
+            dxp = self.dxp_acc.mul_(-0.5)
+            dxp.addcmul_(self.rowsum_P[:, None], ev.xp, value=-1)
+            self.dxp_acc = self.g_factor = None
             # (each [B, D] temporary freed as soon as it is spent: the Cholesky's backward comes next)
             if want_L:
                 xc = torch.sub(x, ev.m) if x.dtype == ev.compute else x.to(ev.compute) - ev.m
@@ -656,7 +658,9 @@ class ClosedFormBackward:
             del dxp
         dbeta = None
         if want_beta:
-            dbeta = tdot_wide(x, self.dsx, ev.wide_rows) + tdot_wide(mu, self.dsmu, ev.wide_rows) * (self.g * ev.lam)
+            # (the wide casts may take half a [B, C] float32 tensor's bytes here: no chunk is live)
+            rows = max(ev.wide_rows, min(x.shape[0] * mu.shape[0] * 2, 2 ** 23) // max(1, 8 * x.shape[1]))
+            dbeta = tdot_wide(x, self.dsx, rows).add_(tdot_wide(mu, self.dsmu, rows), alpha=self.g * ev.lam)
         dL, dlam = None, self.dlam
         near, sources, got, lf = None, [], [], None
         if self.near_b:
