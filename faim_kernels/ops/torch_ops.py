@@ -60,9 +60,9 @@ CHUNKS_PER_CALL = 8
 # The forwards hold two [B, chunk] temporaries (a, and s then r in one buffer) beside the output,
 # so they run a quarter as many, four times larger chunks (GEMMs run faster wide, and the per-operator
 # cost is paid per chunk). The logits' read-back backward holds two as well, beside the output and
-# the returned gradients: half as many chunks.
+# the returned gradients: a third as many (half as many would pass 3 [B, C] with a full Σ).
 FORWARD_CHUNKS_PER_CALL = 2
-READBACK_CHUNKS_PER_CALL = 4
+READBACK_CHUNKS_PER_CALL = 3
 MIN_CHUNK_CLASSES = 64
 # Near pairs recomputed at once in eager mode: bounds their [P, D] temporaries.
 NEAR_GROUP = 2 ** 14
@@ -315,10 +315,9 @@ class Eager:
         self.xn_col = self.xn[:, None]
         self.beta_wide = beta.to(self.wide)
         self.chunks = chunk_classes(x.shape[0], mu.shape[0], parts)  # (the backwards take their own grid)
-        step = self.chunks[0][1] - self.chunks[0][0] if self.chunks else 1
         # one class-side buffer for every chunk of a loop (each chunk's class side is consumed before
         # the next), formed on first use and released after the loop (`release`)
-        self._side_rows, self._side = step, None
+        self._side = None
         self.factor_m2 = -2 * self.metric.factor  # (×−2 is exact: the GEMM's −2·x'·mu' costs no pass)
         # rows of x or mu cast to the wide dtype at once: no more than two [B, chunk] temporaries' bytes
         # of the backward's (smaller) chunks
@@ -379,9 +378,8 @@ class Eager:
         buffer), |mu'_c|² [c], smu_c [c] wide) of classes [c0, c1). norms=False (the read-back
         backward, whose GEMMs do not use that column) leaves the norm column as it is and gives None."""
         muc = torch.sub(self.mu_c[c0:c1], self.m)
-        if self._side is None or self._side.shape[0] < c1 - c0:
-            rows = max(self._side_rows, c1 - c0)
-            self._side = self.metric.factor.new_zeros((rows, self.width + 2))  # (the norm column stays finite)
+        if self._side is None or self._side.shape[0] < c1 - c0:  # (a loop's first chunk is its largest)
+            self._side = self.metric.factor.new_zeros((c1 - c0, self.width + 2))  # (the norm column stays finite)
             self._side[:, self.width + 1] = 1
         side = self._side[:c1 - c0]
         mup2 = side[:, :self.width]
