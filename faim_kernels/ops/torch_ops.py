@@ -14,16 +14,21 @@ get theirs from the raw difference.
 Two ways to run the same math (gradients: autograd through the ops below, or the closed form):
 
 - Eager (the default): an autograd.Function per call that works class chunk by class chunk
-  (`chunk_classes`: each [B, chunk] temporary at most 1/8 of [B, C]), the class side formed per
-  chunk too, the epilogue as in-place passes over the chunk. The forward keeps no graph; the
-  backward is docs/design.md §2's closed form (ClosedFormBackward: two gradient GEMMs per chunk), d
-  read back from the saved logits as the kernels do (the cross-entropy recomputes each chunk: it
-  keeps no [B, C]). Memory: the [B, C] output (none for the cross-entropy), the returned gradients
-  and one chunk's temporaries: at most 3 [B, C] float32 tensors in all for the logits at the
-  benchmark's shapes with a diagonal Σ (bench/RESULTS.md, "torch-cpu"). Near pairs are found with
-  nonzero() and recomputed pair by pair (O(D) each, O(D²) with a full L); their gradients come from
-  autograd over the gathered raw differences. The CPU cost beyond the GEMMs is the per-operator
-  overhead (~40 operators per chunk): fewer, larger operators are the lever.
+  (`chunk_classes`: the forwards in halves of [B, C], the logits' read-back backward in thirds, the
+  others in eighths, each at most CHUNK_ELEMENTS per [B, chunk] temporary), the class side formed per
+  chunk too, the epilogue as in-place passes over the chunk. One GEMM of [x' | 1 | |x'|²] against
+  [−2·mu' | |mu'|² + eps | 1] gives q + eps with the norms added inside it. The forward keeps no
+  graph; the backward is docs/design.md §2's closed form (ClosedFormBackward: two gradient GEMMs per
+  chunk), a read back from the saved logits as the kernels do (the cross-entropy recomputes each
+  chunk: it keeps no [B, C]). Memory: the [B, C] output (none for the cross-entropy), the returned
+  gradients and one chunk's two or three temporaries: at most 3 [B, C] float32 tensors in all for the
+  logits at the benchmark's shapes (bench/RESULTS.md, "torch-cpu"). Near pairs are found by a
+  prefilter (a chunk's smallest q + eps against the largest threshold, then the rows under theirs)
+  and nonzero() of the test on those rows, and recomputed pair by pair (O(D) each, O(D²) with a full
+  L); their gradients come from autograd over the gathered raw differences. The CPU cost beyond the
+  GEMMs is one memory pass per elementwise step (about 9 per [B, chunk] block in the forward, 15 in
+  the backward, where the C++ kernels run one fused epilogue) and the per-operator overhead (~30
+  operators per chunk).
 - Static (under torch.func transforms, torch.compile, torch.export and ONNX export, where a
   data-dependent shape cannot exist): plain differentiable ops over all classes at once, so every
   transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs nearest
@@ -248,12 +253,13 @@ def _prepare(x, mu, L, beta, lam, eps, static):
 # ----------------------------------------------------------------------------------------------
 
 def chunk_classes(B: int, C: int, parts: int | None = None):
-    """Class ranges [c0, c1) of the eager form's chunks. A chunk's [B, c] temporaries (about six live
-    at once in the backward) are kept to 1/CHUNKS_PER_CALL of [B, C] each, so that they add up to
-    under one [B, C] whatever the shape (the memory target: 3 [B, C] with the output), and to at most
+    """Class ranges [c0, c1) of the eager form's chunks. A chunk's [B, c] temporaries (up to about six
+    live at once in the cross-entropy's backward, two in the forwards and the logits' read-back
+    backward) are kept to 1/parts of [B, C] each, so that they add up to under one [B, C] whatever the
+    shape (the memory target: 3 [B, C] with the output), and to at most
     CHUNK_ELEMENTS elements (a chunk stays in cache); at least MIN_CHUNK_CLASSES wide, so that the
     per-chunk GEMMs stay efficient and the per-op overhead stays small against the work. `parts`
-    replaces CHUNKS_PER_CALL (the forwards' FORWARD_CHUNKS_PER_CALL)."""
+    replaces CHUNKS_PER_CALL (FORWARD_CHUNKS_PER_CALL, READBACK_CHUNKS_PER_CALL)."""
     parts = CHUNKS_PER_CALL if parts is None else parts
     step = min(CHUNK_ELEMENTS // max(B, 1), max(MIN_CHUNK_CLASSES, -(-C // parts)))
     step = max(step, 16)
@@ -560,7 +566,8 @@ class ClosedFormBackward:
             else:
                 s = r = None
                 a = logits.clone()
-        if lam != 0.0:
+        want_x, want_mu, _, want_beta = self.needs[:4]
+        if lam != 0.0 and (want_x or want_mu or want_beta):  # (R feeds ∂x, ∂mu and ∂beta only)
             u = s.div_(r)                                           # s/r
             if ev.eps == 0.0:  # an exact hit's P and R are 0 by convention (docs/guarantees.md, the convention at an exact hit)
                 u.masked_fill_(r == 0, 0.0)
@@ -569,8 +576,11 @@ class ClosedFormBackward:
                 R.index_put_((bi, ci), self.zero)
             # (the chunk sums run in the compute dtype, as the GEMMs' rowsum(P') and colsum(P'); their
             # sums over chunks in the wide dtype)
-            self.dsx.sub_(R.sum(dim=1), alpha=g * lam)                      # ∂sx = rowsum(R) = −γλ·rowsum(R')
-            colsum_R = R.sum(dim=0)                                         # ∂smu = −colsum(R) = γλ·colsum(R')
+            if want_x or want_beta:
+                self.dsx.sub_(R.sum(dim=1), alpha=g * lam)                  # ∂sx = rowsum(R) = −γλ·rowsum(R')
+            colsum_R = None
+            if want_mu or want_beta:
+                colsum_R = R.sum(dim=0)                                     # ∂smu = −colsum(R) = γλ·colsum(R')
             if self.dsmu is not None:
                 self.dsmu[c0:c1] = colsum_R
             del u
