@@ -295,9 +295,9 @@ def _no_pairs(device):
 
 
 class Eager:
-    """The eager form's view of one call, formed once without a graph: the row side (x' [B, D'] with
-    a column of ones beside it, |x'|² [B], sx = x·beta [B] in the wide dtype), smu = mu·beta [C] (wide)
-    and the pairs of the s test; per class chunk the class side (`classes`), and the chunk's
+    """The eager form's view of one call, formed once without a graph: the row side (x' [B, D'] in
+    the GEMM operand [x' | 1 | |x'|²], sx = x·beta [B] in the wide dtype and as hi + lo parts),
+    smu = mu·beta [C] (likewise) and the pairs of the s test; per class chunk the class side (`classes`), and the chunk's
     a = sqrt(q + eps), r = sqrt(s² + eps), s and near pairs (`chunk`). The class side is formed chunk
     by chunk, so that no [C, D] temporary exists besides the returned gradient."""
 
@@ -514,11 +514,12 @@ class ClosedFormBackward:
 
     The code forms P' = G/a (from a or from a multiple k·a of it, the scale folded back into the
     GEMMs) and R' = G·s/r and folds −γ and λ into the GEMMs' scalars and the reductions; the GEMMs
-    run against the forward's −2·mu' (the class-side buffer) and x'. Each chunk's ∂mu' is taken to ∂mu (·Lcᵀ, plus ∂smu·beta) and ∂Lc at once, so
-    that the only [C, D] tensor is the returned ∂mu. ∂γ is the caller's (it knows d). The near pairs
-    are differentiated from their raw difference (autograd over the gathered pairs, exact where the
-    expansion's backward cancels, docs/design.md §2.1 (near pairs)); `finish` chains Lc to L (autograd over the metric
-    factor alone: a [D] or [D, D] graph) and adds the near pairs' gradients."""
+    run against the forward's −2·mu' (the class-side buffer) and x'. Each chunk's ∂mu' is taken to
+    ∂mu (·Lcᵀ, plus ∂smu·beta) and ∂Lc at once, so that the only [C, D] tensor is the returned ∂mu.
+    ∂γ is the caller's (it knows d). The near pairs are differentiated from their raw difference
+    (autograd over the gathered pairs, exact where the expansion's backward cancels, docs/design.md
+    §2.1 (near pairs)); `finish` adds their ∂Lc to the GEMMs' and chains Lc to L (by hand for a
+    diagonal L, autograd over the Cholesky for a full one)."""
 
     def __init__(self, ev: Eager, inputs, needs, gamma: float):
         self.ev, self.inputs, self.needs, self.g = ev, inputs, needs, gamma
