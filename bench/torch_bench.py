@@ -118,13 +118,13 @@ def big_auto_ce() -> str:
     kernels off, in a fresh process: seconds and peak memory in [B, C] float32 tensors."""
     code = (
         "import torch, time, json, faim_kernels as fk\n"
-        "from bench.impls import make_inputs\nfrom bench.peak_memory import measure_here\n"
+        "from bench.impls import make_inputs\nfrom bench.measure import host_peak_bytes\n"
         "from bench.torch_bench import live_peak_bytes\n"
         "B, C, D = 512, 100000, 256\ninp = make_inputs(B, C, D)\nt = torch.randint(0, C, (B,))\n"
         "from faim_kernels.ops.dispatch import resolve_backend\n"
         "assert resolve_backend('auto', inp[0].device) == 'torch'\n"
         "def run():\n    torch.autograd.grad(fk.randers_cross_entropy(*inp, t), inp)\n"
-        "t0 = time.perf_counter(); b = measure_here(run); s = time.perf_counter() - t0\n"
+        "t0 = time.perf_counter(); b = host_peak_bytes(run); s = time.perf_counter() - t0\n"
         "live = live_peak_bytes(run)\n"
         "print(json.dumps({'s': s, 'bytes': b, 'live': live}))\n")
     env = dict(os.environ, FAIM_KERNELS_CPP="0", MALLOC_MMAP_THRESHOLD_="65536")

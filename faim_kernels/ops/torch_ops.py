@@ -14,16 +14,21 @@ get theirs from the raw difference.
 Two ways to run the same math (gradients: autograd through the ops below, or the closed form):
 
 - Eager (the default): an autograd.Function per call that works class chunk by class chunk
-  (`chunk_classes`: each [B, chunk] temporary at most 1/8 of [B, C]), the class side formed per
-  chunk too, the epilogue as in-place passes over the chunk. The forward keeps no graph; the
-  backward is docs/design.md §2's closed form (ClosedFormBackward: two gradient GEMMs per chunk), d
-  read back from the saved logits as the kernels do (the cross-entropy recomputes each chunk: it
-  keeps no [B, C]). Memory: the [B, C] output (none for the cross-entropy), the returned gradients
-  and one chunk's temporaries: at most 3 [B, C] float32 tensors in all for the logits at the
-  benchmark's shapes with a diagonal Σ (bench/RESULTS.md, "torch-cpu"). Near pairs are found with
-  nonzero() and recomputed pair by pair (O(D) each, O(D²) with a full L); their gradients come from
-  autograd over the gathered raw differences. The CPU cost beyond the GEMMs is the per-operator
-  overhead (~40 operators per chunk): fewer, larger operators are the lever.
+  (`chunk_classes`: the forwards in halves of [B, C], the logits' read-back backward in thirds, the
+  others in eighths, each at most CHUNK_ELEMENTS per [B, chunk] temporary), the class side formed per
+  chunk too, the epilogue as in-place passes over the chunk. One GEMM of [x' | 1 | |x'|²] against
+  [−2·mu' | |mu'|² + eps | 1] gives q + eps with the norms added inside it. The forward keeps no
+  graph; the backward is docs/design.md §2's closed form (ClosedFormBackward: two gradient GEMMs per
+  chunk), a read back from the saved logits as the kernels do (the cross-entropy recomputes each
+  chunk: it keeps no [B, C]). Memory: the [B, C] output (none for the cross-entropy), the returned
+  gradients and one chunk's two or three temporaries: at most 3 [B, C] float32 tensors in all for the
+  logits at the benchmark's shapes (bench/RESULTS.md, "torch-cpu"). Near pairs are found by a
+  prefilter (a chunk's smallest q + eps against the largest threshold, then the rows under theirs)
+  and nonzero() of the test on those rows, and recomputed pair by pair (O(D) each, O(D²) with a full
+  L); their gradients come from autograd over the gathered raw differences. The CPU cost beyond the
+  GEMMs is one memory pass per elementwise step (about 9 per [B, chunk] block in the forward, 15 in
+  the backward, where the C++ kernels run one fused epilogue) and the per-operator overhead (~30
+  operators per chunk).
 - Static (under torch.func transforms, torch.compile, torch.export and ONNX export, where a
   data-dependent shape cannot exist): plain differentiable ops over all classes at once, so every
   transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs nearest
@@ -44,6 +49,7 @@ with a stricter s test).
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -56,9 +62,12 @@ STATIC_NEAR_PAIRS = 16
 # (the memory target), and at least MIN_CHUNK_CLASSES classes unless CHUNK_ELEMENTS says less.
 CHUNK_ELEMENTS = 2 ** 18
 CHUNKS_PER_CALL = 8
-# The forwards hold fewer [B, chunk] temporaries than the backwards (no P, R, G), so they run half
-# as many, twice larger chunks for the same peak: half the per-operator cost.
-FORWARD_CHUNKS_PER_CALL = 4
+# The forwards hold two [B, chunk] temporaries (a, and s then r in one buffer) beside the output,
+# so they run a quarter as many, four times larger chunks (GEMMs run faster wide, and the per-operator
+# cost is paid per chunk). The logits' read-back backward holds two as well, beside the output and
+# the returned gradients: a third as many (half as many would pass 3 [B, C] with a full Σ).
+FORWARD_CHUNKS_PER_CALL = 2
+READBACK_CHUNKS_PER_CALL = 3
 MIN_CHUNK_CLASSES = 64
 # Near pairs recomputed at once in eager mode: bounds their [P, D] temporaries.
 NEAR_GROUP = 2 ** 14
@@ -244,12 +253,13 @@ def _prepare(x, mu, L, beta, lam, eps, static):
 # ----------------------------------------------------------------------------------------------
 
 def chunk_classes(B: int, C: int, parts: int | None = None):
-    """Class ranges [c0, c1) of the eager form's chunks. A chunk's [B, c] temporaries (about six live
-    at once in the backward) are kept to 1/CHUNKS_PER_CALL of [B, C] each, so that they add up to
-    under one [B, C] whatever the shape (the memory target: 3 [B, C] with the output), and to at most
+    """Class ranges [c0, c1) of the eager form's chunks. A chunk's [B, c] temporaries (up to about six
+    live at once in the cross-entropy's backward, two in the forwards and the logits' read-back
+    backward) are kept to 1/parts of [B, C] each, so that they add up to under one [B, C] whatever the
+    shape (the memory target: 3 [B, C] with the output), and to at most
     CHUNK_ELEMENTS elements (a chunk stays in cache); at least MIN_CHUNK_CLASSES wide, so that the
     per-chunk GEMMs stay efficient and the per-op overhead stays small against the work. `parts`
-    replaces CHUNKS_PER_CALL (the forwards' FORWARD_CHUNKS_PER_CALL)."""
+    replaces CHUNKS_PER_CALL (FORWARD_CHUNKS_PER_CALL, READBACK_CHUNKS_PER_CALL)."""
     parts = CHUNKS_PER_CALL if parts is None else parts
     step = min(CHUNK_ELEMENTS // max(B, 1), max(MIN_CHUNK_CLASSES, -(-C // parts)))
     step = max(step, 16)
@@ -273,18 +283,21 @@ def tdot_wide(v: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def _with_ones_column(n: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """An [n, width + 1] buffer whose last column is 1: a GEMM with it also returns the row sums
-    (P·[mu' | 1] = [P·mu' | rowsum(P)]), one operator instead of two."""
-    buf = like.new_empty((n, width + 1))
-    buf[:, width] = 1
-    return buf
+def _split(v: torch.Tensor, dtype: torch.dtype):
+    """(hi, lo) in dtype with hi + lo = v to about dtype's round-off squared (v wide)."""
+    hi = v.to(dtype)
+    return hi, (v - hi.to(v.dtype)).to(dtype)
+
+
+def _no_pairs(device):
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    return empty, empty
 
 
 class Eager:
-    """The eager form's view of one call, formed once without a graph: the row side (x' [B, D'] with
-    a column of ones beside it, |x'|² [B], sx = x·beta [B] in the wide dtype), smu = mu·beta [C] (wide)
-    and the pairs of the s test; per class chunk the class side (`classes`), and the chunk's
+    """The eager form's view of one call, formed once without a graph: the row side (x' [B, D'] in
+    the GEMM operand [x' | 1 | |x'|²], sx = x·beta [B] in the wide dtype and as hi + lo parts),
+    smu = mu·beta [C] (likewise) and the pairs of the s test; per class chunk the class side (`classes`), and the chunk's
     a = sqrt(q + eps), r = sqrt(s² + eps), s and near pairs (`chunk`). The class side is formed chunk
     by chunk, so that no [C, D] temporary exists besides the returned gradient."""
 
@@ -295,29 +308,43 @@ class Eager:
         self.x, self.mu = x, mu
         self.mu_c = mu if mu.dtype == self.compute else mu.to(self.compute)
         self.m = transform.center_of(self.mu_c)
-        width = x.shape[1] if self.metric.diagonal else self.metric.factor.shape[1]
-        self.xp_aug = _with_ones_column(x.shape[0], width, self.metric.factor)
-        self.xp = self.xp_aug[:, :width]
+        width = self.width = x.shape[1] if self.metric.diagonal else self.metric.factor.shape[1]
+        # The row side [x' | 1 | |x'|²] against the class side [−2·mu' | |mu'|² + eps | 1] (`classes`):
+        # one GEMM returns q + eps of Eq. 7 (docs/design.md §2) with both norms added inside it, no
+        # [B, c] pass for them.
+        self.xs = self.metric.factor.new_empty((x.shape[0], width + 2))
+        self.xs[:, width] = 1
+        self.xp = self.xs[:, :width]
         self._project(x.to(self.compute) - self.m, self.xp)
         self.xn = torch.linalg.vecdot(self.xp, self.xp)
+        self.xs[:, width + 1] = self.xn
         self.xn_col = self.xn[:, None]
         self.beta_wide = beta.to(self.wide)
         self.chunks = chunk_classes(x.shape[0], mu.shape[0], parts)  # (the backwards take their own grid)
-        step = self.chunks[0][1] - self.chunks[0][0] if self.chunks else 1
-        # one [mu'_c | 1] buffer for every chunk (each chunk's class side is consumed before the next)
-        self.mup_buf = _with_ones_column(step, width, self.metric.factor)
+        # one class-side buffer for every chunk of a loop (each chunk's class side is consumed before
+        # the next), formed on first use and released after the loop (`release`)
+        self._side = None
+        self.factor_m2 = -2 * self.metric.factor  # (×−2 is exact: the GEMM's −2·x'·mu' costs no pass)
         # rows of x or mu cast to the wide dtype at once: no more than two [B, chunk] temporaries' bytes
         # of the backward's (smaller) chunks
         grid = chunk_classes(x.shape[0], mu.shape[0])
         small = grid[0][1] - grid[0][0] if grid else 1
         self.wide_rows = max(16, 2 * x.shape[0] * small * x.element_size() // max(1, 8 * x.shape[1]))
-        self.sx = dot_wide(x, self.beta_wide, self.wide_rows)
+        # here, before any chunk exists, the wide casts may take up to one [B, C] float32 tensor's
+        # bytes (and 8 MiB): usually one cast each
+        rows = max(self.wide_rows, min(x.shape[0] * mu.shape[0] * 4, 2 ** 23) // max(1, 8 * x.shape[1]))
+        self.sx = dot_wide(x, self.beta_wide, rows)
         self.sx_col = self.sx[:, None]
-        self.smu = dot_wide(mu, self.beta_wide, self.wide_rows)
+        self.smu = dot_wide(mu, self.beta_wide, rows)
+        if self.wide != self.compute:  # sx and smu as hi + lo pairs of the compute dtype (`s`)
+            self.sx_hi, self.sx_lo = _split(self.sx, self.compute)
+            self.smu_hi, self.smu_lo = _split(self.smu, self.compute)
+            self.sx_hi, self.sx_lo = self.sx_hi[:, None], self.sx_lo[:, None]
         self.tau = transform.near_threshold(x.shape[1], self.compute)
         self.s_risk = S_RISK[self.wide]
         # the near test's row term, eps folded in: q + eps >= tau·|x'|² + tau·|mu'|² + eps
         self.row_threshold = (self.tau * self.xn + eps)[:, None]
+        self.max_row_threshold = 0.0  # (set by _plain_inputs where it matters)
         self.eps_c = torch.tensor(eps, dtype=self.compute, device=x.device)
         self.plain = self._plain_inputs()
         self._band = False  # not searched yet (`band`)
@@ -329,11 +356,13 @@ class Eager:
         if not self.xn.numel() or not self.mu.numel():
             return True
         lo, hi = torch.aminmax(self.mu_c)
-        f = self.metric.factor
-        bound = torch.stack([(2 * torch.maximum(-lo, hi)) ** 2 * self.mu.shape[1] * torch.square(f).sum()
-                             .to(lo.dtype), self.xn.max()]).to(self.wide)
-        fin = torch.isfinite(self.sx).all() & torch.isfinite(self.smu).all()
-        return bool(fin & (4 * bound.sum() < torch.finfo(self.compute).max))
+        # one read-back: max |mu|, |Lc|², max |x'|², and Σ sx + Σ smu (finite only if every sx and smu is)
+        m, fsq, xmax = torch.stack([torch.maximum(-lo, hi), torch.square(self.metric.factor).sum(),
+                                    self.xn.max()]).to(self.wide).tolist()
+        total = float(self.sx.sum() + self.smu.sum())
+        self.max_row_threshold = self.tau * xmax + self.eps
+        bound = (2 * m) * (2 * m) * self.mu.shape[1] * fsq + xmax  # (NaN compares False)
+        return math.isfinite(total) and 4 * bound < torch.finfo(self.compute).max
 
     @property
     def band(self):
@@ -342,21 +371,34 @@ class Eager:
             self._band = self._s_band()
         return self._band
 
-    def _project(self, v: torch.Tensor, out: torch.Tensor) -> None:
-        """out = v·Lc, written into out (a view beside a column of ones)."""
+    def _project(self, v: torch.Tensor, out: torch.Tensor, factor: torch.Tensor | None = None) -> None:
+        """out = v·Lc (or v·factor), written into out (a view beside the norm columns)."""
+        factor = self.metric.factor if factor is None else factor
         if self.metric.diagonal:
-            torch.mul(v, self.metric.factor, out=out)
+            torch.mul(v, factor, out=out)
         else:
-            torch.mm(v, self.metric.factor, out=out)
+            torch.mm(v, factor, out=out)
 
-    def classes(self, c0: int, c1: int):
-        """(mu_c − m [c, D], [mu'_c | 1] [c, D' + 1] (a view of the shared buffer), |mu'_c|² [c],
-        smu_c [c] wide) of classes [c0, c1)."""
+    def classes(self, c0: int, c1: int, norms: bool = True):
+        """(mu_c − m [c, D], [−2·mu'_c | |mu'_c|² + eps | 1] [c, D' + 2] (a view of the shared
+        buffer), |mu'_c|² [c], smu_c [c] wide) of classes [c0, c1). norms=False (the read-back
+        backward, whose GEMMs do not use that column) leaves the norm column as it is and gives None."""
         muc = torch.sub(self.mu_c[c0:c1], self.m)
-        mup_aug = self.mup_buf[:c1 - c0]
-        mup = mup_aug[:, :-1]
-        self._project(muc, mup)
-        return muc, mup_aug, torch.linalg.vecdot(mup, mup), self.smu[c0:c1]
+        if self._side is None or self._side.shape[0] < c1 - c0:  # (a loop's first chunk is its largest)
+            self._side = self.metric.factor.new_zeros((c1 - c0, self.width + 2))  # (the norm column stays finite)
+            self._side[:, self.width + 1] = 1
+        side = self._side[:c1 - c0]
+        mup2 = side[:, :self.width]
+        self._project(muc, mup2, self.factor_m2)
+        mn = None
+        if norms:
+            mn = torch.linalg.vecdot(mup2, mup2).mul_(0.25)  # |−2·mu'|²/4, exact
+            torch.add(mn, self.eps, out=side[:, self.width])
+        return muc, side, mn, self.smu[c0:c1]
+
+    def release(self):
+        """Frees the class-side buffer after a loop over the chunks (the backward's end holds the most)."""
+        self._side = None
 
     def _s_band(self):
         """The pairs (b, c) of the kernels' s test |s| < S_RISK·(|sx| + |smu|) (s = sx − smu lost too
@@ -377,37 +419,65 @@ class Eager:
         within = torch.arange(total, device=count.device) - (torch.cumsum(count, 0) - count)[b]
         return b, order[start[b] + within]
 
-    def s(self, smu_c: torch.Tensor) -> torch.Tensor:
-        """s = sx − smu [B, c]: the difference in the wide dtype, then rounded to the compute dtype."""
-        s = torch.sub(self.sx_col, smu_c)
-        return s if s.dtype == self.compute else s.to(self.compute)
+    def s(self, c0: int, c1: int) -> torch.Tensor:
+        """s = sx − smu [B, c] of classes [c0, c1) in the compute dtype: (sx_hi − smu_hi) + sx_lo − smu_lo,
+        three passes of the compute dtype instead of a wide [B, c] difference and its rounding. Within
+        3 units of round-off of s, plus u²·(|sx| + |smu|), which matters only inside the s test's band
+        (docs/design.md §2.1, Eq. 16), where the pairs are recomputed."""
+        if self.wide == self.compute:
+            return torch.sub(self.sx_col, self.smu[c0:c1])
+        return torch.sub(self.sx_hi, self.smu_hi[c0:c1]).add_(self.sx_lo).sub_(self.smu_lo[c0:c1])
 
-    def r(self, s: torch.Tensor) -> torch.Tensor:
-        """r = sqrt(s² + eps) in two passes (torch.hypot is one, but unvectorised: 10x slower on CPU)."""
-        return torch.addcmul(self.eps_c, s, s).sqrt_()
+    def r(self, s: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """r = sqrt(s² + eps) in two passes (torch.hypot is one, but unvectorised: 10x slower on CPU),
+        in s's storage with in_place."""
+        return torch.addcmul(self.eps_c, s, s, out=s if in_place else None).sqrt_()
 
     def chunk(self, cls, c0: int, want_s: bool = False):
         """(a, r, s, near) of one chunk from the expansion, no graph: a = sqrt(q + eps) [B, c], r (None
         when λ = 0 and s is not asked for), s (None unless asked for), and the near pairs (b, c local),
         whose a and r are NOT exact (`recompute` gives theirs). The near test is the kernels'
         (csrc/randers_common.h at_risk and s_at_risk, with the same tau)."""
-        muc, mup_aug, mn, smu = cls
-        a = torch.addmm(mn + self.eps, self.xp, mup_aug[:, :-1].T, alpha=-2)  # |mu'|² + eps − 2·x'·mu'
-        a.add_(self.xn_col)                                                    # q + eps
-        threshold = torch.add(self.row_threshold, mn, alpha=self.tau)
-        if self.plain:  # (no NaN, no overflow possible: _plain_inputs)
-            near = torch.lt(a, threshold)
-        else:
-            near = torch.ge(a, threshold).logical_not_()  # NaN: near
-            near |= ~((self.xn_col + mn[None, :]) <= torch.finfo(a.dtype).max)  # overflowing norms
+        muc, side, mn, smu = cls
+        a = torch.mm(self.xs, side.T)  # |x'|² + |mu'|² + eps − 2·x'·mu' = q + eps
+        band = None
         if self.band is not None:
             bb, bc = self.band
             here = (bc >= c0) & (bc < c0 + a.shape[1])
-            near[bb[here], bc[here] - c0] = True
-        a.clamp_min_(self.eps).sqrt_()
-        s = self.s(smu) if want_s or self.lam != 0.0 else None
-        r = self.r(s) if s is not None else None
-        return a, r, (s if want_s else None), near.nonzero(as_tuple=True)
+            band = (bb[here], bc[here] - c0) if bool(here.any()) else None
+        if self.plain and band is None:  # (no NaN, no overflow possible: _plain_inputs)
+            near = self._near_plain(a, mn)
+            # no clamp: q < 0 is a near pair (q + eps < eps <= its threshold), whose NaN root the
+            # callers overwrite (the recomputed value) or zero (P = R = 0)
+            a.sqrt_()
+        else:
+            threshold = torch.add(self.row_threshold, mn, alpha=self.tau)
+            mask = torch.ge(a, threshold).logical_not_()  # NaN: near
+            mask |= ~((self.xn_col + mn[None, :]) <= torch.finfo(a.dtype).max)  # overflowing norms
+            if band is not None:
+                mask[band] = True
+            near = mask.nonzero(as_tuple=True)
+            a.clamp_min_(self.eps).sqrt_()
+        s = self.s(c0, c0 + a.shape[1]) if want_s or self.lam != 0.0 else None
+        r = self.r(s, in_place=not want_s) if s is not None else None
+        return a, r, (s if want_s else None), near
+
+    def _near_plain(self, a: torch.Tensor, mn: torch.Tensor):
+        """The near pairs (b, c) of a chunk of finite q + eps: none unless the chunk's smallest entry is
+        under the largest threshold (one reduction instead of a [B, c] comparison, the usual case);
+        else the test on the rows whose smallest entry is under their largest threshold."""
+        if not a.numel():
+            return _no_pairs(a.device)
+        # (both bounds widened by 2^-16, so that their rounding can only add candidates: the test
+        # itself decides)
+        top = self.tau * float(mn.max()) * (1 + 2 ** -16)
+        if float(a.amin()) >= (self.max_row_threshold + top) * (1 + 2 ** -16):
+            return _no_pairs(a.device)
+        rows = (a.amin(dim=1) < torch.add(self.row_threshold[:, 0], top).mul_(1 + 2 ** -16)).nonzero()[:, 0]
+        sub = a.index_select(0, rows)
+        bi, ci = torch.lt(sub, torch.add(self.row_threshold.index_select(0, rows), mn, alpha=self.tau)) \
+            .nonzero(as_tuple=True)
+        return rows[bi], ci
 
     def recompute(self, c0: int, bi: torch.Tensor, ci: torch.Tensor):
         """(a, r) of near pairs (b, c0 + c) from their raw difference, in the wide dtype, in groups
@@ -442,13 +512,14 @@ class ClosedFormBackward:
         ∂x' = rowsum(P)·x' − P·mu'    ∂mu' = colsum(P)·mu' − Pᵀ·x'    (two GEMMs, as nn.Linear's)
         ∂sx = rowsum(R)    ∂smu = −colsum(R)    ∂λ = Σ H·r
 
-    The code forms P' = G/a and R' = G·s/r and folds −γ and λ into the GEMMs' scalars and the
-    reductions; the GEMMs run against [mu' | 1] and [x' | 1], so that they return rowsum(P') and
-    colsum(P') too. Each chunk's ∂mu' is taken to ∂mu (·Lcᵀ, plus ∂smu·beta) and ∂Lc at once, so
-    that the only [C, D] tensor is the returned ∂mu. ∂γ is the caller's (it knows d). The near pairs
-    are differentiated from their raw difference (autograd over the gathered pairs, exact where the
-    expansion's backward cancels, docs/design.md §2.1 (near pairs)); `finish` chains Lc to L (autograd over the metric
-    factor alone: a [D] or [D, D] graph) and adds the near pairs' gradients."""
+    The code forms P' = G/a (from a or from a multiple k·a of it, the scale folded back into the
+    GEMMs) and R' = G·s/r and folds −γ and λ into the GEMMs' scalars and the reductions; the GEMMs
+    run against the forward's −2·mu' (the class-side buffer) and x'. Each chunk's ∂mu' is taken to
+    ∂mu (·Lcᵀ, plus ∂smu·beta) and ∂Lc at once, so that the only [C, D] tensor is the returned ∂mu.
+    ∂γ is the caller's (it knows d). The near pairs are differentiated from their raw difference
+    (autograd over the gathered pairs, exact where the expansion's backward cancels, docs/design.md
+    §2.1 (near pairs)); `finish` adds their ∂Lc to the GEMMs' and chains Lc to L (by hand for a
+    diagonal L, autograd over the Cholesky for a full one)."""
 
     def __init__(self, ev: Eager, inputs, needs, gamma: float):
         self.ev, self.inputs, self.needs, self.g = ev, inputs, needs, gamma
@@ -457,7 +528,10 @@ class ClosedFormBackward:
         self.want_xp, self.want_mup = want_x or want_L, want_mu or want_L
         compute, wide = ev.compute, ev.wide
         f = ev.metric.factor
-        self.dxp_aug = torch.zeros_like(ev.xp_aug)      # [g·P'·mu' | g·rowsum(P')], summed over chunks
+        # g·P'·(−2·mu') and g·rowsum(P'), summed over chunks (the GEMMs run D' wide: a width that is a
+        # multiple of the vector length is faster than D' + 1 plus the ones column's sums)
+        self.dxp_acc = ev.xp.new_zeros(ev.xp.shape)
+        self.rowsum_P = ev.xp.new_zeros(x.shape[0])
         self.dsx = torch.zeros(x.shape[0], dtype=wide, device=x.device)
         self.dsmu = torch.zeros(mu.shape[0], dtype=wide, device=x.device) if want_beta else None
         self.dmu = torch.empty(mu.shape, dtype=compute, device=x.device) if want_mu else None
@@ -466,49 +540,85 @@ class ClosedFormBackward:
         self.beta_c = ev.beta_wide.to(compute)
         self.dlam = torch.zeros((), dtype=wide, device=x.device)
         self.near_b, self.near_c, self.near_g = [], [], []
+        self.zero = torch.zeros((), dtype=compute, device=x.device)
 
-    def chunk(self, c0, c1, cls, G, a, r, s, near):
-        """Accumulates one chunk: G [B, c] (the caller's, read only), a, r, s as Eager.chunk's (all
-        overwritten), near its near pairs (local indices)."""
+    def chunk(self, c0, c1, cls, G, parts: list, near, logits=None):
+        """Accumulates one chunk: G [B, c] (the caller's, read only), parts = [a, r, s] as Eager.chunk's
+        (handed over: emptied, overwritten, freed as soon as spent), or, with logits (the chunk's
+        forward output), none: then a, r, s are read back from the logits (docs/design.md §2, Eq. 12)
+        in two [B, c] buffers. near: the chunk's near pairs (local indices); cls: its class side
+        (None: formed here, once the [B, c] temporaries but P are gone)."""
         ev, g, lam = self.ev, self.g, self.ev.lam
-        muc, mup_aug, _, _ = cls
         bi, ci = near
         if bi.numel():
             self.near_b.append(bi)
             self.near_c.append(ci + c0)
             self.near_g.append(G[bi, ci].to(ev.wide))
-        P = torch.div(G, a)
-        if ev.eps == 0.0:  # an exact hit's P and R are 0 by convention (docs/guarantees.md, the convention at an exact hit)
-            P.masked_fill_(a == 0, 0.0)
-        if bi.numel():
-            P.index_put_((bi, ci), P.new_zeros(()))
-        colsum_R = None
-        if lam != 0.0:
+        scale = 1.0
+        if logits is None:
+            a, r, s = parts
+            parts.clear()
+        else:
+            # −γ·a = logit + γλ·r: P' = G/a = −γ·G/(−γ·a), the −γ folded into the GEMMs
+            a, scale = None, -g
+            if lam != 0.0 or self.needs[4]:
+                s = ev.s(c0, c1)
+                r = ev.r(s)
+            else:
+                s = r = None
+                a = logits.clone()
+        want_x, want_mu, _, want_beta = self.needs[:4]
+        if lam != 0.0 and (want_x or want_mu or want_beta):  # (R feeds ∂x, ∂mu and ∂beta only)
             u = s.div_(r)                                           # s/r
-            if ev.eps == 0.0:
+            if ev.eps == 0.0:  # an exact hit's P and R are 0 by convention (docs/guarantees.md, the convention at an exact hit)
                 u.masked_fill_(r == 0, 0.0)
+            R = u.mul_(G)
+            if bi.numel():
+                R.index_put_((bi, ci), self.zero)
+            # (the chunk sums run in the compute dtype, as the GEMMs' rowsum(P') and colsum(P'); their
+            # sums over chunks in the wide dtype)
+            if want_x or want_beta:
+                self.dsx.sub_(R.sum(dim=1), alpha=g * lam)                  # ∂sx = rowsum(R) = −γλ·rowsum(R')
+            colsum_R = None
+            if want_mu or want_beta:
+                colsum_R = R.sum(dim=0)                                     # ∂smu = −colsum(R) = γλ·colsum(R')
+            if self.dsmu is not None:
+                self.dsmu[c0:c1] = colsum_R
+            del u
+        else:
+            R, colsum_R = s, None
+        del s
+        if a is None:  # (into R's storage, spent)
+            a = torch.add(logits, r, alpha=g * lam, out=R)
+        del R
         if self.needs[4]:                                           # ∂λ = Σ H·r = −γ·Σ G·r
             Gr = r.mul_(G)
             if bi.numel():
-                Gr.index_put_((bi, ci), Gr.new_zeros(()))
-            self.dlam.sub_(Gr.sum(dtype=ev.wide), alpha=g)
-        if lam != 0.0:
-            R = u.mul_(G)
-            if bi.numel():
-                R.index_put_((bi, ci), R.new_zeros(()))
-            self.dsx.sub_(R.sum(dim=1, dtype=ev.wide), alpha=g * lam)      # ∂sx = rowsum(R) = −γλ·rowsum(R')
-            colsum_R = R.sum(dim=0)                                         # ∂smu = −colsum(R) = γλ·colsum(R')
-            if self.dsmu is not None:
-                self.dsmu[c0:c1] = colsum_R
+                Gr.index_put_((bi, ci), self.zero)
+            self.dlam.sub_(Gr.sum(), alpha=g)
+            del Gr
+        del r
+        hit = (a == 0) if ev.eps == 0.0 else None
+        P = torch.div(G, a, out=a)                                  # P'/scale, in a's storage
+        del a
+        if hit is not None:
+            P.masked_fill_(hit, 0.0)
+        if bi.numel():
+            P.index_put_((bi, ci), self.zero)
+        muc, side, _, _ = ev.classes(c0, c1, norms=False) if cls is None else cls
+        del cls
+        width = ev.width
         if self.want_xp:
-            self.dxp_aug.addmm_(P, mup_aug, alpha=g)
+            self.dxp_acc.addmm_(P, side[:, :width], alpha=g * scale)
+            self.rowsum_P.add_(P.sum(dim=1), alpha=g * scale)
         if self.want_mup:
-            PX = torch.mm(P.T, ev.xp_aug)                           # [P'ᵀ·x' | colsum(P')]
-            width = PX.shape[1] - 1
-            dmup = torch.addcmul(PX[:, :width], PX[:, width:], mup_aug[:, :width], value=-1)  # ∂mu'/γ
+            colsum_P = P.sum(dim=0)[:, None]
+            dmup = torch.addmm(self.zero, P.T, ev.xp, beta=0, alpha=scale)  # P'ᵀ·x' (beta = 0: the input is not read)
+            del P
+            dmup.addcmul_(colsum_P, side[:, :width], value=0.5 * scale)  # ∂mu'/γ = P'ᵀ·x' − colsum(P')·mu', mu' = −side/2
             if self.dfactor is not None:
                 if ev.metric.diagonal:
-                    self.dfactor += torch.linalg.vecdot(muc.T, dmup.T)
+                    self.dfactor += muc.mul_(dmup).sum(dim=0)  # (muc is spent: no [c, D] temporary)
                 else:
                     self.dfactor.addmm_(muc.T, dmup)
             if self.dmu is not None:
@@ -520,6 +630,17 @@ class ClosedFormBackward:
                 if colsum_R is not None:
                     dmu.addr_(colsum_R, self.beta_c, alpha=g * lam)
 
+    def _chain_to_L(self, L, dfactor):
+        """∂L from ∂Lc: by hand for a diagonal L (Lc = sqrt(L² + eps): ∂L = ∂Lc·L/Lc), through
+        autograd over the Cholesky of docs/design.md §2 (Eq. 5) for a full one."""
+        ev = self.ev
+        if ev.metric.diagonal:
+            return dfactor.mul_(L.to(ev.compute)).div_(ev.metric.factor)
+        with torch.enable_grad():
+            lL = L.detach().requires_grad_(True)
+            factor = transform.metric_factor(lL, ev.eps, ev.compute)
+            return torch.autograd.grad(factor, lL, dfactor.to(factor.dtype))[0]
+
     def finish(self, dgamma):
         """The gradients of (x, mu, L, beta, lam, gamma) in their dtypes (None where not needed)."""
         ev = self.ev
@@ -528,28 +649,35 @@ class ClosedFormBackward:
         f = ev.metric.factor
         dx, dfactor = None, None
         if self.want_xp:
-            width = ev.xp.shape[1]
-            dxp = torch.addcmul(self.dxp_aug[:, :width], self.dxp_aug[:, width:], ev.xp, value=-1)
-            if want_x:
-                dx = dxp * f if ev.metric.diagonal else dxp @ f.T
-                dx += (self.dsx[:, None] * ev.beta_wide).to(dx.dtype)
+            width = ev.width
+            # g·(P'·mu' − rowsum(P')·x') from g·P'·(−2·mu') and g·rowsum(P')
+            dxp = self.dxp_acc.mul_(-0.5)
+            dxp.addcmul_(self.rowsum_P[:, None], ev.xp, value=-1)
+            self.dxp_acc = self.g_factor = None
+            # (each [B, D] temporary freed as soon as it is spent: the Cholesky's backward comes next)
             if want_L:
-                xc = x.to(ev.compute) - ev.m
-                dfactor = (xc * dxp).sum(dim=0) if ev.metric.diagonal else xc.T @ dxp
+                xc = torch.sub(x, ev.m) if x.dtype == ev.compute else x.to(ev.compute) - ev.m
+                dfactor = xc.mul_(dxp).sum(dim=0) if ev.metric.diagonal else xc.T @ dxp
+                del xc
                 dfactor.add_(self.dfactor, alpha=self.g)
+                self.dfactor = None
+            if want_x:
+                dx = dxp.mul_(f) if ev.metric.diagonal else dxp @ f.T
+                dx.addr_(self.dsx.to(dx.dtype), self.beta_c)
+            del dxp
         dbeta = None
         if want_beta:
-            dbeta = tdot_wide(x, self.dsx, ev.wide_rows) + tdot_wide(mu, self.dsmu, ev.wide_rows) * (self.g * ev.lam)
+            # (the wide casts may take half a [B, C] float32 tensor's bytes here: no chunk is live)
+            rows = max(ev.wide_rows, min(x.shape[0] * mu.shape[0] * 2, 2 ** 23) // max(1, 8 * x.shape[1]))
+            dbeta = tdot_wide(x, self.dsx, rows).add_(tdot_wide(mu, self.dsmu, rows), alpha=self.g * ev.lam)
         dL, dlam = None, self.dlam
-        with torch.enable_grad():
-            outputs, weights = [], []
-            lL = L.detach().requires_grad_(want_L)
-            metric = Metric(lL, ev.eps, ev.compute, wide_form=False) if want_L else ev.metric
-            if want_L:
-                outputs.append(metric.factor)
-                weights.append(dfactor)
-            near = None
-            if self.near_b:
+        near, sources, got, lf = None, [], [], None
+        if self.near_b:
+            with torch.enable_grad():
+                # the metric factor as a leaf: the near pairs' ∂Lc joins the GEMMs' before the chain to L
+                lf = f.detach().requires_grad_(want_L)
+                metric = copy.copy(ev.metric)
+                metric.factor = lf
                 b, c = torch.cat(self.near_b), torch.cat(self.near_c)
                 # index_select, not x[b]: deterministic gathers; the gradients come back per pair and
                 # are added with index_add_ below
@@ -560,16 +688,17 @@ class ClosedFormBackward:
                 side = copy.copy(ev)
                 side.metric, side.beta_wide = metric, lbeta
                 na, nr = _direct_pairs(side, xb, mc, ev.eps)
-                outputs.append(na + llam * nr)
-                weights.append(torch.cat(self.near_g) * (-self.g))
+                pairs = na + llam * nr
                 near = (b, c, xb, mc, lbeta, llam)
-            sources = [t for t in ([lL] + list(near[2:] if near else [])) if t.requires_grad]
-            keep = [(o, w) for o, w in zip(outputs, weights) if o.requires_grad]
-            got = torch.autograd.grad([o for o, _ in keep], sources, [w.to(o.dtype) for o, w in keep],
-                                      allow_unused=True) if keep and sources else [None] * len(sources)
+                sources = [t for t in (lf, xb, mc, lbeta, llam) if t.requires_grad]
+                if sources and pairs.requires_grad:
+                    weight = torch.cat(self.near_g) * (-self.g)
+                    got = torch.autograd.grad(pairs, sources, weight.to(pairs.dtype), allow_unused=True)
         got = dict(zip(map(id, sources), got))
         if want_L:
-            dL = got.get(id(lL))
+            if lf is not None and got.get(id(lf)) is not None:
+                dfactor += got[id(lf)].to(dfactor.dtype)
+            dL = self._chain_to_L(L, dfactor)
         if near is not None:
             b, c, xb, mc, lbeta, llam = near
             if got.get(id(xb)) is not None:
@@ -659,6 +788,7 @@ class _Logits(torch.autograd.Function):
                 near_b.append(bi)
                 near_c.append(ci + c0)
             del a, r  # (before the next chunk's temporaries exist: the peak is one chunk's)
+        ev.release()
         empty = x.new_zeros(0, dtype=torch.long)
         near = (torch.cat(near_b), torch.cat(near_c)) if near_b else (empty, empty)
         ctx.save_for_backward(x, mu, L, beta, lam, gamma, out, *near)
@@ -686,7 +816,8 @@ class _Logits(torch.autograd.Function):
         whole = readback and needs[5] and grad.dtype == out.dtype and grad.is_contiguous() and out.is_contiguous()
         if whole:
             dgamma += torch.dot(grad.view(-1), out.view(-1)).to(ev.wide) / g
-        grid = chunk_classes(x.shape[0], mu.shape[0])
+        # the read-back holds as few [B, c] temporaries as the forward: the forward's chunks
+        grid = chunk_classes(x.shape[0], mu.shape[0], READBACK_CHUNKS_PER_CALL if readback else None)
         no_pairs, ends = (near_b[:0], near_c[:0]), [0] * len(grid)
         if readback and near_c.numel():  # the saved near pairs by class, and where each chunk's end
             order = torch.argsort(near_c, stable=True)
@@ -694,25 +825,26 @@ class _Logits(torch.autograd.Function):
             ends = torch.searchsorted(near_c, torch.tensor([c1 for _, c1 in grid], device=x.device)).tolist()
         n1 = 0
         for (c0, c1), end in zip(grid, ends):
-            cls = ev.classes(c0, c1)
             G = grad[:, c0:c1]
             G = G if G.dtype == compute else G.to(compute)
-            if readback:  # a = d − λ·r with d = −logit/γ: no GEMM (the near pairs' a is not used: P = 0 there)
-                s = ev.s(cls[3])
-                r = ev.r(s)
-                a = torch.div(out[:, c0:c1], -g)
-                if ev.lam != 0.0:
-                    a.sub_(r, alpha=ev.lam)
+            cls, parts, logits = None, [], None
+            if readback:  # a = d − λ·r, d = −logit/γ: no GEMM (the near pairs' a is not used: P = 0 there)
+                logits = out[:, c0:c1]
                 n0, n1 = n1, end
                 near = (near_b[n0:n1], near_c[n0:n1] - c0) if n1 > n0 else no_pairs
                 if needs[5] and not whole:  # ∂γ = Σ G·∂logit/∂γ = Σ G·logit/γ
                     dgamma += torch.mul(G, out[:, c0:c1]).sum(dtype=ev.wide) / g
             else:
+                cls = ev.classes(c0, c1)
                 d, near, (a, r, s) = ev.distance(cls, c0, want_parts=True)
                 if needs[5]:  # ∂γ = −Σ G·d
                     dgamma -= torch.mul(G, d).sum(dtype=ev.wide)
-            bw.chunk(c0, c1, cls, G, a, r, s, near)
-            del cls, G, a, r, s  # (before the next chunk's temporaries exist)
+                del d
+                parts = [a, r, s]
+                del a, r, s  # (handed over: bw.chunk frees each as soon as it is spent)
+            bw.chunk(c0, c1, cls, G, parts, near, logits)
+            del cls, G  # (before the next chunk's temporaries exist)
+        ev.release()
         return bw.finish(dgamma)
 
 
@@ -877,8 +1009,12 @@ class _RowStats(torch.autograd.Function):
                     if ctx.margin != 0.0 and b.numel():
                         dm = dm.index_put((b, c), dm[b, c] + ctx.margin)
                     dgamma -= torch.mul(G, dm).sum(dtype=wide)
-            bw.chunk(c0, c1, cls, G, a, r, s, near)
-            del cls, G, a, r, s, lg, d, lin  # (before the next chunk's temporaries exist)
+            del lg, d, lin
+            parts = [a, r, s]
+            del a, r, s  # (handed over: bw.chunk frees each as soon as it is spent)
+            bw.chunk(c0, c1, cls, G, parts, near)
+            del cls, G  # (before the next chunk's temporaries exist)
+        ev.release()
         return bw.finish(dgamma)
 
 
