@@ -336,7 +336,8 @@ class FAIMHead(_MetricParams):
         # A full head's checkpoint without L_scale predates the scaled L: its L is the metric's, so it is
         # stored times this head's L_scale (the logits are unchanged; test_nn_head.py loads such dicts).
         if self.full_sigma and prefix + "L" in state_dict and prefix + "L_scale" not in state_dict:
-            state_dict[prefix + "L"] = state_dict[prefix + "L"] * self.L_scale.to(state_dict[prefix + "L"].dtype)
+            old_L = state_dict[prefix + "L"]  # (on the checkpoint's device, e.g. a CPU map_location)
+            state_dict[prefix + "L"] = old_L * self.L_scale.to(old_L)
             state_dict[prefix + "L_scale"] = self.L_scale.detach().clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -667,8 +668,7 @@ class FAIMHead(_MetricParams):
             target = (inv - eps).clamp_min(1e-6 * float(inv.max()))
             sigma = (evecs * inv) @ evecs.T
             L = torch.linalg.cholesky((evecs * target) @ evecs.T)
-            l_scale = self._buffers.get("L_scale")
-            self.L.copy_(L if l_scale is None else L * l_scale.to(L))
+            self.L.copy_(L * self.L_scale.to(L))
             lc = torch.linalg.cholesky(sigma)
         else:
             inv = c / torch.diagonal(S)

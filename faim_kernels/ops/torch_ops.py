@@ -357,9 +357,9 @@ class Eager:
             return True
         lo, hi = torch.aminmax(self.mu_c)
         # one read-back: max |mu|, |Lc|², max |x'|², and Σ sx + Σ smu (finite only if every sx and smu is)
-        m, fsq, xmax = torch.stack([torch.maximum(-lo, hi), torch.square(self.metric.factor).sum(),
-                                    self.xn.max()]).to(self.wide).tolist()
-        total = float(self.sx.sum() + self.smu.sum())
+        w = self.wide
+        m, fsq, xmax, total = torch.stack([torch.maximum(-lo, hi).to(w), torch.square(self.metric.factor).sum().to(w),
+                                           self.xn.max().to(w), self.sx.sum() + self.smu.sum()]).tolist()
         self.max_row_threshold = self.tau * xmax + self.eps
         bound = (2 * m) * (2 * m) * self.mu.shape[1] * fsq + xmax  # (NaN compares False)
         return math.isfinite(total) and 4 * bound < torch.finfo(self.compute).max
@@ -470,8 +470,9 @@ class Eager:
             return _no_pairs(a.device)
         # (both bounds widened by 2^-16, so that their rounding can only add candidates: the test
         # itself decides)
-        top = self.tau * float(mn.max()) * (1 + 2 ** -16)
-        if float(a.amin()) >= (self.max_row_threshold + top) * (1 + 2 ** -16):
+        mn_max, a_min = torch.stack([mn.max(), a.amin()]).tolist()  # (one read-back: a sync on a GPU)
+        top = self.tau * mn_max * (1 + 2 ** -16)
+        if a_min >= (self.max_row_threshold + top) * (1 + 2 ** -16):
             return _no_pairs(a.device)
         rows = (a.amin(dim=1) < torch.add(self.row_threshold[:, 0], top).mul_(1 + 2 ** -16)).nonzero()[:, 0]
         sub = a.index_select(0, rows)
