@@ -128,6 +128,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_l
     return {logits, xp, mup, sx, smu};
 }
 
+// The prototypes' half of the preparation, for a caller that scores many batches against unchanged
+// prototypes (FAIMHead caches it under no_grad for a full L, where mu' = (mu − m)·Lc is a C×D² GEMM:
+// at (512, 4096, 256) half the logits GEMM's work; docs/design.md §2.4):
+//   randers_prototypes(mu, lc, beta) -> (m, mup, smu)
+//   randers_logits_prepared(x, mu, lc, beta, lam, gamma, m, mup, smu, eps, tau) -> logits
+// The second computes exactly what randers_logits computes (the same m, mup and smu, hence the same
+// bits) with only x's half prepared. Forward only: the caller records no graph through them.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_prototypes_cpu(const at::Tensor& mu, const at::Tensor& lc,
+                                                                      const at::Tensor& beta) {
+    check_operands(mu, mu, lc, beta, beta.new_zeros({}), beta.new_zeros({}));
+    at::NoGradGuard no_grad;
+    const RawInputs raw(mu, mu, lc, beta);
+    at::Tensor m, mup, smu = at::empty({raw.mu.size(0)}, raw.mu.options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES(raw.mu.scalar_type(), "randers_prototypes", [&] {
+        m = center_of<scalar_t>(raw.mu);
+        mup = project<scalar_t>(raw.mu, m, raw.lc);
+        row_dots64<scalar_t>(raw.mu, raw.beta.data_ptr<scalar_t>(), smu.data_ptr<double>());
+    });
+    return {m, mup, smu};
+}
+
+at::Tensor randers_logits_prepared_cpu(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc,
+                                       const at::Tensor& beta, const at::Tensor& lam, const at::Tensor& gamma,
+                                       const at::Tensor& m, const at::Tensor& mup, const at::Tensor& smu, double eps,
+                                       double tau) {
+    check_operands(x, mu, lc, beta, lam, gamma);
+    const int64_t C = mu.size(0), D = mu.size(1);
+    TORCH_CHECK(m.dim() == 1 && m.size(0) == D && m.scalar_type() == x.scalar_type() && m.device().is_cpu(),
+                "m must be a CPU tensor [D] of x's dtype");
+    TORCH_CHECK(mup.dim() == 2 && mup.size(0) == C && mup.size(1) == D && mup.scalar_type() == x.scalar_type() &&
+                    mup.device().is_cpu(),
+                "mup must be a CPU tensor [C, D] of x's dtype");
+    TORCH_CHECK(smu.dim() == 1 && smu.size(0) == C && smu.scalar_type() == at::kDouble && smu.device().is_cpu(),
+                "smu must be a float64 CPU tensor [C]");
+    at::NoGradGuard no_grad;
+    const RawInputs raw(x, mu, lc, beta);
+    const at::Tensor mc = m.contiguous(), mupc = mup.contiguous(), smuc = smu.contiguous();
+    at::Tensor sx = at::empty({raw.x.size(0)}, raw.x.options().dtype(at::kDouble));
+    at::Tensor logits;
+    AT_DISPATCH_FLOATING_TYPES(raw.x.scalar_type(), "randers_logits_prepared", [&] {
+        const at::Tensor xp = project<scalar_t>(raw.x, mc, raw.lc);
+        row_dots64<scalar_t>(raw.x, raw.beta.data_ptr<scalar_t>(), sx.data_ptr<double>());
+        const auto in = operands<scalar_t>(raw, xp, mupc, sx, smuc, lam.item<double>(), eps, tau);
+        logits = logits_of(in, gamma.item<double>());
+    });
+    return logits;
+}
+
 // The chain rule for one side (v = x or mu, with its ∂v' and ∂s): returns ∂v = ∂v'·Lcᵀ + ∂s·betaᵀ
 // (want_dv) and adds (v − m)ᵀ·∂v' to dlc (want_dlc) and Σ_i ∂s_i·(v_i − m) to dbeta (want_dbeta;
 // float64, centred, see centred_weighted_sum). A diagonal factor takes one fused pass over the
@@ -566,6 +614,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_l
 TORCH_LIBRARY_IMPL(faim_kernels, CPU, m) {
     m.impl("randers_logits", &randers_logits_cpu);
     m.impl("randers_logits_backward", &randers_logits_backward_cpu);
+    m.impl("randers_prototypes", &randers_prototypes_cpu);
+    m.impl("randers_logits_prepared", &randers_logits_prepared_cpu);
 }
 
 TORCH_LIBRARY_IMPL(faim_kernels, AutogradCPU, m) {

@@ -270,3 +270,77 @@ def test_full_metric_cache_follows_every_change_of_the_parameters():
     xr = x.clone().requires_grad_()
     head(xr).sum().backward()
     assert torch.allclose(xg.grad, xr.grad, rtol=0, atol=0)
+
+
+def test_prepared_prototypes_ops_match_randers_logits():
+    """randers_prototypes gives randers_logits' own m-centred mu', mu·beta, and randers_logits_prepared
+    its logits bit for bit (near pairs included); both pass opcheck's schema and fake-kernel checks."""
+    torch.manual_seed(1)
+    for full in (False, True):
+        for dtype in (torch.float32, torch.float64):
+            x, mu, L, beta, lam, gamma = make_inputs(9, 13, 6, full=full, dtype=dtype)
+            x[:3] = mu[:3] + 1e-5 * torch.randn(3, 6, dtype=dtype)  # near pairs: the raw-difference recompute
+            lc = fk.transform.metric_factor(L, 1e-6, dtype)
+            tau = fk.transform.near_threshold(6, dtype)
+            logits, _, mup, _, smu = contract.logits_op(x, mu, lc, beta, lam, gamma, 1e-6, tau)
+            m, mup2, smu2 = contract.prototypes_op(mu, lc, beta)
+            assert torch.equal(mup2, mup) and torch.equal(smu2, smu)
+            torch.testing.assert_close(m, fk.transform.center_of(mu), rtol=1e-6, atol=1e-6)
+            poisoned = logits.clone().fill_(float("nan"))
+            out = contract.logits_prepared_op(x, mu, lc, beta, lam, gamma, m, mup2, smu2, 1e-6, tau)
+            assert torch.equal(out, logits) and not torch.equal(out, poisoned)
+            for op, args in ((contract.prototypes_op, (mu, lc, beta)),
+                             (contract.logits_prepared_op, (x, mu, lc, beta, lam, gamma, m, mup2, smu2, 1e-6, tau))):
+                torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="mup must be"):
+        contract.logits_prepared_op(x, mu, lc, beta, lam, gamma, m, mup2[1:], smu2, 1e-6, tau)
+
+
+def test_prototype_cache_follows_every_change_and_stays_exact(monkeypatch):
+    """No_grad calls of a full head keep the prototypes' half of the preparation while the metric
+    factor, mu and beta keep their values (FAIMHead._cached_prototypes): the logits are those of the
+    uncached op bit for bit, near pairs included, and every way of changing mu or beta is seen."""
+    torch.manual_seed(2)
+    head = fk.FAIMHead(8, 12, full_sigma=True)
+    with torch.no_grad():
+        head.L.add_(0.2 * torch.randn(8, 8))
+        head.beta.normal_(0, 0.1)
+    x = torch.randn(6, 8)
+    x[:2] = head.mu[:2].detach() + 1e-5 * torch.randn(2, 8)
+
+    def uncached():  # the same values through randers_logits itself (graph recorded: no cache)
+        return head(x).detach()
+
+    def cached():
+        with torch.no_grad():
+            return head(x)
+
+    assert torch.equal(cached(), uncached())
+    first = head.__dict__["_prototype_cache"][-1]
+    assert torch.equal(cached(), uncached())
+    assert head.__dict__["_prototype_cache"][-1] is first  # reused, not recomputed
+    F.cross_entropy(head(x), torch.arange(6)).backward()  # grads for the SGD step
+    changes = [
+        lambda: head.mu.data[3].add_(0.5),  # bumps no version counter
+        lambda: head.beta.data.mul_(2.0),
+        lambda: head.L.data.mul_(1.1),      # a new metric factor
+        lambda: torch.optim.SGD(head.parameters(), lr=0.1).step(),
+        lambda: head.load_state_dict({k: v + 0.01 for k, v in head.state_dict().items()}),
+    ]
+    for change in changes:
+        before = cached()
+        with torch.no_grad():
+            change()
+        after = cached()
+        assert torch.equal(after, uncached())
+        assert not torch.equal(before, after)
+    with torch.inference_mode():
+        assert torch.equal(head(x), uncached())
+    # a diagonal head keeps no cache; a head above the size bound neither, and stays exact
+    diag = fk.FAIMHead(8, 12)
+    with torch.no_grad():
+        diag(x)
+    assert "_prototype_cache" not in diag.__dict__
+    monkeypatch.setattr(head_module, "PROTOTYPE_CACHE_BYTES", 0)
+    head.__dict__.pop("_prototype_cache")
+    assert torch.equal(cached(), uncached()) and "_prototype_cache" not in head.__dict__

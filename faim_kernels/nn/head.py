@@ -52,6 +52,9 @@ FULL_L_SCALE = 3.0
 # 32 MiB: (512, 4096) and (1024, 8192) float32 logits take the faster path; (256, 100000) keeps the
 # fused kernels' memory (about 5x less than nn.Linear + F.cross_entropy there).
 LOSS_VIA_LOGITS_BYTES = 32 * 2 ** 20
+# The largest mu (bytes) whose prepared prototypes a full-L head keeps for its no_grad calls: the cache
+# holds a snapshot of mu and mu' (FAIMHead._cached_prototypes).
+PROTOTYPE_CACHE_BYTES = 64 * 2 ** 20
 
 
 def _nonneg(v: torch.Tensor) -> torch.Tensor:
@@ -398,6 +401,31 @@ class FAIMHead(_MetricParams):
                                                (lam_value, gamma_value, l_scale_value), metric)
         return metric
 
+    def _cached_prototypes(self, lc) -> tuple | None:
+        """The prototypes' half of the preparation, (m, mu', mu·beta) of faim_kernels::randers_prototypes,
+        reused across no_grad calls of a full-L head while lc (the cached metric factor of
+        _cached_full_metric, compared by identity), mu and beta keep their values; None where mu is
+        too large to keep a snapshot of (PROTOTYPE_CACHE_BYTES).
+
+        Why: mu' = (mu − m)·Lc is a C×D² GEMM, as much work as the logits GEMM itself when C·D >= B·C
+        (a small batch) and half of it at (512, 4096, 256); an evaluation loop pays it once. The check
+        compares values (O(C·D), against the GEMM's O(C·D²)), as the metric cache does, so an in-place
+        change through `.data` is seen too; the snapshot and mu' hold two copies of mu's size."""
+        mu, beta = self._parameters["mu"], self._parameters["beta"]
+        if mu.numel() * mu.element_size() > PROTOTYPE_CACHE_BYTES:
+            return None
+        inference = torch.is_inference_mode_enabled()
+        cache = self.__dict__.get("_prototype_cache")
+        if cache is not None:
+            lc_was, was_inference, mu_was, beta_was, prepared = cache
+            if (lc_was is lc and was_inference == inference and mu_was.dtype == mu.dtype
+                    and mu_was.shape == mu.shape and beta_was.dtype == beta.dtype
+                    and torch.equal(mu_was, mu) and torch.equal(beta_was, beta)):
+                return prepared
+        prepared = contract.prototypes_op(mu, lc, beta)
+        self.__dict__["_prototype_cache"] = (lc, inference, mu.detach().clone(), beta.detach().clone(), prepared)
+        return prepared
+
     def _tau(self) -> float:
         # The near threshold depends on D only (transform.near_threshold); computed once per head.
         tau = self.__dict__.get("_near_tau")
@@ -420,8 +448,13 @@ class FAIMHead(_MetricParams):
             lc, lam, gamma = fast
             xf = x if x.dim() == 2 else x.reshape(-1, self.in_features)
             parameters = self._parameters
-            logits = contract.logits_op(xf, parameters["mu"], lc, parameters["beta"], lam, gamma, self.eps,
-                                        self._tau())[0]
+            prepared = self._cached_prototypes(lc) if self.full_sigma and not torch.is_grad_enabled() else None
+            if prepared is not None:
+                logits = contract.logits_prepared_op(xf, parameters["mu"], lc, parameters["beta"], lam, gamma,
+                                                     *prepared, self.eps, self._tau())
+            else:
+                logits = contract.logits_op(xf, parameters["mu"], lc, parameters["beta"], lam, gamma, self.eps,
+                                            self._tau())[0]
             return logits if x.dim() == 2 else logits.reshape(*lead, self.num_classes)
         xf, mu, L, beta, lam, gamma = self._prepare(x)
         logits = faim_functional.randers_logits(xf, mu, L, beta, lam, gamma, eps=self.eps, backend=self.backend)

@@ -19,6 +19,15 @@ autograd chains ∂Lc to L.
         r = sqrt(s² + eps) from the rank-one s), so the backward costs the two gradient GEMMs of
         docs/design.md §2 (the algorithm) like nn.Linear's. Near pairs (docs/design.md §2.1, near pairs) are recomputed from the raw difference.
 
+Prepared prototypes (forward only, CPU): for scoring many batches against unchanged prototypes
+without recomputing their half of the preparation (mu' = (mu − m)·Lc is C×D² work for a full L).
+
+    randers_prototypes(mu, lc, beta) -> (m, mup, smu)
+        the centre m [D], mup = (mu − m)·Lc [C, D] and smu = mu·beta [C] float64, as randers_logits forms them.
+    randers_logits_prepared(x, mu, lc, beta, lam, gamma, m, mup, smu, eps, tau) -> logits
+        randers_logits' logits, bit for bit, with the prototypes' half taken from randers_prototypes.
+        No autograd formula: callers use it where no graph is recorded (FAIMHead under no_grad).
+
 Cross-entropy (docs/design.md §2.2, the fused cross-entropy): the kernels never form [B, C]; the forward returns per-row statistics of
 the margin logits logit'_bc = −γ·(d_bc + margin·[c = t_b]) and the loss is an O(B) function of them
 (faim_kernels/ops/row_stats.py).
@@ -71,6 +80,9 @@ _LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_target_logit,
             "int grad_mask=63) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps) "
             "-> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("randers_prototypes(Tensor mu, Tensor lc, Tensor beta) -> (Tensor, Tensor, Tensor)")
+_LIB.define("randers_logits_prepared(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, "
+            "Tensor m, Tensor mup, Tensor smu, float eps, float tau) -> Tensor")
 
 ops = torch.ops.faim_kernels
 logits_op = ops.randers_logits.default
@@ -78,6 +90,8 @@ logits_backward_op = ops.randers_logits_backward.default
 cross_entropy_op = ops.randers_cross_entropy.default
 cross_entropy_backward_op = ops.randers_cross_entropy_backward.default
 head_metric_op = ops.head_metric.default
+prototypes_op = ops.randers_prototypes.default
+logits_prepared_op = ops.randers_logits_prepared.default
 
 # Bit k of grad_mask: gradient k of (x, mu, lc, beta, lam, gamma) is needed. A backward kernel skips
 # the work of the others (no ∂x GEMM for features without grad, no ∂mu GEMM for frozen prototypes,
@@ -138,6 +152,16 @@ def _head_metric_fake(sigma, lmbda, scale, full, eps):
     D = sigma.shape[0]
     return (sigma.new_empty((D, D) if full else (D,), dtype=compute), lmbda.new_empty(()), scale.new_empty(()),
             sigma.new_empty((D, D) if full else (0,), dtype=torch.float64))
+
+
+@torch.library.register_fake(prototypes_op)
+def _prototypes_fake(mu, lc, beta):
+    return mu.new_empty((mu.shape[1],)), mu.new_empty(mu.shape), mu.new_empty((mu.shape[0],), dtype=torch.float64)
+
+
+@torch.library.register_fake(logits_prepared_op)
+def _logits_prepared_fake(x, mu, lc, beta, lam, gamma, m, mup, smu, eps, tau):
+    return x.new_empty((x.shape[0], mu.shape[0]))
 
 
 # ----------------------------------------------------------------------------------------------
