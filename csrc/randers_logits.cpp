@@ -464,6 +464,73 @@ std::pair<at::Tensor, at::Tensor> gradient_gemms(const Operands<T>& in, PairSums
     return {dxp, dmup};
 }
 
+// Σ_i a_i ⊙ b_i over the rows of two [n, D] tensors, in T, into out [D] (added): fixed row chunks
+// summed in order, so the result does not depend on the thread count (as chain_rows).
+template <typename T>
+void add_column_dots(const at::Tensor& a, const at::Tensor& b, T sign, T* out) {
+    const int64_t n = a.size(0), D = a.size(1);
+    const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>();
+    constexpr int64_t kChunk = 512;
+    const int64_t n_chunks = ceil_div(n, kChunk);
+    std::vector<T> part(n_chunks * D, T(0));
+    T* parts = part.data();
+    at::parallel_for(0, n_chunks, 1, [ap, bp, parts, n, D](int64_t begin, int64_t end) {
+        for (int64_t ch = begin; ch < end; ++ch) {
+            T* __restrict__ acc = parts + ch * D;
+            for (int64_t i = ch * kChunk; i < std::min(n, (ch + 1) * kChunk); ++i) {
+                const T* __restrict__ ar = ap + i * D;
+                const T* __restrict__ br = bp + i * D;
+#pragma omp simd
+                for (int64_t k = 0; k < D; ++k) acc[k] += ar[k] * br[k];
+            }
+        }
+    });
+    for (int64_t ch = 0; ch < n_chunks; ++ch)
+        for (int64_t k = 0; k < D; ++k) out[k] += sign * part[ch * D + k];
+}
+
+// Features without grad and a trainable metric (a linear probe, or a head behind a frozen backbone):
+// ∂x' is wanted only for ∂Lc's x half, (x − m)ᵀ·∂x' with ∂x' = rowsum(P)·x' − P·mu' (+ p·diff' at the
+// near pairs). Its GEMM term is (x − m)ᵀ·P·mu' = Aᵀ·mu' with A = Pᵀ·(x − m), and A is the ∂mu' side's
+// GEMM too (Pᵀ·x' = A·Lc): one B×C×D product instead of two, as nn.Linear's backward without ∂x
+// (a full L adds A·Lc and Aᵀ·mu', two C×D² products, so it is taken there for B > D only).
+// Returns ∂mu' (as gradient_gemms does) and adds the x half of ∂Lc to dlc.
+template <typename T>
+at::Tensor gradient_gemms_without_dxp(const Operands<T>& in, const RawInputs& raw, const at::Tensor& m,
+                                      PairSums<T>& sums, const at::Tensor& colsum_p, at::Tensor& dlc) {
+    const int64_t D = in.D;
+    const bool full = raw.lc.dim() == 2;
+    const at::Tensor xc = raw.x - m;
+    const at::Tensor A = at::mm(sums.P.t(), xc);
+    sums.P.reset();
+    at::Tensor dmup = (full ? at::mm(A, raw.lc) : A * raw.lc).neg_().addcmul_(colsum_p.unsqueeze(1), in.mup);
+    const at::Tensor xr = xc * sums.row_p.unsqueeze(1);  // rowsum(P)_b·(x_b − m)
+    if (full) {
+        dlc.addmm_(xr.t(), in.xp).addmm_(A.t(), in.mup, 1, -1);
+    } else {
+        add_column_dots<T>(xr, in.xp, T(1), dlc.data_ptr<T>());
+        add_column_dots<T>(A, in.mup, T(-1), dlc.data_ptr<T>());
+    }
+    T* dm_ = dmup.data_ptr<T>();
+    T* dl_ = dlc.data_ptr<T>();
+    const T* xcp = xc.data_ptr<T>();
+    for (int64_t bt = 0; bt < sums.n_bt; ++bt) {
+        for (size_t n = 0; n < sums.near[bt].size(); ++n) {
+            const NearTerm& t = sums.near[bt][n];
+            const T* df = sums.near_diff[bt].data() + n * D;
+            const T* xb = xcp + t.b * D;
+            for (int64_t k = 0; k < D; ++k) dm_[t.c * D + k] -= T(t.p) * df[k];
+            if (full) {  // ∂x'_b gains p·diff': (x_b − m)ᵀ·p·diff' in ∂Lc
+                for (int64_t i = 0; i < D; ++i)
+                    for (int64_t k = 0; k < D; ++k) dl_[i * D + k] += xb[i] * T(t.p) * df[k];
+            } else {
+                for (int64_t k = 0; k < D; ++k) dl_[k] += xb[k] * T(t.p) * df[k];
+            }
+        }
+    }
+    return dmup;
+}
+
 // Backward (docs/design.md §2, the algorithm), with H = −γ·G, P = H/a, R = H·λ·s/r:
 //   ∂x' = rowsum(P)·x' − P·mu',  ∂mu' = colsum(P)·mu' − Pᵀ·x'   (far pairs: two BLAS GEMMs)
 //   ± P·diff' for the near pairs; ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·d,
@@ -498,14 +565,18 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
     at::Tensor dsmu = at::empty({C}, opts.dtype(at::kDouble));
     at::Tensor colsum_p = at::empty({C}, opts);
     column_sums(sums, C, colsum_p.data_ptr<T>(), dsmu.data_ptr<double>());
-    auto [dxp, dmup] = gradient_gemms(in, sums, colsum_p, want.xp(), want.mup());
-
     // The chain to the raw inputs (x' = (x − m)·Lc, sx = x·beta, and the same for mu).
     const at::Tensor m = center_of<T>(raw.mu);
     at::Tensor dlc = want.lc ? at::zeros_like(raw.lc) : at::empty({0}, opts);
+    const bool fold_x_side = !want.x && want.lc && (raw.lc.dim() == 1 || B > D);
+    at::Tensor dxp, dmup;
+    if (fold_x_side)
+        dmup = gradient_gemms_without_dxp(in, raw, m, sums, colsum_p, dlc);
+    else
+        std::tie(dxp, dmup) = gradient_gemms(in, sums, colsum_p, want.xp(), want.mup());
     std::vector<double> dbeta64(D, 0.0);
     at::Tensor dx = chain_rows<T>(raw, m, dxp, sums.dsx.template data_ptr<double>(), dlc, dbeta64, true, want.x,
-                                  want.lc, want.beta);
+                                  want.lc && !fold_x_side, want.beta);
     at::Tensor dmu = chain_rows<T>(raw, m, dmup, dsmu.data_ptr<double>(), dlc, dbeta64, false, want.mu, want.lc,
                                    want.beta);
     if (!want.x) dx = at::empty({0}, opts);

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import faim_kernels as fk
-from conftest import (shape_key, FWD_TOL, HAS_CUDA, INTERPRET, NAMES, assert_norm_close, assert_rel_close, backends,
+from conftest import (GRAD_TOL, shape_key, FWD_TOL, HAS_CUDA, INTERPRET, NAMES, assert_norm_close, assert_rel_close, backends,
                       check_logits, contract_ops, device_of, interpreted_contract_ops, make_inputs, per_backend,
                       reference64)
 
@@ -327,3 +327,36 @@ def test_torch_compile_inductor(backend, device):
     x, mu, L, beta, lam, gamma = make_inputs(6, 10, 8, requires_grad=True, device=device)
     f = torch.compile(lambda x: logits(x * 2, mu, L, beta, lam, gamma).logsumexp(1), fullgraph=True)
     assert_rel_close(f(x), logits(x * 2, mu, L, beta, lam, gamma).logsumexp(1), 1e-5)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_features_without_grad_fold_their_metric_half(full, dtype, threads):
+    """Features without grad and a trainable metric (a linear probe): the C++ backward forms ∂Lc's
+    x half from Pᵀ·(x − m), the ∂mu' side's GEMM, instead of the ∂x' GEMM (B > D, so a full L takes
+    that route too). The gradients match the float64 reference on design §2.1's near-prototype case,
+    and the same call with features that need grad, to the dtype's rounding; the same bits for 1 and
+    2 threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = make_inputs(40, 23, 12, full=full, dtype=dtype, near=True, seed=4)
+        w = torch.randn(40, 23, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+        def grads(requires, backend, cast=None):
+            ins = [t.detach().clone().to(cast or t.dtype).requires_grad_(n in requires) for n, t in zip(NAMES, inputs)]
+            out = fk.randers_logits(*ins, backend=backend)
+            wanted = [t for t in ins if t.requires_grad]
+            return dict(zip([n for n in NAMES if n in requires], torch.autograd.grad(out, wanted, w.to(out.dtype))))
+        frozen = grads(set(NAMES) - {"x"}, "cpp")
+        everything = grads(set(NAMES), "cpp")
+        reference = grads(set(NAMES), "reference", torch.float64)
+        tol = GRAD_TOL[dtype] if dtype == torch.float64 else 1e-5
+        for name, g in frozen.items():
+            assert_norm_close(g, everything[name], tol, name)
+            assert_norm_close(g, reference[name], tol, name)
+        again = grads(set(NAMES) - {"x"}, "cpp")
+        assert all(torch.equal(again[n], frozen[n]) for n in frozen)
+    finally:
+        torch.set_num_threads(previous)
