@@ -663,9 +663,22 @@ class LogitsAutograd : public torch::autograd::Function<LogitsAutograd> {
         int64_t mask = 0;
         for (int64_t k = 0; k < kNumGrads; ++k)
             if (ctx->needs_input_grad(k)) mask |= int64_t(1) << k;
-        auto [dx, dmu, dlc, dbeta, dlam, dgamma] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
-                                                           s[8], s[9], s[10], ctx->saved_data["eps"].toDouble(),
-                                                           ctx->saved_data["tau"].toDouble(), mask);
+        auto call = [&] {
+            return op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10],
+                           ctx->saved_data["eps"].toDouble(), ctx->saved_data["tau"].toDouble(), mask);
+        };
+        // Without create_graph (grad mode off, the usual backward) the backward op is called below
+        // autograd: its autograd kernel (contract.py's refusal of second derivatives, a Python
+        // function) only matters when a graph is recorded, and entering it cost ~40 µs per call,
+        // half of a small head's backward. With create_graph it runs, and a second derivative raises.
+        std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> res;
+        if (at::GradMode::is_enabled()) {
+            res = call();
+        } else {
+            at::AutoDispatchBelowADInplaceOrView guard;
+            res = call();
+        }
+        auto [dx, dmu, dlc, dbeta, dlam, dgamma] = res;
         torch::autograd::variable_list out{dx, dmu, dlc, dbeta, dlam, dgamma, at::Tensor(), at::Tensor()};
         for (int64_t k = 0; k < kNumGrads; ++k)
             if (!wants_grad(mask, k)) out[k] = at::Tensor();  // unneeded: None, as the Python formula gives

@@ -178,12 +178,24 @@ def _logits_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled gradients for xp, mup, sx, smu, which no one uses
 
 
+def _below_autograd(backward, *args, **kwargs):
+    """backward(*args, **kwargs) below the autograd dispatch key where no graph is recorded (the usual
+    backward, without create_graph): the backward ops' own autograd kernel (the refusal of second
+    derivatives below, a Python function) then does nothing but costs tens of µs per call, a large
+    part of a small head's backward. With create_graph it runs, so a second derivative raises; under
+    torch.compile the formula is traced as written."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return backward(*args, **kwargs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return backward(*args, **kwargs)
+
+
 def _logits_backward_with(backward):
     def _backward(ctx, grad, *_unused_output_grads):  # xp, mup, sx, smu are not differentiable outputs
         if grad is None:
             return (None,) * 8
         mask = grad_mask(ctx.needs_input_grad)
-        grads = backward(grad, *ctx.saved_tensors, ctx.eps, ctx.tau, grad_mask=mask)
+        grads = _below_autograd(backward, grad, *ctx.saved_tensors, ctx.eps, ctx.tau, grad_mask=mask)
         return unneeded(grads, mask) + (None, None)
     return _backward
 
@@ -206,8 +218,8 @@ def _ce_backward_with(backward):
         options = {} if w_pl is None and class_weight is None and dense_soft_target is None else dict(
             w_pl=w_pl, class_weight=class_weight, dense_soft_target=dense_soft_target)
         mask = grad_mask(ctx.needs_input_grad)
-        grads = backward(w_lse, w_target_logit, w_sl, lse, x, mu, lc, beta, lam, gamma, target, ctx.eps, ctx.tau, ctx.margin,
-                         **options, grad_mask=mask)
+        grads = _below_autograd(backward, w_lse, w_target_logit, w_sl, lse, x, mu, lc, beta, lam, gamma, target, ctx.eps,
+                                ctx.tau, ctx.margin, **options, grad_mask=mask)
         return unneeded(grads, mask) + (None,) * (ctx.num_inputs - 6)
     return _backward
 
