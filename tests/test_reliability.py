@@ -603,3 +603,15 @@ def test_head_loss_with_a_learned_class_weight_matches_the_reference(backend):
         head.backend = backend
         for p, a, b in zip(params, got, want):
             assert_norm_close(a, b, 1e-9, f"gradient of a {tuple(p.shape)} parameter")
+
+
+@pytest.mark.parametrize("init", ["default", "reference"])
+def test_reset_parameters_restores_the_full_heads_l_scale(init):
+    """reset_parameters() sets the full head's L_scale buffer as the constructor does, so a head made
+    on the meta device and materialised with to_empty() (whose memory is arbitrary) starts at Sigma = I."""
+    head = fk.FAIMHead(6, 4, full_sigma=True, init=init)
+    expected = head.L_scale.clone()
+    head.L_scale.fill_(float("nan"))
+    head.reset_parameters()
+    assert torch.equal(head.L_scale, expected)
+    torch.testing.assert_close(head.metric_L(), torch.eye(6))

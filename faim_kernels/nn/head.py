@@ -331,6 +331,9 @@ class FAIMHead(_MetricParams):
                 nn.init.kaiming_uniform_(self.mu, a=math.sqrt(5))  # nn.Linear's weight: U(−1/√D, 1/√D)
                 self.beta.div_(math.sqrt(self.in_features))
             if self.full_sigma:  # Sigma = I: the metric tril(L) / L_scale = I
+                # L_scale too: after to_empty() (deferred initialisation) the buffer holds whatever
+                # the new memory held, as BatchNorm's running statistics do until reset.
+                self.L_scale.fill_(FULL_L_SCALE if self.init == "default" else 1.0)
                 self.L.mul_(self.L_scale)
             self.scale.fill_(self._scale_init)
 
