@@ -446,8 +446,10 @@ std::pair<at::Tensor, at::Tensor> gradient_gemms(const Operands<T>& in, PairSums
                                                  bool want_xp, bool want_mup) {
     const int64_t D = in.D;
     at::Tensor dxp, dmup;
-    if (want_xp) dxp = at::mm(sums.P, in.mup).neg_().addcmul_(sums.row_p.unsqueeze(1), in.xp);
-    if (want_mup) dmup = at::mm(sums.P.t(), in.xp).neg_().addcmul_(colsum_p.unsqueeze(1), in.mup);
+    // The rank-one part first, then the GEMM subtracted into it by BLAS (beta = 1, alpha = −1): no
+    // separate negation pass over the result.
+    if (want_xp) dxp = (in.xp * sums.row_p.unsqueeze(1)).addmm_(sums.P, in.mup, 1, -1);
+    if (want_mup) dmup = (in.mup * colsum_p.unsqueeze(1)).addmm_(sums.P.t(), in.xp, 1, -1);
     sums.P.reset();
     T* dx_ = want_xp ? dxp.data_ptr<T>() : nullptr;
     T* dm_ = want_mup ? dmup.data_ptr<T>() : nullptr;
@@ -503,7 +505,11 @@ at::Tensor gradient_gemms_without_dxp(const Operands<T>& in, const RawInputs& ra
     const at::Tensor xc = raw.x - m;
     const at::Tensor A = at::mm(sums.P.t(), xc);
     sums.P.reset();
-    at::Tensor dmup = (full ? at::mm(A, raw.lc) : A * raw.lc).neg_().addcmul_(colsum_p.unsqueeze(1), in.mup);
+    at::Tensor dmup = in.mup * colsum_p.unsqueeze(1);
+    if (full)
+        dmup.addmm_(A, raw.lc, 1, -1);
+    else
+        dmup.addcmul_(A, raw.lc, -1);
     const at::Tensor xr = xc * sums.row_p.unsqueeze(1);  // rowsum(P)_b·(x_b − m)
     if (full) {
         dlc.addmm_(xr.t(), in.xp).addmm_(A.t(), in.mup, 1, -1);
