@@ -62,11 +62,13 @@ STATIC_NEAR_PAIRS = 16
 # (the memory target), and at least MIN_CHUNK_CLASSES classes unless CHUNK_ELEMENTS says less.
 CHUNK_ELEMENTS = 2 ** 18
 CHUNKS_PER_CALL = 8
-# The forwards hold two [B, chunk] temporaries (a, and s then r in one buffer) beside the output,
-# so they run a quarter as many, four times larger chunks (GEMMs run faster wide, and the per-operator
-# cost is paid per chunk). The logits' read-back backward holds two as well, beside the output and
-# the returned gradients: a third as many (half as many would pass 3 [B, C] with a full Σ).
+# The cross-entropy's forward holds two [B, chunk] temporaries (a, and s then r in one buffer), so it
+# runs a quarter as many, four times larger chunks (GEMMs run faster wide, and the per-operator cost is
+# paid per chunk). The logits' forward writes a into the output's columns and holds one (s then r):
+# one chunk where CHUNK_ELEMENTS allows. The logits' read-back backward holds two beside the output
+# and the returned gradients: a third as many (half as many would pass 3 [B, C] with a full Σ).
 FORWARD_CHUNKS_PER_CALL = 2
+LOGITS_FORWARD_CHUNKS_PER_CALL = 1
 READBACK_CHUNKS_PER_CALL = 3
 MIN_CHUNK_CLASSES = 64
 # Near pairs recomputed at once in eager mode: bounds their [P, D] temporaries.
@@ -277,21 +279,32 @@ def dot_wide(v: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
 
 def tdot_wide(v: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
     """Σ_i g_i·v_i [D] in g's (wide) dtype, v [n, D] cast `rows` rows at a time (dot_wide's transpose)."""
+    if v.shape[0] <= rows:
+        return g @ v.to(g.dtype)
     out = g.new_zeros(v.shape[1])
     for i in range(0, v.shape[0], rows):
-        out += v[i:i + rows].to(g.dtype).T @ g[i:i + rows]
+        out += g[i:i + rows] @ v[i:i + rows].to(g.dtype)
     return out
-
-
-def _split(v: torch.Tensor, dtype: torch.dtype):
-    """(hi, lo) in dtype with hi + lo = v to about dtype's round-off squared (v wide)."""
-    hi = v.to(dtype)
-    return hi, (v - hi.to(v.dtype)).to(dtype)
 
 
 def _no_pairs(device):
     empty = torch.empty(0, dtype=torch.long, device=device)
     return empty, empty
+
+
+_CONSTANTS = {}
+
+
+def _constant(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.tensor(value) (a float, or a tuple of floats), made once per (value, dtype, device) (a
+    fresh torch.tensor is several operator calls); never written to."""
+    key = (value, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 64:  # (a value that changes every call must not grow it without bound)
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return t
 
 
 class Eager:
@@ -323,7 +336,7 @@ class Eager:
         self.chunks = chunk_classes(x.shape[0], mu.shape[0], parts)  # (the backwards take their own grid)
         # one class-side buffer for every chunk of a loop (each chunk's class side is consumed before
         # the next), formed on first use and released after the loop (`release`)
-        self._side = None
+        self._side = self._side_w = None
         self.factor_m2 = -2 * self.metric.factor  # (×−2 is exact: the GEMM's −2·x'·mu' costs no pass)
         # rows of x or mu cast to the wide dtype at once: no more than two [B, chunk] temporaries' bytes
         # of the backward's (smaller) chunks
@@ -336,16 +349,22 @@ class Eager:
         self.sx = dot_wide(x, self.beta_wide, rows)
         self.sx_col = self.sx[:, None]
         self.smu = dot_wide(mu, self.beta_wide, rows)
-        if self.wide != self.compute:  # sx and smu as hi + lo pairs of the compute dtype (`s`)
-            self.sx_hi, self.sx_lo = _split(self.sx, self.compute)
-            self.smu_hi, self.smu_lo = _split(self.smu, self.compute)
-            self.sx_hi, self.sx_lo = self.sx_hi[:, None], self.sx_lo[:, None]
+        if self.wide != self.compute:
+            # sx and smu as hi + lo pairs of the compute dtype (`s`): the hi parts [B, 1] and [C], the lo
+            # parts as the operands of a K = 2 GEMM, [sx_lo | 1] [B, 2] and [1 ; −smu_lo] [2, C], whose
+            # product sx_lo − smu_lo is added to sx_hi − smu_hi in the GEMM's one pass
+            self.sx_hi = self.sx_col.to(self.compute)
+            self.smu_hi = self.smu.to(self.compute)
+            self.sx_lo1 = torch.ones((x.shape[0], 2), dtype=self.compute, device=x.device)
+            torch.sub(self.sx_col, self.sx_hi, out=self.sx_lo1[:, :1])
+            self.smu_lo1 = torch.ones((2, mu.shape[0]), dtype=self.compute, device=x.device)
+            torch.sub(self.smu_hi, self.smu, out=self.smu_lo1[1])
         self.tau = transform.near_threshold(x.shape[1], self.compute)
         self.s_risk = S_RISK[self.wide]
         # the near test's row term, eps folded in: q + eps >= tau·|x'|² + tau·|mu'|² + eps
-        self.row_threshold = (self.tau * self.xn + eps)[:, None]
+        self.eps_c = _constant(eps, self.compute, x.device)
+        self.row_threshold = torch.add(self.eps_c, self.xn_col, alpha=self.tau)
         self.max_row_threshold = 0.0  # (set by _plain_inputs where it matters)
-        self.eps_c = torch.tensor(eps, dtype=self.compute, device=x.device)
         self.plain = self._plain_inputs()
         self._band = False  # not searched yet (`band`)
 
@@ -356,13 +375,15 @@ class Eager:
         if not self.xn.numel() or not self.mu.numel():
             return True
         lo, hi = torch.aminmax(self.mu_c)
-        # one read-back: max |mu|, |Lc|², max |x'|², and Σ sx + Σ smu (finite only if every sx and smu is)
-        w = self.wide
-        m, fsq, xmax, total = torch.stack([torch.maximum(-lo, hi).to(w), torch.square(self.metric.factor).sum().to(w),
-                                           self.xn.max().to(w), self.sx.sum() + self.smu.sum()]).tolist()
+        # one read-back: min and max of mu, |Lc|, max |x'|², and Σ sx, Σ smu (finite only if every sx and
+        # smu is); a NaN in mu is in both of its min and max
+        lo, hi, fnorm, xmax, sx_total, smu_total = torch.stack([
+            lo, hi, torch.linalg.vector_norm(self.metric.factor), self.xn.max(), self.sx.sum(), self.smu.sum()
+        ]).tolist()
+        m = max(-lo, hi)
         self.max_row_threshold = self.tau * xmax + self.eps
-        bound = (2 * m) * (2 * m) * self.mu.shape[1] * fsq + xmax  # (NaN compares False)
-        return math.isfinite(total) and 4 * bound < torch.finfo(self.compute).max
+        bound = (2 * m) * (2 * m) * self.mu.shape[1] * (fnorm * fnorm) + xmax  # (NaN compares False)
+        return math.isfinite(sx_total + smu_total) and 4 * bound < torch.finfo(self.compute).max
 
     @property
     def band(self):
@@ -379,17 +400,27 @@ class Eager:
         else:
             torch.mm(v, factor, out=out)
 
-    def classes(self, c0: int, c1: int, norms: bool = True):
+    def classes(self, c0: int, c1: int, norms: bool = True, centred: bool = True):
         """(mu_c − m [c, D], [−2·mu'_c | |mu'_c|² + eps | 1] [c, D' + 2] (a view of the shared
         buffer), |mu'_c|² [c], smu_c [c] wide) of classes [c0, c1). norms=False (the read-back
-        backward, whose GEMMs do not use that column) leaves the norm column as it is and gives None."""
-        muc = torch.sub(self.mu_c[c0:c1], self.m)
+        backward, whose GEMMs do not use that column) leaves the norm column as it is and gives None.
+        mu_c − m is None for a diagonal L (formed in the buffer: ClosedFormBackward takes ∂Lc from the
+        buffer), and with centred=False (the logits' forward: no [c, D] temporary outlives the GEMM)."""
         if self._side is None or self._side.shape[0] < c1 - c0:  # (a loop's first chunk is its largest)
             self._side = self.metric.factor.new_zeros((c1 - c0, self.width + 2))  # (the norm column stays finite)
             self._side[:, self.width + 1] = 1
-        side = self._side[:c1 - c0]
-        mup2 = side[:, :self.width]
-        self._project(muc, mup2, self.factor_m2)
+            self._side_w = self._side[:, :self.width]
+        whole = c1 - c0 == self._side.shape[0]
+        side = self._side if whole else self._side[:c1 - c0]
+        mup2 = self._side_w if whole else side[:, :self.width]
+        muc = None
+        if self.metric.diagonal:  # (−2·(mu − m))·Lc in the buffer, no [c, D] temporary
+            torch.sub(self.mu_c[c0:c1], self.m, out=mup2).mul_(self.factor_m2)
+        else:
+            centred_mu = torch.sub(self.mu_c[c0:c1], self.m)
+            torch.mm(centred_mu, self.factor_m2, out=mup2)
+            muc = centred_mu if centred else None
+            del centred_mu
         mn = None
         if norms:
             mn = torch.linalg.vecdot(mup2, mup2).mul_(0.25)  # |−2·mu'|²/4, exact
@@ -398,7 +429,7 @@ class Eager:
 
     def release(self):
         """Frees the class-side buffer after a loop over the chunks (the backward's end holds the most)."""
-        self._side = None
+        self._side = self._side_w = None
 
     def _s_band(self):
         """The pairs (b, c) of the kernels' s test |s| < S_RISK·(|sx| + |smu|) (s = sx − smu lost too
@@ -409,9 +440,13 @@ class Eager:
         difference is exact: one more costs O(D)). None when no pair passes (the usual case)."""
         k = 2 * self.s_risk
         sorted_smu, order = torch.sort(self.smu)
-        ends = torch.stack([self.sx * ((1 - k) / (1 + k)), self.sx * ((1 + k) / (1 - k))])
-        start = torch.searchsorted(sorted_smu, ends.amin(dim=0), right=True)
-        count = (torch.searchsorted(sorted_smu, ends.amax(dim=0)) - start).clamp_min_(0)
+        # each row's band ends [2, B], ordered per row (sx < 0 swaps them); an smu equal to the upper end
+        # counts (the band is widened: an extra pair costs one recompute)
+        scale = _constant(((1 - k) / (1 + k), (1 + k) / (1 - k)), self.sx.dtype, self.sx.device)
+        ends = torch.outer(scale, self.sx).sort(dim=0).values
+        at = torch.searchsorted(sorted_smu, ends, right=True)
+        start = at[0]
+        count = torch.diff(at, dim=0)[0].clamp_min_(0)
         total = int(count.sum())
         if total == 0:
             return None
@@ -420,26 +455,28 @@ class Eager:
         return b, order[start[b] + within]
 
     def s(self, c0: int, c1: int) -> torch.Tensor:
-        """s = sx − smu [B, c] of classes [c0, c1) in the compute dtype: (sx_hi − smu_hi) + sx_lo − smu_lo,
-        three passes of the compute dtype instead of a wide [B, c] difference and its rounding. Within
-        3 units of round-off of s, plus u²·(|sx| + |smu|), which matters only inside the s test's band
-        (docs/design.md §2.1, Eq. 16), where the pairs are recomputed."""
+        """s = sx − smu [B, c] of classes [c0, c1) in the compute dtype: (sx_hi − smu_hi) + (sx_lo − smu_lo),
+        two passes of the compute dtype (the difference, then a K = 2 GEMM adding the lo parts' rank-one
+        difference in place) instead of a wide [B, c] difference and its rounding. Within 3 units of
+        round-off of s, plus u²·(|sx| + |smu|), in whatever order the GEMM adds its terms (the lo parts
+        are u-sized beside the hi difference, which is formed first), which matters only inside the s
+        test's band (docs/design.md §2.1, Eq. 16), where the pairs are recomputed."""
         if self.wide == self.compute:
             return torch.sub(self.sx_col, self.smu[c0:c1])
-        return torch.sub(self.sx_hi, self.smu_hi[c0:c1]).add_(self.sx_lo).sub_(self.smu_lo[c0:c1])
+        return torch.sub(self.sx_hi, self.smu_hi[c0:c1]).addmm_(self.sx_lo1, self.smu_lo1[:, c0:c1])
 
     def r(self, s: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """r = sqrt(s² + eps) in two passes (torch.hypot is one, but unvectorised: 10x slower on CPU),
         in s's storage with in_place."""
         return torch.addcmul(self.eps_c, s, s, out=s if in_place else None).sqrt_()
 
-    def chunk(self, cls, c0: int, want_s: bool = False):
-        """(a, r, s, near) of one chunk from the expansion, no graph: a = sqrt(q + eps) [B, c], r (None
-        when λ = 0 and s is not asked for), s (None unless asked for), and the near pairs (b, c local),
-        whose a and r are NOT exact (`recompute` gives theirs). The near test is the kernels'
-        (csrc/randers_common.h at_risk and s_at_risk, with the same tau)."""
+    def chunk(self, cls, c0: int, want_s: bool = False, out: torch.Tensor | None = None):
+        """(a, r, s, near) of one chunk from the expansion, no graph: a = sqrt(q + eps) [B, c] (in out
+        when given), r (None when λ = 0 and s is not asked for), s (None unless asked for), and the near
+        pairs (b, c local), whose a and r are NOT exact (`recompute` gives theirs). The near test is the
+        kernels' (csrc/randers_common.h at_risk and s_at_risk, with the same tau)."""
         muc, side, mn, smu = cls
-        a = torch.mm(self.xs, side.T)  # |x'|² + |mu'|² + eps − 2·x'·mu' = q + eps
+        a = torch.mm(self.xs, side.T, out=out)  # |x'|² + |mu'|² + eps − 2·x'·mu' = q + eps
         band = None
         if self.band is not None:
             bb, bc = self.band
@@ -534,14 +571,21 @@ class ClosedFormBackward:
         self.dxp_acc = ev.xp.new_zeros(ev.xp.shape)
         self.rowsum_P = ev.xp.new_zeros(x.shape[0])
         self.dsx = torch.zeros(x.shape[0], dtype=wide, device=x.device)
-        self.dsmu = torch.zeros(mu.shape[0], dtype=wide, device=x.device) if want_beta else None
+        # colsum(R') [C] in the compute dtype (∂smu = γλ·colsum(R')), each chunk's written in place
+        self.colsum_R = (torch.zeros(mu.shape[0], dtype=compute, device=x.device)
+                         if want_beta or (want_mu and ev.lam != 0.0) else None)
         self.dmu = torch.empty(mu.shape, dtype=compute, device=x.device) if want_mu else None
+        # a diagonal L: each chunk's ∂mu'/γ is formed in ∂mu's rows and the whole taken to ∂mu in finish
+        # (·γLc, plus ∂smu·beta: two passes over [C, D] instead of two per chunk)
+        self.dmup_in_dmu = ev.metric.diagonal and want_mu
+        self.xpT = ev.xp.T if self.dmup_in_dmu else None
         self.g_factor = f * gamma if ev.metric.diagonal else (f * gamma).T  # ∂mu = (∂mu'/γ)·(γ·Lcᵀ)
-        self.dfactor = torch.zeros_like(f) if want_L else None     # ∂Lc from the class side, /γ
+        # ∂Lc from the class side, /γ (a diagonal L: times −2·Lc, from the spent class-side buffer)
+        self.dfactor = torch.zeros_like(f) if want_L else None
         self.beta_c = ev.beta_wide.to(compute)
         self.dlam = torch.zeros((), dtype=wide, device=x.device)
         self.near_b, self.near_c, self.near_g = [], [], []
-        self.zero = torch.zeros((), dtype=compute, device=x.device)
+        self.zero = _constant(0.0, compute, x.device)
 
     def chunk(self, c0, c1, cls, G, parts: list, near, logits=None):
         """Accumulates one chunk: G [B, c] (the caller's, read only), parts = [a, r, s] as Eager.chunk's
@@ -580,14 +624,11 @@ class ClosedFormBackward:
             # sums over chunks in the wide dtype)
             if want_x or want_beta:
                 self.dsx.sub_(R.sum(dim=1), alpha=g * lam)                  # ∂sx = rowsum(R) = −γλ·rowsum(R')
-            colsum_R = None
-            if want_mu or want_beta:
-                colsum_R = R.sum(dim=0)                                     # ∂smu = −colsum(R) = γλ·colsum(R')
-            if self.dsmu is not None:
-                self.dsmu[c0:c1] = colsum_R
+            if self.colsum_R is not None:                                   # ∂smu = −colsum(R) = γλ·colsum(R')
+                torch.sum(R, dim=0, out=self.colsum_R[c0:c1])
             del u
         else:
-            R, colsum_R = s, None
+            R = s
         del s
         if a is None:  # (into R's storage, spent)
             a = torch.add(logits, r, alpha=g * lam, out=R)
@@ -608,28 +649,28 @@ class ClosedFormBackward:
             P.index_put_((bi, ci), self.zero)
         muc, side, _, _ = ev.classes(c0, c1, norms=False) if cls is None else cls
         del cls
-        width = ev.width
+        side_w = side[:, :ev.width]
         if self.want_xp:
-            self.dxp_acc.addmm_(P, side[:, :width], alpha=g * scale)
+            self.dxp_acc.addmm_(P, side_w, alpha=g * scale)
             self.rowsum_P.add_(P.sum(dim=1), alpha=g * scale)
         if self.want_mup:
             colsum_P = P.sum(dim=0)[:, None]
-            dmup = torch.addmm(self.zero, P.T, ev.xp, beta=0, alpha=scale)  # P'ᵀ·x' (beta = 0: the input is not read)
+            # P'ᵀ·x' (beta = 0: the input is not read), into ∂mu's rows (as the transpose of x'ᵀ·P', which
+            # the GEMM writes through the transposed view) or a temporary
+            if self.dmup_in_dmu:
+                rows_t = self.dmu[c0:c1].T
+                dmup = torch.addmm(rows_t, self.xpT, P, beta=0, alpha=scale, out=rows_t).T
+            else:
+                dmup = torch.addmm(self.zero, P.T, ev.xp, beta=0, alpha=scale)
             del P
-            dmup.addcmul_(colsum_P, side[:, :width], value=0.5 * scale)  # ∂mu'/γ = P'ᵀ·x' − colsum(P')·mu', mu' = −side/2
+            dmup.addcmul_(colsum_P, side_w, value=0.5 * scale)  # ∂mu'/γ = P'ᵀ·x' − colsum(P')·mu', mu' = −side/2
             if self.dfactor is not None:
-                if ev.metric.diagonal:
-                    self.dfactor += muc.mul_(dmup).sum(dim=0)  # (muc is spent: no [c, D] temporary)
+                if ev.metric.diagonal:  # Σ_c −2·(mu_c − m)·Lc·∂mu'_c from the spent buffer (÷ −2·Lc in finish)
+                    self.dfactor += side_w.mul_(dmup).sum(dim=0)
                 else:
                     self.dfactor.addmm_(muc.T, dmup)
-            if self.dmu is not None:
-                dmu = self.dmu[c0:c1]
-                if ev.metric.diagonal:
-                    torch.mul(dmup, self.g_factor, out=dmu)
-                else:
-                    torch.mm(dmup, self.g_factor, out=dmu)
-                if colsum_R is not None:
-                    dmu.addr_(colsum_R, self.beta_c, alpha=g * lam)
+            if self.dmu is not None and not self.dmup_in_dmu:
+                torch.mm(dmup, self.g_factor, out=self.dmu[c0:c1])
 
     def _chain_to_L(self, L, dfactor):
         """∂L from ∂Lc: by hand for a diagonal L (Lc = sqrt(L² + eps): ∂L = ∂Lc·L/Lc), through
@@ -641,6 +682,16 @@ class ClosedFormBackward:
             lL = L.detach().requires_grad_(True)
             factor = transform.metric_factor(lL, ev.eps, ev.compute)
             return torch.autograd.grad(factor, lL, dfactor.to(factor.dtype))[0]
+
+    def _class_dfactor(self):
+        """∂Lc/γ from the class side: a diagonal L's sums over the buffer divided by −2·Lc (an Lc of 0,
+        eps = 0 and L = 0 there, takes no gradient from the class side: its ∂mu' is 0)."""
+        dfactor = self.dfactor
+        if self.ev.metric.diagonal:
+            dfactor.div_(self.ev.factor_m2)
+            if self.ev.eps == 0.0:
+                dfactor.masked_fill_(self.ev.factor_m2 == 0, 0.0)
+        return dfactor
 
     def finish(self, dgamma):
         """The gradients of (x, mu, L, beta, lam, gamma) in their dtypes (None where not needed)."""
@@ -654,23 +705,30 @@ class ClosedFormBackward:
             # g·(P'·mu' − rowsum(P')·x') from g·P'·(−2·mu') and g·rowsum(P')
             dxp = self.dxp_acc.mul_(-0.5)
             dxp.addcmul_(self.rowsum_P[:, None], ev.xp, value=-1)
-            self.dxp_acc = self.g_factor = None
+            self.dxp_acc = None
             # (each [B, D] temporary freed as soon as it is spent: the Cholesky's backward comes next)
             if want_L:
                 xc = torch.sub(x, ev.m) if x.dtype == ev.compute else x.to(ev.compute) - ev.m
                 dfactor = xc.mul_(dxp).sum(dim=0) if ev.metric.diagonal else xc.T @ dxp
                 del xc
-                dfactor.add_(self.dfactor, alpha=self.g)
+                dfactor.add_(self._class_dfactor(), alpha=self.g)
                 self.dfactor = None
             if want_x:
                 dx = dxp.mul_(f) if ev.metric.diagonal else dxp @ f.T
                 dx.addr_(self.dsx.to(dx.dtype), self.beta_c)
             del dxp
+        if self.dmu is not None:
+            if self.dmup_in_dmu:
+                self.dmu.mul_(self.g_factor)
+            if ev.lam != 0.0:
+                self.dmu.addr_(self.colsum_R, self.beta_c, alpha=self.g * ev.lam)
+        self.g_factor = None  # (the Cholesky's backward comes next)
         dbeta = None
         if want_beta:
             # (the wide casts may take half a [B, C] float32 tensor's bytes here: no chunk is live)
             rows = max(ev.wide_rows, min(x.shape[0] * mu.shape[0] * 2, 2 ** 23) // max(1, 8 * x.shape[1]))
-            dbeta = tdot_wide(x, self.dsx, rows).add_(tdot_wide(mu, self.dsmu, rows), alpha=self.g * ev.lam)
+            dbeta = tdot_wide(x, self.dsx, rows).add_(tdot_wide(mu, self.colsum_R.to(ev.wide), rows),
+                                                      alpha=self.g * ev.lam)
         dL, dlam = None, self.dlam
         near, sources, got, lf = None, [], [], None
         if self.near_b:
@@ -715,7 +773,11 @@ class ClosedFormBackward:
             if not n:
                 out.append(None)
             else:
-                out.append(torch.zeros_like(t) if gr is None else gr.to(t.dtype).reshape(t.shape))
+                if gr is None:
+                    gr = torch.zeros_like(t)
+                elif gr.dtype != t.dtype or gr.shape != t.shape:
+                    gr = gr.to(t.dtype).reshape(t.shape)
+                out.append(gr)
         return out
 
 
@@ -773,13 +835,16 @@ class _Logits(torch.autograd.Function):
     def forward(ctx, x, mu, L, beta, lam, gamma, eps):
         B, C = x.shape[0], mu.shape[0]
         out = x.new_empty((B, C))
-        ev = Eager(x, mu, L, beta, lam, eps, FORWARD_CHUNKS_PER_CALL)
+        ev = Eager(x, mu, L, beta, lam, eps, LOGITS_FORWARD_CHUNKS_PER_CALL)
         g, lam_f = float(gamma), ev.lam
         near_b, near_c = [], []
-        for c0, c1 in ev.chunks:
-            a, r, _, (bi, ci) = ev.chunk(ev.classes(c0, c1), c0)
-            o = out[:, c0:c1]
-            if lam_f != 0.0:  # −γ·(a + λ·r), written straight into the output's columns
+        # a formed in the output's columns (the GEMM writes them, every pass after it is in place), then
+        # −γ·(a + λ·r) there; half-precision logits take a in a temporary of the compute dtype
+        in_place = out.dtype == ev.compute
+        views = [out] if len(ev.chunks) <= 1 else out.split(ev.chunks[0][1], dim=1)
+        for (c0, c1), o in zip(ev.chunks, views):
+            a, r, _, (bi, ci) = ev.chunk(ev.classes(c0, c1, centred=False), c0, out=o if in_place else None)
+            if lam_f != 0.0:  # −γ·(a + λ·r)
                 torch.add(a.mul_(-g), r, alpha=-g * lam_f, out=o)
             else:
                 torch.mul(a, -g, out=o)
@@ -812,11 +877,12 @@ class _Logits(torch.autograd.Function):
         g, compute = float(gamma), ev.compute
         bw = ClosedFormBackward(ev, inputs, needs, g)
         readback = out.dtype == compute and abs(g) >= GAMMA_READBACK_MIN
-        dgamma = torch.zeros((), dtype=ev.wide, device=x.device)
         # ∂γ from the read-back logits in one dot product where both are contiguous (no temporary)
         whole = readback and needs[5] and grad.dtype == out.dtype and grad.is_contiguous() and out.is_contiguous()
         if whole:
-            dgamma += torch.dot(grad.view(-1), out.view(-1)).to(ev.wide) / g
+            dgamma = torch.dot(grad.view(-1), out.view(-1)).to(ev.wide).div_(g)
+        else:
+            dgamma = torch.zeros((), dtype=ev.wide, device=x.device)
         # the read-back holds as few [B, c] temporaries as the forward: the forward's chunks
         grid = chunk_classes(x.shape[0], mu.shape[0], READBACK_CHUNKS_PER_CALL if readback else None)
         no_pairs, ends = (near_b[:0], near_c[:0]), [0] * len(grid)
@@ -824,18 +890,20 @@ class _Logits(torch.autograd.Function):
             order = torch.argsort(near_c, stable=True)
             near_b, near_c = near_b[order], near_c[order]
             ends = torch.searchsorted(near_c, torch.tensor([c1 for _, c1 in grid], device=x.device)).tolist()
+        # every chunk's columns of the incoming gradient and of the logits at once (one call each)
+        grads = [grad] if len(grid) <= 1 else grad.split(grid[0][1], dim=1)
+        outs = ([out] if len(grid) <= 1 else out.split(grid[0][1], dim=1)) if readback else grads
         n1 = 0
-        for (c0, c1), end in zip(grid, ends):
-            G = grad[:, c0:c1]
+        for (c0, c1), end, G, logits in zip(grid, ends, grads, outs):
             G = G if G.dtype == compute else G.to(compute)
-            cls, parts, logits = None, [], None
+            cls, parts = None, []
             if readback:  # a = d − λ·r, d = −logit/γ: no GEMM (the near pairs' a is not used: P = 0 there)
-                logits = out[:, c0:c1]
                 n0, n1 = n1, end
                 near = (near_b[n0:n1], near_c[n0:n1] - c0) if n1 > n0 else no_pairs
                 if needs[5] and not whole:  # ∂γ = Σ G·∂logit/∂γ = Σ G·logit/γ
-                    dgamma += torch.mul(G, out[:, c0:c1]).sum(dtype=ev.wide) / g
+                    dgamma += torch.mul(G, logits).sum(dtype=ev.wide) / g
             else:
+                logits = None
                 cls = ev.classes(c0, c1)
                 d, near, (a, r, s) = ev.distance(cls, c0, want_parts=True)
                 if needs[5]:  # ∂γ = −Σ G·d
