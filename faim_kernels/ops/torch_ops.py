@@ -427,6 +427,13 @@ class Eager:
             torch.add(mn, self.eps, out=side[:, self.width])
         return muc, side, mn, self.smu[c0:c1]
 
+    def class_side_in(self, c0: int, c1: int, storage: torch.Tensor) -> torch.Tensor:
+        """−2·mu'_c [c, D] of classes [c0, c1) (a diagonal L) written into the first c·D elements of a
+        spent contiguous buffer: the read-back backward's GEMM operand without a buffer of its own."""
+        side_w = storage.view(-1)[:(c1 - c0) * self.width].view(c1 - c0, self.width)
+        torch.sub(self.mu_c[c0:c1], self.m, out=side_w).mul_(self.factor_m2)
+        return side_w
+
     def release(self):
         """Frees the class-side buffer after a loop over the chunks (the backward's end holds the most)."""
         self._side = self._side_w = None
@@ -586,6 +593,9 @@ class ClosedFormBackward:
         self.dlam = torch.zeros((), dtype=wide, device=x.device)
         self.near_b, self.near_c, self.near_g = [], [], []
         self.zero = _constant(0.0, compute, x.device)
+        # the read-back's class side in r's storage once r is spent (a [B, c] buffer holds a [c, D] one
+        # where D <= B), so that the chunk holds two [B, c] temporaries and nothing else
+        self.side_in_r = ev.metric.diagonal and ev.width <= x.shape[0]
 
     def chunk(self, c0, c1, cls, G, parts: list, near, logits=None):
         """Accumulates one chunk: G [B, c] (the caller's, read only), parts = [a, r, s] as Eager.chunk's
@@ -639,7 +649,6 @@ class ClosedFormBackward:
                 Gr.index_put_((bi, ci), self.zero)
             self.dlam.sub_(Gr.sum(), alpha=g)
             del Gr
-        del r
         hit = (a == 0) if ev.eps == 0.0 else None
         P = torch.div(G, a, out=a)                                  # P'/scale, in a's storage
         del a
@@ -647,9 +656,16 @@ class ClosedFormBackward:
             P.masked_fill_(hit, 0.0)
         if bi.numel():
             P.index_put_((bi, ci), self.zero)
-        muc, side, _, _ = ev.classes(c0, c1, norms=False) if cls is None else cls
-        del cls
-        side_w = side[:, :ev.width]
+        if cls is not None:
+            muc, side, _, _ = cls
+            side_w = side[:, :ev.width]
+        elif r is not None and self.side_in_r:  # a diagonal L's −2·mu' [c, D] in r's spent storage
+            muc, side_w = None, ev.class_side_in(c0, c1, r)
+        else:
+            r = None  # (freed before the class side's temporaries exist)
+            muc, side, _, _ = ev.classes(c0, c1, norms=False)
+            side_w = side[:, :ev.width]
+        del cls, r
         if self.want_xp:
             self.dxp_acc.addmm_(P, side_w, alpha=g * scale)
             self.rowsum_P.add_(P.sum(dim=1), alpha=g * scale)
@@ -867,7 +883,7 @@ class _Logits(torch.autograd.Function):
         x, mu, L, beta, lam, gamma, out, near_b, near_c = ctx.saved_tensors
         inputs = (x, mu, L, beta, lam, gamma)
         with torch.no_grad():  # (under create_graph=True too: _once refuses a second derivative)
-            grads = _Logits._gradients(ctx, grad.detach(), *[t.detach() for t in ctx.saved_tensors])
+            grads = _Logits._gradients(ctx, grad, *ctx.saved_tensors)  # (no graph is recorded under no_grad)
         return (*_once(grads, inputs), None)
 
     @staticmethod
@@ -883,8 +899,10 @@ class _Logits(torch.autograd.Function):
             dgamma = torch.dot(grad.view(-1), out.view(-1)).to(ev.wide).div_(g)
         else:
             dgamma = torch.zeros((), dtype=ev.wide, device=x.device)
-        # the read-back holds as few [B, c] temporaries as the forward: the forward's chunks
-        grid = chunk_classes(x.shape[0], mu.shape[0], READBACK_CHUNKS_PER_CALL if readback else None)
+        # the read-back holds two [B, c] temporaries and the class side: half as many chunks as the
+        # other backwards where the class side fits in a spent temporary (bw.side_in_r), a third otherwise
+        parts = (READBACK_CHUNKS_PER_CALL - 1 if bw.side_in_r else READBACK_CHUNKS_PER_CALL) if readback else None
+        grid = chunk_classes(x.shape[0], mu.shape[0], parts)
         no_pairs, ends = (near_b[:0], near_c[:0]), [0] * len(grid)
         if readback and near_c.numel():  # the saved near pairs by class, and where each chunk's end
             order = torch.argsort(near_c, stable=True)
