@@ -142,7 +142,7 @@ class Metric:
         self.diagonal = L.dim() == 1
         self.wide_form = wide_form and not self.diagonal
         if self.diagonal:
-            self.factor = torch.sqrt(torch.square(L.to(dtype)) + eps)
+            self.factor = torch.sqrt(torch.square(L if L.dtype == dtype else L.to(dtype)) + eps)
         elif self.wide_form:
             self.factor = L.to(dtype)
         else:
@@ -287,6 +287,11 @@ def tdot_wide(v: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
+def _cols(t: torch.Tensor, c0: int, c1: int, dim: int = 0) -> torch.Tensor:
+    """t's entries [c0, c1) along dim, t itself when that is all of them (no view op)."""
+    return t if c0 == 0 and c1 == t.shape[dim] else t.narrow(dim, c0, c1 - c0)
+
+
 def _no_pairs(device):
     empty = torch.empty(0, dtype=torch.long, device=device)
     return empty, empty
@@ -320,7 +325,9 @@ class Eager:
         self.eps, self.lam = eps, float(lam)
         self.x, self.mu = x, mu
         self.mu_c = mu if mu.dtype == self.compute else mu.to(self.compute)
-        self.m = transform.center_of(self.mu_c)
+        # transform.center_of (the mean prototype, non-finite coordinates 0) in one operator after the mean
+        self.m = (self.mu_c.mean(dim=0).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0) if mu.shape[0]
+                  else transform.center_of(self.mu_c))
         width = self.width = x.shape[1] if self.metric.diagonal else self.metric.factor.shape[1]
         # The row side [x' | 1 | |x'|²] against the class side [−2·mu' | |mu'|² + eps | 1] (`classes`):
         # one GEMM returns q + eps of Eq. 7 (docs/design.md §2) with both norms added inside it, no
@@ -328,11 +335,14 @@ class Eager:
         self.xs = self.metric.factor.new_empty((x.shape[0], width + 2))
         self.xs[:, width] = 1
         self.xp = self.xs[:, :width]
-        self._project(x.to(self.compute) - self.m, self.xp)
-        self.xn = torch.linalg.vecdot(self.xp, self.xp)
-        self.xs[:, width + 1] = self.xn
+        if self.metric.diagonal and x.dtype == self.compute:  # (x − m)·Lc formed in place
+            torch.sub(x, self.m, out=self.xp).mul_(self.metric.factor)
+        else:
+            self._project(x.to(self.compute) - self.m, self.xp)
+        self.xn = torch.linalg.vecdot(self.xp, self.xp, out=self.xs[:, width + 1])
         self.xn_col = self.xn[:, None]
         self.beta_wide = beta.to(self.wide)
+        self.beta_c = beta if beta.dtype == self.compute else self.beta_wide.to(self.compute)
         self.chunks = chunk_classes(x.shape[0], mu.shape[0], parts)  # (the backwards take their own grid)
         # one class-side buffer for every chunk of a loop (each chunk's class side is consumed before
         # the next), formed on first use and released after the loop (`release`)
@@ -407,17 +417,18 @@ class Eager:
         mu_c − m is None for a diagonal L (formed in the buffer: ClosedFormBackward takes ∂Lc from the
         buffer), and with centred=False (the logits' forward: no [c, D] temporary outlives the GEMM)."""
         if self._side is None or self._side.shape[0] < c1 - c0:  # (a loop's first chunk is its largest)
-            self._side = self.metric.factor.new_zeros((c1 - c0, self.width + 2))  # (the norm column stays finite)
-            self._side[:, self.width + 1] = 1
+            # the ones column, and the norm column 1 until `norms` writes it (finite where no pass does)
+            self._side = self.metric.factor.new_empty((c1 - c0, self.width + 2))
+            self._side[:, self.width:] = 1
             self._side_w = self._side[:, :self.width]
         whole = c1 - c0 == self._side.shape[0]
         side = self._side if whole else self._side[:c1 - c0]
         mup2 = self._side_w if whole else side[:, :self.width]
         muc = None
         if self.metric.diagonal:  # (−2·(mu − m))·Lc in the buffer, no [c, D] temporary
-            torch.sub(self.mu_c[c0:c1], self.m, out=mup2).mul_(self.factor_m2)
+            torch.sub(_cols(self.mu_c, c0, c1), self.m, out=mup2).mul_(self.factor_m2)
         else:
-            centred_mu = torch.sub(self.mu_c[c0:c1], self.m)
+            centred_mu = torch.sub(_cols(self.mu_c, c0, c1), self.m)
             torch.mm(centred_mu, self.factor_m2, out=mup2)
             muc = centred_mu if centred else None
             del centred_mu
@@ -425,13 +436,13 @@ class Eager:
         if norms:
             mn = torch.linalg.vecdot(mup2, mup2).mul_(0.25)  # |−2·mu'|²/4, exact
             torch.add(mn, self.eps, out=side[:, self.width])
-        return muc, side, mn, self.smu[c0:c1]
+        return muc, side, mn, _cols(self.smu, c0, c1)
 
     def class_side_in(self, c0: int, c1: int, storage: torch.Tensor) -> torch.Tensor:
         """−2·mu'_c [c, D] of classes [c0, c1) (a diagonal L) written into the first c·D elements of a
         spent contiguous buffer: the read-back backward's GEMM operand without a buffer of its own."""
         side_w = storage.view(-1)[:(c1 - c0) * self.width].view(c1 - c0, self.width)
-        torch.sub(self.mu_c[c0:c1], self.m, out=side_w).mul_(self.factor_m2)
+        torch.sub(_cols(self.mu_c, c0, c1), self.m, out=side_w).mul_(self.factor_m2)
         return side_w
 
     def release(self):
@@ -451,9 +462,8 @@ class Eager:
         # counts (the band is widened: an extra pair costs one recompute)
         scale = _constant(((1 - k) / (1 + k), (1 + k) / (1 - k)), self.sx.dtype, self.sx.device)
         ends = torch.outer(scale, self.sx).sort(dim=0).values
-        at = torch.searchsorted(sorted_smu, ends, right=True)
-        start = at[0]
-        count = torch.diff(at, dim=0)[0].clamp_min_(0)
+        start, end = torch.searchsorted(sorted_smu, ends, right=True).unbind(0)
+        count = end - start  # (>= 0: the ends are ordered, a NaN row's two ends search alike)
         total = int(count.sum())
         if total == 0:
             return None
@@ -470,7 +480,7 @@ class Eager:
         test's band (docs/design.md §2.1, Eq. 16), where the pairs are recomputed."""
         if self.wide == self.compute:
             return torch.sub(self.sx_col, self.smu[c0:c1])
-        return torch.sub(self.sx_hi, self.smu_hi[c0:c1]).addmm_(self.sx_lo1, self.smu_lo1[:, c0:c1])
+        return torch.sub(self.sx_hi, _cols(self.smu_hi, c0, c1)).addmm_(self.sx_lo1, _cols(self.smu_lo1, c0, c1, 1))
 
     def r(self, s: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """r = sqrt(s² + eps) in two passes (torch.hypot is one, but unvectorised: 10x slower on CPU),
@@ -586,10 +596,11 @@ class ClosedFormBackward:
         # (·γLc, plus ∂smu·beta: two passes over [C, D] instead of two per chunk)
         self.dmup_in_dmu = ev.metric.diagonal and want_mu
         self.xpT = ev.xp.T if self.dmup_in_dmu else None
+        self.dmuT = self.dmu.T if self.dmup_in_dmu else None
         self.g_factor = f * gamma if ev.metric.diagonal else (f * gamma).T  # ∂mu = (∂mu'/γ)·(γ·Lcᵀ)
         # ∂Lc from the class side, /γ (a diagonal L: times −2·Lc, from the spent class-side buffer)
         self.dfactor = torch.zeros_like(f) if want_L else None
-        self.beta_c = ev.beta_wide.to(compute)
+        self.beta_c = ev.beta_c
         self.dlam = torch.zeros((), dtype=wide, device=x.device)
         self.near_b, self.near_c, self.near_g = [], [], []
         self.zero = _constant(0.0, compute, x.device)
@@ -635,7 +646,7 @@ class ClosedFormBackward:
             if want_x or want_beta:
                 self.dsx.sub_(R.sum(dim=1), alpha=g * lam)                  # ∂sx = rowsum(R) = −γλ·rowsum(R')
             if self.colsum_R is not None:                                   # ∂smu = −colsum(R) = γλ·colsum(R')
-                torch.sum(R, dim=0, out=self.colsum_R[c0:c1])
+                torch.sum(R, dim=0, out=_cols(self.colsum_R, c0, c1))
             del u
         else:
             R = s
@@ -674,7 +685,7 @@ class ClosedFormBackward:
             # P'ᵀ·x' (beta = 0: the input is not read), into ∂mu's rows (as the transpose of x'ᵀ·P', which
             # the GEMM writes through the transposed view) or a temporary
             if self.dmup_in_dmu:
-                rows_t = self.dmu[c0:c1].T
+                rows_t = _cols(self.dmuT, c0, c1, 1)
                 dmup = torch.addmm(rows_t, self.xpT, P, beta=0, alpha=scale, out=rows_t).T
             else:
                 dmup = torch.addmm(self.zero, P.T, ev.xp, beta=0, alpha=scale)
@@ -791,8 +802,9 @@ class ClosedFormBackward:
             else:
                 if gr is None:
                     gr = torch.zeros_like(t)
-                elif gr.dtype != t.dtype or gr.shape != t.shape:
-                    gr = gr.to(t.dtype).reshape(t.shape)
+                else:
+                    gr = gr if gr.dtype == t.dtype else gr.to(t.dtype)
+                    gr = gr if gr.shape == t.shape else gr.reshape(t.shape)
                 out.append(gr)
         return out
 
@@ -903,7 +915,8 @@ class _Logits(torch.autograd.Function):
         # other backwards where the class side fits in a spent temporary (bw.side_in_r), a third otherwise
         parts = (READBACK_CHUNKS_PER_CALL - 1 if bw.side_in_r else READBACK_CHUNKS_PER_CALL) if readback else None
         grid = chunk_classes(x.shape[0], mu.shape[0], parts)
-        no_pairs, ends = (near_b[:0], near_c[:0]), [0] * len(grid)
+        no_pairs = (near_b, near_c) if not near_b.numel() else (near_b[:0], near_c[:0])
+        ends = [0] * len(grid)
         if readback and near_c.numel():  # the saved near pairs by class, and where each chunk's end
             order = torch.argsort(near_c, stable=True)
             near_b, near_c = near_b[order], near_c[order]
