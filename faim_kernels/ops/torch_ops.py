@@ -287,6 +287,12 @@ def tdot_wide(v: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
+def _split(v: torch.Tensor, dtype: torch.dtype):
+    """(hi, lo) in dtype with hi + lo = v to about dtype's round-off squared (v wide)."""
+    hi = v.to(dtype)
+    return hi, (v - hi.to(v.dtype)).to(dtype)
+
+
 def _cols(t: torch.Tensor, c0: int, c1: int, dim: int = 0) -> torch.Tensor:
     """t's entries [c0, c1) along dim, t itself when that is all of them (no view op)."""
     return t if c0 == 0 and c1 == t.shape[dim] else t.narrow(dim, c0, c1 - c0)
@@ -332,8 +338,7 @@ class Eager:
         # The row side [x' | 1 | |x'|²] against the class side [−2·mu' | |mu'|² + eps | 1] (`classes`):
         # one GEMM returns q + eps of Eq. 7 (docs/design.md §2) with both norms added inside it, no
         # [B, c] pass for them.
-        self.xs = self.metric.factor.new_empty((x.shape[0], width + 2))
-        self.xs[:, width] = 1
+        self.xs = self.metric.factor.new_ones((x.shape[0], width + 2))  # (x' and |x'|² written below)
         self.xp = self.xs[:, :width]
         if self.metric.diagonal and x.dtype == self.compute:  # (x − m)·Lc formed in place
             torch.sub(x, self.m, out=self.xp).mul_(self.metric.factor)
@@ -359,41 +364,41 @@ class Eager:
         self.sx = dot_wide(x, self.beta_wide, rows)
         self.sx_col = self.sx[:, None]
         self.smu = dot_wide(mu, self.beta_wide, rows)
-        if self.wide != self.compute:
-            # sx and smu as hi + lo pairs of the compute dtype (`s`): the hi parts [B, 1] and [C], the lo
-            # parts as the operands of a K = 2 GEMM, [sx_lo | 1] [B, 2] and [1 ; −smu_lo] [2, C], whose
-            # product sx_lo − smu_lo is added to sx_hi − smu_hi in the GEMM's one pass
-            self.sx_hi = self.sx_col.to(self.compute)
-            self.smu_hi = self.smu.to(self.compute)
-            self.sx_lo1 = torch.ones((x.shape[0], 2), dtype=self.compute, device=x.device)
-            torch.sub(self.sx_col, self.sx_hi, out=self.sx_lo1[:, :1])
-            self.smu_lo1 = torch.ones((2, mu.shape[0]), dtype=self.compute, device=x.device)
-            torch.sub(self.smu_hi, self.smu, out=self.smu_lo1[1])
+        if self.wide != self.compute:  # sx and smu as hi + lo pairs of the compute dtype (`s`)
+            self.sx_hi, self.sx_lo = _split(self.sx_col, self.compute)
+            self.smu_hi, self.smu_lo = _split(self.smu, self.compute)
         self.tau = transform.near_threshold(x.shape[1], self.compute)
         self.s_risk = S_RISK[self.wide]
         # the near test's row term, eps folded in: q + eps >= tau·|x'|² + tau·|mu'|² + eps
         self.eps_c = _constant(eps, self.compute, x.device)
         self.row_threshold = torch.add(self.eps_c, self.xn_col, alpha=self.tau)
-        self.max_row_threshold = 0.0  # (set by _plain_inputs where it matters)
-        self.plain = self._plain_inputs()
+        self.max_row_threshold = 0.0  # (set by _plain where it matters)
+        self._row_bound = None  # max |x'|², or None until the first chunk reads it back (`_plain`)
         self._band = False  # not searched yet (`band`)
 
-    def _plain_inputs(self) -> bool:
-        """Whether every input is finite and no norm can overflow (a bound from max |mu|, max |x'|²
-        and |Lc|): then q cannot be NaN or lose the norms to overflow, and each chunk's near test is
-        one comparison. Otherwise (NaN, ±inf, or huge values) the chunks run the full test."""
-        if not self.xn.numel() or not self.mu.numel():
-            return True
-        lo, hi = torch.aminmax(self.mu_c)
-        # one read-back: min and max of mu, |Lc|, max |x'|², and Σ sx, Σ smu (finite only if every sx and
-        # smu is); a NaN in mu is in both of its min and max
-        lo, hi, fnorm, xmax, sx_total, smu_total = torch.stack([
-            lo, hi, torch.linalg.vector_norm(self.metric.factor), self.xn.max(), self.sx.sum(), self.smu.sum()
-        ]).tolist()
-        m = max(-lo, hi)
-        self.max_row_threshold = self.tau * xmax + self.eps
-        bound = (2 * m) * (2 * m) * self.mu.shape[1] * (fnorm * fnorm) + xmax  # (NaN compares False)
-        return math.isfinite(sx_total + smu_total) and 4 * bound < torch.finfo(self.compute).max
+    def _plain(self, a: torch.Tensor, mn: torch.Tensor):
+        """(plain, max |mu'_c|², min (q + eps)) of a chunk: plain when every input is finite and no norm
+        can overflow (the chunk's largest |mu'|² and the largest |x'|² far from the dtype's max,
+        Σ sx + Σ smu finite, which it is only if every sx and smu is, and q + eps NaN-free): then
+        q cannot be NaN or lose the norms to overflow, and the chunk's near test is one comparison
+        (`_near_plain`). Otherwise (NaN, ±inf, or huge values) the chunk runs the full test. One
+        read-back per chunk (a sync on a GPU), the row side's terms with the first chunk's."""
+        if not a.numel():
+            return True, 0.0, 0.0
+        first = self._row_bound is None
+        parts = [mn.max(), a.amin()]
+        if first:
+            parts += [self.xn.max(), self.sx.sum(), self.smu.sum()]
+        got = torch.stack(parts).tolist()
+        mn_max, a_min = got[0], got[1]
+        if first:
+            xmax, sx_total, smu_total = got[2:]
+            self.max_row_threshold = self.tau * xmax + self.eps
+            finite = math.isfinite(sx_total + smu_total)
+            self._row_bound = xmax if finite else math.nan  # (NaN compares False below)
+        limit = torch.finfo(self.compute).max / 4
+        plain = mn_max + self._row_bound < limit and math.isfinite(a_min)  # (NaN compares False)
+        return plain, mn_max, a_min
 
     @property
     def band(self):
@@ -472,15 +477,14 @@ class Eager:
         return b, order[start[b] + within]
 
     def s(self, c0: int, c1: int) -> torch.Tensor:
-        """s = sx − smu [B, c] of classes [c0, c1) in the compute dtype: (sx_hi − smu_hi) + (sx_lo − smu_lo),
-        two passes of the compute dtype (the difference, then a K = 2 GEMM adding the lo parts' rank-one
-        difference in place) instead of a wide [B, c] difference and its rounding. Within 3 units of
-        round-off of s, plus u²·(|sx| + |smu|), in whatever order the GEMM adds its terms (the lo parts
-        are u-sized beside the hi difference, which is formed first), which matters only inside the s
+        """s = sx − smu [B, c] of classes [c0, c1) in the compute dtype: (sx_hi − smu_hi) + sx_lo − smu_lo,
+        three passes of the compute dtype instead of a wide [B, c] difference and its rounding (a K = 2
+        GEMM adding the lo parts in one pass is as fast with one thread, but several times slower with
+        two). Within 3 units of round-off of s, plus u²·(|sx| + |smu|), which matters only inside the s
         test's band (docs/design.md §2.1, Eq. 16), where the pairs are recomputed."""
         if self.wide == self.compute:
-            return torch.sub(self.sx_col, self.smu[c0:c1])
-        return torch.sub(self.sx_hi, _cols(self.smu_hi, c0, c1)).addmm_(self.sx_lo1, _cols(self.smu_lo1, c0, c1, 1))
+            return torch.sub(self.sx_col, _cols(self.smu, c0, c1))
+        return torch.sub(self.sx_hi, _cols(self.smu_hi, c0, c1)).add_(self.sx_lo).sub_(_cols(self.smu_lo, c0, c1))
 
     def r(self, s: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """r = sqrt(s² + eps) in two passes (torch.hypot is one, but unvectorised: 10x slower on CPU),
@@ -499,8 +503,9 @@ class Eager:
             bb, bc = self.band
             here = (bc >= c0) & (bc < c0 + a.shape[1])
             band = (bb[here], bc[here] - c0) if bool(here.any()) else None
-        if self.plain and band is None:  # (no NaN, no overflow possible: _plain_inputs)
-            near = self._near_plain(a, mn)
+        plain, mn_max, a_min = self._plain(a, mn) if band is None else (False, 0.0, 0.0)
+        if plain:  # (no NaN, no overflow possible)
+            near = self._near_plain(a, mn, mn_max, a_min)
             # no clamp: q < 0 is a near pair (q + eps < eps <= its threshold), whose NaN root the
             # callers overwrite (the recomputed value) or zero (P = R = 0)
             a.sqrt_()
@@ -516,15 +521,15 @@ class Eager:
         r = self.r(s, in_place=not want_s) if s is not None else None
         return a, r, (s if want_s else None), near
 
-    def _near_plain(self, a: torch.Tensor, mn: torch.Tensor):
-        """The near pairs (b, c) of a chunk of finite q + eps: none unless the chunk's smallest entry is
-        under the largest threshold (one reduction instead of a [B, c] comparison, the usual case);
-        else the test on the rows whose smallest entry is under their largest threshold."""
+    def _near_plain(self, a: torch.Tensor, mn: torch.Tensor, mn_max: float, a_min: float):
+        """The near pairs (b, c) of a chunk of finite q + eps (its largest |mu'|² and smallest entry
+        read back by `_plain`): none unless the chunk's smallest entry is under the largest threshold
+        (one reduction instead of a [B, c] comparison, the usual case); else the test on the rows
+        whose smallest entry is under their largest threshold."""
         if not a.numel():
             return _no_pairs(a.device)
         # (both bounds widened by 2^-16, so that their rounding can only add candidates: the test
         # itself decides)
-        mn_max, a_min = torch.stack([mn.max(), a.amin()]).tolist()  # (one read-back: a sync on a GPU)
         top = self.tau * mn_max * (1 + 2 ** -16)
         if a_min >= (self.max_row_threshold + top) * (1 + 2 ** -16):
             return _no_pairs(a.device)
