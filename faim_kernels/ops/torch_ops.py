@@ -14,21 +14,24 @@ get theirs from the raw difference.
 Two ways to run the same math (gradients: autograd through the ops below, or the closed form):
 
 - Eager (the default): an autograd.Function per call that works class chunk by class chunk
-  (`chunk_classes`: the forwards in halves of [B, C], the logits' read-back backward in thirds, the
-  others in eighths, each at most CHUNK_ELEMENTS per [B, chunk] temporary), the class side formed per
-  chunk too, the epilogue as in-place passes over the chunk. One GEMM of [x' | 1 | |x'|²] against
-  [−2·mu' | |mu'|² + eps | 1] gives q + eps with the norms added inside it. The forward keeps no
-  graph; the backward is docs/design.md §2's closed form (ClosedFormBackward: two gradient GEMMs per
-  chunk), a read back from the saved logits as the kernels do (the cross-entropy recomputes each
-  chunk: it keeps no [B, C]). Memory: the [B, C] output (none for the cross-entropy), the returned
-  gradients and one chunk's two or three temporaries: at most 3 [B, C] float32 tensors in all for the
-  logits at the benchmark's shapes (bench/RESULTS.md, "torch-cpu"). Near pairs are found by a
-  prefilter (a chunk's smallest q + eps against the largest threshold, then the rows under theirs)
-  and nonzero() of the test on those rows, and recomputed pair by pair (O(D) each, O(D²) with a full
-  L); their gradients come from autograd over the gathered raw differences. The CPU cost beyond the
-  GEMMs is one memory pass per elementwise step (about 9 per [B, chunk] block in the forward, 15 in
-  the backward, where the C++ kernels run one fused epilogue) and the per-operator overhead (~30
-  operators per chunk).
+  (`chunk_classes`: the logits' forward in one chunk, the cross-entropy's in halves of [B, C], the
+  logits' read-back backward in halves (diagonal L) or thirds, the others in eighths, each at most
+  CHUNK_ELEMENTS per [B, chunk] temporary), the class side formed per chunk too, the epilogue as
+  in-place passes over the chunk (the logits' forward runs them in the output's own columns). One
+  GEMM of [x' | 1 | |x'|²] against [−2·mu' | |mu'|² + eps | 1] gives q + eps with the norms added
+  inside it. The forward keeps no graph; the backward is docs/design.md §2's closed form
+  (ClosedFormBackward: two gradient GEMMs per chunk), a read back from the saved logits as the
+  kernels do (the cross-entropy recomputes each chunk: it keeps no [B, C]). Memory: the [B, C]
+  output (none for the cross-entropy), the returned gradients and one chunk's temporaries (one in
+  the logits' forward, two in the read-back backward, a diagonal L's class side inside the second
+  once it is spent): at most 3 [B, C] float32 tensors in all for the logits at the benchmark's
+  shapes (bench/RESULTS.md, "torch-cpu"). Near pairs are found by a prefilter (a chunk's smallest
+  q + eps against the largest threshold, then the rows under theirs) and nonzero() of the test on
+  those rows, and recomputed pair by pair (O(D) each, O(D²) with a full L); their gradients come
+  from autograd over the gathered raw differences. The CPU cost beyond the GEMMs is one memory pass
+  per elementwise step (9 per [B, chunk] block in the logits' forward, 14 in its backward, where the
+  C++ kernels run one fused epilogue) and the per-operator overhead (a few µs per call, and with
+  several threads a parallel region per pass: fewer, larger chunks pay it fewer times).
 - Static (under torch.func transforms, torch.compile, torch.export and ONNX export, where a
   data-dependent shape cannot exist): plain differentiable ops over all classes at once, so every
   transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs nearest
@@ -446,7 +449,7 @@ class Eager:
     def class_side_in(self, c0: int, c1: int, storage: torch.Tensor) -> torch.Tensor:
         """−2·mu'_c [c, D] of classes [c0, c1) (a diagonal L) written into the first c·D elements of a
         spent contiguous buffer: the read-back backward's GEMM operand without a buffer of its own."""
-        side_w = storage.view(-1)[:(c1 - c0) * self.width].view(c1 - c0, self.width)
+        side_w = storage.as_strided((c1 - c0, self.width), (self.width, 1))  # (storage: contiguous, its own)
         torch.sub(_cols(self.mu_c, c0, c1), self.m, out=side_w).mul_(self.factor_m2)
         return side_w
 
@@ -574,8 +577,10 @@ class ClosedFormBackward:
 
     The code forms P' = G/a (from a or from a multiple k·a of it, the scale folded back into the
     GEMMs) and R' = G·s/r and folds −γ and λ into the GEMMs' scalars and the reductions; the GEMMs
-    run against the forward's −2·mu' (the class-side buffer) and x'. Each chunk's ∂mu' is taken to
-    ∂mu (·Lcᵀ, plus ∂smu·beta) and ∂Lc at once, so that the only [C, D] tensor is the returned ∂mu.
+    run against the forward's −2·mu' (the class-side buffer) and x'. Each chunk's ∂mu' goes to ∂Lc
+    at once and to ∂mu (·Lcᵀ) in ∂mu's rows (a diagonal L: formed there, scaled by Lc for all
+    classes in `finish`), ∂smu·beta added to ∂mu once in `finish`, so that the only [C, D] tensor
+    is the returned ∂mu.
     ∂γ is the caller's (it knows d). The near pairs are differentiated from their raw difference
     (autograd over the gathered pairs, exact where the expansion's backward cancels, docs/design.md
     §2.1 (near pairs)); `finish` adds their ∂Lc to the GEMMs' and chains Lc to L (by hand for a
