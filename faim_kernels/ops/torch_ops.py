@@ -14,21 +14,24 @@ get theirs from the raw difference.
 Two ways to run the same math (gradients: autograd through the ops below, or the closed form):
 
 - Eager (the default): an autograd.Function per call that works class chunk by class chunk
-  (`chunk_classes`: the forwards in halves of [B, C], the logits' read-back backward in thirds, the
-  others in eighths, each at most CHUNK_ELEMENTS per [B, chunk] temporary), the class side formed per
-  chunk too, the epilogue as in-place passes over the chunk. One GEMM of [x' | 1 | |x'|²] against
-  [−2·mu' | |mu'|² + eps | 1] gives q + eps with the norms added inside it. The forward keeps no
-  graph; the backward is docs/design.md §2's closed form (ClosedFormBackward: two gradient GEMMs per
-  chunk), a read back from the saved logits as the kernels do (the cross-entropy recomputes each
-  chunk: it keeps no [B, C]). Memory: the [B, C] output (none for the cross-entropy), the returned
-  gradients and one chunk's two or three temporaries: at most 3 [B, C] float32 tensors in all for the
-  logits at the benchmark's shapes (bench/RESULTS.md, "torch-cpu"). Near pairs are found by a
-  prefilter (a chunk's smallest q + eps against the largest threshold, then the rows under theirs)
-  and nonzero() of the test on those rows, and recomputed pair by pair (O(D) each, O(D²) with a full
-  L); their gradients come from autograd over the gathered raw differences. The CPU cost beyond the
-  GEMMs is one memory pass per elementwise step (about 9 per [B, chunk] block in the forward, 15 in
-  the backward, where the C++ kernels run one fused epilogue) and the per-operator overhead (~30
-  operators per chunk).
+  (`chunk_classes`: the logits' forward in one chunk, the cross-entropy's in halves of [B, C], the
+  logits' read-back backward in halves (diagonal L) or thirds, the others in eighths, each at most
+  CHUNK_ELEMENTS per [B, chunk] temporary), the class side formed per chunk too, the epilogue as
+  in-place passes over the chunk (the logits' forward runs them in the output's own columns). One
+  GEMM of [x' | 1 | |x'|²] against [−2·mu' | |mu'|² + eps | 1] gives q + eps with the norms added
+  inside it. The forward keeps no graph; the backward is docs/design.md §2's closed form
+  (ClosedFormBackward: two gradient GEMMs per chunk), a read back from the saved logits as the
+  kernels do (the cross-entropy recomputes each chunk: it keeps no [B, C]). Memory: the [B, C]
+  output (none for the cross-entropy), the returned gradients and one chunk's temporaries (one in
+  the logits' forward, two in the read-back backward, a diagonal L's class side inside the second
+  once it is spent): at most 3 [B, C] float32 tensors in all for the logits at the benchmark's
+  shapes (bench/RESULTS.md, "torch-cpu"). Near pairs are found by a prefilter (a chunk's smallest
+  q + eps against the largest threshold, then the rows under theirs) and nonzero() of the test on
+  those rows, and recomputed pair by pair (O(D) each, O(D²) with a full L); their gradients come
+  from autograd over the gathered raw differences. The CPU cost beyond the GEMMs is one memory pass
+  per elementwise step (9 per [B, chunk] block in the logits' forward, 14 in its backward, where the
+  C++ kernels run one fused epilogue) and the per-operator overhead (a few µs per call, and with
+  several threads a parallel region per pass: fewer, larger chunks pay it fewer times).
 - Static (under torch.func transforms, torch.compile, torch.export and ONNX export, where a
   data-dependent shape cannot exist): plain differentiable ops over all classes at once, so every
   transform composes (vmap, jacfwd, second derivatives). Per row, the STATIC_NEAR_PAIRS pairs nearest
@@ -62,11 +65,13 @@ STATIC_NEAR_PAIRS = 16
 # (the memory target), and at least MIN_CHUNK_CLASSES classes unless CHUNK_ELEMENTS says less.
 CHUNK_ELEMENTS = 2 ** 18
 CHUNKS_PER_CALL = 8
-# The forwards hold two [B, chunk] temporaries (a, and s then r in one buffer) beside the output,
-# so they run a quarter as many, four times larger chunks (GEMMs run faster wide, and the per-operator
-# cost is paid per chunk). The logits' read-back backward holds two as well, beside the output and
-# the returned gradients: a third as many (half as many would pass 3 [B, C] with a full Σ).
+# The cross-entropy's forward holds two [B, chunk] temporaries (a, and s then r in one buffer), so it
+# runs a quarter as many, four times larger chunks (GEMMs run faster wide, and the per-operator cost is
+# paid per chunk). The logits' forward writes a into the output's columns and holds one (s then r):
+# one chunk where CHUNK_ELEMENTS allows. The logits' read-back backward holds two beside the output
+# and the returned gradients: a third as many (half as many would pass 3 [B, C] with a full Σ).
 FORWARD_CHUNKS_PER_CALL = 2
+LOGITS_FORWARD_CHUNKS_PER_CALL = 1
 READBACK_CHUNKS_PER_CALL = 3
 MIN_CHUNK_CLASSES = 64
 # Near pairs recomputed at once in eager mode: bounds their [P, D] temporaries.
@@ -140,7 +145,7 @@ class Metric:
         self.diagonal = L.dim() == 1
         self.wide_form = wide_form and not self.diagonal
         if self.diagonal:
-            self.factor = torch.sqrt(torch.square(L.to(dtype)) + eps)
+            self.factor = torch.sqrt(torch.square(L if L.dtype == dtype else L.to(dtype)) + eps)
         elif self.wide_form:
             self.factor = L.to(dtype)
         else:
@@ -277,9 +282,11 @@ def dot_wide(v: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
 
 def tdot_wide(v: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
     """Σ_i g_i·v_i [D] in g's (wide) dtype, v [n, D] cast `rows` rows at a time (dot_wide's transpose)."""
+    if v.shape[0] <= rows:
+        return g @ v.to(g.dtype)
     out = g.new_zeros(v.shape[1])
     for i in range(0, v.shape[0], rows):
-        out += v[i:i + rows].to(g.dtype).T @ g[i:i + rows]
+        out += g[i:i + rows] @ v[i:i + rows].to(g.dtype)
     return out
 
 
@@ -289,9 +296,29 @@ def _split(v: torch.Tensor, dtype: torch.dtype):
     return hi, (v - hi.to(v.dtype)).to(dtype)
 
 
+def _cols(t: torch.Tensor, c0: int, c1: int, dim: int = 0) -> torch.Tensor:
+    """t's entries [c0, c1) along dim, t itself when that is all of them (no view op)."""
+    return t if c0 == 0 and c1 == t.shape[dim] else t.narrow(dim, c0, c1 - c0)
+
+
 def _no_pairs(device):
     empty = torch.empty(0, dtype=torch.long, device=device)
     return empty, empty
+
+
+_CONSTANTS = {}
+
+
+def _constant(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.tensor(value) (a float, or a tuple of floats), made once per (value, dtype, device) (a
+    fresh torch.tensor is several operator calls); never written to."""
+    key = (value, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        if len(_CONSTANTS) > 64:  # (a value that changes every call must not grow it without bound)
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return t
 
 
 class Eager:
@@ -307,23 +334,27 @@ class Eager:
         self.eps, self.lam = eps, float(lam)
         self.x, self.mu = x, mu
         self.mu_c = mu if mu.dtype == self.compute else mu.to(self.compute)
-        self.m = transform.center_of(self.mu_c)
+        # transform.center_of (the mean prototype, non-finite coordinates 0) in one operator after the mean
+        self.m = (self.mu_c.mean(dim=0).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0) if mu.shape[0]
+                  else transform.center_of(self.mu_c))
         width = self.width = x.shape[1] if self.metric.diagonal else self.metric.factor.shape[1]
         # The row side [x' | 1 | |x'|²] against the class side [−2·mu' | |mu'|² + eps | 1] (`classes`):
         # one GEMM returns q + eps of Eq. 7 (docs/design.md §2) with both norms added inside it, no
         # [B, c] pass for them.
-        self.xs = self.metric.factor.new_empty((x.shape[0], width + 2))
-        self.xs[:, width] = 1
+        self.xs = self.metric.factor.new_ones((x.shape[0], width + 2))  # (x' and |x'|² written below)
         self.xp = self.xs[:, :width]
-        self._project(x.to(self.compute) - self.m, self.xp)
-        self.xn = torch.linalg.vecdot(self.xp, self.xp)
-        self.xs[:, width + 1] = self.xn
+        if self.metric.diagonal and x.dtype == self.compute:  # (x − m)·Lc formed in place
+            torch.sub(x, self.m, out=self.xp).mul_(self.metric.factor)
+        else:
+            self._project(x.to(self.compute) - self.m, self.xp)
+        self.xn = torch.linalg.vecdot(self.xp, self.xp, out=self.xs[:, width + 1])
         self.xn_col = self.xn[:, None]
         self.beta_wide = beta.to(self.wide)
+        self.beta_c = beta if beta.dtype == self.compute else self.beta_wide.to(self.compute)
         self.chunks = chunk_classes(x.shape[0], mu.shape[0], parts)  # (the backwards take their own grid)
         # one class-side buffer for every chunk of a loop (each chunk's class side is consumed before
         # the next), formed on first use and released after the loop (`release`)
-        self._side = None
+        self._side = self._side_w = None
         self.factor_m2 = -2 * self.metric.factor  # (×−2 is exact: the GEMM's −2·x'·mu' costs no pass)
         # rows of x or mu cast to the wide dtype at once: no more than two [B, chunk] temporaries' bytes
         # of the backward's (smaller) chunks
@@ -337,32 +368,40 @@ class Eager:
         self.sx_col = self.sx[:, None]
         self.smu = dot_wide(mu, self.beta_wide, rows)
         if self.wide != self.compute:  # sx and smu as hi + lo pairs of the compute dtype (`s`)
-            self.sx_hi, self.sx_lo = _split(self.sx, self.compute)
+            self.sx_hi, self.sx_lo = _split(self.sx_col, self.compute)
             self.smu_hi, self.smu_lo = _split(self.smu, self.compute)
-            self.sx_hi, self.sx_lo = self.sx_hi[:, None], self.sx_lo[:, None]
         self.tau = transform.near_threshold(x.shape[1], self.compute)
         self.s_risk = S_RISK[self.wide]
         # the near test's row term, eps folded in: q + eps >= tau·|x'|² + tau·|mu'|² + eps
-        self.row_threshold = (self.tau * self.xn + eps)[:, None]
-        self.max_row_threshold = 0.0  # (set by _plain_inputs where it matters)
-        self.eps_c = torch.tensor(eps, dtype=self.compute, device=x.device)
-        self.plain = self._plain_inputs()
+        self.eps_c = _constant(eps, self.compute, x.device)
+        self.row_threshold = torch.add(self.eps_c, self.xn_col, alpha=self.tau)
+        self.max_row_threshold = 0.0  # (set by _plain where it matters)
+        self._row_bound = None  # max |x'|², or None until the first chunk reads it back (`_plain`)
         self._band = False  # not searched yet (`band`)
 
-    def _plain_inputs(self) -> bool:
-        """Whether every input is finite and no norm can overflow (a bound from max |mu|, max |x'|²
-        and |Lc|): then q cannot be NaN or lose the norms to overflow, and each chunk's near test is
-        one comparison. Otherwise (NaN, ±inf, or huge values) the chunks run the full test."""
-        if not self.xn.numel() or not self.mu.numel():
-            return True
-        lo, hi = torch.aminmax(self.mu_c)
-        # one read-back: max |mu|, |Lc|², max |x'|², and Σ sx + Σ smu (finite only if every sx and smu is)
-        w = self.wide
-        m, fsq, xmax, total = torch.stack([torch.maximum(-lo, hi).to(w), torch.square(self.metric.factor).sum().to(w),
-                                           self.xn.max().to(w), self.sx.sum() + self.smu.sum()]).tolist()
-        self.max_row_threshold = self.tau * xmax + self.eps
-        bound = (2 * m) * (2 * m) * self.mu.shape[1] * fsq + xmax  # (NaN compares False)
-        return math.isfinite(total) and 4 * bound < torch.finfo(self.compute).max
+    def _plain(self, a: torch.Tensor, mn: torch.Tensor):
+        """(plain, max |mu'_c|², min (q + eps)) of a chunk: plain when every input is finite and no norm
+        can overflow (the chunk's largest |mu'|² and the largest |x'|² far from the dtype's max,
+        Σ sx + Σ smu finite, which it is only if every sx and smu is, and q + eps NaN-free): then
+        q cannot be NaN or lose the norms to overflow, and the chunk's near test is one comparison
+        (`_near_plain`). Otherwise (NaN, ±inf, or huge values) the chunk runs the full test. One
+        read-back per chunk (a sync on a GPU), the row side's terms with the first chunk's."""
+        if not a.numel():
+            return True, 0.0, 0.0
+        first = self._row_bound is None
+        parts = [mn.max(), a.amin()]
+        if first:
+            parts += [self.xn.max(), self.sx.sum(), self.smu.sum()]
+        got = torch.stack(parts).tolist()
+        mn_max, a_min = got[0], got[1]
+        if first:
+            xmax, sx_total, smu_total = got[2:]
+            self.max_row_threshold = self.tau * xmax + self.eps
+            finite = math.isfinite(sx_total + smu_total)
+            self._row_bound = xmax if finite else math.nan  # (NaN compares False below)
+        limit = torch.finfo(self.compute).max / 4
+        plain = mn_max + self._row_bound < limit and math.isfinite(a_min)  # (NaN compares False)
+        return plain, mn_max, a_min
 
     @property
     def band(self):
@@ -379,26 +418,44 @@ class Eager:
         else:
             torch.mm(v, factor, out=out)
 
-    def classes(self, c0: int, c1: int, norms: bool = True):
+    def classes(self, c0: int, c1: int, norms: bool = True, centred: bool = True):
         """(mu_c − m [c, D], [−2·mu'_c | |mu'_c|² + eps | 1] [c, D' + 2] (a view of the shared
         buffer), |mu'_c|² [c], smu_c [c] wide) of classes [c0, c1). norms=False (the read-back
-        backward, whose GEMMs do not use that column) leaves the norm column as it is and gives None."""
-        muc = torch.sub(self.mu_c[c0:c1], self.m)
+        backward, whose GEMMs do not use that column) leaves the norm column as it is and gives None.
+        mu_c − m is None for a diagonal L (formed in the buffer: ClosedFormBackward takes ∂Lc from the
+        buffer), and with centred=False (the logits' forward: no [c, D] temporary outlives the GEMM)."""
         if self._side is None or self._side.shape[0] < c1 - c0:  # (a loop's first chunk is its largest)
-            self._side = self.metric.factor.new_zeros((c1 - c0, self.width + 2))  # (the norm column stays finite)
-            self._side[:, self.width + 1] = 1
-        side = self._side[:c1 - c0]
-        mup2 = side[:, :self.width]
-        self._project(muc, mup2, self.factor_m2)
+            # the ones column, and the norm column 1 until `norms` writes it (finite where no pass does)
+            self._side = self.metric.factor.new_empty((c1 - c0, self.width + 2))
+            self._side[:, self.width:] = 1
+            self._side_w = self._side[:, :self.width]
+        whole = c1 - c0 == self._side.shape[0]
+        side = self._side if whole else self._side[:c1 - c0]
+        mup2 = self._side_w if whole else side[:, :self.width]
+        muc = None
+        if self.metric.diagonal:  # (−2·(mu − m))·Lc in the buffer, no [c, D] temporary
+            torch.sub(_cols(self.mu_c, c0, c1), self.m, out=mup2).mul_(self.factor_m2)
+        else:
+            centred_mu = torch.sub(_cols(self.mu_c, c0, c1), self.m)
+            torch.mm(centred_mu, self.factor_m2, out=mup2)
+            muc = centred_mu if centred else None
+            del centred_mu
         mn = None
         if norms:
             mn = torch.linalg.vecdot(mup2, mup2).mul_(0.25)  # |−2·mu'|²/4, exact
             torch.add(mn, self.eps, out=side[:, self.width])
-        return muc, side, mn, self.smu[c0:c1]
+        return muc, side, mn, _cols(self.smu, c0, c1)
+
+    def class_side_in(self, c0: int, c1: int, storage: torch.Tensor) -> torch.Tensor:
+        """−2·mu'_c [c, D] of classes [c0, c1) (a diagonal L) written into the first c·D elements of a
+        spent contiguous buffer: the read-back backward's GEMM operand without a buffer of its own."""
+        side_w = storage.as_strided((c1 - c0, self.width), (self.width, 1))  # (storage: contiguous, its own)
+        torch.sub(_cols(self.mu_c, c0, c1), self.m, out=side_w).mul_(self.factor_m2)
+        return side_w
 
     def release(self):
         """Frees the class-side buffer after a loop over the chunks (the backward's end holds the most)."""
-        self._side = None
+        self._side = self._side_w = None
 
     def _s_band(self):
         """The pairs (b, c) of the kernels' s test |s| < S_RISK·(|sx| + |smu|) (s = sx − smu lost too
@@ -409,9 +466,12 @@ class Eager:
         difference is exact: one more costs O(D)). None when no pair passes (the usual case)."""
         k = 2 * self.s_risk
         sorted_smu, order = torch.sort(self.smu)
-        ends = torch.stack([self.sx * ((1 - k) / (1 + k)), self.sx * ((1 + k) / (1 - k))])
-        start = torch.searchsorted(sorted_smu, ends.amin(dim=0), right=True)
-        count = (torch.searchsorted(sorted_smu, ends.amax(dim=0)) - start).clamp_min_(0)
+        # each row's band ends [2, B], ordered per row (sx < 0 swaps them); an smu equal to the upper end
+        # counts (the band is widened: an extra pair costs one recompute)
+        scale = _constant(((1 - k) / (1 + k), (1 + k) / (1 - k)), self.sx.dtype, self.sx.device)
+        ends = torch.outer(scale, self.sx).sort(dim=0).values
+        start, end = torch.searchsorted(sorted_smu, ends, right=True).unbind(0)
+        count = end - start  # (>= 0: the ends are ordered, a NaN row's two ends search alike)
         total = int(count.sum())
         if total == 0:
             return None
@@ -421,32 +481,34 @@ class Eager:
 
     def s(self, c0: int, c1: int) -> torch.Tensor:
         """s = sx − smu [B, c] of classes [c0, c1) in the compute dtype: (sx_hi − smu_hi) + sx_lo − smu_lo,
-        three passes of the compute dtype instead of a wide [B, c] difference and its rounding. Within
-        3 units of round-off of s, plus u²·(|sx| + |smu|), which matters only inside the s test's band
-        (docs/design.md §2.1, Eq. 16), where the pairs are recomputed."""
+        three passes of the compute dtype instead of a wide [B, c] difference and its rounding (a K = 2
+        GEMM adding the lo parts in one pass is as fast with one thread, but several times slower with
+        two). Within 3 units of round-off of s, plus u²·(|sx| + |smu|), which matters only inside the s
+        test's band (docs/design.md §2.1, Eq. 16), where the pairs are recomputed."""
         if self.wide == self.compute:
-            return torch.sub(self.sx_col, self.smu[c0:c1])
-        return torch.sub(self.sx_hi, self.smu_hi[c0:c1]).add_(self.sx_lo).sub_(self.smu_lo[c0:c1])
+            return torch.sub(self.sx_col, _cols(self.smu, c0, c1))
+        return torch.sub(self.sx_hi, _cols(self.smu_hi, c0, c1)).add_(self.sx_lo).sub_(_cols(self.smu_lo, c0, c1))
 
     def r(self, s: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """r = sqrt(s² + eps) in two passes (torch.hypot is one, but unvectorised: 10x slower on CPU),
         in s's storage with in_place."""
         return torch.addcmul(self.eps_c, s, s, out=s if in_place else None).sqrt_()
 
-    def chunk(self, cls, c0: int, want_s: bool = False):
-        """(a, r, s, near) of one chunk from the expansion, no graph: a = sqrt(q + eps) [B, c], r (None
-        when λ = 0 and s is not asked for), s (None unless asked for), and the near pairs (b, c local),
-        whose a and r are NOT exact (`recompute` gives theirs). The near test is the kernels'
-        (csrc/randers_common.h at_risk and s_at_risk, with the same tau)."""
+    def chunk(self, cls, c0: int, want_s: bool = False, out: torch.Tensor | None = None):
+        """(a, r, s, near) of one chunk from the expansion, no graph: a = sqrt(q + eps) [B, c] (in out
+        when given), r (None when λ = 0 and s is not asked for), s (None unless asked for), and the near
+        pairs (b, c local), whose a and r are NOT exact (`recompute` gives theirs). The near test is the
+        kernels' (csrc/randers_common.h at_risk and s_at_risk, with the same tau)."""
         muc, side, mn, smu = cls
-        a = torch.mm(self.xs, side.T)  # |x'|² + |mu'|² + eps − 2·x'·mu' = q + eps
+        a = torch.mm(self.xs, side.T, out=out)  # |x'|² + |mu'|² + eps − 2·x'·mu' = q + eps
         band = None
         if self.band is not None:
             bb, bc = self.band
             here = (bc >= c0) & (bc < c0 + a.shape[1])
             band = (bb[here], bc[here] - c0) if bool(here.any()) else None
-        if self.plain and band is None:  # (no NaN, no overflow possible: _plain_inputs)
-            near = self._near_plain(a, mn)
+        plain, mn_max, a_min = self._plain(a, mn) if band is None else (False, 0.0, 0.0)
+        if plain:  # (no NaN, no overflow possible)
+            near = self._near_plain(a, mn, mn_max, a_min)
             # no clamp: q < 0 is a near pair (q + eps < eps <= its threshold), whose NaN root the
             # callers overwrite (the recomputed value) or zero (P = R = 0)
             a.sqrt_()
@@ -462,15 +524,15 @@ class Eager:
         r = self.r(s, in_place=not want_s) if s is not None else None
         return a, r, (s if want_s else None), near
 
-    def _near_plain(self, a: torch.Tensor, mn: torch.Tensor):
-        """The near pairs (b, c) of a chunk of finite q + eps: none unless the chunk's smallest entry is
-        under the largest threshold (one reduction instead of a [B, c] comparison, the usual case);
-        else the test on the rows whose smallest entry is under their largest threshold."""
+    def _near_plain(self, a: torch.Tensor, mn: torch.Tensor, mn_max: float, a_min: float):
+        """The near pairs (b, c) of a chunk of finite q + eps (its largest |mu'|² and smallest entry
+        read back by `_plain`): none unless the chunk's smallest entry is under the largest threshold
+        (one reduction instead of a [B, c] comparison, the usual case); else the test on the rows
+        whose smallest entry is under their largest threshold."""
         if not a.numel():
             return _no_pairs(a.device)
         # (both bounds widened by 2^-16, so that their rounding can only add candidates: the test
         # itself decides)
-        mn_max, a_min = torch.stack([mn.max(), a.amin()]).tolist()  # (one read-back: a sync on a GPU)
         top = self.tau * mn_max * (1 + 2 ** -16)
         if a_min >= (self.max_row_threshold + top) * (1 + 2 ** -16):
             return _no_pairs(a.device)
@@ -515,8 +577,10 @@ class ClosedFormBackward:
 
     The code forms P' = G/a (from a or from a multiple k·a of it, the scale folded back into the
     GEMMs) and R' = G·s/r and folds −γ and λ into the GEMMs' scalars and the reductions; the GEMMs
-    run against the forward's −2·mu' (the class-side buffer) and x'. Each chunk's ∂mu' is taken to
-    ∂mu (·Lcᵀ, plus ∂smu·beta) and ∂Lc at once, so that the only [C, D] tensor is the returned ∂mu.
+    run against the forward's −2·mu' (the class-side buffer) and x'. Each chunk's ∂mu' goes to ∂Lc
+    at once and to ∂mu (·Lcᵀ) in ∂mu's rows (a diagonal L: formed there, scaled by Lc for all
+    classes in `finish`), ∂smu·beta added to ∂mu once in `finish`, so that the only [C, D] tensor
+    is the returned ∂mu.
     ∂γ is the caller's (it knows d). The near pairs are differentiated from their raw difference
     (autograd over the gathered pairs, exact where the expansion's backward cancels, docs/design.md
     §2.1 (near pairs)); `finish` adds their ∂Lc to the GEMMs' and chains Lc to L (by hand for a
@@ -534,14 +598,25 @@ class ClosedFormBackward:
         self.dxp_acc = ev.xp.new_zeros(ev.xp.shape)
         self.rowsum_P = ev.xp.new_zeros(x.shape[0])
         self.dsx = torch.zeros(x.shape[0], dtype=wide, device=x.device)
-        self.dsmu = torch.zeros(mu.shape[0], dtype=wide, device=x.device) if want_beta else None
+        # colsum(R') [C] in the compute dtype (∂smu = γλ·colsum(R')), each chunk's written in place
+        self.colsum_R = (torch.zeros(mu.shape[0], dtype=compute, device=x.device)
+                         if want_beta or (want_mu and ev.lam != 0.0) else None)
         self.dmu = torch.empty(mu.shape, dtype=compute, device=x.device) if want_mu else None
+        # a diagonal L: each chunk's ∂mu'/γ is formed in ∂mu's rows and the whole taken to ∂mu in finish
+        # (·γLc, plus ∂smu·beta: two passes over [C, D] instead of two per chunk)
+        self.dmup_in_dmu = ev.metric.diagonal and want_mu
+        self.xpT = ev.xp.T if self.dmup_in_dmu else None
+        self.dmuT = self.dmu.T if self.dmup_in_dmu else None
         self.g_factor = f * gamma if ev.metric.diagonal else (f * gamma).T  # ∂mu = (∂mu'/γ)·(γ·Lcᵀ)
-        self.dfactor = torch.zeros_like(f) if want_L else None     # ∂Lc from the class side, /γ
-        self.beta_c = ev.beta_wide.to(compute)
+        # ∂Lc from the class side, /γ (a diagonal L: times −2·Lc, from the spent class-side buffer)
+        self.dfactor = torch.zeros_like(f) if want_L else None
+        self.beta_c = ev.beta_c
         self.dlam = torch.zeros((), dtype=wide, device=x.device)
         self.near_b, self.near_c, self.near_g = [], [], []
-        self.zero = torch.zeros((), dtype=compute, device=x.device)
+        self.zero = _constant(0.0, compute, x.device)
+        # the read-back's class side in r's storage once r is spent (a [B, c] buffer holds a [c, D] one
+        # where D <= B), so that the chunk holds two [B, c] temporaries and nothing else
+        self.side_in_r = ev.metric.diagonal and ev.width <= x.shape[0]
 
     def chunk(self, c0, c1, cls, G, parts: list, near, logits=None):
         """Accumulates one chunk: G [B, c] (the caller's, read only), parts = [a, r, s] as Eager.chunk's
@@ -580,14 +655,11 @@ class ClosedFormBackward:
             # sums over chunks in the wide dtype)
             if want_x or want_beta:
                 self.dsx.sub_(R.sum(dim=1), alpha=g * lam)                  # ∂sx = rowsum(R) = −γλ·rowsum(R')
-            colsum_R = None
-            if want_mu or want_beta:
-                colsum_R = R.sum(dim=0)                                     # ∂smu = −colsum(R) = γλ·colsum(R')
-            if self.dsmu is not None:
-                self.dsmu[c0:c1] = colsum_R
+            if self.colsum_R is not None:                                   # ∂smu = −colsum(R) = γλ·colsum(R')
+                torch.sum(R, dim=0, out=_cols(self.colsum_R, c0, c1))
             del u
         else:
-            R, colsum_R = s, None
+            R = s
         del s
         if a is None:  # (into R's storage, spent)
             a = torch.add(logits, r, alpha=g * lam, out=R)
@@ -598,7 +670,6 @@ class ClosedFormBackward:
                 Gr.index_put_((bi, ci), self.zero)
             self.dlam.sub_(Gr.sum(), alpha=g)
             del Gr
-        del r
         hit = (a == 0) if ev.eps == 0.0 else None
         P = torch.div(G, a, out=a)                                  # P'/scale, in a's storage
         del a
@@ -606,30 +677,37 @@ class ClosedFormBackward:
             P.masked_fill_(hit, 0.0)
         if bi.numel():
             P.index_put_((bi, ci), self.zero)
-        muc, side, _, _ = ev.classes(c0, c1, norms=False) if cls is None else cls
-        del cls
-        width = ev.width
+        if cls is not None:
+            muc, side, _, _ = cls
+            side_w = side[:, :ev.width]
+        elif r is not None and self.side_in_r:  # a diagonal L's −2·mu' [c, D] in r's spent storage
+            muc, side_w = None, ev.class_side_in(c0, c1, r)
+        else:
+            r = None  # (freed before the class side's temporaries exist)
+            muc, side, _, _ = ev.classes(c0, c1, norms=False)
+            side_w = side[:, :ev.width]
+        del cls, r
         if self.want_xp:
-            self.dxp_acc.addmm_(P, side[:, :width], alpha=g * scale)
+            self.dxp_acc.addmm_(P, side_w, alpha=g * scale)
             self.rowsum_P.add_(P.sum(dim=1), alpha=g * scale)
         if self.want_mup:
             colsum_P = P.sum(dim=0)[:, None]
-            dmup = torch.addmm(self.zero, P.T, ev.xp, beta=0, alpha=scale)  # P'ᵀ·x' (beta = 0: the input is not read)
+            # P'ᵀ·x' (beta = 0: the input is not read), into ∂mu's rows (as the transpose of x'ᵀ·P', which
+            # the GEMM writes through the transposed view) or a temporary
+            if self.dmup_in_dmu:
+                rows_t = _cols(self.dmuT, c0, c1, 1)
+                dmup = torch.addmm(rows_t, self.xpT, P, beta=0, alpha=scale, out=rows_t).T
+            else:
+                dmup = torch.addmm(self.zero, P.T, ev.xp, beta=0, alpha=scale)
             del P
-            dmup.addcmul_(colsum_P, side[:, :width], value=0.5 * scale)  # ∂mu'/γ = P'ᵀ·x' − colsum(P')·mu', mu' = −side/2
+            dmup.addcmul_(colsum_P, side_w, value=0.5 * scale)  # ∂mu'/γ = P'ᵀ·x' − colsum(P')·mu', mu' = −side/2
             if self.dfactor is not None:
-                if ev.metric.diagonal:
-                    self.dfactor += muc.mul_(dmup).sum(dim=0)  # (muc is spent: no [c, D] temporary)
+                if ev.metric.diagonal:  # Σ_c −2·(mu_c − m)·Lc·∂mu'_c from the spent buffer (÷ −2·Lc in finish)
+                    self.dfactor += side_w.mul_(dmup).sum(dim=0)
                 else:
                     self.dfactor.addmm_(muc.T, dmup)
-            if self.dmu is not None:
-                dmu = self.dmu[c0:c1]
-                if ev.metric.diagonal:
-                    torch.mul(dmup, self.g_factor, out=dmu)
-                else:
-                    torch.mm(dmup, self.g_factor, out=dmu)
-                if colsum_R is not None:
-                    dmu.addr_(colsum_R, self.beta_c, alpha=g * lam)
+            if self.dmu is not None and not self.dmup_in_dmu:
+                torch.mm(dmup, self.g_factor, out=self.dmu[c0:c1])
 
     def _chain_to_L(self, L, dfactor):
         """∂L from ∂Lc: by hand for a diagonal L (Lc = sqrt(L² + eps): ∂L = ∂Lc·L/Lc), through
@@ -641,6 +719,16 @@ class ClosedFormBackward:
             lL = L.detach().requires_grad_(True)
             factor = transform.metric_factor(lL, ev.eps, ev.compute)
             return torch.autograd.grad(factor, lL, dfactor.to(factor.dtype))[0]
+
+    def _class_dfactor(self):
+        """∂Lc/γ from the class side: a diagonal L's sums over the buffer divided by −2·Lc (an Lc of 0,
+        eps = 0 and L = 0 there, takes no gradient from the class side: its ∂mu' is 0)."""
+        dfactor = self.dfactor
+        if self.ev.metric.diagonal:
+            dfactor.div_(self.ev.factor_m2)
+            if self.ev.eps == 0.0:
+                dfactor.masked_fill_(self.ev.factor_m2 == 0, 0.0)
+        return dfactor
 
     def finish(self, dgamma):
         """The gradients of (x, mu, L, beta, lam, gamma) in their dtypes (None where not needed)."""
@@ -654,23 +742,30 @@ class ClosedFormBackward:
             # g·(P'·mu' − rowsum(P')·x') from g·P'·(−2·mu') and g·rowsum(P')
             dxp = self.dxp_acc.mul_(-0.5)
             dxp.addcmul_(self.rowsum_P[:, None], ev.xp, value=-1)
-            self.dxp_acc = self.g_factor = None
+            self.dxp_acc = None
             # (each [B, D] temporary freed as soon as it is spent: the Cholesky's backward comes next)
             if want_L:
                 xc = torch.sub(x, ev.m) if x.dtype == ev.compute else x.to(ev.compute) - ev.m
                 dfactor = xc.mul_(dxp).sum(dim=0) if ev.metric.diagonal else xc.T @ dxp
                 del xc
-                dfactor.add_(self.dfactor, alpha=self.g)
+                dfactor.add_(self._class_dfactor(), alpha=self.g)
                 self.dfactor = None
             if want_x:
                 dx = dxp.mul_(f) if ev.metric.diagonal else dxp @ f.T
                 dx.addr_(self.dsx.to(dx.dtype), self.beta_c)
             del dxp
+        if self.dmu is not None:
+            if self.dmup_in_dmu:
+                self.dmu.mul_(self.g_factor)
+            if ev.lam != 0.0:
+                self.dmu.addr_(self.colsum_R, self.beta_c, alpha=self.g * ev.lam)
+        self.g_factor = None  # (the Cholesky's backward comes next)
         dbeta = None
         if want_beta:
             # (the wide casts may take half a [B, C] float32 tensor's bytes here: no chunk is live)
             rows = max(ev.wide_rows, min(x.shape[0] * mu.shape[0] * 2, 2 ** 23) // max(1, 8 * x.shape[1]))
-            dbeta = tdot_wide(x, self.dsx, rows).add_(tdot_wide(mu, self.dsmu, rows), alpha=self.g * ev.lam)
+            dbeta = tdot_wide(x, self.dsx, rows).add_(tdot_wide(mu, self.colsum_R.to(ev.wide), rows),
+                                                      alpha=self.g * ev.lam)
         dL, dlam = None, self.dlam
         near, sources, got, lf = None, [], [], None
         if self.near_b:
@@ -715,7 +810,12 @@ class ClosedFormBackward:
             if not n:
                 out.append(None)
             else:
-                out.append(torch.zeros_like(t) if gr is None else gr.to(t.dtype).reshape(t.shape))
+                if gr is None:
+                    gr = torch.zeros_like(t)
+                else:
+                    gr = gr if gr.dtype == t.dtype else gr.to(t.dtype)
+                    gr = gr if gr.shape == t.shape else gr.reshape(t.shape)
+                out.append(gr)
         return out
 
 
@@ -773,13 +873,16 @@ class _Logits(torch.autograd.Function):
     def forward(ctx, x, mu, L, beta, lam, gamma, eps):
         B, C = x.shape[0], mu.shape[0]
         out = x.new_empty((B, C))
-        ev = Eager(x, mu, L, beta, lam, eps, FORWARD_CHUNKS_PER_CALL)
+        ev = Eager(x, mu, L, beta, lam, eps, LOGITS_FORWARD_CHUNKS_PER_CALL)
         g, lam_f = float(gamma), ev.lam
         near_b, near_c = [], []
-        for c0, c1 in ev.chunks:
-            a, r, _, (bi, ci) = ev.chunk(ev.classes(c0, c1), c0)
-            o = out[:, c0:c1]
-            if lam_f != 0.0:  # −γ·(a + λ·r), written straight into the output's columns
+        # a formed in the output's columns (the GEMM writes them, every pass after it is in place), then
+        # −γ·(a + λ·r) there; half-precision logits take a in a temporary of the compute dtype
+        in_place = out.dtype == ev.compute
+        views = [out] if len(ev.chunks) <= 1 else out.split(ev.chunks[0][1], dim=1)
+        for (c0, c1), o in zip(ev.chunks, views):
+            a, r, _, (bi, ci) = ev.chunk(ev.classes(c0, c1, centred=False), c0, out=o if in_place else None)
+            if lam_f != 0.0:  # −γ·(a + λ·r)
                 torch.add(a.mul_(-g), r, alpha=-g * lam_f, out=o)
             else:
                 torch.mul(a, -g, out=o)
@@ -802,7 +905,7 @@ class _Logits(torch.autograd.Function):
         x, mu, L, beta, lam, gamma, out, near_b, near_c = ctx.saved_tensors
         inputs = (x, mu, L, beta, lam, gamma)
         with torch.no_grad():  # (under create_graph=True too: _once refuses a second derivative)
-            grads = _Logits._gradients(ctx, grad.detach(), *[t.detach() for t in ctx.saved_tensors])
+            grads = _Logits._gradients(ctx, grad, *ctx.saved_tensors)  # (no graph is recorded under no_grad)
         return (*_once(grads, inputs), None)
 
     @staticmethod
@@ -812,30 +915,36 @@ class _Logits(torch.autograd.Function):
         g, compute = float(gamma), ev.compute
         bw = ClosedFormBackward(ev, inputs, needs, g)
         readback = out.dtype == compute and abs(g) >= GAMMA_READBACK_MIN
-        dgamma = torch.zeros((), dtype=ev.wide, device=x.device)
         # ∂γ from the read-back logits in one dot product where both are contiguous (no temporary)
         whole = readback and needs[5] and grad.dtype == out.dtype and grad.is_contiguous() and out.is_contiguous()
         if whole:
-            dgamma += torch.dot(grad.view(-1), out.view(-1)).to(ev.wide) / g
-        # the read-back holds as few [B, c] temporaries as the forward: the forward's chunks
-        grid = chunk_classes(x.shape[0], mu.shape[0], READBACK_CHUNKS_PER_CALL if readback else None)
-        no_pairs, ends = (near_b[:0], near_c[:0]), [0] * len(grid)
+            dgamma = torch.dot(grad.view(-1), out.view(-1)).to(ev.wide).div_(g)
+        else:
+            dgamma = torch.zeros((), dtype=ev.wide, device=x.device)
+        # the read-back holds two [B, c] temporaries and the class side: half as many chunks as the
+        # other backwards where the class side fits in a spent temporary (bw.side_in_r), a third otherwise
+        parts = (READBACK_CHUNKS_PER_CALL - 1 if bw.side_in_r else READBACK_CHUNKS_PER_CALL) if readback else None
+        grid = chunk_classes(x.shape[0], mu.shape[0], parts)
+        no_pairs = (near_b, near_c) if not near_b.numel() else (near_b[:0], near_c[:0])
+        ends = [0] * len(grid)
         if readback and near_c.numel():  # the saved near pairs by class, and where each chunk's end
             order = torch.argsort(near_c, stable=True)
             near_b, near_c = near_b[order], near_c[order]
             ends = torch.searchsorted(near_c, torch.tensor([c1 for _, c1 in grid], device=x.device)).tolist()
+        # every chunk's columns of the incoming gradient and of the logits at once (one call each)
+        grads = [grad] if len(grid) <= 1 else grad.split(grid[0][1], dim=1)
+        outs = ([out] if len(grid) <= 1 else out.split(grid[0][1], dim=1)) if readback else grads
         n1 = 0
-        for (c0, c1), end in zip(grid, ends):
-            G = grad[:, c0:c1]
+        for (c0, c1), end, G, logits in zip(grid, ends, grads, outs):
             G = G if G.dtype == compute else G.to(compute)
-            cls, parts, logits = None, [], None
+            cls, parts = None, []
             if readback:  # a = d − λ·r, d = −logit/γ: no GEMM (the near pairs' a is not used: P = 0 there)
-                logits = out[:, c0:c1]
                 n0, n1 = n1, end
                 near = (near_b[n0:n1], near_c[n0:n1] - c0) if n1 > n0 else no_pairs
                 if needs[5] and not whole:  # ∂γ = Σ G·∂logit/∂γ = Σ G·logit/γ
-                    dgamma += torch.mul(G, out[:, c0:c1]).sum(dtype=ev.wide) / g
+                    dgamma += torch.mul(G, logits).sum(dtype=ev.wide) / g
             else:
+                logits = None
                 cls = ev.classes(c0, c1)
                 d, near, (a, r, s) = ev.distance(cls, c0, want_parts=True)
                 if needs[5]:  # ∂γ = −Σ G·d
