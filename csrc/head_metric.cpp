@@ -23,8 +23,6 @@ namespace {
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The sign that |v| is differentiated with: +1 at v = 0 (and for NaN: the NaN reaches the gradient
-// through the upstream value).
 // Up to this D the Cholesky factor and its backward run as plain float64 loops here; above it,
 // through ATen (LAPACK). Why: at a small head's D the ~15 ATen calls of the factorisation and its
 // backward (eye, addmm, cholesky, two triangular solves, matmuls, trils, casts) cost several times

@@ -108,45 +108,58 @@ at::Tensor logits_of(const Operands<T>& in, double gamma) {
     return out;
 }
 
+// The prototypes' half of the preparation: the centre m, mu' = (mu − m)·Lc and smu = mu·beta (float64).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_half(const RawInputs& raw) {
+    const at::Tensor m = center_of<T>(raw.mu);
+    at::Tensor smu = at::empty({raw.mu.size(0)}, raw.mu.options().dtype(at::kDouble));
+    row_dots64<T>(raw.mu, raw.beta.template data_ptr<T>(), smu.template data_ptr<double>());
+    return {m, project<T>(raw.mu, m, raw.lc), smu};
+}
+
+// x's half of the preparation and the logits against prepared prototypes: (logits, x', sx).
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_with_prototypes(const RawInputs& raw, const at::Tensor& m,
+                                                                      const at::Tensor& mup, const at::Tensor& smu,
+                                                                      double lam, double gamma, double eps,
+                                                                      double tau) {
+    at::Tensor sx = at::empty({raw.x.size(0)}, raw.x.options().dtype(at::kDouble));
+    at::Tensor xp = project<T>(raw.x, m, raw.lc);
+    row_dots64<T>(raw.x, raw.beta.template data_ptr<T>(), sx.template data_ptr<double>());
+    const auto in = operands<T>(raw, xp, mup, sx, smu, lam, eps, tau);
+    return {logits_of(in, gamma), xp, sx};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_logits_cpu(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta, const at::Tensor& lam,
     const at::Tensor& gamma, double eps, double tau) {
     check_operands(x, mu, lc, beta, lam, gamma);
     const RawInputs raw(x, mu, lc, beta);
-    const auto f64 = raw.x.options().dtype(at::kDouble);
-    at::Tensor sx = at::empty({raw.x.size(0)}, f64), smu = at::empty({raw.mu.size(0)}, f64);
-    at::Tensor logits, xp, mup;
+    at::Tensor logits, xp, mup, sx, smu;
     AT_DISPATCH_FLOATING_TYPES(raw.x.scalar_type(), "randers_logits", [&] {
-        const at::Tensor m = center_of<scalar_t>(raw.mu);
-        xp = project<scalar_t>(raw.x, m, raw.lc);
-        mup = project<scalar_t>(raw.mu, m, raw.lc);
-        row_dots64<scalar_t>(raw.x, raw.beta.data_ptr<scalar_t>(), sx.data_ptr<double>());
-        row_dots64<scalar_t>(raw.mu, raw.beta.data_ptr<scalar_t>(), smu.data_ptr<double>());
-        const auto in = operands<scalar_t>(raw, xp, mup, sx, smu, lam.item<double>(), eps, tau);
-        logits = logits_of(in, gamma.item<double>());
+        at::Tensor m;
+        std::tie(m, mup, smu) = prototype_half<scalar_t>(raw);
+        std::tie(logits, xp, sx) =
+            logits_with_prototypes<scalar_t>(raw, m, mup, smu, lam.item<double>(), gamma.item<double>(), eps, tau);
     });
     return {logits, xp, mup, sx, smu};
 }
 
-// The prototypes' half of the preparation, for a caller that scores many batches against unchanged
-// prototypes (FAIMHead caches it under no_grad for a full L, where mu' = (mu − m)·Lc is a C×D² GEMM:
-// at (512, 4096, 256) half the logits GEMM's work; docs/design.md §2.4):
+// The two halves as ops of their own, for a caller that scores many batches against unchanged
+// prototypes (FAIMHead caches the first under no_grad for a full L, where mu' = (mu − m)·Lc is a C×D²
+// GEMM: at (512, 4096, 256) half the logits GEMM's work; docs/design.md §2.4):
 //   randers_prototypes(mu, lc, beta) -> (m, mup, smu)
 //   randers_logits_prepared(x, mu, lc, beta, lam, gamma, m, mup, smu, eps, tau) -> logits
-// The second computes exactly what randers_logits computes (the same m, mup and smu, hence the same
-// bits) with only x's half prepared. Forward only: the caller records no graph through them.
+// The second computes exactly what randers_logits computes (the same functions, hence the same bits).
+// Forward only: the caller records no graph through them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_prototypes_cpu(const at::Tensor& mu, const at::Tensor& lc,
                                                                       const at::Tensor& beta) {
     check_operands(mu, mu, lc, beta, beta.new_zeros({}), beta.new_zeros({}));
     at::NoGradGuard no_grad;
     const RawInputs raw(mu, mu, lc, beta);
-    at::Tensor m, mup, smu = at::empty({raw.mu.size(0)}, raw.mu.options().dtype(at::kDouble));
-    AT_DISPATCH_FLOATING_TYPES(raw.mu.scalar_type(), "randers_prototypes", [&] {
-        m = center_of<scalar_t>(raw.mu);
-        mup = project<scalar_t>(raw.mu, m, raw.lc);
-        row_dots64<scalar_t>(raw.mu, raw.beta.data_ptr<scalar_t>(), smu.data_ptr<double>());
-    });
-    return {m, mup, smu};
+    std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+    AT_DISPATCH_FLOATING_TYPES(raw.mu.scalar_type(), "randers_prototypes", [&] { out = prototype_half<scalar_t>(raw); });
+    return out;
 }
 
 at::Tensor randers_logits_prepared_cpu(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc,
@@ -164,14 +177,11 @@ at::Tensor randers_logits_prepared_cpu(const at::Tensor& x, const at::Tensor& mu
                 "smu must be a float64 CPU tensor [C]");
     at::NoGradGuard no_grad;
     const RawInputs raw(x, mu, lc, beta);
-    const at::Tensor mc = m.contiguous(), mupc = mup.contiguous(), smuc = smu.contiguous();
-    at::Tensor sx = at::empty({raw.x.size(0)}, raw.x.options().dtype(at::kDouble));
     at::Tensor logits;
     AT_DISPATCH_FLOATING_TYPES(raw.x.scalar_type(), "randers_logits_prepared", [&] {
-        const at::Tensor xp = project<scalar_t>(raw.x, mc, raw.lc);
-        row_dots64<scalar_t>(raw.x, raw.beta.data_ptr<scalar_t>(), sx.data_ptr<double>());
-        const auto in = operands<scalar_t>(raw, xp, mupc, sx, smuc, lam.item<double>(), eps, tau);
-        logits = logits_of(in, gamma.item<double>());
+        logits = std::get<0>(logits_with_prototypes<scalar_t>(raw, m.contiguous(), mup.contiguous(),
+                                                               smu.contiguous(), lam.item<double>(),
+                                                               gamma.item<double>(), eps, tau));
     });
     return logits;
 }
