@@ -1,7 +1,8 @@
 // The FAIMHead's metric operands from its raw parameters, in one op (CPU):
-//   faim_kernels::head_metric(sigma, lmbda, scale, full, eps) -> (lc, lam, gamma, factor64)
+//   faim_kernels::head_metric(sigma, lmbda, scale, full, eps, wide=False) -> (lc, lam, gamma, factor64)
 //     full = false: sigma = log_sigma_diag [D],  lc = sqrt(exp(sigma) + eps)          (Sigma = diag(lc²))
 //     full = true:  sigma = L [D, D],            lc = cholesky(tril(L)·tril(L)ᵀ + eps·I), formed in float64
+//     full, wide:   sigma = L [D, D],            lc = [tril(L) | sqrt(eps)·I]  [D, 2D]  (lc·lcᵀ = Sigma too)
 //     lam = |lmbda|, gamma = |scale|, with the derivative of |v| taken as +1 at v = 0 (so a head
 //     started at λ = 0 can learn λ; faim_kernels/nn/head.py).
 // lc comes in the compute dtype (float64 for float64 parameters, else float32), lam and gamma in
@@ -131,10 +132,35 @@ std::pair<at::Tensor, at::Tensor> full_factor(const at::Tensor& L, double eps) {
     return {A, factor};
 }
 
+// The wide factor [tril(L) | sqrt(eps)·I] [D, 2D] in dtype ct: no factorisation, so no D³ work in the
+// forward or the backward, at the price of x' and mu' twice as wide (a GEMM of width 2D in the logits
+// op). FAIMHead takes it where the logits are small against D² (docs/design.md §2.4, the wide factor).
+// sqrt(eps) is rounded once to ct: Sigma's ridge is eps·(1 + 2u) instead of eps.
+at::Tensor wide_factor(const at::Tensor& L, double eps, at::ScalarType ct) {
+    const int64_t D = L.size(0);
+    const at::Tensor L64 = L.detach().to(at::kDouble).contiguous();
+    const double* pl = L64.data_ptr<double>();
+    at::Tensor lc = at::zeros({D, 2 * D}, L.options().dtype(ct));
+    AT_DISPATCH_FLOATING_TYPES(ct, "head_metric_wide", [&] {
+        scalar_t* out = lc.data_ptr<scalar_t>();
+        const scalar_t ridge = scalar_t(std::sqrt(eps));
+        for (int64_t i = 0; i < D; ++i) {
+            for (int64_t j = 0; j <= i; ++j) {
+                TORCH_CHECK_VALUE(std::isfinite(pl[i * D + j]), NON_FINITE_L);
+                out[i * 2 * D + j] = scalar_t(pl[i * D + j]);
+            }
+            for (int64_t j = i + 1; j < D; ++j) TORCH_CHECK_VALUE(std::isfinite(pl[i * D + j]), NON_FINITE_L);
+            out[i * 2 * D + D + i] = ridge;
+        }
+    });
+    return lc;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_cpu(const at::Tensor& sigma, const at::Tensor& lmbda,
-                                                               const at::Tensor& scale, bool full, double eps) {
+                                                               const at::Tensor& scale, bool full, double eps, bool wide) {
     TORCH_CHECK(lmbda.dim() == 0 && scale.dim() == 0, "lmbda and scale must be 0-dim tensors");
     TORCH_CHECK(sigma.dim() == (full ? 2 : 1), "sigma must be L [D, D] (full) or log_sigma_diag [D]");
+    TORCH_CHECK(!wide || (full && eps > 0), "wide takes a full L and eps > 0 (with eps = 0 the Cholesky factor is as cheap to use)");
     // lam and gamma reach every pair: NaN or Inf there is an error (as the functional API's check),
     // not a matrix of NaN. Reading them is free on the CPU.
     const double lam_value = lmbda.item<double>(), gamma_value = scale.item<double>();
@@ -144,6 +170,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_cpu(const
     // Plain loops and scalar results rather than ATen calls: on a small head each ATen call here
     // costs about as much as its arithmetic.
     auto scalar = [](const at::Tensor& like, double v) { return at::scalar_tensor(v, like.options()); };
+    if (full && wide)
+        return {wide_factor(sigma, eps, ct), scalar(lmbda, std::abs(lam_value)), scalar(scale, std::abs(gamma_value)),
+                at::empty({0}, sigma.options().dtype(at::kDouble))};
     if (full) {
         at::Tensor factor = full_factor(sigma, eps).second.contiguous();
         return {factor.to(ct).clone(), scalar(lmbda, std::abs(lam_value)), scalar(scale, std::abs(gamma_value)),
@@ -173,16 +202,17 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
    public:
     static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& sigma,
                                                   const at::Tensor& lmbda, const at::Tensor& scale, bool full,
-                                                  double eps) {
+                                                  double eps, bool wide) {
         // Through the dispatcher (not a direct call), so that modes and tracing see one op.
         static auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("faim_kernels::head_metric", "")
                              .typed<decltype(head_metric_cpu)>();
         at::AutoDispatchBelowADInplaceOrView guard;
-        auto [lc, lam, gamma, factor64] = op.call(sigma, lmbda, scale, full, eps);
+        auto [lc, lam, gamma, factor64] = op.call(sigma, lmbda, scale, full, eps, wide);
         ctx->save_for_backward({sigma, lmbda, scale, factor64});
         ctx->mark_non_differentiable({factor64});
         ctx->saved_data["full"] = full;
+        ctx->saved_data["wide"] = wide;
         ctx->saved_data["eps"] = eps;
         ctx->set_materialize_grads(false);
         return {lc, lam, gamma, factor64};
@@ -195,7 +225,20 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
         const bool full = ctx->saved_data["full"].toBool();
         const double eps = ctx->saved_data["eps"].toDouble();
         at::Tensor dsigma, dlmbda, dscale;
-        if (grads[0].defined() && ctx->needs_input_grad(0)) {
+        if (grads[0].defined() && ctx->needs_input_grad(0) && full && ctx->saved_data["wide"].toBool()) {
+            // lc = [tril(L) | sqrt(eps)·I]: ∂L = tril(∂lc[:, :D]), one copy in the gradient's dtype (the
+            // ridge block takes no gradient).
+            const at::Tensor gc = grads[0].contiguous();
+            const int64_t D = gc.size(0);
+            at::Tensor out = at::zeros({D, D}, gc.options());
+            AT_DISPATCH_FLOATING_TYPES(gc.scalar_type(), "head_metric_wide_backward", [&] {
+                const scalar_t* gp = gc.data_ptr<scalar_t>();
+                scalar_t* op = out.data_ptr<scalar_t>();
+                for (int64_t i = 0; i < D; ++i)
+                    for (int64_t j = 0; j <= i; ++j) op[i * D + j] = gp[i * 2 * D + j];
+            });
+            dsigma = out.to(sigma.scalar_type());
+        } else if (grads[0].defined() && ctx->needs_input_grad(0)) {
             const at::Tensor g = grads[0].to(at::kDouble);
             if (full) {
                 const at::Tensor A = sigma.detach().to(at::kDouble).tril().contiguous();
@@ -232,13 +275,13 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
         };
         if (grads[1].defined() && ctx->needs_input_grad(1)) dlmbda = through_abs(grads[1], lmbda.detach());
         if (grads[2].defined() && ctx->needs_input_grad(2)) dscale = through_abs(grads[2], scale.detach());
-        return {dsigma, dlmbda, dscale, at::Tensor(), at::Tensor()};  // no gradient flows from factor64
+        return {dsigma, dlmbda, dscale, at::Tensor(), at::Tensor(), at::Tensor()};  // no gradient flows from factor64
     }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_autograd_cpu(
-    const at::Tensor& sigma, const at::Tensor& lmbda, const at::Tensor& scale, bool full, double eps) {
-    const auto out = HeadMetric::apply(sigma, lmbda, scale, full, eps);
+    const at::Tensor& sigma, const at::Tensor& lmbda, const at::Tensor& scale, bool full, double eps, bool wide) {
+    const auto out = HeadMetric::apply(sigma, lmbda, scale, full, eps, wide);
     return {out[0], out[1], out[2], out[3]};
 }
 

@@ -31,12 +31,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // sx = x·beta and smu = mu·beta in float64, and the raw rows and factor for the near pairs.
 template <typename T>
 struct Operands {
-    at::Tensor xp, mup;         // [B, D], [C, D] x', mu' (contiguous, T)
+    at::Tensor xp, mup;         // [B, K], [C, K] x', mu' (contiguous, T)
     const double* sx;           // [B] x·beta (float64)
     const double* smu;          // [C] mu·beta
     const T* x;                 // [B, D] raw x: near-pair recomputation
     const T* mu;                // [C, D] raw mu
-    const T* lc;                // [D] or [D, D] metric factor
+    const T* lc;                // [D] or [D, K] metric factor (K = D but for the logits ops' wide factor)
     const T* beta = nullptr;    // [D] the 1-form: near pairs take s = beta·(x_b − mu_c) from the difference
     bool full;                  // lc is [D, D]
     bool lower = false;         // a full lc is lower triangular (a Cholesky factor): near pairs skip its zeros
@@ -46,6 +46,7 @@ struct Operands {
     // in loops that stay in T and so vectorise at full width. For T = double, lo is 0.
     std::vector<T> sx_hi, sx_lo, smu_hi, smu_lo;
     int64_t B, C, D;
+    int64_t K = 0;              // the width of x' and mu': D, or a full factor's column count (set by every builder)
     double lam, eps, tau;
 };
 
@@ -219,16 +220,19 @@ inline at::Tensor scalar_grad(const at::Tensor& sum64, const at::Tensor& param, 
 
 // The common argument checks of the ops (the Python layer validates user input; these guard the
 // contract itself: dtypes, shapes, device).
+// allow_wide: a full factor may be [D, K] with any K >= 1 (the logits ops: FAIMHead's wide factor
+// [tril(L) | sqrt(eps)·I], docs/design.md §2.4); the other ops take a square one.
 inline void check_operands(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
-                           const at::Tensor& lam, const at::Tensor& gamma) {
+                           const at::Tensor& lam, const at::Tensor& gamma, bool allow_wide = false) {
     TORCH_CHECK(x.dim() == 2 && mu.dim() == 2 && x.size(1) == mu.size(1), "x [B, D] and mu [C, D] must share D");
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                 "the CPU kernels compute in float32 or float64, got ", x.scalar_type());
     const int64_t D = x.size(1);
     for (const at::Tensor* t : {&mu, &lc, &beta})
         TORCH_CHECK(t->scalar_type() == x.scalar_type(), "x, mu, lc and beta must share one dtype");
-    TORCH_CHECK((lc.dim() == 1 && lc.size(0) == D) || (lc.dim() == 2 && lc.size(0) == D && lc.size(1) == D),
-                "lc must be [D] or [D, D]");
+    TORCH_CHECK((lc.dim() == 1 && lc.size(0) == D) ||
+                    (lc.dim() == 2 && lc.size(0) == D && (allow_wide ? lc.size(1) >= 1 : lc.size(1) == D)),
+                allow_wide ? "lc must be [D] or [D, K]" : "lc must be [D] or [D, D]");
     TORCH_CHECK(beta.dim() == 1 && beta.size(0) == D, "beta must be [D]");
     TORCH_CHECK(lam.numel() == 1 && gamma.numel() == 1, "lam and gamma must be 0-dim tensors");
     for (const at::Tensor* t : {&x, &mu, &lc, &beta, &lam, &gamma})
@@ -242,7 +246,7 @@ inline void check_operands(const at::Tensor& x, const at::Tensor& mu, const at::
 // finite q where the float32 norms overflow. Non-finite differences take their limit: NaN if any
 // coordinate of x_b − mu_c is NaN (a NaN input, or Inf − Inf), else +Inf if any is infinite (Sigma
 // is positive definite, so q grows without bound; diff' itself would give Inf·0 = NaN).
-// diffp (optional) receives diff'; acc is scratch of D doubles.
+// diffp (optional) receives diff' (K values); acc is scratch of K doubles.
 template <typename T>
 double near_pair_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* diffp) {
     const int64_t D = in.D;
@@ -257,7 +261,7 @@ double near_pair_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* 
     if (has_nan || has_inf) {
         const double q = has_nan ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
         if (diffp)
-            for (int64_t k = 0; k < D; ++k) diffp[k] = T(q);
+            for (int64_t k = 0; k < in.K; ++k) diffp[k] = T(q);
         return q;
     }
     double q = 0;
@@ -269,16 +273,17 @@ double near_pair_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* 
         }
         return q;
     }
-    for (int64_t j = 0; j < D; ++j) acc[j] = 0;
+    const int64_t K = in.K;  // Lc is [D, K]
+    for (int64_t j = 0; j < K; ++j) acc[j] = 0;
     for (int64_t k = 0; k < D; ++k) {  // diff'_j = Σ_k diff_k·Lc[k, j], row by row of Lc
         const double dk = double(xb[k]) - double(mc[k]);
         if (dk == 0) continue;
-        const T* row = in.lc + k * D;
+        const T* row = in.lc + k * K;
         // A Cholesky factor's row k ends at column k: half the work of this O(D²) step.
-        const int64_t width = in.lower ? k + 1 : D;
+        const int64_t width = in.lower ? k + 1 : K;
         for (int64_t j = 0; j < width; ++j) acc[j] += dk * double(row[j]);
     }
-    for (int64_t j = 0; j < D; ++j) {
+    for (int64_t j = 0; j < K; ++j) {
         if (diffp) diffp[j] = T(acc[j]);
         q += acc[j] * acc[j];
     }

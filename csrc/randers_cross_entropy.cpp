@@ -73,6 +73,7 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     in.B = x.size(0);
     in.C = mu.size(0);
     in.D = x.size(1);
+    in.K = in.D;  // a square factor (check_operands)
     in.full = lc.dim() == 2;
     // Detached: GEMMs into caller buffers (mm_out) run in worker threads, where the no-grad guard
     // of the entry point does not reach.

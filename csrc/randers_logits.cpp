@@ -34,6 +34,7 @@ Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const 
     in.B = raw.x.size(0);
     in.C = raw.mu.size(0);
     in.D = raw.x.size(1);
+    in.K = xp.size(1);  // D, or the columns of a wide factor [D, K]
     in.xp = std::move(xp);
     in.mup = std::move(mup);
     in.sx = sx.data_ptr<double>();
@@ -43,7 +44,7 @@ Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const 
     in.lc = raw.lc.data_ptr<T>();
     in.beta = raw.beta.data_ptr<T>();
     in.full = raw.lc.dim() == 2;
-    in.lower = in.full && is_lower_triangular(in.lc, in.D);
+    in.lower = in.full && in.K == in.D && is_lower_triangular(in.lc, in.D);
     in.xnorm = row_sq_norms<T>(in.xp);
     in.munorm = row_sq_norms<T>(in.mup);
     split_all(in.sx, in.B, in.sx_hi, in.sx_lo);
@@ -60,7 +61,7 @@ Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const 
 // own prototype) recomputed from the raw difference.
 template <typename T>
 void logits_epilogue(const Operands<T>& in, double gamma, T* out) {
-    const int64_t B = in.B, C = in.C, D = in.D;
+    const int64_t B = in.B, C = in.C, K = in.K;
     const int64_t n_ct = ceil_div(C, kTileC);
     // At least 16 full tiles' worth of pairs (4096) per task: with few classes a tile is narrow, and
     // a grain counted in tiles sent a (64, 10) head through a parallel region for ~600 pairs, whose
@@ -71,7 +72,7 @@ void logits_epilogue(const Operands<T>& in, double gamma, T* out) {
         // Locals, not captured references: a store to the output could alias those, which keeps
         // the loop scalar (measured: 2.7x a bare GEMM at (256, 1000, 128) instead of ~1.2x).
         const T neg_gamma = T(-gamma), eps = T(in.eps), tau = T(in.tau), lam = T(in.lam);
-        std::vector<double> acc(D);
+        std::vector<double> acc(K);
         std::vector<T> near_flags(kTileC);
         for (int64_t t = begin; t < end; ++t) {
             const int64_t b = t / n_ct, c0 = (t % n_ct) * kTileC, nc = std::min(kTileC, C - c0);
@@ -133,7 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_with_prototypes(const RawI
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_logits_cpu(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta, const at::Tensor& lam,
     const at::Tensor& gamma, double eps, double tau) {
-    check_operands(x, mu, lc, beta, lam, gamma);
+    check_operands(x, mu, lc, beta, lam, gamma, /*allow_wide=*/true);
     const RawInputs raw(x, mu, lc, beta);
     at::Tensor logits, xp, mup, sx, smu;
     AT_DISPATCH_FLOATING_TYPES(raw.x.scalar_type(), "randers_logits", [&] {
@@ -154,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_l
 // Forward only: the caller records no graph through them.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> randers_prototypes_cpu(const at::Tensor& mu, const at::Tensor& lc,
                                                                       const at::Tensor& beta) {
-    check_operands(mu, mu, lc, beta, beta.new_zeros({}), beta.new_zeros({}));
+    check_operands(mu, mu, lc, beta, beta.new_zeros({}), beta.new_zeros({}), /*allow_wide=*/true);
     at::NoGradGuard no_grad;
     const RawInputs raw(mu, mu, lc, beta);
     std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
@@ -166,13 +167,13 @@ at::Tensor randers_logits_prepared_cpu(const at::Tensor& x, const at::Tensor& mu
                                        const at::Tensor& beta, const at::Tensor& lam, const at::Tensor& gamma,
                                        const at::Tensor& m, const at::Tensor& mup, const at::Tensor& smu, double eps,
                                        double tau) {
-    check_operands(x, mu, lc, beta, lam, gamma);
-    const int64_t C = mu.size(0), D = mu.size(1);
+    check_operands(x, mu, lc, beta, lam, gamma, /*allow_wide=*/true);
+    const int64_t C = mu.size(0), D = mu.size(1), K = lc.dim() == 2 ? lc.size(1) : D;
     TORCH_CHECK(m.dim() == 1 && m.size(0) == D && m.scalar_type() == x.scalar_type() && m.device().is_cpu(),
                 "m must be a CPU tensor [D] of x's dtype");
-    TORCH_CHECK(mup.dim() == 2 && mup.size(0) == C && mup.size(1) == D && mup.scalar_type() == x.scalar_type() &&
+    TORCH_CHECK(mup.dim() == 2 && mup.size(0) == C && mup.size(1) == K && mup.scalar_type() == x.scalar_type() &&
                     mup.device().is_cpu(),
-                "mup must be a CPU tensor [C, D] of x's dtype");
+                "mup must be a CPU tensor [C, K] of x's dtype (K: the factor's width)");
     TORCH_CHECK(smu.dim() == 1 && smu.size(0) == C && smu.scalar_type() == at::kDouble && smu.device().is_cpu(),
                 "smu must be a float64 CPU tensor [C]");
     at::NoGradGuard no_grad;
@@ -293,7 +294,7 @@ struct PairSums {
     std::vector<T> col_p, col_r;                  // [n_bt, C] column sums of P and R per row tile
     std::vector<double> dlam_part, dgam_part;     // [n_bt] Σ H·r and −Σ G·d per row tile
     std::vector<std::vector<NearTerm>> near;      // per row tile: the near pairs' p
-    std::vector<std::vector<T>> near_diff;        // per row tile: their diff' rows [D] each
+    std::vector<std::vector<T>> near_diff;        // per row tile: their diff' rows [K] each
 
     PairSums(int64_t B, int64_t C, const at::TensorOptions& opts)
         : P(at::empty({B, C}, opts)), row_p(at::empty({B}, opts)), dsx(at::empty({B}, opts.dtype(at::kDouble))),
@@ -314,7 +315,7 @@ template <typename T>
 struct BackwardScratch {
     std::vector<T> diffp, gr, lr, near_flags;
     std::vector<double> acc;
-    explicit BackwardScratch(int64_t D) : diffp(D), gr(kTileC), lr(kTileC), near_flags(kTileC), acc(D) {}
+    explicit BackwardScratch(int64_t K) : diffp(K), gr(kTileC), lr(kTileC), near_flags(kTileC), acc(K) {}
 };
 
 // The sums of one row segment's far pairs (in T over the segment).
@@ -454,7 +455,7 @@ void column_sums(const PairSums<T>& sums, int64_t C, T* colsum_p, double* dsmu) 
 template <typename T>
 std::pair<at::Tensor, at::Tensor> gradient_gemms(const Operands<T>& in, PairSums<T>& sums, const at::Tensor& colsum_p,
                                                  bool want_xp, bool want_mup) {
-    const int64_t D = in.D;
+    const int64_t K = in.K;
     at::Tensor dxp, dmup;
     // The rank-one part first, then the GEMM subtracted into it by BLAS (beta = 1, alpha = −1): no
     // separate negation pass over the result.
@@ -466,10 +467,10 @@ std::pair<at::Tensor, at::Tensor> gradient_gemms(const Operands<T>& in, PairSums
     for (int64_t bt = 0; bt < sums.n_bt; ++bt) {
         for (size_t n = 0; n < sums.near[bt].size(); ++n) {
             const NearTerm& t = sums.near[bt][n];
-            const T* df = sums.near_diff[bt].data() + n * D;
-            for (int64_t k = 0; k < D; ++k) {
-                if (dx_) dx_[t.b * D + k] += T(t.p) * df[k];
-                if (dm_) dm_[t.c * D + k] -= T(t.p) * df[k];
+            const T* df = sums.near_diff[bt].data() + n * K;
+            for (int64_t k = 0; k < K; ++k) {
+                if (dx_) dx_[t.b * K + k] += T(t.p) * df[k];
+                if (dm_) dm_[t.c * K + k] -= T(t.p) * df[k];
             }
         }
     }
@@ -510,7 +511,7 @@ void add_column_dots(const at::Tensor& a, const at::Tensor& b, T sign, T* out) {
 template <typename T>
 at::Tensor gradient_gemms_without_dxp(const Operands<T>& in, const RawInputs& raw, const at::Tensor& m,
                                       PairSums<T>& sums, const at::Tensor& colsum_p, at::Tensor& dlc) {
-    const int64_t D = in.D;
+    const int64_t D = in.D, K = in.K;
     const bool full = raw.lc.dim() == 2;
     const at::Tensor xc = raw.x - m;
     const at::Tensor A = at::mm(sums.P.t(), xc);
@@ -533,12 +534,12 @@ at::Tensor gradient_gemms_without_dxp(const Operands<T>& in, const RawInputs& ra
     for (int64_t bt = 0; bt < sums.n_bt; ++bt) {
         for (size_t n = 0; n < sums.near[bt].size(); ++n) {
             const NearTerm& t = sums.near[bt][n];
-            const T* df = sums.near_diff[bt].data() + n * D;
+            const T* df = sums.near_diff[bt].data() + n * K;
             const T* xb = xcp + t.b * D;
-            for (int64_t k = 0; k < D; ++k) dm_[t.c * D + k] -= T(t.p) * df[k];
-            if (full) {  // ∂x'_b gains p·diff': (x_b − m)ᵀ·p·diff' in ∂Lc
+            for (int64_t k = 0; k < K; ++k) dm_[t.c * K + k] -= T(t.p) * df[k];
+            if (full) {  // ∂x'_b gains p·diff': (x_b − m)ᵀ·p·diff' in ∂Lc [D, K]
                 for (int64_t i = 0; i < D; ++i)
-                    for (int64_t k = 0; k < D; ++k) dl_[i * D + k] += xb[i] * T(t.p) * df[k];
+                    for (int64_t k = 0; k < K; ++k) dl_[i * K + k] += xb[i] * T(t.p) * df[k];
             } else {
                 for (int64_t k = 0; k < D; ++k) dl_[k] += xb[k] * T(t.p) * df[k];
             }
@@ -574,7 +575,7 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
     PairSums<T> sums(B, C, opts);
     const BackwardScalars<T> k{T(gamma), T(in.lam), T(in.eps), T(in.tau), dist.scale};
     at::parallel_for(0, sums.n_bt, 1, [&](int64_t begin, int64_t end) {
-        BackwardScratch<T> w(D);
+        BackwardScratch<T> w(in.K);
         for (int64_t bt = begin; bt < end; ++bt) backward_row_tile(in, k, bt, G, gs0, gs1, L, ls0, ls1, sums, w);
     });
 
@@ -614,11 +615,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc,
     const at::Tensor& beta, const at::Tensor& lam, const at::Tensor& gamma, const at::Tensor& xp, const at::Tensor& mup,
     const at::Tensor& sx, const at::Tensor& smu, double eps, double tau, int64_t grad_mask) {
-    check_operands(x, mu, lc, beta, lam, gamma);
-    const int64_t B = x.size(0), C = mu.size(0);
+    check_operands(x, mu, lc, beta, lam, gamma, /*allow_wide=*/true);
+    const int64_t B = x.size(0), C = mu.size(0), K = lc.dim() == 2 ? lc.size(1) : x.size(1);
     TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == C, "grad must be [B, C]");
     TORCH_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == C, "logits must be [B, C]");
-    TORCH_CHECK(xp.sizes() == x.sizes() && mup.sizes() == mu.sizes() && xp.scalar_type() == x.scalar_type() &&
+    TORCH_CHECK(xp.dim() == 2 && xp.size(0) == B && xp.size(1) == K && mup.dim() == 2 && mup.size(0) == C &&
+                    mup.size(1) == K && xp.scalar_type() == x.scalar_type() &&
                     mup.scalar_type() == x.scalar_type(),
                 "xp, mup must be the forward's x', mu'");
     TORCH_CHECK(sx.scalar_type() == at::kDouble && smu.scalar_type() == at::kDouble && sx.numel() == B &&

@@ -103,6 +103,7 @@ TopkProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor
     in.B = x.size(0);
     in.C = mu.size(0);
     in.D = x.size(1);
+    in.K = in.D;  // a square factor (check_operands)
     in.full = lc.dim() == 2;
     in.x = x.data_ptr<T>();
     in.mu = mu.data_ptr<T>();

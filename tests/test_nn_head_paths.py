@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import faim_kernels as fk
 from faim_kernels.nn import head as head_module
 from faim_kernels.ops import contract
-from tests.conftest import GRAD_TOL, NAMES, assert_norm_close, backends, make_inputs
+from tests.conftest import GRAD_TOL, NAMES, assert_norm_close, backends, make_inputs, max_rel_err
 
 
 def randomised_head(D, C, full, dtype, seed=0):
@@ -33,9 +33,11 @@ def grads_of(head, x, loss_fn):
     return torch.autograd.grad(loss_fn(), wrt)
 
 
-@pytest.mark.parametrize("full", [False, True], ids=["diagonal", "full"])
+@pytest.mark.parametrize("full,factor", [(False, "diag"), (True, "cholesky"), (True, "wide")],
+                         ids=["diagonal", "full-cholesky", "full-wide"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_direct_path_matches_general_path(full, dtype):
+def test_direct_path_matches_general_path(monkeypatch, full, factor, dtype):
+    monkeypatch.setattr(head_module, "WIDE_FACTOR_MAX_COST", float("inf") if factor == "wide" else 0.0)
     head = randomised_head(16, 7, full, dtype)
     x = torch.randn(5, 3, 16, dtype=dtype, requires_grad=True)
     with torch.no_grad():
@@ -43,6 +45,8 @@ def test_direct_path_matches_general_path(full, dtype):
     y = torch.randint(0, 7, (5, 3))
     y[0, 0], y[1, 1] = 2, -100
     assert head._fast_metric(x) is not None  # the fast path is taken here
+    lc = head._fast_metric(x, wide_ok=True)[0]  # with the factor this test is about
+    assert lc.shape == {"diag": (16,), "cholesky": (16, 16), "wide": (16, 32)}[factor]
 
     def total():
         return head(x).square().sum() * 1e-3 + head.loss(x, y) + head.loss(x, y, reduction="sum")
@@ -300,6 +304,9 @@ def test_prototype_cache_follows_every_change_and_stays_exact(monkeypatch):
     """No_grad calls of a full head keep the prototypes' half of the preparation while the metric
     factor, mu and beta keep their values (FAIMHead._cached_prototypes): the logits are those of the
     uncached op bit for bit, near pairs included, and every way of changing mu or beta is seen."""
+    # The uncached reference records a graph; it takes the same (Cholesky) factor as the cache only
+    # with the wide factor switched off (a training call of this small head would take it).
+    monkeypatch.setattr(head_module, "WIDE_FACTOR_MAX_COST", 0.0)
     torch.manual_seed(2)
     head = fk.FAIMHead(8, 12, full_sigma=True)
     with torch.no_grad():
@@ -344,3 +351,113 @@ def test_prototype_cache_follows_every_change_and_stays_exact(monkeypatch):
     monkeypatch.setattr(head_module, "PROTOTYPE_CACHE_BYTES", 0)
     head.__dict__.pop("_prototype_cache")
     assert torch.equal(cached(), uncached()) and "_prototype_cache" not in head.__dict__
+
+
+# ----------------------------------------------------------------------------------------------
+# The wide metric factor [tril(L) | sqrt(eps)·I] of a small full head (docs/design.md §2.4)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("K", [3, 9], ids=["narrow", "wide"])
+def test_logits_op_takes_a_factor_of_any_width(K):
+    """The C++ logits op with lc [D, K]: values and gradients (x, mu, beta, λ, γ) are those of a
+    square factor with the same Sigma = lc·lcᵀ (near pairs and an exact hit included), ∂lc passes
+    gradcheck, and the op passes opcheck's schema and fake-kernel checks."""
+    D, eps = 6, 1e-3
+    x, mu, _, beta, lam, gamma = make_inputs(5, 4, D, dtype=torch.float64)
+    x[0] = mu[1]
+    x[1] = mu[2] + 1e-6 * torch.randn(D, dtype=torch.float64)
+    lc = torch.randn(D, K, dtype=torch.float64)
+    if K < D:  # Sigma = lc·lcᵀ + a ridge on the last D − K coordinates: positive definite
+        lc = torch.cat([lc, torch.eye(D, dtype=torch.float64)[:, K:]], 1)
+    square = torch.linalg.cholesky(lc @ lc.T)
+    tau = fk.transform.near_threshold(lc.shape[1], torch.float64)
+    inputs = [t.clone().requires_grad_() for t in (x, mu, lc, beta, lam, gamma)]
+    out = contract.logits_op(*inputs, eps, tau)[0]
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [inputs[k] for k in (0, 1, 3, 4, 5)], g)
+    sq_inputs = [t.clone().requires_grad_() for t in (x, mu, square, beta, lam, gamma)]
+    sq_out = contract.logits_op(*sq_inputs, eps, fk.transform.near_threshold(D, torch.float64))[0]
+    sq_grads = torch.autograd.grad(sq_out, [sq_inputs[k] for k in (0, 1, 3, 4, 5)], g)
+    assert_norm_close(out, sq_out, 1e-12, "logits")
+    for name, a, b in zip(["x", "mu", "beta", "lam", "gamma"], grads, sq_grads):
+        assert_norm_close(a, b, 1e-11, name)
+    assert torch.autograd.gradcheck(lambda *a: contract.logits_op(*a, eps, tau)[0], inputs)
+    torch.library.opcheck(contract.logits_op, (x, mu, lc, beta, lam, gamma, eps, tau))
+    m, mup, smu = contract.prototypes_op(mu, lc, beta)
+    assert mup.shape == (4, lc.shape[1])
+    prepared = contract.logits_prepared_op(x, mu, lc, beta, lam, gamma, m, mup, smu, eps, tau)
+    assert torch.equal(prepared, out.detach())
+
+
+def test_head_metric_wide_factor():
+    """head_metric(..., wide=True): lc = [tril(L) | sqrt(eps)·I] with lc·lcᵀ the Cholesky factor's
+    Sigma, the gradient tril(∂lc[:, :D]) (gradcheck), opcheck, and the refusals of the square path."""
+    D, eps = 5, 1e-3
+    L = torch.randn(D, D, dtype=torch.float64)
+    lmbda, scale = torch.tensor(-0.3, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)
+    wide = contract.head_metric_op(L, lmbda, scale, True, eps, True)
+    square = contract.head_metric_op(L, lmbda, scale, True, eps)
+    assert wide[0].shape == (D, 2 * D) and wide[3].numel() == 0
+    assert torch.equal(wide[0][:, :D], L.tril())
+    assert_norm_close(wide[0] @ wide[0].T, square[0] @ square[0].T, 1e-14, "Sigma")
+    assert wide[1].item() == 0.3 and wide[2].item() == 4.0
+    inputs = [t.clone().requires_grad_() for t in (L, lmbda, scale)]
+    assert torch.autograd.gradcheck(lambda s, l, g: contract.head_metric_op(s, l, g, True, eps, True)[:3], inputs)
+    torch.library.opcheck(contract.head_metric_op, (L, lmbda, scale, True, eps, True))
+    f32 = contract.head_metric_op(L.float(), lmbda.float(), scale.float(), True, eps, True)[0]
+    assert f32.dtype == torch.float32 and f32[0, D].item() == torch.tensor(eps ** 0.5, dtype=torch.float32).item()
+    for bad in (float("nan"), float("inf")):
+        for where in ((3, 1), (1, 3)):  # below and above the diagonal, as the square path
+            L_bad = L.clone()
+            L_bad[where] = bad
+            with pytest.raises(ValueError, match="non-finite"):
+                contract.head_metric_op(L_bad, lmbda, scale, True, eps, True)
+    with pytest.raises(RuntimeError, match="eps > 0"):
+        contract.head_metric_op(L, lmbda, scale, True, 0.0, True)
+    with pytest.raises(RuntimeError, match="full L"):
+        contract.head_metric_op(L[0], lmbda, scale, False, eps, True)
+    # the cross-entropy op takes a square factor only
+    x, mu, _, beta, lam, gamma = make_inputs(3, 4, D, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"lc must be \[D\] or \[D, D\]"):
+        contract.cross_entropy_op(x, mu, wide[0], beta, lam, gamma, torch.zeros(3, dtype=torch.long), eps,
+                                  0.1, 0.0)
+
+
+def test_wide_factor_is_taken_where_it_pays(monkeypatch):
+    """A full head's training calls take the wide factor where B and C are small against D, the
+    Cholesky factor elsewhere, under no_grad, for head.loss's fused kernels and with eps = 0; the two
+    factors give the same logits and gradients to float32 accuracy, near pairs included."""
+    def factor_width(head, B, grad=True):
+        x = torch.randn(B, head.in_features)
+        with torch.set_grad_enabled(grad):
+            fast = head._fast_metric(x, wide_ok=True)
+        return fast[0].shape[1]
+    small, large = fk.FAIMHead(64, 10, full_sigma=True), fk.FAIMHead(128, 1000, full_sigma=True)
+    assert factor_width(small, 64) == 128 and factor_width(large, 256) == 128
+    assert factor_width(large, 8) == 128  # (8 + 1000)/128 + 8·1000/128² = 8.4 > 6: Cholesky
+    assert factor_width(small, 64, grad=False) == 64
+    assert small._fast_metric(torch.randn(64, 64))[0].shape == (64, 64)  # not offered: the fused loss
+    assert factor_width(fk.FAIMHead(64, 10, full_sigma=True, eps=0.0), 64) == 64
+
+    inputs = make_inputs(48, 10, 64, full=True, near=True, seed=3)
+    x, mu = inputs[0].clone().requires_grad_(), inputs[1]
+    head = fk.FAIMHead(64, 10, full_sigma=True)
+    with torch.no_grad():
+        head.mu.copy_(mu)
+        head.L.copy_(inputs[2] * head.L_scale)
+        head.beta.copy_(inputs[3])
+    y = torch.randint(0, 10, (48,))
+    results = {}
+    for name, bound in (("wide", float("inf")), ("cholesky", 0.0)):
+        monkeypatch.setattr(head_module, "WIDE_FACTOR_MAX_COST", bound)
+        assert head._fast_metric(x, wide_ok=True)[0].shape[1] == (128 if name == "wide" else 64)
+        logits = head(x)
+        results[name] = (logits.detach(), torch.autograd.grad(F.cross_entropy(logits, y), [x, head.mu, head.L]))
+    ref = fk.reference.randers_logits(*[t.detach().double() for t in (x, mu, inputs[2].tril(), inputs[3])],
+                                      head.lmbda.detach().double().abs(), head.scale.detach().double().abs(),
+                                      eps=head.eps)
+    for name, (logits, grads) in results.items():
+        err = max_rel_err(logits, ref)
+        assert err <= 1e-6, f"{name}: logits {err:.2e} from the float64 reference"
+    for what, a, b in zip(["x", "mu", "L"], results["wide"][1], results["cholesky"][1]):
+        assert_norm_close(a, b, 1e-4, what)

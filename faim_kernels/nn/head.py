@@ -55,6 +55,14 @@ LOSS_VIA_LOGITS_BYTES = 32 * 2 ** 20
 # The largest mu (bytes) whose prepared prototypes a full-L head keeps for its no_grad calls: the cache
 # holds a snapshot of mu and mu' (FAIMHead._cached_prototypes).
 PROTOTYPE_CACHE_BYTES = 64 * 2 ** 20
+# A full head's training forward takes the wide metric factor [tril(L) | sqrt(eps)·I] (D × 2D, no
+# Cholesky) instead of cholesky(tril(L)·tril(L)ᵀ + eps·I) where (B + C)/D + B·C/D² is at most this
+# (FAIMHead._wide_factor_pays). The wide factor doubles the width of x', mu' and the logits' GEMMs:
+# about 3·((B + C)·D² + B·C·D) extra multiply-adds, float32 BLAS. It drops the float64 factorisation and
+# its backward: about 1.5·D³ multiply-adds in plain loops, which were most of a small full head's step
+# (bench/RESULTS.md, the wide metric factor). Measured on 2 threads, the two cost the same near 12
+# ((64, 1000, 128)); 6 keeps the wide factor where it wins clearly (by 1.3x-7x at the sizes measured).
+WIDE_FACTOR_MAX_COST = 6.0
 
 
 def _nonneg(v: torch.Tensor) -> torch.Tensor:
@@ -349,7 +357,7 @@ class FAIMHead(_MetricParams):
                                       error_msgs)
 
     # -- forward and loss --------------------------------------------------------------------------
-    def _fast_metric(self, x) -> tuple | None:
+    def _fast_metric(self, x, wide_ok: bool = False) -> tuple | None:
         """(lc, lam, gamma) through one C++ op (faim_kernels::head_metric) where the call can take the
         fast path straight to the C++ kernels, else None (the general path through the functional API).
 
@@ -359,7 +367,10 @@ class FAIMHead(_MetricParams):
         construction already guarantees (shapes, dtypes, device, eps) are not repeated. The direct
         path takes CPU tensors of the parameters' dtype (float32/float64) on the C++ kernels, outside
         autocast, torch.compile and torch.func transforms; everything else takes the general path,
-        which computes the same values (tests/test_nn_head_paths.py compares the two)."""
+        which computes the same values (tests/test_nn_head_paths.py compares the two).
+
+        wide_ok: the caller (the logits op; the cross-entropy op takes a square factor) accepts the
+        wide factor of a full L, which a training call takes where it pays (_wide_factor_pays)."""
         parameters = self._parameters
         mu = parameters.get("mu")
         if not (mu is not None and type(x) is torch.Tensor and x.is_cpu and mu.is_cpu and x.dtype is mu.dtype
@@ -379,8 +390,21 @@ class FAIMHead(_MetricParams):
         if l_scale is None or l_scale.dtype is not sigma.dtype or not l_scale.is_cpu:
             return None
         if torch.is_grad_enabled() and (sigma.requires_grad or lmbda.requires_grad or scale.requires_grad):
-            return contract.head_metric_op(sigma / l_scale, lmbda, scale, True, self.eps)[:3]
+            wide = wide_ok and self._wide_factor_pays(x)
+            return contract.head_metric_op(sigma / l_scale, lmbda, scale, True, self.eps, wide)[:3]
         return self._cached_full_metric(sigma, l_scale, lmbda, scale)
+
+    def _wide_factor_pays(self, x) -> bool:
+        """Whether a full head's training call takes the wide factor [tril(L) | sqrt(eps)·I]: where
+        B and C are small against D (WIDE_FACTOR_MAX_COST), so that the width-2D GEMMs
+        cost less than the float64 Cholesky factorisation and its backward that they replace; never
+        with eps = 0 (Sigma = L·Lᵀ: the factor is tril(L) itself up to signs, and head_metric refuses
+        a singular one as before)."""
+        D, C = self.in_features, self.num_classes
+        if not (self.eps > 0 and D > 0):
+            return False
+        B = x.numel() // D
+        return (B + C) / D + B * C / (D * D) <= WIDE_FACTOR_MAX_COST
 
     def _cached_full_metric(self, sigma, l_scale, lmbda, scale) -> tuple:
         """head_metric's (lc, lam, gamma) for a full L, reused while L, L_scale, lmbda, scale and eps keep
@@ -429,11 +453,14 @@ class FAIMHead(_MetricParams):
         self.__dict__["_prototype_cache"] = (lc, inference, mu.detach().clone(), beta.detach().clone(), prepared)
         return prepared
 
-    def _tau(self) -> float:
-        # The near threshold depends on D only (transform.near_threshold); computed once per head.
-        tau = self.__dict__.get("_near_tau")
+    def _tau(self, lc: torch.Tensor | None = None) -> float:
+        # The near threshold depends on the length of the GEMM's sums only (transform.near_threshold):
+        # D, or 2D with the wide factor (lc [D, 2D]); computed once per head and width.
+        width = lc.shape[1] if lc is not None and lc.dim() == 2 else self.in_features
+        taus = self.__dict__.setdefault("_near_taus", {})
+        tau = taus.get((width, self.mu.dtype))
         if tau is None:
-            tau = self.__dict__["_near_tau"] = transform.near_threshold(self.in_features, self.mu.dtype)
+            tau = taus[(width, self.mu.dtype)] = transform.near_threshold(width, self.mu.dtype)
         return tau
 
     def _prepare(self, x: torch.Tensor):
@@ -446,7 +473,7 @@ class FAIMHead(_MetricParams):
         """logits [..., C] = −γ·d_F(x, mu_c) for x [..., D] (computed in x's dtype promoted with the
         parameters' dtype)."""
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
-        fast = self._fast_metric(x)
+        fast = self._fast_metric(x, wide_ok=True)
         if fast is not None:
             lc, lam, gamma = fast
             xf = x if x.dim() == 2 else x.reshape(-1, self.in_features)
@@ -454,10 +481,10 @@ class FAIMHead(_MetricParams):
             prepared = self._cached_prototypes(lc) if self.full_sigma and not torch.is_grad_enabled() else None
             if prepared is not None:
                 logits = contract.logits_prepared_op(xf, parameters["mu"], lc, parameters["beta"], lam, gamma,
-                                                     *prepared, self.eps, self._tau())
+                                                     *prepared, self.eps, self._tau(lc))
             else:
                 logits = contract.logits_op(xf, parameters["mu"], lc, parameters["beta"], lam, gamma, self.eps,
-                                            self._tau())[0]
+                                            self._tau(lc))[0]
             return logits if x.dim() == 2 else logits.reshape(*lead, self.num_classes)
         xf, mu, L, beta, lam, gamma = self._prepare(x)
         logits = faim_functional.randers_logits(xf, mu, L, beta, lam, gamma, eps=self.eps, backend=self.backend)

@@ -78,7 +78,7 @@ _LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_target_logit,
             "Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
             "float margin, Tensor? w_pl=None, Tensor? class_weight=None, Tensor? dense_soft_target=None, "
             "int grad_mask=63) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-_LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps) "
+_LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps, bool wide=False) "
             "-> (Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("randers_prototypes(Tensor mu, Tensor lc, Tensor beta) -> (Tensor, Tensor, Tensor)")
 _LIB.define("randers_logits_prepared(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, "
@@ -123,8 +123,9 @@ def _like(*tensors, grad_mask: int = ALL_GRADS):
 @torch.library.register_fake(logits_op)
 def _logits_fake(x, mu, lc, beta, lam, gamma, eps, tau):
     B, C = x.shape[0], mu.shape[0]
+    K = lc.shape[1] if lc.dim() == 2 else x.shape[1]  # x' and mu' are as wide as the factor
     f64 = dict(dtype=torch.float64)
-    return (x.new_empty((B, C)), x.new_empty(x.shape), mu.new_empty(mu.shape), x.new_empty((B,), **f64),
+    return (x.new_empty((B, C)), x.new_empty((B, K)), mu.new_empty((C, K)), x.new_empty((B,), **f64),
             x.new_empty((C,), **f64))
 
 
@@ -147,16 +148,18 @@ def _cross_entropy_backward_fake(w_lse, w_target_logit, w_sl, lse, x, mu, lc, be
 
 
 @torch.library.register_fake(head_metric_op)
-def _head_metric_fake(sigma, lmbda, scale, full, eps):
+def _head_metric_fake(sigma, lmbda, scale, full, eps, wide=False):
     compute = torch.float64 if sigma.dtype == torch.float64 else torch.float32
     D = sigma.shape[0]
-    return (sigma.new_empty((D, D) if full else (D,), dtype=compute), lmbda.new_empty(()), scale.new_empty(()),
-            sigma.new_empty((D, D) if full else (0,), dtype=torch.float64))
+    lc_shape = ((D, 2 * D) if wide else (D, D)) if full else (D,)
+    return (sigma.new_empty(lc_shape, dtype=compute), lmbda.new_empty(()), scale.new_empty(()),
+            sigma.new_empty((D, D) if full and not wide else (0,), dtype=torch.float64))
 
 
 @torch.library.register_fake(prototypes_op)
 def _prototypes_fake(mu, lc, beta):
-    return mu.new_empty((mu.shape[1],)), mu.new_empty(mu.shape), mu.new_empty((mu.shape[0],), dtype=torch.float64)
+    K = lc.shape[1] if lc.dim() == 2 else mu.shape[1]
+    return mu.new_empty((mu.shape[1],)), mu.new_empty((mu.shape[0], K)), mu.new_empty((mu.shape[0],), dtype=torch.float64)
 
 
 @torch.library.register_fake(logits_prepared_op)
