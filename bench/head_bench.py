@@ -21,6 +21,7 @@ on a noisy machine (bench/measure.py's best_of_rounds).
     python -m bench.head_bench                          # the module table (CPU, the C++ kernels)
     python -m bench.head_bench --clustered              # trained-model data against independent draws
     python -m bench.head_bench --large                  # head.loss at (256, 100000, 128), time and memory
+    python -m bench.head_bench --wide-factor            # a full head's step: Cholesky against the wide factor
     python -m bench.head_bench --all --write-results    # all three; rewrites their sections of RESULTS.md
     python -m bench.head_bench --device cuda --all --write-results   # the same on a GPU (Triton)
 """
@@ -40,6 +41,10 @@ SIZES = [(64, 10, 64), (64, 100, 128), (256, 1000, 128), (512, 4096, 256)]
 CLUSTER_SIZES = [(256, 1000, 128), (512, 4096, 256)]
 CLUSTER_SIGMAS = (0.3, 0.05)
 LARGE = (256, 100_000, 128)
+# A full head's training step with each metric factor (docs/design.md §2.4, Eq. 23), around the
+# bound where FAIMHead switches (faim_kernels.nn.head.WIDE_FACTOR_MAX_COST).
+WIDE_SIZES = [(64, 10, 64), (64, 100, 128), (256, 100, 128), (128, 100, 256), (512, 100, 256), (32, 1000, 256),
+              (64, 1000, 128), (256, 1000, 128)]
 
 
 def train_step(module: torch.nn.Module, loss_of, x: torch.Tensor):
@@ -170,6 +175,43 @@ def render_large(r) -> str:
             f"({r['mem_head'] / max(r['mem_linear'], 1):.2f}x).")
 
 
+def wide_factor_rows(device: str, rounds: int, min_run_time: float):
+    """head(x) + CE, forward + backward, of a full head with the Cholesky factor and with the wide
+    factor forced (WIDE_FACTOR_MAX_COST 0 and inf), against nn.Linear + CE."""
+    from faim_kernels.nn import head as head_module
+    bound = head_module.WIDE_FACTOR_MAX_COST
+    rows = []
+    for (B, C, D) in WIDE_SIZES:
+        head, linear, x, y = make_problem(B, C, D, True, device)
+
+        def forced(limit):
+            step = train_step(head, lambda: F.cross_entropy(head(x), y), x)
+
+            def call():
+                head_module.WIDE_FACTOR_MAX_COST = limit
+                try:
+                    step()
+                finally:
+                    head_module.WIDE_FACTOR_MAX_COST = bound
+            return call
+        t = best_of_rounds({"linear_ce": train_step(linear, lambda: F.cross_entropy(linear(x), y), x),
+                            "cholesky": forced(0.0), "wide": forced(float("inf"))}, rounds, min_run_time)
+        cost = (B + C) / D + B * C / D ** 2
+        rows.append(dict(size=(B, C, D), cost=cost, chosen="wide" if cost <= bound else "cholesky", **t))
+    return rows
+
+
+def render_wide_factor(rows) -> str:
+    us = lambda t: f"{t * 1e6:.0f}"  # noqa: E731
+    lines = ["| B, C, D | (B + C)/D + B·C/D² | Linear+CE µs | Cholesky µs | ratio | wide µs | ratio | "
+             "Cholesky / wide | the head takes |", "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {', '.join(map(str, r['size']))} | {r['cost']:.2f} | {us(r['linear_ce'])} | "
+                     f"{us(r['cholesky'])} | {r['cholesky'] / r['linear_ce']:.2f}x | {us(r['wide'])} | "
+                     f"{r['wide'] / r['linear_ce']:.2f}x | {r['cholesky'] / r['wide']:.2f} | {r['chosen']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -178,7 +220,9 @@ def main(argv=None):
     p.add_argument("--frozen-features", action="store_true", help="features without grad (linear probing)")
     p.add_argument("--clustered", action="store_true", help="trained-model data against independent draws")
     p.add_argument("--large", action="store_true", help=f"head.loss at {LARGE}: time and peak memory")
-    p.add_argument("--all", action="store_true", help="the module table, frozen features, clustered, large")
+    p.add_argument("--wide-factor", action="store_true", help="a full head's step with each metric factor")
+    p.add_argument("--all", action="store_true",
+                   help="the module table, frozen features, clustered, large, wide factor")
     p.add_argument("--write-results", action="store_true", help="rewrite these sections of bench/RESULTS.md")
     p.add_argument("--probe", choices=("head_loss", "linear_ce"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -187,7 +231,7 @@ def main(argv=None):
     dev, env = args.device, environment(args.device)
     stamp = f"{env}, {time.strftime('%Y-%m-%d')}"
     sections = []
-    only_extras = (args.clustered or args.large or args.frozen_features) and not args.all
+    only_extras = (args.clustered or args.large or args.frozen_features or args.wide_factor) and not args.all
     if not only_extras:
         table = render_module(module_rows(dev, args.rounds, args.min_run_time))
         sections.append((f"{dev}-module", "the head against nn.Linear, features with grad", table))
@@ -201,6 +245,9 @@ def main(argv=None):
     if args.all or args.large:
         sections.append((f"{dev}-large", "head.loss at 100,000 classes",
                          render_large(large_row(dev, args.rounds, args.min_run_time))))
+    if args.all or args.wide_factor:
+        sections.append((f"{dev}-wide-factor", "a full head's training step, Cholesky factor against the wide factor",
+                         render_wide_factor(wide_factor_rows(dev, args.rounds, args.min_run_time))))
     for _, title, body in sections:
         print(f"\n{title} ({stamp}), float32\n\n{body}")
     if args.write_results:

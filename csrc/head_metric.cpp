@@ -134,7 +134,7 @@ std::pair<at::Tensor, at::Tensor> full_factor(const at::Tensor& L, double eps) {
 
 // The wide factor [tril(L) | sqrt(eps)·I] [D, 2D] in dtype ct: no factorisation, so no D³ work in the
 // forward or the backward, at the price of x' and mu' twice as wide (a GEMM of width 2D in the logits
-// op). FAIMHead takes it where the logits are small against D² (docs/design.md §2.4, the wide factor).
+// op). FAIMHead takes it where B and C are small against D (docs/design.md §2.4, Eq. 23).
 // sqrt(eps) is rounded once to ct: Sigma's ridge is eps·(1 + 2u) instead of eps.
 at::Tensor wide_factor(const at::Tensor& L, double eps, at::ScalarType ct) {
     const int64_t D = L.size(0);

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import faim_kernels as fk
+from faim_kernels.nn import head as head_module
 from tests.conftest import assert_norm_close, assert_rel_close, end_process_group, free_port
 
 C = 6
@@ -88,9 +89,13 @@ def test_distributed_data_parallel_gives_the_single_process_gradients():
     mp.spawn(_ddp_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
-def test_torch_compile_fullgraph_of_a_model_with_the_head_and_its_loss():
+def test_torch_compile_fullgraph_of_a_model_with_the_head_and_its_loss(monkeypatch):
     """The whole model (conv, BatchNorm, head) and the fused loss in one graph: dynamo traces the
     head's Python, the custom ops' fake kernels and autograd formulas, without a graph break."""
+    # Eager and compiled calls take the same (Cholesky) metric factor: the conv bias's gradient is
+    # zero through BatchNorm up to rounding (~1e-6 against ~40 for the others), so its relative error
+    # compares rounding noise, which differs between the two factors (docs/design.md Eq. 23).
+    monkeypatch.setattr(head_module, "WIDE_FACTOR_MAX_COST", 0.0)
     torch._dynamo.reset()
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
