@@ -230,15 +230,18 @@ def test_backward_ops_return_empty_for_unneeded(op_family):
     assert [tuple(g.shape) for g in grads] == [(0,), tuple(mu.shape), (0,), (0,), (0,), ()]
 
 
-def test_full_metric_cache_follows_every_change_of_the_parameters():
-    """No_grad calls of a full head reuse the Cholesky factor while L, lmbda, scale and eps keep their
-    values (FAIMHead._cached_full_metric); every way of changing them is seen, `.data` included."""
+@pytest.mark.parametrize("full", [False, True], ids=["diagonal", "full"])
+def test_metric_cache_follows_every_change_of_the_parameters(full):
+    """No_grad calls reuse head_metric's result (a full head's Cholesky factor) while the metric
+    parameter, lmbda, scale and eps keep their values (FAIMHead._cached_metric); every way of
+    changing them is seen, `.data` included."""
     torch.manual_seed(0)
-    head = fk.FAIMHead(6, 4, full_sigma=True)
+    head = fk.FAIMHead(6, 4, full_sigma=full)
+    sigma = head.L if full else head.log_sigma_diag
     x = torch.randn(5, 6, dtype=torch.float32)
 
     def fresh():  # the same call with no cache
-        head.__dict__.pop("_full_metric_cache", None)
+        head.__dict__.pop("_metric_cache", None)
         with torch.no_grad():
             return head(x)
 
@@ -247,12 +250,12 @@ def test_full_metric_cache_follows_every_change_of_the_parameters():
             return head(x)
 
     assert torch.equal(cached(), fresh()) and torch.equal(cached(), fresh())
-    first = head.__dict__["_full_metric_cache"][-1][0]
+    first = head.__dict__["_metric_cache"][-1][0]
     cached()
-    assert head.__dict__["_full_metric_cache"][-1][0] is first  # reused, not recomputed
+    assert head.__dict__["_metric_cache"][-1][0] is first  # reused, not recomputed
     changes = [
-        lambda: head.L.data.mul_(1.5),  # bumps no version counter
-        lambda: torch.optim.SGD(head.parameters(), lr=0.1).step() if head.L.grad is not None else None,
+        lambda: sigma.data.add_(0.25),  # bumps no version counter
+        lambda: torch.optim.SGD(head.parameters(), lr=0.1).step() if sigma.grad is not None else None,
         lambda: head.lmbda.data.fill_(0.7),
         lambda: head.scale.data.fill_(-3.0),
         lambda: setattr(head, "eps", 1e-3),
@@ -270,7 +273,7 @@ def test_full_metric_cache_follows_every_change_of_the_parameters():
     head.freeze_metric()
     xg = x.clone().requires_grad_()
     head(xg).sum().backward()
-    head.__dict__.pop("_full_metric_cache")
+    head.__dict__.pop("_metric_cache")
     xr = x.clone().requires_grad_()
     head(xr).sum().backward()
     assert torch.allclose(xg.grad, xr.grad, rtol=0, atol=0)

@@ -385,14 +385,16 @@ class FAIMHead(_MetricParams):
         if sigma is None or lmbda is None or scale is None or "beta" not in parameters:
             return None  # a parameter replaced by a buffer or a plain tensor: the general path
         if not self.full_sigma:
-            return contract.head_metric_op(sigma, lmbda, scale, False, self.eps)[:3]
+            if torch.is_grad_enabled() and (sigma.requires_grad or lmbda.requires_grad or scale.requires_grad):
+                return contract.head_metric_op(sigma, lmbda, scale, False, self.eps)[:3]
+            return self._cached_metric(sigma, None, lmbda, scale)
         l_scale = self._buffers.get("L_scale")
         if l_scale is None or l_scale.dtype is not sigma.dtype or not l_scale.is_cpu:
             return None
         if torch.is_grad_enabled() and (sigma.requires_grad or lmbda.requires_grad or scale.requires_grad):
             wide = wide_ok and self._wide_factor_pays(x)
             return contract.head_metric_op(sigma / l_scale, lmbda, scale, True, self.eps, wide)[:3]
-        return self._cached_full_metric(sigma, l_scale, lmbda, scale)
+        return self._cached_metric(sigma, l_scale, lmbda, scale)
 
     def _wide_factor_pays(self, x) -> bool:
         """Whether a full head's training call takes the wide factor [tril(L) | sqrt(eps)·I]: where
@@ -406,32 +408,36 @@ class FAIMHead(_MetricParams):
         B = x.numel() // D
         return (B + C) / D + B * C / (D * D) <= WIDE_FACTOR_MAX_COST
 
-    def _cached_full_metric(self, sigma, l_scale, lmbda, scale) -> tuple:
-        """head_metric's (lc, lam, gamma) for a full L, reused while L, L_scale, lmbda, scale and eps keep
-        their values, where no graph is recorded through them (no_grad / inference, or a frozen metric): an
-        evaluation loop or a frozen-metric phase then pays the D×D Cholesky once, not on every call (at
-        (64, 10, 64) it was most of a no_grad call). The check compares values (one D×D equality and
-        two scalars, O(D²) against the factorisation's O(D³)), not version counters: an in-place
-        change through `.data` (as some EMA code does) bumps no counter. The diagonal head is not
-        cached: its head_metric costs what the check would."""
+    def _cached_metric(self, sigma, l_scale, lmbda, scale) -> tuple:
+        """head_metric's (lc, lam, gamma), reused while the metric parameter (L or log_sigma_diag),
+        L_scale (full; None for the diagonal head), lmbda, scale and eps keep their values, where no graph
+        is recorded through them (no_grad / inference, or a frozen metric): an evaluation loop or a
+        frozen-metric phase then pays the D×D Cholesky once, not on every call (at (64, 10, 64) it was
+        most of a no_grad call). The check compares values (one equality of the metric parameter and
+        three scalars: O(D²), O(D) diagonal), not version counters: an in-place change through `.data`
+        (as some EMA code does) bumps no counter. The diagonal head caches too: its check (~3 µs)
+        costs less than the op call it saves (~9 µs, and the call before the logits op slowed that op
+        by several µs more at (64, 10, 64): bench/head_breakdown.py)."""
         inference = torch.is_inference_mode_enabled()
-        lam_value, gamma_value, l_scale_value = lmbda.item(), scale.item(), l_scale.item()
-        cache = self.__dict__.get("_full_metric_cache")
+        full = l_scale is not None
+        lam_value, gamma_value = lmbda.item(), scale.item()
+        l_scale_value = l_scale.item() if full else None
+        cache = self.__dict__.get("_metric_cache")
         if cache is not None:
             snapshot, eps, was_inference, scalars_were, metric = cache
             if (eps == self.eps and was_inference == inference and scalars_were == (lam_value, gamma_value, l_scale_value)
                     and snapshot.dtype == sigma.dtype and snapshot.device == sigma.device
                     and torch.equal(snapshot, sigma)):
                 return metric
-        metric = contract.head_metric_op(sigma / l_scale, lmbda, scale, True, self.eps)[:3]
-        self.__dict__["_full_metric_cache"] = (sigma.detach().clone(), self.eps, inference,
-                                               (lam_value, gamma_value, l_scale_value), metric)
+        metric = contract.head_metric_op(sigma / l_scale if full else sigma, lmbda, scale, full, self.eps)[:3]
+        self.__dict__["_metric_cache"] = (sigma.detach().clone(), self.eps, inference,
+                                          (lam_value, gamma_value, l_scale_value), metric)
         return metric
 
     def _cached_prototypes(self, lc) -> tuple | None:
         """The prototypes' half of the preparation, (m, mu', mu·beta) of faim_kernels::randers_prototypes,
         reused across no_grad calls of a full-L head while lc (the cached metric factor of
-        _cached_full_metric, compared by identity), mu and beta keep their values; None where mu is
+        _cached_metric, compared by identity), mu and beta keep their values; None where mu is
         too large to keep a snapshot of (PROTOTYPE_CACHE_BYTES).
 
         Why: mu' = (mu − m)·Lc is a C×D² GEMM, as much work as the logits GEMM itself when C·D >= B·C
