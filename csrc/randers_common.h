@@ -39,7 +39,7 @@ struct Operands {
     const T* lc;                // [D] or [D, K] metric factor (K = D but for the logits ops' wide factor)
     const T* beta = nullptr;    // [D] the 1-form: near pairs take s = beta·(x_b − mu_c) from the difference
     bool full;                  // lc is [D, D]
-    bool lower = false;         // a full lc is lower triangular (a Cholesky factor): near pairs skip its zeros
+    bool lower = false;         // a full lc (its A block if wide) is lower triangular: near pairs skip its zeros
     std::vector<T> xnorm, munorm;  // |x'_b|², |mu'_c|²
     // sx, smu split into hi + lo parts in T: s = (sx_hi − smu_hi) + (sx_lo − smu_lo) keeps the
     // float64 difference's accuracy (the hi difference is exact when they are close: Sterbenz)
@@ -47,6 +47,7 @@ struct Operands {
     std::vector<T> sx_hi, sx_lo, smu_hi, smu_lo;
     int64_t B, C, D;
     int64_t K = 0;              // the width of x' and mu': D, or a full factor's column count (set by every builder)
+    double ridge = 0;           // > 0: lc is the wide factor [A | ridge·I] [D, 2D] (wide_factor_ridge)
     double lam, eps, tau;
 };
 
@@ -142,9 +143,25 @@ void row_dots64(const at::Tensor& v, const T* beta, double* s) {
     });
 }
 
-// (v − m)·Lc for the rows of v: one fused pass for a diagonal factor, a GEMM for a full one.
+// (v − m)·Lc for the rows of v: one fused pass for a diagonal factor, a GEMM for a full one; a wide
+// factor [A | ridge·I] (ridge > 0) takes the GEMM for A and ridge·(v − m) for the right half.
 template <typename T>
-at::Tensor project(const at::Tensor& v, const at::Tensor& m, const at::Tensor& lc) {
+at::Tensor project(const at::Tensor& v, const at::Tensor& m, const at::Tensor& lc, T ridge = T(0)) {
+    if (lc.dim() == 2 && ridge > T(0)) {
+        const int64_t n = v.size(0), D = v.size(1);
+        const at::Tensor vc = v - m;
+        at::Tensor out = at::empty({n, 2 * D}, v.options());
+        at::Tensor left = out.narrow(1, 0, D);
+        at::mm_out(left, vc, lc.narrow(1, 0, D));
+        const T* cp = vc.data_ptr<T>();
+        T* o = out.data_ptr<T>();
+        at::parallel_for(0, n, 256, [cp, o, D, ridge](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i)
+#pragma omp simd
+                for (int64_t k = 0; k < D; ++k) o[i * 2 * D + D + k] = ridge * cp[i * D + k];
+        });
+        return out;
+    }
     if (lc.dim() == 2) return at::mm(v - m, lc);
     at::Tensor out = at::empty_like(v);
     const int64_t n = v.size(0), D = v.size(1);
@@ -186,13 +203,34 @@ std::vector<double> centred_weighted_sum(const at::Tensor& v, const T* m, const 
     return out;
 }
 
-// Whether a [D, D] factor is lower triangular (every entry above the diagonal exactly 0).
+// Whether a [D, D] factor (or the first D columns of a [D, ld] one) is lower triangular (every
+// entry above the diagonal exactly 0).
 template <typename T>
-bool is_lower_triangular(const T* lc, int64_t D) {
+bool is_lower_triangular(const T* lc, int64_t D, int64_t ld = -1) {
+    if (ld < 0) ld = D;
     for (int64_t k = 0; k < D; ++k)
         for (int64_t j = k + 1; j < D; ++j)
-            if (lc[k * D + j] != T(0)) return false;
+            if (lc[k * ld + j] != T(0)) return false;
     return true;
+}
+
+// The ridge rho of a wide factor lc = [A | rho·I] [D, 2D] (FAIMHead's, docs/design.md Eq. 23;
+// contiguous), or 0 where lc has another form. The kernels then form x'·s right half as rho·(x − m)
+// and its chain rule as rho·∂x'[:, D:] instead of multiplying by the identity block: the projection
+// and ∂x cost the square factor's (B + C)·D² each, not 2·(B + C)·D². O(D²) to check.
+template <typename T>
+T wide_factor_ridge(const at::Tensor& lc) {
+    if (lc.dim() != 2 || lc.size(0) == 0 || lc.size(1) != 2 * lc.size(0)) return T(0);
+    const int64_t D = lc.size(0);
+    const T* p = lc.data_ptr<T>();
+    const T rho = p[D];
+    if (!(rho > T(0)) || !std::isfinite(rho)) return T(0);
+    for (int64_t i = 0; i < D; ++i) {
+        const T* right = p + i * 2 * D + D;
+        for (int64_t j = 0; j < D; ++j)
+            if (right[j] != (i == j ? rho : T(0))) return T(0);
+    }
+    return rho;
 }
 
 // The backward ops' grad_mask: bit k stands for gradient k of (x, mu, lc, beta, lam, gamma)
@@ -274,13 +312,15 @@ double near_pair_q(const Operands<T>& in, int64_t b, int64_t c, double* acc, T* 
         return q;
     }
     const int64_t K = in.K;  // Lc is [D, K]
+    const bool wide = in.ridge > 0;  // [A | ridge·I]: the right half of diff' is ridge·diff
     for (int64_t j = 0; j < K; ++j) acc[j] = 0;
     for (int64_t k = 0; k < D; ++k) {  // diff'_j = Σ_k diff_k·Lc[k, j], row by row of Lc
         const double dk = double(xb[k]) - double(mc[k]);
+        if (wide) acc[D + k] = in.ridge * dk;
         if (dk == 0) continue;
         const T* row = in.lc + k * K;
         // A Cholesky factor's row k ends at column k: half the work of this O(D²) step.
-        const int64_t width = in.lower ? k + 1 : K;
+        const int64_t width = in.lower ? k + 1 : (wide ? D : K);
         for (int64_t j = 0; j < width; ++j) acc[j] += dk * double(row[j]);
     }
     for (int64_t j = 0; j < K; ++j) {

@@ -22,9 +22,14 @@ namespace {
 // dispatcher's below-autograd state, and at::mm_out refuses inputs that require grad).
 struct RawInputs {
     at::Tensor x, mu, lc, beta;
+    double ridge = 0;  // > 0: lc is a wide factor [A | ridge·I] (wide_factor_ridge)
     RawInputs(const at::Tensor& x_, const at::Tensor& mu_, const at::Tensor& lc_, const at::Tensor& beta_)
         : x(x_.detach().contiguous()), mu(mu_.detach().contiguous()), lc(lc_.detach().contiguous()),
-          beta(beta_.detach().contiguous()) {}
+          beta(beta_.detach().contiguous()) {
+        if (lc.dim() == 2 && lc.size(1) == 2 * lc.size(0) && (lc.scalar_type() == at::kFloat || lc.scalar_type() == at::kDouble))
+            AT_DISPATCH_FLOATING_TYPES(lc.scalar_type(), "wide_factor_ridge",
+                                       [&] { ridge = double(wide_factor_ridge<scalar_t>(lc)); });
+    }
 };
 
 template <typename T>
@@ -44,7 +49,8 @@ Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const 
     in.lc = raw.lc.data_ptr<T>();
     in.beta = raw.beta.data_ptr<T>();
     in.full = raw.lc.dim() == 2;
-    in.lower = in.full && in.K == in.D && is_lower_triangular(in.lc, in.D);
+    in.ridge = raw.ridge;
+    in.lower = in.full && (in.K == in.D || in.ridge > 0) && is_lower_triangular(in.lc, in.D, in.K);
     in.xnorm = row_sq_norms<T>(in.xp);
     in.munorm = row_sq_norms<T>(in.mup);
     split_all(in.sx, in.B, in.sx_hi, in.sx_lo);
@@ -115,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_half(const RawInputs& r
     const at::Tensor m = center_of<T>(raw.mu);
     at::Tensor smu = at::empty({raw.mu.size(0)}, raw.mu.options().dtype(at::kDouble));
     row_dots64<T>(raw.mu, raw.beta.template data_ptr<T>(), smu.template data_ptr<double>());
-    return {m, project<T>(raw.mu, m, raw.lc), smu};
+    return {m, project<T>(raw.mu, m, raw.lc, T(raw.ridge)), smu};
 }
 
 // x's half of the preparation and the logits against prepared prototypes: (logits, x', sx).
@@ -125,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_with_prototypes(const RawI
                                                                       double lam, double gamma, double eps,
                                                                       double tau) {
     at::Tensor sx = at::empty({raw.x.size(0)}, raw.x.options().dtype(at::kDouble));
-    at::Tensor xp = project<T>(raw.x, m, raw.lc);
+    at::Tensor xp = project<T>(raw.x, m, raw.lc, T(raw.ridge));
     row_dots64<T>(raw.x, raw.beta.template data_ptr<T>(), sx.template data_ptr<double>());
     const auto in = operands<T>(raw, xp, mup, sx, smu, lam, eps, tau);
     return {logits_of(in, gamma), xp, sx};
@@ -208,14 +214,23 @@ at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tenso
     if (raw.lc.dim() == 2) {
         if (want_dlc) dlc.addmm_((v - m).t(), dvp);
         if (!want_dv) return at::Tensor();
-        at::Tensor dv = at::mm(dvp, raw.lc.t());
+        // A wide factor [A | ridge·I]: ∂v = ∂v'[:, :D]·Aᵀ + ridge·∂v'[:, D:] (no product with the identity block).
+        const T ridge = T(raw.ridge);
+        at::Tensor dv = ridge > T(0) ? at::mm(dvp.narrow(1, 0, D), raw.lc.narrow(1, 0, D).t()) : at::mm(dvp, raw.lc.t());
         T* o = dv.data_ptr<T>();
-        at::parallel_for(0, n, 256, [o, ds, bp, D](int64_t begin, int64_t end) {
+        const T* gp = dvp.data_ptr<T>();
+        at::parallel_for(0, n, 256, [o, ds, bp, gp, ridge, D](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
                 const T dsi = T(ds[i]);
                 T* __restrict__ row = o + i * D;
+                if (ridge > T(0)) {
+                    const T* __restrict__ right = gp + i * 2 * D + D;
 #pragma omp simd
-                for (int64_t k = 0; k < D; ++k) row[k] += dsi * bp[k];
+                    for (int64_t k = 0; k < D; ++k) row[k] += dsi * bp[k] + ridge * right[k];
+                } else {
+#pragma omp simd
+                    for (int64_t k = 0; k < D; ++k) row[k] += dsi * bp[k];
+                }
             }
         });
         return dv;

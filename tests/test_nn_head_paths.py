@@ -360,16 +360,21 @@ def test_prototype_cache_follows_every_change_and_stays_exact(monkeypatch):
 # The wide metric factor [tril(L) | sqrt(eps)·I] of a small full head (docs/design.md §2.4)
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("K", [3, 9], ids=["narrow", "wide"])
+@pytest.mark.parametrize("K", [3, 9, 12], ids=["narrow", "wide", "tril-and-ridge"])
 def test_logits_op_takes_a_factor_of_any_width(K):
     """The C++ logits op with lc [D, K]: values and gradients (x, mu, beta, λ, γ) are those of a
     square factor with the same Sigma = lc·lcᵀ (near pairs and an exact hit included), ∂lc passes
-    gradcheck, and the op passes opcheck's schema and fake-kernel checks."""
+    gradcheck, and the op passes opcheck's schema and fake-kernel checks. K = 2D with lc =
+    [tril(A) | rho·I] is FAIMHead's wide factor, which the kernels recognise and use by blocks."""
+    fk._cpp_loader.load()
     D, eps = 6, 1e-3
     x, mu, _, beta, lam, gamma = make_inputs(5, 4, D, dtype=torch.float64)
     x[0] = mu[1]
     x[1] = mu[2] + 1e-6 * torch.randn(D, dtype=torch.float64)
     lc = torch.randn(D, K, dtype=torch.float64)
+    if K == 2 * D:
+        lc = torch.cat([lc[:, :D].tril() + 2 * torch.eye(D, dtype=torch.float64),
+                        eps ** 0.5 * torch.eye(D, dtype=torch.float64)], 1)
     if K < D:  # Sigma = lc·lcᵀ + a ridge on the last D − K coordinates: positive definite
         lc = torch.cat([lc, torch.eye(D, dtype=torch.float64)[:, K:]], 1)
     square = torch.linalg.cholesky(lc @ lc.T)
@@ -395,6 +400,7 @@ def test_logits_op_takes_a_factor_of_any_width(K):
 def test_head_metric_wide_factor():
     """head_metric(..., wide=True): lc = [tril(L) | sqrt(eps)·I] with lc·lcᵀ the Cholesky factor's
     Sigma, the gradient tril(∂lc[:, :D]) (gradcheck), opcheck, and the refusals of the square path."""
+    fk._cpp_loader.load()
     D, eps = 5, 1e-3
     L = torch.randn(D, D, dtype=torch.float64)
     lmbda, scale = torch.tensor(-0.3, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float64)

@@ -57,12 +57,13 @@ LOSS_VIA_LOGITS_BYTES = 32 * 2 ** 20
 PROTOTYPE_CACHE_BYTES = 64 * 2 ** 20
 # A full head's training forward takes the wide metric factor [tril(L) | sqrt(eps)·I] (D × 2D, no
 # Cholesky) instead of cholesky(tril(L)·tril(L)ᵀ + eps·I) where (B + C)/D + B·C/D² is at most this
-# (FAIMHead._wide_factor_pays). The wide factor doubles the width of x', mu' and the logits' GEMMs:
-# about 3·((B + C)·D² + B·C·D) extra multiply-adds, float32 BLAS. It drops the float64 factorisation and
-# its backward: about 1.5·D³ multiply-adds in plain loops, which were most of a small full head's step
-# (bench/RESULTS.md, the wide metric factor). Measured on 2 threads, the two cost the same near 12
-# ((64, 1000, 128)); 6 keeps the wide factor where it wins clearly (by 1.3x-7x at the sizes measured).
-WIDE_FACTOR_MAX_COST = 6.0
+# (FAIMHead._wide_factor_pays). The wide factor doubles the width of the logits' GEMMs and of ∂Lc
+# (about 3·B·C·D + (B + C)·D² extra multiply-adds, float32 BLAS; the kernels form x' and ∂x by
+# blocks) and drops the float64 factorisation and its backward (about 1.5·D³ multiply-adds in plain
+# loops, most of a small full head's step). Measured on 2 threads (bench/RESULTS.md, the wide metric
+# factor): the wide factor is 1.3x-8x faster up to 4.5 ((512, 100, 256), (32, 1000, 256)), about
+# even at 12 ((64, 1000, 128)), and 7 % slower at 17.6 ((256, 1000, 128)).
+WIDE_FACTOR_MAX_COST = 10.0
 
 
 def _nonneg(v: torch.Tensor) -> torch.Tensor:
