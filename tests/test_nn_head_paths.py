@@ -443,7 +443,8 @@ def test_wide_factor_is_taken_where_it_pays(monkeypatch):
         return fast[0].shape[1]
     small, large = fk.FAIMHead(64, 10, full_sigma=True), fk.FAIMHead(128, 1000, full_sigma=True)
     assert factor_width(small, 64) == 128 and factor_width(large, 256) == 128
-    assert factor_width(large, 8) == 128  # (8 + 1000)/128 + 8·1000/128² = 8.4 > 6: Cholesky
+    assert factor_width(large, 64) == 128  # (64 + 1000)/128 + 64·1000/128² = 12.2 > 10: Cholesky
+    assert factor_width(large, 8) == 256  # (8 + 1000)/128 + 8·1000/128² = 8.4: wide
     assert factor_width(small, 64, grad=False) == 64
     assert small._fast_metric(torch.randn(64, 64))[0].shape == (64, 64)  # not offered: the fused loss
     assert factor_width(fk.FAIMHead(64, 10, full_sigma=True, eps=0.0), 64) == 64
