@@ -461,13 +461,15 @@ class FAIMHead(_MetricParams):
         return prepared
 
     def _tau(self, lc: torch.Tensor | None = None) -> float:
-        # The near threshold depends on the length of the GEMM's sums only (transform.near_threshold):
-        # D, or 2D with the wide factor (lc [D, 2D]); computed once per head and width.
+        # The near threshold depends on the length of the GEMM's sums only (transform.near_threshold,
+        # Eq. 14; the same for the float32 and float64 the C++ kernels take): D, or 2D with the wide
+        # factor (lc [D, 2D]); computed once per head and width.
         width = lc.shape[1] if lc is not None and lc.dim() == 2 else self.in_features
-        taus = self.__dict__.setdefault("_near_taus", {})
-        tau = taus.get((width, self.mu.dtype))
+        taus = self.__dict__.get("_near_taus")
+        tau = taus.get(width) if taus is not None else None
         if tau is None:
-            tau = taus[(width, self.mu.dtype)] = transform.near_threshold(width, self.mu.dtype)
+            tau = transform.near_threshold(width, self.mu.dtype)
+            self.__dict__.setdefault("_near_taus", {})[width] = tau
         return tau
 
     def _prepare(self, x: torch.Tensor):
