@@ -61,8 +61,8 @@ PROTOTYPE_CACHE_BYTES = 64 * 2 ** 20
 # (about 3·B·C·D + (B + C)·D² extra multiply-adds, float32 BLAS; the kernels form x' and ∂x by
 # blocks) and drops the float64 factorisation and its backward (about 1.5·D³ multiply-adds in plain
 # loops, most of a small full head's step). Measured on 2 threads (bench/RESULTS.md, the wide metric
-# factor): the wide factor is 1.3x-8x faster up to 4.5 ((512, 100, 256), (32, 1000, 256)), about
-# even at 12 ((64, 1000, 128)), and 7 % slower at 17.6 ((256, 1000, 128)).
+# factor): the wide factor is 1.3x-3x faster up to 4.5 ((512, 100, 256), (32, 1000, 256)), about
+# even at 12 ((64, 1000, 128)), and 1.3x slower at 25 ((256, 1000, 128)).
 WIDE_FACTOR_MAX_COST = 10.0
 
 
