@@ -96,16 +96,24 @@ def module_rows(device: str, rounds: int, min_run_time: float, features_grad: bo
     return rows
 
 
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    """A markdown table: the header cells, then one row of cells per entry of body."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def _us(t: float) -> str:
+    return f"{t * 1e6:.0f}"
+
+
 def render_module(rows) -> str:
-    us = lambda t: f"{t * 1e6:.0f}"  # noqa: E731
-    lines = ["| B, C, D | Σ | Linear+CE µs | head(x)+CE µs | ratio | head.loss µs | ratio | "
-             "no_grad Linear µs | no_grad head µs | ratio |", "|" + "---|" * 10]
-    for r in rows:
-        lines.append(f"| {', '.join(map(str, r['size']))} | {r['sigma']} | {us(r['linear_ce'])} | {us(r['head_ce'])} | "
-                     f"{r['head_ce'] / r['linear_ce']:.2f}x | {us(r['head_loss'])} | "
-                     f"{r['head_loss'] / r['linear_ce']:.2f}x | {us(r['linear_nograd'])} | {us(r['head_nograd'])} | "
-                     f"{r['head_nograd'] / r['linear_nograd']:.2f}x |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["B, C, D", "Σ", "Linear+CE µs", "head(x)+CE µs", "ratio", "head.loss µs", "ratio", "no_grad Linear µs",
+         "no_grad head µs", "ratio"],
+        [[", ".join(map(str, r["size"])), r["sigma"], _us(r["linear_ce"]), _us(r["head_ce"]),
+          f"{r['head_ce'] / r['linear_ce']:.2f}x", _us(r["head_loss"]), f"{r['head_loss'] / r['linear_ce']:.2f}x",
+          _us(r["linear_nograd"]), _us(r["head_nograd"]), f"{r['head_nograd'] / r['linear_nograd']:.2f}x"]
+         for r in rows])
 
 
 def clustered_rows(device: str, rounds: int, min_run_time: float):
@@ -202,14 +210,12 @@ def wide_factor_rows(device: str, rounds: int, min_run_time: float):
 
 
 def render_wide_factor(rows) -> str:
-    us = lambda t: f"{t * 1e6:.0f}"  # noqa: E731
-    lines = ["| B, C, D | (B + C)/D + B·C/D² | Linear+CE µs | Cholesky µs | ratio | wide µs | ratio | "
-             "Cholesky / wide | the head takes |", "|" + "---|" * 9]
-    for r in rows:
-        lines.append(f"| {', '.join(map(str, r['size']))} | {r['cost']:.2f} | {us(r['linear_ce'])} | "
-                     f"{us(r['cholesky'])} | {r['cholesky'] / r['linear_ce']:.2f}x | {us(r['wide'])} | "
-                     f"{r['wide'] / r['linear_ce']:.2f}x | {r['cholesky'] / r['wide']:.2f} | {r['chosen']} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["B, C, D", "(B + C)/D + B·C/D²", "Linear+CE µs", "Cholesky µs", "ratio", "wide µs", "ratio", "Cholesky / wide",
+         "the head takes"],
+        [[", ".join(map(str, r["size"])), f"{r['cost']:.2f}", _us(r["linear_ce"]), _us(r["cholesky"]),
+          f"{r['cholesky'] / r['linear_ce']:.2f}x", _us(r["wide"]), f"{r['wide'] / r['linear_ce']:.2f}x",
+          f"{r['cholesky'] / r['wide']:.2f}", r["chosen"]] for r in rows])
 
 
 def main(argv=None):
