@@ -471,3 +471,12 @@ def test_wide_factor_is_taken_where_it_pays(monkeypatch):
         assert err <= 1e-6, f"{name}: logits {err:.2e} from the float64 reference"
     for what, a, b in zip(["x", "mu", "L"], results["wide"][1], results["cholesky"][1]):
         assert_norm_close(a, b, 1e-4, what)
+    # non-finite features: the same limits with either factor (−inf logits for an infinite coordinate, NaN rows)
+    xb = torch.randn(4, 64)
+    xb[1, 2], xb[2, 3], xb[3, 0] = float("inf"), float("nan"), -float("inf")
+    outs = []
+    for bound in (float("inf"), 0.0):
+        monkeypatch.setattr(head_module, "WIDE_FACTOR_MAX_COST", bound)
+        outs.append(head(xb.clone().requires_grad_()).detach())
+    assert torch.isfinite(outs[0][0]).all() and (outs[0][[1, 3]] == -float("inf")).all() and outs[0][2].isnan().all()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=0, equal_nan=True)
