@@ -1,10 +1,15 @@
 // The FAIMHead's metric operands from its raw parameters, in one op (CPU):
-//   faim_kernels::head_metric(sigma, lmbda, scale, full, eps, wide=False) -> (lc, lam, gamma, factor64)
+//   faim_kernels::head_metric(sigma, lmbda, scale, full, eps, wide=False, through_gram=False)
+//       -> (lc, lam, gamma, factor64)
 //     full = false: sigma = log_sigma_diag [D],  lc = sqrt(exp(sigma) + eps)          (Sigma = diag(lc²))
 //     full = true:  sigma = L [D, D],            lc = cholesky(tril(L)·tril(L)ᵀ + eps·I), formed in float64
 //     full, wide:   sigma = L [D, D],            lc = [tril(L) | sqrt(eps)·I]  [D, 2D]  (lc·lcᵀ = Sigma too)
 //     lam = |lmbda|, gamma = |scale|, with the derivative of |v| taken as +1 at v = 0 (so a head
 //     started at λ = 0 can learn λ; faim_kernels/nn/head.py).
+// through_gram (full, not wide): the caller promises that whatever consumes lc depends on it only
+// through lc·lcᵀ (FAIMHead's logits and cross-entropy ops: q = |(x − mu)·lc|²), which allows the
+// cheaper backward of gram_backward_loops below; the default backward is the Cholesky's own, exact
+// for any consumer.
 // lc comes in the compute dtype (float64 for float64 parameters, else float32), lam and gamma in
 // the parameters' dtype; factor64 is the float64 Cholesky factor (full; empty for the diagonal), which
 // the backward reuses instead of factorising again. Why an op: the head's forward used to form these with ~12 small ATen ops
@@ -78,6 +83,8 @@ void solve_upper_transposed(const double* lc, int64_t D, double* B) {
     }
 }
 
+at::Tensor tril_product(const double* M, const double* AT, int64_t D, const at::TensorOptions& options);
+
 // ∂A = tril((G + Gᵀ)·A) with G = lc⁻ᵀ·Φ(lcᵀ·∂lc)·lc⁻¹ (the backward below), all float64 [D, D].
 at::Tensor cholesky_of_gram_backward_loops(const at::Tensor& A, const at::Tensor& lc, const at::Tensor& grad) {
     const int64_t D = A.size(0);
@@ -99,12 +106,35 @@ at::Tensor cholesky_of_gram_backward_loops(const at::Tensor& A, const at::Tensor
     // M = G + Gᵀ, symmetric (xt holds Gᵀ)
     for (int64_t i = 0; i < D; ++i)
         for (int64_t j = 0; j <= i; ++j) w[i * D + j] = w[j * D + i] = xt[i * D + j] + xt[j * D + i];
-    // ∂A_ij = Σ_{k ≥ j} M_ik·A_kj for j ≤ i, 0 above the diagonal
-    at::Tensor dA = at::zeros({D, D}, A.options());
+    return tril_product(w, pAT, D, A.options());
+}
+
+// ∂A = tril(M·A) for a symmetric M [D, D] and A lower triangular (AT = Aᵀ, contiguous): ∂A_ij =
+// Σ_{k ≥ j} M_ik·A_kj for j ≤ i, 0 above the diagonal. float64.
+at::Tensor tril_product(const double* M, const double* AT, int64_t D, const at::TensorOptions& options) {
+    at::Tensor dA = at::zeros({D, D}, options);
     double* pd = dA.data_ptr<double>();
     for (int64_t i = 0; i < D; ++i)
-        for (int64_t j = 0; j <= i; ++j) pd[i * D + j] = dot(w + i * D + j, pAT + j * D + j, D - j);
+        for (int64_t j = 0; j <= i; ++j) pd[i * D + j] = dot(M + i * D + j, AT + j * D + j, D - j);
     return dA;
+}
+
+// The backward for a consumer of lc that depends on it only through Sigma = lc·lcᵀ (through_gram):
+// then ∂lc = (∂Sigma + ∂Sigmaᵀ)·lc, so ∂Sigma's symmetric part is ½·∂lc·lc⁻¹, one triangular solve,
+// and ∂A = tril((X + Xᵀ)/2·A) with X = ∂lc·lc⁻¹ (docs/design.md §2.4). About 0.8·D³ multiply-adds
+// against the Cholesky backward's 1.5·D³ (a second solve and Φ = tril(lcᵀ·∂lc)); the two agree to
+// rounding for such a consumer (tests/test_nn_head_paths.py). All float64 [D, D].
+at::Tensor gram_backward_loops(const at::Tensor& A, const at::Tensor& lc, const at::Tensor& grad) {
+    const int64_t D = A.size(0);
+    const at::Tensor AT = A.t().contiguous();
+    at::Tensor Y = grad.t().contiguous();  // ∂lcᵀ, solved in place into Xᵀ = lc⁻ᵀ·∂lcᵀ
+    double* y = Y.data_ptr<double>();
+    solve_upper_transposed(lc.data_ptr<double>(), D, y);
+    at::Tensor Msym = at::empty({D, D}, A.options());
+    double* w = Msym.data_ptr<double>();
+    for (int64_t i = 0; i < D; ++i)
+        for (int64_t j = 0; j <= i; ++j) w[i * D + j] = w[j * D + i] = 0.5 * (y[i * D + j] + y[j * D + i]);
+    return tril_product(w, AT.data_ptr<double>(), D, A.options());
 }
 
 // Sigma = tril(L)·tril(L)ᵀ + eps·I and its Cholesky factor, float64 (A = tril(L), lc); the same
@@ -157,7 +187,8 @@ at::Tensor wide_factor(const at::Tensor& L, double eps, at::ScalarType ct) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_cpu(const at::Tensor& sigma, const at::Tensor& lmbda,
-                                                               const at::Tensor& scale, bool full, double eps, bool wide) {
+                                                               const at::Tensor& scale, bool full, double eps, bool wide,
+                                                               bool through_gram) {
     TORCH_CHECK(lmbda.dim() == 0 && scale.dim() == 0, "lmbda and scale must be 0-dim tensors");
     TORCH_CHECK(sigma.dim() == (full ? 2 : 1), "sigma must be L [D, D] (full) or log_sigma_diag [D]");
     TORCH_CHECK(!wide || (full && eps > 0), "wide takes a full L and eps > 0 (with eps = 0 the Cholesky factor is as cheap to use)");
@@ -202,17 +233,18 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
    public:
     static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& sigma,
                                                   const at::Tensor& lmbda, const at::Tensor& scale, bool full,
-                                                  double eps, bool wide) {
+                                                  double eps, bool wide, bool through_gram) {
         // Through the dispatcher (not a direct call), so that modes and tracing see one op.
         static auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("faim_kernels::head_metric", "")
                              .typed<decltype(head_metric_cpu)>();
         at::AutoDispatchBelowADInplaceOrView guard;
-        auto [lc, lam, gamma, factor64] = op.call(sigma, lmbda, scale, full, eps, wide);
+        auto [lc, lam, gamma, factor64] = op.call(sigma, lmbda, scale, full, eps, wide, through_gram);
         ctx->save_for_backward({sigma, lmbda, scale, factor64});
         ctx->mark_non_differentiable({factor64});
         ctx->saved_data["full"] = full;
         ctx->saved_data["wide"] = wide;
+        ctx->saved_data["through_gram"] = through_gram;
         ctx->saved_data["eps"] = eps;
         ctx->set_materialize_grads(false);
         return {lc, lam, gamma, factor64};
@@ -240,7 +272,16 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
             dsigma = out.to(sigma.scalar_type());
         } else if (grads[0].defined() && ctx->needs_input_grad(0)) {
             const at::Tensor g = grads[0].to(at::kDouble);
-            if (full) {
+            if (full && ctx->saved_data["through_gram"].toBool()) {
+                const at::Tensor A = sigma.detach().to(at::kDouble).tril().contiguous();
+                if (A.size(0) <= LOOP_CHOLESKY_MAX_D) {
+                    dsigma = gram_backward_loops(A, Lc.contiguous(), g.contiguous()).to(sigma.scalar_type());
+                } else {
+                    // X = ∂lc·Lc⁻¹, as Xᵀ = Lc⁻ᵀ·∂lcᵀ (an upper solve); ∂A = tril((X + Xᵀ)/2·A).
+                    const at::Tensor XT = at::linalg_solve_triangular(Lc.t(), g.t(), /*upper=*/true);
+                    dsigma = at::matmul((XT + XT.t()) * 0.5, A).tril().to(sigma.scalar_type());
+                }
+            } else if (full) {
                 const at::Tensor A = sigma.detach().to(at::kDouble).tril().contiguous();
                 if (A.size(0) <= LOOP_CHOLESKY_MAX_D) {
                     dsigma = cholesky_of_gram_backward_loops(A, Lc.contiguous(), g.contiguous()).to(sigma.scalar_type());
@@ -275,13 +316,14 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
         };
         if (grads[1].defined() && ctx->needs_input_grad(1)) dlmbda = through_abs(grads[1], lmbda.detach());
         if (grads[2].defined() && ctx->needs_input_grad(2)) dscale = through_abs(grads[2], scale.detach());
-        return {dsigma, dlmbda, dscale, at::Tensor(), at::Tensor(), at::Tensor()};  // no gradient flows from factor64
+        return {dsigma, dlmbda, dscale, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};  // none from factor64
     }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_autograd_cpu(
-    const at::Tensor& sigma, const at::Tensor& lmbda, const at::Tensor& scale, bool full, double eps, bool wide) {
-    const auto out = HeadMetric::apply(sigma, lmbda, scale, full, eps, wide);
+    const at::Tensor& sigma, const at::Tensor& lmbda, const at::Tensor& scale, bool full, double eps, bool wide,
+    bool through_gram) {
+    const auto out = HeadMetric::apply(sigma, lmbda, scale, full, eps, wide, through_gram);
     return {out[0], out[1], out[2], out[3]};
 }
 

@@ -106,6 +106,31 @@ def test_head_metric_full_factor_matches_torch_cholesky(D, dtype):
     assert torch.equal(torch.triu(grad, 1), torch.zeros_like(grad))
 
 
+@pytest.mark.parametrize("D", [6, 130], ids=["loops", "lapack"])
+def test_head_metric_through_gram_backward(D):
+    """head_metric(..., through_gram=True): for a consumer of lc that depends on it only through
+    lc·lcᵀ (as FAIMHead's ops do), the cheaper backward (one triangular solve) gives the Cholesky
+    backward's gradient; gradcheck through such a consumer (D = 6); the forward is unchanged."""
+    fk._cpp_loader.load()
+    torch.manual_seed(0)
+    L = torch.eye(D, dtype=torch.float64) + 0.3 * torch.randn(D, D, dtype=torch.float64) / D ** 0.5
+    W = torch.randn(D, D, dtype=torch.float64)
+    one = torch.tensor(1.0, dtype=torch.float64)
+
+    def gram_consumer(L, through_gram):
+        lc = contract.head_metric_op(L, one, one, True, 1e-3, False, through_gram)[0]
+        return ((lc @ lc.T) * W).sum() + (lc @ lc.T).diagonal().square().sum()
+    grads = []
+    for through_gram in (False, True):
+        Lg = L.clone().requires_grad_()
+        grads.append(torch.autograd.grad(gram_consumer(Lg, through_gram), Lg)[0])
+    assert_norm_close(grads[1], grads[0], 1e-12, "∂L")
+    assert torch.equal(contract.head_metric_op(L, one, one, True, 1e-3, False, True)[0],
+                       contract.head_metric_op(L, one, one, True, 1e-3)[0])
+    if D <= 8:
+        assert torch.autograd.gradcheck(lambda L: gram_consumer(L, True), [L.clone().requires_grad_()])
+
+
 @pytest.mark.parametrize("D", [8, 129], ids=["loops", "lapack"])
 def test_head_metric_full_factor_refusals(D):
     fk._cpp_loader.load()
@@ -443,8 +468,9 @@ def test_wide_factor_is_taken_where_it_pays(monkeypatch):
         return fast[0].shape[1]
     small, large = fk.FAIMHead(64, 10, full_sigma=True), fk.FAIMHead(128, 1000, full_sigma=True)
     assert factor_width(small, 64) == 128 and factor_width(large, 256) == 128
-    assert factor_width(large, 64) == 128  # (64 + 1000)/128 + 64·1000/128² = 12.2 > 10: Cholesky
-    assert factor_width(large, 8) == 256  # (8 + 1000)/128 + 8·1000/128² = 8.4: wide
+    assert factor_width(large, 64) == 128  # (64 + 1000)/128 + 64·1000/128² = 12.2 > 6: Cholesky
+    assert factor_width(large, 8) == 128  # (8 + 1000)/128 + 8·1000/128² = 8.4 > 6: Cholesky
+    assert factor_width(fk.FAIMHead(256, 1000, full_sigma=True), 8) == 512  # 1008/256 + 8000/256² = 4.1: wide
     assert factor_width(small, 64, grad=False) == 64
     assert small._fast_metric(torch.randn(64, 64))[0].shape == (64, 64)  # not offered: the fused loss
     assert factor_width(fk.FAIMHead(64, 10, full_sigma=True, eps=0.0), 64) == 64

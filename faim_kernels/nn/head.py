@@ -59,11 +59,11 @@ PROTOTYPE_CACHE_BYTES = 64 * 2 ** 20
 # Cholesky) instead of cholesky(tril(L)·tril(L)ᵀ + eps·I) where (B + C)/D + B·C/D² is at most this
 # (FAIMHead._wide_factor_pays). The wide factor doubles the width of the logits' GEMMs and of ∂Lc
 # (about 3·B·C·D + (B + C)·D² extra multiply-adds, float32 BLAS; the kernels form x' and ∂x by
-# blocks) and drops the float64 factorisation and its backward (about 1.5·D³ multiply-adds in plain
-# loops, most of a small full head's step). Measured on 2 threads (bench/RESULTS.md, the wide metric
-# factor): the wide factor is 1.3x-3x faster up to 4.5 ((512, 100, 256), (32, 1000, 256)), about
-# even at 12 ((64, 1000, 128)), and 1.3x slower at 25 ((256, 1000, 128)).
-WIDE_FACTOR_MAX_COST = 10.0
+# blocks) and drops the float64 factorisation and its backward (about D³/3 + 0.8·D³ multiply-adds in
+# plain loops, most of a small full head's step). Measured on 2 threads (bench/RESULTS.md, the wide
+# metric factor): the wide factor is 1.1x-2.2x faster up to 4.5 ((512, 100, 256), (32, 1000, 256)),
+# and the Cholesky factor 1.3x faster from 12 ((64, 1000, 128), (256, 1000, 128)).
+WIDE_FACTOR_MAX_COST = 6.0
 
 
 def _nonneg(v: torch.Tensor) -> torch.Tensor:
@@ -394,7 +394,9 @@ class FAIMHead(_MetricParams):
             return None
         if torch.is_grad_enabled() and (sigma.requires_grad or lmbda.requires_grad or scale.requires_grad):
             wide = wide_ok and self._wide_factor_pays(x)
-            return contract.head_metric_op(sigma / l_scale, lmbda, scale, True, self.eps, wide)[:3]
+            # through_gram: the head's own ops consume lc only through lc·lcᵀ (head_metric's cheaper
+            # Cholesky backward, csrc/head_metric.cpp)
+            return contract.head_metric_op(sigma / l_scale, lmbda, scale, True, self.eps, wide, True)[:3]
         return self._cached_metric(sigma, l_scale, lmbda, scale)
 
     def _wide_factor_pays(self, x) -> bool:

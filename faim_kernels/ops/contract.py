@@ -78,7 +78,8 @@ _LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_target_logit,
             "Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, Tensor target, float eps, float tau, "
             "float margin, Tensor? w_pl=None, Tensor? class_weight=None, Tensor? dense_soft_target=None, "
             "int grad_mask=63) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-_LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps, bool wide=False) "
+_LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps, bool wide=False, "
+            "bool through_gram=False) "
             "-> (Tensor, Tensor, Tensor, Tensor)")
 _LIB.define("randers_prototypes(Tensor mu, Tensor lc, Tensor beta) -> (Tensor, Tensor, Tensor)")
 _LIB.define("randers_logits_prepared(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, "
@@ -148,7 +149,7 @@ def _cross_entropy_backward_fake(w_lse, w_target_logit, w_sl, lse, x, mu, lc, be
 
 
 @torch.library.register_fake(head_metric_op)
-def _head_metric_fake(sigma, lmbda, scale, full, eps, wide=False):
+def _head_metric_fake(sigma, lmbda, scale, full, eps, wide=False, through_gram=False):
     compute = torch.float64 if sigma.dtype == torch.float64 else torch.float32
     D = sigma.shape[0]
     lc_shape = ((D, 2 * D) if wide else (D, D)) if full else (D,)
