@@ -272,8 +272,9 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
             dsigma = out.to(sigma.scalar_type());
         } else if (grads[0].defined() && ctx->needs_input_grad(0)) {
             const at::Tensor g = grads[0].to(at::kDouble);
+            // A = tril(L) in float64, for either full backward
+            const at::Tensor A = full ? sigma.detach().to(at::kDouble).tril().contiguous() : at::Tensor();
             if (full && ctx->saved_data["through_gram"].toBool()) {
-                const at::Tensor A = sigma.detach().to(at::kDouble).tril().contiguous();
                 if (A.size(0) <= LOOP_CHOLESKY_MAX_D) {
                     dsigma = gram_backward_loops(A, Lc.contiguous(), g.contiguous()).to(sigma.scalar_type());
                 } else {
@@ -282,7 +283,6 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
                     dsigma = at::matmul((XT + XT.t()) * 0.5, A).tril().to(sigma.scalar_type());
                 }
             } else if (full) {
-                const at::Tensor A = sigma.detach().to(at::kDouble).tril().contiguous();
                 if (A.size(0) <= LOOP_CHOLESKY_MAX_D) {
                     dsigma = cholesky_of_gram_backward_loops(A, Lc.contiguous(), g.contiguous()).to(sigma.scalar_type());
                 } else {

@@ -38,7 +38,7 @@ struct Operands {
     const T* mu;                // [C, D] raw mu
     const T* lc;                // [D] or [D, K] metric factor (K = D but for the logits ops' wide factor)
     const T* beta = nullptr;    // [D] the 1-form: near pairs take s = beta·(x_b − mu_c) from the difference
-    bool full;                  // lc is [D, D]
+    bool full;                  // lc is [D, K] (a matrix; [D] for a diagonal factor)
     bool lower = false;         // a full lc (its A block if wide) is lower triangular: near pairs skip its zeros
     std::vector<T> xnorm, munorm;  // |x'_b|², |mu'_c|²
     // sx, smu split into hi + lo parts in T: s = (sx_hi − smu_hi) + (sx_lo − smu_lo) keeps the
