@@ -176,11 +176,14 @@ void row_dots(const CEProblem<T>& pb, ClassTile<T>& tile, int64_t r0, int64_t nr
 // exp(v) for v <= 0 (every exponent here is a logit minus a running max or minus lse) as
 // plain arithmetic the compiler vectorises, unlike std::exp: 2^n·e^r with r = v − n·ln2,
 // |r| <= ln2/2, and e^r from its Taylor series to r^7 (truncation below 1e-8 relative, under
-// float's half-ulp). v < −80 gives 0; NaN stays NaN. float64 uses std::exp.
+// float's half-ulp). v < −80 gives 0; NaN stays NaN. The two limits are bit masks, not selects:
+// GCC 12 left a select on NaN as a branch, and the whole loop then ran one lane at a time.
+// float64 uses std::exp.
 inline float exp_nonpositive(float v) {
     const float t = v < -80.0f ? -80.0f : v;
-    const float n = float(int(t * 1.44269504f - 0.5f));  // round(t/ln2) for t <= 0, in [−116, 0]
-    const float r = (t - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 = 0.693359375 − 2.1219444e-4
+    const int32_t n = int32_t(t * 1.44269504f - 0.5f);  // round(t/ln2) for t <= 0, in [−116, 0]
+    const float nf = float(n);
+    const float r = (t - nf * 0.693359375f) + nf * 2.12194440e-4f;  // ln2 = 0.693359375 − 2.1219444e-4
     float p = 1.0f / 5040;
     p = p * r + 1.0f / 720;
     p = p * r + 1.0f / 120;
@@ -189,13 +192,16 @@ inline float exp_nonpositive(float v) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    int32_t bits;
+    int32_t bits, v_bits;
     std::memcpy(&bits, &p, 4);
-    bits += int32_t(n) << 23;  // p·2^n, a normal number for n >= −116
+    std::memcpy(&v_bits, &v, 4);
+    const int32_t in_range = -int32_t(v >= -80.0f);  // all ones, else 0 (NaN too)
+    const int32_t is_nan = -int32_t(v != v);
+    // p·2^n (a normal number for n >= −116); e^−80 = 2e-35: nothing next to the row's total of at least 1
+    bits = ((bits + (n << 23)) & in_range) | (v_bits & is_nan);
     float out;
     std::memcpy(&out, &bits, 4);
-    out = v < -80.0f ? 0.0f : out;  // e^−80 = 2e-35: nothing next to the row's total of at least 1
-    return v == v ? out : v;
+    return out;
 }
 inline double exp_nonpositive(double v) { return std::exp(v); }
 
@@ -288,6 +294,15 @@ void clear_targets(const std::vector<int64_t>& cols, std::vector<char>& is_t) {
         if (j >= 0) is_t[j] = 0;
 }
 
+// The number of near pairs in a row segment's flags (one vector loop).
+template <typename T>
+T count_near(const T* __restrict__ near, int64_t n) {
+    T total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < n; ++j) total += near[j];
+    return total;
+}
+
 // The forward's per-chunk row statistics [n_cc, B]: each chunk keeps, per row, an online
 // logsumexp (running max and Σ exp(l − max), as in flash attention), Σ v·logits and (with a dense
 // soft target) Σ v·P·logits over its classes; ce_merge_chunks merges them in chunk order.
@@ -325,15 +340,18 @@ void ce_forward_row(const CEProblem<T>& pb, int64_t cc, int64_t b, const T* dots
     const T g = T(pb.gamma), margin = T(pb.margin);
     RowWork<T>& w = sc.w;
     row_terms(in, b, c0, nc, dots, w);
-    T* l = w.logit.data();
-    for (int64_t j = 0; j < nc; ++j) l[j] = -g * w.d[j];  // Eq. 3
+    T* __restrict__ l = w.logit.data();
+    const T* __restrict__ dist = w.d.data();
+    for (int64_t j = 0; j < nc; ++j) l[j] = -g * dist[j];  // Eq. 3
     // Near pairs, and the target pairs always, from the raw difference (docs/design.md §2.1, near pairs): the target
-    // logits and the margin, which dominate the loss, are exact.
-    mark_targets(pb, b, c0, nc, sc.cols, sc.is_t);
-    for (int64_t j = 0; j < nc; ++j)
-        if (w.near[j] != T(0) || sc.is_t[j])
-            l[j] = -g * (recompute_near_pair(in, b, c0 + j, sc.acc.data(), (T*)nullptr).d +
-                         (sc.is_t[j] ? margin : T(0)));
+    // logits and the margin, which dominate the loss, are exact. The scalar scan runs only in a row
+    // segment that has one (most segments have neither).
+    const bool any_target = mark_targets(pb, b, c0, nc, sc.cols, sc.is_t);
+    if (any_target || count_near(w.near.data(), nc) != T(0))
+        for (int64_t j = 0; j < nc; ++j)
+            if (w.near[j] != T(0) || sc.is_t[j])
+                l[j] = -g * (recompute_near_pair(in, b, c0 + j, sc.acc.data(), (T*)nullptr).d +
+                             (sc.is_t[j] ? margin : T(0)));
     for (int64_t k = 0; k < K; ++k)
         if (sc.cols[k] >= 0) target_logit[b * K + k] = double(l[sc.cols[k]]);
     clear_targets<T>(sc.cols, sc.is_t);
@@ -352,7 +370,7 @@ void ce_forward_row(const CEProblem<T>& pb, int64_t cc, int64_t b, const T* dots
         m = double(mx);
     }
     const T mt = T(m);  // m is a logit: exact in T
-    T* e = w.e.data();
+    T* __restrict__ e = w.e.data();
     for (int64_t j = 0; j < nc; ++j) e[j] = exp_nonpositive(T(l[j] - mt));
     sum += sum_to_double(e, nc);
 }
@@ -497,7 +515,8 @@ void ce_near_pairs(const CEProblem<T>& pb, const RowWeights& rw, int64_t b, int6
     const double lse_b = rw.lse[b];
     RowWork<T>& w = sc.w;
     T *G = w.G.data(), *H = w.H.data(), *R = w.R.data(), *d = w.d.data();
-    mark_targets(pb, b, c0, nc, sc.cols, sc.is_t);
+    const bool any_target = mark_targets(pb, b, c0, nc, sc.cols, sc.is_t);
+    if (!any_target && count_near(w.near.data(), nc) == T(0)) return;  // is_t is all zero
     for (int64_t j = 0; j < nc; ++j) {
         if (w.near[j] == T(0) && !sc.is_t[j]) continue;
         const Pair<T> pr = recompute_near_pair(in, b, c0 + j, sc.acc.data(), sc.diffp.data());

@@ -94,7 +94,7 @@ void logits_epilogue(const Operands<T>& in, double gamma, T* out) {
                 const T norms = xn + mn[j];
                 const T q = norms - T(2) * row[j];
                 const T s = (sxh - smh[j]) + (sxl - sml[j]);
-                near[j] = is_near_pair(q, norms, tau) || s_cancels(s, sxh, smh[j]) ? T(1) : T(0);
+                near[j] = (is_near_pair(q, norms, tau) | s_cancels(s, sxh, smh[j])) ? T(1) : T(0);
                 n_near += near[j];
                 row[j] = neg_gamma * (std::sqrt((q < T(0) ? T(0) : q) + eps) + lam * std::sqrt(s * s + eps));
             }
@@ -360,7 +360,7 @@ SegmentSums<T> far_pair_terms(const Operands<T>& in, const BackwardScalars<T>& k
         const T r = std::sqrt(s * s + eps);
         const T d = ds * lv[j];
         const T a = d - lam * r;
-        nf[j] = is_near_pair(a * a - eps, xn + mn[j], tau) || s_cancels(s, sxh, smh[j]) ? T(1) : T(0);
+        nf[j] = (is_near_pair(a * a - eps, xn + mn[j], tau) | s_cancels(s, sxh, smh[j])) ? T(1) : T(0);
         const T H = -g * gv[j];
         const T p = a > T(0) ? H / a : T(0);  // eps = 0 at an exact hit: subgradient 0
         const T R = r > T(0) ? H * lam * s / r : T(0);

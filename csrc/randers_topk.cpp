@@ -198,7 +198,7 @@ RowSummary<T> row_keys(const Operands<T>& in, int64_t b, int64_t c0, int64_t nc,
         const T norms = xn + mn[j];
         const T q = norms - T(2) * key[j];
         const T s = (sxh - smh[j]) + (sxl - sml[j]);
-        near[j] = is_near_pair(q, norms, tau) || s_cancels(s, sxh, smh[j]) ? T(1) : T(0);
+        near[j] = (is_near_pair(q, norms, tau) | s_cancels(s, sxh, smh[j])) ? T(1) : T(0);
         n_near += near[j];
         const T v = sign * (std::sqrt((q < T(0) ? T(0) : q) + eps) + lam * std::sqrt(s * s + eps));
         key[j] = v;
