@@ -120,9 +120,21 @@ at::Tensor center_of(const at::Tensor& mu) {
     return m;
 }
 
+// row·b in float64 with eight independent accumulators in a fixed order (deterministic), a shape
+// the compiler turns into full-width vector code (one running sum is a chain of dependent adds).
+template <typename T>
+inline double dot64(const T* __restrict__ row, const double* __restrict__ b, int64_t D) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k = 0;
+    for (; k + 8 <= D; k += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += double(row[k + j]) * b[k + j];
+    double tail = 0;
+    for (; k < D; ++k) tail += double(row[k]) * b[k];
+    return (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) + tail;
+}
+
 // s[i] = v_i·beta in float64 (s = sx − smu then cancels harmlessly, docs/design.md §2.1 (near pairs)), row by row: no
-// float64 copy of v. Eight independent accumulators in a fixed order (deterministic), a shape the
-// compiler turns into full-width vector code (the plain loop became a gather across rows).
+// float64 copy of v (the plain loop across rows became a gather).
 template <typename T>
 void row_dots64(const at::Tensor& v, const T* beta, double* s) {
     const int64_t n = v.size(0), D = v.size(1);
@@ -130,16 +142,7 @@ void row_dots64(const at::Tensor& v, const T* beta, double* s) {
     std::vector<double> beta64(beta, beta + D);
     const double* b = beta64.data();
     at::parallel_for(0, n, 256, [p, b, s, D](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            const T* __restrict__ row = p + i * D;
-            double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            int64_t k = 0;
-            for (; k + 8 <= D; k += 8)
-                for (int j = 0; j < 8; ++j) acc[j] += double(row[k + j]) * b[k + j];
-            double tail = 0;
-            for (; k < D; ++k) tail += double(row[k]) * b[k];
-            s[i] = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) + tail;
-        }
+        for (int64_t i = begin; i < end; ++i) s[i] = dot64(p + i * D, b, D);
     });
 }
 

@@ -54,6 +54,7 @@ struct CEProblem {
     at::Tensor sx, smu;   // [B], [C] float64 x·beta, mu·beta (own in.sx, in.smu)
     const T* center;      // m's data
     const T* beta;        // [D]
+    std::vector<double> beta64;  // beta in float64, for the tiles' smu (dot64)
     const int64_t* target;  // [B, K] class indices in [0, C); anything else: no target class in this op's classes
     int64_t K = 1;          // targets per row (1: class labels; k: the compact probability target)
     const T* cw = nullptr;  // [C] class weights v_c, or null (v = 1)
@@ -101,6 +102,7 @@ CEProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& 
     in.tau = tau;
     pb.center = pb.m.template data_ptr<T>();
     pb.beta = beta.data_ptr<T>();
+    pb.beta64.assign(pb.beta, pb.beta + beta.numel());
     pb.target = target.data_ptr<int64_t>();
     pb.K = target.dim() == 2 ? target.size(1) : 1;
     pb.gamma = gamma.item<double>();
@@ -138,15 +140,13 @@ struct ClassTile {
         double* smu = const_cast<double*>(in.smu) + c0;
         T* smu_hi = const_cast<T*>(in.smu_hi.data()) + c0;
         T* smu_lo = const_cast<T*>(in.smu_lo.data()) + c0;
+        const T* __restrict__ center = pb.center;
         for (int64_t j = 0; j < nc; ++j) {
-            const T* row = in.mu + (c0 + j) * D;
-            double s = 0;
-            for (int64_t k = 0; k < D; ++k) {
-                cent[j * D + k] = row[k] - pb.center[k];
-                s += double(row[k]) * double(pb.beta[k]);
-            }
-            smu[j] = s;
-            split_hi_lo(s, smu_hi[j], smu_lo[j]);
+            const T* __restrict__ row = in.mu + (c0 + j) * D;
+            T* __restrict__ out = cent.data() + j * D;
+            for (int64_t k = 0; k < D; ++k) out[k] = row[k] - center[k];
+            smu[j] = dot64(row, pb.beta64.data(), D);  // as the logits op's row_dots64
+            split_hi_lo(smu[j], smu_hi[j], smu_lo[j]);
         }
         if (in.full) {
             at::Tensor out = at::from_blob(mup.data(), {nc, D}, pb.lc.options());
@@ -156,8 +156,10 @@ struct ClassTile {
                 for (int64_t k = 0; k < D; ++k) mup[j * D + k] = cent[j * D + k] * in.lc[k];
         }
         for (int64_t j = 0; j < nc; ++j) {
+            const T* __restrict__ row = mup.data() + j * D;
             double n = 0;
-            for (int64_t k = 0; k < D; ++k) n += double(mup[j * D + k]) * double(mup[j * D + k]);
+#pragma omp simd reduction(+ : n)  // as the logits op's row_sq_norms
+            for (int64_t k = 0; k < D; ++k) n += double(row[k]) * double(row[k]);
             norm[j] = T(n);
         }
     }

@@ -49,9 +49,13 @@ DEFAULT_SCALE = 10.0    # γ at the start (the reference design's; measured: doc
 FULL_L_SCALE = 3.0
 # head.loss forms the [B, C] logits and calls F.cross_entropy up to this size (one [B, C] array in
 # the compute dtype), and runs the fused cross-entropy beyond it (FAIMHead._loss_through_logits).
-# 32 MiB: (512, 4096) and (1024, 8192) float32 logits take the faster path; (256, 100000) keeps the
-# fused kernels' memory (about 5x less than nn.Linear + F.cross_entropy there).
-LOSS_VIA_LOGITS_BYTES = 32 * 2 ** 20
+# 24 MiB, where the two paths measured even (CPU, 2 threads, float32, D = 128, diagonal Σ: 1.29x
+# against 1.32x nn.Linear + CE at (768, 8192); full Σ 1.22x against 1.41x). At 16 MiB the logits
+# path was faster (1.05x against 1.37x at (1024, 4096, 256)); at 32 MiB the fused one (0.88x
+# against 1.23x at (1024, 8192, 128)): beyond the caches, each pass over a [B, C] array, of
+# F.cross_entropy's and of the logits' backward, costs more than the fused kernels' extra product.
+# (256, 100000) keeps the fused kernels' memory (about 5x less than nn.Linear + F.cross_entropy).
+LOSS_VIA_LOGITS_BYTES = 24 * 2 ** 20
 # The largest mu (bytes) whose prepared prototypes a full-L head keeps for its no_grad calls: the cache
 # holds a snapshot of mu and mu' (FAIMHead._cached_prototypes).
 PROTOTYPE_CACHE_BYTES = 64 * 2 ** 20
