@@ -156,6 +156,35 @@ def test_nan_stays_in_its_row(backend, device):
     assert_rel_close(out[keep], ref[keep], 1e-10)
 
 
+@FULL
+def test_float32_exponent_limits(backend, device, full):
+    """float32's exponentials (the C++ kernels' vectorised exp_nonpositive, bit masks for its
+    limits): a large γ spreads each row's logits over hundreds of units, so most softmax terms lie
+    below e^−80 (flushed to 0) while the loss and all six gradients stay within float32 tolerance of
+    the float64 reference; then a NaN feature makes its own row's loss NaN and no other row's."""
+    x, mu, L, beta, lam, _ = make_inputs(12, 37, 5, full=full, dtype=torch.float64, device=device, seed=3)
+    gamma = torch.tensor(60.0, dtype=torch.float64, device=device)
+    target = random_targets(12, 37, seed=3, device=device)
+    logits = fk.reference.randers_logits(x, mu, L, beta, lam, gamma)
+    assert (logits.max(dim=1).values - logits.min(dim=1).values > 200).all(), "softmax terms below e^-80"
+    inputs32 = [t.float().requires_grad_() for t in (x, mu, L, beta, lam, gamma)]
+    inputs64 = [t.clone().requires_grad_() for t in (x, mu, L, beta, lam, gamma)]
+    out = fk.randers_cross_entropy(*inputs32, target, reduction="none", backend=backend)
+    ref = fk.reference.randers_cross_entropy(*inputs64, target, reduction="none")
+    assert_rel_close(out, ref, 1e-4, "loss")
+    out.sum().backward()
+    ref.sum().backward()
+    for name, a, b in zip(("x", "mu", "L", "beta", "lam", "gamma"), inputs32, inputs64):
+        assert_norm_close(a.grad, b.grad, 1e-3, f"d/d{name}")
+    x[4, 2] = float("nan")
+    out = fk.randers_cross_entropy(*[t.float() for t in (x, mu, L, beta, lam, gamma)], target, reduction="none",
+                                   backend=backend)
+    ref = fk.reference.randers_cross_entropy(x, mu, L, beta, lam, gamma, target, reduction="none")
+    assert out[4].isnan() and ref[4].isnan()
+    keep = torch.arange(12, device=device) != 4
+    assert_rel_close(out[keep], ref[keep], 1e-4, "loss beside the NaN row")
+
+
 def test_python_float_lam_gamma_and_deterministic(backend, device):
     """Two runs give the same loss and gradients to the bit, with λ, γ as Python floats and as
     tensors (then their gradients too); the loss matches the float64 reference within 1e-5."""
