@@ -195,6 +195,28 @@ def test_loss_through_logits_matches_fused(monkeypatch, full, options):
         assert_norm_close(g, r, 1e-10)
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["diagonal", "full"])
+def test_loss_plain_call_is_cross_entropy_of_forward(monkeypatch, full):
+    """The common call, [B, D] features and [B] int64 indices without options, takes head.loss's
+    first branch: bit for bit F.cross_entropy(head(x), y), value and gradients, and the same as the
+    fused cross-entropy to float64 rounding; a target of the wrong length still gets the shape error."""
+    head = randomised_head(12, 6, full, torch.float64)
+    x = torch.randn(8, 12, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 6, (8,))
+    loss, g_loss = head.loss(x, y), grads_of(head, x, lambda: head.loss(x, y))
+    direct, g_direct = F.cross_entropy(head(x), y), grads_of(head, x, lambda: F.cross_entropy(head(x), y))
+    assert torch.equal(loss, direct)
+    for g, r in zip(g_loss, g_direct):
+        assert torch.equal(g, r)
+    monkeypatch.setattr(head_module, "LOSS_VIA_LOGITS_BYTES", 0)
+    fused, g_fused = head.loss(x, y), grads_of(head, x, lambda: head.loss(x, y))
+    assert abs(loss.item() - fused.item()) <= 1e-12 * abs(fused.item())
+    for g, r in zip(g_loss, g_fused):
+        assert_norm_close(g, r, 1e-10)
+    with pytest.raises(ValueError, match="target must have shape"):
+        head.loss(x, y[:5])
+
+
 def test_loss_through_logits_keeps_shape_checks_and_probability_targets():
     head = randomised_head(8, 5, False, torch.float32)
     x = torch.randn(3, 2, 8)
