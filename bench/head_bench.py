@@ -20,7 +20,8 @@ on a noisy machine (bench/measure.py's best_of_rounds).
 
     python -m bench.head_bench                          # the module table (CPU, the C++ kernels)
     python -m bench.head_bench --clustered              # trained-model data against independent draws
-    python -m bench.head_bench --large                  # head.loss at (256, 100000, 128), time and memory
+    python -m bench.head_bench --large                  # head.loss at (256, 100000, 128), time and memory,
+                                                        # against nn.Linear + CE and F.cross_entropy(head(x), y)
     python -m bench.head_bench --wide-factor            # a full head's step: Cholesky against the wide factor
     python -m bench.head_bench --all --write-results    # all three; rewrites their sections of RESULTS.md
     python -m bench.head_bench --device cuda --all --write-results   # the same on a GPU (Triton)
@@ -170,7 +171,8 @@ def large_row(device: str, rounds: int, min_run_time: float):
     B, C, D = LARGE
     head, linear, x, y = make_problem(B, C, D, False, device)
     t = best_of_rounds({"linear_ce": train_step(linear, lambda: F.cross_entropy(linear(x), y), x),
-                        "head_loss": train_step(head, lambda: head.loss(x, y), x)}, rounds, min_run_time)
+                        "head_loss": train_step(head, lambda: head.loss(x, y), x),
+                        "head_ce": train_step(head, lambda: F.cross_entropy(head(x), y), x)}, rounds, min_run_time)
     return dict(size=LARGE, **t, mem_head=_peak_probe("head_loss", device), mem_linear=_peak_probe("linear_ce", device))
 
 
@@ -178,7 +180,9 @@ def render_large(r) -> str:
     mib = lambda b: f"{b / 2 ** 20:.0f}"  # noqa: E731
     B, C, D = r["size"]
     return (f"head.loss at ({B}, {C}, {D}), diagonal Σ, forward + backward: {r['head_loss'] * 1e3:.1f} ms against "
-            f"{r['linear_ce'] * 1e3:.1f} ms for nn.Linear + F.cross_entropy ({r['head_loss'] / r['linear_ce']:.2f}x); "
+            f"{r['linear_ce'] * 1e3:.1f} ms for nn.Linear + F.cross_entropy ({r['head_loss'] / r['linear_ce']:.2f}x) "
+            f"and {r['head_ce'] * 1e3:.1f} ms for F.cross_entropy(head(x), y) "
+            f"({r['head_ce'] / r['linear_ce']:.2f}x); "
             f"peak extra memory {mib(r['mem_head'])} MiB against {mib(r['mem_linear'])} MiB "
             f"({r['mem_head'] / max(r['mem_linear'], 1):.2f}x).")
 
