@@ -3,7 +3,8 @@ measures through it, so that two tables of this directory always mean the same t
 
 Time
     median_seconds(fn, min_run_time, device)   median seconds per call: torch.utils.benchmark's
-        blocked_autorange on CPU, triton.testing.do_bench (CUDA events) on CUDA. The first call is
+        blocked_autorange on CPU (on torch.get_num_threads() threads: the Timer's own default is
+        one), triton.testing.do_bench (CUDA events) on CUDA. The first call is
         run untimed (kernel loading, compilation, autotuning). min_run_time <= 0 on CPU: one timed
         call (for calls that take seconds each).
     quantiles_ms(fn, device)                    (median, 20th, 80th percentile) in milliseconds.
@@ -66,7 +67,11 @@ def median_seconds(fn, min_run_time: float = 1.0, device: str = "cpu", warmup: b
         fn()
         return time.perf_counter() - t0
     from torch.utils.benchmark import Timer
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    # num_threads: the Timer runs its statement on ONE thread unless told otherwise (its default is
+    # 1, whatever torch.get_num_threads() says). Until 2026-12-07 this call left the default, so every
+    # CPU table of bench/ timed one thread while its header named the process's thread count.
+    return Timer(stmt="fn()", globals={"fn": fn},
+                 num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time).median
 
 
 def quantiles_ms(fn, device: str = "cpu", cpu_runs: int = 3) -> tuple[float, float, float]:
