@@ -65,8 +65,9 @@ PROTOTYPE_CACHE_BYTES = 64 * 2 ** 20
 # (about 3·B·C·D + (B + C)·D² extra multiply-adds, float32 BLAS; the kernels form x' and ∂x by
 # blocks) and drops the float64 factorisation and its backward (about D³/3 + 0.8·D³ multiply-adds in
 # plain loops, most of a small full head's step). Measured on 2 threads (bench/RESULTS.md, the wide
-# metric factor): the wide factor is 1.1x-2.2x faster up to 4.5 ((512, 100, 256), (32, 1000, 256)),
-# and the Cholesky factor 1.3x faster from 12 ((64, 1000, 128), (256, 1000, 128)).
+# metric factor): the wide factor is 1.2x-2.1x faster up to 4.5 ((512, 100, 256), (32, 1000, 256)),
+# and the Cholesky factor 1.05x-1.3x faster from 12 ((64, 1000, 128), (256, 1000, 128)); on one
+# thread the same table put the bound at the same place.
 WIDE_FACTOR_MAX_COST = 6.0
 
 
