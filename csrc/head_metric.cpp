@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace faim_kernels {
 namespace {
@@ -166,22 +167,30 @@ std::pair<at::Tensor, at::Tensor> full_factor(const at::Tensor& L, double eps) {
 // forward or the backward, at the price of x' and mu' twice as wide (a GEMM of width 2D in the logits
 // op). FAIMHead takes it where B and C are small against D (docs/design.md §2.4, Eq. 23).
 // sqrt(eps) is rounded once to ct: Sigma's ridge is eps·(1 + 2u) instead of eps.
+// L is read in its own dtype (no float64 copy: each entry is exact in double, and the factor is
+// tril(L) itself, rounded once to ct).
 at::Tensor wide_factor(const at::Tensor& L, double eps, at::ScalarType ct) {
     const int64_t D = L.size(0);
-    const at::Tensor L64 = L.detach().to(at::kDouble).contiguous();
-    const double* pl = L64.data_ptr<double>();
+    const at::Tensor Lc = L.detach().contiguous();
     at::Tensor lc = at::zeros({D, 2 * D}, L.options().dtype(ct));
-    AT_DISPATCH_FLOATING_TYPES(ct, "head_metric_wide", [&] {
-        scalar_t* out = lc.data_ptr<scalar_t>();
-        const scalar_t ridge = scalar_t(std::sqrt(eps));
-        for (int64_t i = 0; i < D; ++i) {
-            for (int64_t j = 0; j <= i; ++j) {
-                TORCH_CHECK_VALUE(std::isfinite(pl[i * D + j]), NON_FINITE_L);
-                out[i * 2 * D + j] = scalar_t(pl[i * D + j]);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, Lc.scalar_type(), "head_metric_wide", [&] {
+        const scalar_t* pl = Lc.data_ptr<scalar_t>();
+        auto fill = [&](auto* out) {
+            using out_t = std::remove_pointer_t<decltype(out)>;
+            const out_t ridge = out_t(std::sqrt(eps));
+            for (int64_t i = 0; i < D; ++i) {
+                for (int64_t j = 0; j < D; ++j) {
+                    const double v = double(pl[i * D + j]);
+                    TORCH_CHECK_VALUE(std::isfinite(v), NON_FINITE_L);
+                    if (j <= i) out[i * 2 * D + j] = out_t(v);
+                }
+                out[i * 2 * D + D + i] = ridge;
             }
-            for (int64_t j = i + 1; j < D; ++j) TORCH_CHECK_VALUE(std::isfinite(pl[i * D + j]), NON_FINITE_L);
-            out[i * 2 * D + D + i] = ridge;
-        }
+        };
+        if (ct == at::kDouble)
+            fill(lc.data_ptr<double>());
+        else
+            fill(lc.data_ptr<float>());
     });
     return lc;
 }

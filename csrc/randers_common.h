@@ -419,6 +419,7 @@ template <typename T>
 struct RowTerms {
     std::vector<T> a, r, s, d;
     std::vector<T> near;  // 1 at a near pair, else 0 (T, not bool: one type per loop vectorises)
+    T n_near = 0;         // their number in the last row segment (row_terms)
     explicit RowTerms(int64_t n) : a(n), r(n), s(n), d(n), near(n) {}
 };
 
@@ -436,19 +437,22 @@ void row_terms(const Operands<T>& in, int64_t b, int64_t c0, int64_t nc, const T
     T* __restrict__ near = w.near.data();
     // One vector loop: the two tests are combined with a bitwise | (a short-circuit || is a branch
     // per pair, which kept GCC from vectorising the loop: every square root ran one lane at a time).
-#pragma omp simd
+    T n_near = 0;
+#pragma omp simd reduction(+ : n_near)
     for (int64_t j = 0; j < nc; ++j) {
         const T norms = xn + mn[j];
         T q = norms - T(2) * dots[j];
         const T sj = (sxh - smh[j]) + (sxl - sml[j]);
         s[j] = sj;
         near[j] = (is_near_pair(q, norms, tau) | s_cancels(sj, sxh, smh[j])) ? T(1) : T(0);
+        n_near += near[j];
         q = q < T(0) ? T(0) : q;
         const T aj = std::sqrt(q + eps), rj = std::sqrt(sj * sj + eps);
         a[j] = aj;
         r[j] = rj;
         d[j] = aj + lam * rj;
     }
+    w.n_near = n_near;
 }
 
 // dots[0:nb, 0:nc] = x'[b0:b0+nb] · mu'[c0:c0+nc]ᵀ through ATen's BLAS, into a caller's buffer.

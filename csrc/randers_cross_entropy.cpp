@@ -296,15 +296,6 @@ void clear_targets(const std::vector<int64_t>& cols, std::vector<char>& is_t) {
         if (j >= 0) is_t[j] = 0;
 }
 
-// The number of near pairs in a row segment's flags (one vector loop).
-template <typename T>
-T count_near(const T* __restrict__ near, int64_t n) {
-    T total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < n; ++j) total += near[j];
-    return total;
-}
-
 // The forward's per-chunk row statistics [n_cc, B]: each chunk keeps, per row, an online
 // logsumexp (running max and Σ exp(l − max), as in flash attention), Σ v·logits and (with a dense
 // soft target) Σ v·P·logits over its classes; ce_merge_chunks merges them in chunk order.
@@ -349,7 +340,7 @@ void ce_forward_row(const CEProblem<T>& pb, int64_t cc, int64_t b, const T* dots
     // logits and the margin, which dominate the loss, are exact. The scalar scan runs only in a row
     // segment that has one (most segments have neither).
     const bool any_target = mark_targets(pb, b, c0, nc, sc.cols, sc.is_t);
-    if (any_target || count_near(w.near.data(), nc) != T(0))
+    if (any_target || w.n_near != T(0))
         for (int64_t j = 0; j < nc; ++j)
             if (w.near[j] != T(0) || sc.is_t[j])
                 l[j] = -g * (recompute_near_pair(in, b, c0 + j, sc.acc.data(), (T*)nullptr).d +
@@ -518,7 +509,7 @@ void ce_near_pairs(const CEProblem<T>& pb, const RowWeights& rw, int64_t b, int6
     RowWork<T>& w = sc.w;
     T *G = w.G.data(), *H = w.H.data(), *R = w.R.data(), *d = w.d.data();
     const bool any_target = mark_targets(pb, b, c0, nc, sc.cols, sc.is_t);
-    if (!any_target && count_near(w.near.data(), nc) == T(0)) return;  // is_t is all zero
+    if (!any_target && w.n_near == T(0)) return;  // is_t is all zero
     for (int64_t j = 0; j < nc; ++j) {
         if (w.near[j] == T(0) && !sc.is_t[j]) continue;
         const Pair<T> pr = recompute_near_pair(in, b, c0 + j, sc.acc.data(), sc.diffp.data());

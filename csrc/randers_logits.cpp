@@ -464,9 +464,6 @@ void column_sums(const PairSums<T>& sums, int64_t C, T* colsum_p, double* dsmu) 
     });
 }
 
-// The gradient GEMMs ∂x' = rowsum(P)·x' − P·mu' and ∂mu' = colsum(P)·mu' − Pᵀ·x' (in place after
-// each GEMM: no [C, D] temporary besides the result; only the wanted sides run), then ± p·diff'
-// for the near pairs. P is released as soon as both GEMMs are done.
 // scale_i·v_i − (a·b)_i for the rows i of v [n, K]: the GEMM into a fresh result, then one fused
 // pass for the rank-one part (a broadcast ATen multiply before an addmm_ cost ~10 µs per call at
 // (64, 10, 64), more than the GEMM; this pass ~1 µs).
@@ -489,6 +486,9 @@ at::Tensor scaled_rows_minus_product(const at::Tensor& v, const T* scale, const 
     return out;
 }
 
+// The gradient GEMMs ∂x' = rowsum(P)·x' − P·mu' and ∂mu' = colsum(P)·mu' − Pᵀ·x' (the rank-one part
+// added after each GEMM: no [C, D] temporary besides the result; only the wanted sides run), then
+// ± p·diff' for the near pairs. P is released as soon as both GEMMs are done.
 template <typename T>
 std::pair<at::Tensor, at::Tensor> gradient_gemms(const Operands<T>& in, PairSums<T>& sums, const at::Tensor& colsum_p,
                                                  bool want_xp, bool want_mup) {
