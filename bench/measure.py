@@ -50,6 +50,31 @@ def set_threads(n: int | None) -> int:
     return torch.get_num_threads()
 
 
+_ALLOCATOR_SETTLED = False
+
+
+def settle_host_allocator() -> None:
+    """Frees one 16 MiB block, once per process, before anything is timed.
+
+    Why: glibc's malloc serves blocks of 128 KiB and more with mmap and gives freed memory at the
+    top of its heap back to the kernel, so a step that allocates megabyte buffers may fault every
+    page of them in again on the next step. Its thresholds rise with the largest block the process
+    has freed (its "dynamic mmap threshold"), and which buffers still get returned depends on the
+    order and sizes of every allocation in the process. In a fresh benchmark process that singled
+    out the head: at (256, 1000, 128), diagonal Σ, two threads, the head's training step took ~650
+    page faults and 2.1-2.3 ms per step, nn.Linear + CE's under 10 faults and 1.06 ms; after this
+    call 0.3 faults and 1.6 ms, nn.Linear + CE unchanged. (Behind a small convolutional backbone
+    both heads' steps took 1,400-4,000 faults, most of them the backbone's: docs/usage.md, "CPU
+    training and the allocator".) So the tables compare the kernels' work, not the heap's history;
+    both sides of every comparison run after the same call. The block is never touched, so it
+    costs no memory; peak-memory probes run in fresh processes that time nothing."""
+    global _ALLOCATOR_SETTLED
+    if not _ALLOCATOR_SETTLED:
+        block = torch.empty(16 << 20, dtype=torch.uint8)
+        del block
+        _ALLOCATOR_SETTLED = True
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -57,6 +82,7 @@ def synchronize(device: str) -> None:
 
 def median_seconds(fn, min_run_time: float = 1.0, device: str = "cpu", warmup: bool = True) -> float:
     """Median seconds per call of fn (see the module docstring)."""
+    settle_host_allocator()
     if warmup:
         fn()
     if device == "cuda":
@@ -130,6 +156,7 @@ def fastest_interleaved(calls: dict, rounds: int, clock=time.perf_counter) -> di
     """{name: fastest single call over `rounds`}, the calls alternating within each round, timed by
     `clock` (time.thread_time: the calling thread's CPU time, blind to waiting for a core on a
     loaded machine). Every call runs once first (untimed)."""
+    settle_host_allocator()
     for fn in calls.values():
         fn()
     best = {k: float("inf") for k in calls}
@@ -143,6 +170,7 @@ def fastest_interleaved(calls: dict, rounds: int, clock=time.perf_counter) -> di
 
 def per_call_seconds(fn, calls: int = 300, rounds: int = 7, warmup: int = 20) -> float:
     """Seconds per call: the best of `rounds` loops of `calls` back-to-back calls."""
+    settle_host_allocator()
     for _ in range(warmup):
         fn()
     best = float("inf")

@@ -106,11 +106,13 @@ def test_head_metric_full_factor_matches_torch_cholesky(D, dtype):
     assert torch.equal(torch.triu(grad, 1), torch.zeros_like(grad))
 
 
-@pytest.mark.parametrize("D", [6, 130], ids=["loops", "lapack"])
+@pytest.mark.parametrize("D", [6, 64, 130], ids=["loops", "lapack", "lapack-factor"])
 def test_head_metric_through_gram_backward(D):
     """head_metric(..., through_gram=True): for a consumer of lc that depends on it only through
     lc·lcᵀ (as FAIMHead's ops do), the cheaper backward (one triangular solve) gives the Cholesky
-    backward's gradient; gradcheck through such a consumer (D = 6); the forward is unchanged."""
+    backward's gradient; gradcheck through such a consumer (D = 6); the forward is unchanged. D = 6
+    runs the backward's loops, 64 its ATen form with the loop-made factor, 130 both through ATen
+    (csrc/head_metric.cpp LOOP_GRAM_BACKWARD_MAX_D, LOOP_CHOLESKY_MAX_D)."""
     fk._cpp_loader.load()
     torch.manual_seed(0)
     L = torch.eye(D, dtype=torch.float64) + 0.3 * torch.randn(D, D, dtype=torch.float64) / D ** 0.5
