@@ -30,8 +30,8 @@ namespace {
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Up to this D the Cholesky factor and its backward run as plain float64 loops here; above it,
-// through ATen (LAPACK). Why: at a small head's D the ~15 ATen calls of the factorisation and its
+// Up to this D the Cholesky factor and its own backward run as plain float64 loops here; above it,
+// through ATen (LAPACK). (The through_gram backward has its own bound, below.) Why: at a small head's D the ~15 ATen calls of the factorisation and its
 // backward (eye, addmm, cholesky, two triangular solves, matmuls, trils, casts) cost several times
 // their ~1.5·D³ multiply-adds, and they were most of a full-Σ training step at (64, 10, 64)
 // (bench/head_breakdown.py). Above the cutoff LAPACK's blocked kernels win (bench/RESULTS.md, the
