@@ -54,7 +54,7 @@ _ALLOCATOR_SETTLED = False
 
 
 def settle_host_allocator() -> None:
-    """Frees one 16 MiB block, once per process, before anything is timed.
+    """Frees one 31 MiB block, once per process, before anything is timed.
 
     Why: glibc's malloc serves blocks of 128 KiB and more with mmap and gives freed memory at the
     top of its heap back to the kernel, so a step that allocates megabyte buffers may fault every
@@ -63,14 +63,17 @@ def settle_host_allocator() -> None:
     order and sizes of every allocation in the process. In a fresh benchmark process that singled
     out the head: at (256, 1000, 128), diagonal Σ, two threads, the head's training step took ~650
     page faults and 2.1-2.3 ms per step, nn.Linear + CE's under 10 faults and 1.06 ms; after this
-    call 0.3 faults and 1.6 ms, nn.Linear + CE unchanged. (Behind a small convolutional backbone
+    call 0.3 faults and 1.6 ms, nn.Linear + CE unchanged. The block is as large as glibc adapts to
+    (its threshold stops rising at 32 MiB): after a 16 MiB block the (512, 4096, 256) step, whose
+    [B, C] buffers are 8 MiB, still took 1,000-1,800 faults (nn.Linear + CE's ~540), after this
+    one under 40 (nn.Linear + CE's none). (Behind a small convolutional backbone
     both heads' steps took 1,400-4,000 faults, most of them the backbone's: docs/usage.md, "CPU
     training and the allocator".) So the tables compare the kernels' work, not the heap's history;
     both sides of every comparison run after the same call. The block is never touched, so it
     costs no memory; peak-memory probes run in fresh processes that time nothing."""
     global _ALLOCATOR_SETTLED
     if not _ALLOCATOR_SETTLED:
-        block = torch.empty(16 << 20, dtype=torch.uint8)
+        block = torch.empty(31 << 20, dtype=torch.uint8)
         del block
         _ALLOCATOR_SETTLED = True
 
