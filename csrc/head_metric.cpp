@@ -243,6 +243,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_cpu(const
             at::empty({0}, sigma.options().dtype(at::kDouble))};
 }
 
+// ∂sigma (the raw metric parameter: L, or log_sigma_diag) from ∂lc, for lc = head_metric's first output:
+// the wide factor's tril(∂lc[:, :D]), the full factor's Cholesky backward (or its through_gram form),
+// or the diagonal's ∂lc·e/(2·sqrt(e + eps)), e = exp(log σ). factor64: the forward's float64 Cholesky
+// factor (full, not wide). Shared by head_metric's backward and head_logits' (below).
+at::Tensor metric_parameter_grad(const at::Tensor& sigma, const at::Tensor& factor64, const at::Tensor& grad, bool full,
+                                 bool wide, bool through_gram, double eps) {
+    const at::Tensor& Lc = factor64;
+    at::Tensor dsigma;
+    if (full && wide) {
+        // lc = [tril(L) | sqrt(eps)·I]: ∂L = tril(∂lc[:, :D]), one copy in the gradient's dtype (the
+        // ridge block takes no gradient).
+        const at::Tensor gc = grad.contiguous();
+        const int64_t D = gc.size(0);
+        at::Tensor out = at::zeros({D, D}, gc.options());
+        AT_DISPATCH_FLOATING_TYPES(gc.scalar_type(), "head_metric_wide_backward", [&] {
+            const scalar_t* gp = gc.data_ptr<scalar_t>();
+            scalar_t* op = out.data_ptr<scalar_t>();
+            for (int64_t i = 0; i < D; ++i)
+                for (int64_t j = 0; j <= i; ++j) op[i * D + j] = gp[i * 2 * D + j];
+        });
+        dsigma = out.to(sigma.scalar_type());
+    } else {
+        const at::Tensor g = grad.to(at::kDouble);
+        // A = tril(L) in float64, for either full backward
+        const at::Tensor A = full ? sigma.detach().to(at::kDouble).tril().contiguous() : at::Tensor();
+        if (full && through_gram) {
+            if (A.size(0) <= LOOP_GRAM_BACKWARD_MAX_D) {
+                dsigma = gram_backward_loops(A, Lc.contiguous(), g.contiguous()).to(sigma.scalar_type());
+            } else {
+                // X = ∂lc·Lc⁻¹, as Xᵀ = Lc⁻ᵀ·∂lcᵀ (an upper solve); ∂A = tril((X + Xᵀ)/2·A).
+                const at::Tensor XT = at::linalg_solve_triangular(Lc.t(), g.t(), /*upper=*/true);
+                dsigma = at::matmul((XT + XT.t()) * 0.5, A).tril().to(sigma.scalar_type());
+            }
+        } else if (full) {
+            if (A.size(0) <= LOOP_CHOLESKY_MAX_D) {
+                dsigma = cholesky_of_gram_backward_loops(A, Lc.contiguous(), g.contiguous()).to(sigma.scalar_type());
+            } else {
+                at::Tensor phi = at::matmul(Lc.t(), g).tril();
+                phi.diagonal().mul_(0.5);
+                // G = Lc⁻ᵀ·Φ·Lc⁻¹: X = Lc⁻ᵀ·Φ (an upper solve), then G = X·Lc⁻¹ = (Lc⁻ᵀ·Xᵀ)ᵀ.
+                const at::Tensor X = at::linalg_solve_triangular(Lc.t(), phi, /*upper=*/true);
+                const at::Tensor G = at::linalg_solve_triangular(Lc.t(), X.t(), /*upper=*/true).t();
+                dsigma = at::matmul(G + G.t(), A).tril().to(sigma.scalar_type());
+            }
+        } else {
+            // ∂log σ_k = ∂lc_k·e_k / (2·sqrt(e_k + eps)), e = exp(log σ): one float64 loop, not the
+            // seven ATen ops (and their allocations) of the expression, a tenth of a small head's step.
+            const at::Tensor v = sigma.detach().contiguous(), gc = g.contiguous();
+            dsigma = at::empty({v.size(0)}, v.options());
+            const double* gp = gc.data_ptr<double>();
+            AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "head_metric_backward", [&] {
+                const scalar_t* vp = v.data_ptr<scalar_t>();
+                scalar_t* out = dsigma.data_ptr<scalar_t>();
+                for (int64_t k = 0; k < v.size(0); ++k) {
+                    const double e = std::exp(double(vp[k]));
+                    out[k] = scalar_t(gp[k] * e / (2.0 * std::sqrt(e + eps)));
+                }
+            });
+        }
+    }
+    return dsigma;
+}
+
+// d|v|/dv = +1 for v >= 0 (1 at 0, where |v| is not differentiable), −1 below (and for NaN): the
+// incoming gradient itself or its negation, one op at most.
+at::Tensor through_abs(const at::Tensor& grad, const at::Tensor& v) {
+    return v.detach().item<double>() >= 0 ? grad : grad.neg();
+}
+
 // Backward: ∂log_sigma_diag = ∂lc·exp(v)/(2·lc); for the full factor, the Cholesky backward
 // (Murray 2016, as PyTorch's own): with Φ(X) = tril(X) with its diagonal halved,
 // ∂Sigma = ½(G + Gᵀ), G = Lc⁻ᵀ·Φ(Lcᵀ·∂Lc)·Lc⁻¹, then ∂L = tril(2·∂Sigma·tril(L)). All in float64.
@@ -274,65 +343,11 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
         const bool full = ctx->saved_data["full"].toBool();
         const double eps = ctx->saved_data["eps"].toDouble();
         at::Tensor dsigma, dlmbda, dscale;
-        if (grads[0].defined() && ctx->needs_input_grad(0) && full && ctx->saved_data["wide"].toBool()) {
-            // lc = [tril(L) | sqrt(eps)·I]: ∂L = tril(∂lc[:, :D]), one copy in the gradient's dtype (the
-            // ridge block takes no gradient).
-            const at::Tensor gc = grads[0].contiguous();
-            const int64_t D = gc.size(0);
-            at::Tensor out = at::zeros({D, D}, gc.options());
-            AT_DISPATCH_FLOATING_TYPES(gc.scalar_type(), "head_metric_wide_backward", [&] {
-                const scalar_t* gp = gc.data_ptr<scalar_t>();
-                scalar_t* op = out.data_ptr<scalar_t>();
-                for (int64_t i = 0; i < D; ++i)
-                    for (int64_t j = 0; j <= i; ++j) op[i * D + j] = gp[i * 2 * D + j];
-            });
-            dsigma = out.to(sigma.scalar_type());
-        } else if (grads[0].defined() && ctx->needs_input_grad(0)) {
-            const at::Tensor g = grads[0].to(at::kDouble);
-            // A = tril(L) in float64, for either full backward
-            const at::Tensor A = full ? sigma.detach().to(at::kDouble).tril().contiguous() : at::Tensor();
-            if (full && ctx->saved_data["through_gram"].toBool()) {
-                if (A.size(0) <= LOOP_GRAM_BACKWARD_MAX_D) {
-                    dsigma = gram_backward_loops(A, Lc.contiguous(), g.contiguous()).to(sigma.scalar_type());
-                } else {
-                    // X = ∂lc·Lc⁻¹, as Xᵀ = Lc⁻ᵀ·∂lcᵀ (an upper solve); ∂A = tril((X + Xᵀ)/2·A).
-                    const at::Tensor XT = at::linalg_solve_triangular(Lc.t(), g.t(), /*upper=*/true);
-                    dsigma = at::matmul((XT + XT.t()) * 0.5, A).tril().to(sigma.scalar_type());
-                }
-            } else if (full) {
-                if (A.size(0) <= LOOP_CHOLESKY_MAX_D) {
-                    dsigma = cholesky_of_gram_backward_loops(A, Lc.contiguous(), g.contiguous()).to(sigma.scalar_type());
-                } else {
-                    at::Tensor phi = at::matmul(Lc.t(), g).tril();
-                    phi.diagonal().mul_(0.5);
-                    // G = Lc⁻ᵀ·Φ·Lc⁻¹: X = Lc⁻ᵀ·Φ (an upper solve), then G = X·Lc⁻¹ = (Lc⁻ᵀ·Xᵀ)ᵀ.
-                    const at::Tensor X = at::linalg_solve_triangular(Lc.t(), phi, /*upper=*/true);
-                    const at::Tensor G = at::linalg_solve_triangular(Lc.t(), X.t(), /*upper=*/true).t();
-                    dsigma = at::matmul(G + G.t(), A).tril().to(sigma.scalar_type());
-                }
-            } else {
-                // ∂log σ_k = ∂lc_k·e_k / (2·sqrt(e_k + eps)), e = exp(log σ): one float64 loop, not the
-                // seven ATen ops (and their allocations) of the expression, a tenth of a small head's step.
-                const at::Tensor v = sigma.detach().contiguous(), gc = g.contiguous();
-                dsigma = at::empty({v.size(0)}, v.options());
-                const double* gp = gc.data_ptr<double>();
-                AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "head_metric_backward", [&] {
-                    const scalar_t* vp = v.data_ptr<scalar_t>();
-                    scalar_t* out = dsigma.data_ptr<scalar_t>();
-                    for (int64_t k = 0; k < v.size(0); ++k) {
-                        const double e = std::exp(double(vp[k]));
-                        out[k] = scalar_t(gp[k] * e / (2.0 * std::sqrt(e + eps)));
-                    }
-                });
-            }
-        }
-        // d|v|/dv = +1 for v >= 0 (1 at 0, where |v| is not differentiable), −1 below (and for NaN):
-        // the incoming gradient itself or its negation, one op at most.
-        auto through_abs = [](const at::Tensor& grad, const at::Tensor& v) {
-            return v.item<double>() >= 0 ? grad : grad.neg();
-        };
-        if (grads[1].defined() && ctx->needs_input_grad(1)) dlmbda = through_abs(grads[1], lmbda.detach());
-        if (grads[2].defined() && ctx->needs_input_grad(2)) dscale = through_abs(grads[2], scale.detach());
+        if (grads[0].defined() && ctx->needs_input_grad(0))
+            dsigma = metric_parameter_grad(sigma, Lc, grads[0], full, ctx->saved_data["wide"].toBool(),
+                                           ctx->saved_data["through_gram"].toBool(), eps);
+        if (grads[1].defined() && ctx->needs_input_grad(1)) dlmbda = through_abs(grads[1], lmbda);
+        if (grads[2].defined() && ctx->needs_input_grad(2)) dscale = through_abs(grads[2], scale);
         return {dsigma, dlmbda, dscale, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};  // none from factor64
     }
 };
@@ -344,10 +359,124 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_autograd_
     return {out[0], out[1], out[2], out[3]};
 }
 
+// FAIMHead's training forward as ONE op (docs/design.md §2, "Where the ops live"):
+//   faim_kernels::head_logits(x, mu, sigma, beta, lmbda, scale, full, eps, tau, wide=False) -> logits
+// = head_metric(sigma, lmbda, scale, full, eps, wide, through_gram=True) followed by randers_logits,
+// with one autograd node whose backward is the logits backward op followed by head_metric's
+// backward math (metric_parameter_grad, through_abs). Why: the two ops and their two autograd nodes
+// cost ~20-40 µs of a ~140 µs training step of a small head (64, 10, 64), against ~70 µs for
+// nn.Linear + CE's whole step. The values and gradients are the two ops' own, bit for bit
+// (tests/test_nn_head_paths.py).
+using LogitsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LogitsGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+LogitsOutputs call_logits(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
+                          const at::Tensor& lam, const at::Tensor& gamma, double eps, double tau) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("faim_kernels::randers_logits", "")
+                         .typed<LogitsOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&, double, double)>();
+    return op.call(x, mu, lc, beta, lam, gamma, eps, tau);
+}
+
+// Through the dispatcher, not a direct call: under FakeTensor (torch.compile, opcheck) the fake
+// kernels must answer (a direct call would read values that fake tensors do not have).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_head_metric(const at::Tensor& sigma,
+                                                                            const at::Tensor& lmbda,
+                                                                            const at::Tensor& scale, bool full,
+                                                                            double eps, bool wide) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("faim_kernels::head_metric", "")
+                         .typed<decltype(head_metric_cpu)>();
+    return op.call(sigma, lmbda, scale, full, eps, wide, /*through_gram=*/true);
+}
+
+at::Tensor head_logits_cpu(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& beta,
+                           const at::Tensor& lmbda, const at::Tensor& scale, bool full, double eps, double tau,
+                           bool wide) {
+    auto [lc, lam, gamma, factor64] = call_head_metric(sigma, lmbda, scale, full, eps, wide);
+    return std::get<0>(call_logits(x, mu, lc, beta, lam, gamma, eps, tau));
+}
+
+class HeadLogits : public torch::autograd::Function<HeadLogits> {
+   public:
+    static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                  const at::Tensor& mu, const at::Tensor& sigma,
+                                                  const at::Tensor& beta, const at::Tensor& lmbda,
+                                                  const at::Tensor& scale, bool full, double eps, double tau,
+                                                  bool wide) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto [lc, lam, gamma, factor64] = call_head_metric(sigma, lmbda, scale, full, eps, wide);
+        auto [logits, xp, mup, sx, smu] = call_logits(x, mu, lc, beta, lam, gamma, eps, tau);
+        ctx->save_for_backward({logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, sigma, lmbda, scale, factor64});
+        ctx->saved_data["eps"] = eps;
+        ctx->saved_data["tau"] = tau;
+        ctx->saved_data["full"] = full;
+        ctx->saved_data["wide"] = wide;
+        ctx->set_materialize_grads(false);
+        return {logits};
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+        static auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("faim_kernels::randers_logits_backward", "")
+                             .typed<LogitsGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                double, int64_t)>();
+        torch::autograd::variable_list out(10);
+        if (!grads[0].defined()) return out;
+        const auto s = ctx->get_saved_variables();
+        // The inputs (x, mu, sigma, beta, lmbda, scale) map one to one onto the logits op's
+        // (x, mu, lc, beta, lam, gamma): the same grad_mask bits.
+        int64_t mask = 0;
+        for (int64_t k = 0; k < 6; ++k)
+            if (ctx->needs_input_grad(k)) mask |= int64_t(1) << k;
+        auto call = [&] {
+            return op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10],
+                           ctx->saved_data["eps"].toDouble(), ctx->saved_data["tau"].toDouble(), mask);
+        };
+        // As the logits op's own autograd (randers_logits.cpp): below autograd unless a graph of the
+        // backward is asked for, where the backward op's autograd kernel refuses second derivatives.
+        LogitsGrads res;
+        if (at::GradMode::is_enabled()) {
+            res = call();
+        } else {
+            at::AutoDispatchBelowADInplaceOrView guard;
+            res = call();
+        }
+        auto [dx, dmu, dlc, dbeta, dlam, dgamma] = res;
+        if (mask & 1) out[0] = dx;
+        if (mask & 2) out[1] = dmu;
+        if (mask & 4)
+            out[2] = metric_parameter_grad(s[11], s[14], dlc, ctx->saved_data["full"].toBool(),
+                                           ctx->saved_data["wide"].toBool(), /*through_gram=*/true,
+                                           ctx->saved_data["eps"].toDouble());
+        if (mask & 8) out[3] = dbeta;
+        if (mask & 16) out[4] = through_abs(dlam, s[12]);
+        if (mask & 32) out[5] = through_abs(dgamma, s[13]);
+        return out;
+    }
+};
+
+at::Tensor head_logits_autograd_cpu(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& sigma,
+                                    const at::Tensor& beta, const at::Tensor& lmbda, const at::Tensor& scale, bool full,
+                                    double eps, double tau, bool wide) {
+    return HeadLogits::apply(x, mu, sigma, beta, lmbda, scale, full, eps, tau, wide)[0];
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(faim_kernels, CPU, m) { m.impl("head_metric", &head_metric_cpu); }
+TORCH_LIBRARY_IMPL(faim_kernels, CPU, m) {
+    m.impl("head_metric", &head_metric_cpu);
+    m.impl("head_logits", &head_logits_cpu);
+}
 
-TORCH_LIBRARY_IMPL(faim_kernels, AutogradCPU, m) { m.impl("head_metric", &head_metric_autograd_cpu); }
+TORCH_LIBRARY_IMPL(faim_kernels, AutogradCPU, m) {
+    m.impl("head_metric", &head_metric_autograd_cpu);
+    m.impl("head_logits", &head_logits_autograd_cpu);
+}
 
 }  // namespace faim_kernels

@@ -1,5 +1,6 @@
 """The head's fast paths give what the general path gives: the fast path straight to the C++ kernels (one
-head_metric op, then the logits or cross-entropy op), head.loss through the logits where they are
+head_metric op, then the logits or cross-entropy op; for a training forward the two as one op,
+head_logits), head.loss through the logits where they are
 small, and the backward ops' grad_mask (gradients only where needed)."""
 from __future__ import annotations
 
@@ -58,6 +59,65 @@ def test_direct_path_matches_general_path(monkeypatch, full, factor, dtype):
     assert abs(fast_value.item() - ref_value.item()) <= tol * abs(ref_value.item())
     for name, g, r in zip(["x", "mu", "beta", "lmbda", "scale", "sigma"], fast_grads, ref_grads):
         assert_norm_close(g, r, 1e-9 if dtype == torch.float64 else 1e-4, name)
+
+
+def head_logits_inputs(factor, dtype, D=6, B=4, C=5, seed=0):
+    """(x, mu, sigma, beta, lmbda, scale) for head_logits, sample 0 on prototype 1 (a near pair),
+    lmbda negative (|lmbda| is exercised); the metric parameter as FAIMHead passes it."""
+    torch.manual_seed(seed)
+    x = torch.randn(B, D, dtype=dtype)
+    mu = torch.randn(C, D, dtype=dtype)
+    x[0] = mu[1]
+    sigma = (torch.eye(D, dtype=dtype) + 0.3 * torch.randn(D, D, dtype=dtype)) if factor != "diag" \
+        else torch.randn(D, dtype=dtype)
+    return x, mu, sigma, torch.randn(D, dtype=dtype), torch.tensor(-0.3, dtype=dtype), torch.tensor(2.0, dtype=dtype)
+
+
+@pytest.mark.parametrize("factor", ["diag", "cholesky", "wide"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_head_logits_is_head_metric_then_logits(factor, dtype):
+    """head_logits (one op, one autograd node: FAIMHead's training forward) gives the values and the
+    gradients of all six inputs of head_metric(through_gram) followed by randers_logits, bit for bit,
+    with every subset of inputs requiring grad that a head meets (all; features without grad; a
+    frozen metric)."""
+    fk._cpp_loader.load()
+    full, wide = factor != "diag", factor == "wide"
+    eps, tau = 1e-3, 0.05
+    for wanted in ([0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [0, 1, 3]):
+        inputs = head_logits_inputs(factor, dtype)
+        for k in wanted:
+            inputs[k].requires_grad_()
+        x, mu, sigma, beta, lmbda, scale = inputs
+        one = contract.head_logits_op(x, mu, sigma, beta, lmbda, scale, full, eps, tau, wide)
+        lc, lam, gamma, _ = contract.head_metric_op(sigma, lmbda, scale, full, eps, wide, True)
+        two = contract.logits_op(x, mu, lc, beta, lam, gamma, eps, tau)[0]
+        assert torch.equal(one, two)
+        upstream = torch.randn_like(one)
+        wrt = [inputs[k] for k in wanted]
+        for g1, g2, k in zip(torch.autograd.grad(one, wrt, upstream), torch.autograd.grad(two, wrt, upstream), wanted):
+            assert g1.dtype == inputs[k].dtype and torch.equal(g1, g2), NAMES[k] if k < len(NAMES) else k
+
+
+@pytest.mark.parametrize("factor", ["diag", "cholesky", "wide"])
+def test_head_logits_gradcheck_and_opcheck(factor):
+    fk._cpp_loader.load()
+    full, wide = factor != "diag", factor == "wide"
+    inputs = [t.requires_grad_() for t in head_logits_inputs(factor, torch.float64)]
+    assert torch.autograd.gradcheck(
+        lambda *t: contract.head_logits_op(*t, full, 1e-3, 0.05, wide), inputs)
+    torch.library.opcheck(contract.head_logits_op, (*[t.detach() for t in inputs], full, 1e-3, 0.05, wide))
+
+
+def test_training_forward_is_one_op():
+    """A training call of a head on the fast path calls one op of ours, head_logits (which calls
+    head_metric and randers_logits inside), for either Σ."""
+    for full in (False, True):
+        head = randomised_head(8, 5, full, torch.float32)
+        x = torch.randn(4, 8, requires_grad=True)
+        with torch.profiler.profile() as prof:
+            head(x)
+        top = [e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("faim_kernels::")]
+        assert top == ["faim_kernels::head_logits"], top
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["diagonal", "full"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,16 @@ WIDE_FACTOR_MAX_COST = 6.0
 def _nonneg(v: torch.Tensor) -> torch.Tensor:
     """|v| whose derivative is +1 at v = 0 (torch.abs has 0 there, which would pin λ = 0 for good)."""
     return torch.where(v >= 0, v, -v)
+
+
+class _GraphMetricArgs(NamedTuple):
+    """head_metric's raw arguments for a call that records a graph through the metric (FAIMHead's
+    training calls), which the forward hands to the one op faim_kernels::head_logits."""
+    sigma: torch.Tensor  # log_sigma_diag, or L / L_scale
+    lmbda: torch.Tensor
+    scale: torch.Tensor
+    full: bool
+    wide: bool
 
 
 class _MetricParams(nn.Module):
@@ -363,7 +373,7 @@ class FAIMHead(_MetricParams):
                                       error_msgs)
 
     # -- forward and loss --------------------------------------------------------------------------
-    def _fast_metric(self, x, wide_ok: bool = False) -> tuple | None:
+    def _fast_metric(self, x, wide_ok: bool = False, graph_args: bool = False) -> tuple | None:
         """(lc, lam, gamma) through one C++ op (faim_kernels::head_metric) where the call can take the
         fast path straight to the C++ kernels, else None (the general path through the functional API).
 
@@ -376,7 +386,9 @@ class FAIMHead(_MetricParams):
         which computes the same values (tests/test_nn_head_paths.py compares the two).
 
         wide_ok: the caller (the logits op; the cross-entropy op takes a square factor) accepts the
-        wide factor of a full L, which a training call takes where it pays (_wide_factor_pays)."""
+        wide factor of a full L, which a training call takes where it pays (_wide_factor_pays).
+        graph_args: where a graph is recorded through the metric, return head_metric's arguments
+        (_GraphMetricArgs) instead of calling it, for the forward's one op head_logits."""
         parameters = self._parameters
         mu = parameters.get("mu")
         if not (mu is not None and type(x) is torch.Tensor and x.is_cpu and mu.is_cpu and x.dtype is mu.dtype
@@ -395,6 +407,8 @@ class FAIMHead(_MetricParams):
                                                      or scale.requires_grad)
         if not self.full_sigma:
             if records_graph:
+                if graph_args:
+                    return _GraphMetricArgs(sigma, lmbda, scale, False, False)
                 return contract.head_metric_op(sigma, lmbda, scale, False, self.eps)[:3]
             return self._cached_metric(sigma, None, lmbda, scale)
         l_scale = self._buffers.get("L_scale")
@@ -402,6 +416,8 @@ class FAIMHead(_MetricParams):
             return None
         if records_graph:
             wide = wide_ok and self._wide_factor_pays(x)
+            if graph_args:
+                return _GraphMetricArgs(sigma / l_scale, lmbda, scale, True, wide)
             # through_gram: the head's own ops consume lc only through lc·lcᵀ (head_metric's cheaper
             # Cholesky backward, csrc/head_metric.cpp)
             return contract.head_metric_op(sigma / l_scale, lmbda, scale, True, self.eps, wide, True)[:3]
@@ -470,11 +486,11 @@ class FAIMHead(_MetricParams):
         self.__dict__["_prototype_cache"] = (lc, inference, mu.detach().clone(), beta.detach().clone(), prepared)
         return prepared
 
-    def _tau(self, lc: torch.Tensor | None = None) -> float:
+    def _tau(self, lc: torch.Tensor | None = None, wide: bool = False) -> float:
         # The near threshold depends on the length of the GEMM's sums only (transform.near_threshold,
         # Eq. 14; the same for the float32 and float64 the C++ kernels take): D, or 2D with the wide
-        # factor (lc [D, 2D]); computed once per head and width.
-        width = lc.shape[1] if lc is not None and lc.dim() == 2 else self.in_features
+        # factor (lc [D, 2D], or wide); computed once per head and width.
+        width = lc.shape[1] if lc is not None and lc.dim() == 2 else self.in_features * (2 if wide else 1)
         taus = self.__dict__.get("_near_taus")
         tau = taus.get(width) if taus is not None else None
         if tau is None:
@@ -492,11 +508,17 @@ class FAIMHead(_MetricParams):
         """logits [..., C] = −γ·d_F(x, mu_c) for x [..., D] (computed in x's dtype promoted with the
         parameters' dtype)."""
         lead = x.shape[:-1] if isinstance(x, torch.Tensor) else ()
-        fast = self._fast_metric(x, wide_ok=True)
+        fast = self._fast_metric(x, wide_ok=True, graph_args=True)
         if fast is not None:
-            lc, lam, gamma = fast
             xf = x if x.dim() == 2 else x.reshape(-1, self.in_features)
             parameters = self._parameters
+            if type(fast) is _GraphMetricArgs:
+                # A training call: head_metric and the logits op as one op and one autograd node
+                # (csrc/head_metric.cpp, head_logits).
+                logits = contract.head_logits_op(xf, parameters["mu"], fast.sigma, parameters["beta"], fast.lmbda,
+                                                 fast.scale, fast.full, self.eps, self._tau(wide=fast.wide), fast.wide)
+                return logits if x.dim() == 2 else logits.reshape(*lead, self.num_classes)
+            lc, lam, gamma = fast
             prepared = self._cached_prototypes(lc) if self.full_sigma and not torch.is_grad_enabled() else None
             if prepared is not None:
                 logits = contract.logits_prepared_op(xf, parameters["mu"], lc, parameters["beta"], lam, gamma,

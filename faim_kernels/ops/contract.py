@@ -19,6 +19,15 @@ autograd chains ∂Lc to L.
         r = sqrt(s² + eps) from the rank-one s), so the backward costs the two gradient GEMMs of
         docs/design.md §2 (the algorithm) like nn.Linear's. Near pairs (docs/design.md §2.1, near pairs) are recomputed from the raw difference.
 
+FAIMHead's metric operands and its training forward (CPU; csrc/head_metric.cpp):
+
+    head_metric(sigma, lmbda, scale, full, eps, wide=False, through_gram=False) -> (lc, lam, gamma, factor64)
+        the metric factor of the head's raw parameter (L, or log_sigma_diag), |lmbda| and |scale|.
+    head_logits(x, mu, sigma, beta, lmbda, scale, full, eps, tau, wide=False) -> logits
+        head_metric (through_gram) then randers_logits as one op with one autograd node (its
+        backward: randers_logits_backward, then head_metric's backward math): the values and
+        gradients of the two ops, bit for bit, for a training call of a head.
+
 Prepared prototypes (forward only, CPU): for scoring many batches against unchanged prototypes
 without recomputing their half of the preparation (mu' = (mu − m)·Lc is C×D² work for a full L).
 
@@ -81,6 +90,8 @@ _LIB.define("randers_cross_entropy_backward(Tensor w_lse, Tensor w_target_logit,
 _LIB.define("head_metric(Tensor sigma, Tensor lmbda, Tensor scale, bool full, float eps, bool wide=False, "
             "bool through_gram=False) "
             "-> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("head_logits(Tensor x, Tensor mu, Tensor sigma, Tensor beta, Tensor lmbda, Tensor scale, bool full, "
+            "float eps, float tau, bool wide=False) -> Tensor")
 _LIB.define("randers_prototypes(Tensor mu, Tensor lc, Tensor beta) -> (Tensor, Tensor, Tensor)")
 _LIB.define("randers_logits_prepared(Tensor x, Tensor mu, Tensor lc, Tensor beta, Tensor lam, Tensor gamma, "
             "Tensor m, Tensor mup, Tensor smu, float eps, float tau) -> Tensor")
@@ -91,6 +102,7 @@ logits_backward_op = ops.randers_logits_backward.default
 cross_entropy_op = ops.randers_cross_entropy.default
 cross_entropy_backward_op = ops.randers_cross_entropy_backward.default
 head_metric_op = ops.head_metric.default
+head_logits_op = ops.head_logits.default
 prototypes_op = ops.randers_prototypes.default
 logits_prepared_op = ops.randers_logits_prepared.default
 
@@ -155,6 +167,11 @@ def _head_metric_fake(sigma, lmbda, scale, full, eps, wide=False, through_gram=F
     lc_shape = ((D, 2 * D) if wide else (D, D)) if full else (D,)
     return (sigma.new_empty(lc_shape, dtype=compute), lmbda.new_empty(()), scale.new_empty(()),
             sigma.new_empty((D, D) if full and not wide else (0,), dtype=torch.float64))
+
+
+@torch.library.register_fake(head_logits_op)
+def _head_logits_fake(x, mu, sigma, beta, lmbda, scale, full, eps, tau, wide=False):
+    return x.new_empty((x.shape[0], mu.shape[0]))
 
 
 @torch.library.register_fake(prototypes_op)
