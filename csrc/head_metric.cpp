@@ -25,6 +25,8 @@
 #include <cmath>
 #include <type_traits>
 
+#include "randers_common.h"  // call_logits_backward
+
 namespace faim_kernels {
 namespace {
 
@@ -368,7 +370,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_autograd_
 // nn.Linear + CE's whole step. The values and gradients are the two ops' own, bit for bit
 // (tests/test_nn_head_paths.py).
 using LogitsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-using LogitsGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 LogitsOutputs call_logits(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
                           const at::Tensor& lam, const at::Tensor& gamma, double eps, double tau) {
@@ -419,34 +420,16 @@ class HeadLogits : public torch::autograd::Function<HeadLogits> {
 
     static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                    torch::autograd::variable_list grads) {
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("faim_kernels::randers_logits_backward", "")
-                             .typed<LogitsGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                                double, int64_t)>();
         torch::autograd::variable_list out(10);
         if (!grads[0].defined()) return out;
         const auto s = ctx->get_saved_variables();
         // The inputs (x, mu, sigma, beta, lmbda, scale) map one to one onto the logits op's
         // (x, mu, lc, beta, lam, gamma): the same grad_mask bits.
         int64_t mask = 0;
-        for (int64_t k = 0; k < 6; ++k)
+        for (int64_t k = 0; k < kNumGrads; ++k)
             if (ctx->needs_input_grad(k)) mask |= int64_t(1) << k;
-        auto call = [&] {
-            return op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10],
-                           ctx->saved_data["eps"].toDouble(), ctx->saved_data["tau"].toDouble(), mask);
-        };
-        // As the logits op's own autograd (randers_logits.cpp): below autograd unless a graph of the
-        // backward is asked for, where the backward op's autograd kernel refuses second derivatives.
-        LogitsGrads res;
-        if (at::GradMode::is_enabled()) {
-            res = call();
-        } else {
-            at::AutoDispatchBelowADInplaceOrView guard;
-            res = call();
-        }
+        const LogitsGrads res = call_logits_backward(grads[0], s, ctx->saved_data["eps"].toDouble(),
+                                                     ctx->saved_data["tau"].toDouble(), mask);
         auto [dx, dmu, dlc, dbeta, dlam, dgamma] = res;
         if (mask & 1) out[0] = dx;
         if (mask & 2) out[1] = dmu;

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 #include <cstdint>
@@ -254,6 +255,30 @@ struct GradMask {
     bool xp() const { return x || lc; }  // ∂x' is needed for ∂x or ∂Lc
     bool mup() const { return mu || lc; }
 };
+
+using LogitsGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// randers_logits_backward called from a C++ autograd formula (the logits op's own, and head_logits'
+// in head_metric.cpp), with the forward's saved tensors s = (logits, x, mu, lc, beta, lam, gamma,
+// xp, mup, sx, smu, ...). Without create_graph (grad mode off, the usual backward) the op is called
+// below autograd: its autograd kernel (contract.py's refusal of second derivatives, a Python
+// function) only matters when a graph is recorded, and entering it cost ~40 µs per call, half of a
+// small head's backward. With create_graph it runs, and a second derivative raises.
+inline LogitsGrads call_logits_backward(const at::Tensor& grad, const std::vector<at::Tensor>& s, double eps,
+                                        double tau, int64_t grad_mask) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("faim_kernels::randers_logits_backward", "")
+                         .typed<LogitsGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            double, double, int64_t)>();
+    auto call = [&] {
+        return op.call(grad, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10], eps, tau, grad_mask);
+    };
+    if (at::GradMode::is_enabled()) return call();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call();
+}
 
 // ∂λ or ∂γ as the op returns it: the float64 sum the backward computes anyway, in the parameter's
 // dtype where its bit is set, else an empty tensor.

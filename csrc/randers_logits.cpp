@@ -705,29 +705,13 @@ class LogitsAutograd : public torch::autograd::Function<LogitsAutograd> {
 
     static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                    torch::autograd::variable_list grads) {
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("faim_kernels::randers_logits_backward", "")
-                             .typed<decltype(randers_logits_backward_cpu)>();
         if (!grads[0].defined()) return torch::autograd::variable_list(8);
-        const auto s = ctx->get_saved_variables();
         int64_t mask = 0;
         for (int64_t k = 0; k < kNumGrads; ++k)
             if (ctx->needs_input_grad(k)) mask |= int64_t(1) << k;
-        auto call = [&] {
-            return op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10],
-                           ctx->saved_data["eps"].toDouble(), ctx->saved_data["tau"].toDouble(), mask);
-        };
-        // Without create_graph (grad mode off, the usual backward) the backward op is called below
-        // autograd: its autograd kernel (contract.py's refusal of second derivatives, a Python
-        // function) only matters when a graph is recorded, and entering it cost ~40 µs per call,
-        // half of a small head's backward. With create_graph it runs, and a second derivative raises.
-        std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> res;
-        if (at::GradMode::is_enabled()) {
-            res = call();
-        } else {
-            at::AutoDispatchBelowADInplaceOrView guard;
-            res = call();
-        }
+        const LogitsGrads res = call_logits_backward(grads[0], ctx->get_saved_variables(),
+                                                     ctx->saved_data["eps"].toDouble(),
+                                                     ctx->saved_data["tau"].toDouble(), mask);
         auto [dx, dmu, dlc, dbeta, dlam, dgamma] = res;
         torch::autograd::variable_list out{dx, dmu, dlc, dbeta, dlam, dgamma, at::Tensor(), at::Tensor()};
         for (int64_t k = 0; k < kNumGrads; ++k)
