@@ -25,7 +25,7 @@
 #include <cmath>
 #include <type_traits>
 
-#include "randers_common.h"  // call_logits_backward
+#include "randers_common.h"  // call_logits, call_logits_backward
 
 namespace faim_kernels {
 namespace {
@@ -314,6 +314,19 @@ at::Tensor through_abs(const at::Tensor& grad, const at::Tensor& v) {
     return v.detach().item<double>() >= 0 ? grad : grad.neg();
 }
 
+// head_metric through the dispatcher, not as a direct call: modes and tracing see one op, and under
+// FakeTensor (torch.compile, opcheck) the fake kernel answers (a direct call would read values that
+// fake tensors do not have). Used by head_metric's autograd formula and by head_logits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_head_metric(const at::Tensor& sigma,
+                                                                            const at::Tensor& lmbda,
+                                                                            const at::Tensor& scale, bool full,
+                                                                            double eps, bool wide, bool through_gram) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("faim_kernels::head_metric", "")
+                         .typed<decltype(head_metric_cpu)>();
+    return op.call(sigma, lmbda, scale, full, eps, wide, through_gram);
+}
+
 // Backward: ∂log_sigma_diag = ∂lc·exp(v)/(2·lc); for the full factor, the Cholesky backward
 // (Murray 2016, as PyTorch's own): with Φ(X) = tril(X) with its diagonal halved,
 // ∂Sigma = ½(G + Gᵀ), G = Lc⁻ᵀ·Φ(Lcᵀ·∂Lc)·Lc⁻¹, then ∂L = tril(2·∂Sigma·tril(L)). All in float64.
@@ -322,12 +335,8 @@ class HeadMetric : public torch::autograd::Function<HeadMetric> {
     static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& sigma,
                                                   const at::Tensor& lmbda, const at::Tensor& scale, bool full,
                                                   double eps, bool wide, bool through_gram) {
-        // Through the dispatcher (not a direct call), so that modes and tracing see one op.
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("faim_kernels::head_metric", "")
-                             .typed<decltype(head_metric_cpu)>();
         at::AutoDispatchBelowADInplaceOrView guard;
-        auto [lc, lam, gamma, factor64] = op.call(sigma, lmbda, scale, full, eps, wide, through_gram);
+        auto [lc, lam, gamma, factor64] = call_head_metric(sigma, lmbda, scale, full, eps, wide, through_gram);
         ctx->save_for_backward({sigma, lmbda, scale, factor64});
         ctx->mark_non_differentiable({factor64});
         ctx->saved_data["full"] = full;
@@ -369,33 +378,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> head_metric_autograd_
 // cost ~20-40 µs of a ~140 µs training step of a small head (64, 10, 64), against ~70 µs for
 // nn.Linear + CE's whole step. The values and gradients are the two ops' own, bit for bit
 // (tests/test_nn_head_paths.py).
-using LogitsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-LogitsOutputs call_logits(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
-                          const at::Tensor& lam, const at::Tensor& gamma, double eps, double tau) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("faim_kernels::randers_logits", "")
-                         .typed<LogitsOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                              const at::Tensor&, const at::Tensor&, double, double)>();
-    return op.call(x, mu, lc, beta, lam, gamma, eps, tau);
-}
-
-// Through the dispatcher, not a direct call: under FakeTensor (torch.compile, opcheck) the fake
-// kernels must answer (a direct call would read values that fake tensors do not have).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_head_metric(const at::Tensor& sigma,
-                                                                            const at::Tensor& lmbda,
-                                                                            const at::Tensor& scale, bool full,
-                                                                            double eps, bool wide) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("faim_kernels::head_metric", "")
-                         .typed<decltype(head_metric_cpu)>();
-    return op.call(sigma, lmbda, scale, full, eps, wide, /*through_gram=*/true);
-}
-
 at::Tensor head_logits_cpu(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& beta,
                            const at::Tensor& lmbda, const at::Tensor& scale, bool full, double eps, double tau,
                            bool wide) {
-    auto [lc, lam, gamma, factor64] = call_head_metric(sigma, lmbda, scale, full, eps, wide);
+    auto [lc, lam, gamma, factor64] = call_head_metric(sigma, lmbda, scale, full, eps, wide, /*through_gram=*/true);
     return std::get<0>(call_logits(x, mu, lc, beta, lam, gamma, eps, tau));
 }
 
@@ -407,7 +393,7 @@ class HeadLogits : public torch::autograd::Function<HeadLogits> {
                                                   const at::Tensor& scale, bool full, double eps, double tau,
                                                   bool wide) {
         at::AutoDispatchBelowADInplaceOrView guard;
-        auto [lc, lam, gamma, factor64] = call_head_metric(sigma, lmbda, scale, full, eps, wide);
+        auto [lc, lam, gamma, factor64] = call_head_metric(sigma, lmbda, scale, full, eps, wide, /*through_gram=*/true);
         auto [logits, xp, mup, sx, smu] = call_logits(x, mu, lc, beta, lam, gamma, eps, tau);
         ctx->save_for_backward({logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu, sigma, lmbda, scale, factor64});
         ctx->saved_data["eps"] = eps;

@@ -256,7 +256,21 @@ struct GradMask {
     bool mup() const { return mu || lc; }
 };
 
+using LogitsOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using LogitsGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// randers_logits through the dispatcher (so that modes, tracing and fake tensors see the op), from
+// a C++ autograd formula: the logits op's own, and head_logits' in head_metric.cpp.
+inline LogitsOutputs call_logits(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc,
+                                 const at::Tensor& beta, const at::Tensor& lam, const at::Tensor& gamma, double eps,
+                                 double tau) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("faim_kernels::randers_logits", "")
+                         .typed<LogitsOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                              double)>();
+    return op.call(x, mu, lc, beta, lam, gamma, eps, tau);
+}
 
 // randers_logits_backward called from a C++ autograd formula (the logits op's own, and head_logits'
 // in head_metric.cpp), with the forward's saved tensors s = (logits, x, mu, lc, beta, lam, gamma,

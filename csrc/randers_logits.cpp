@@ -690,11 +690,8 @@ class LogitsAutograd : public torch::autograd::Function<LogitsAutograd> {
                                                   const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta,
                                                   const at::Tensor& lam, const at::Tensor& gamma, double eps,
                                                   double tau) {
-        static auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("faim_kernels::randers_logits", "")
-                             .typed<decltype(randers_logits_cpu)>();
         at::AutoDispatchBelowADInplaceOrView guard;
-        auto [logits, xp, mup, sx, smu] = op.call(x, mu, lc, beta, lam, gamma, eps, tau);
+        auto [logits, xp, mup, sx, smu] = call_logits(x, mu, lc, beta, lam, gamma, eps, tau);
         ctx->save_for_backward({logits, x, mu, lc, beta, lam, gamma, xp, mup, sx, smu});
         ctx->saved_data["eps"] = eps;
         ctx->saved_data["tau"] = tau;
