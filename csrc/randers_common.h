@@ -27,6 +27,15 @@ constexpr int64_t kTileBBackward = 64;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Rows per task of a pass over the rows of an [n, D] array, and rows per chunk of the passes that
+// sum over rows in fixed chunks added in chunk order (so that a sum does not depend on the thread
+// count): about 16k elements, 64 KiB of float, each. The fixed grains of 256 and 512 rows these
+// passes had ran every pass over x of a (256, 1000, 128) head on one thread while the other
+// waited, ~150 µs of a ~1.9 ms training step on two threads; below 16k elements a pass takes a few
+// µs, less than waking a thread.
+constexpr int64_t kRowPassElements = 16384;
+inline int64_t rows_per_task(int64_t D) { return std::max<int64_t>(1, kRowPassElements / std::max<int64_t>(D, 1)); }
+
 // The prepared operands of one call (one name for the idea, as on the Triton side):
 // x' = (x − m)·Lc and mu' = (mu − m)·Lc (m the centre of the prototypes), their squared norms,
 // sx = x·beta and smu = mu·beta in float64, and the raw rows and factor for the near pairs.
@@ -73,7 +82,7 @@ std::vector<T> row_sq_norms(const at::Tensor& v) {
     T* o = out.data();
     // Loops read captured values into locals first: a store through a captured reference could
     // alias them, which keeps a loop scalar (3-5x slower here).
-    at::parallel_for(0, n, 256, [p, o, D](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, rows_per_task(D), [p, o, D](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             const T* __restrict__ row = p + i * D;
             double acc = 0;
@@ -98,14 +107,14 @@ at::Tensor center_of(const at::Tensor& mu) {
         return m;
     }
     const T* p = mu.data_ptr<T>();
-    constexpr int64_t kChunk = 1024;
-    const int64_t n_chunks = ceil_div(C, kChunk);
+    const int64_t chunk_rows = rows_per_task(D);
+    const int64_t n_chunks = ceil_div(C, chunk_rows);
     std::vector<double> part(n_chunks * D, 0.0);
     double* parts = part.data();
-    at::parallel_for(0, n_chunks, 1, [p, parts, C, D](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_chunks, 1, [p, parts, C, D, chunk_rows](int64_t begin, int64_t end) {
         for (int64_t ch = begin; ch < end; ++ch) {
             double* __restrict__ acc = parts + ch * D;
-            for (int64_t i = ch * kChunk; i < std::min(C, (ch + 1) * kChunk); ++i) {
+            for (int64_t i = ch * chunk_rows; i < std::min(C, (ch + 1) * chunk_rows); ++i) {
                 const T* __restrict__ row = p + i * D;
 #pragma omp simd
                 for (int64_t k = 0; k < D; ++k) acc[k] += double(row[k]);
@@ -142,7 +151,7 @@ void row_dots64(const at::Tensor& v, const T* beta, double* s) {
     const T* p = v.data_ptr<T>();
     std::vector<double> beta64(beta, beta + D);
     const double* b = beta64.data();
-    at::parallel_for(0, n, 256, [p, b, s, D](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, rows_per_task(D), [p, b, s, D](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) s[i] = dot64(p + i * D, b, D);
     });
 }
@@ -159,7 +168,7 @@ at::Tensor project(const at::Tensor& v, const at::Tensor& m, const at::Tensor& l
         at::mm_out(left, vc, lc.narrow(1, 0, D));
         const T* cp = vc.data_ptr<T>();
         T* o = out.data_ptr<T>();
-        at::parallel_for(0, n, 256, [cp, o, D, ridge](int64_t begin, int64_t end) {
+        at::parallel_for(0, n, rows_per_task(D), [cp, o, D, ridge](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i)
 #pragma omp simd
                 for (int64_t k = 0; k < D; ++k) o[i * 2 * D + D + k] = ridge * cp[i * D + k];
@@ -171,7 +180,7 @@ at::Tensor project(const at::Tensor& v, const at::Tensor& m, const at::Tensor& l
     const int64_t n = v.size(0), D = v.size(1);
     const T *p = v.data_ptr<T>(), *mp = m.data_ptr<T>(), *lp = lc.data_ptr<T>();
     T* o = out.data_ptr<T>();
-    at::parallel_for(0, n, 256, [p, mp, lp, o, D](int64_t begin, int64_t end) {
+    at::parallel_for(0, n, rows_per_task(D), [p, mp, lp, o, D](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i)
 #pragma omp simd
             for (int64_t k = 0; k < D; ++k) o[i * D + k] = (p[i * D + k] - mp[k]) * lp[k];
@@ -186,14 +195,14 @@ template <typename T>
 std::vector<double> centred_weighted_sum(const at::Tensor& v, const T* m, const double* w) {
     const int64_t n = v.size(0), D = v.size(1);
     const T* p = v.data_ptr<T>();
-    constexpr int64_t kChunk = 512;
-    const int64_t n_chunks = ceil_div(n, kChunk);
+    const int64_t chunk_rows = rows_per_task(D);
+    const int64_t n_chunks = ceil_div(n, chunk_rows);
     std::vector<double> part(n_chunks * D, 0.0);
     double* parts = part.data();
-    at::parallel_for(0, n_chunks, 1, [p, m, w, parts, n, D](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_chunks, 1, [p, m, w, parts, n, D, chunk_rows](int64_t begin, int64_t end) {
         for (int64_t ch = begin; ch < end; ++ch) {
             double* __restrict__ acc = parts + ch * D;
-            for (int64_t i = ch * kChunk; i < std::min(n, (ch + 1) * kChunk); ++i) {
+            for (int64_t i = ch * chunk_rows; i < std::min(n, (ch + 1) * chunk_rows); ++i) {
                 const double wi = w[i];
                 const T* __restrict__ row = p + i * D;
 #pragma omp simd

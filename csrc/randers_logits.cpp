@@ -219,7 +219,7 @@ at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tenso
         at::Tensor dv = ridge > T(0) ? at::mm(dvp.narrow(1, 0, D), raw.lc.narrow(1, 0, D).t()) : at::mm(dvp, raw.lc.t());
         T* o = dv.data_ptr<T>();
         const T* gp = dvp.data_ptr<T>();
-        at::parallel_for(0, n, 256, [o, ds, bp, gp, ridge, D](int64_t begin, int64_t end) {
+        at::parallel_for(0, n, rows_per_task(D), [o, ds, bp, gp, ridge, D](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i) {
                 const T dsi = T(ds[i]);
                 T* __restrict__ row = o + i * D;
@@ -239,17 +239,17 @@ at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tenso
     at::Tensor dv = at::empty_like(v);
     const T *vp = v.data_ptr<T>(), *gp = dvp.data_ptr<T>(), *lp = raw.lc.data_ptr<T>();
     T* o = dv.data_ptr<T>();
-    constexpr int64_t kChunk = 512;
-    const int64_t n_chunks = ceil_div(n, kChunk);
+    const int64_t chunk_rows = rows_per_task(D);
+    const int64_t n_chunks = ceil_div(n, chunk_rows);
     std::vector<T> part(n_chunks * D, T(0));
     T* parts = part.data();
-    at::parallel_for(0, n_chunks, 1, [vp, gp, lp, bp, mp, ds, o, parts, n, D](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_chunks, 1, [vp, gp, lp, bp, mp, ds, o, parts, n, D, chunk_rows](int64_t begin, int64_t end) {
         for (int64_t ch = begin; ch < end; ++ch) {
             T* __restrict__ acc = parts + ch * D;
             const T* __restrict__ l = lp;
             const T* __restrict__ bb = bp;
             const T* __restrict__ mm = mp;
-            for (int64_t i = ch * kChunk; i < std::min(n, (ch + 1) * kChunk); ++i) {
+            for (int64_t i = ch * chunk_rows; i < std::min(n, (ch + 1) * chunk_rows); ++i) {
                 const T dsi = T(ds[i]);
                 const T* __restrict__ vrow = vp + i * D;
                 const T* __restrict__ grow = gp + i * D;
@@ -473,8 +473,7 @@ at::Tensor scaled_rows_minus_product(const at::Tensor& v, const T* scale, const 
     const int64_t n = v.size(0), K = v.size(1);
     T* o = out.data_ptr<T>();
     const T* vp = v.data_ptr<T>();
-    at::parallel_for(0, n, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [o, vp, scale, K](int64_t begin,
-                                                                                                  int64_t end) {
+    at::parallel_for(0, n, rows_per_task(K), [o, vp, scale, K](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
             T* __restrict__ orow = o + i * K;
             const T* __restrict__ vrow = vp + i * K;
@@ -518,14 +517,14 @@ template <typename T>
 void add_column_dots(const at::Tensor& a, const at::Tensor& b, T sign, T* out) {
     const int64_t n = a.size(0), D = a.size(1);
     const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>();
-    constexpr int64_t kChunk = 512;
-    const int64_t n_chunks = ceil_div(n, kChunk);
+    const int64_t chunk_rows = rows_per_task(D);
+    const int64_t n_chunks = ceil_div(n, chunk_rows);
     std::vector<T> part(n_chunks * D, T(0));
     T* parts = part.data();
-    at::parallel_for(0, n_chunks, 1, [ap, bp, parts, n, D](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_chunks, 1, [ap, bp, parts, n, D, chunk_rows](int64_t begin, int64_t end) {
         for (int64_t ch = begin; ch < end; ++ch) {
             T* __restrict__ acc = parts + ch * D;
-            for (int64_t i = ch * kChunk; i < std::min(n, (ch + 1) * kChunk); ++i) {
+            for (int64_t i = ch * chunk_rows; i < std::min(n, (ch + 1) * chunk_rows); ++i) {
                 const T* __restrict__ ar = ap + i * D;
                 const T* __restrict__ br = bp + i * D;
 #pragma omp simd
