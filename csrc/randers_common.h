@@ -74,6 +74,15 @@ void split_all(const double* s, int64_t n, std::vector<T>& hi, std::vector<T>& l
     for (int64_t i = 0; i < n; ++i) split_hi_lo(s[i], hi[i], lo[i]);
 }
 
+// |row|² of one row, summed in float64 (vectorised: a fixed order, deterministic).
+template <typename T>
+inline T row_sq_norm(const T* __restrict__ row, int64_t D) {
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t k = 0; k < D; ++k) acc += double(row[k]) * double(row[k]);
+    return T(acc);
+}
+
 template <typename T>
 std::vector<T> row_sq_norms(const at::Tensor& v) {
     const int64_t n = v.size(0), D = v.size(1);
@@ -83,13 +92,7 @@ std::vector<T> row_sq_norms(const at::Tensor& v) {
     // Loops read captured values into locals first: a store through a captured reference could
     // alias them, which keeps a loop scalar (3-5x slower here).
     at::parallel_for(0, n, rows_per_task(D), [p, o, D](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            const T* __restrict__ row = p + i * D;
-            double acc = 0;
-#pragma omp simd reduction(+ : acc)  // vectorised float64 sums (a fixed order: deterministic)
-            for (int64_t k = 0; k < D; ++k) acc += double(row[k]) * double(row[k]);
-            o[i] = T(acc);
-        }
+        for (int64_t i = begin; i < end; ++i) o[i] = row_sq_norm(p + i * D, D);
     });
     return out;
 }

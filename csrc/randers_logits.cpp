@@ -32,9 +32,11 @@ struct RawInputs {
     }
 };
 
+// norms: |x'_b|², |mu'_c|² where the caller has them (diagonal_preparation), else computed here.
 template <typename T>
 Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const at::Tensor& sx,
-                     const at::Tensor& smu, double lam, double eps, double tau) {
+                     const at::Tensor& smu, double lam, double eps, double tau,
+                     std::pair<std::vector<T>, std::vector<T>>* norms = nullptr) {
     Operands<T> in;
     in.B = raw.x.size(0);
     in.C = raw.mu.size(0);
@@ -51,8 +53,13 @@ Operands<T> operands(const RawInputs& raw, at::Tensor xp, at::Tensor mup, const 
     in.full = raw.lc.dim() == 2;
     in.ridge = raw.ridge;
     in.lower = in.full && (in.K == in.D || in.ridge > 0) && is_lower_triangular(in.lc, in.D, in.K);
-    in.xnorm = row_sq_norms<T>(in.xp);
-    in.munorm = row_sq_norms<T>(in.mup);
+    if (norms != nullptr) {
+        in.xnorm = std::move(norms->first);
+        in.munorm = std::move(norms->second);
+    } else {
+        in.xnorm = row_sq_norms<T>(in.xp);
+        in.munorm = row_sq_norms<T>(in.mup);
+    }
     split_all(in.sx, in.B, in.sx_hi, in.sx_lo);
     split_all(in.smu, in.C, in.smu_hi, in.smu_lo);
     in.lam = lam;
@@ -137,6 +144,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_with_prototypes(const RawI
     return {logits_of(in, gamma), xp, sx};
 }
 
+// The whole preparation of a diagonal factor after the centre, both sides in ONE parallel region
+// over fixed row chunks (x's, then mu's): per row v' = (v − m)·Lc, |v'|² (from the row just
+// written, still in L1) and v·beta in float64: the values of project, row_sq_norms and row_dots64
+// bit for bit, which took six regions and read x, mu and x', mu' twice.
+template <typename T>
+struct DiagonalPreparation {
+    at::Tensor xp, mup, sx, smu;
+    std::pair<std::vector<T>, std::vector<T>> norms;
+};
+
+template <typename T>
+DiagonalPreparation<T> diagonal_preparation(const RawInputs& raw, const at::Tensor& m) {
+    const int64_t B = raw.x.size(0), C = raw.mu.size(0), D = raw.x.size(1);
+    DiagonalPreparation<T> out;
+    out.xp = at::empty_like(raw.x);
+    out.mup = at::empty_like(raw.mu);
+    out.sx = at::empty({B}, raw.x.options().dtype(at::kDouble));
+    out.smu = at::empty({C}, raw.x.options().dtype(at::kDouble));
+    out.norms.first.resize(B);
+    out.norms.second.resize(C);
+    struct Side {
+        const T* v;
+        T *vp, *norm;
+        double* s;
+        int64_t n;
+    };
+    const Side sides[2] = {{raw.x.data_ptr<T>(), out.xp.template data_ptr<T>(), out.norms.first.data(),
+                            out.sx.template data_ptr<double>(), B},
+                           {raw.mu.data_ptr<T>(), out.mup.template data_ptr<T>(), out.norms.second.data(),
+                            out.smu.template data_ptr<double>(), C}};
+    const T* bp = raw.beta.data_ptr<T>();
+    std::vector<double> beta64(bp, bp + D);
+    const double* b64 = beta64.data();
+    const T *lp = raw.lc.data_ptr<T>(), *mp = m.data_ptr<T>();
+    const int64_t chunk_rows = rows_per_task(D);
+    const int64_t x_chunks = ceil_div(B, chunk_rows), n_chunks = x_chunks + ceil_div(C, chunk_rows);
+    at::parallel_for(0, n_chunks, 1, [&sides, x_chunks, chunk_rows, D, lp, mp, b64](int64_t begin, int64_t end) {
+        const T* __restrict__ l = lp;
+        const T* __restrict__ mm = mp;
+        for (int64_t ch = begin; ch < end; ++ch) {
+            const Side& sd = sides[ch < x_chunks ? 0 : 1];
+            const int64_t r0 = (ch < x_chunks ? ch : ch - x_chunks) * chunk_rows;
+            const int64_t r1 = std::min(sd.n, r0 + chunk_rows);
+            for (int64_t i = r0; i < r1; ++i) {
+                const T* __restrict__ vrow = sd.v + i * D;
+                T* __restrict__ orow = sd.vp + i * D;
+#pragma omp simd
+                for (int64_t k = 0; k < D; ++k) orow[k] = (vrow[k] - mm[k]) * l[k];
+                sd.norm[i] = row_sq_norm(orow, D);
+                sd.s[i] = dot64(vrow, b64, D);
+            }
+        }
+    });
+    return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_logits_cpu(
     const at::Tensor& x, const at::Tensor& mu, const at::Tensor& lc, const at::Tensor& beta, const at::Tensor& lam,
     const at::Tensor& gamma, double eps, double tau) {
@@ -144,6 +207,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> randers_l
     const RawInputs raw(x, mu, lc, beta);
     at::Tensor logits, xp, mup, sx, smu;
     AT_DISPATCH_FLOATING_TYPES(raw.x.scalar_type(), "randers_logits", [&] {
+        if (raw.lc.dim() == 1) {
+            auto prep = diagonal_preparation<scalar_t>(raw, center_of<scalar_t>(raw.mu));
+            xp = prep.xp;
+            mup = prep.mup;
+            sx = prep.sx;
+            smu = prep.smu;
+            const auto in = operands<scalar_t>(raw, xp, mup, sx, smu, lam.item<double>(), eps, tau, &prep.norms);
+            logits = logits_of(in, gamma.item<double>());
+            return;
+        }
         at::Tensor m;
         std::tie(m, mup, smu) = prototype_half<scalar_t>(raw);
         std::tie(logits, xp, sx) =
@@ -579,6 +652,116 @@ at::Tensor gradient_gemms_without_dxp(const Operands<T>& in, const RawInputs& ra
     return dmup;
 }
 
+// The backward's tail for a diagonal factor, after the pass over the pairs: the two gradient GEMMs
+// G_x = P·mu' and G_mu = Pᵀ·x' (only the wanted sides), the near pairs' ± p·diff' folded into them,
+// then ONE pass over the rows of x and mu together that forms ∂v' = scale_i·v'_i − G_i in registers
+// (scale = rowsum(P) for x, colsum(P) for mu) and the chain rule of chain_rows: ∂v = ∂v'·Lc + ∂s·beta,
+// the ∂Lc partials (v − m)·∂v' in T and the ∂beta partials ∂s·(v − m) in float64, per fixed chunk
+// of rows_per_task(D) rows, added in chunk order (x's chunks, then mu's: the sums chain_rows and
+// centred_weighted_sum make). Separately the rank-one part, the ∂beta sum and the chain rule were
+// six parallel regions and wrote and re-read ∂x', ∂mu'.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, const RawInputs& raw,
+                                                         const at::Tensor& m, PairSums<T>& sums,
+                                                         const at::Tensor& colsum_p, const double* dsmu,
+                                                         at::Tensor& dlc, std::vector<double>& dbeta,
+                                                         const GradMask& want) {
+    const int64_t B = in.B, C = in.C, D = in.D;
+    at::Tensor gx = want.xp() ? at::mm(sums.P, in.mup) : at::Tensor();
+    at::Tensor gmu = want.mup() ? at::mm(sums.P.t(), in.xp) : at::Tensor();
+    sums.P.reset();
+    // ∂x'_b gains + p·diff' and ∂mu'_c − p·diff' at a near pair: G_x − p·diff', G_mu + p·diff'.
+    T* gx_ = gx.defined() ? gx.data_ptr<T>() : nullptr;
+    T* gm_ = gmu.defined() ? gmu.data_ptr<T>() : nullptr;
+    for (int64_t bt = 0; bt < sums.n_bt; ++bt) {
+        for (size_t n = 0; n < sums.near[bt].size(); ++n) {
+            const NearTerm& t = sums.near[bt][n];
+            const T* df = sums.near_diff[bt].data() + n * D;
+            for (int64_t k = 0; k < D; ++k) {
+                if (gx_) gx_[t.b * D + k] -= T(t.p) * df[k];
+                if (gm_) gm_[t.c * D + k] += T(t.p) * df[k];
+            }
+        }
+    }
+    at::Tensor dx = want.x ? at::empty_like(raw.x) : at::Tensor();
+    at::Tensor dmu = want.mu ? at::empty_like(raw.mu) : at::Tensor();
+    struct Side {
+        const T *v, *vp, *g, *scale;
+        const double* ds;
+        T* dv;
+        int64_t n;
+        bool want_dlc;
+    };
+    const Side sides[2] = {
+        {raw.x.data_ptr<T>(), in.xp.template data_ptr<T>(), gx_, sums.row_p.template data_ptr<T>(),
+         sums.dsx.template data_ptr<double>(), want.x ? dx.data_ptr<T>() : nullptr, B, want.lc},
+        {raw.mu.data_ptr<T>(), in.mup.template data_ptr<T>(), gm_, colsum_p.template data_ptr<T>(), dsmu,
+         want.mu ? dmu.data_ptr<T>() : nullptr, C, want.lc}};
+    const int64_t chunk_rows = rows_per_task(D);
+    const int64_t x_chunks = ceil_div(B, chunk_rows), n_chunks = x_chunks + ceil_div(C, chunk_rows);
+    const bool want_dlc = want.lc, want_dbeta = want.beta;
+    std::vector<T> lc_part(want_dlc ? n_chunks * D : 0, T(0));
+    std::vector<double> beta_part(want_dbeta ? n_chunks * D : 0, 0.0);
+    const T *lp = raw.lc.data_ptr<T>(), *bp = raw.beta.data_ptr<T>(), *mp = m.data_ptr<T>();
+    T* lparts = lc_part.data();
+    double* bparts = beta_part.data();
+    at::parallel_for(0, n_chunks, 1, [&sides, x_chunks, chunk_rows, D, lp, bp, mp, lparts, bparts, want_dlc,
+                                      want_dbeta](int64_t begin, int64_t end) {
+        const T* __restrict__ l = lp;
+        const T* __restrict__ bb = bp;
+        const T* __restrict__ mm = mp;
+        for (int64_t ch = begin; ch < end; ++ch) {
+            const Side& sd = sides[ch < x_chunks ? 0 : 1];
+            const int64_t r0 = (ch < x_chunks ? ch : ch - x_chunks) * chunk_rows;
+            const int64_t r1 = std::min(sd.n, r0 + chunk_rows);
+            T* __restrict__ acc = want_dlc ? lparts + ch * D : nullptr;
+            double* __restrict__ accb = want_dbeta ? bparts + ch * D : nullptr;
+            for (int64_t i = r0; i < r1; ++i) {
+                const T* __restrict__ vrow = sd.v + i * D;
+                const double dsi64 = sd.ds[i];
+                if (sd.g != nullptr) {
+                    const T si = sd.scale[i], dsi = T(dsi64);
+                    const T* __restrict__ vprow = sd.vp + i * D;
+                    const T* __restrict__ grow = sd.g + i * D;
+                    T* __restrict__ orow = sd.dv != nullptr ? sd.dv + i * D : nullptr;
+                    if (orow != nullptr && acc != nullptr) {
+#pragma omp simd
+                        for (int64_t k = 0; k < D; ++k) {
+                            const T dvp = si * vprow[k] - grow[k];
+                            orow[k] = dvp * l[k] + dsi * bb[k];
+                            acc[k] += (vrow[k] - mm[k]) * dvp;
+                        }
+                    } else if (orow != nullptr) {
+#pragma omp simd
+                        for (int64_t k = 0; k < D; ++k) orow[k] = (si * vprow[k] - grow[k]) * l[k] + dsi * bb[k];
+                    } else if (acc != nullptr) {
+#pragma omp simd
+                        for (int64_t k = 0; k < D; ++k) acc[k] += (vrow[k] - mm[k]) * (si * vprow[k] - grow[k]);
+                    }
+                }
+                if (accb != nullptr) {
+#pragma omp simd
+                    for (int64_t k = 0; k < D; ++k) accb[k] += dsi64 * (double(vrow[k]) - double(mm[k]));
+                }
+            }
+        }
+    });
+    if (want_dlc) {
+        T* dl = dlc.data_ptr<T>();
+        for (int64_t ch = 0; ch < n_chunks; ++ch)
+            for (int64_t k = 0; k < D; ++k) dl[k] += lc_part[ch * D + k];
+    }
+    if (want_dbeta) {
+        std::vector<double> x_sum(D, 0.0), mu_sum(D, 0.0);
+        for (int64_t ch = 0; ch < n_chunks; ++ch) {
+            double* total = ch < x_chunks ? x_sum.data() : mu_sum.data();
+            for (int64_t k = 0; k < D; ++k) total[k] += beta_part[ch * D + k];
+        }
+        for (int64_t k = 0; k < D; ++k) dbeta[k] += x_sum[k] + mu_sum[k];
+    }
+    return {dx, dmu};
+}
+
 // Backward (docs/design.md §2, the algorithm), with H = −γ·G, P = H/a, R = H·λ·s/r:
 //   ∂x' = rowsum(P)·x' − P·mu',  ∂mu' = colsum(P)·mu' − Pᵀ·x'   (far pairs: two BLAS GEMMs)
 //   ± P·diff' for the near pairs; ∂sx = rowsum(R), ∂smu = −colsum(R), ∂λ = Σ H·r, ∂γ = −Σ G·d,
@@ -617,16 +800,21 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
     const at::Tensor m = center_of<T>(raw.mu);
     at::Tensor dlc = want.lc ? at::zeros_like(raw.lc) : at::empty({0}, opts);
     const bool fold_x_side = !want.x && want.lc && (raw.lc.dim() == 1 || B > D);
-    at::Tensor dxp, dmup;
-    if (fold_x_side)
-        dmup = gradient_gemms_without_dxp(in, raw, m, sums, colsum_p, dlc);
-    else
-        std::tie(dxp, dmup) = gradient_gemms(in, sums, colsum_p, want.xp(), want.mup());
     std::vector<double> dbeta64(D, 0.0);
-    at::Tensor dx = chain_rows<T>(raw, m, dxp, sums.dsx.template data_ptr<double>(), dlc, dbeta64, true, want.x,
-                                  want.lc && !fold_x_side, want.beta);
-    at::Tensor dmu = chain_rows<T>(raw, m, dmup, dsmu.data_ptr<double>(), dlc, dbeta64, false, want.mu, want.lc,
-                                   want.beta);
+    at::Tensor dx, dmu;
+    if (raw.lc.dim() == 1 && !fold_x_side) {
+        std::tie(dx, dmu) = diagonal_backward_tail(in, raw, m, sums, colsum_p, dsmu.data_ptr<double>(), dlc, dbeta64,
+                                                   want);
+    } else {
+        at::Tensor dxp, dmup;
+        if (fold_x_side)
+            dmup = gradient_gemms_without_dxp(in, raw, m, sums, colsum_p, dlc);
+        else
+            std::tie(dxp, dmup) = gradient_gemms(in, sums, colsum_p, want.xp(), want.mup());
+        dx = chain_rows<T>(raw, m, dxp, sums.dsx.template data_ptr<double>(), dlc, dbeta64, true, want.x,
+                           want.lc && !fold_x_side, want.beta);
+        dmu = chain_rows<T>(raw, m, dmup, dsmu.data_ptr<double>(), dlc, dbeta64, false, want.mu, want.lc, want.beta);
+    }
     if (!want.x) dx = at::empty({0}, opts);
     if (!want.mu) dmu = at::empty({0}, opts);
     at::Tensor dbeta = at::empty({want.beta ? D : 0}, opts);
