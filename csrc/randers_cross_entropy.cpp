@@ -155,13 +155,7 @@ struct ClassTile {
             for (int64_t j = 0; j < nc; ++j)
                 for (int64_t k = 0; k < D; ++k) mup[j * D + k] = cent[j * D + k] * in.lc[k];
         }
-        for (int64_t j = 0; j < nc; ++j) {
-            const T* __restrict__ row = mup.data() + j * D;
-            double n = 0;
-#pragma omp simd reduction(+ : n)  // as the logits op's row_sq_norms
-            for (int64_t k = 0; k < D; ++k) n += double(row[k]) * double(row[k]);
-            norm[j] = T(n);
-        }
+        for (int64_t j = 0; j < nc; ++j) norm[j] = row_sq_norm(mup.data() + j * D, D);  // as the logits op's
     }
 
     at::Tensor mup_tensor(const at::TensorOptions& opts) { return at::from_blob(mup.data(), {nc, D}, opts); }

@@ -138,13 +138,7 @@ TopkProblem<T> setup(const at::Tensor& x, const at::Tensor& mu, const at::Tensor
         for (int64_t ct = begin; ct < end; ++ct) {
             const int64_t c0 = ct * kTileC, nc = std::min(kTileC, pb.in.C - c0);
             project_tile(pb, c0, nc, cent.data(), mup.data());
-            for (int64_t j = 0; j < nc; ++j) {
-                const T* __restrict__ row = mup.data() + j * D;
-                double acc = 0;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t kk = 0; kk < D; ++kk) acc += double(row[kk]) * double(row[kk]);
-                norms[c0 + j] = T(acc);
-            }
+            for (int64_t j = 0; j < nc; ++j) norms[c0 + j] = row_sq_norm(mup.data() + j * D, D);
         }
     });
     return pb;
