@@ -74,9 +74,12 @@ void split_all(const double* s, int64_t n, std::vector<T>& hi, std::vector<T>& l
     for (int64_t i = 0; i < n; ++i) split_hi_lo(s[i], hi[i], lo[i]);
 }
 
-// |row|² of one row, summed in float64 (vectorised: a fixed order, deterministic).
+// |row|² of one row, summed in float64 (vectorised). Never inlined: the simd reduction's order is
+// the compiler's choice, and two inlined copies (a parallel region's body and its one-thread path,
+// say) were seen to sum in different orders, so float64 norms, and logits, changed with the thread
+// count. One compiled copy serves every caller (the logits, cross-entropy and top-k ops alike).
 template <typename T>
-inline T row_sq_norm(const T* __restrict__ row, int64_t D) {
+__attribute__((noinline)) T row_sq_norm(const T* __restrict__ row, int64_t D) {
     double acc = 0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t k = 0; k < D; ++k) acc += double(row[k]) * double(row[k]);

@@ -360,3 +360,40 @@ def test_features_without_grad_fold_their_metric_half(full, dtype, threads):
         assert all(torch.equal(again[n], frozen[n]) for n in frozen)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["diag", "full"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("wanted", [("x", "mu", "L", "beta", "lam", "gamma"), ("x",), ("mu", "L", "beta"), ("beta",)],
+                         ids=["all", "x", "probe", "beta"])
+def test_row_passes_over_several_chunks(full, dtype, wanted):
+    """The C++ row passes split x and mu into fixed chunks of rows (~16k elements: 128 rows at
+    D = 128, csrc/randers_common.h rows_per_task) and add their partial sums in chunk order: the
+    diagonal factor's preparation and backward tail run x's chunks and mu's chunks in one region.
+    Here both sides span several chunks, one of them partial (B = 300: 3, C = 390: 4), on the near-
+    prototype case: the forward and each subset of gradients match the float64 reference, and 1
+    and 2 threads give the same bits."""
+    inputs = make_inputs(300, 390, 128, full=full, dtype=dtype, near=True, seed=11)
+    w = torch.randn(300, 390, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+
+    def run(backend, cast=None):
+        ins = [t.detach().clone().to(cast or t.dtype).requires_grad_(n in wanted) for n, t in zip(NAMES, inputs)]
+        out = fk.randers_logits(*ins, backend=backend)
+        grads = torch.autograd.grad(out, [t for t in ins if t.requires_grad], w.to(out.dtype))
+        return out.detach(), dict(zip([n for n in NAMES if n in wanted], grads))
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out1, grads1 = run("cpp")
+        torch.set_num_threads(2)
+        out2, grads2 = run("cpp")
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(grads1[n], grads2[n]) for n in grads1)
+    ref_out, ref_grads = run("reference", torch.float64)
+    assert_rel_close(out2, ref_out, FWD_TOL[dtype] if dtype == torch.float64 else 1e-5, "logits")
+    tol = GRAD_TOL[dtype] if dtype == torch.float64 else 1e-5
+    for name, g in grads2.items():
+        assert_norm_close(g, ref_grads[name], tol, name)
