@@ -36,6 +36,14 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kRowPassElements = 16384;
 inline int64_t rows_per_task(int64_t D) { return std::max<int64_t>(1, kRowPassElements / std::max<int64_t>(D, 1)); }
 
+// The grain, in chunks, of a parallel_for over the chunks of x and mu together (n_chunks of them,
+// `rows` rows of D in all): one task per chunk, but all of them on the calling thread when the two
+// sides together are one chunk's worth (a small head: x's and mu's partial chunks would otherwise
+// wake a second thread for a few µs of work).
+inline int64_t two_side_grain(int64_t n_chunks, int64_t rows, int64_t D) {
+    return rows * D > kRowPassElements ? 1 : std::max<int64_t>(n_chunks, 1);
+}
+
 // The prepared operands of one call (one name for the idea, as on the Triton side):
 // x' = (x − m)·Lc and mu' = (mu − m)·Lc (m the centre of the prototypes), their squared norms,
 // sx = x·beta and smu = mu·beta in float64, and the raw rows and factor for the near pairs.

@@ -180,7 +180,8 @@ DiagonalPreparation<T> diagonal_preparation(const RawInputs& raw, const at::Tens
     const T *lp = raw.lc.data_ptr<T>(), *mp = m.data_ptr<T>();
     const int64_t chunk_rows = rows_per_task(D);
     const int64_t x_chunks = ceil_div(B, chunk_rows), n_chunks = x_chunks + ceil_div(C, chunk_rows);
-    at::parallel_for(0, n_chunks, 1, [&sides, x_chunks, chunk_rows, D, lp, mp, b64](int64_t begin, int64_t end) {
+    const int64_t grain = two_side_grain(n_chunks, B + C, D);
+    at::parallel_for(0, n_chunks, grain, [&sides, x_chunks, chunk_rows, D, lp, mp, b64](int64_t begin, int64_t end) {
         const T* __restrict__ l = lp;
         const T* __restrict__ mm = mp;
         for (int64_t ch = begin; ch < end; ++ch) {
@@ -705,8 +706,9 @@ std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, 
     const T *lp = raw.lc.data_ptr<T>(), *bp = raw.beta.data_ptr<T>(), *mp = m.data_ptr<T>();
     T* lparts = lc_part.data();
     double* bparts = beta_part.data();
-    at::parallel_for(0, n_chunks, 1, [&sides, x_chunks, chunk_rows, D, lp, bp, mp, lparts, bparts, want_dlc,
-                                      want_dbeta](int64_t begin, int64_t end) {
+    const int64_t grain = two_side_grain(n_chunks, B + C, D);
+    at::parallel_for(0, n_chunks, grain, [&sides, x_chunks, chunk_rows, D, lp, bp, mp, lparts, bparts, want_dlc,
+                                          want_dbeta](int64_t begin, int64_t end) {
         const T* __restrict__ l = lp;
         const T* __restrict__ bb = bp;
         const T* __restrict__ mm = mp;
