@@ -36,13 +36,21 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kRowPassElements = 16384;
 inline int64_t rows_per_task(int64_t D) { return std::max<int64_t>(1, kRowPassElements / std::max<int64_t>(D, 1)); }
 
-// The grain, in chunks, of a parallel_for over the chunks of x and mu together (n_chunks of them,
-// `rows` rows of D in all): one task per chunk, but all of them on the calling thread when the two
-// sides together are one chunk's worth (a small head: x's and mu's partial chunks would otherwise
-// wake a second thread for a few µs of work).
-inline int64_t two_side_grain(int64_t n_chunks, int64_t rows, int64_t D) {
-    return rows * D > kRowPassElements ? 1 : std::max<int64_t>(n_chunks, 1);
-}
+// The rows of x [B, D] and mu [C, D] as one range of fixed chunks of rows_per_task(D) rows, x's
+// first, for a pass over both sides in one parallel region: chunk ch covers rows first_row(ch) ..
+// first_row(ch) + chunk_rows (clipped) of side side(ch) (0: x, 1: mu). grain: one task per chunk, but
+// all of them on the calling thread where the two sides together are one chunk's worth (a small
+// head: x's and mu's partial chunks would otherwise wake a second thread for a few µs of work).
+struct TwoSideChunks {
+    int64_t chunk_rows, x_chunks, n_chunks, grain;
+    TwoSideChunks(int64_t B, int64_t C, int64_t D)
+        : chunk_rows(rows_per_task(D)),
+          x_chunks(ceil_div(B, chunk_rows)),
+          n_chunks(x_chunks + ceil_div(C, chunk_rows)),
+          grain((B + C) * D > kRowPassElements ? 1 : std::max<int64_t>(n_chunks, 1)) {}
+    int side(int64_t ch) const { return ch < x_chunks ? 0 : 1; }
+    int64_t first_row(int64_t ch) const { return (ch < x_chunks ? ch : ch - x_chunks) * chunk_rows; }
+};
 
 // The prepared operands of one call (one name for the idea, as on the Triton side):
 // x' = (x − m)·Lc and mu' = (mu − m)·Lc (m the centre of the prototypes), their squared norms,

@@ -178,16 +178,13 @@ DiagonalPreparation<T> diagonal_preparation(const RawInputs& raw, const at::Tens
     std::vector<double> beta64(bp, bp + D);
     const double* b64 = beta64.data();
     const T *lp = raw.lc.data_ptr<T>(), *mp = m.data_ptr<T>();
-    const int64_t chunk_rows = rows_per_task(D);
-    const int64_t x_chunks = ceil_div(B, chunk_rows), n_chunks = x_chunks + ceil_div(C, chunk_rows);
-    const int64_t grain = two_side_grain(n_chunks, B + C, D);
-    at::parallel_for(0, n_chunks, grain, [&sides, x_chunks, chunk_rows, D, lp, mp, b64](int64_t begin, int64_t end) {
+    const TwoSideChunks chunks(B, C, D);
+    at::parallel_for(0, chunks.n_chunks, chunks.grain, [&sides, &chunks, D, lp, mp, b64](int64_t begin, int64_t end) {
         const T* __restrict__ l = lp;
         const T* __restrict__ mm = mp;
         for (int64_t ch = begin; ch < end; ++ch) {
-            const Side& sd = sides[ch < x_chunks ? 0 : 1];
-            const int64_t r0 = (ch < x_chunks ? ch : ch - x_chunks) * chunk_rows;
-            const int64_t r1 = std::min(sd.n, r0 + chunk_rows);
+            const Side& sd = sides[chunks.side(ch)];
+            const int64_t r0 = chunks.first_row(ch), r1 = std::min(sd.n, r0 + chunks.chunk_rows);
             for (int64_t i = r0; i < r1; ++i) {
                 const T* __restrict__ vrow = sd.v + i * D;
                 T* __restrict__ orow = sd.vp + i * D;
@@ -691,31 +688,28 @@ std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, 
         const double* ds;
         T* dv;
         int64_t n;
-        bool want_dlc;
     };
     const Side sides[2] = {
         {raw.x.data_ptr<T>(), in.xp.template data_ptr<T>(), gx_, sums.row_p.template data_ptr<T>(),
-         sums.dsx.template data_ptr<double>(), want.x ? dx.data_ptr<T>() : nullptr, B, want.lc},
+         sums.dsx.template data_ptr<double>(), want.x ? dx.data_ptr<T>() : nullptr, B},
         {raw.mu.data_ptr<T>(), in.mup.template data_ptr<T>(), gm_, colsum_p.template data_ptr<T>(), dsmu,
-         want.mu ? dmu.data_ptr<T>() : nullptr, C, want.lc}};
-    const int64_t chunk_rows = rows_per_task(D);
-    const int64_t x_chunks = ceil_div(B, chunk_rows), n_chunks = x_chunks + ceil_div(C, chunk_rows);
+         want.mu ? dmu.data_ptr<T>() : nullptr, C}};
+    const TwoSideChunks chunks(B, C, D);
+    const int64_t n_chunks = chunks.n_chunks;
     const bool want_dlc = want.lc, want_dbeta = want.beta;
     std::vector<T> lc_part(want_dlc ? n_chunks * D : 0, T(0));
     std::vector<double> beta_part(want_dbeta ? n_chunks * D : 0, 0.0);
     const T *lp = raw.lc.data_ptr<T>(), *bp = raw.beta.data_ptr<T>(), *mp = m.data_ptr<T>();
     T* lparts = lc_part.data();
     double* bparts = beta_part.data();
-    const int64_t grain = two_side_grain(n_chunks, B + C, D);
-    at::parallel_for(0, n_chunks, grain, [&sides, x_chunks, chunk_rows, D, lp, bp, mp, lparts, bparts, want_dlc,
-                                          want_dbeta](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_chunks, chunks.grain, [&sides, &chunks, D, lp, bp, mp, lparts, bparts, want_dlc,
+                                                 want_dbeta](int64_t begin, int64_t end) {
         const T* __restrict__ l = lp;
         const T* __restrict__ bb = bp;
         const T* __restrict__ mm = mp;
         for (int64_t ch = begin; ch < end; ++ch) {
-            const Side& sd = sides[ch < x_chunks ? 0 : 1];
-            const int64_t r0 = (ch < x_chunks ? ch : ch - x_chunks) * chunk_rows;
-            const int64_t r1 = std::min(sd.n, r0 + chunk_rows);
+            const Side& sd = sides[chunks.side(ch)];
+            const int64_t r0 = chunks.first_row(ch), r1 = std::min(sd.n, r0 + chunks.chunk_rows);
             T* __restrict__ acc = want_dlc ? lparts + ch * D : nullptr;
             double* __restrict__ accb = want_dbeta ? bparts + ch * D : nullptr;
             for (int64_t i = r0; i < r1; ++i) {
@@ -756,7 +750,7 @@ std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, 
     if (want_dbeta) {
         std::vector<double> x_sum(D, 0.0), mu_sum(D, 0.0);
         for (int64_t ch = 0; ch < n_chunks; ++ch) {
-            double* total = ch < x_chunks ? x_sum.data() : mu_sum.data();
+            double* total = chunks.side(ch) == 0 ? x_sum.data() : mu_sum.data();
             for (int64_t k = 0; k < D; ++k) total[k] += beta_part[ch * D + k];
         }
         for (int64_t k = 0; k < D; ++k) dbeta[k] += x_sum[k] + mu_sum[k];
