@@ -264,11 +264,11 @@ at::Tensor randers_logits_prepared_cpu(const at::Tensor& x, const at::Tensor& mu
     return logits;
 }
 
-// The chain rule for one side (v = x or mu, with its ∂v' and ∂s): returns ∂v = ∂v'·Lcᵀ + ∂s·betaᵀ
-// (want_dv) and adds (v − m)ᵀ·∂v' to dlc (want_dlc) and Σ_i ∂s_i·(v_i − m) to dbeta (want_dbeta;
-// float64, centred, see centred_weighted_sum). A diagonal factor takes one fused pass over the
-// rows, in fixed chunks summed in order (deterministic); a full one two GEMMs. dvp may be undefined
-// where neither ∂v nor ∂Lc is wanted.
+// The chain rule for one side of a full factor (v = x or mu, with its ∂v' and ∂s): returns
+// ∂v = ∂v'·Lcᵀ + ∂s·betaᵀ (want_dv) and adds (v − m)ᵀ·∂v' to dlc (want_dlc) and Σ_i ∂s_i·(v_i − m)
+// to dbeta (want_dbeta; float64, centred, see centred_weighted_sum): two GEMMs and one pass. dvp may
+// be undefined where neither ∂v nor ∂Lc is wanted. (A diagonal factor's chain rule is in its
+// backward tail, diagonal_backward_tail.)
 template <typename T>
 at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tensor& dvp, const double* ds,
                       at::Tensor& dlc, std::vector<double>& dbeta, bool x_side, bool want_dv, bool want_dlc,
@@ -282,63 +282,28 @@ at::Tensor chain_rows(const RawInputs& raw, const at::Tensor& m, const at::Tenso
         for (int64_t k = 0; k < D; ++k) dbeta[k] += db[k];
     }
     if (!want_dv && !want_dlc) return at::Tensor();
-    if (raw.lc.dim() == 2) {
-        if (want_dlc) dlc.addmm_((v - m).t(), dvp);
-        if (!want_dv) return at::Tensor();
-        // A wide factor [A | ridge·I]: ∂v = ∂v'[:, :D]·Aᵀ + ridge·∂v'[:, D:] (no product with the identity block).
-        const T ridge = T(raw.ridge);
-        at::Tensor dv = ridge > T(0) ? at::mm(dvp.narrow(1, 0, D), raw.lc.narrow(1, 0, D).t()) : at::mm(dvp, raw.lc.t());
-        T* o = dv.data_ptr<T>();
-        const T* gp = dvp.data_ptr<T>();
-        at::parallel_for(0, n, rows_per_task(D), [o, ds, bp, gp, ridge, D](int64_t begin, int64_t end) {
-            for (int64_t i = begin; i < end; ++i) {
-                const T dsi = T(ds[i]);
-                T* __restrict__ row = o + i * D;
-                if (ridge > T(0)) {
-                    const T* __restrict__ right = gp + i * 2 * D + D;
-#pragma omp simd
-                    for (int64_t k = 0; k < D; ++k) row[k] += dsi * bp[k] + ridge * right[k];
-                } else {
-#pragma omp simd
-                    for (int64_t k = 0; k < D; ++k) row[k] += dsi * bp[k];
-                }
-            }
-        });
-        return dv;
-    }
-    // The diagonal factor: ∂v and the ∂Lc partials in one pass (a scratch ∂v when only ∂Lc is wanted).
-    at::Tensor dv = at::empty_like(v);
-    const T *vp = v.data_ptr<T>(), *gp = dvp.data_ptr<T>(), *lp = raw.lc.data_ptr<T>();
+    if (want_dlc) dlc.addmm_((v - m).t(), dvp);
+    if (!want_dv) return at::Tensor();
+    // A wide factor [A | ridge·I]: ∂v = ∂v'[:, :D]·Aᵀ + ridge·∂v'[:, D:] (no product with the identity block).
+    const T ridge = T(raw.ridge);
+    at::Tensor dv = ridge > T(0) ? at::mm(dvp.narrow(1, 0, D), raw.lc.narrow(1, 0, D).t()) : at::mm(dvp, raw.lc.t());
     T* o = dv.data_ptr<T>();
-    const int64_t chunk_rows = rows_per_task(D);
-    const int64_t n_chunks = ceil_div(n, chunk_rows);
-    std::vector<T> part(n_chunks * D, T(0));
-    T* parts = part.data();
-    at::parallel_for(0, n_chunks, 1, [vp, gp, lp, bp, mp, ds, o, parts, n, D, chunk_rows](int64_t begin, int64_t end) {
-        for (int64_t ch = begin; ch < end; ++ch) {
-            T* __restrict__ acc = parts + ch * D;
-            const T* __restrict__ l = lp;
-            const T* __restrict__ bb = bp;
-            const T* __restrict__ mm = mp;
-            for (int64_t i = ch * chunk_rows; i < std::min(n, (ch + 1) * chunk_rows); ++i) {
-                const T dsi = T(ds[i]);
-                const T* __restrict__ vrow = vp + i * D;
-                const T* __restrict__ grow = gp + i * D;
-                T* __restrict__ orow = o + i * D;
-#pragma omp simd  // independent columns: local restrict pointers alone did not make GCC vectorise
-                for (int64_t k = 0; k < D; ++k) {
-                    orow[k] = grow[k] * l[k] + dsi * bb[k];
-                    acc[k] += (vrow[k] - mm[k]) * grow[k];
-                }
+    const T* gp = dvp.data_ptr<T>();
+    at::parallel_for(0, n, rows_per_task(D), [o, ds, bp, gp, ridge, D](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const T dsi = T(ds[i]);
+            T* __restrict__ row = o + i * D;
+            if (ridge > T(0)) {
+                const T* __restrict__ right = gp + i * 2 * D + D;
+#pragma omp simd
+                for (int64_t k = 0; k < D; ++k) row[k] += dsi * bp[k] + ridge * right[k];
+            } else {
+#pragma omp simd
+                for (int64_t k = 0; k < D; ++k) row[k] += dsi * bp[k];
             }
         }
     });
-    if (want_dlc) {
-        T* dl = dlc.data_ptr<T>();
-        for (int64_t ch = 0; ch < n_chunks; ++ch)
-            for (int64_t k = 0; k < D; ++k) dl[k] += part[ch * D + k];
-    }
-    return want_dv ? dv : at::Tensor();
+    return dv;
 }
 
 // A near pair: its ∂x', ∂mu' terms are added from diff' directly instead of through
@@ -582,33 +547,8 @@ std::pair<at::Tensor, at::Tensor> gradient_gemms(const Operands<T>& in, PairSums
     return {dxp, dmup};
 }
 
-// Σ_i a_i ⊙ b_i over the rows of two [n, D] tensors, in T, into out [D] (added): fixed row chunks
-// summed in order, so the result does not depend on the thread count (as chain_rows).
-template <typename T>
-void add_column_dots(const at::Tensor& a, const at::Tensor& b, T sign, T* out) {
-    const int64_t n = a.size(0), D = a.size(1);
-    const T *ap = a.data_ptr<T>(), *bp = b.data_ptr<T>();
-    const int64_t chunk_rows = rows_per_task(D);
-    const int64_t n_chunks = ceil_div(n, chunk_rows);
-    std::vector<T> part(n_chunks * D, T(0));
-    T* parts = part.data();
-    at::parallel_for(0, n_chunks, 1, [ap, bp, parts, n, D, chunk_rows](int64_t begin, int64_t end) {
-        for (int64_t ch = begin; ch < end; ++ch) {
-            T* __restrict__ acc = parts + ch * D;
-            for (int64_t i = ch * chunk_rows; i < std::min(n, (ch + 1) * chunk_rows); ++i) {
-                const T* __restrict__ ar = ap + i * D;
-                const T* __restrict__ br = bp + i * D;
-#pragma omp simd
-                for (int64_t k = 0; k < D; ++k) acc[k] += ar[k] * br[k];
-            }
-        }
-    });
-    for (int64_t ch = 0; ch < n_chunks; ++ch)
-        for (int64_t k = 0; k < D; ++k) out[k] += sign * part[ch * D + k];
-}
-
-// Features without grad and a trainable metric (a linear probe, or a head behind a frozen backbone):
-// ∂x' is wanted only for ∂Lc's x half, (x − m)ᵀ·∂x' with ∂x' = rowsum(P)·x' − P·mu' (+ p·diff' at the
+// Features without grad and a trainable full metric (a linear probe, or a head behind a frozen
+// backbone; a diagonal factor does the same in diagonal_backward_tail): ∂x' is wanted only for ∂Lc's x half, (x − m)ᵀ·∂x' with ∂x' = rowsum(P)·x' − P·mu' (+ p·diff' at the
 // near pairs). Its GEMM term is (x − m)ᵀ·P·mu' = Aᵀ·mu' with A = Pᵀ·(x − m), and A is the ∂mu' side's
 // GEMM too (Pᵀ·x' = A·Lc): one B×C×D product instead of two, as nn.Linear's backward without ∂x
 // (a full L adds A·Lc and Aᵀ·mu', two C×D² products, so it is taken there for B > D only).
@@ -617,19 +557,12 @@ template <typename T>
 at::Tensor gradient_gemms_without_dxp(const Operands<T>& in, const RawInputs& raw, const at::Tensor& m,
                                       PairSums<T>& sums, const at::Tensor& colsum_p, at::Tensor& dlc) {
     const int64_t D = in.D, K = in.K;
-    const bool full = raw.lc.dim() == 2;
     const at::Tensor xc = raw.x - m;
     const at::Tensor A = at::mm(sums.P.t(), xc);
     sums.P.reset();
-    const at::Tensor dmup = full ? scaled_rows_minus_product<T>(in.mup, colsum_p.template data_ptr<T>(), A, raw.lc)
-                                 : (in.mup * colsum_p.unsqueeze(1)).addcmul_(A, raw.lc, -1);
+    const at::Tensor dmup = scaled_rows_minus_product<T>(in.mup, colsum_p.template data_ptr<T>(), A, raw.lc);
     const at::Tensor xr = xc * sums.row_p.unsqueeze(1);  // rowsum(P)_b·(x_b − m)
-    if (full) {
-        dlc.addmm_(xr.t(), in.xp).addmm_(A.t(), in.mup, 1, -1);
-    } else {
-        add_column_dots<T>(xr, in.xp, T(1), dlc.data_ptr<T>());
-        add_column_dots<T>(A, in.mup, T(-1), dlc.data_ptr<T>());
-    }
+    dlc.addmm_(xr.t(), in.xp).addmm_(A.t(), in.mup, 1, -1);
     T* dm_ = dmup.data_ptr<T>();
     T* dl_ = dlc.data_ptr<T>();
     const T* xcp = xc.data_ptr<T>();
@@ -639,12 +572,9 @@ at::Tensor gradient_gemms_without_dxp(const Operands<T>& in, const RawInputs& ra
             const T* df = sums.near_diff[bt].data() + n * K;
             const T* xb = xcp + t.b * D;
             for (int64_t k = 0; k < K; ++k) dm_[t.c * K + k] -= T(t.p) * df[k];
-            if (full) {  // ∂x'_b gains p·diff': (x_b − m)ᵀ·p·diff' in ∂Lc [D, K]
-                for (int64_t i = 0; i < D; ++i)
-                    for (int64_t k = 0; k < K; ++k) dl_[i * K + k] += xb[i] * T(t.p) * df[k];
-            } else {
-                for (int64_t k = 0; k < D; ++k) dl_[k] += xb[k] * T(t.p) * df[k];
-            }
+            // ∂x'_b gains p·diff': (x_b − m)ᵀ·p·diff' in ∂Lc [D, K]
+            for (int64_t i = 0; i < D; ++i)
+                for (int64_t k = 0; k < K; ++k) dl_[i * K + k] += xb[i] * T(t.p) * df[k];
         }
     }
     return dmup;
@@ -665,8 +595,14 @@ std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, 
                                                          at::Tensor& dlc, std::vector<double>& dbeta,
                                                          const GradMask& want) {
     const int64_t B = in.B, C = in.C, D = in.D;
-    at::Tensor gx = want.xp() ? at::mm(sums.P, in.mup) : at::Tensor();
-    at::Tensor gmu = want.mup() ? at::mm(sums.P.t(), in.xp) : at::Tensor();
+    // A linear probe (features without grad, Lc trained): ∂Lc's x half Σ_b (x_b − m)⊙∂x'_b, with
+    // ∂x'_b = rowsum(P)_b·x'_b − (P·mu')_b (+ p·diff' at its near pairs), takes its GEMM term from the
+    // mu side's GEMM: Σ_b (x_b − m)⊙(P·mu')_b = Σ_c A_c⊙mu'_c = Σ_c G_mu,c⊙(mu_c − m), with
+    // A = Pᵀ·(x − m) and G_mu = Pᵀ·x' = A⊙Lc. One B×C×D product, as nn.Linear's backward without ∂x.
+    const bool probe = !want.x && want.lc;
+    at::Tensor gx = want.xp() && !probe ? at::mm(sums.P, in.mup) : at::Tensor();
+    at::Tensor gmu = probe ? at::mm(sums.P.t(), raw.x - m).mul_(raw.lc)
+                           : want.mup() ? at::mm(sums.P.t(), in.xp) : at::Tensor();
     sums.P.reset();
     // ∂x'_b gains + p·diff' and ∂mu'_c − p·diff' at a near pair: G_x − p·diff', G_mu + p·diff'.
     T* gx_ = gx.defined() ? gx.data_ptr<T>() : nullptr;
@@ -683,17 +619,20 @@ std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, 
     }
     at::Tensor dx = want.x ? at::empty_like(raw.x) : at::Tensor();
     at::Tensor dmu = want.mu ? at::empty_like(raw.mu) : at::Tensor();
+    // probe: x's rows add rowsum(P)_b·(x_b − m)⊙x'_b to ∂Lc (x_half_rows), mu's rows −G_mu,c⊙(mu_c − m)
+    // (x_half_g), the two parts of ∂Lc's x half besides its near pairs (added after the pass).
     struct Side {
         const T *v, *vp, *g, *scale;
         const double* ds;
         T* dv;
         int64_t n;
+        bool x_half_rows, x_half_g;
     };
     const Side sides[2] = {
         {raw.x.data_ptr<T>(), in.xp.template data_ptr<T>(), gx_, sums.row_p.template data_ptr<T>(),
-         sums.dsx.template data_ptr<double>(), want.x ? dx.data_ptr<T>() : nullptr, B},
+         sums.dsx.template data_ptr<double>(), want.x ? dx.data_ptr<T>() : nullptr, B, probe, false},
         {raw.mu.data_ptr<T>(), in.mup.template data_ptr<T>(), gm_, colsum_p.template data_ptr<T>(), dsmu,
-         want.mu ? dmu.data_ptr<T>() : nullptr, C}};
+         want.mu ? dmu.data_ptr<T>() : nullptr, C, false, probe}};
     const TwoSideChunks chunks(B, C, D);
     const int64_t n_chunks = chunks.n_chunks;
     const bool want_dlc = want.lc, want_dbeta = want.beta;
@@ -720,7 +659,14 @@ std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, 
                     const T* __restrict__ vprow = sd.vp + i * D;
                     const T* __restrict__ grow = sd.g + i * D;
                     T* __restrict__ orow = sd.dv != nullptr ? sd.dv + i * D : nullptr;
-                    if (orow != nullptr && acc != nullptr) {
+                    if (sd.x_half_g) {  // a probe's mu rows: ∂mu' and, in ∂Lc, its mu half and −G⊙(mu − m)
+#pragma omp simd
+                        for (int64_t k = 0; k < D; ++k) {
+                            const T dvp = si * vprow[k] - grow[k];
+                            if (orow != nullptr) orow[k] = dvp * l[k] + dsi * bb[k];
+                            acc[k] += (vrow[k] - mm[k]) * (dvp - grow[k]);
+                        }
+                    } else if (orow != nullptr && acc != nullptr) {
 #pragma omp simd
                         for (int64_t k = 0; k < D; ++k) {
                             const T dvp = si * vprow[k] - grow[k];
@@ -734,6 +680,11 @@ std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, 
 #pragma omp simd
                         for (int64_t k = 0; k < D; ++k) acc[k] += (vrow[k] - mm[k]) * (si * vprow[k] - grow[k]);
                     }
+                } else if (sd.x_half_rows) {  // a probe's x rows: rowsum(P)_b·(x_b − m)⊙x'_b
+                    const T si = sd.scale[i];
+                    const T* __restrict__ vprow = sd.vp + i * D;
+#pragma omp simd
+                    for (int64_t k = 0; k < D; ++k) acc[k] += (vrow[k] - mm[k]) * (si * vprow[k]);
                 }
                 if (accb != nullptr) {
 #pragma omp simd
@@ -746,6 +697,17 @@ std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, 
         T* dl = dlc.data_ptr<T>();
         for (int64_t ch = 0; ch < n_chunks; ++ch)
             for (int64_t k = 0; k < D; ++k) dl[k] += lc_part[ch * D + k];
+        // A probe's near pairs: ∂x'_b's + p·diff' in the x half, and the pass's −G_mu,c⊙(mu_c − m)
+        // took G_mu with their + p·diff' (for ∂mu'), which the x half's GEMM term does not have.
+        for (int64_t bt = 0; probe && bt < sums.n_bt; ++bt) {
+            for (size_t n = 0; n < sums.near[bt].size(); ++n) {
+                const NearTerm& t = sums.near[bt][n];
+                const T* df = sums.near_diff[bt].data() + n * D;
+                const T* xb = raw.x.data_ptr<T>() + t.b * D;
+                const T* mc = raw.mu.data_ptr<T>() + t.c * D;
+                for (int64_t k = 0; k < D; ++k) dl[k] += ((xb[k] - mp[k]) + (mc[k] - mp[k])) * (T(t.p) * df[k]);
+            }
+        }
     }
     if (want_dbeta) {
         std::vector<double> x_sum(D, 0.0), mu_sum(D, 0.0);
@@ -795,10 +757,10 @@ std::vector<at::Tensor> logits_backward(const Operands<T>& in, const RawInputs& 
     // The chain to the raw inputs (x' = (x − m)·Lc, sx = x·beta, and the same for mu).
     const at::Tensor m = center_of<T>(raw.mu);
     at::Tensor dlc = want.lc ? at::zeros_like(raw.lc) : at::empty({0}, opts);
-    const bool fold_x_side = !want.x && want.lc && (raw.lc.dim() == 1 || B > D);
+    const bool fold_x_side = !want.x && want.lc && B > D;  // a full factor's probe (the diagonal's: in its tail)
     std::vector<double> dbeta64(D, 0.0);
     at::Tensor dx, dmu;
-    if (raw.lc.dim() == 1 && !fold_x_side) {
+    if (raw.lc.dim() == 1) {
         std::tie(dx, dmu) = diagonal_backward_tail(in, raw, m, sums, colsum_p, dsmu.data_ptr<double>(), dlc, dbeta64,
                                                    want);
     } else {
