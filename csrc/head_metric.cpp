@@ -411,9 +411,7 @@ class HeadLogits : public torch::autograd::Function<HeadLogits> {
         const auto s = ctx->get_saved_variables();
         // The inputs (x, mu, sigma, beta, lmbda, scale) map one to one onto the logits op's
         // (x, mu, lc, beta, lam, gamma): the same grad_mask bits.
-        int64_t mask = 0;
-        for (int64_t k = 0; k < kNumGrads; ++k)
-            if (ctx->needs_input_grad(k)) mask |= int64_t(1) << k;
+        const int64_t mask = needed_grad_mask(ctx);
         const LogitsGrads res = call_logits_backward(grads[0], s, ctx->saved_data["eps"].toDouble(),
                                                      ctx->saved_data["tau"].toDouble(), mask);
         auto [dx, dmu, dlc, dbeta, dlam, dgamma] = res;

@@ -278,6 +278,17 @@ constexpr int64_t kNumGrads = 6;
 
 inline bool wants_grad(int64_t mask, int64_t bit) { return (mask >> bit) & 1; }
 
+// The grad_mask of a C++ autograd formula whose first kNumGrads inputs are (x, mu, lc, beta, lam,
+// gamma) or map onto them one to one (head_logits'): bit k set where input k needs its gradient.
+// A template, so this header needs no autograd header (Ctx: torch::autograd::AutogradContext).
+template <typename Ctx>
+int64_t needed_grad_mask(Ctx* ctx) {
+    int64_t mask = 0;
+    for (int64_t k = 0; k < kNumGrads; ++k)
+        if (ctx->needs_input_grad(k)) mask |= int64_t(1) << k;
+    return mask;
+}
+
 struct GradMask {
     bool x, mu, lc, beta;
     explicit GradMask(int64_t m)

@@ -353,6 +353,14 @@ struct PairSums {
           dlam_part(n_bt, 0.0), dgam_part(n_bt, 0.0), near(n_bt), near_diff(n_bt) {}
 };
 
+// f(t, diff') for every near pair the pass over the pairs kept (t: its b, c, p; diff' [K]), in the
+// pass's row-tile order (fixed: the sums it feeds do not depend on the threads).
+template <typename T, typename F>
+void for_each_near_term(const PairSums<T>& sums, int64_t K, F&& f) {
+    for (int64_t bt = 0; bt < sums.n_bt; ++bt)
+        for (size_t n = 0; n < sums.near[bt].size(); ++n) f(sums.near[bt][n], sums.near_diff[bt].data() + n * K);
+}
+
 // The scalars of the backward's epilogue, as locals of each worker: a store to an output could
 // alias captured references, which keeps the loops scalar (see the forward).
 template <typename T>
@@ -534,16 +542,12 @@ std::pair<at::Tensor, at::Tensor> gradient_gemms(const Operands<T>& in, PairSums
     sums.P.reset();
     T* dx_ = want_xp ? dxp.data_ptr<T>() : nullptr;
     T* dm_ = want_mup ? dmup.data_ptr<T>() : nullptr;
-    for (int64_t bt = 0; bt < sums.n_bt; ++bt) {
-        for (size_t n = 0; n < sums.near[bt].size(); ++n) {
-            const NearTerm& t = sums.near[bt][n];
-            const T* df = sums.near_diff[bt].data() + n * K;
-            for (int64_t k = 0; k < K; ++k) {
-                if (dx_) dx_[t.b * K + k] += T(t.p) * df[k];
-                if (dm_) dm_[t.c * K + k] -= T(t.p) * df[k];
-            }
+    for_each_near_term(sums, K, [&](const NearTerm& t, const T* df) {
+        for (int64_t k = 0; k < K; ++k) {
+            if (dx_) dx_[t.b * K + k] += T(t.p) * df[k];
+            if (dm_) dm_[t.c * K + k] -= T(t.p) * df[k];
         }
-    }
+    });
     return {dxp, dmup};
 }
 
@@ -566,17 +570,13 @@ at::Tensor gradient_gemms_without_dxp(const Operands<T>& in, const RawInputs& ra
     T* dm_ = dmup.data_ptr<T>();
     T* dl_ = dlc.data_ptr<T>();
     const T* xcp = xc.data_ptr<T>();
-    for (int64_t bt = 0; bt < sums.n_bt; ++bt) {
-        for (size_t n = 0; n < sums.near[bt].size(); ++n) {
-            const NearTerm& t = sums.near[bt][n];
-            const T* df = sums.near_diff[bt].data() + n * K;
-            const T* xb = xcp + t.b * D;
-            for (int64_t k = 0; k < K; ++k) dm_[t.c * K + k] -= T(t.p) * df[k];
-            // ∂x'_b gains p·diff': (x_b − m)ᵀ·p·diff' in ∂Lc [D, K]
-            for (int64_t i = 0; i < D; ++i)
-                for (int64_t k = 0; k < K; ++k) dl_[i * K + k] += xb[i] * T(t.p) * df[k];
-        }
-    }
+    for_each_near_term(sums, K, [&](const NearTerm& t, const T* df) {
+        const T* xb = xcp + t.b * D;
+        for (int64_t k = 0; k < K; ++k) dm_[t.c * K + k] -= T(t.p) * df[k];
+        // ∂x'_b gains p·diff': (x_b − m)ᵀ·p·diff' in ∂Lc [D, K]
+        for (int64_t i = 0; i < D; ++i)
+            for (int64_t k = 0; k < K; ++k) dl_[i * K + k] += xb[i] * T(t.p) * df[k];
+    });
     return dmup;
 }
 
@@ -607,16 +607,12 @@ std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, 
     // ∂x'_b gains + p·diff' and ∂mu'_c − p·diff' at a near pair: G_x − p·diff', G_mu + p·diff'.
     T* gx_ = gx.defined() ? gx.data_ptr<T>() : nullptr;
     T* gm_ = gmu.defined() ? gmu.data_ptr<T>() : nullptr;
-    for (int64_t bt = 0; bt < sums.n_bt; ++bt) {
-        for (size_t n = 0; n < sums.near[bt].size(); ++n) {
-            const NearTerm& t = sums.near[bt][n];
-            const T* df = sums.near_diff[bt].data() + n * D;
-            for (int64_t k = 0; k < D; ++k) {
-                if (gx_) gx_[t.b * D + k] -= T(t.p) * df[k];
-                if (gm_) gm_[t.c * D + k] += T(t.p) * df[k];
-            }
+    for_each_near_term(sums, D, [&](const NearTerm& t, const T* df) {
+        for (int64_t k = 0; k < D; ++k) {
+            if (gx_) gx_[t.b * D + k] -= T(t.p) * df[k];
+            if (gm_) gm_[t.c * D + k] += T(t.p) * df[k];
         }
-    }
+    });
     at::Tensor dx = want.x ? at::empty_like(raw.x) : at::Tensor();
     at::Tensor dmu = want.mu ? at::empty_like(raw.mu) : at::Tensor();
     // probe: x's rows add rowsum(P)_b·(x_b − m)⊙x'_b to ∂Lc (x_half_rows), mu's rows −G_mu,c⊙(mu_c − m)
@@ -699,14 +695,12 @@ std::pair<at::Tensor, at::Tensor> diagonal_backward_tail(const Operands<T>& in, 
             for (int64_t k = 0; k < D; ++k) dl[k] += lc_part[ch * D + k];
         // A probe's near pairs: ∂x'_b's + p·diff' in the x half, and the pass's −G_mu,c⊙(mu_c − m)
         // took G_mu with their + p·diff' (for ∂mu'), which the x half's GEMM term does not have.
-        for (int64_t bt = 0; probe && bt < sums.n_bt; ++bt) {
-            for (size_t n = 0; n < sums.near[bt].size(); ++n) {
-                const NearTerm& t = sums.near[bt][n];
-                const T* df = sums.near_diff[bt].data() + n * D;
-                const T* xb = raw.x.data_ptr<T>() + t.b * D;
-                const T* mc = raw.mu.data_ptr<T>() + t.c * D;
+        if (probe) {
+            const T *x_raw = raw.x.data_ptr<T>(), *mu_raw = raw.mu.data_ptr<T>();
+            for_each_near_term(sums, D, [&](const NearTerm& t, const T* df) {
+                const T *xb = x_raw + t.b * D, *mc = mu_raw + t.c * D;
                 for (int64_t k = 0; k < D; ++k) dl[k] += ((xb[k] - mp[k]) + (mc[k] - mp[k])) * (T(t.p) * df[k]);
-            }
+            });
         }
     }
     if (want_dbeta) {
@@ -848,9 +842,7 @@ class LogitsAutograd : public torch::autograd::Function<LogitsAutograd> {
     static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                    torch::autograd::variable_list grads) {
         if (!grads[0].defined()) return torch::autograd::variable_list(8);
-        int64_t mask = 0;
-        for (int64_t k = 0; k < kNumGrads; ++k)
-            if (ctx->needs_input_grad(k)) mask |= int64_t(1) << k;
+        const int64_t mask = needed_grad_mask(ctx);
         const LogitsGrads res = call_logits_backward(grads[0], ctx->get_saved_variables(),
                                                      ctx->saved_data["eps"].toDouble(),
                                                      ctx->saved_data["tau"].toDouble(), mask);
